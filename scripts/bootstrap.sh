@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Sets up everything pgfleet needs on a fresh Debian machine: a virtualenv with
+# the project and its dev tools, and PostgreSQL server binaries if none exist.
+# Safe to run again: each step checks what is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "bootstrap: creating .venv"
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.pgfleet-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "bootstrap: installing Python packages"
+  .venv/bin/pip install --quiet --upgrade pip
+  .venv/bin/pip install --quiet -e '.[dev]'
+  touch "$stamp"
+fi
+
+# PostgreSQL binaries: system ones (PATH, pg_config, /usr/lib/postgresql/*/bin)
+# are preferred; otherwise install Debian's packages when we can, and fall
+# back to the pgserver wheel (PostgreSQL 16 binaries from PyPI).
+if ! .venv/bin/python -m pgfleet.fleet.binaries >/dev/null 2>&1; then
+  installed=no
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""
+    if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+      SUDO="sudo -n"
+    fi
+    if [ "$(id -u)" = 0 ] || [ -n "$SUDO" ]; then
+      echo "bootstrap: installing PostgreSQL server packages with apt-get"
+      # Do not let the Debian package create and start its own cluster.
+      $SUDO mkdir -p /etc/postgresql-common
+      if [ ! -f /etc/postgresql-common/createcluster.conf ]; then
+        echo "create_main_cluster = false" | $SUDO tee /etc/postgresql-common/createcluster.conf >/dev/null
+      fi
+      $SUDO apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql >/dev/null && installed=yes
+    fi
+  fi
+  if [ "$installed" = no ]; then
+    echo "bootstrap: installing PostgreSQL binaries from the pgserver wheel"
+    .venv/bin/pip install --quiet -e '.[dev,pgserver]'
+  fi
+  .venv/bin/python -m pgfleet.fleet.binaries
+fi

@@ -1,0 +1,239 @@
+"""The /v1 routes and /health. Each parses, calls one service function, formats."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Response
+from fastapi.responses import JSONResponse
+
+from pgfleet import auth
+from pgfleet.api.deps import AdminDep, OwnerDep, PlatformDep
+from pgfleet.api.schemas import (
+    ConnectionOut,
+    ErrorResponse,
+    OwnerCreate,
+    OwnerCreated,
+    OwnerOut,
+    OwnerRow,
+    ProjectCreate,
+    ProjectCreated,
+    ProjectList,
+    ProjectOut,
+    RegionOut,
+    ServerOut,
+    TokenCreate,
+    TokenCreated,
+    TokenOut,
+)
+from pgfleet.fleet.health import fleet_health
+from pgfleet.regions import REGIONS
+from pgfleet.tenants import service
+from pgfleet.tenants.service import ConnectionDetails
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "Missing, invalid or revoked token."},
+    404: {"model": ErrorResponse, "description": "Not found (or not yours)."},
+    422: {
+        "model": ErrorResponse,
+        "description": "Invalid input; the message says what is allowed.",
+    },
+}
+
+health_router = APIRouter()
+v1 = APIRouter(prefix="/v1", responses={401: ERRORS[401]})
+
+
+@health_router.get("/health", tags=["health"], summary="Platform DB and regional servers")
+def health(platform: PlatformDep) -> JSONResponse:
+    """`ok` when everything answers; `degraded` when a regional server is down
+    (its region shows `degraded`, the rest keep working); 503 `down` when the
+    platform DB cannot be reached. Needs no token."""
+    body = fleet_health(platform)
+    return JSONResponse(body, status_code=503 if body["status"] == "down" else 200)
+
+
+@v1.get("/regions", tags=["regions"], summary="The region catalog")
+def list_regions(platform: PlatformDep, owner: OwnerDep) -> list[RegionOut]:
+    """All six regions; `active` ones have servers, `metadata-only` ones are
+    selectable and hosted in the default region until they get one."""
+    counts: dict[str, int] = {}
+    for s in platform.servers.all(enabled_only=True):
+        counts[s.region] = counts.get(s.region, 0) + 1
+    return [
+        RegionOut(
+            id=r.id,
+            name=r.name,
+            flag=r.flag,
+            status="active" if counts.get(r.id) else "metadata-only",
+            server_count=counts.get(r.id, 0),
+            default=r.id == platform.settings.default_region,
+        )
+        for r in REGIONS
+    ]
+
+
+@v1.post(
+    "/projects",
+    tags=["projects"],
+    status_code=201,
+    summary="Create a project",
+    responses={
+        422: ERRORS[422],
+        503: {"model": ErrorResponse, "description": "The region's server cannot be reached."},
+    },
+)
+def create_project(body: ProjectCreate, platform: PlatformDep, owner: OwnerDep) -> ProjectCreated:
+    """Creates the project and its database on a server of the placed region,
+    and returns it with read-write credentials (the only time the password is
+    part of a project response)."""
+    row, db = service.create_project(
+        platform,
+        owner,
+        name=body.name,
+        region=body.region,
+        plan_type=body.plan_type,
+        subdomain=body.subdomain,
+    )
+    conn = ConnectionDetails(
+        mode="rw",
+        host=db.host,
+        port=db.port,
+        database=db.database,
+        user=db.user,
+        password=db.password,
+        sslmode=db.sslmode,
+        region=db.region,
+        hosted_region=db.hosted_region,
+    )
+    return ProjectCreated(**ProjectOut.from_row(row).model_dump(), connection=_conn_out(conn))
+
+
+@v1.get("/projects", tags=["projects"], summary="List your projects")
+def list_projects(
+    platform: PlatformDep,
+    owner: OwnerDep,
+    region: Annotated[
+        str | None, Query(description="Only projects that asked for this region")
+    ] = None,
+    include_deleted: bool = False,
+) -> ProjectList:
+    rows = service.list_projects(platform, owner, region=region, include_deleted=include_deleted)
+    return ProjectList(projects=[ProjectOut.from_row(r) for r in rows])
+
+
+@v1.get(
+    "/projects/{project_id}",
+    tags=["projects"],
+    summary="Show a project",
+    responses={404: ERRORS[404]},
+)
+def get_project(project_id: str, platform: PlatformDep, owner: OwnerDep) -> ProjectOut:
+    return ProjectOut.from_row(service.get_project(platform, owner, project_id))
+
+
+@v1.delete(
+    "/projects/{project_id}",
+    tags=["projects"],
+    summary="Delete a project",
+    responses={404: ERRORS[404]},
+)
+def delete_project(project_id: str, platform: PlatformDep, owner: OwnerDep) -> ProjectOut:
+    """Drops the project's database and role on its server; the row stays with
+    status `deleted` and its timestamps, without connection info."""
+    return ProjectOut.from_row(service.delete_project(platform, owner, project_id))
+
+
+@v1.get(
+    "/projects/{project_id}/connection",
+    tags=["projects"],
+    summary="Connection details",
+    responses={404: ERRORS[404], 422: ERRORS[422]},
+)
+def get_connection(
+    project_id: str,
+    platform: PlatformDep,
+    owner: OwnerDep,
+    mode: Annotated[
+        Literal["rw", "ro"], Query(description="rw: read-write; ro: every transaction read-only")
+    ] = "rw",
+) -> ConnectionOut:
+    return _conn_out(service.connection_details(platform, owner, project_id, mode))
+
+
+def _conn_out(c: ConnectionDetails) -> ConnectionOut:
+    return ConnectionOut(
+        mode=c.mode,
+        host=c.host,
+        port=c.port,
+        database=c.database,
+        user=c.user,
+        password=c.password,
+        sslmode=c.sslmode,
+        uri=c.uri,
+        region=c.region,
+        hosted_region=c.hosted_region,
+    )
+
+
+@v1.get("/me", tags=["auth"], summary="Who this token belongs to")
+def me(owner: OwnerDep) -> OwnerOut:
+    return OwnerOut(id=owner.id, name=owner.name, is_admin=owner.is_admin)
+
+
+@v1.post("/tokens", tags=["auth"], status_code=201, summary="Create an API token")
+def create_token(body: TokenCreate, platform: PlatformDep, owner: OwnerDep) -> TokenCreated:
+    tid, token = auth.create_token(platform, owner, body.name)
+    return TokenCreated(id=tid, name=body.name, token=token)
+
+
+@v1.get("/tokens", tags=["auth"], summary="Your API tokens (never the secrets)")
+def list_tokens(platform: PlatformDep, owner: OwnerDep) -> list[TokenOut]:
+    return [TokenOut(**r) for r in auth.list_tokens(platform, owner)]
+
+
+@v1.delete(
+    "/tokens/{token_id}",
+    tags=["auth"],
+    status_code=204,
+    summary="Revoke a token",
+    responses={404: ERRORS[404]},
+)
+def revoke_token(token_id: str, platform: PlatformDep, owner: OwnerDep) -> Response:
+    auth.revoke_token(platform, owner, token_id)
+    return Response(status_code=204)
+
+
+@v1.post("/admin/owners", tags=["admin"], status_code=201, summary="Create an owner")
+def create_owner(body: OwnerCreate, platform: PlatformDep, admin: AdminDep) -> OwnerCreated:
+    """Creates an owner (a person or team) and its first token, shown once."""
+    owner, token = auth.create_owner(platform, body.name, is_admin=body.is_admin)
+    return OwnerCreated(
+        owner=OwnerOut(id=owner.id, name=owner.name, is_admin=owner.is_admin), token=token
+    )
+
+
+@v1.get("/admin/owners", tags=["admin"], summary="All owners")
+def list_owners(platform: PlatformDep, admin: AdminDep) -> list[OwnerRow]:
+    return [OwnerRow(**r) for r in auth.list_owners(platform)]
+
+
+@v1.get("/admin/servers", tags=["admin"], summary="Registered regional servers")
+def list_servers(platform: PlatformDep, admin: AdminDep) -> list[ServerOut]:
+    loads = {s.id: s.tenants for s in platform.servers.loads()}
+    return [
+        ServerOut(
+            id=s.id,
+            name=s.name,
+            region=s.region,
+            host=s.host,
+            port=s.port,
+            sslmode=s.sslmode,
+            capacity=s.capacity,
+            tenants=loads.get(s.id, 0),
+            is_primary=s.is_primary,
+            enabled=s.enabled,
+            embedded=s.embedded,
+        )
+        for s in platform.servers.all()
+    ]

@@ -1,0 +1,177 @@
+"""Request and response bodies. Field names follow the seed's columns."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from pgfleet.regions import DEFAULT_REGION, PLAN_IDS, REGION_IDS, REGIONS_BY_ID
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class RegionOut(BaseModel):
+    id: str
+    name: str
+    flag: str
+    status: Literal["active", "metadata-only"]
+    server_count: int
+    default: bool
+
+
+class ProjectCreate(BaseModel):
+    name: str = Field(
+        description="Display name: 1-100 characters, no control characters. Any text, "
+        "quotes and unicode included; it never reaches SQL as text.",
+        examples=["shop"],
+    )
+    region: str = Field(
+        default=DEFAULT_REGION,
+        description=f"Requested region, one of: {', '.join(REGION_IDS)}.",
+        examples=["eu-central-1"],
+    )
+    plan_type: str = Field(
+        default="free", description=f"Plan, one of: {', '.join(PLAN_IDS)}.", examples=["free"]
+    )
+    subdomain: str | None = Field(
+        default=None,
+        description="DNS label (lowercase letters, digits, hyphens). Derived from the name "
+        "when omitted.",
+    )
+
+
+class ConnectionOut(BaseModel):
+    mode: Literal["rw", "ro"]
+    host: str
+    port: int
+    database: str
+    user: str
+    password: str
+    sslmode: str
+    uri: str = Field(description="A libpq connection URI; psql accepts it as is.")
+    region: str
+    hosted_region: str
+
+
+class ProjectOut(BaseModel):
+    id: uuid.UUID
+    name: str
+    subdomain: str | None
+    region: str = Field(description="The region the project asked for.")
+    region_name: str | None
+    region_flag: str | None
+    hosted_region: str | None = Field(
+        description="The region whose server actually hosts the database. It differs from "
+        "`region` for metadata-only regions and under the hybrid/single placement policies."
+    )
+    hosted_region_flag: str | None
+    server: str | None
+    placement_reason: str | None
+    plan_type: str | None
+    status: str = Field(description="provisioning, active, failed, deleting or deleted.")
+    owner_id: uuid.UUID | None
+    error: str | None
+    created_at: datetime | None
+    updated_at: datetime | None
+    deleted_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> ProjectOut:
+        region = REGIONS_BY_ID.get(row["region"] or "")
+        hosted = REGIONS_BY_ID.get(row["hosted_region"] or "")
+        return cls(
+            **{
+                k: row[k]
+                for k in (
+                    "id",
+                    "name",
+                    "subdomain",
+                    "region",
+                    "hosted_region",
+                    "server",
+                    "placement_reason",
+                    "plan_type",
+                    "status",
+                    "owner_id",
+                    "error",
+                    "created_at",
+                    "updated_at",
+                    "deleted_at",
+                )
+            },
+            region_name=region.name if region else None,
+            region_flag=region.flag if region else None,
+            hosted_region_flag=hosted.flag if hosted else None,
+        )
+
+
+class ProjectCreated(ProjectOut):
+    connection: ConnectionOut = Field(description="Read-write credentials, shown in full.")
+
+
+class ProjectList(BaseModel):
+    projects: list[ProjectOut]
+
+
+class OwnerCreate(BaseModel):
+    name: str
+    is_admin: bool = False
+
+
+class OwnerOut(BaseModel):
+    id: uuid.UUID
+    name: str
+    is_admin: bool
+
+
+class OwnerCreated(BaseModel):
+    owner: OwnerOut
+    token: str = Field(description="The owner's first API token. Shown once; store it now.")
+
+
+class OwnerRow(OwnerOut):
+    created_at: datetime
+    projects: int
+
+
+class TokenCreate(BaseModel):
+    name: str = "cli"
+
+
+class TokenCreated(BaseModel):
+    id: uuid.UUID
+    name: str
+    token: str = Field(description="Shown once; only a hash is stored.")
+
+
+class TokenOut(BaseModel):
+    id: uuid.UUID
+    name: str
+    token_prefix: str
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+class ServerOut(BaseModel):
+    id: int
+    name: str
+    region: str
+    host: str
+    port: int
+    sslmode: str
+    capacity: int
+    tenants: int
+    is_primary: bool
+    enabled: bool
+    embedded: bool

@@ -1,0 +1,124 @@
+"""Owners and API tokens. Tokens are `pgf_` + 256 random bits, stored only as
+a SHA-256 hash, shown once, revocable."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from psycopg.rows import dict_row
+
+from pgfleet.crypto import TOKEN_PREFIX, generate_api_token, hash_api_token
+from pgfleet.errors import NotAuthenticated, NotFound
+from pgfleet.platform.core import Platform
+from pgfleet.tenants.service import Owner, validate_name
+
+
+def create_owner(
+    platform: Platform,
+    name: str,
+    *,
+    is_admin: bool = False,
+    token_name: str = "default",  # noqa: S107 - a label
+) -> tuple[Owner, str]:
+    """A new owner and its first token (returned in clear, once)."""
+    name = validate_name(name)
+    owner = Owner(uuid.uuid4(), name, is_admin)
+    token = generate_api_token()
+    with platform.db.connection() as conn, conn.transaction():
+        conn.execute(
+            "INSERT INTO owners (id, name, is_admin) VALUES (%s, %s, %s)",
+            (owner.id, owner.name, is_admin),
+        )
+        _insert_token(conn, owner.id, token_name, token)
+    return owner, token
+
+
+def _insert_token(conn: Any, owner_id: uuid.UUID, name: str, token: str) -> uuid.UUID:
+    tid = uuid.uuid4()
+    conn.execute(
+        "INSERT INTO api_tokens (id, owner_id, name, token_hash, token_prefix) "
+        "VALUES (%s, %s, %s, %s, %s)",
+        (tid, owner_id, name, hash_api_token(token), token[: len(TOKEN_PREFIX) + 6]),
+    )
+    return tid
+
+
+def create_token(platform: Platform, owner: Owner, name: str) -> tuple[uuid.UUID, str]:
+    name = validate_name(name)
+    token = generate_api_token()
+    with platform.db.connection() as conn:
+        tid = _insert_token(conn, owner.id, name, token)
+    return tid, token
+
+
+def list_tokens(platform: Platform, owner: Owner) -> list[dict[str, Any]]:
+    with platform.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(
+            "SELECT id, name, token_prefix, created_at, last_used_at, revoked_at "
+            "FROM api_tokens WHERE owner_id = %s ORDER BY created_at",
+            (owner.id,),
+        ).fetchall()
+
+
+def revoke_token(platform: Platform, owner: Owner, token_id: str) -> None:
+    try:
+        tid = uuid.UUID(token_id)
+    except ValueError:
+        raise NotFound(f"token {token_id} not found") from None
+    with platform.db.connection() as conn:
+        cur = conn.execute(
+            "UPDATE api_tokens SET revoked_at = coalesce(revoked_at, now()) "
+            "WHERE id = %s AND owner_id = %s",
+            (tid, owner.id),
+        )
+        if cur.rowcount == 0:
+            raise NotFound(f"token {token_id} not found")
+
+
+def list_owners(platform: Platform) -> list[dict[str, Any]]:
+    with platform.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(
+            "SELECT o.id, o.name, o.is_admin, o.created_at, "
+            "(SELECT count(*) FROM tenants t WHERE t.owner_id = o.id "
+            " AND t.status <> 'deleted') AS projects "
+            "FROM owners o ORDER BY o.created_at"
+        ).fetchall()
+
+
+def authenticate(platform: Platform, token: str | None) -> Owner:
+    if not token:
+        raise NotAuthenticated("missing bearer token: send 'Authorization: Bearer pgf_...'")
+    if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
+        raise NotAuthenticated("invalid token")
+    with platform.db.connection() as conn:
+        row = conn.execute(
+            """
+            WITH hit AS (
+              SELECT t.id, t.owner_id, t.last_used_at FROM api_tokens t
+              WHERE t.token_hash = %s AND t.revoked_at IS NULL
+            ), touch AS (
+              UPDATE api_tokens SET last_used_at = now()
+              WHERE id IN (SELECT id FROM hit
+                           WHERE last_used_at IS NULL OR last_used_at < now() - interval '1 min')
+            )
+            SELECT o.id, o.name, o.is_admin FROM hit JOIN owners o ON o.id = hit.owner_id
+            """,
+            (hash_api_token(token),),
+        ).fetchone()
+    if row is None:
+        raise NotAuthenticated("invalid or revoked token")
+    return Owner(row[0], row[1], row[2])
+
+
+def ensure_admin_token(platform: Platform, existing: str | None) -> str | None:
+    """Return None if `existing` still authenticates as an admin, else a new
+    admin owner's token."""
+    if existing:
+        try:
+            if authenticate(platform, existing).is_admin:
+                return None
+        except NotAuthenticated:
+            pass
+    _, token = create_owner(platform, "admin", is_admin=True, token_name="created by pgfleet up")  # noqa: S106
+    return token

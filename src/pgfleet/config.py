@@ -1,0 +1,167 @@
+"""Typed settings: environment (PGFLEET_*, plus the seed's POSTGRES_HOST_*),
+then an optional `pgfleet.toml`. They fail fast on anything invalid."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from pgfleet.regions import DEFAULT_REGION, REGION_IDS, REGIONS, PlacementPolicy
+
+SSLModes = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+
+
+class ServerSpec(BaseModel):
+    """One external PostgreSQL server, from pgfleet.toml or the seed's env names."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    region: str
+    host: str
+    port: int = Field(default=5432, ge=1, le=65535)
+    admin_user: str = "postgres"
+    admin_password: SecretStr = Field(default=SecretStr(""), repr=False)
+    admin_database: str = "postgres"
+    sslmode: SSLModes = "prefer"
+    capacity: int = Field(default=500, ge=1)
+    primary: bool = False
+
+    @field_validator("region")
+    @classmethod
+    def _known_region(cls, v: str) -> str:
+        if v not in REGION_IDS:
+            raise ValueError(f"unknown region {v!r}; valid regions are: {', '.join(REGION_IDS)}")
+        return v
+
+
+# The seed's region -> env var mapping, and the suffix used for the
+# per-region port / user / password / sslmode variables that go with it.
+SEED_HOST_ENV = {r.id: r.host_env for r in REGIONS if r.host_env}
+SEED_ENV_SUFFIX = {"us-east-1": "US_EAST", "eu-central-1": "EU", "ap-southeast-1": "APAC"}
+
+
+def _config_file() -> Path:
+    return Path(os.environ.get("PGFLEET_CONFIG", "pgfleet.toml"))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PGFLEET_", extra="ignore")
+
+    environment: Literal["development", "production"] = "development"
+    home: Path = Path(".pgfleet")
+    # Platform DB. Empty: the embedded fleet's platform server.
+    platform_dsn: SecretStr | None = Field(default=None, repr=False)
+    placement: PlacementPolicy = PlacementPolicy.REGIONAL
+    default_region: str = DEFAULT_REGION
+    # Embedded fleet
+    embedded_regions: list[str] = ["us-east-1", "eu-central-1", "ap-southeast-1"]
+    port_base: int = Field(default=54320, ge=1024, le=65000)
+    fsync: bool = True
+    os_user: str = "pgfleet"
+    embedded_capacity: int = Field(default=1000, ge=1)
+    # External servers (pgfleet.toml [[servers]])
+    servers: list[ServerSpec] = []
+    # API
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8470, ge=1, le=65535)
+    # Fernet keys, newest first (comma separated in env). Empty: a key file
+    # generated into the data directory (development only).
+    secret_keys: list[SecretStr] = Field(default=[], repr=False)
+    # Connections
+    tenant_pool_cap: int = Field(default=64, ge=1)
+    tenant_pool_size: int = Field(default=4, ge=1)
+    admin_pool_size: int = Field(default=4, ge=1)
+    connect_timeout_s: float = Field(default=3.0, gt=0)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _config_file()
+        if path.is_file():
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    @field_validator("embedded_regions", mode="before")
+    @classmethod
+    def _split_regions(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
+    @field_validator("secret_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        for r in [self.default_region, *self.embedded_regions]:
+            if r not in REGION_IDS:
+                valid = ", ".join(REGION_IDS)
+                raise ValueError(f"unknown region {r!r}; valid regions are: {valid}")
+        if self.default_region not in self.embedded_regions and not self.external_servers():
+            raise ValueError(f"the default region {self.default_region} must be an embedded region")
+        names = [s.name for s in self.external_servers()]
+        if len(names) != len(set(names)):
+            raise ValueError(f"server names must be unique, got {names}")
+        if self.environment == "production" and not self.secret_keys:
+            raise ValueError("PGFLEET_SECRET_KEYS must be set in production")
+        return self
+
+    def external_servers(self) -> list[ServerSpec]:
+        """Servers from pgfleet.toml plus those named by the seed's env vars."""
+        out = list(self.servers)
+        for region, var in SEED_HOST_ENV.items():
+            host = os.environ.get(var)
+            if not host:
+                continue
+            suffix = SEED_ENV_SUFFIX[region]
+
+            def env(name: str, default: str, suffix: str = suffix) -> str:
+                return os.environ.get(f"{name}_{suffix}", os.environ.get(name, default))
+
+            out.append(
+                ServerSpec(
+                    name=f"{region}-env",
+                    region=region,
+                    host=host,
+                    port=int(env("POSTGRES_PORT", "5432")),
+                    admin_user=env("POSTGRES_ADMIN_USER", "postgres"),
+                    admin_password=SecretStr(env("POSTGRES_ADMIN_PASSWORD", "")),
+                    sslmode=env("POSTGRES_SSLMODE", "prefer"),
+                    primary=True,
+                )
+            )
+        return out
+
+    @property
+    def embedded(self) -> bool:
+        """True when pgfleet runs its own local servers."""
+        return not self.external_servers()
+
+    @property
+    def home_abs(self) -> Path:
+        return self.home.expanduser().resolve()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,377 @@
+"""The embedded fleet: a platform server plus one PostgreSQL server per active
+region, all under one data directory (PGFLEET_HOME), on loopback only.
+
+Layout of the data directory:
+    fleet.json                  the servers and their ports (fixed at creation)
+    secrets/<server>.password   admin password per server (0600)
+    servers/<server>/data       PGDATA
+    servers/<server>/postgres.log
+
+initdb refuses to run as root, so when pgfleet runs as root every server
+command runs as an unprivileged system user (created if missing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import psycopg
+
+from pgfleet.config import Settings
+from pgfleet.crypto import generate_password, write_private
+from pgfleet.errors import FleetError
+from pgfleet.fleet.binaries import PgBinaries, find_binaries
+
+ADMIN_USER = "pgfleet_admin"
+PLATFORM_DB = "pgfleet"
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class EmbeddedServer:
+    name: str
+    kind: Literal["platform", "regional"]
+    region: str | None
+    port: int
+
+
+@dataclass(frozen=True)
+class ServerState:
+    server: EmbeddedServer
+    initialized: bool
+    running: bool
+
+
+class EmbeddedFleet:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.home = settings.home_abs
+        self._bins: PgBinaries | None = None
+
+    # ---- layout -----------------------------------------------------------
+    @property
+    def bins(self) -> PgBinaries:
+        if self._bins is None:
+            self._bins = find_binaries()
+        return self._bins
+
+    def _state_file(self) -> Path:
+        return self.home / "fleet.json"
+
+    def server_dir(self, name: str) -> Path:
+        return self.home / "servers" / name
+
+    def data_dir(self, name: str) -> Path:
+        return self.server_dir(name) / "data"
+
+    def log_file(self, name: str) -> Path:
+        return self.server_dir(name) / "postgres.log"
+
+    def password_file(self, name: str) -> Path:
+        return self.home / "secrets" / f"{name}.password"
+
+    def servers(self) -> list[EmbeddedServer]:
+        """The fleet as recorded; new regions from settings are appended with new ports."""
+        recorded = self._load()
+        if recorded is None:
+            recorded = [EmbeddedServer("platform", "platform", None, self.settings.port_base)]
+        have = {s.region for s in recorded if s.kind == "regional"}
+        next_port = max(s.port for s in recorded) + 1
+        for region in self.settings.embedded_regions:
+            if region not in have:
+                recorded.append(EmbeddedServer(f"{region}-a", "regional", region, next_port))
+                next_port += 1
+        return recorded
+
+    def regional_servers(self) -> list[EmbeddedServer]:
+        wanted = set(self.settings.embedded_regions)
+        return [s for s in self.servers() if s.kind == "regional" and s.region in wanted]
+
+    def platform_server(self) -> EmbeddedServer:
+        return next(s for s in self.servers() if s.kind == "platform")
+
+    def _load(self) -> list[EmbeddedServer] | None:
+        path = self._state_file()
+        if not path.exists():
+            return None
+        raw: dict[str, Any] = json.loads(path.read_text())
+        return [EmbeddedServer(**s) for s in raw["servers"]]
+
+    def _save(self, servers: Sequence[EmbeddedServer]) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        path = self._state_file()
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"servers": [asdict(s) for s in servers]}, indent=2) + "\n")
+        os.replace(tmp, path)
+
+    def admin_password(self, name: str) -> str:
+        return self.password_file(name).read_text().strip()
+
+    def conninfo(self, server: EmbeddedServer, dbname: str = "postgres") -> dict[str, Any]:
+        return {
+            "host": LOOPBACK,
+            "port": server.port,
+            "user": ADMIN_USER,
+            "password": self.admin_password(server.name),
+            "dbname": dbname,
+            "sslmode": "disable",
+            "connect_timeout": 5,
+        }
+
+    def platform_conninfo(self) -> dict[str, Any]:
+        return self.conninfo(self.platform_server(), PLATFORM_DB)
+
+    # ---- running commands as the right user ---------------------------------
+    def _as_root(self) -> bool:
+        return os.geteuid() == 0
+
+    def _os_user(self) -> tuple[int, int]:
+        name = self.settings.os_user
+        try:
+            pw = pwd.getpwnam(name)
+        except KeyError:
+            nologin = "/usr/sbin/nologin" if Path("/usr/sbin/nologin").exists() else "/bin/false"
+            cmd = [
+                "useradd",
+                "--system",
+                "--user-group",
+                "--no-create-home",
+                "--home-dir",
+                "/nonexistent",
+                "--shell",
+                nologin,
+                name,
+            ]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                raise FleetError(
+                    f"running as root, pgfleet needs an unprivileged user {name!r} for the "
+                    f"PostgreSQL servers and could not create it: {res.stderr.strip()}"
+                ) from None
+            pw = pwd.getpwnam(name)
+        return pw.pw_uid, pw.pw_gid
+
+    def _run(
+        self, args: list[str], *, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        kwargs: dict[str, Any] = {}
+        if self._as_root():
+            uid, gid = self._os_user()
+            kwargs = {"user": uid, "group": gid, "extra_groups": []}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env["LC_ALL"] = "C"
+        res = subprocess.run(
+            args, capture_output=True, text=True, env=env, cwd="/", timeout=timeout, **kwargs
+        )
+        if check and res.returncode != 0:
+            raise FleetError(
+                f"{Path(args[0]).name} failed (exit {res.returncode}): "
+                f"{(res.stderr or res.stdout).strip()[-2000:]}"
+            )
+        return res
+
+    def _hand_over(self, path: Path) -> None:
+        """Give a server's directory to the unprivileged user when we are root."""
+        if not self._as_root():
+            return
+        uid, gid = self._os_user()
+        for root, dirs, files in os.walk(path):
+            os.chown(root, uid, gid)
+            for n in dirs + files:
+                os.chown(os.path.join(root, n), uid, gid, follow_symlinks=False)
+        # The user must be able to reach its directory through our home.
+        probe = self._run(["test", "-w", str(path)], check=False)
+        if probe.returncode != 0:
+            raise FleetError(
+                f"the PostgreSQL user {self.settings.os_user!r} cannot reach {path}; "
+                f"make every parent directory of PGFLEET_HOME ({self.home}) traversable "
+                "(chmod o+x) or choose another PGFLEET_HOME"
+            )
+
+    # ---- lifecycle --------------------------------------------------------
+    def init(self) -> list[EmbeddedServer]:
+        """Create what is missing; reuse what exists."""
+        servers = self.servers()
+        self.home.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.home, 0o711)  # noqa: S103 - traverse only
+        (self.home / "servers").mkdir(exist_ok=True)
+        os.chmod(self.home / "servers", 0o711)  # noqa: S103
+        for s in servers:
+            if not (self.data_dir(s.name) / "PG_VERSION").exists():
+                self._initdb(s)
+            self._write_config(s)
+        self._save(servers)
+        return servers
+
+    def _initdb(self, s: EmbeddedServer) -> None:
+        sdir = self.server_dir(s.name)
+        if sdir.exists():
+            shutil.rmtree(sdir)  # a half-made directory from an interrupted initdb
+        sdir.mkdir(parents=True)
+        os.chmod(sdir, 0o700)
+        if not self.password_file(s.name).exists():
+            write_private(self.password_file(s.name), generate_password() + "\n")
+        pw = self.admin_password(s.name)
+        with tempfile.NamedTemporaryFile("w", dir=sdir, delete=False) as f:
+            f.write(pw + "\n")
+            pwfile = Path(f.name)
+        os.chmod(pwfile, 0o600)
+        self._hand_over(sdir)
+        try:
+            args = [
+                self.bins.path("initdb"),
+                "-D",
+                str(self.data_dir(s.name)),
+                "-U",
+                ADMIN_USER,
+                f"--pwfile={pwfile}",
+                "--auth=scram-sha-256",
+                "--encoding=UTF8",
+                "--locale=C",
+            ]
+            if not self.settings.fsync:
+                args.append("--no-sync")
+            self._run(args)
+        finally:
+            pwfile.unlink(missing_ok=True)
+        conf = self.data_dir(s.name) / "postgresql.conf"
+        with conf.open("a") as f:
+            f.write("\ninclude_if_exists = 'pgfleet.conf'\n")
+
+    def _write_config(self, s: EmbeddedServer) -> None:
+        data = self.data_dir(s.name)
+        durable = "on" if self.settings.fsync else "off"
+        settings = {
+            "listen_addresses": f"'{LOOPBACK}'",
+            "port": str(s.port),
+            "unix_socket_directories": "''",
+            "password_encryption": "'scram-sha-256'",
+            "wal_level": "logical",
+            "max_connections": "300",
+            "max_wal_senders": "10",
+            "max_replication_slots": "10",
+            "shared_buffers": "64MB",
+            "fsync": durable,
+            "synchronous_commit": durable,
+            "full_page_writes": durable,
+            "log_min_messages": "warning",
+            "log_connections": "off",
+        }
+        body = "# Managed by pgfleet; rewritten at every start.\n" + "".join(
+            f"{k} = {v}\n" for k, v in settings.items()
+        )
+        (data / "pgfleet.conf").write_text(body)
+        # A tenant role reaches only the database named like itself (sameuser);
+        # the admin reaches everything, from loopback only, always with SCRAM.
+        hba = (
+            "# Managed by pgfleet; rewritten at every start.\n"
+            f"host  all          {ADMIN_USER}  127.0.0.1/32  scram-sha-256\n"
+            f"host  replication  {ADMIN_USER}  127.0.0.1/32  scram-sha-256\n"
+            "host  sameuser     all            127.0.0.1/32  scram-sha-256\n"
+            "host  all          all            0.0.0.0/0     reject\n"
+            "local all          all                          reject\n"
+        )
+        (data / "pg_hba.conf").write_text(hba)
+        if self._as_root():
+            uid, gid = self._os_user()
+            for p in (data / "pgfleet.conf", data / "pg_hba.conf"):
+                os.chown(p, uid, gid)
+                os.chmod(p, 0o600)
+
+    def is_running(self, s: EmbeddedServer) -> bool:
+        if not (self.data_dir(s.name) / "PG_VERSION").exists():
+            return False
+        res = self._run(
+            [self.bins.path("pg_ctl"), "status", "-D", str(self.data_dir(s.name))], check=False
+        )
+        return res.returncode == 0
+
+    def start(self, s: EmbeddedServer) -> None:
+        if self.is_running(s):
+            return
+        self._write_config(s)
+        log = self.log_file(s.name)
+        self._run(
+            [
+                self.bins.path("pg_ctl"),
+                "start",
+                "-w",
+                "-t",
+                "60",
+                "-D",
+                str(self.data_dir(s.name)),
+                "-l",
+                str(log),
+            ]
+        )
+        self._wait_ready(s)
+
+    def _wait_ready(self, s: EmbeddedServer, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                with psycopg.connect(**self.conninfo(s)) as conn:
+                    conn.execute("select 1")
+                return
+            except psycopg.OperationalError as e:
+                last = e
+                time.sleep(0.1)
+        raise FleetError(f"server {s.name} did not accept connections on port {s.port}: {last}")
+
+    def stop(self, s: EmbeddedServer, mode: str = "fast") -> None:
+        if not self.is_running(s):
+            return
+        self._run(
+            [
+                self.bins.path("pg_ctl"),
+                "stop",
+                "-w",
+                "-t",
+                "60",
+                "-m",
+                mode,
+                "-D",
+                str(self.data_dir(s.name)),
+            ]
+        )
+
+    def up(self) -> list[EmbeddedServer]:
+        servers = self.init()
+        for s in servers:
+            self.start(s)
+        self._ensure_platform_db()
+        return servers
+
+    def down(self) -> None:
+        for s in reversed(self._load() or []):
+            self.stop(s)
+
+    def states(self) -> list[ServerState]:
+        out = []
+        for s in self._load() or []:
+            init = (self.data_dir(s.name) / "PG_VERSION").exists()
+            out.append(ServerState(s, init, init and self.is_running(s)))
+        return out
+
+    def _ensure_platform_db(self) -> None:
+        with psycopg.connect(**self.conninfo(self.platform_server()), autocommit=True) as conn:
+            exists = conn.execute(
+                "select 1 from pg_database where datname = %s", (PLATFORM_DB,)
+            ).fetchone()
+            if not exists:
+                conn.execute(
+                    psycopg.sql.SQL("CREATE DATABASE {}").format(
+                        psycopg.sql.Identifier(PLATFORM_DB)
+                    )
+                )

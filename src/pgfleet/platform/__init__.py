@@ -1,0 +1,1 @@
+"""The platform DB: migrations and the queries that read and write it."""

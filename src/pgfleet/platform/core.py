@@ -1,0 +1,124 @@
+"""The Platform: everything a control-plane process needs, built from settings.
+
+Nothing here is process state that matters: every API or worker process builds
+its own Platform on the one platform DB.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import ConnectionPool
+
+from pgfleet.config import ServerSpec, Settings
+from pgfleet.crypto import SecretBox
+from pgfleet.errors import ConfigError
+from pgfleet.fleet.embedded import ADMIN_USER, LOOPBACK, EmbeddedFleet
+from pgfleet.fleet.registry import ServerRegistry, sync_servers
+from pgfleet.platform import migrate
+from pgfleet.regions import get_regional_host
+
+
+def platform_conninfo(settings: Settings) -> dict[str, Any]:
+    if settings.platform_dsn is not None:
+        return conninfo_to_dict(settings.platform_dsn.get_secret_value())
+    if not settings.embedded:
+        raise ConfigError(
+            "external servers are configured, so PGFLEET_PLATFORM_DSN must name the platform DB"
+        )
+    fleet = EmbeddedFleet(settings)
+    if not fleet.password_file("platform").exists():
+        raise ConfigError(f"no embedded fleet in {settings.home_abs}; run `pgfleet up` first")
+    return fleet.platform_conninfo()
+
+
+def configured_servers(settings: Settings) -> list[tuple[ServerSpec, bool]]:
+    """(spec, embedded) for every regional server the settings describe."""
+    if not settings.embedded:
+        return [(s, False) for s in settings.external_servers()]
+    fleet = EmbeddedFleet(settings)
+    out = []
+    for s in fleet.regional_servers():
+        assert s.region is not None
+        out.append(
+            (
+                ServerSpec(
+                    name=s.name,
+                    region=s.region,
+                    host=LOOPBACK,
+                    port=s.port,
+                    admin_user=ADMIN_USER,
+                    admin_password=fleet.admin_password(s.name),
+                    sslmode="disable",
+                    capacity=settings.embedded_capacity,
+                    primary=True,
+                ),
+                True,
+            )
+        )
+    return out
+
+
+class Platform:
+    def __init__(self, settings: Settings, conninfo: dict[str, Any] | None = None) -> None:
+        self.settings = settings
+        self.conninfo = conninfo if conninfo is not None else platform_conninfo(settings)
+        self.secrets = SecretBox.from_settings(settings)
+        self.db = ConnectionPool(
+            kwargs={**self.conninfo, "application_name": "pgfleet"},
+            min_size=1,
+            max_size=16,
+            timeout=settings.connect_timeout_s * 2,
+            check=ConnectionPool.check_connection,
+            name="platform",
+            open=True,
+        )
+        self.servers = ServerRegistry(settings, self.secrets, self.db)
+        from pgfleet.tenants.connections import DatabasePlatformClient
+
+        self.client = DatabasePlatformClient(self)
+
+    def migrate(self) -> None:
+        migrate.upgrade(self.conninfo)
+
+    def sync_servers(self) -> None:
+        with self.db.connection() as conn:
+            sync_servers(conn, self.secrets, configured_servers(self.settings))
+
+    def get_regional_host(self, region: str) -> str:
+        """The seed's routing: the host serving `region`; unknown or unserved
+        regions fall back to the default region."""
+        hosts: dict[str, str] = {}
+        for s in sorted(self.servers.all(enabled_only=True), key=lambda s: not s.is_primary):
+            hosts.setdefault(s.region, s.host)
+        return get_regional_host(region, hosts, default=self.settings.default_region)
+
+    def ping(self) -> None:
+        with self.db.connection() as conn:
+            conn.execute("SELECT 1")
+
+    def close(self) -> None:
+        self.client.close()
+        self.servers.close()
+        self.db.close()
+
+    def __enter__(self) -> Platform:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_default: Platform | None = None
+
+
+def default_platform() -> Platform:
+    """The process-wide Platform from environment settings (for the seed's
+    module-level functions)."""
+    global _default
+    if _default is None:
+        from pgfleet.config import get_settings
+
+        _default = Platform(get_settings())
+    return _default

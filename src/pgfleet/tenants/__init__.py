@@ -1,0 +1,1 @@
+"""Projects (tenants): provisioning, connections, lifecycle."""

@@ -1,0 +1,210 @@
+"""Routing connections to a project's regional server, logged in as the
+project's own role.
+
+Each (project, mode) gets a small psycopg pool; the number of pools is
+capped and the least recently used idle pools are closed, so with any number
+of projects the servers never run out of connections.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from pgfleet.errors import Conflict, InvalidInput, ProjectNotFound, RegionUnavailable
+
+if TYPE_CHECKING:
+    from pgfleet.platform.core import Platform
+
+Mode = Literal["rw", "ro"]
+MODES: tuple[Mode, ...] = ("rw", "ro")
+
+
+@dataclass(frozen=True)
+class TenantEndpoint:
+    """Where and as whom a project's connections go."""
+
+    tenant_id: uuid.UUID
+    region: str
+    hosted_region: str
+    server_id: int
+    host: str
+    port: int
+    database: str
+    user: str
+    sslmode: str
+    password: str = field(repr=False)
+
+    def conninfo(self, mode: Mode, connect_timeout: float) -> dict[str, Any]:
+        ci: dict[str, Any] = {
+            "host": self.host,
+            "port": self.port,
+            "dbname": self.database,
+            "user": self.user,
+            "password": self.password,
+            "sslmode": self.sslmode,
+            "connect_timeout": max(1, round(connect_timeout)),
+            "application_name": f"pgfleet-{mode}",
+        }
+        if mode == "ro":
+            ci["options"] = "-c default_transaction_read_only=on"
+        return ci
+
+
+def check_mode(mode: str) -> Mode:
+    if mode not in MODES:
+        raise InvalidInput(f"unknown mode {mode!r}; valid modes are: rw, ro")
+    return mode
+
+
+@dataclass
+class _PoolEntry:
+    endpoint: TenantEndpoint
+    pool: ConnectionPool
+    in_use: int = 0
+
+
+class DatabasePlatformClient:
+    """The seed's DatabasePlatformClient, routing by region."""
+
+    def __init__(self, platform: Platform) -> None:
+        self.platform = platform
+        self._pools: OrderedDict[tuple[uuid.UUID, Mode], _PoolEntry] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def endpoint(self, tenant_id: uuid.UUID | str) -> TenantEndpoint:
+        try:
+            tid = uuid.UUID(str(tenant_id))
+        except ValueError:
+            raise ProjectNotFound(f"project {tenant_id} does not exist") from None
+        with self.platform.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            row = cur.execute(
+                "SELECT region, status, hosted_region, connection_info FROM tenants WHERE id = %s",
+                (tid,),
+            ).fetchone()
+        if row is None or row["status"] == "deleted":
+            raise ProjectNotFound(f"project {tid} does not exist")
+        info = row["connection_info"] or {}
+        if row["status"] != "active" or "password_enc" not in info:
+            raise Conflict(f"project {tid} is {row['status']}, not active", status=row["status"])
+        return TenantEndpoint(
+            tenant_id=tid,
+            region=row["region"],
+            hosted_region=info["hosted_region"],
+            server_id=info["server_id"],
+            host=info["host"],
+            port=info["port"],
+            database=info["database"],
+            user=info["user"],
+            sslmode=info["sslmode"],
+            password=self.platform.secrets.decrypt(info["password_enc"]),
+        )
+
+    def _entry(self, endpoint: TenantEndpoint, mode: Mode) -> _PoolEntry:
+        key = (endpoint.tenant_id, mode)
+        stale: list[ConnectionPool] = []
+        with self._lock:
+            entry = self._pools.get(key)
+            if entry is not None and entry.endpoint != endpoint:
+                stale.append(entry.pool)  # password rotated or project moved
+                del self._pools[key]
+                entry = None
+            if entry is None:
+                settings = self.platform.settings
+                configure = _make_read_only if mode == "ro" else None
+                pool = ConnectionPool(
+                    kwargs=endpoint.conninfo(mode, settings.connect_timeout_s),
+                    min_size=0,
+                    max_size=settings.tenant_pool_size,
+                    num_workers=1,
+                    timeout=settings.connect_timeout_s,
+                    max_idle=60,
+                    configure=configure,
+                    name=f"{endpoint.database}-{mode}",
+                    open=True,
+                )
+                entry = _PoolEntry(endpoint, pool)
+                self._pools[key] = entry
+            self._pools.move_to_end(key)
+            entry.in_use += 1
+            stale.extend(self._evict_locked())
+        for p in stale:
+            p.close(timeout=0)
+        return entry
+
+    def _evict_locked(self) -> list[ConnectionPool]:
+        cap = self.platform.settings.tenant_pool_cap
+        out: list[ConnectionPool] = []
+        if len(self._pools) <= cap:
+            return out
+        for key in list(self._pools):
+            if len(self._pools) <= cap:
+                break
+            if self._pools[key].in_use == 0:
+                out.append(self._pools.pop(key).pool)
+        return out
+
+    @contextmanager
+    def get_tenant_connection(
+        self, tenant_id: uuid.UUID | str, mode: str = "rw"
+    ) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection to the project's server as the project's role.
+
+        `ro` connections start every transaction read-only. Use as a context
+        manager; the connection goes back to its pool on exit.
+        """
+        m = check_mode(mode)
+        endpoint = self.endpoint(tenant_id)
+        entry = self._entry(endpoint, m)
+        try:
+            try:
+                cm = entry.pool.connection()
+                conn = cm.__enter__()
+            except (PoolTimeout, psycopg.OperationalError) as e:
+                raise RegionUnavailable(
+                    f"region {endpoint.hosted_region} is unavailable: the project's server "
+                    "cannot be reached",
+                    region=endpoint.hosted_region,
+                ) from e
+            try:
+                yield conn
+            except BaseException as e:
+                cm.__exit__(type(e), e, e.__traceback__)
+                raise
+            else:
+                cm.__exit__(None, None, None)
+        finally:
+            with self._lock:
+                entry.in_use -= 1
+
+    def forget(self, tenant_id: uuid.UUID | str) -> None:
+        """Close the pools of a project (deleted, moved, password rotated)."""
+        tid = uuid.UUID(str(tenant_id))
+        with self._lock:
+            pools = [self._pools.pop((tid, m)).pool for m in MODES if (tid, m) in self._pools]
+        for p in pools:
+            p.close(timeout=1)
+
+    def pool_count(self) -> int:
+        with self._lock:
+            return len(self._pools)
+
+    def close(self) -> None:
+        with self._lock:
+            pools = [e.pool for e in self._pools.values()]
+            self._pools.clear()
+        for p in pools:
+            p.close(timeout=1)
+
+
+def _make_read_only(conn: psycopg.Connection[Any]) -> None:
+    conn.read_only = True
