@@ -6,11 +6,12 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -63,7 +64,11 @@ class Settings(BaseSettings):
     placement: PlacementPolicy = PlacementPolicy.REGIONAL
     default_region: str = DEFAULT_REGION
     # Embedded fleet
-    embedded_regions: list[str] = ["us-east-1", "eu-central-1", "ap-southeast-1"]
+    embedded_regions: Annotated[list[str], NoDecode] = [
+        "us-east-1",
+        "eu-central-1",
+        "ap-southeast-1",
+    ]
     port_base: int = Field(default=54320, ge=1024, le=65000)
     fsync: bool = True
     os_user: str = "pgfleet"
@@ -75,7 +80,7 @@ class Settings(BaseSettings):
     api_port: int = Field(default=8470, ge=1, le=65535)
     # Fernet keys, newest first (comma separated in env). Empty: a key file
     # generated into the data directory (development only).
-    secret_keys: list[SecretStr] = Field(default=[], repr=False)
+    secret_keys: Annotated[list[SecretStr], NoDecode] = Field(default=[], repr=False)
     # Connections
     tenant_pool_cap: int = Field(default=64, ge=1)
     tenant_pool_size: int = Field(default=4, ge=1)

@@ -1,0 +1,97 @@
+"""Provisioning benchmark.
+
+Creates N projects through the REST API (real uvicorn process, embedded fleet
+with fsync on, as `pgfleet up` runs it) with some concurrency, and measures
+each from the request to credentials that connect (`select 1` as the new
+role). Baseline in the same run, on the same server: a bare
+CREATE ROLE + CREATE DATABASE + REVOKE over a warm admin connection.
+
+    .venv/bin/python bench/provision.py [--n 200] [--concurrency 4]
+
+Targets (2-core machine): p50 <= 100 ms, p99 <= 300 ms, >= 20 projects/s,
+ratio to the baseline p50 within 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import psycopg
+from psycopg import sql
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import BenchFleet, bench_fleet, elapsed_ms, pct, summary  # noqa: E402
+
+from pgfleet.config import Settings  # noqa: E402
+from pgfleet.fleet.embedded import EmbeddedFleet  # noqa: E402
+
+REGION = "us-east-1"
+
+
+def baseline(bf: BenchFleet, n: int) -> list[float]:
+    fleet = EmbeddedFleet(Settings(home=bf.home, embedded_regions=[REGION]))
+    srv = next(s for s in fleet.regional_servers() if s.region == REGION)
+    times: list[float] = []
+    names: list[str] = []
+    with psycopg.connect(**fleet.conninfo(srv), autocommit=True) as conn:
+        for _ in range(n):
+            name = "bench_" + uuid.uuid4().hex
+            names.append(name)
+            ident = sql.Identifier(name)
+            t0 = time.perf_counter()
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'x'").format(ident))
+            conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(ident, ident))
+            conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(ident))
+            times.append(elapsed_ms(t0))
+        for name in names:
+            conn.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(name)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+    return times
+
+
+def provision_one(http: httpx.Client, i: int) -> float:
+    t0 = time.perf_counter()
+    r = http.post("/v1/projects", json={"name": f"bench {i}", "region": REGION,
+                                        "plan_type": "free"})
+    r.raise_for_status()
+    c = r.json()["connection"]
+    with psycopg.connect(host=c["host"], port=c["port"], dbname=c["database"], user=c["user"],
+                         password=c["password"], sslmode=c["sslmode"]) as conn:
+        conn.execute("select 1")
+    return elapsed_ms(t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=200, help="projects to create (default 200)")
+    ap.add_argument("--concurrency", type=int, default=4, help="parallel clients (default 4)")
+    args = ap.parse_args()
+    with bench_fleet() as bf:
+        print(f"embedded fleet in {bf.home} (fsync on); API {bf.url}")
+        base = baseline(bf, min(args.n, 100))
+        headers = {"Authorization": f"Bearer {bf.token}"}
+        with httpx.Client(base_url=bf.url, headers=headers, timeout=60) as http:
+            for i in range(5):  # warm-up: pools, imports
+                provision_one(http, -i)
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(args.concurrency) as ex:
+                times = list(ex.map(lambda i: provision_one(http, i), range(args.n)))
+            wall = time.perf_counter() - t0
+    print(summary("baseline: CREATE ROLE+DATABASE+REVOKE", base))
+    print(summary(f"API create -> connect (c={args.concurrency})", times))
+    rate = args.n / wall
+    ratio = pct(times, 50) / pct(base, 50)
+    print(f"throughput: {rate:.1f} projects/s over {wall:.1f} s")
+    print(f"ratio p50 API / baseline: {ratio:.2f}x")
+    ok = pct(times, 50) <= 100 and pct(times, 99) <= 300 and rate >= 20
+    print("targets (p50<=100ms, p99<=300ms, >=20/s):", "met" if ok else "NOT met")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""The embedded fleet: how its servers are set up, restarts keep data, and
+the newcomer's `pgfleet up` / `status` / `down` flow as real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pgfleet.platform.core import Platform
+from pgfleet.tenants.service import create_project
+from tests.conftest import FleetUnderTest, _free_port_block, run_psql
+
+
+def test_servers_listen_on_loopback_with_scram_and_logical_wal(fleet: FleetUnderTest) -> None:
+    for region in [None, *fleet.regions()]:
+        with fleet.admin_conn(region) as c:
+            settings = dict(c.execute(
+                "SELECT name, setting FROM pg_settings WHERE name IN ('listen_addresses', "
+                "'wal_level', 'password_encryption', 'unix_socket_directories')"
+            ).fetchall())
+            hba = c.execute(
+                "SELECT type, database, user_name, auth_method FROM pg_hba_file_rules"
+            ).fetchall()
+        assert settings == {"listen_addresses": "127.0.0.1", "wal_level": "logical",
+                            "password_encryption": "scram-sha-256",
+                            "unix_socket_directories": ""}
+        methods = {r[3] for r in hba}
+        assert methods <= {"scram-sha-256", "reject"}
+        assert ("host", ["sameuser"], ["all"], "scram-sha-256") in hba
+
+
+def test_secrets_are_private_and_servers_run_unprivileged(fleet: FleetUnderTest) -> None:
+    home = fleet.settings.home_abs
+    for f in (home / "secrets").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+    for srv in fleet.fleet.servers():
+        data = fleet.fleet.data_dir(srv.name)
+        assert stat.S_IMODE(data.stat().st_mode) == 0o700
+        if os.geteuid() == 0:
+            assert data.stat().st_uid != 0  # initdb refuses root: an unprivileged user owns it
+    passwords = {fleet.fleet.admin_password(s.name) for s in fleet.fleet.servers()}
+    assert len(passwords) == len(fleet.fleet.servers())  # one password per server
+
+
+def test_up_again_reuses_and_restart_keeps_data(fleet: FleetUnderTest, platform: Platform,
+                                                owner: tuple) -> None:
+    project, db = create_project(platform, owner[0], name="keep", region="ap-southeast-1",
+                                 plan_type="free")
+    with platform.client.get_tenant_connection(project["id"]) as conn:
+        conn.execute("CREATE TABLE kept (v text)")
+        conn.execute("INSERT INTO kept VALUES ('still here')")
+        conn.commit()
+    with fleet.admin_conn("ap-southeast-1") as c:
+        ident = c.execute("SELECT system_identifier FROM pg_control_system()").fetchone()
+
+    fleet.fleet.up()  # running again: reuses what exists
+    fleet.fleet.down()
+    assert not any(st.running for st in fleet.fleet.states())
+    fleet.fleet.up()
+
+    with fleet.admin_conn("ap-southeast-1") as c:
+        assert c.execute("SELECT system_identifier FROM pg_control_system()").fetchone() == ident
+    res = run_psql(
+        f"postgresql://{db.user}:{db.password}@{db.host}:{db.port}/{db.database}",
+        "SELECT v FROM kept",
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "still here"
+    # The platform's pools recover on their own after the restart.
+    with platform.client.get_tenant_connection(project["id"], "ro") as conn:
+        assert conn.execute("SELECT v FROM kept").fetchone() == ("still here",)
+
+
+@pytest.fixture
+def cli_env() -> Iterator[dict[str, str]]:
+    home = Path(tempfile.mkdtemp(prefix="pgfleet-cli-"))
+    os.chmod(home, 0o755)
+    base = _free_port_block(60)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PGFLEET_", "POSTGRES_HOST_", "PG"))}
+    env.update(PGFLEET_HOME=str(home), PGFLEET_PORT_BASE=str(base),
+               PGFLEET_API_PORT=str(base + 55), PGFLEET_FSYNC="false",
+               PGFLEET_EMBEDDED_REGIONS="us-east-1,eu-central-1")
+    yield env
+    subprocess.run([sys.executable, "-m", "pgfleet.cli", "down"], env=env, capture_output=True,
+                   timeout=120)
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def pgfleet(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pgfleet.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=180)
+
+
+def test_cli_up_status_down_up_keeps_everything(cli_env: dict[str, str]) -> None:
+    home = Path(cli_env["PGFLEET_HOME"])
+    r = pgfleet(cli_env, "up", "--detach")
+    assert r.returncode == 0, r.stderr + r.stdout
+    token = (home / "admin-token").read_text().strip()
+    assert token.startswith("pgf_") and token in r.stdout
+    assert stat.S_IMODE((home / "admin-token").stat().st_mode) == 0o600
+
+    st = pgfleet(cli_env, "status")
+    assert st.returncode == 0, st.stderr
+    for name in ("platform", "us-east-1-a", "eu-central-1-a"):
+        assert name in st.stdout
+    assert st.stdout.count(" up ") >= 3, st.stdout
+
+    created = pgfleet(cli_env, "projects", "create", "--name", "shop", "--region",
+                      "eu-central-1", "--json")
+    assert created.returncode == 0, created.stderr
+    project = json.loads(created.stdout)
+    uri = project["connection"]["uri"]
+    assert run_psql(uri, "CREATE TABLE t AS SELECT 42 AS answer").returncode == 0
+
+    down = pgfleet(cli_env, "down")
+    assert down.returncode == 0, down.stderr
+    st = pgfleet(cli_env, "status")
+    assert " up " not in st.stdout and st.stdout.count("down") >= 3, st.stdout
+    assert run_psql(uri, "SELECT 1").returncode != 0
+
+    again = pgfleet(cli_env, "up", "--detach")
+    assert again.returncode == 0, again.stderr
+    assert (home / "admin-token").read_text().strip() == token  # reused, not replaced
+    shown = pgfleet(cli_env, "projects", "show", project["id"], "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["status"] == "active"
+    res = run_psql(uri, "SELECT answer FROM t")
+    assert res.returncode == 0 and res.stdout.strip() == "42", res.stderr

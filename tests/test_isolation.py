@@ -1,0 +1,168 @@
+"""Tenant isolation with real credentials on the real servers: a project's
+role reaches its own database and nothing else, and a deleted project leaves
+nothing that still lets anyone in."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+from urllib.parse import quote
+
+import psycopg
+import pytest
+
+from pgfleet.platform.core import Platform
+from pgfleet.tenants.provisioning import ProvisionedDatabase
+from pgfleet.tenants.service import Owner, create_project, delete_project
+from tests.conftest import Api, FleetUnderTest, run_psql
+
+# What a refused login may say; anything else (server down, timeout) is not
+# the isolation we are testing.
+REFUSALS = (
+    "pg_hba.conf rejects connection",
+    "no pg_hba.conf entry",
+    "permission denied for database",
+    "password authentication failed",
+    "does not exist",
+)
+
+
+def uri_for(prov: ProvisionedDatabase, *, dbname: str | None = None, password: str | None = None,
+            user: str | None = None) -> str:
+    return (
+        f"postgresql://{quote(user or prov.user, safe='')}:"
+        f"{quote(prov.password if password is None else password, safe='')}"
+        f"@{prov.host}:{prov.port}/{quote(dbname or prov.database, safe='')}"
+        f"?sslmode={prov.sslmode}&connect_timeout=5"
+    )
+
+
+def assert_refused(uri: str, *expected: str) -> None:
+    res = run_psql(uri, "select current_user, current_database()")
+    assert res.returncode != 0, f"login was accepted: {res.stdout!r}"
+    reasons = expected or REFUSALS
+    assert any(r in res.stderr for r in reasons), f"refused for another reason: {res.stderr}"
+
+
+def assert_accepted(uri: str, user: str, dbname: str) -> None:
+    res = run_psql(uri, "select current_user || ' ' || current_database()")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == f"{user} {dbname}"
+
+
+def two_projects(
+    platform: Platform, owner: Owner, region: str = "us-east-1"
+) -> tuple[tuple[dict[str, Any], ProvisionedDatabase], tuple[dict[str, Any], ProvisionedDatabase]]:
+    a = create_project(platform, owner, name="project a", region=region, plan_type="free")
+    b = create_project(platform, owner, name="project b", region=region, plan_type="free")
+    assert a[1].port == b[1].port, "both projects should share one server"
+    return a, b
+
+
+def tenant_row(platform: Platform, tid: uuid.UUID) -> tuple[Any, ...]:
+    with platform.db.connection() as conn:
+        row = conn.execute(
+            "SELECT status, deleted_at, connection_info FROM tenants WHERE id = %s", (tid,)
+        ).fetchone()
+    assert row is not None, "the tenant row must be kept"
+    return tuple(row)
+
+
+def test_own_credentials_work(platform: Platform, owner: tuple[Owner, str]) -> None:
+    (_, a), (_, b) = two_projects(platform, owner[0])
+    assert_accepted(uri_for(a), a.user, a.database)
+    assert_accepted(uri_for(b), b.user, b.database)
+
+
+def test_cannot_reach_another_projects_database(
+    platform: Platform, owner: tuple[Owner, str], fleet: FleetUnderTest
+) -> None:
+    (_, a), (_, b) = two_projects(platform, owner[0])
+    assert_refused(uri_for(a, dbname=b.database))
+    assert_refused(uri_for(b, dbname=a.database))
+    # Defence in depth: even without pg_hba, the privilege is not there.
+    with fleet.admin_conn("us-east-1") as adm:
+        row = adm.execute(
+            "SELECT has_database_privilege(%s, %s, 'CONNECT'), "
+            "has_database_privilege(%s, %s, 'CONNECT')",
+            (a.user, b.database, b.user, a.database),
+        ).fetchone()
+    assert row == (False, False)
+
+
+@pytest.mark.parametrize("dbname", ["postgres", "template1"])
+def test_cannot_reach_system_databases(
+    platform: Platform, owner: tuple[Owner, str], dbname: str
+) -> None:
+    _, a = create_project(platform, owner[0], name="sys", region="eu-central-1", plan_type="pro")
+    assert_refused(uri_for(a, dbname=dbname))
+
+
+def test_wrong_password_fails(platform: Platform, owner: tuple[Owner, str]) -> None:
+    _, a = create_project(platform, owner[0], name="pw", region="ap-southeast-1", plan_type="free")
+    assert_refused(uri_for(a, password=a.password + "x"), "password authentication failed")
+    assert_refused(uri_for(a, password=""), "password", "no password supplied")
+
+
+def test_cannot_become_another_role(platform: Platform, owner: tuple[Owner, str]) -> None:
+    (_, a), (_, b) = two_projects(platform, owner[0])
+    with psycopg.connect(uri_for(a), autocommit=True) as c:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute(psycopg.sql.SQL("SET ROLE {}").format(psycopg.sql.Identifier(b.user)))
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(
+                psycopg.sql.Identifier(a.database + "_more")))
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("CREATE ROLE sneaky LOGIN")
+
+
+def test_no_replication_connection(platform: Platform, owner: tuple[Owner, str]) -> None:
+    _, a = create_project(platform, owner[0], name="repl", region="us-east-1", plan_type="free")
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(uri_for(a) + "&replication=database").close()
+
+
+def test_delete_removes_database_role_and_access(
+    platform: Platform, owner: tuple[Owner, str], fleet: FleetUnderTest
+) -> None:
+    (row_a, a), (_, b) = two_projects(platform, owner[0], region="eu-central-1")
+    # An open session of the project does not stop the delete; it is ended.
+    session = psycopg.connect(uri_for(a), autocommit=True)
+    try:
+        out = delete_project(platform, owner[0], str(row_a["id"]))
+        assert out["status"] == "deleted"
+        assert a.database not in fleet.databases("eu-central-1")
+        assert a.user not in fleet.roles("eu-central-1")
+        with pytest.raises(psycopg.OperationalError):
+            session.execute("select 1")
+    finally:
+        session.close()
+    assert_refused(uri_for(a))
+    status, deleted_at, info = tenant_row(platform, row_a["id"])
+    assert status == "deleted"
+    assert deleted_at is not None
+    assert info is None
+    # The neighbour is untouched.
+    assert b.database in fleet.databases("eu-central-1")
+    assert_accepted(uri_for(b), b.user, b.database)
+
+
+def test_api_delete_removes_database_role_and_access(
+    api: Api, platform: Platform, fleet: FleetUnderTest
+) -> None:
+    r = api.post("/v1/projects", json={"name": "doomed", "region": "ap-southeast-1",
+                                       "plan_type": "free"})
+    assert r.status_code == 201, r.text
+    body = r.json()
+    conn = body["connection"]
+    assert_accepted(conn["uri"], conn["user"], conn["database"])
+    r = api.delete(f"/v1/projects/{body['id']}")
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "deleted"
+    assert conn["database"] not in fleet.databases("ap-southeast-1")
+    assert conn["user"] not in fleet.roles("ap-southeast-1")
+    assert_refused(conn["uri"])
+    status, deleted_at, info = tenant_row(platform, uuid.UUID(body["id"]))
+    assert (status, info) == ("deleted", None)
+    assert deleted_at is not None
+    assert api.get(f"/v1/projects/{body['id']}").status_code == 404
