@@ -193,6 +193,7 @@ class ServerRegistry:
                 f"region {server.region} is unavailable: server {server.name} cannot be reached",
                 region=server.region,
                 server=server.name,
+                reached=False,
             ) from e
         try:
             yield conn

@@ -19,7 +19,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from pgfleet.errors import Conflict, InvalidInput, ProjectNotFound
+from pgfleet.errors import Conflict, InvalidInput, ProjectNotFound, RegionUnavailable
 from pgfleet.platform.core import Platform
 from pgfleet.regions import PlacementPolicy, choose_server, get_plan, get_region
 from pgfleet.tenants.connections import Mode, check_mode
@@ -175,24 +175,31 @@ def create_project(
 
 
 def _undo_create(platform: Platform, tid: uuid.UUID, server_id: int, err: BaseException) -> None:
-    """Leave nothing half-created after a failed create."""
-    try:
-        server = platform.servers.get(server_id)
-        with platform.servers.admin_connection(server) as aconn:
-            drop_on_server(aconn, name=tenant_db_name(tid))
-    except Exception as cleanup_err:  # the server may be the thing that is down
-        log.warning(
-            "project %s: cleanup after failed create did not finish: %s",
-            tid,
-            type(cleanup_err).__name__,
-        )
-        with platform.db.connection() as conn:
-            conn.execute(
-                "UPDATE tenants SET status = 'failed', error = %s, updated_at = now() "
-                "WHERE id = %s",
-                (str(err)[:500], tid),
+    """Leave nothing half-created after a failed create.
+
+    If the server was never reached nothing exists on it and the row goes.
+    Otherwise what was made is dropped again; if even that cannot be done,
+    the row stays `failed` with the error, for the reconciler.
+    """
+    reached = not (isinstance(err, RegionUnavailable) and err.details.get("reached") is False)
+    if reached:
+        try:
+            server = platform.servers.get(server_id)
+            with platform.servers.admin_connection(server) as aconn:
+                drop_on_server(aconn, name=tenant_db_name(tid))
+        except Exception as cleanup_err:  # the server may be the thing that is down
+            log.warning(
+                "project %s: cleanup after failed create did not finish: %s",
+                tid,
+                type(cleanup_err).__name__,
             )
-        return
+            with platform.db.connection() as conn:
+                conn.execute(
+                    "UPDATE tenants SET status = 'failed', error = %s, updated_at = now() "
+                    "WHERE id = %s",
+                    (str(err)[:500], tid),
+                )
+            return
     with platform.db.connection() as conn:
         conn.execute("DELETE FROM tenants WHERE id = %s", (tid,))
 
