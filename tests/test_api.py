@@ -143,15 +143,29 @@ def test_ro_uri_cannot_be_switched_to_writing(api: Api) -> None:
     res = run_psql(body["connection"]["uri"], "create table t (x int)")
     assert res.returncode == 0, res.stderr
     ro = api.get(f"/v1/projects/{pid}/connection", params={"mode": "ro"}).json()
+    wrote = []
     for attempt in (
         "set default_transaction_read_only = off; insert into t values (1)",
         "begin read write; insert into t values (1); commit",
         "set session characteristics as transaction read write; insert into t values (1)",
     ):
+        before = run_psql(body["connection"]["uri"], "select count(*) from t").stdout.strip()
         run_psql(ro["uri"], attempt)
-    res = run_psql(body["connection"]["uri"], "select count(*) from t")
+        after = run_psql(body["connection"]["uri"], "select count(*) from t").stdout.strip()
+        if after != before:
+            wrote.append(attempt)
+    assert wrote == [], "the ro connection string could write"
+    # ...and yet it reads what the project writes, including tables made later.
+    run_psql(body["connection"]["uri"], "create table later (y int); insert into later values (7)")
+    res = run_psql(ro["uri"], "select (select count(*) from t), (select y from later)")
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "0", "the ro connection string wrote rows"
+    assert res.stdout.strip() == "0|7"
+    for ddl in (
+        "begin read write; create table mine (z int)",
+        "begin read write; create temp table tmp (z int)",
+    ):
+        denied = run_psql(ro["uri"], ddl)
+        assert denied.returncode != 0 and "denied" in denied.stderr, (ddl, denied.stderr)
 
 
 def test_delete_project(api: Api, fleet: FleetUnderTest) -> None:
@@ -175,6 +189,7 @@ def test_delete_project(api: Api, fleet: FleetUnderTest) -> None:
     assert [(p["id"], p["status"]) for p in listed] == [(pid, "deleted")]
     assert db not in all_tenant_databases(fleet)
     assert db not in all_tenant_roles(fleet)
+    assert f"{db}_ro" not in all_tenant_roles(fleet)
     res = run_psql(body["connection"]["uri"], "select 1")
     assert res.returncode != 0
 
@@ -595,7 +610,8 @@ def test_region_down_is_503_and_leaves_nothing(
     # Nothing half-created anywhere: only the two good projects' databases/roles.
     good = {before["connection"]["database"], elsewhere["connection"]["database"]}
     assert all_tenant_databases(fleet) == good
-    assert all_tenant_roles(fleet) == good
+    # each project has its login role and its read-only role
+    assert all_tenant_roles(fleet) == good | {f"{db}_ro" for db in good}
     for rid, status in platform_rows(platform, "SELECT id, status FROM tenants"):
         if str(rid) not in (before["id"], elsewhere["id"]):
             assert status != "active"

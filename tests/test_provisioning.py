@@ -26,7 +26,7 @@ from pgfleet.tenants.provisioning import (
 from pgfleet.tenants.service import Owner, create_project
 from tests.conftest import FleetUnderTest
 
-TENANT_NAME_RE = re.compile(r"^tenant_[0-9a-f]{8}(_[0-9a-f]{4}){3}_[0-9a-f]{12}$")
+TENANT_NAME_RE = re.compile(r"^tenant_[0-9a-f]{8}(_[0-9a-f]{4}){3}_[0-9a-f]{12}(_ro)?$")
 
 
 # ---- helpers -------------------------------------------------------------------
@@ -56,29 +56,42 @@ def tenant_row(platform: Platform, tid: uuid.UUID) -> dict[str, Any]:
 
 
 def connect_as(
-    prov: ProvisionedDatabase, password: str | None = None, dbname: str | None = None
+    prov: ProvisionedDatabase,
+    password: str | None = None,
+    dbname: str | None = None,
+    *,
+    ro: bool = False,
 ) -> psycopg.Connection[Any]:
+    default_password = prov.ro_password if ro else prov.password
     return psycopg.connect(
         host=prov.host,
         port=prov.port,
         dbname=dbname or prov.database,
-        user=prov.user,
-        password=prov.password if password is None else password,
+        user=prov.ro_user if ro else prov.user,
+        password=default_password if password is None else password,
         sslmode=prov.sslmode,
         connect_timeout=5,
         autocommit=True,
     )
 
 
-def can_login(prov: ProvisionedDatabase, password: str | None = None) -> bool:
+def can_login(prov: ProvisionedDatabase, password: str | None = None, *, ro: bool = False) -> bool:
     try:
-        with connect_as(prov, password) as c:
-            row = c.execute("SELECT current_user, current_database()").fetchone()
-            assert row == (prov.user, prov.database)
+        with connect_as(prov, password, ro=ro) as c:
+            row = c.execute("SELECT current_user::text, current_database()::text").fetchone()
+            assert row == (prov.ro_user if ro else prov.user, prov.database)
             return True
     except psycopg.OperationalError as e:
         assert "password authentication failed" in str(e), e
         return False
+
+
+def object_oids(fleet: FleetUnderTest, region: str, name: str) -> tuple[Any, Any]:
+    """(oid of database `name`, oid of role `name`): unchanged means not recreated."""
+    with fleet.admin_conn(region) as a:
+        db = a.execute("SELECT oid FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        role = a.execute("SELECT oid FROM pg_roles WHERE rolname = %s", (name,)).fetchone()
+    return db, role
 
 
 def hosting_regions(fleet: FleetUnderTest, name: str) -> tuple[set[str], set[str]]:
@@ -89,10 +102,12 @@ def hosting_regions(fleet: FleetUnderTest, name: str) -> tuple[set[str], set[str
 
 
 def assert_converged(fleet: FleetUnderTest, region: str, prov: ProvisionedDatabase) -> None:
-    """Database and role exist on `region`'s server only, as the rules want."""
+    """Database and roles exist on `region`'s server only, as the rules want."""
     name = prov.database
     assert prov.user == name
+    assert prov.ro_user and prov.ro_user != name
     assert hosting_regions(fleet, name) == ({region}, {region})
+    assert hosting_regions(fleet, prov.ro_user)[1] == {region}
     assert prov.port == fleet.server(region).port
     with fleet.admin_conn(region) as a:
         db = a.execute(
@@ -112,13 +127,27 @@ def assert_converged(fleet: FleetUnderTest, region: str, prov: ProvisionedDataba
             (name,),
         ).fetchone()
         assert public_connect == (0,), "PUBLIC still has CONNECT on the tenant database"
-        role = a.execute(
-            "SELECT rolcanlogin, rolsuper, rolcreatedb, rolcreaterole, rolreplication, "
-            "rolbypassrls, left(rolpassword, 14) FROM pg_authid WHERE rolname = %s",
-            (name,),
-        ).fetchone()
-        assert role == (True, False, False, False, False, False, "SCRAM-SHA-256$")
+        for role_name in (name, prov.ro_user):
+            role = a.execute(
+                "SELECT rolcanlogin, rolsuper, rolcreatedb, rolcreaterole, rolreplication, "
+                "rolbypassrls, left(rolpassword, 14) FROM pg_authid WHERE rolname = %s",
+                (role_name,),
+            ).fetchone()
+            assert role == (True, False, False, False, False, False, "SCRAM-SHA-256$"), role_name
+        # Exactly the project's two roles may connect; no other tenant role may.
+        connectors = {
+            r[0]
+            for r in a.execute(
+                "SELECT rolname::text FROM pg_roles WHERE rolname LIKE 'tenant\\_%%' "
+                "AND has_database_privilege(oid, %s, 'CONNECT')",
+                (name,),
+            )
+        }
+        assert connectors == {name, prov.ro_user}
     assert can_login(prov), "the provisioned credentials do not log in"
+    assert can_login(prov, ro=True), "the read-only credentials do not log in"
+    with connect_as(prov, ro=True) as c, pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        c.execute("CREATE TABLE ro_probe (x int)")
 
 
 # ---- basic provisioning ----------------------------------------------------------
@@ -139,9 +168,7 @@ def test_create_project_places_database_on_requested_region_only(
     assert_converged(fleet, "ap-southeast-1", prov)
 
 
-def test_ensure_on_fresh_row_places_by_region(
-    platform: Platform, fleet: FleetUnderTest
-) -> None:
+def test_ensure_on_fresh_row_places_by_region(platform: Platform, fleet: FleetUnderTest) -> None:
     tid = insert_tenant(platform, "eu-central-1", "pro")
     prov = ensure_tenant_database_provisioned(tid, "eu-central-1", platform=platform)
     assert_converged(fleet, "eu-central-1", prov)
@@ -157,15 +184,17 @@ def test_ensure_again_converges_and_keeps_password(
     row, first = create_project(
         platform, owner[0], name="again", region="eu-central-1", plan_type="free"
     )
+    before = object_oids(fleet, "eu-central-1", first.database)
     second = ensure_tenant_database_provisioned(row["id"], "eu-central-1", platform=platform)
     third = ensure_tenant_database_provisioned(row["id"], "eu-central-1", platform=platform)
     for again in (second, third):
         assert again.password == first.password
         assert again.database == first.database
         assert again.server == first.server
-        assert "create role" not in again.actions
-        assert "create database" not in again.actions
+        assert again.ro_password == first.ro_password
+    assert object_oids(fleet, "eu-central-1", first.database) == before, "objects were recreated"
     assert can_login(first)
+    assert can_login(first, ro=True)
     assert_converged(fleet, "eu-central-1", third)
 
 
@@ -178,7 +207,9 @@ def test_ensure_concurrent_calls_converge(platform: Platform, fleet: FleetUnderT
                 range(4),
             )
         )
-    assert len({r.password for r in results}) == 1, "concurrent calls ended with different passwords"
+    assert len({r.password for r in results}) == 1, (
+        "concurrent calls ended with different passwords"
+    )
     assert_converged(fleet, "us-east-1", results[-1])
 
 
@@ -199,7 +230,6 @@ def test_role_without_database_converges(platform: Platform, fleet: FleetUnderTe
     with fleet.admin_conn("eu-central-1") as a:
         a.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'leftover'").format(sql.Identifier(name)))
     prov = ensure_tenant_database_provisioned(tid, "eu-central-1", platform=platform)
-    assert "create database" in prov.actions
     assert prov.password != "leftover"
     assert_converged(fleet, "eu-central-1", prov)
     assert not can_login(prov, "leftover")
@@ -227,9 +257,11 @@ def test_database_without_role_converges(platform: Platform, fleet: FleetUnderTe
             "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s", (name,)
         ).fetchone()
         assert owner is not None and owner[0] != name
+        db_oid = a.execute("SELECT oid FROM pg_database WHERE datname = %s", (name,)).fetchone()
     prov = ensure_tenant_database_provisioned(tid, "eu-central-1", platform=platform)
-    assert "create role" in prov.actions
     assert_converged(fleet, "eu-central-1", prov)
+    # The existing database was adopted, not dropped and recreated.
+    assert object_oids(fleet, "eu-central-1", name)[0] == db_oid
 
 
 def test_wrong_role_password_converges(
@@ -248,6 +280,28 @@ def test_wrong_role_password_converges(
     assert_converged(fleet, "ap-southeast-1", again)
 
 
+def test_role_with_wrong_attributes_converges(
+    platform: Platform, owner: tuple[Owner, str], fleet: FleetUnderTest
+) -> None:
+    row, prov = create_project(
+        platform, owner[0], name="attrs", region="eu-central-1", plan_type="pro"
+    )
+    with fleet.admin_conn("eu-central-1") as a:
+        a.execute(
+            sql.SQL(
+                "ALTER ROLE {} NOLOGIN SUPERUSER CREATEDB CREATEROLE REPLICATION BYPASSRLS "
+                "CONNECTION LIMIT 1"
+            ).format(sql.Identifier(prov.user))
+        )
+    again = ensure_tenant_database_provisioned(row["id"], "eu-central-1", platform=platform)
+    assert_converged(fleet, "eu-central-1", again)
+    with fleet.admin_conn("eu-central-1") as a:
+        limit = a.execute(
+            "SELECT rolconnlimit FROM pg_roles WHERE rolname = %s", (prov.user,)
+        ).fetchone()
+    assert limit == (60,)
+
+
 def test_database_owned_by_another_role_converges(
     platform: Platform, owner: tuple[Owner, str], fleet: FleetUnderTest
 ) -> None:
@@ -264,7 +318,6 @@ def test_database_owned_by_another_role_converges(
             )
         )
     again = ensure_tenant_database_provisioned(row["id"], "eu-central-1", platform=platform)
-    assert "set database owner" in again.actions
     assert_converged(fleet, "eu-central-1", again)
 
 
@@ -278,14 +331,10 @@ def test_half_dropped_database_converges(
         c.execute("CREATE TABLE leftover (x int)")
     with fleet.admin_conn("us-east-1") as a:
         # What an interrupted DROP DATABASE leaves behind.
-        a.execute(
-            "UPDATE pg_database SET datconnlimit = -2 WHERE datname = %s", (prov.database,)
-        )
+        a.execute("UPDATE pg_database SET datconnlimit = -2 WHERE datname = %s", (prov.database,))
     with pytest.raises(psycopg.OperationalError):
         connect_as(prov).close()
     again = ensure_tenant_database_provisioned(row["id"], "us-east-1", platform=platform)
-    assert "drop invalid database" in again.actions
-    assert "create database" in again.actions
     assert_converged(fleet, "us-east-1", again)
     with connect_as(again) as c:
         assert c.execute("SELECT to_regclass('leftover')").fetchone() == (None,)
@@ -369,9 +418,7 @@ def test_metadata_only_region_is_hosted_in_default_region(
     assert_converged(fleet, "us-east-1", prov)
 
 
-def test_hybrid_placement(
-    platform_factory: Any, fleet: FleetUnderTest
-) -> None:
+def test_hybrid_placement(platform_factory: Any, fleet: FleetUnderTest) -> None:
     from pgfleet.auth import create_owner
 
     platform: Platform = platform_factory(placement="hybrid")
@@ -409,7 +456,7 @@ def test_single_placement(platform_factory: Any, fleet: FleetUnderTest) -> None:
 def test_hostile_name_is_stored_verbatim_and_never_reaches_servers(
     platform: Platform, owner: tuple[Owner, str], fleet: FleetUnderTest
 ) -> None:
-    name = "Robert'); DROP TABLE tenants; -- \"Zoë\" ünïcødé 日本語 🐘🚀 $$ ; \\x"
+    name = 'Robert\'); DROP TABLE tenants; -- "Zoë" ünïcødé 日本語 🐘🚀 $$ ; \\x'
     project, prov = create_project(
         platform, owner[0], name=name, region="eu-central-1", plan_type="free"
     )
@@ -431,3 +478,38 @@ def test_hostile_name_is_stored_verbatim_and_never_reaches_servers(
             assert not any(f in n for f in fragments), f"customer name leaked on {region}: {n!r}"
         for n in fleet.databases(region) | fleet.roles(region):
             assert TENANT_NAME_RE.match(n), f"non-opaque tenant object {n!r} on {region}"
+
+
+def test_server_statement_log_never_sees_cleartext_password(
+    platform: Platform, owner: tuple[Owner, str], fleet: FleetUnderTest
+) -> None:
+    region = "ap-southeast-1"
+    log = fleet.fleet.log_file(fleet.server(region).name)
+    admin_user = fleet.fleet.conninfo(fleet.server(region))["user"]
+    start = log.stat().st_size
+    with fleet.admin_conn(region) as a:
+        # New admin sessions (pgfleet's pool connects lazily) log every statement.
+        a.execute(
+            sql.SQL("ALTER ROLE {} SET log_statement = 'all'").format(sql.Identifier(admin_user))
+        )
+    try:
+        row, prov = create_project(
+            platform, owner[0], name="logged", region=region, plan_type="free"
+        )
+        wanted = "Visible-" + secrets.token_hex(12)
+        ensure_tenant_database_provisioned(
+            row["id"], region, desired_password=wanted, platform=platform
+        )
+    finally:
+        with fleet.admin_conn(region) as a:
+            a.execute(
+                sql.SQL("ALTER ROLE {} RESET log_statement").format(sql.Identifier(admin_user))
+            )
+    with log.open("rb") as f:
+        f.seek(start)
+        written = f.read().decode("utf-8", "replace")
+    assert f'CREATE ROLE "{prov.user}"' in written or f"CREATE ROLE {prov.user}" in written, (
+        "statement logging did not take effect; the check below would prove nothing"
+    )
+    assert prov.password not in written
+    assert wanted not in written

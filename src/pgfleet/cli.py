@@ -19,7 +19,9 @@ from typing import Annotated, Any, NoReturn
 import httpx
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from pgfleet.config import Settings, get_settings
 from pgfleet.crypto import write_private
@@ -59,7 +61,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the raw JSON respon
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    err.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False)
     raise typer.Exit(code)
 
 
@@ -106,13 +108,12 @@ class Client:
                 "to create the admin token"
             )
         self.url = url.rstrip("/")
-        self.http = httpx.Client(
-            base_url=self.url, timeout=60, headers={"Authorization": f"Bearer {token}"}
-        )
+        self.headers = {"Authorization": f"Bearer {token}"}
 
     def call(self, method: str, path: str, **kw: Any) -> Any:
         try:
-            r = self.http.request(method, path, **kw)
+            with httpx.Client(base_url=self.url, timeout=60, headers=self.headers) as http:
+                r = http.request(method, path, **kw)
         except httpx.TransportError:
             fail(f"cannot reach the pgfleet API at {self.url}; is it running (`pgfleet up`)?")
         if r.status_code >= 400:
@@ -122,6 +123,11 @@ class Client:
                 msg = r.text[:500]
             fail(f"{msg} (HTTP {r.status_code})")
         return r.json() if r.content else None
+
+
+def _row(table: Table, *cells: object) -> None:
+    """Add a row whose cells are shown as plain text, never as Rich markup."""
+    table.add_row(*[c if isinstance(c, Text) else Text(str(c)) for c in cells])
 
 
 def _print_json(data: Any) -> None:
@@ -171,8 +177,8 @@ def up(
     token = _token_file(s).read_text().strip()
     if detach:
         _start_detached(s, url)
-    out.print(f"\npgfleet API: [bold]{url}[/]   (OpenAPI: {url}/docs)")
-    out.print(f"admin token: [bold]{token}[/]  (also in {_token_file(s)})")
+    out.print(f"\npgfleet API: [bold]{url}[/]   (OpenAPI: {url}/docs)", soft_wrap=True)
+    out.print(f"admin token: [bold]{token}[/]  (also in {_token_file(s)})", soft_wrap=True)
     if not detach:
         out.print("Ctrl-C stops the API; `pgfleet down` stops the servers too.\n")
         _serve(s)
@@ -283,8 +289,8 @@ def status() -> None:
     for col in ("server", "region", "port", "state"):
         t.add_column(col)
     for st in states:
-        state = "[green]up[/]" if st.running else "[red]down[/]"
-        t.add_row(st.server.name, st.server.region or "(platform DB)", str(st.server.port), state)
+        state = Text("up", "green") if st.running else Text("down", "red")
+        _row(t, st.server.name, st.server.region or "(platform DB)", str(st.server.port), state)
     out.print(t)
     pid = _api_pid(s)
     url = json.loads(_api_file(s).read_text())["url"] if _api_file(s).exists() else "-"
@@ -305,7 +311,7 @@ def regions_list(url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = 
         t.add_column(col)
     for r in data:
         status_txt = r["status"] + (" (default)" if r["default"] else "")
-        t.add_row(r["id"], r["name"], r["flag"], status_txt, str(r["server_count"]))
+        _row(t, r["id"], r["name"], r["flag"], status_txt, str(r["server_count"]))
     out.print(t)
 
 
@@ -335,7 +341,7 @@ def _project_table(p: dict[str, Any]) -> Table:
     if p.get("deleted_at"):
         rows.append(("deleted", p["deleted_at"]))
     for k, v in rows:
-        t.add_row(k, str(v))
+        _row(t, k, str(v))
     return t
 
 
@@ -355,8 +361,11 @@ def projects_create(
     if as_json:
         return _print_json(data)
     out.print(_project_table(data))
+    out.print()
     out.print(
-        f"\n[bold]connection:[/] {data['connection']['uri']}", soft_wrap=True, highlight=False
+        Text.assemble(("connection: ", "bold"), data["connection"]["uri"]),
+        soft_wrap=True,
+        highlight=False,
     )
 
 
@@ -380,7 +389,8 @@ def projects_list(
         t.add_column(col)
     for p in data["projects"]:
         hosted = p["hosted_region"] or "-"
-        t.add_row(
+        _row(
+            t,
             p["id"],
             p["name"],
             f"{p['region_flag'] or ''} {p['region']}",
@@ -447,7 +457,9 @@ def tokens_create(
 ) -> None:
     """Create a token for yourself; it is shown once."""
     data = Client(url, token).call("POST", "/v1/tokens", json={"name": name})
-    out.print(f"token {data['id']} ({data['name']}): [bold]{data['token']}[/]")
+    out.print(
+        f"token {data['id']} ({escape(data['name'])}): [bold]{data['token']}[/]", soft_wrap=True
+    )
     out.print("Store it now: it is not shown again.")
 
 
@@ -459,7 +471,8 @@ def tokens_list(url: UrlOpt = None, token: TokenOpt = None) -> None:
     for col in ("id", "name", "prefix", "created", "last used", "revoked"):
         t.add_column(col)
     for r in data:
-        t.add_row(
+        _row(
+            t,
             r["id"],
             r["name"],
             r["token_prefix"] + "...",
@@ -474,7 +487,7 @@ def tokens_list(url: UrlOpt = None, token: TokenOpt = None) -> None:
 def tokens_revoke(token_id: str, url: UrlOpt = None, token: TokenOpt = None) -> None:
     """Revoke one of your tokens."""
     Client(url, token).call("DELETE", f"/v1/tokens/{token_id}")
-    out.print(f"token {token_id} revoked")
+    out.print(f"token {escape(token_id)} revoked")
 
 
 @owners_app.command("create")
@@ -491,8 +504,8 @@ def owners_create(
     )
     if as_json:
         return _print_json(data)
-    out.print(f"owner {data['owner']['id']} ({data['owner']['name']})")
-    out.print(f"token: [bold]{data['token']}[/]  (shown once)")
+    out.print(f"owner {data['owner']['id']} ({escape(data['owner']['name'])})")
+    out.print(f"token: [bold]{data['token']}[/]  (shown once)", soft_wrap=True)
 
 
 @owners_app.command("list")
@@ -503,7 +516,8 @@ def owners_list(url: UrlOpt = None, token: TokenOpt = None) -> None:
     for col in ("id", "name", "admin", "projects", "created"):
         t.add_column(col)
     for r in data:
-        t.add_row(
+        _row(
+            t,
             r["id"],
             r["name"],
             "yes" if r["is_admin"] else "",

@@ -33,6 +33,8 @@ from pgfleet.errors import FleetError
 from pgfleet.fleet.binaries import PgBinaries, find_binaries
 
 ADMIN_USER = "pgfleet_admin"
+# Group of the projects' read-only roles (see tenants.provisioning).
+RO_GROUP = "pgfleet_ro"
 PLATFORM_DB = "pgfleet"
 LOOPBACK = "127.0.0.1"
 
@@ -271,13 +273,17 @@ class EmbeddedFleet:
             f"{k} = {v}\n" for k, v in settings.items()
         )
         (data / "pgfleet.conf").write_text(body)
-        # A tenant role reaches only the database named like itself (sameuser);
-        # the admin reaches everything, from loopback only, always with SCRAM.
+        # A project's role reaches only the database named like itself
+        # (sameuser); read-only roles (members of pgfleet_ro) reach no system
+        # database, and CONNECT privileges keep each to its own project. The
+        # admin reaches everything. Loopback only, always SCRAM.
         hba = (
             "# Managed by pgfleet; rewritten at every start.\n"
             f"host  all          {ADMIN_USER}  127.0.0.1/32  scram-sha-256\n"
             f"host  replication  {ADMIN_USER}  127.0.0.1/32  scram-sha-256\n"
             "host  sameuser     all            127.0.0.1/32  scram-sha-256\n"
+            f"host  postgres,template0,template1  +{RO_GROUP}  0.0.0.0/0  reject\n"
+            f"host  all          +{RO_GROUP}    127.0.0.1/32  scram-sha-256\n"
             "host  all          all            0.0.0.0/0     reject\n"
             "local all          all                          reject\n"
         )

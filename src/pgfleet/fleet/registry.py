@@ -181,6 +181,13 @@ class ServerRegistry:
             self._pools[server.id] = (server, pool)
             return pool
 
+    def _discard(self, server_id: int, pool: ConnectionPool) -> None:
+        with self._lock:
+            entry = self._pools.get(server_id)
+            if entry is not None and entry[1] is pool:
+                del self._pools[server_id]
+        pool.close(timeout=0)
+
     @contextmanager
     def admin_connection(self, server: ServerRecord) -> Iterator[psycopg.Connection[Any]]:
         """An autocommit superuser connection to `server`, or RegionUnavailable."""
@@ -189,6 +196,9 @@ class ServerRegistry:
             cm = pool.connection()
             conn = cm.__enter__()
         except (PoolTimeout, psycopg.OperationalError) as e:
+            # A failing pool backs off before it tries again; start afresh next
+            # time so a server that comes back is used at once.
+            self._discard(server.id, pool)
             raise RegionUnavailable(
                 f"region {server.region} is unavailable: server {server.name} cannot be reached",
                 region=server.region,
@@ -212,6 +222,25 @@ class ServerRegistry:
             raise
         else:
             cm.__exit__(None, None, None)
+
+    @contextmanager
+    def direct_admin_connection(
+        self, server: ServerRecord, dbname: str
+    ) -> Iterator[psycopg.Connection[Any]]:
+        """An unpooled autocommit admin connection to one database of `server`."""
+        try:
+            conn = psycopg.connect(
+                **server.admin_conninfo(self.settings.connect_timeout_s, dbname), autocommit=True
+            )
+        except psycopg.OperationalError as e:
+            raise RegionUnavailable(
+                f"region {server.region} is unavailable: lost the connection to "
+                f"server {server.name}",
+                region=server.region,
+                server=server.name,
+            ) from e
+        with conn:
+            yield conn
 
     def close(self) -> None:
         with self._lock:

@@ -42,21 +42,27 @@ class TenantEndpoint:
     database: str
     user: str
     sslmode: str
+    ro_user: str
     password: str = field(repr=False)
+    ro_password: str = field(repr=False)
+
+    def user_for(self, mode: Mode) -> str:
+        return self.ro_user if mode == "ro" else self.user
+
+    def password_for(self, mode: Mode) -> str:
+        return self.ro_password if mode == "ro" else self.password
 
     def conninfo(self, mode: Mode, connect_timeout: float) -> dict[str, Any]:
         ci: dict[str, Any] = {
             "host": self.host,
             "port": self.port,
             "dbname": self.database,
-            "user": self.user,
-            "password": self.password,
+            "user": self.user_for(mode),
+            "password": self.password_for(mode),
             "sslmode": self.sslmode,
             "connect_timeout": max(1, round(connect_timeout)),
             "application_name": f"pgfleet-{mode}",
         }
-        if mode == "ro":
-            ci["options"] = "-c default_transaction_read_only=on"
         return ci
 
 
@@ -106,7 +112,9 @@ class DatabasePlatformClient:
             database=info["database"],
             user=info["user"],
             sslmode=info["sslmode"],
+            ro_user=info["ro_user"],
             password=self.platform.secrets.decrypt(info["password_enc"]),
+            ro_password=self.platform.secrets.decrypt(info["ro_password_enc"]),
         )
 
     def _entry(self, endpoint: TenantEndpoint, mode: Mode) -> _PoolEntry:
@@ -159,7 +167,8 @@ class DatabasePlatformClient:
     ) -> Iterator[psycopg.Connection[Any]]:
         """A pooled connection to the project's server as the project's role.
 
-        `ro` connections start every transaction read-only. Use as a context
+        `ro` connections log in as the project's read-only role (SELECT only,
+        every transaction read-only). Use as a context
         manager; the connection goes back to its pool on exit.
         """
         m = check_mode(mode)
@@ -170,6 +179,7 @@ class DatabasePlatformClient:
                 cm = entry.pool.connection()
                 conn = cm.__enter__()
             except (PoolTimeout, psycopg.OperationalError) as e:
+                self._discard(entry)  # retry afresh next time, without the pool's backoff
                 raise RegionUnavailable(
                     f"region {endpoint.hosted_region} is unavailable: the project's server "
                     "cannot be reached",
@@ -185,6 +195,13 @@ class DatabasePlatformClient:
         finally:
             with self._lock:
                 entry.in_use -= 1
+
+    def _discard(self, entry: _PoolEntry) -> None:
+        with self._lock:
+            for key, value in list(self._pools.items()):
+                if value is entry:
+                    del self._pools[key]
+        entry.pool.close(timeout=0)
 
     def forget(self, tenant_id: uuid.UUID | str) -> None:
         """Close the pools of a project (deleted, moved, password rotated)."""

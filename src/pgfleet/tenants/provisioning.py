@@ -8,7 +8,10 @@ interrupted DROP DATABASE. Every step looks before it acts.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +19,9 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from pgfleet.crypto import generate_password
 from pgfleet.errors import Conflict, ProjectNotFound
+from pgfleet.fleet.embedded import RO_GROUP
 from pgfleet.fleet.registry import ServerRecord
 from pgfleet.platform.core import Platform, default_platform
 from pgfleet.regions import PlacementPolicy, choose_server, get_plan, get_region
@@ -43,7 +48,52 @@ class ProvisionedDatabase:
     user: str
     sslmode: str
     password: str = field(repr=False)
+    ro_user: str = ""
+    ro_password: str = field(default="", repr=False)
     actions: tuple[str, ...] = ()
+
+
+# Every project's read-only role is a member of this NOLOGIN role, which has
+# no privileges of its own: pg_hba admits its members to tenant databases
+# only, and CONNECT privileges keep each to its own project's database.
+def ro_role_name(name: str) -> str:
+    return f"{name}_ro"
+
+
+def _ensure_login_role(
+    conn: psycopg.Connection[Any],
+    name: str,
+    password: str,
+    *,
+    connection_limit: int,
+    settings: dict[str, str],
+    actions: list[str],
+) -> None:
+    role = sql.Identifier(name)
+    # The server gets a SCRAM verifier, never the cleartext.
+    verifier = conn.pgconn.encrypt_password(
+        password.encode(), name.encode(), b"scram-sha-256"
+    ).decode()
+    attrs = sql.SQL(
+        "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS "
+        "PASSWORD {} CONNECTION LIMIT {}"
+    ).format(sql.Literal(verifier), sql.Literal(connection_limit))
+    exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone()
+    if exists is None:
+        try:
+            conn.execute(sql.SQL("CREATE ROLE {} {}").format(role, attrs))
+            actions.append(f"create role {name}")
+        except psycopg.errors.DuplicateObject:
+            exists = (1,)  # created concurrently; converge below
+    if exists is not None:
+        conn.execute(sql.SQL("ALTER ROLE {} {}").format(role, attrs))
+        actions.append(f"set password of {name}")
+    for key, value in settings.items():
+        conn.execute(
+            sql.SQL("ALTER ROLE {} SET {} = {}").format(
+                role, sql.Identifier(key), sql.Literal(value)
+            )
+        )
 
 
 def converge_on_server(
@@ -51,78 +101,107 @@ def converge_on_server(
     *,
     name: str,
     password: str,
+    ro_password: str,
     connection_limit: int,
     statement_timeout_ms: int,
+    connect_tenant_db: Callable[[], AbstractContextManager[psycopg.Connection[Any]]],
 ) -> list[str]:
-    """Make role `name` and database `name` exist as they should on this server.
+    """Make the project's roles and database exist as they should on this server.
 
-    `conn` is an autocommit admin connection. Returns what it changed.
+    `conn` is an autocommit admin connection; `connect_tenant_db` opens an
+    admin connection to the project's database. Returns what it changed.
     """
     actions: list[str] = []
-    role = sql.Identifier(name)
-    # The server gets a SCRAM verifier, never the cleartext.
-    verifier = conn.pgconn.encrypt_password(
-        password.encode(), name.encode(), b"scram-sha-256"
-    ).decode()
-    exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone()
-    if exists is None:
-        try:
-            conn.execute(
-                sql.SQL(
-                    "CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION "
-                    "NOBYPASSRLS PASSWORD {} CONNECTION LIMIT {}"
-                ).format(role, sql.Literal(verifier), sql.Literal(connection_limit))
-            )
-            actions.append("create role")
-        except psycopg.errors.DuplicateObject:
-            exists = (1,)  # created concurrently; converge below
-    if exists is not None:
-        conn.execute(
-            sql.SQL(
-                "ALTER ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION "
-                "NOBYPASSRLS PASSWORD {} CONNECTION LIMIT {}"
-            ).format(role, sql.Literal(verifier), sql.Literal(connection_limit))
-        )
-        actions.append("set role password")
-    conn.execute(
-        sql.SQL("ALTER ROLE {} SET statement_timeout = {}").format(
-            role, sql.Literal(f"{statement_timeout_ms}ms")
-        )
+    rw, ro = sql.Identifier(name), sql.Identifier(ro_role_name(name))
+    timeout = f"{statement_timeout_ms}ms"
+    _ensure_login_role(
+        conn,
+        name,
+        password,
+        connection_limit=connection_limit,
+        settings={"statement_timeout": timeout},
+        actions=actions,
     )
+    if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (RO_GROUP,)).fetchone() is None:
+        with contextlib.suppress(psycopg.errors.DuplicateObject):
+            conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(RO_GROUP)))
+    _ensure_login_role(
+        conn,
+        ro_role_name(name),
+        ro_password,
+        connection_limit=connection_limit,
+        settings={"statement_timeout": timeout, "default_transaction_read_only": "on"},
+        actions=actions,
+    )
+    conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(RO_GROUP), ro))
 
     db = conn.execute(
         "SELECT pg_get_userbyid(datdba), datconnlimit FROM pg_database WHERE datname = %s",
         (name,),
     ).fetchone()
     if db is not None and db[1] == INVALID_DB_CONNLIMIT:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(role))
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(rw))
         actions.append("drop invalid database")
         db = None
     if db is None:
         try:
-            conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(role, role))
+            conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(rw, rw))
             actions.append("create database")
         except psycopg.errors.DuplicateDatabase:
             db = (None, None)
     if db is not None and db[0] != name:
-        conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(role, role))
+        conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(rw, rw))
         actions.append("set database owner")
-    # Only the project's role may connect (pg_hba limits it to this database too).
-    conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(role))
-    conn.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(role, role))
+    # Only the project's two roles may connect.
+    conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(rw))
+    conn.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(rw, rw))
+    conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(rw, ro))
+
+    # Inside the database: the ro role reads what the project's role owns,
+    # now and later, and can change nothing.
+    with connect_tenant_db() as tconn:
+        schemas = [
+            r[0]
+            for r in tconn.execute(
+                "SELECT nspname FROM pg_namespace WHERE nspowner = %s::regrole "
+                "OR nspname = 'public'",
+                (name,),
+            )
+        ]
+        stmts = [
+            sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} GRANT SELECT ON TABLES TO {}").format(
+                rw, ro
+            ),
+            sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} GRANT SELECT ON SEQUENCES TO {}").format(
+                rw, ro
+            ),
+            sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} GRANT USAGE ON SCHEMAS TO {}").format(
+                rw, ro
+            ),
+        ]
+        for schema in schemas:
+            nsp = sql.Identifier(schema)
+            stmts += [
+                sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(nsp, ro),
+                sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA {} TO {}").format(nsp, ro),
+                sql.SQL("GRANT SELECT ON ALL SEQUENCES IN SCHEMA {} TO {}").format(nsp, ro),
+            ]
+        with tconn.transaction():
+            tconn.execute(sql.SQL("; ").join(stmts))
     return actions
 
 
 def drop_on_server(conn: psycopg.Connection[Any], *, name: str) -> list[str]:
-    """Drop database and role `name`; harmless if either is already gone."""
+    """Drop the project's database and roles; harmless if any is already gone."""
     actions: list[str] = []
     ident = sql.Identifier(name)
     if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
         actions.append("drop database")
-    if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone():
-        conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(ident))
-        actions.append("drop role")
+    for role in (ro_role_name(name), name):
+        if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+            actions.append(f"drop role {role}")
     return actions
 
 
@@ -185,21 +264,18 @@ def ensure_tenant_database_provisioned(
                 pconn.commit()
             server = p.servers.get(server_id)
             info = row["connection_info"] or {}
-            password = desired_password
-            if password is None and info.get("password_enc"):
-                password = p.secrets.decrypt(info["password_enc"])
-            if password is None:
-                from pgfleet.crypto import generate_password
-
-                password = generate_password()
+            password = desired_password or _stored(p, info, "password_enc")
+            ro_password = _stored(p, info, "ro_password_enc")
 
             with p.servers.admin_connection(server) as aconn:
                 actions = converge_on_server(
                     aconn,
                     name=name,
                     password=password,
+                    ro_password=ro_password,
                     connection_limit=plan.connection_limit,
                     statement_timeout_ms=plan.statement_timeout_ms,
+                    connect_tenant_db=lambda: p.servers.direct_admin_connection(server, name),
                 )
             result = ProvisionedDatabase(
                 tenant_id=tid,
@@ -212,15 +288,15 @@ def ensure_tenant_database_provisioned(
                 user=name,
                 sslmode=server.sslmode,
                 password=password,
+                ro_user=ro_role_name(name),
+                ro_password=ro_password,
                 actions=tuple(actions),
             )
             pconn.execute(
                 "UPDATE tenants SET status = 'active', connection_info = %s, error = NULL, "
                 "hosted_region = %s, updated_at = now() WHERE id = %s",
                 (
-                    psycopg.types.json.Jsonb(
-                        connection_info(result, server, p.secrets.encrypt(password))
-                    ),
+                    psycopg.types.json.Jsonb(connection_info(result, server, p.secrets.encrypt)),
                     server.region,
                     tid,
                 ),
@@ -233,10 +309,17 @@ def ensure_tenant_database_provisioned(
             pconn.commit()
 
 
+def _stored(p: Platform, info: dict[str, Any], key: str) -> str:
+    """The stored secret `key` of connection_info, or a new random one."""
+    if info.get(key):
+        return p.secrets.decrypt(info[key])
+    return generate_password()
+
+
 def connection_info(
-    result: ProvisionedDatabase, server: ServerRecord, password_enc: str
+    result: ProvisionedDatabase, server: ServerRecord, encrypt: Callable[[str], str]
 ) -> dict[str, Any]:
-    """What `tenants.connection_info` holds: everything but the cleartext."""
+    """What `tenants.connection_info` holds: everything but cleartext passwords."""
     return {
         "host": server.host,
         "port": server.port,
@@ -246,5 +329,7 @@ def connection_info(
         "server": server.name,
         "server_id": server.id,
         "hosted_region": server.region,
-        "password_enc": password_enc,
+        "password_enc": encrypt(result.password),
+        "ro_user": result.ro_user,
+        "ro_password_enc": encrypt(result.ro_password),
     }

@@ -43,6 +43,20 @@ class Owner:
     is_admin: bool
 
 
+# Format characters that are part of ordinary text: joiners in emoji
+# sequences and Persian/Indic scripts, and the tag characters of subdivision
+# flags. Other format characters (bidi overrides among them) can disguise a
+# name and are refused.
+_ALLOWED_FORMAT = {"\u200c", "\u200d"} | {chr(c) for c in range(0xE0020, 0xE0080)}
+
+
+def _forbidden_char(c: str) -> bool:
+    cat = unicodedata.category(c)
+    if cat == "Cf":
+        return c not in _ALLOWED_FORMAT
+    return cat in ("Cc", "Cs", "Co", "Cn")
+
+
 def validate_name(name: str) -> str:
     stripped = name.strip()
     if not stripped:
@@ -51,7 +65,7 @@ def validate_name(name: str) -> str:
         raise InvalidInput(
             f"name is {len(stripped)} characters; at most {NAME_MAX} are allowed", field="name"
         )
-    bad = [c for c in stripped if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn")]
+    bad = [c for c in stripped if _forbidden_char(c)]
     if bad:
         raise InvalidInput(
             f"name must not contain control or unassigned characters (found {bad[0]!r})",
@@ -247,8 +261,6 @@ class ConnectionDetails:
             f"postgresql://{quote(self.user, safe='')}:{quote(self.password, safe='')}"
             f"@{self.host}:{self.port}/{quote(self.database, safe='')}?sslmode={self.sslmode}"
         )
-        if self.mode == "ro":
-            uri += "&options=-c%20default_transaction_read_only%3Don"
         return uri
 
 
@@ -263,8 +275,8 @@ def connection_details(
         host=ep.host,
         port=ep.port,
         database=ep.database,
-        user=ep.user,
-        password=ep.password,
+        user=ep.user_for(m),
+        password=ep.password_for(m),
         sslmode=ep.sslmode,
         region=ep.region,
         hosted_region=ep.hosted_region,
