@@ -80,22 +80,34 @@ def test_ro_connection_reads_but_cannot_write(
     platform: Platform, owner: tuple[Owner, str], fleet: FleetUnderTest
 ) -> None:
     tid, prov = make_project(platform, owner[0], "ap-southeast-1")
+    # Tables (and schemas) the project creates later are readable too.
     with platform.client.get_tenant_connection(tid, "rw") as conn:
-        conn.execute("CREATE TABLE notes (body text)")
-        conn.execute("INSERT INTO notes VALUES ('hello')")
+        conn.execute("CREATE TABLE notes (id serial, body text)")
+        conn.execute("INSERT INTO notes (body) VALUES ('hello')")
+        conn.execute(
+            "CREATE SCHEMA app; CREATE TABLE app.cfg (k text); INSERT INTO app.cfg VALUES ('a')"
+        )
     with platform.client.get_tenant_connection(tid, "ro") as conn:
         user, db, port = whoami(conn)
-        assert (user, db) == (prov.user, prov.database)
+        assert (user, db) == (prov.ro_user, prov.database)
         assert port == fleet.server("ap-southeast-1").port
         assert conn.execute("SELECT body FROM notes").fetchall() == [("hello",)]
+        assert conn.execute("SELECT k FROM app.cfg").fetchall() == [("a",)]
         with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
-            conn.execute("INSERT INTO notes VALUES ('nope')")
+            conn.execute("INSERT INTO notes (body) VALUES ('nope')")
     # A new transaction on a ro connection is read-only as well.
     with (
         platform.client.get_tenant_connection(tid, "ro") as conn,
         pytest.raises(psycopg.errors.ReadOnlySqlTransaction),
     ):
         conn.execute("CREATE TABLE more (x int)")
+    # Switching the transaction back to read-write does not give it writes.
+    with platform.client.get_tenant_connection(tid, "ro") as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SET TRANSACTION READ WRITE; INSERT INTO notes (body) VALUES ('sneak')")
+        conn.rollback()
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SET TRANSACTION READ WRITE; SELECT nextval('notes_id_seq')")
     with platform.client.get_tenant_connection(tid, "rw") as conn:
         assert conn.execute("SELECT count(*) FROM notes").fetchone() == (1,)
 
@@ -165,9 +177,9 @@ def test_password_change_replaces_stale_pool(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
             (prov.user,),
         )
-    for mode in ("rw", "ro"):
+    for mode, user in (("rw", prov.user), ("ro", prov.ro_user)):
         with platform.client.get_tenant_connection(tid, mode) as conn:
-            assert whoami(conn)[0] == prov.user
+            assert whoami(conn)[0] == user
             assert conn.execute("SELECT pg_backend_pid()").fetchone() != old_pid
     assert platform.client.endpoint(tid).password == new_password
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):

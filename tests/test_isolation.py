@@ -31,11 +31,14 @@ def uri_for(
     *,
     dbname: str | None = None,
     password: str | None = None,
-    user: str | None = None,
+    ro: bool = False,
 ) -> str:
+    """A URI with the project's rw (or, with ro, read-only) credentials."""
+    user = prov.ro_user if ro else prov.user
+    if password is None:
+        password = prov.ro_password if ro else prov.password
     return (
-        f"postgresql://{quote(user or prov.user, safe='')}:"
-        f"{quote(prov.password if password is None else password, safe='')}"
+        f"postgresql://{quote(user, safe='')}:{quote(password, safe='')}"
         f"@{prov.host}:{prov.port}/{quote(dbname or prov.database, safe='')}"
         f"?sslmode={prov.sslmode}&connect_timeout=5"
     )
@@ -75,30 +78,56 @@ def test_own_credentials_work(platform: Platform, owner: tuple[Owner, str]) -> N
     (_, a), (_, b) = two_projects(platform, owner[0])
     assert_accepted(uri_for(a), a.user, a.database)
     assert_accepted(uri_for(b), b.user, b.database)
+    assert_accepted(uri_for(a, ro=True), a.ro_user, a.database)
+    assert_accepted(uri_for(b, ro=True), b.ro_user, b.database)
 
 
 def test_cannot_reach_another_projects_database(
     platform: Platform, owner: tuple[Owner, str], fleet: FleetUnderTest
 ) -> None:
     (_, a), (_, b) = two_projects(platform, owner[0])
-    assert_refused(uri_for(a, dbname=b.database), ACCESS_REFUSALS)
-    assert_refused(uri_for(b, dbname=a.database), ACCESS_REFUSALS)
+    for ro in (False, True):
+        assert_refused(uri_for(a, dbname=b.database, ro=ro), ACCESS_REFUSALS)
+        assert_refused(uri_for(b, dbname=a.database, ro=ro), ACCESS_REFUSALS)
     # Defence in depth: even without pg_hba, the privilege is not there.
     with fleet.admin_conn("us-east-1") as adm:
-        row = adm.execute(
-            "SELECT has_database_privilege(%s, %s, 'CONNECT'), "
-            "has_database_privilege(%s, %s, 'CONNECT')",
-            (a.user, b.database, b.user, a.database),
-        ).fetchone()
-    assert row == (False, False)
+        for x, y in ((a, b), (b, a)):
+            for role in (x.user, x.ro_user):
+                row = adm.execute(
+                    "SELECT has_database_privilege(%s, %s, 'CONNECT')", (role, y.database)
+                ).fetchone()
+                assert row == (False,), f"{role} may connect to {y.database}"
 
 
+@pytest.mark.parametrize("ro", [False, True], ids=["rw", "ro"])
+def test_cannot_reach_other_databases_on_the_server(
+    platform: Platform, owner: tuple[Owner, str], fleet: FleetUnderTest, ro: bool
+) -> None:
+    """A database on a regional server that is not a project's (an operator's,
+    or a future pgfleet one) keeps PostgreSQL's default CONNECT for PUBLIC;
+    pg_hba must still keep every project's roles out of it."""
+    _, a = create_project(platform, owner[0], name="other", region="us-east-1", plan_type="free")
+    other = f"scratch_{uuid.uuid4().hex[:12]}"
+    with fleet.admin_conn("us-east-1") as adm:
+        adm.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(other)))
+    try:
+        assert_refused(uri_for(a, dbname=other, ro=ro), ACCESS_REFUSALS)
+    finally:
+        with fleet.admin_conn("us-east-1") as adm:
+            adm.execute(
+                psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                    psycopg.sql.Identifier(other)
+                )
+            )
+
+
+@pytest.mark.parametrize("ro", [False, True], ids=["rw", "ro"])
 @pytest.mark.parametrize("dbname", ["postgres", "template1"])
 def test_cannot_reach_system_databases(
-    platform: Platform, owner: tuple[Owner, str], dbname: str
+    platform: Platform, owner: tuple[Owner, str], dbname: str, ro: bool
 ) -> None:
     _, a = create_project(platform, owner[0], name="sys", region="eu-central-1", plan_type="pro")
-    assert_refused(uri_for(a, dbname=dbname), ACCESS_REFUSALS)
+    assert_refused(uri_for(a, dbname=dbname, ro=ro), ACCESS_REFUSALS)
 
 
 def test_wrong_password_fails(platform: Platform, owner: tuple[Owner, str]) -> None:
@@ -107,6 +136,10 @@ def test_wrong_password_fails(platform: Platform, owner: tuple[Owner, str]) -> N
     assert_refused(uri_for(a, password=a.password.upper() + "!"), (BAD_PASSWORD,))
     with pytest.raises(psycopg.OperationalError, match="no password supplied"):
         psycopg.connect(uri_for(a, password="")).close()
+    # Each role has its own password: neither opens the other.
+    assert a.ro_password != a.password
+    assert_refused(uri_for(a, ro=True, password=a.password), (BAD_PASSWORD,))
+    assert_refused(uri_for(a, password=a.ro_password), (BAD_PASSWORD,))
 
 
 def test_cannot_become_another_role(platform: Platform, owner: tuple[Owner, str]) -> None:
@@ -122,6 +155,23 @@ def test_cannot_become_another_role(platform: Platform, owner: tuple[Owner, str]
             )
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             c.execute("CREATE ROLE sneaky LOGIN")
+    # The read-only role cannot become the project's own role, nor write by
+    # switching its transactions back to read-write.
+    with psycopg.connect(uri_for(a), autocommit=True) as c:
+        c.execute("CREATE TABLE data (x int)")
+    with psycopg.connect(uri_for(a, ro=True), autocommit=True) as c:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute(psycopg.sql.SQL("SET ROLE {}").format(psycopg.sql.Identifier(a.user)))
+        # Read-only transactions are one guard; the role's missing privileges
+        # are the one that holds when the tenant switches the first off.
+        c.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE")
+        c.execute("SET default_transaction_read_only = off")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("INSERT INTO data VALUES (1)")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("CREATE TABLE mine (x int)")
+    with psycopg.connect(uri_for(a), autocommit=True) as c:
+        assert c.execute("SELECT count(*) FROM data").fetchone() == (0,)
 
 
 def test_no_replication_connection(platform: Platform, owner: tuple[Owner, str]) -> None:
@@ -145,11 +195,13 @@ def test_delete_removes_database_role_and_access(
         assert out["status"] == "deleted"
         assert a.database not in fleet.databases("eu-central-1")
         assert a.user not in fleet.roles("eu-central-1")
+        assert a.ro_user not in fleet.roles("eu-central-1")
         with pytest.raises(psycopg.OperationalError):
             session.execute("select 1")
     finally:
         session.close()
     assert_refused(uri_for(a), (BAD_PASSWORD,))
+    assert_refused(uri_for(a, ro=True), (BAD_PASSWORD, *ACCESS_REFUSALS))
     status, deleted_at, info = tenant_row(platform, row_a["id"])
     assert status == "deleted"
     assert deleted_at is not None

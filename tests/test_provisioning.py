@@ -302,6 +302,31 @@ def test_role_with_wrong_attributes_converges(
     assert limit == (60,)
 
 
+def test_lost_read_only_role_converges(
+    platform: Platform, owner: tuple[Owner, str], fleet: FleetUnderTest
+) -> None:
+    row, prov = create_project(
+        platform, owner[0], name="ro lost", region="us-east-1", plan_type="free"
+    )
+    with connect_as(prov) as c:
+        c.execute("CREATE TABLE kept (x int); INSERT INTO kept VALUES (7)")
+    ro = sql.Identifier(prov.ro_user)
+    # DROP OWNED revokes what was granted to the role (in that database and on
+    # shared objects), so the role itself can then go.
+    with psycopg.connect(
+        **fleet.fleet.conninfo(fleet.server("us-east-1"), prov.database), autocommit=True
+    ) as in_db:
+        in_db.execute(sql.SQL("DROP OWNED BY {}").format(ro))
+    with fleet.admin_conn("us-east-1") as a:
+        a.execute(sql.SQL("DROP ROLE {}").format(ro))
+    assert prov.ro_user not in fleet.roles("us-east-1")
+    again = ensure_tenant_database_provisioned(row["id"], "us-east-1", platform=platform)
+    assert again.ro_password == prov.ro_password
+    assert_converged(fleet, "us-east-1", again)
+    with connect_as(again, ro=True) as c:
+        assert c.execute("SELECT x FROM kept").fetchall() == [(7,)]
+
+
 def test_database_owned_by_another_role_converges(
     platform: Platform, owner: tuple[Owner, str], fleet: FleetUnderTest
 ) -> None:
@@ -512,4 +537,5 @@ def test_server_statement_log_never_sees_cleartext_password(
         "statement logging did not take effect; the check below would prove nothing"
     )
     assert prov.password not in written
+    assert prov.ro_password not in written
     assert wanted not in written
