@@ -30,8 +30,10 @@ def pct(values: Sequence[float], q: float) -> float:
 
 
 def summary(label: str, ms: Sequence[float]) -> str:
-    return (f"{label:<42} n={len(ms):<5} p50={pct(ms, 50):7.2f} ms  p95={pct(ms, 95):7.2f} ms  "
-            f"p99={pct(ms, 99):7.2f} ms  mean={statistics.fmean(ms):7.2f} ms")
+    return (
+        f"{label:<42} n={len(ms):<5} p50={pct(ms, 50):7.2f} ms  p95={pct(ms, 95):7.2f} ms  "
+        f"p99={pct(ms, 99):7.2f} ms  mean={statistics.fmean(ms):7.2f} ms"
+    )
 
 
 def _free_base(n: int) -> int:
@@ -55,20 +57,33 @@ class BenchFleet:
 
 
 @contextmanager
-def bench_fleet(*, fsync: bool = True, regions: str = "us-east-1,eu-central-1,ap-southeast-1",
-                extra_env: dict[str, str] | None = None) -> Iterator[BenchFleet]:
+def bench_fleet(
+    *,
+    fsync: bool = True,
+    regions: str = "us-east-1,eu-central-1,ap-southeast-1",
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[BenchFleet]:
     home = Path(tempfile.mkdtemp(prefix="pgfleet-bench-"))
     os.chmod(home, 0o755)
     base = _free_base(60)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PGFLEET_", "POSTGRES_HOST_", "PG"))}
-    env.update(PGFLEET_HOME=str(home), PGFLEET_PORT_BASE=str(base),
-               PGFLEET_API_PORT=str(base + 55), PGFLEET_FSYNC=str(fsync).lower(),
-               PGFLEET_EMBEDDED_REGIONS=regions, **(extra_env or {}))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PGFLEET_", "POSTGRES_HOST_", "PG"))
+    }
+    env.update(
+        PGFLEET_HOME=str(home),
+        PGFLEET_PORT_BASE=str(base),
+        PGFLEET_API_PORT=str(base + 55),
+        PGFLEET_FSYNC=str(fsync).lower(),
+        PGFLEET_EMBEDDED_REGIONS=regions,
+        **(extra_env or {}),
+    )
     cli = [sys.executable, "-m", "pgfleet.cli"]
     try:
-        up = subprocess.run([*cli, "up", "--detach"], env=env, capture_output=True, text=True,
-                            timeout=300)
+        up = subprocess.run(
+            [*cli, "up", "--detach"], env=env, capture_output=True, text=True, timeout=300
+        )
         if up.returncode != 0:
             raise SystemExit(f"pgfleet up failed:\n{up.stdout}\n{up.stderr}")
         token = (home / "admin-token").read_text().strip()

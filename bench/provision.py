@@ -26,10 +26,10 @@ import psycopg
 from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BenchFleet, bench_fleet, elapsed_ms, pct, summary  # noqa: E402
+from _common import BenchFleet, bench_fleet, elapsed_ms, pct, summary
 
-from pgfleet.config import Settings  # noqa: E402
-from pgfleet.fleet.embedded import EmbeddedFleet  # noqa: E402
+from pgfleet.config import Settings
+from pgfleet.fleet.embedded import EmbeddedFleet
 
 REGION = "us-east-1"
 
@@ -57,12 +57,19 @@ def baseline(bf: BenchFleet, n: int) -> list[float]:
 
 def provision_one(http: httpx.Client, i: int) -> float:
     t0 = time.perf_counter()
-    r = http.post("/v1/projects", json={"name": f"bench {i}", "region": REGION,
-                                        "plan_type": "free"})
+    r = http.post(
+        "/v1/projects", json={"name": f"bench {i}", "region": REGION, "plan_type": "free"}
+    )
     r.raise_for_status()
     c = r.json()["connection"]
-    with psycopg.connect(host=c["host"], port=c["port"], dbname=c["database"], user=c["user"],
-                         password=c["password"], sslmode=c["sslmode"]) as conn:
+    with psycopg.connect(
+        host=c["host"],
+        port=c["port"],
+        dbname=c["database"],
+        user=c["user"],
+        password=c["password"],
+        sslmode=c["sslmode"],
+    ) as conn:
         conn.execute("select 1")
     return elapsed_ms(t0)
 

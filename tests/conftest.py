@@ -38,6 +38,8 @@ def _free_port_block(n: int) -> int:
     """A base port with n consecutive free ports after it."""
     start = 41000 + (os.getpid() * 97) % 15000
     for base in itertools.chain(range(start, 60000, 61), range(41000, start, 61)):
+        if base <= 54330 and base + n >= 54320:
+            continue  # leave pgfleet's default ports to a developer's own fleet
         ok = True
         for p in range(base, base + n):
             with socket.socket() as s:
@@ -52,8 +54,9 @@ def _free_port_block(n: int) -> int:
 
 
 def make_settings(home: Path, port_base: int, **overrides: Any) -> Settings:
-    return Settings(home=home, port_base=port_base, fsync=False, api_port=port_base + 50,
-                    **overrides)
+    return Settings(
+        home=home, port_base=port_base, fsync=False, api_port=port_base + 50, **overrides
+    )
 
 
 class FleetUnderTest:
@@ -72,13 +75,19 @@ class FleetUnderTest:
 
     def databases(self, region: str) -> set[str]:
         with self.admin_conn(region) as c:
-            return {r[0] for r in c.execute(
-                "SELECT datname FROM pg_database WHERE datname LIKE 'tenant\\_%'")}
+            return {
+                r[0]
+                for r in c.execute(
+                    "SELECT datname FROM pg_database WHERE datname LIKE 'tenant\\_%'"
+                )
+            }
 
     def roles(self, region: str) -> set[str]:
         with self.admin_conn(region) as c:
-            return {r[0] for r in c.execute(
-                "SELECT rolname FROM pg_roles WHERE rolname LIKE 'tenant\\_%'")}
+            return {
+                r[0]
+                for r in c.execute("SELECT rolname FROM pg_roles WHERE rolname LIKE 'tenant\\_%'")
+            }
 
     def regions(self) -> list[str]:
         return [s.region for s in self.fleet.regional_servers() if s.region]
@@ -89,8 +98,11 @@ class FleetUnderTest:
                 self.fleet.start(self.server(region))
             with self.admin_conn(region) as c:
                 for db in self.databases(region):
-                    c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                        sql.Identifier(db)))
+                    c.execute(
+                        sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                            sql.Identifier(db)
+                        )
+                    )
                 for role in self.roles(region):
                     c.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
 
@@ -116,15 +128,21 @@ def fleet() -> Iterator[FleetUnderTest]:
 def fresh_platform_db(tf: FleetUnderTest) -> dict[str, Any]:
     name = f"pgfleet_test_{os.getpid()}_{next(_db_counter)}"
     with tf.admin_conn(None) as c:
-        c.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-            sql.Identifier(name), sql.Identifier(TEMPLATE_DB)))
+        c.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(TEMPLATE_DB)
+            )
+        )
     return tf.fleet.conninfo(tf.fleet.platform_server(), name)
 
 
 def drop_platform_db(tf: FleetUnderTest, conninfo: dict[str, Any]) -> None:
     with tf.admin_conn(None) as c:
-        c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-            sql.Identifier(conninfo["dbname"])))
+        c.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(conninfo["dbname"])
+            )
+        )
 
 
 @pytest.fixture
@@ -207,5 +225,6 @@ def psql_path() -> str:
 
 def run_psql(uri: str, query: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    return subprocess.run([psql_path(), uri, "-XAtqc", query], capture_output=True, text=True,
-                          env=env, timeout=30)
+    return subprocess.run(
+        [psql_path(), uri, "-XAtqc", query], capture_output=True, text=True, env=env, timeout=30
+    )

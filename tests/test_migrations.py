@@ -123,8 +123,13 @@ def test_pre_region_platform_db_is_upgraded_in_place(empty_db: dict[str, Any]) -
             c.execute(
                 "INSERT INTO tenants (id, name, subdomain, plan_type, connection_info) "
                 "VALUES (%s, %s, %s, %s, %s)",
-                (tid, f"old tenant {i} ‘quoted’", f"old{i}", "free" if i else "pro",
-                 psycopg.types.json.Jsonb({"host": "postgres-primary", "n": i})),
+                (
+                    tid,
+                    f"old tenant {i} ‘quoted’",
+                    f"old{i}",
+                    "free" if i else "pro",
+                    psycopg.types.json.Jsonb({"host": "postgres-primary", "n": i}),
+                ),
             )
         before = c.execute(
             "SELECT id, name, subdomain, plan_type, status, connection_info, created_at "
@@ -158,15 +163,25 @@ def test_seed_monitoring_sql_runs_unchanged(empty_db: dict[str, Any]) -> None:
     migrate.upgrade(empty_db)
     t_eu, t_us, t_us2 = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     with psycopg.connect(**empty_db) as c:
-        for tid, region, plan in ((t_eu, "eu-central-1", "pro"), (t_us, "us-east-1", "free"),
-                                  (t_us2, "us-east-1", "free")):
-            c.execute("INSERT INTO tenants (id, name, region, plan_type) VALUES (%s, 'x', %s, %s)",
-                      (tid, region, plan))
-        for tid, ms, age in ((t_eu, 10.0, "1 hour"), (t_eu, 30.0, "2 hours"),
-                             (t_us, 5.0, "3 hours"), (t_us, 100.0, "30 hours")):
+        for tid, region, plan in (
+            (t_eu, "eu-central-1", "pro"),
+            (t_us, "us-east-1", "free"),
+            (t_us2, "us-east-1", "free"),
+        ):
+            c.execute(
+                "INSERT INTO tenants (id, name, region, plan_type) VALUES (%s, 'x', %s, %s)",
+                (tid, region, plan),
+            )
+        for tid, ms, age in (
+            (t_eu, 10.0, "1 hour"),
+            (t_eu, 30.0, "2 hours"),
+            (t_us, 5.0, "3 hours"),
+            (t_us, 100.0, "30 hours"),
+        ):
             c.execute(
                 "INSERT INTO query_logs (tenant_id, execution_time_ms, executed_at) "
-                "VALUES (%s, %s, now() - %s::interval)", (tid, ms, age),
+                "VALUES (%s, %s, now() - %s::interval)",
+                (tid, ms, age),
             )
         dist = c.execute(SEED_REGION_DISTRIBUTION).fetchall()
         perf = {r[0]: (float(r[1]), r[2]) for r in c.execute(SEED_REGIONAL_PERFORMANCE)}

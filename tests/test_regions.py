@@ -31,8 +31,12 @@ def servers(*extra: ServerLoad) -> list[ServerLoad]:
 def test_catalog_has_the_six_seed_regions_with_flags() -> None:
     flags = {r: get_region(r).flag for r in REGION_IDS}
     assert flags == {
-        "us-east-1": "🇺🇸", "us-west-1": "🇺🇸", "eu-central-1": "🇪🇺",
-        "eu-west-1": "🇪🇺", "ap-southeast-1": "🇸🇬", "ap-northeast-1": "🇯🇵",
+        "us-east-1": "🇺🇸",
+        "us-west-1": "🇺🇸",
+        "eu-central-1": "🇪🇺",
+        "eu-west-1": "🇪🇺",
+        "ap-southeast-1": "🇸🇬",
+        "ap-northeast-1": "🇯🇵",
     }
     assert get_region("ap-northeast-1").name == "Asia Pacific (Tokyo)"
 
@@ -53,34 +57,40 @@ def test_regional_policy_uses_the_requested_region() -> None:
 
 
 def test_metadata_only_region_falls_back_to_default() -> None:
-    pl = choose_server(policy=PlacementPolicy.REGIONAL, region="eu-west-1", plan="pro",
-                       servers=servers())
+    pl = choose_server(
+        policy=PlacementPolicy.REGIONAL, region="eu-west-1", plan="pro", servers=servers()
+    )
     assert pl.hosted_region == US
     assert "metadata-only" in pl.reason
 
 
 def test_disabled_server_makes_region_metadata_only() -> None:
-    load = [s if s.region != EU else ServerLoad(2, "eu-a", EU, 10, 0, True, enabled=False)
-            for s in servers()]
+    load = [
+        s if s.region != EU else ServerLoad(2, "eu-a", EU, 10, 0, True, enabled=False)
+        for s in servers()
+    ]
     pl = choose_server(policy=PlacementPolicy.REGIONAL, region=EU, plan="pro", servers=load)
     assert pl.hosted_region == US
 
 
 def test_hybrid_free_on_default_primary_paid_in_region() -> None:
     extra = ServerLoad(4, "us-b", US, capacity=10, tenants=0, is_primary=False)
-    free = choose_server(policy=PlacementPolicy.HYBRID, region=EU, plan="free",
-                         servers=servers(extra))
+    free = choose_server(
+        policy=PlacementPolicy.HYBRID, region=EU, plan="free", servers=servers(extra)
+    )
     assert free.server_name == "us-a"  # the primary, though us-b is emptier
-    paid = choose_server(policy=PlacementPolicy.HYBRID, region=EU, plan="pro",
-                         servers=servers(extra))
+    paid = choose_server(
+        policy=PlacementPolicy.HYBRID, region=EU, plan="pro", servers=servers(extra)
+    )
     assert paid.server_name == "eu-a"
 
 
 def test_single_policy_puts_everything_on_the_primary() -> None:
     for region in (EU, AP, "ap-northeast-1"):
         for plan in ("free", "enterprise"):
-            pl = choose_server(policy=PlacementPolicy.SINGLE, region=region, plan=plan,
-                               servers=servers())
+            pl = choose_server(
+                policy=PlacementPolicy.SINGLE, region=region, plan=plan, servers=servers()
+            )
             assert pl.server_name == "us-a"
 
 
@@ -96,8 +106,10 @@ def test_least_loaded_server_with_capacity_wins() -> None:
 
 
 def test_full_region_is_refused_not_overfilled() -> None:
-    load = [ServerLoad(1, "eu-a", EU, capacity=2, tenants=2, is_primary=True),
-            ServerLoad(2, "us-a", US, capacity=2, tenants=0, is_primary=True)]
+    load = [
+        ServerLoad(1, "eu-a", EU, capacity=2, tenants=2, is_primary=True),
+        ServerLoad(2, "us-a", US, capacity=2, tenants=0, is_primary=True),
+    ]
     with pytest.raises(NoCapacity) as e:
         choose_server(policy=PlacementPolicy.REGIONAL, region=EU, plan="free", servers=load)
     assert EU in str(e.value)

@@ -4,8 +4,9 @@ from tests.conftest import Api, FleetUnderTest, run_psql
 
 
 def test_create_project_in_region(api: Api, fleet: FleetUnderTest) -> None:
-    r = api.post("/v1/projects", json={"name": "shop", "region": "eu-central-1",
-                                       "plan_type": "free"})
+    r = api.post(
+        "/v1/projects", json={"name": "shop", "region": "eu-central-1", "plan_type": "free"}
+    )
     assert r.status_code == 201, r.text
     body = r.json()
     assert body["hosted_region"] == "eu-central-1"

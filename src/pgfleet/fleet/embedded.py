@@ -17,6 +17,7 @@ import json
 import os
 import pwd
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -33,8 +34,6 @@ from pgfleet.errors import FleetError
 from pgfleet.fleet.binaries import PgBinaries, find_binaries
 
 ADMIN_USER = "pgfleet_admin"
-# Group of the projects' read-only roles (see tenants.provisioning).
-RO_GROUP = "pgfleet_ro"
 PLATFORM_DB = "pgfleet"
 LOOPBACK = "127.0.0.1"
 
@@ -273,17 +272,14 @@ class EmbeddedFleet:
             f"{k} = {v}\n" for k, v in settings.items()
         )
         (data / "pgfleet.conf").write_text(body)
-        # A project's role reaches only the database named like itself
-        # (sameuser); read-only roles (members of pgfleet_ro) reach no system
-        # database, and CONNECT privileges keep each to its own project. The
-        # admin reaches everything. Loopback only, always SCRAM.
+        # A project's login roles are members of a NOLOGIN role named like its
+        # database, so `samerole` admits them to that database and to no
+        # other. The admin reaches everything. Loopback only, always SCRAM.
         hba = (
             "# Managed by pgfleet; rewritten at every start.\n"
             f"host  all          {ADMIN_USER}  127.0.0.1/32  scram-sha-256\n"
             f"host  replication  {ADMIN_USER}  127.0.0.1/32  scram-sha-256\n"
-            "host  sameuser     all            127.0.0.1/32  scram-sha-256\n"
-            f"host  postgres,template0,template1  +{RO_GROUP}  0.0.0.0/0  reject\n"
-            f"host  all          +{RO_GROUP}    127.0.0.1/32  scram-sha-256\n"
+            "host  samerole     all            127.0.0.1/32  scram-sha-256\n"
             "host  all          all            0.0.0.0/0     reject\n"
             "local all          all                          reject\n"
         )
@@ -306,20 +302,33 @@ class EmbeddedFleet:
         if self.is_running(s):
             return
         self._write_config(s)
+        if not _port_free(s.port):
+            raise FleetError(
+                f"port {s.port} for server {s.name} is in use by another program; "
+                "stop it or choose other ports with PGFLEET_PORT_BASE (the fleet's ports are "
+                f"fixed in {self._state_file()} once created)"
+            )
         log = self.log_file(s.name)
-        self._run(
-            [
-                self.bins.path("pg_ctl"),
-                "start",
-                "-w",
-                "-t",
-                "60",
-                "-D",
-                str(self.data_dir(s.name)),
-                "-l",
-                str(log),
-            ]
-        )
+        try:
+            self._run(
+                [
+                    self.bins.path("pg_ctl"),
+                    "start",
+                    "-w",
+                    "-t",
+                    "60",
+                    "-D",
+                    str(self.data_dir(s.name)),
+                    "-l",
+                    str(log),
+                ]
+            )
+        except FleetError as e:
+            tail = log.read_text(errors="replace").splitlines()[-5:] if log.exists() else []
+            raise FleetError(
+                f"server {s.name} (port {s.port}) did not start; its log ({log}) ends with:\n"
+                + "\n".join(tail)
+            ) from e
         self._wait_ready(s)
 
     def _wait_ready(self, s: EmbeddedServer, timeout: float = 30) -> None:
@@ -381,3 +390,12 @@ class EmbeddedFleet:
                         psycopg.sql.Identifier(PLATFORM_DB)
                     )
                 )
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True

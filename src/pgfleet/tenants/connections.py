@@ -100,7 +100,7 @@ class DatabasePlatformClient:
         if row is None or row["status"] == "deleted":
             raise ProjectNotFound(f"project {tid} does not exist")
         info = row["connection_info"] or {}
-        if row["status"] != "active" or "password_enc" not in info:
+        if row["status"] != "active" or "ro_password_enc" not in info:
             raise Conflict(f"project {tid} is {row['status']}, not active", status=row["status"])
         return TenantEndpoint(
             tenant_id=tid,

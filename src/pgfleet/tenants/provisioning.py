@@ -8,7 +8,6 @@ interrupted DROP DATABASE. Every step looks before it acts.
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -21,7 +20,6 @@ from psycopg.rows import dict_row
 
 from pgfleet.crypto import generate_password
 from pgfleet.errors import Conflict, ProjectNotFound
-from pgfleet.fleet.embedded import RO_GROUP
 from pgfleet.fleet.registry import ServerRecord
 from pgfleet.platform.core import Platform, default_platform
 from pgfleet.regions import PlacementPolicy, choose_server, get_plan, get_region
@@ -32,7 +30,7 @@ INVALID_DB_CONNLIMIT = -2
 
 
 def tenant_db_name(tenant_id: uuid.UUID | str) -> str:
-    """The seed's naming: `tenant_<uuid with _>`, also used for the login role."""
+    """The seed's naming: `tenant_<uuid with _>`; the project's roles derive from it."""
     return "tenant_" + str(uuid.UUID(str(tenant_id))).replace("-", "_")
 
 
@@ -56,6 +54,10 @@ class ProvisionedDatabase:
 # Every project's read-only role is a member of this NOLOGIN role, which has
 # no privileges of its own: pg_hba admits its members to tenant databases
 # only, and CONNECT privileges keep each to its own project's database.
+def rw_role_name(name: str) -> str:
+    return f"{name}_rw"
+
+
 def ro_role_name(name: str) -> str:
     return f"{name}_ro"
 
@@ -78,22 +80,28 @@ def _ensure_login_role(
         "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS "
         "PASSWORD {} CONNECTION LIMIT {}"
     ).format(sql.Literal(verifier), sql.Literal(connection_limit))
-    exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone()
-    if exists is None:
-        try:
-            conn.execute(sql.SQL("CREATE ROLE {} {}").format(role, attrs))
-            actions.append(f"create role {name}")
-        except psycopg.errors.DuplicateObject:
-            exists = (1,)  # created concurrently; converge below
-    if exists is not None:
-        conn.execute(sql.SQL("ALTER ROLE {} {}").format(role, attrs))
-        actions.append(f"set password of {name}")
+    _create_or_alter_role(conn, name, attrs, actions)
     for key, value in settings.items():
         conn.execute(
             sql.SQL("ALTER ROLE {} SET {} = {}").format(
                 role, sql.Identifier(key), sql.Literal(value)
             )
         )
+
+
+def _create_or_alter_role(
+    conn: psycopg.Connection[Any], name: str, attrs: sql.Composable, actions: list[str]
+) -> None:
+    role = sql.Identifier(name)
+    exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone()
+    if exists is None:
+        try:
+            conn.execute(sql.SQL("CREATE ROLE {} {}").format(role, attrs))
+            actions.append(f"create role {name}")
+            return
+        except psycopg.errors.DuplicateObject:
+            pass  # created concurrently; converge below
+    conn.execute(sql.SQL("ALTER ROLE {} {}").format(role, attrs))
 
 
 def converge_on_server(
@@ -108,23 +116,36 @@ def converge_on_server(
 ) -> list[str]:
     """Make the project's roles and database exist as they should on this server.
 
+    Three roles per project:
+    - `tenant_<u>`: NOLOGIN, owns and is granted nothing; it only names the
+      database, so the pg_hba rule `samerole` admits its members to the
+      database `tenant_<u>` and to no other;
+    - `tenant_<u>_rw`: the login role that owns the database;
+    - `tenant_<u>_ro`: a login role that reads what `_rw` owns, now and later,
+      and can change nothing.
+
     `conn` is an autocommit admin connection; `connect_tenant_db` opens an
     admin connection to the project's database. Returns what it changed.
     """
     actions: list[str] = []
-    rw, ro = sql.Identifier(name), sql.Identifier(ro_role_name(name))
+    gate, rw, ro = (sql.Identifier(n) for n in (name, rw_role_name(name), ro_role_name(name)))
     timeout = f"{statement_timeout_ms}ms"
-    _ensure_login_role(
+    _create_or_alter_role(
         conn,
         name,
+        sql.SQL(
+            "NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS PASSWORD NULL"
+        ),
+        actions,
+    )
+    _ensure_login_role(
+        conn,
+        rw_role_name(name),
         password,
         connection_limit=connection_limit,
         settings={"statement_timeout": timeout},
         actions=actions,
     )
-    if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (RO_GROUP,)).fetchone() is None:
-        with contextlib.suppress(psycopg.errors.DuplicateObject):
-            conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(RO_GROUP)))
     _ensure_login_role(
         conn,
         ro_role_name(name),
@@ -133,42 +154,42 @@ def converge_on_server(
         settings={"statement_timeout": timeout, "default_transaction_read_only": "on"},
         actions=actions,
     )
-    conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(RO_GROUP), ro))
+    conn.execute(sql.SQL("GRANT {} TO {}, {}").format(gate, rw, ro))
 
     db = conn.execute(
         "SELECT pg_get_userbyid(datdba), datconnlimit FROM pg_database WHERE datname = %s",
         (name,),
     ).fetchone()
     if db is not None and db[1] == INVALID_DB_CONNLIMIT:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(rw))
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(gate))
         actions.append("drop invalid database")
         db = None
     if db is None:
         try:
-            conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(rw, rw))
+            conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(gate, rw))
             actions.append("create database")
         except psycopg.errors.DuplicateDatabase:
             db = (None, None)
-    if db is not None and db[0] != name:
-        conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(rw, rw))
+    if db is not None and db[0] != rw_role_name(name):
+        conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(gate, rw))
         actions.append("set database owner")
-    # Only the project's two roles may connect.
-    conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(rw))
-    conn.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(rw, rw))
-    conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(rw, ro))
+    # Only the project's login roles may connect.
+    conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC, {}").format(gate, gate))
+    conn.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(gate, rw))
+    conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(gate, ro))
 
-    # Inside the database: the ro role reads what the project's role owns,
-    # now and later, and can change nothing.
     with connect_tenant_db() as tconn:
         schemas = [
             r[0]
             for r in tconn.execute(
                 "SELECT nspname FROM pg_namespace WHERE nspowner = %s::regrole "
                 "OR nspname = 'public'",
-                (name,),
+                (rw_role_name(name),),
             )
         ]
-        stmts = [
+        stmts: list[sql.Composable] = [
+            # The gate role must own nothing, or its members would inherit it.
+            sql.SQL("REASSIGN OWNED BY {} TO {}").format(gate, rw),
             sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} GRANT SELECT ON TABLES TO {}").format(
                 rw, ro
             ),
@@ -198,7 +219,7 @@ def drop_on_server(conn: psycopg.Connection[Any], *, name: str) -> list[str]:
     if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
         actions.append("drop database")
-    for role in (ro_role_name(name), name):
+    for role in (ro_role_name(name), rw_role_name(name), name):
         if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
             conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
             actions.append(f"drop role {role}")
@@ -285,7 +306,7 @@ def ensure_tenant_database_provisioned(
                 host=server.host,
                 port=server.port,
                 database=name,
-                user=name,
+                user=rw_role_name(name),
                 sslmode=server.sslmode,
                 password=password,
                 ro_user=ro_role_name(name),
