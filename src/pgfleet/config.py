@@ -86,6 +86,20 @@ class Settings(BaseSettings):
     tenant_pool_size: int = Field(default=4, ge=1)
     admin_pool_size: int = Field(default=4, ge=1)
     connect_timeout_s: float = Field(default=3.0, gt=0)
+    # Monitoring
+    health_interval_s: float = Field(default=30.0, gt=0)
+    query_log_retention_days: int = Field(default=14, ge=1)
+    background_tasks: bool = True
+    advisor_share_threshold: float = Field(default=0.8, gt=0, le=1)
+    advisor_min_sample: int = Field(default=100, ge=1)
+    advisor_capacity_threshold: float = Field(default=0.85, gt=0, le=1)
+    # Cost model (the seed's figures)
+    cost_currency: str = "EUR"
+    cost_server_monthly: float = Field(default=40.0, ge=0)
+    cost_usd_to_eur: float = Field(default=0.92, gt=0)
+    cost_managed_project_usd: float = Field(default=25.0, ge=0)
+    cost_cloud_tenant_usd_low: float = Field(default=20.0, ge=0)
+    cost_cloud_tenant_usd_high: float = Field(default=50.0, ge=0)
 
     @classmethod
     def settings_customise_sources(

@@ -55,12 +55,38 @@ class Plan:
     connection_limit: int
     statement_timeout_ms: int
     paid: bool
+    max_result_rows: int = 10_000
+    max_result_bytes: int = 10 * 1024 * 1024
 
 
 PLANS: tuple[Plan, ...] = (
-    Plan("free", "Free", connection_limit=10, statement_timeout_ms=15_000, paid=False),
-    Plan("pro", "Pro", connection_limit=60, statement_timeout_ms=60_000, paid=True),
-    Plan("enterprise", "Enterprise", connection_limit=200, statement_timeout_ms=300_000, paid=True),
+    Plan(
+        "free",
+        "Free",
+        connection_limit=10,
+        statement_timeout_ms=15_000,
+        paid=False,
+        max_result_rows=5_000,
+        max_result_bytes=5 * 1024 * 1024,
+    ),
+    Plan(
+        "pro",
+        "Pro",
+        connection_limit=60,
+        statement_timeout_ms=60_000,
+        paid=True,
+        max_result_rows=50_000,
+        max_result_bytes=50 * 1024 * 1024,
+    ),
+    Plan(
+        "enterprise",
+        "Enterprise",
+        connection_limit=200,
+        statement_timeout_ms=300_000,
+        paid=True,
+        max_result_rows=100_000,
+        max_result_bytes=100 * 1024 * 1024,
+    ),
 )
 PLANS_BY_ID = {p.id: p for p in PLANS}
 PLAN_IDS = tuple(p.id for p in PLANS)

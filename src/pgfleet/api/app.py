@@ -3,8 +3,10 @@ only here."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,6 +16,7 @@ from pgfleet import __version__
 from pgfleet.api.routes import health_router, v1
 from pgfleet.config import Settings, get_settings
 from pgfleet.errors import PgfleetError
+from pgfleet.monitoring.background import BackgroundLoop
 from pgfleet.platform.core import Platform
 
 DESCRIPTION = """\
@@ -30,11 +33,16 @@ def create_app(platform: Platform | None = None, settings: Settings | None = Non
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loop: BackgroundLoop | None = None
         if app.state.platform is None:
             app.state.platform = Platform(settings or get_settings())
+            if app.state.platform.settings.background_tasks:
+                loop = BackgroundLoop(app.state.platform).start()
         try:
             yield
         finally:
+            if loop is not None:
+                loop.stop()
             if owned and app.state.platform is not None:
                 app.state.platform.close()
 
@@ -58,6 +66,22 @@ def create_app(platform: Platform | None = None, settings: Settings | None = Non
             {"error": {"code": "invalid_input", "message": "; ".join(parts), "fields": fields}},
             status_code=422,
         )
+
+    @app.middleware("http")
+    async def _metrics(request: Request, call_next: Any) -> Any:
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        platform = app.state.platform
+        if platform is not None:
+            platform.metrics.http_requests.labels(
+                request.method, path, str(response.status_code)
+            ).inc()
+            platform.metrics.http_duration.labels(request.method, path).observe(
+                time.perf_counter() - t0
+            )
+        return response
 
     app.include_router(health_router)
     app.include_router(v1)

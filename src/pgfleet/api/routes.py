@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from pgfleet import auth
 from pgfleet.api.deps import AdminDep, OwnerDep, PlatformDep
@@ -22,14 +22,19 @@ from pgfleet.api.schemas import (
     ProjectOut,
     RegionOut,
     ServerOut,
+    SqlIn,
+    SqlOut,
     TokenCreate,
     TokenCreated,
     TokenOut,
 )
 from pgfleet.fleet.health import fleet_health
+from pgfleet.monitoring import stats
+from pgfleet.monitoring.service import advisor_report, cost_report
 from pgfleet.regions import REGIONS
 from pgfleet.tenants import service
 from pgfleet.tenants.service import ConnectionDetails
+from pgfleet.tenants.sql import SqlRequest, run_sql
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "Missing, invalid or revoked token."},
@@ -161,6 +166,49 @@ def get_connection(
     return _conn_out(service.connection_details(platform, owner, project_id, mode))
 
 
+@v1.post(
+    "/projects/{project_id}/sql",
+    tags=["sql"],
+    summary="Run one SQL statement",
+    responses={
+        400: {
+            "model": ErrorResponse,
+            "description": "The statement failed: SQLSTATE, message and position are in the error.",
+        },
+        404: ERRORS[404],
+        409: {"model": ErrorResponse, "description": "The project is not active."},
+        422: ERRORS[422],
+        503: {"model": ErrorResponse, "description": "The project's server is down."},
+    },
+)
+def sql(project_id: str, body: SqlIn, platform: PlatformDep, owner: OwnerDep) -> SqlOut:
+    """Runs the statement on the project's server logged in as the project's
+    own role (`ro`: its read-only role), with pgfleet-enforced timeout and
+    result caps. Every call writes a query log row."""
+    r = run_sql(
+        platform,
+        owner,
+        project_id,
+        SqlRequest(
+            query=body.query,
+            params=body.params,
+            mode=body.mode,
+            timeout_ms=body.timeout_ms,
+            max_rows=body.max_rows,
+        ),
+    )
+    return SqlOut(
+        columns=r.columns,
+        rows=r.rows,
+        row_count=r.row_count,
+        truncated=r.truncated,
+        duration_ms=r.duration_ms,
+        command=r.command,
+        mode=r.mode,
+        limits=r.limits,
+    )
+
+
 def _conn_out(c: ConnectionDetails) -> ConnectionOut:
     return ConnectionOut(
         mode=c.mode,
@@ -237,3 +285,89 @@ def list_servers(platform: PlatformDep, admin: AdminDep) -> list[ServerOut]:
         )
         for s in platform.servers.all()
     ]
+
+
+WindowQ = Annotated[
+    str, Query(description="How far back: a number and m, h or d (e.g. 30m, 24h, 7d; max 31d).")
+]
+
+
+@v1.get(
+    "/projects/{project_id}/stats",
+    tags=["monitoring"],
+    summary="A project's query stats",
+    responses={404: ERRORS[404], 422: ERRORS[422]},
+)
+def project_stats(
+    project_id: str, platform: PlatformDep, owner: OwnerDep, window: WindowQ = "24h"
+) -> dict[str, Any]:
+    """Per route (rw/ro): query count, error rate, avg/p50/p95/p99 in ms, and
+    the statements that took the most time (as fingerprints, never values)."""
+    project = service.get_project(platform, owner, project_id)
+    return {
+        "project_id": str(project["id"]),
+        **stats.project_performance(platform, project["id"], window),
+    }
+
+
+@v1.get("/admin/stats/regions", tags=["monitoring"], summary="Where tenants live")
+def stats_regions(platform: PlatformDep, admin: AdminDep) -> dict[str, Any]:
+    """Per region: tenants (free/paid; active/paused/failed), share of all,
+    how many asked for it but live elsewhere, servers with their last health
+    check, databases and bytes hosted."""
+    return stats.region_stats(platform)
+
+
+@v1.get(
+    "/admin/stats/performance",
+    tags=["monitoring"],
+    summary="How each region performs",
+    responses={422: ERRORS[422]},
+)
+def stats_performance(
+    platform: PlatformDep,
+    admin: AdminDep,
+    window: WindowQ = "24h",
+    by: Annotated[
+        Literal["region", "hosted_region"],
+        Query(
+            description="Group by the requested region (like the seed's query) or the hosting one"
+        ),
+    ] = "region",
+) -> dict[str, Any]:
+    """Per region and route: query count, error rate, avg, p50, p95, p99 (ms).
+    `exact` is false when percentiles come from per-minute histograms (large
+    windows), which are within 25% of the exact value."""
+    return stats.performance(platform, window, by=by)
+
+
+@v1.get("/admin/advisor", tags=["monitoring"], summary="Expansion advisor")
+def advisor(platform: PlatformDep, admin: AdminDep) -> dict[str, Any]:
+    """The seed's rule: when at least `min_sample` projects exist and a share of
+    `share_threshold` or more picked one non-default region without a server,
+    deploy one there; also any region whose servers are near capacity. Each
+    recommendation says why, with the numbers."""
+    return advisor_report(platform)
+
+
+@v1.get("/admin/costs", tags=["monitoring"], summary="Monthly cost estimate")
+def costs(platform: PlatformDep, admin: AdminDep) -> dict[str, Any]:
+    """Monthly cost per region and per tenant from the configured server price
+    (the seed's ~40 EUR per server by default), and the seed's expansion
+    options side by side: current fleet, 3 servers, hybrid, full cloud."""
+    return cost_report(platform)
+
+
+@health_router.get(
+    "/metrics",
+    tags=["monitoring"],
+    summary="Prometheus metrics (admin token)",
+    response_class=PlainTextResponse,
+)
+def metrics(platform: PlatformDep, admin: AdminDep) -> PlainTextResponse:
+    """Request counts and latencies, provisioning counts and durations, query
+    counts and durations per region and route, server health gauges, pool
+    sizes. Needs an admin bearer token."""
+    return PlainTextResponse(
+        platform.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
+    )

@@ -175,3 +175,38 @@ class ServerOut(BaseModel):
     is_primary: bool
     enabled: bool
     embedded: bool
+
+
+class SqlIn(BaseModel):
+    query: str = Field(description="One SQL statement. Use $1, $2... for params.")
+    params: list[str | int | float | bool | None] = Field(
+        default_factory=list, description="Values for $1, $2...; sent as parameters, never as text."
+    )
+    mode: Literal["rw", "ro"] = Field(
+        default="rw", description="rw: the project's role; ro: its read-only role."
+    )
+    timeout_ms: int | None = Field(
+        default=None, description="Statement timeout (default 10 s, capped by the plan)."
+    )
+    max_rows: int | None = Field(
+        default=None, description="Rows to return (default 1000, capped by the plan)."
+    )
+
+
+class SqlColumn(BaseModel):
+    name: str
+    type: str = Field(description="The PostgreSQL type, e.g. `integer`, `numeric(10,2)`.")
+
+
+class SqlOut(BaseModel):
+    columns: list[SqlColumn]
+    rows: list[list[Any]] = Field(
+        description="JSON values that round-trip: numerics as strings, timestamps ISO 8601, "
+        "bytea base64, NULL as null."
+    )
+    row_count: int = Field(description="Rows returned (SELECT) or affected (INSERT...).")
+    truncated: bool = Field(description="True when max_rows or the plan's byte cap cut rows.")
+    duration_ms: float
+    command: str = Field(description="The server's command tag, e.g. `INSERT 0 1`.")
+    mode: Literal["rw", "ro"]
+    limits: dict[str, int]

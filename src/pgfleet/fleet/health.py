@@ -5,13 +5,15 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
 from pgfleet.fleet.registry import ServerRecord
-from pgfleet.platform.core import Platform
 from pgfleet.regions import REGIONS
+
+if TYPE_CHECKING:
+    from pgfleet.platform.core import Platform
 
 
 @dataclass(frozen=True)
@@ -22,35 +24,95 @@ class ServerHealth:
     latency_ms: float | None
     version: str | None
     error: str | None
+    server_id: int = 0
+    connections_used: int | None = None
+    connections_max: int | None = None
+    databases: int | None = None
+    tenant_databases: int | None = None
+    bytes_used: int | None = None
 
 
 def check_server(server: ServerRecord, timeout_s: float = 2.0) -> ServerHealth:
+    """Reachability, round trip, version, connections used / max, database
+    count and disk used by databases."""
     start = time.perf_counter()
     try:
         with psycopg.connect(**server.admin_conninfo(timeout_s), autocommit=True) as conn:
-            version = conn.execute("SHOW server_version").fetchone()
+            latency = round((time.perf_counter() - start) * 1000, 2)
+            row = conn.execute(
+                """
+                SELECT current_setting('server_version'),
+                       (SELECT count(*) FROM pg_stat_activity
+                        WHERE backend_type = 'client backend'),
+                       current_setting('max_connections')::int,
+                       (SELECT count(*) FROM pg_database WHERE NOT datistemplate),
+                       (SELECT count(*) FROM pg_database WHERE datname LIKE 'tenant\\_%'),
+                       (SELECT sum(pg_database_size(oid)) FROM pg_database
+                        WHERE datconnlimit <> -2)::bigint
+                """
+            ).fetchone()
+        assert row is not None
         return ServerHealth(
             server.name,
             server.region,
             True,
-            round((time.perf_counter() - start) * 1000, 2),
-            version[0] if version else None,
+            latency,
+            row[0],
             None,
+            server.id,
+            row[1],
+            row[2],
+            row[3],
+            row[4],
+            row[5],
         )
     except psycopg.Error as e:
         # Only the class of failure: messages can carry hosts and user names.
         reason = "unreachable" if isinstance(e, psycopg.OperationalError) else "error"
-        return ServerHealth(server.name, server.region, False, None, None, reason)
+        return ServerHealth(server.name, server.region, False, None, None, reason, server.id)
+
+
+def check_all(platform: Platform) -> list[ServerHealth]:
+    servers = platform.servers.all(enabled_only=True)
+    if not servers:
+        return []
+    with ThreadPoolExecutor(max_workers=min(16, len(servers))) as ex:
+        return list(ex.map(check_server, servers))
+
+
+def record(platform: Platform, checks: list[ServerHealth]) -> None:
+    """Keep the checks as history (server_health), a week of it."""
+    with platform.db.connection() as conn, conn.transaction():
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO server_health (server_id, ok, latency_ms, version, "
+                "connections_used, connections_max, databases, tenant_databases, bytes_used, "
+                "error) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                [
+                    (
+                        c.server_id,
+                        c.ok,
+                        c.latency_ms,
+                        c.version,
+                        c.connections_used,
+                        c.connections_max,
+                        c.databases,
+                        c.tenant_databases,
+                        c.bytes_used,
+                        c.error,
+                    )
+                    for c in checks
+                ],
+            )
+        conn.execute("DELETE FROM server_health WHERE checked_at < now() - interval '7 days'")
 
 
 def fleet_health(platform: Platform) -> dict[str, Any]:
     try:
         platform.ping()
-        servers = platform.servers.all(enabled_only=True)
+        checks = check_all(platform)
     except Exception:
         return {"status": "down", "platform_db": {"ok": False}, "regions": {}}
-    with ThreadPoolExecutor(max_workers=max(1, min(16, len(servers)))) as ex:
-        checks = list(ex.map(check_server, servers))
     regions: dict[str, Any] = {}
     degraded = False
     for r in REGIONS:

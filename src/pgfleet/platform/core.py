@@ -15,7 +15,10 @@ from pgfleet.config import ServerSpec, Settings
 from pgfleet.crypto import SecretBox
 from pgfleet.errors import ConfigError
 from pgfleet.fleet.embedded import ADMIN_USER, LOOPBACK, EmbeddedFleet
+from pgfleet.fleet.health import ServerHealth
 from pgfleet.fleet.registry import ServerRegistry, sync_servers
+from pgfleet.monitoring.metrics import Metrics
+from pgfleet.monitoring.querylog import QueryLogWriter
 from pgfleet.platform import migrate
 from pgfleet.regions import get_regional_host
 
@@ -75,6 +78,10 @@ class Platform:
             open=True,
         )
         self.servers = ServerRegistry(settings, self.secrets, self.db)
+        self.query_log = QueryLogWriter(self.db)
+        self.metrics = Metrics()
+        self.last_health: list[ServerHealth] = []
+        self.metrics.add_state(self._gauges)
         from pgfleet.tenants.connections import DatabasePlatformClient
 
         self.client = DatabasePlatformClient(self)
@@ -94,11 +101,33 @@ class Platform:
             hosts.setdefault(s.region, s.host)
         return get_regional_host(region, hosts, default=self.settings.default_region)
 
+    def _gauges(self) -> dict[str, list[tuple[dict[str, str], float]]]:
+        out: dict[str, list[tuple[dict[str, str], float]]] = {
+            "pgfleet_tenant_pools": [({}, float(self.client.pool_count()))],
+            "pgfleet_query_log_queue": [({}, float(self.query_log.pending()))],
+        }
+        for h in self.last_health:
+            lbl = {"server": h.name, "region": h.region}
+            out.setdefault("pgfleet_server_up", []).append((lbl, 1.0 if h.ok else 0.0))
+            if h.latency_ms is not None:
+                out.setdefault("pgfleet_server_latency_seconds", []).append(
+                    (lbl, h.latency_ms / 1000)
+                )
+            for key, attr in (
+                ("pgfleet_server_connections", h.connections_used),
+                ("pgfleet_server_max_connections", h.connections_max),
+                ("pgfleet_server_databases", h.tenant_databases),
+            ):
+                if attr is not None:
+                    out.setdefault(key, []).append((lbl, float(attr)))
+        return out
+
     def ping(self) -> None:
         with self.db.connection() as conn:
             conn.execute("SELECT 1")
 
     def close(self) -> None:
+        self.query_log.close()
         self.client.close()
         self.servers.close()
         self.db.close()

@@ -9,11 +9,13 @@ of projects the servers never run out of connections.
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 import psycopg
@@ -21,6 +23,8 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from pgfleet.errors import Conflict, InvalidInput, ProjectNotFound, RegionUnavailable
+from pgfleet.monitoring.fingerprint import fingerprint
+from pgfleet.monitoring.querylog import QueryLogRecord
 
 if TYPE_CHECKING:
     from pgfleet.platform.core import Platform
@@ -137,6 +141,7 @@ class DatabasePlatformClient:
                     timeout=settings.connect_timeout_s,
                     max_idle=60,
                     configure=configure,
+                    reset=_reset_session,
                     name=f"{endpoint.database}-{mode}",
                     open=True,
                 )
@@ -163,12 +168,13 @@ class DatabasePlatformClient:
 
     @contextmanager
     def get_tenant_connection(
-        self, tenant_id: uuid.UUID | str, mode: str = "rw"
+        self, tenant_id: uuid.UUID | str, mode: str = "rw", *, log_queries: bool = False
     ) -> Iterator[psycopg.Connection[Any]]:
         """A pooled connection to the project's server as the project's role.
 
         `ro` connections log in as the project's read-only role (SELECT only,
-        every transaction read-only). Use as a context
+        every transaction read-only). With `log_queries`, every statement run
+        through it writes a query_logs row. Use as a context
         manager; the connection goes back to its pool on exit.
         """
         m = check_mode(mode)
@@ -185,12 +191,16 @@ class DatabasePlatformClient:
                     "cannot be reached",
                     region=endpoint.hosted_region,
                 ) from e
+            if log_queries:
+                conn.cursor_factory = _logging_cursor(self, endpoint, m)
             try:
                 yield conn
             except BaseException as e:
+                conn.cursor_factory = psycopg.Cursor
                 cm.__exit__(type(e), e, e.__traceback__)
                 raise
             else:
+                conn.cursor_factory = psycopg.Cursor
                 cm.__exit__(None, None, None)
         finally:
             with self._lock:
@@ -225,3 +235,53 @@ class DatabasePlatformClient:
 
 def _make_read_only(conn: psycopg.Connection[Any]) -> None:
     conn.read_only = True
+
+
+def _reset_session(conn: psycopg.Connection[Any]) -> None:
+    """Whatever the last user SET (roles, timeouts, temp tables), the next one
+    starts clean."""
+    autocommit = conn.autocommit
+    conn.autocommit = True
+    try:
+        conn.execute("DISCARD ALL")
+    finally:
+        conn.autocommit = autocommit
+
+
+def _logging_cursor(
+    client: DatabasePlatformClient, endpoint: TenantEndpoint, mode: Mode
+) -> type[psycopg.Cursor[Any]]:
+    """A cursor class that writes one query_logs row per execute()."""
+
+    class LoggingCursor(psycopg.Cursor[Any]):
+        def execute(self, query: Any, params: Any = None, **kw: Any) -> Any:
+            started = datetime.now(UTC)
+            t0 = time.perf_counter()
+            outcome = "ok"
+            try:
+                return super().execute(query, params, **kw)
+            except psycopg.Error as e:
+                outcome = e.sqlstate or "error"
+                raise
+            finally:
+                text = (
+                    query
+                    if isinstance(query, str)
+                    else (query.decode() if isinstance(query, bytes) else query.as_string(self))
+                )
+                client.platform.query_log.log(
+                    QueryLogRecord(
+                        tenant_id=endpoint.tenant_id,
+                        region=endpoint.region,
+                        hosted_region=endpoint.hosted_region,
+                        server_id=endpoint.server_id,
+                        route=mode,
+                        execution_time_ms=round((time.perf_counter() - t0) * 1000, 3),
+                        row_count=self.rowcount if self.rowcount >= 0 else None,
+                        outcome=outcome,
+                        fingerprint=fingerprint(text),
+                        executed_at=started,
+                    )
+                )
+
+    return LoggingCursor

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import unicodedata
 import uuid
 from dataclasses import dataclass
@@ -180,11 +181,17 @@ def create_project(
             )
     except psycopg.errors.UniqueViolation:
         raise Conflict(f"subdomain {sub!r} is already taken", field="subdomain") from None
+    t0 = time.perf_counter()
     try:
         result = ensure_tenant_database_provisioned(tid, region, platform=platform)
     except BaseException as e:
+        platform.metrics.provisions.labels(placement.hosted_region, type(e).__name__).inc()
         _undo_create(platform, tid, placement.server_id, e)
         raise
+    platform.metrics.provisions.labels(placement.hosted_region, "ok").inc()
+    platform.metrics.provision_duration.labels(placement.hosted_region).observe(
+        time.perf_counter() - t0
+    )
     return get_project(platform, owner, tid), result
 
 

@@ -1,0 +1,1 @@
+"""Query logs, fleet statistics, the expansion advisor and cost estimates."""

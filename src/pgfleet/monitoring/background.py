@@ -1,0 +1,63 @@
+"""Periodic work of a control-plane process: server health history,
+query-log partitions and retention. Several processes may run it; an
+advisory lock lets one do each round."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pgfleet.fleet.health import ServerHealth, check_all, record
+from pgfleet.monitoring.querylog import apply_retention, ensure_partition
+from pgfleet.platform.core import Platform
+
+log = logging.getLogger(__name__)
+_LOCK_KEY = 0x70676D6F6E  # "pgmon"
+
+
+def run_once(platform: Platform) -> list[ServerHealth] | None:
+    """One round; None if another process holds the lock."""
+    with platform.db.connection() as lock_conn:
+        got = lock_conn.execute("SELECT pg_try_advisory_lock(%s)", (_LOCK_KEY,)).fetchone()
+        lock_conn.commit()
+        if not got or not got[0]:
+            return None
+        try:
+            checks = check_all(platform)
+            record(platform, checks)
+            platform.last_health = checks
+            with platform.db.connection() as conn:
+                today = datetime.now(UTC).date()
+                for d in (today, today + timedelta(days=1), today + timedelta(days=2)):
+                    ensure_partition(conn, d)
+                apply_retention(conn, platform.settings.query_log_retention_days)
+            return checks
+        finally:
+            lock_conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
+            lock_conn.commit()
+
+
+class BackgroundLoop:
+    def __init__(self, platform: Platform) -> None:
+        self.platform = platform
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pgfleet-background", daemon=True)
+
+    def start(self) -> BackgroundLoop:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while True:
+            try:
+                run_once(self.platform)
+            except Exception:
+                log.exception("background round failed; will retry")
+            if self._stop.wait(self.platform.settings.health_interval_s):
+                return
+
+    def stop(self, *_: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)

@@ -1,0 +1,87 @@
+"""Prometheus metrics, one registry per Platform (so several apps in one
+process, as in tests, do not collide)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class _StateCollector(Collector):
+    """Gauges read at scrape time."""
+
+    def __init__(self, read: Callable[[], dict[str, list[tuple[dict[str, str], float]]]]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        state = self.read()
+        docs = {
+            "pgfleet_server_up": "1 if the regional server answered its last health check",
+            "pgfleet_server_latency_seconds": "Round trip of the last health check",
+            "pgfleet_server_connections": "Client connections on the server",
+            "pgfleet_server_max_connections": "max_connections of the server",
+            "pgfleet_server_databases": "Tenant databases on the server",
+            "pgfleet_tenant_pools": "Open per-project connection pools in this process",
+            "pgfleet_query_log_queue": "Query log rows waiting to be written",
+        }
+        for name, doc in docs.items():
+            labels = sorted({k for lbl, _ in state.get(name, []) for k in lbl})
+            fam = GaugeMetricFamily(name, doc, labels=labels)
+            for lbl, value in state.get(name, []):
+                fam.add_metric([lbl[k] for k in labels], value)
+            yield fam
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.http_requests = Counter(
+            "pgfleet_http_requests",
+            "API requests",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.http_duration = Histogram(
+            "pgfleet_http_request_duration_seconds",
+            "API request latency",
+            ["method", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.provisions = Counter(
+            "pgfleet_provisions",
+            "Project provisioning attempts",
+            ["region", "outcome"],
+            registry=self.registry,
+        )
+        self.provision_duration = Histogram(
+            "pgfleet_provision_duration_seconds",
+            "Provisioning time",
+            ["region"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.queries = Counter(
+            "pgfleet_queries",
+            "Statements run through pgfleet",
+            ["region", "route", "outcome"],
+            registry=self.registry,
+        )
+        self.query_duration = Histogram(
+            "pgfleet_query_duration_seconds",
+            "Statement latency through pgfleet",
+            ["region", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+    def add_state(self, read: Callable[[], dict[str, list[tuple[dict[str, str], float]]]]) -> None:
+        self.registry.register(_StateCollector(read))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

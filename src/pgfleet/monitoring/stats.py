@@ -1,0 +1,236 @@
+"""Fleet statistics from the platform DB: where tenants live and how each
+region performs."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from psycopg.rows import dict_row
+
+from pgfleet.errors import InvalidInput
+from pgfleet.monitoring import histogram
+from pgfleet.platform.core import Platform
+from pgfleet.regions import REGIONS
+
+# Below this many statements in the window, percentiles are computed exactly
+# from the raw logs; above it, from the per-minute histograms (within 25%).
+EXACT_LIMIT = 50_000
+MAX_WINDOW = timedelta(days=31)
+_WINDOW_RE = re.compile(r"^(\d{1,5})([mhd])$")
+
+
+def parse_window(window: str) -> timedelta:
+    m = _WINDOW_RE.match(window.strip())
+    if not m:
+        raise InvalidInput(
+            f"window {window!r} is not valid; use a number and m, h or d, e.g. 30m, 24h, 7d",
+            field="window",
+        )
+    n, unit = int(m.group(1)), m.group(2)
+    td = {"m": timedelta(minutes=n), "h": timedelta(hours=n), "d": timedelta(days=n)}[unit]
+    if td <= timedelta(0) or td > MAX_WINDOW:
+        raise InvalidInput("window must be between 1m and 31d", field="window")
+    return td
+
+
+def region_stats(platform: Platform) -> dict[str, Any]:
+    with platform.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        by_region = {
+            r["region"]: r
+            for r in cur.execute(
+                """
+                SELECT region, count(*) AS tenants,
+                       count(*) FILTER (WHERE plan_type = 'free') AS free,
+                       count(*) FILTER (WHERE plan_type IS DISTINCT FROM 'free') AS paid,
+                       count(*) FILTER (WHERE status = 'active') AS active,
+                       count(*) FILTER (WHERE status = 'paused') AS paused,
+                       count(*) FILTER (WHERE status = 'failed') AS failed,
+                       count(*) FILTER (WHERE hosted_region IS DISTINCT FROM region)
+                         AS hosted_elsewhere
+                FROM tenants WHERE status <> 'deleted' GROUP BY region
+                """
+            )
+        }
+        hosted = {
+            r["k"]: r["n"]
+            for r in cur.execute(
+                "SELECT hosted_region AS k, count(*) AS n FROM tenants "
+                "WHERE status <> 'deleted' AND hosted_region IS NOT NULL GROUP BY hosted_region"
+            )
+        }
+        servers = cur.execute(
+            """
+            SELECT s.id, s.name, s.region, s.capacity, s.enabled,
+                   (SELECT count(*) FROM tenants t
+                    WHERE t.server_id = s.id AND t.status <> 'deleted') AS tenants,
+                   h.ok, h.checked_at, h.latency_ms, h.connections_used, h.connections_max,
+                   h.tenant_databases, h.bytes_used
+            FROM servers s
+            LEFT JOIN LATERAL (
+              SELECT * FROM server_health sh WHERE sh.server_id = s.id
+              ORDER BY checked_at DESC LIMIT 1) h ON true
+            WHERE s.enabled ORDER BY s.region, s.id
+            """
+        ).fetchall()
+    total = sum(r["tenants"] for r in by_region.values())
+    out = []
+    for reg in REGIONS:
+        row = by_region.get(reg.id, {})
+        mine = [s for s in servers if s["region"] == reg.id]
+        out.append(
+            {
+                "region": reg.id,
+                "name": reg.name,
+                "flag": reg.flag,
+                "status": "active" if mine else "metadata-only",
+                "tenants": row.get("tenants", 0),
+                "free": row.get("free", 0),
+                "paid": row.get("paid", 0),
+                "active": row.get("active", 0),
+                "paused": row.get("paused", 0),
+                "failed": row.get("failed", 0),
+                "share": round(row.get("tenants", 0) / total, 4) if total else 0.0,
+                "requested_not_hosted_here": row.get("hosted_elsewhere", 0),
+                "hosted": hosted.get(reg.id, 0),
+                "servers": [
+                    {
+                        "name": s["name"],
+                        "tenants": s["tenants"],
+                        "capacity": s["capacity"],
+                        "healthy": s["ok"],
+                        "checked_at": s["checked_at"],
+                        "latency_ms": s["latency_ms"],
+                        "connections_used": s["connections_used"],
+                        "connections_max": s["connections_max"],
+                        "databases": s["tenant_databases"],
+                        "bytes": s["bytes_used"],
+                    }
+                    for s in mine
+                ],
+                "databases": sum(s["tenant_databases"] or 0 for s in mine),
+                "bytes": sum(s["bytes_used"] or 0 for s in mine),
+            }
+        )
+    return {
+        "total_tenants": total,
+        "requested_not_hosted": sum(r["requested_not_hosted_here"] for r in out),
+        "regions": out,
+    }
+
+
+def _perf_row(
+    key: dict[str, Any],
+    count: int,
+    errors: int,
+    avg: float | None,
+    p50: float | None,
+    p95: float | None,
+    p99: float | None,
+) -> dict[str, Any]:
+    def r(v: float | None) -> float | None:
+        return None if v is None else round(v, 3)
+
+    return {
+        **key,
+        "queries": count,
+        "errors": errors,
+        "error_rate": round(errors / count, 4) if count else 0.0,
+        "avg_ms": r(avg),
+        "p50_ms": r(p50),
+        "p95_ms": r(p95),
+        "p99_ms": r(p99),
+    }
+
+
+def performance(platform: Platform, window: str, *, by: str = "region") -> dict[str, Any]:
+    """Per region (the one a project asked for, like the seed's query, or the
+    hosting one with by=hosted_region) and route: counts, error rate, avg and
+    p50/p95/p99 over the window."""
+    td = parse_window(window)
+    if by not in ("region", "hosted_region"):
+        raise InvalidInput("by must be region or hosted_region", field="by")
+    col = "region" if by == "region" else "hosted_region"
+    with platform.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        rolled = cur.execute(
+            "SELECT coalesce(sum(count), 0) AS n FROM query_log_rollups "
+            "WHERE bucket > now() - %s::interval",
+            (td,),
+        ).fetchone()
+        exact = rolled is None or rolled["n"] <= EXACT_LIMIT
+        rows: list[dict[str, Any]] = []
+        if exact:
+            q = (
+                "SELECT {col} AS key, route, count(*) AS n, "
+                "count(*) FILTER (WHERE outcome <> 'ok') AS errors, "
+                "avg(execution_time_ms) AS avg, percentile_cont(ARRAY[0.5, 0.95, 0.99]) "
+                "WITHIN GROUP (ORDER BY execution_time_ms) AS p "
+                "FROM query_logs WHERE executed_at > now() - %s::interval "
+                "GROUP BY 1, 2 ORDER BY 1, 2"
+            )
+            for r in cur.execute(_with_col(q, col), (td,)):
+                rows.append(
+                    _perf_row(
+                        {by: r["key"], "route": r["route"]}, r["n"], r["errors"], r["avg"], *r["p"]
+                    )
+                )
+        else:
+            q = (
+                "SELECT {col} AS key, route, sum(count) AS n, sum(errors) AS errors, "
+                "sum(sum_ms) AS sum_ms, pgfleet_hist_sum(hist) AS hist "
+                "FROM query_log_rollups WHERE bucket > now() - %s::interval "
+                "GROUP BY 1, 2 ORDER BY 1, 2"
+            )
+            for r in cur.execute(_with_col(q, col), (td,)):
+                n = int(r["n"])
+                hist = [int(x) for x in r["hist"]]
+                rows.append(
+                    _perf_row(
+                        {by: r["key"], "route": r["route"]},
+                        n,
+                        int(r["errors"]),
+                        r["sum_ms"] / n if n else None,
+                        histogram.percentile(hist, 50),
+                        histogram.percentile(hist, 95),
+                        histogram.percentile(hist, 99),
+                    )
+                )
+    return {"window": window, "by": by, "exact": exact, "rows": rows}
+
+
+def _with_col(template: str, col: str) -> Any:
+    from psycopg import sql
+
+    return sql.SQL(template.replace("{col}", "{}")).format(sql.Identifier(col))
+
+
+def project_performance(platform: Platform, tenant_id: uuid.UUID, window: str) -> dict[str, Any]:
+    td = parse_window(window)
+    with platform.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        rows = [
+            _perf_row({"route": r["route"]}, r["n"], r["errors"], r["avg"], *r["p"])
+            for r in cur.execute(
+                "SELECT route, count(*) AS n, count(*) FILTER (WHERE outcome <> 'ok') AS errors, "
+                "avg(execution_time_ms) AS avg, percentile_cont(ARRAY[0.5, 0.95, 0.99]) "
+                "WITHIN GROUP (ORDER BY execution_time_ms) AS p "
+                "FROM query_logs WHERE tenant_id = %s AND executed_at > now() - %s::interval "
+                "GROUP BY route ORDER BY route",
+                (tenant_id, td),
+            )
+        ]
+        top = cur.execute(
+            "SELECT fingerprint, count(*) AS calls, avg(execution_time_ms) AS avg_ms, "
+            "count(*) FILTER (WHERE outcome <> 'ok') AS errors "
+            "FROM query_logs WHERE tenant_id = %s AND executed_at > now() - %s::interval "
+            "GROUP BY fingerprint ORDER BY sum(execution_time_ms) DESC LIMIT 10",
+            (tenant_id, td),
+        ).fetchall()
+    return {
+        "window": window,
+        "routes": rows,
+        "top_statements": [
+            {**t, "avg_ms": round(t["avg_ms"], 3) if t["avg_ms"] is not None else None} for t in top
+        ],
+    }
