@@ -93,21 +93,16 @@ def authenticate(platform: Platform, token: str | None) -> Owner:
         raise NotAuthenticated("invalid token")
     with platform.db.connection() as conn:
         row = conn.execute(
-            """
-            WITH hit AS (
-              SELECT t.id, t.owner_id, t.last_used_at FROM api_tokens t
-              WHERE t.token_hash = %s AND t.revoked_at IS NULL
-            ), touch AS (
-              UPDATE api_tokens SET last_used_at = now()
-              WHERE id IN (SELECT id FROM hit
-                           WHERE last_used_at IS NULL OR last_used_at < now() - interval '1 min')
-            )
-            SELECT o.id, o.name, o.is_admin FROM hit JOIN owners o ON o.id = hit.owner_id
-            """,
+            "SELECT o.id, o.name, o.is_admin, t.id, "
+            "t.last_used_at IS NULL OR t.last_used_at < now() - interval '1 min' "
+            "FROM api_tokens t JOIN owners o ON o.id = t.owner_id "
+            "WHERE t.token_hash = %s AND t.revoked_at IS NULL",
             (hash_api_token(token),),
         ).fetchone()
-    if row is None:
-        raise NotAuthenticated("invalid or revoked token")
+        if row is None:
+            raise NotAuthenticated("invalid or revoked token")
+        if row[4]:  # last_used_at is kept to the minute, not written on every call
+            conn.execute("UPDATE api_tokens SET last_used_at = now() WHERE id = %s", (row[3],))
     return Owner(row[0], row[1], row[2])
 
 

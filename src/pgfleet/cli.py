@@ -231,6 +231,18 @@ def _serve(s: Settings) -> None:
 
     from pgfleet.api.app import create_app
 
+    if s.api_workers > 1:
+        # Each worker process builds its own app (and Platform) from settings.
+        uvicorn.run(
+            "pgfleet.api.app:create_app",
+            factory=True,
+            host=s.api_host,
+            port=s.api_port,
+            workers=s.api_workers,
+            log_level="warning",
+            access_log=False,
+        )
+        return
     uvicorn.run(
         create_app(settings=s),
         host=s.api_host,

@@ -78,6 +78,7 @@ class Settings(BaseSettings):
     # API
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8470, ge=1, le=65535)
+    api_workers: int = Field(default=1, ge=1, le=64)
     # Fernet keys, newest first (comma separated in env). Empty: a key file
     # generated into the data directory (development only).
     secret_keys: Annotated[list[SecretStr], NoDecode] = Field(default=[], repr=False)

@@ -15,7 +15,7 @@ from pgfleet.tenants.service import Owner
 bearer = HTTPBearer(auto_error=False, description="An API token: `pgf_...`")
 
 
-def get_platform(request: Request) -> Platform:
+async def get_platform(request: Request) -> Platform:  # no I/O: no thread hop
     platform: Platform = request.app.state.platform
     return platform
 

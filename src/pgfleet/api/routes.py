@@ -170,6 +170,7 @@ def get_connection(
     "/projects/{project_id}/sql",
     tags=["sql"],
     summary="Run one SQL statement",
+    response_model=SqlOut,
     responses={
         400: {
             "model": ErrorResponse,
@@ -181,7 +182,7 @@ def get_connection(
         503: {"model": ErrorResponse, "description": "The project's server is down."},
     },
 )
-def sql(project_id: str, body: SqlIn, platform: PlatformDep, owner: OwnerDep) -> SqlOut:
+def sql(project_id: str, body: SqlIn, platform: PlatformDep, owner: OwnerDep) -> JSONResponse:
     """Runs the statement on the project's server logged in as the project's
     own role (`ro`: its read-only role), with pgfleet-enforced timeout and
     result caps. Every call writes a query log row."""
@@ -197,15 +198,18 @@ def sql(project_id: str, body: SqlIn, platform: PlatformDep, owner: OwnerDep) ->
             max_rows=body.max_rows,
         ),
     )
-    return SqlOut(
-        columns=r.columns,
-        rows=r.rows,
-        row_count=r.row_count,
-        truncated=r.truncated,
-        duration_ms=r.duration_ms,
-        command=r.command,
-        mode=r.mode,
-        limits=r.limits,
+    # The hot path: rows are already JSON values, so skip re-validating them.
+    return JSONResponse(
+        {
+            "columns": r.columns,
+            "rows": r.rows,
+            "row_count": r.row_count,
+            "truncated": r.truncated,
+            "duration_ms": r.duration_ms,
+            "command": r.command,
+            "mode": r.mode,
+            "limits": r.limits,
+        }
     )
 
 

@@ -89,6 +89,11 @@ class DatabasePlatformClient:
     def __init__(self, platform: Platform) -> None:
         self.platform = platform
         self._pools: OrderedDict[tuple[uuid.UUID, Mode], _PoolEntry] = OrderedDict()
+        # Decrypted passwords by tenant, keyed by their ciphertexts (Fernet is
+        # not free, and the hot path would otherwise decrypt on every call).
+        self._secrets: OrderedDict[uuid.UUID, tuple[tuple[str, str], tuple[str, str]]] = (
+            OrderedDict()
+        )
         self._lock = threading.Lock()
 
     def endpoint(self, tenant_id: uuid.UUID | str) -> TenantEndpoint:
@@ -98,14 +103,31 @@ class DatabasePlatformClient:
             raise ProjectNotFound(f"project {tenant_id} does not exist") from None
         with self.platform.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             row = cur.execute(
-                "SELECT region, status, hosted_region, connection_info FROM tenants WHERE id = %s",
-                (tid,),
+                "SELECT id, region, status, connection_info FROM tenants WHERE id = %s", (tid,)
             ).fetchone()
         if row is None or row["status"] == "deleted":
             raise ProjectNotFound(f"project {tid} does not exist")
+        return self.endpoint_from_row(row)
+
+    def endpoint_from_row(self, row: dict[str, Any]) -> TenantEndpoint:
+        """The endpoint of a tenants row (id, region, status, connection_info)."""
+        tid = row["id"]
         info = row["connection_info"] or {}
         if row["status"] != "active" or "ro_password_enc" not in info:
             raise Conflict(f"project {tid} is {row['status']}, not active", status=row["status"])
+        key = (info["password_enc"], info["ro_password_enc"])
+        with self._lock:
+            cached = self._secrets.get(tid)
+        if cached is not None and cached[0] == key:
+            password, ro_password = cached[1]
+        else:
+            password = self.platform.secrets.decrypt(info["password_enc"])
+            ro_password = self.platform.secrets.decrypt(info["ro_password_enc"])
+            with self._lock:
+                self._secrets[tid] = (key, (password, ro_password))
+                self._secrets.move_to_end(tid)
+                while len(self._secrets) > 10_000:
+                    self._secrets.popitem(last=False)
         return TenantEndpoint(
             tenant_id=tid,
             region=row["region"],
@@ -117,8 +139,8 @@ class DatabasePlatformClient:
             user=info["user"],
             sslmode=info["sslmode"],
             ro_user=info["ro_user"],
-            password=self.platform.secrets.decrypt(info["password_enc"]),
-            ro_password=self.platform.secrets.decrypt(info["ro_password_enc"]),
+            password=password,
+            ro_password=ro_password,
         )
 
     def _entry(self, endpoint: TenantEndpoint, mode: Mode) -> _PoolEntry:
@@ -134,7 +156,11 @@ class DatabasePlatformClient:
                 settings = self.platform.settings
                 configure = _make_read_only if mode == "ro" else None
                 pool = ConnectionPool(
-                    kwargs=endpoint.conninfo(mode, settings.connect_timeout_s),
+                    # No server-side prepared statements: DISCARD ALL drops them.
+                    kwargs={
+                        **endpoint.conninfo(mode, settings.connect_timeout_s),
+                        "prepare_threshold": None,
+                    },
                     min_size=0,
                     max_size=settings.tenant_pool_size,
                     num_workers=1,
@@ -168,7 +194,12 @@ class DatabasePlatformClient:
 
     @contextmanager
     def get_tenant_connection(
-        self, tenant_id: uuid.UUID | str, mode: str = "rw", *, log_queries: bool = False
+        self,
+        tenant_id: uuid.UUID | str,
+        mode: str = "rw",
+        *,
+        log_queries: bool = False,
+        endpoint: TenantEndpoint | None = None,
     ) -> Iterator[psycopg.Connection[Any]]:
         """A pooled connection to the project's server as the project's role.
 
@@ -178,7 +209,8 @@ class DatabasePlatformClient:
         manager; the connection goes back to its pool on exit.
         """
         m = check_mode(mode)
-        endpoint = self.endpoint(tenant_id)
+        if endpoint is None:
+            endpoint = self.endpoint(tenant_id)
         entry = self._entry(endpoint, m)
         try:
             try:

@@ -17,7 +17,6 @@ import base64
 import datetime as dt
 import json
 import math
-import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -30,20 +29,22 @@ from psycopg.abc import PQGen
 from psycopg.generators import fetch
 from psycopg.pq import ExecStatus
 from psycopg.pq.abc import PGresult
+from psycopg.rows import dict_row
 
-from pgfleet.errors import Conflict, InvalidInput, PgfleetError
+from pgfleet.errors import Conflict, InvalidInput, PgfleetError, ProjectNotFound
 from pgfleet.monitoring.fingerprint import fingerprint
 from pgfleet.monitoring.querylog import QueryLogRecord
 from pgfleet.platform.core import Platform
 from pgfleet.regions import get_plan
 from pgfleet.tenants.connections import check_mode
-from pgfleet.tenants.service import Owner, get_project
+from pgfleet.tenants.service import Owner
+from pgfleet.tenants.watchdog import WATCHDOG
 
 MAX_QUERY_CHARS = 100_000
 MAX_PARAMS = 1000
 DEFAULT_TIMEOUT_MS = 10_000
 DEFAULT_MAX_ROWS = 1000
-WATCHDOG_GRACE_MS = 250
+WATCHDOG_GRACE_MS = 0
 
 
 class SqlError(PgfleetError):
@@ -152,7 +153,7 @@ def _iso_duration(td: dt.timedelta) -> str:
 
 
 def run_sql(platform: Platform, owner: Owner, project_id: str, req: SqlRequest) -> SqlResult:
-    project = get_project(platform, owner, project_id)
+    project = _project(platform, owner, project_id)
     mode = check_mode(req.mode)
     if project["status"] != "active":
         raise Conflict(
@@ -162,13 +163,13 @@ def run_sql(platform: Platform, owner: Owner, project_id: str, req: SqlRequest) 
     limits = plan_limits(project["plan_type"])
     timeout_ms, max_rows = _check(req, limits)
     tid = project["id"]
-    endpoint = platform.client.endpoint(tid)
+    endpoint = platform.client.endpoint_from_row(project)
     started_at = dt.datetime.now(dt.UTC)
     t0 = time.perf_counter()
     outcome = "ok"
     row_count: int | None = None
     try:
-        with platform.client.get_tenant_connection(tid, mode) as conn:
+        with platform.client.get_tenant_connection(tid, mode, endpoint=endpoint) as conn:
             result = _execute(conn, req, mode, timeout_ms, max_rows, limits["max_bytes"])
             row_count = result.row_count
     except psycopg.Error as e:
@@ -236,6 +237,28 @@ class _StatementCursor(psycopg.RawCursor[Any]):
         return self._raise_for_result(res)
 
 
+def _project(platform: Platform, owner: Owner, project_id: str) -> dict[str, Any]:
+    """The project row with its connection info, in one query; 404 unless the
+    owner may see it."""
+    try:
+        tid = uuid.UUID(str(project_id))
+    except ValueError:
+        raise ProjectNotFound(f"project {project_id} not found") from None
+    with platform.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(
+            "SELECT id, owner_id, region, status, plan_type, connection_info "
+            "FROM tenants WHERE id = %s",
+            (tid,),
+        ).fetchone()
+    if (
+        row is None
+        or row["status"] == "deleted"
+        or (not owner.is_admin and row["owner_id"] != owner.id)
+    ):
+        raise ProjectNotFound(f"project {project_id} not found")
+    return row
+
+
 def _execute(
     conn: psycopg.Connection[Any],
     req: SqlRequest,
@@ -244,12 +267,12 @@ def _execute(
     max_rows: int,
     max_bytes: int,
 ) -> SqlResult:
-    conn.read_only = mode == "ro"
-    watchdog = threading.Timer((timeout_ms + WATCHDOG_GRACE_MS) / 1000, conn.cancel_safe)
+    # Autocommit: the one statement is its own transaction (read-only for the
+    # ro role by its role default), with no BEGIN/COMMIT round trips.
+    conn.autocommit = True
+    handle = WATCHDOG.arm(conn, (timeout_ms + WATCHDOG_GRACE_MS) / 1000)
     try:
         with _StatementCursor(conn) as cur:
-            cur.execute("SELECT set_config('statement_timeout', $1, true)", [f"{timeout_ms}ms"])
-            watchdog.start()
             columns: list[dict[str, str]] = []
             rows: list[list[Any]] = []
             truncated = False
@@ -276,10 +299,7 @@ def _execute(
                 row_count = len(rows)
             else:
                 row_count = final.command_tuples or 0 if final is not None else 0
-        conn.commit()
-    except BaseException:
-        conn.rollback()
-        raise
     finally:
-        watchdog.cancel()
+        WATCHDOG.disarm(handle)
+        conn.autocommit = False
     return SqlResult(columns, rows, row_count, truncated, 0.0, command, mode)
