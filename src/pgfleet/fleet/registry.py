@@ -18,6 +18,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from pgfleet.config import ServerSpec, Settings
 from pgfleet.crypto import SecretBox
 from pgfleet.errors import NotFound, RegionUnavailable
+from pgfleet.pooling import check_pooled, mark_returned
 from pgfleet.regions import ServerLoad
 
 
@@ -174,7 +175,8 @@ class ServerRegistry:
                 num_workers=1,
                 timeout=self.settings.connect_timeout_s,
                 max_idle=300,
-                check=ConnectionPool.check_connection,
+                check=check_pooled,
+                reset=mark_returned,
                 name=f"admin-{server.name}",
                 open=True,
             )

@@ -6,11 +6,8 @@ its own Platform on the one platform DB.
 
 from __future__ import annotations
 
-import time
-import weakref
 from typing import Any
 
-import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
@@ -23,6 +20,7 @@ from pgfleet.fleet.registry import ServerRegistry, sync_servers
 from pgfleet.monitoring.metrics import Metrics
 from pgfleet.monitoring.querylog import QueryLogWriter
 from pgfleet.platform import migrate
+from pgfleet.pooling import check_pooled, mark_returned
 from pgfleet.regions import get_regional_host
 
 
@@ -37,23 +35,6 @@ def platform_conninfo(settings: Settings) -> dict[str, Any]:
     if not fleet.password_file("platform").exists():
         raise ConfigError(f"no embedded fleet in {settings.home_abs}; run `pgfleet up` first")
     return fleet.platform_conninfo()
-
-
-_returned_at: weakref.WeakKeyDictionary[psycopg.Connection[Any], float] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _mark_returned(conn: psycopg.Connection[Any]) -> None:
-    _returned_at[conn] = time.monotonic()
-
-
-def _check_if_idle(conn: psycopg.Connection[Any]) -> None:
-    """Ping a pooled connection only if it sat idle for a while: a busy pool
-    skips the extra round trip, and a connection left over from before a
-    restart is still found broken and replaced."""
-    if time.monotonic() - _returned_at.get(conn, 0.0) > 2.0:
-        ConnectionPool.check_connection(conn)
 
 
 def configured_servers(settings: Settings) -> list[tuple[ServerSpec, bool]]:
@@ -95,8 +76,8 @@ class Platform:
             min_size=1,
             max_size=16,
             timeout=settings.connect_timeout_s * 2,
-            check=_check_if_idle,
-            reset=_mark_returned,
+            check=check_pooled,
+            reset=mark_returned,
             name="platform",
             open=True,
         )

@@ -25,9 +25,11 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from pgfleet.errors import Conflict, InvalidInput, ProjectNotFound, RegionUnavailable
 from pgfleet.monitoring.fingerprint import fingerprint
 from pgfleet.monitoring.querylog import QueryLogRecord
+from pgfleet.pooling import check_pooled, mark_returned
 
 if TYPE_CHECKING:
     from pgfleet.platform.core import Platform
+
 
 Mode = Literal["rw", "ro"]
 MODES: tuple[Mode, ...] = ("rw", "ro")
@@ -167,6 +169,7 @@ class DatabasePlatformClient:
                     timeout=settings.connect_timeout_s,
                     max_idle=60,
                     configure=configure,
+                    check=check_pooled,
                     reset=_reset_session,
                     name=f"{endpoint.database}-{mode}",
                     open=True,
@@ -278,6 +281,7 @@ def _reset_session(conn: psycopg.Connection[Any]) -> None:
         conn.execute("DISCARD ALL")
     finally:
         conn.autocommit = autocommit
+    mark_returned(conn)
 
 
 def _logging_cursor(
