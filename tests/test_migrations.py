@@ -3,6 +3,7 @@ pre-region platform DB, and the seed's monitoring SQL."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -104,7 +105,7 @@ def test_fresh_db_has_the_seed_tenants_table(empty_db: dict[str, Any]) -> None:
     assert pk == [("id",)]
     assert notnull == (True,)
     assert idx is not None and "(region)" in idx[0]
-    assert migrate.current(empty_db) == "0003"
+    assert migrate.current(empty_db) == "0005"
 
 
 def test_pre_region_platform_db_is_upgraded_in_place(empty_db: dict[str, Any]) -> None:
@@ -187,3 +188,44 @@ def test_seed_monitoring_sql_runs_unchanged(empty_db: dict[str, Any]) -> None:
         perf = {r[0]: (float(r[1]), r[2]) for r in c.execute(SEED_REGIONAL_PERFORMANCE)}
     assert dist == [("us-east-1", 2, 2, 0), ("eu-central-1", 1, 0, 1)]
     assert perf == {"eu-central-1": (20.0, 2), "us-east-1": (5.0, 1)}
+
+
+def test_tenant_counts_follow_every_change(empty_db: dict[str, Any]) -> None:
+    """The trigger-kept counters always equal a count over tenants."""
+    migrate.upgrade(empty_db)
+    truth = (
+        "SELECT coalesce(region, ''), coalesce(hosted_region, ''), coalesce(server_id, 0), "
+        "coalesce(plan_type, ''), coalesce(status, ''), count(*) FROM tenants "
+        "GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5"
+    )
+    kept = (
+        "SELECT region, hosted_region, server_id, plan_type, status, n FROM tenant_counts "
+        "WHERE n <> 0 ORDER BY 1, 2, 3, 4, 5"
+    )
+    with psycopg.connect(**empty_db, autocommit=True) as c:
+        ids = [uuid.uuid4() for _ in range(30)]
+        with c.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO tenants (id, name, region, plan_type, status, hosted_region) "
+                "VALUES (%s, 'x', %s, %s, 'provisioning', %s)",
+                [
+                    (
+                        t,
+                        ["us-east-1", "eu-west-1", None][i % 3],
+                        ["free", "pro", None][i % 3],
+                        "us-east-1",
+                    )
+                    for i, t in enumerate(ids)
+                ],
+            )
+        assert c.execute(kept).fetchall() == c.execute(truth).fetchall()
+        c.execute("UPDATE tenants SET status = 'active' WHERE id = ANY(%s)", (ids[:20],))
+        c.execute("UPDATE tenants SET plan_type = 'pro' WHERE id = %s", (ids[0],))
+        c.execute("DELETE FROM tenants WHERE id = ANY(%s)", (ids[25:],))
+        with c.transaction():
+            c.execute("UPDATE tenants SET status = 'deleted' WHERE id = %s", (ids[1],))
+            c.execute("UPDATE tenants SET status = 'active' WHERE id = %s", (ids[1],))
+        with contextlib.suppress(psycopg.errors.UniqueViolation), c.transaction():
+            c.execute("UPDATE tenants SET status = 'paused' WHERE id = %s", (ids[2],))
+            c.execute("INSERT INTO tenants (id, name) VALUES (%s, 'dup')", (ids[3],))
+        assert c.execute(kept).fetchall() == c.execute(truth).fetchall()

@@ -137,12 +137,13 @@ class ServerRegistry:
     def loads(self) -> list[ServerLoad]:
         """Every server with the number of live projects it hosts."""
         with self.platform.connection() as conn:
+            # tenant_counts is kept by triggers on tenants (migration 0005).
             rows = conn.execute(
                 """
                 SELECT s.id, s.name, s.region, s.capacity, s.is_primary, s.enabled,
-                       count(t.id) FILTER (WHERE t.status <> 'deleted') AS tenants
-                FROM servers s LEFT JOIN tenants t ON t.server_id = s.id
-                GROUP BY s.id ORDER BY s.id
+                       coalesce((SELECT sum(c.n) FROM tenant_counts c
+                                 WHERE c.server_id = s.id AND c.status <> 'deleted'), 0)::int
+                FROM servers s ORDER BY s.id
                 """
             ).fetchall()
         return [

@@ -1,4 +1,4 @@
-"""Fixed log-scale latency buckets, so per-minute rollups can be summed and
+"""Fixed log-scale latency buckets, so hourly rollups can be summed and
 still give percentiles (within one bucket's width, 25%)."""
 
 from __future__ import annotations

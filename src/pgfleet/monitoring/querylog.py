@@ -3,7 +3,7 @@ off the query path.
 
 `QueryLogWriter.log()` only appends to an in-memory queue (microseconds); a
 background thread COPYs batches into the partitioned `query_logs` table and
-adds them to the per-minute rollups in the same transaction. Parameter
+adds them to the hourly rollups in the same transaction. Parameter
 values are never logged: only a fingerprint of the statement's shape.
 """
 
@@ -113,8 +113,8 @@ def write_batch(conn: psycopg.Connection[Any], records: list[QueryLogRecord]) ->
         lambda: [0, 0, 0.0, histogram.empty()]
     )
     for r in records:
-        minute = r.executed_at.replace(second=0, microsecond=0)
-        agg = rollups[(minute, r.region, r.hosted_region, r.route)]
+        hour = r.executed_at.replace(minute=0, second=0, microsecond=0)
+        agg = rollups[(hour, r.region, r.hosted_region, r.route)]
         agg[0] += 1
         agg[1] += r.outcome != "ok"
         agg[2] += r.execution_time_ms

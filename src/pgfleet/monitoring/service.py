@@ -7,41 +7,33 @@ from typing import Any
 
 from pgfleet.monitoring.advisor import AdvisorSettings, RegionCapacity, advise
 from pgfleet.monitoring.costs import Prices, estimate
+from pgfleet.monitoring.stats import tenant_counts
 from pgfleet.platform.core import Platform
 
 
 def _counts(platform: Platform) -> dict[str, Any]:
     with platform.db.connection() as conn:
-        requested: dict[str, int] = dict(
-            conn.execute(
-                "SELECT region, count(*) FROM tenants WHERE status <> 'deleted' GROUP BY region"
-            ).fetchall()
-        )
-        hosted: dict[str, int] = dict(
-            conn.execute(
-                "SELECT hosted_region, count(*) FROM tenants "
-                "WHERE status <> 'deleted' AND hosted_region IS NOT NULL GROUP BY hosted_region"
-            ).fetchall()
-        )
-        plans = conn.execute(
-            "SELECT count(*) FILTER (WHERE plan_type = 'free'), "
-            "count(*) FILTER (WHERE plan_type IS DISTINCT FROM 'free') "
-            "FROM tenants WHERE status <> 'deleted'"
-        ).fetchone()
-    assert plans is not None
-    return {"requested": requested, "hosted": hosted, "free": plans[0], "paid": plans[1]}
+        c = tenant_counts(conn)
+    return {
+        "requested": {r: v["tenants"] for r, v in c.by_region.items()},
+        "hosted": c.hosted,
+        "by_server": c.by_server,
+        "free": c.free,
+        "paid": c.paid,
+    }
 
 
 def advisor_report(platform: Platform) -> dict[str, Any]:
     s = platform.settings
     counts = _counts(platform)
     cap: dict[str, RegionCapacity] = {}
-    for load in platform.servers.loads():
-        if not load.enabled:
-            continue
-        c = cap.get(load.region, RegionCapacity(load.region, 0, 0, 0))
-        cap[load.region] = RegionCapacity(
-            load.region, c.servers + 1, c.tenants + load.tenants, c.capacity + load.capacity
+    for srv in platform.servers.all(enabled_only=True):
+        c = cap.get(srv.region, RegionCapacity(srv.region, 0, 0, 0))
+        cap[srv.region] = RegionCapacity(
+            srv.region,
+            c.servers + 1,
+            c.tenants + counts["by_server"].get(srv.id, 0),
+            c.capacity + srv.capacity,
         )
     settings = AdvisorSettings(
         share_threshold=s.advisor_share_threshold,

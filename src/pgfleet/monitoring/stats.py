@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections import defaultdict
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from psycopg import sql
 from psycopg.rows import dict_row
 
 from pgfleet.errors import InvalidInput
@@ -16,7 +19,9 @@ from pgfleet.platform.core import Platform
 from pgfleet.regions import REGIONS
 
 # Below this many statements in the window, percentiles are computed exactly
-# from the raw logs; above it, from the per-minute histograms (within 25%).
+# from the raw logs; above it, from the hourly rollups: counts and averages
+# over whole hours (the window rounded out to the hour), percentiles from
+# their histograms (within one 25% bucket).
 EXACT_LIMIT = 50_000
 MAX_WINDOW = timedelta(days=31)
 _WINDOW_RE = re.compile(r"^(\d{1,5})([mhd])$")
@@ -36,45 +41,81 @@ def parse_window(window: str) -> timedelta:
     return td
 
 
+@dataclass
+class TenantCounts:
+    """Live (not deleted) projects counted in one pass over tenants."""
+
+    by_region: dict[str, dict[str, int]]
+    hosted: dict[str, int]
+    by_server: dict[int, int]
+    free: int
+    paid: int
+
+
+def tenant_counts(conn: Any) -> TenantCounts:
+    by_region: dict[str, dict[str, int]] = {}
+    hosted: dict[str, int] = defaultdict(int)
+    by_server: dict[int, int] = defaultdict(int)
+    free = paid = 0
+    # tenant_counts is kept by triggers on tenants (migration 0005).
+    for region, hosted_region, server_id, plan_type, status, n in conn.execute(
+        "SELECT region, hosted_region, server_id, plan_type, status, n FROM tenant_counts "
+        "WHERE status <> 'deleted' AND n <> 0"
+    ):
+        hosted_region = hosted_region or None
+        server_id = server_id or None
+        is_free = None if plan_type == "" else plan_type == "free"
+        r = by_region.setdefault(
+            region,
+            {
+                "tenants": 0,
+                "free": 0,
+                "paid": 0,
+                "active": 0,
+                "paused": 0,
+                "failed": 0,
+                "hosted_elsewhere": 0,
+            },
+        )
+        r["tenants"] += n
+        # Like the seed's query: a project without a plan is neither free nor paid.
+        if is_free is not None:
+            r["free" if is_free else "paid"] += n
+        if status in ("active", "paused", "failed"):
+            r[status] += n
+        if hosted_region != region:
+            r["hosted_elsewhere"] += n
+        if hosted_region is not None:
+            hosted[hosted_region] += n
+        if server_id is not None:
+            by_server[server_id] += n
+        if is_free is True:
+            free += n
+        elif is_free is False:
+            paid += n
+    return TenantCounts(by_region, dict(hosted), dict(by_server), free, paid)
+
+
 def region_stats(platform: Platform) -> dict[str, Any]:
-    with platform.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-        by_region = {
-            r["region"]: r
-            for r in cur.execute(
+    with platform.db.connection() as conn:
+        counts = tenant_counts(conn)
+        with conn.cursor(row_factory=dict_row) as cur:
+            servers = cur.execute(
                 """
-                SELECT region, count(*) AS tenants,
-                       count(*) FILTER (WHERE plan_type = 'free') AS free,
-                       count(*) FILTER (WHERE plan_type IS DISTINCT FROM 'free') AS paid,
-                       count(*) FILTER (WHERE status = 'active') AS active,
-                       count(*) FILTER (WHERE status = 'paused') AS paused,
-                       count(*) FILTER (WHERE status = 'failed') AS failed,
-                       count(*) FILTER (WHERE hosted_region IS DISTINCT FROM region)
-                         AS hosted_elsewhere
-                FROM tenants WHERE status <> 'deleted' GROUP BY region
+                SELECT s.id, s.name, s.region, s.capacity, s.enabled,
+                       h.ok, h.checked_at, h.latency_ms, h.connections_used, h.connections_max,
+                       h.tenant_databases, h.bytes_used
+                FROM servers s
+                LEFT JOIN LATERAL (
+                  SELECT * FROM server_health sh WHERE sh.server_id = s.id
+                  ORDER BY checked_at DESC LIMIT 1) h ON true
+                WHERE s.enabled ORDER BY s.region, s.id
                 """
-            )
-        }
-        hosted = {
-            r["k"]: r["n"]
-            for r in cur.execute(
-                "SELECT hosted_region AS k, count(*) AS n FROM tenants "
-                "WHERE status <> 'deleted' AND hosted_region IS NOT NULL GROUP BY hosted_region"
-            )
-        }
-        servers = cur.execute(
-            """
-            SELECT s.id, s.name, s.region, s.capacity, s.enabled,
-                   (SELECT count(*) FROM tenants t
-                    WHERE t.server_id = s.id AND t.status <> 'deleted') AS tenants,
-                   h.ok, h.checked_at, h.latency_ms, h.connections_used, h.connections_max,
-                   h.tenant_databases, h.bytes_used
-            FROM servers s
-            LEFT JOIN LATERAL (
-              SELECT * FROM server_health sh WHERE sh.server_id = s.id
-              ORDER BY checked_at DESC LIMIT 1) h ON true
-            WHERE s.enabled ORDER BY s.region, s.id
-            """
-        ).fetchall()
+            ).fetchall()
+    for srv in servers:
+        srv["tenants"] = counts.by_server.get(srv["id"], 0)
+    by_region: dict[str, dict[str, int]] = counts.by_region
+    hosted = counts.hosted
     total = sum(r["tenants"] for r in by_region.values())
     out = []
     for reg in REGIONS:
@@ -156,7 +197,7 @@ def performance(platform: Platform, window: str, *, by: str = "region") -> dict[
     with platform.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
         rolled = cur.execute(
             "SELECT coalesce(sum(count), 0) AS n FROM query_log_rollups "
-            "WHERE bucket > now() - %s::interval",
+            "WHERE bucket >= date_trunc('hour', now() - %s::interval)",
             (td,),
         ).fetchone()
         exact = rolled is None or rolled["n"] <= EXACT_LIMIT
@@ -178,10 +219,15 @@ def performance(platform: Platform, window: str, *, by: str = "region") -> dict[
                 )
         else:
             q = (
-                "SELECT {col} AS key, route, sum(count) AS n, sum(errors) AS errors, "
-                "sum(sum_ms) AS sum_ms, pgfleet_hist_sum(hist) AS hist "
-                "FROM query_log_rollups WHERE bucket > now() - %s::interval "
-                "GROUP BY 1, 2 ORDER BY 1, 2"
+                "WITH r AS (SELECT * FROM query_log_rollups "
+                "  WHERE bucket >= date_trunc('hour', now() - %s::interval)), "
+                "totals AS (SELECT {col} AS key, route, sum(count) AS n, "
+                "  sum(errors) AS errors, sum(sum_ms) AS sum_ms FROM r GROUP BY 1, 2), "
+                "hist AS (SELECT key, route, array_agg(v ORDER BY i) AS hist FROM ("
+                "  SELECT {col} AS key, route, i, sum(v) AS v "
+                "  FROM r, unnest(hist) WITH ORDINALITY AS u(v, i) GROUP BY 1, 2, 3) h "
+                "  GROUP BY 1, 2) "
+                "SELECT t.*, h.hist FROM totals t JOIN hist h USING (key, route) ORDER BY 1, 2"
             )
             for r in cur.execute(_with_col(q, col), (td,)):
                 n = int(r["n"])
@@ -200,10 +246,8 @@ def performance(platform: Platform, window: str, *, by: str = "region") -> dict[
     return {"window": window, "by": by, "exact": exact, "rows": rows}
 
 
-def _with_col(template: str, col: str) -> Any:
-    from psycopg import sql
-
-    return sql.SQL(template.replace("{col}", "{}")).format(sql.Identifier(col))
+def _with_col(template: str, col: str) -> sql.Composed:
+    return sql.SQL(template).format(col=sql.Identifier(col))
 
 
 def project_performance(platform: Platform, tenant_id: uuid.UUID, window: str) -> dict[str, Any]:

@@ -43,7 +43,7 @@ def upgrade() -> None:
       FROM query_logs_unpartitioned;
     DROP TABLE query_logs_unpartitioned;
 
-    -- Per-minute rollups by region and route; hist[i] counts statements whose
+    -- Hourly rollups by region and route; hist[i] counts statements whose
     -- duration falls in bucket i of pgfleet.monitoring.histogram.
     CREATE TABLE query_log_rollups (
       bucket TIMESTAMPTZ NOT NULL,
@@ -80,6 +80,7 @@ def upgrade() -> None:
     );
     CREATE INDEX server_health_server_idx ON server_health (server_id, checked_at DESC);
 
+    -- Covers the statistics' single pass over tenants (index-only scans).
     CREATE INDEX IF NOT EXISTS tenants_stats_idx
-      ON tenants (region, status, plan_type, hosted_region);
+      ON tenants (region, hosted_region, server_id, plan_type, status);
     """)
