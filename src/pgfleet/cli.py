@@ -289,8 +289,11 @@ def down() -> None:
 
 @app.command()
 def status() -> None:
-    """Each embedded server (region, port, up/down) and the API."""
-    from pgfleet.fleet.embedded import EmbeddedFleet
+    """Each embedded server (region, port, up/down, round trip, connections
+    used/max, tenant databases, disk used) and the API."""
+    from pgfleet.fleet.embedded import ADMIN_USER, EmbeddedFleet
+    from pgfleet.fleet.health import check_server
+    from pgfleet.fleet.registry import ServerRecord
 
     s = _settings()
     if not s.embedded:
@@ -299,12 +302,48 @@ def status() -> None:
     states = EmbeddedFleet(s).states()
     if not states:
         fail(f"no embedded fleet in {s.home_abs}; run `pgfleet up`")
+    fleet = EmbeddedFleet(s)
     t = Table(title=f"pgfleet servers ({s.home_abs})")
-    for col in ("server", "region", "port", "state"):
+    for col in ("server", "region", "port", "state", "latency", "connections", "dbs", "size"):
         t.add_column(col)
     for st in states:
         state = Text("up", "green") if st.running else Text("down", "red")
-        _row(t, st.server.name, st.server.region or "(platform DB)", str(st.server.port), state)
+        cells: list[object] = ["-", "-", "-", "-"]
+        if st.running:
+            h = check_server(
+                ServerRecord(
+                    id=0,
+                    name=st.server.name,
+                    region=st.server.region or "platform",
+                    host="127.0.0.1",
+                    port=st.server.port,
+                    admin_user=ADMIN_USER,
+                    admin_database="postgres",
+                    sslmode="disable",
+                    capacity=0,
+                    is_primary=True,
+                    enabled=True,
+                    embedded=True,
+                    admin_password=fleet.admin_password(st.server.name),
+                )
+            )
+            if h.ok:
+                cells = [
+                    f"{h.latency_ms} ms",
+                    f"{h.connections_used}/{h.connections_max}",
+                    h.tenant_databases,
+                    _bytes(h.bytes_used),
+                ]
+            else:
+                state = Text("not answering", "red")
+        _row(
+            t,
+            st.server.name,
+            st.server.region or "(platform DB)",
+            str(st.server.port),
+            state,
+            *cells,
+        )
     out.print(t)
     pid = _api_pid(s)
     url = json.loads(_api_file(s).read_text())["url"] if _api_file(s).exists() else "-"
