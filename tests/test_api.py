@@ -188,8 +188,8 @@ def test_delete_project(api: Api, fleet: FleetUnderTest) -> None:
     listed = r.json()["projects"]
     assert [(p["id"], p["status"]) for p in listed] == [(pid, "deleted")]
     assert db not in all_tenant_databases(fleet)
-    assert db not in all_tenant_roles(fleet)
-    assert f"{db}_ro" not in all_tenant_roles(fleet)
+    # The gate role named like the database, and both login roles, are gone.
+    assert {db, f"{db}_rw", f"{db}_ro"} & all_tenant_roles(fleet) == set()
     res = run_psql(body["connection"]["uri"], "select 1")
     assert res.returncode != 0
 
@@ -610,8 +610,10 @@ def test_region_down_is_503_and_leaves_nothing(
     # Nothing half-created anywhere: only the two good projects' databases/roles.
     good = {before["connection"]["database"], elsewhere["connection"]["database"]}
     assert all_tenant_databases(fleet) == good
-    # each project has its login role and its read-only role
-    assert all_tenant_roles(fleet) == good | {f"{db}_ro" for db in good}
+    # each project has its gate role (named like the database) and its two login roles
+    assert all_tenant_roles(fleet) == good | {
+        f"{db}_{kind}" for db in good for kind in ("rw", "ro")
+    }
     for rid, status in platform_rows(platform, "SELECT id, status FROM tenants"):
         if str(rid) not in (before["id"], elsewhere["id"]):
             assert status != "active"

@@ -1,6 +1,10 @@
 """Tenant isolation with real credentials on the real servers: a project's
-role reaches its own database and nothing else, and a deleted project leaves
-nothing that still lets anyone in."""
+login roles reach its own database and nothing else, and a deleted project
+leaves nothing that still lets anyone in.
+
+Each project has a NOLOGIN gate role `tenant_<u>` named like its database, and
+two login roles `tenant_<u>_rw` (owns the database) and `tenant_<u>_ro`, both
+members of the gate; pg_hba's `samerole` admits them to that database only."""
 
 from __future__ import annotations
 
@@ -24,6 +28,20 @@ ACCESS_REFUSALS = (
     "permission denied for database",
 )
 BAD_PASSWORD = "password authentication failed"
+# The refusal that does not depend on any database's CONNECT privileges.
+HBA_REJECTS = ("pg_hba.conf rejects connection",)
+# A deleted project's roles are gone: pg_hba finds no membership, or (for a
+# role that somehow survived) the password is refused.
+GONE = (BAD_PASSWORD, *HBA_REJECTS)
+
+
+def gate_of(prov: ProvisionedDatabase) -> str:
+    """The project's NOLOGIN gate role, named like its database."""
+    return prov.database
+
+
+def set_role(conn: psycopg.Connection[Any], role: str) -> None:
+    conn.execute(psycopg.sql.SQL("SET ROLE {}").format(psycopg.sql.Identifier(role)))
 
 
 def uri_for(
@@ -87,12 +105,12 @@ def test_cannot_reach_another_projects_database(
 ) -> None:
     (_, a), (_, b) = two_projects(platform, owner[0])
     for ro in (False, True):
-        assert_refused(uri_for(a, dbname=b.database, ro=ro), ACCESS_REFUSALS)
-        assert_refused(uri_for(b, dbname=a.database, ro=ro), ACCESS_REFUSALS)
+        assert_refused(uri_for(a, dbname=b.database, ro=ro), HBA_REJECTS)
+        assert_refused(uri_for(b, dbname=a.database, ro=ro), HBA_REJECTS)
     # Defence in depth: even without pg_hba, the privilege is not there.
     with fleet.admin_conn("us-east-1") as adm:
         for x, y in ((a, b), (b, a)):
-            for role in (x.user, x.ro_user):
+            for role in (x.user, x.ro_user, gate_of(x)):
                 row = adm.execute(
                     "SELECT has_database_privilege(%s, %s, 'CONNECT')", (role, y.database)
                 ).fetchone()
@@ -111,7 +129,13 @@ def test_cannot_reach_other_databases_on_the_server(
     with fleet.admin_conn("us-east-1") as adm:
         adm.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(other)))
     try:
-        assert_refused(uri_for(a, dbname=other, ro=ro), ACCESS_REFUSALS)
+        # Privileges alone would let the project in: only pg_hba stands in the way.
+        with fleet.admin_conn("us-east-1") as adm:
+            role = a.ro_user if ro else a.user
+            assert adm.execute(
+                "SELECT has_database_privilege(%s, %s, 'CONNECT')", (role, other)
+            ).fetchone() == (True,)
+        assert_refused(uri_for(a, dbname=other, ro=ro), HBA_REJECTS)
     finally:
         with fleet.admin_conn("us-east-1") as adm:
             adm.execute(
@@ -127,7 +151,7 @@ def test_cannot_reach_system_databases(
     platform: Platform, owner: tuple[Owner, str], dbname: str, ro: bool
 ) -> None:
     _, a = create_project(platform, owner[0], name="sys", region="eu-central-1", plan_type="pro")
-    assert_refused(uri_for(a, dbname=dbname, ro=ro), ACCESS_REFUSALS)
+    assert_refused(uri_for(a, dbname=dbname, ro=ro), HBA_REJECTS)
 
 
 def test_wrong_password_fails(platform: Platform, owner: tuple[Owner, str]) -> None:
@@ -174,6 +198,68 @@ def test_cannot_become_another_role(platform: Platform, owner: tuple[Owner, str]
         assert c.execute("SELECT count(*) FROM data").fetchone() == (0,)
 
 
+def test_set_role_stays_inside_the_project(platform: Platform, owner: tuple[Owner, str]) -> None:
+    """Neither login role can become another project's roles, nor ro the rw role, nor
+    change who belongs to which gate; and becoming the gate role gives nothing."""
+    (_, a), (_, b) = two_projects(platform, owner[0])
+    sql = psycopg.sql
+    with psycopg.connect(uri_for(a), autocommit=True) as c:
+        c.execute("CREATE TABLE data (x int); INSERT INTO data VALUES (1)")
+
+    cases = {
+        a.user: [gate_of(b), b.user, b.ro_user],
+        a.ro_user: [a.user, gate_of(b), b.user, b.ro_user],
+    }
+    for ro, forbidden in zip((False, True), cases.values(), strict=True):
+        me = a.ro_user if ro else a.user
+        with psycopg.connect(uri_for(a, ro=ro), autocommit=True) as c:
+            for role in forbidden:
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    set_role(c, role)
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute(sql.SQL("SET SESSION AUTHORIZATION {}").format(sql.Identifier(b.user)))
+            # Memberships decide what pg_hba admits: none can be added from here
+            # (in a read-write transaction, so only privileges can refuse).
+            c.execute("SET default_transaction_read_only = off")
+            grants = [
+                (gate_of(b), me),  # join another project's gate
+                (gate_of(a), b.user),  # let another project into this one
+                (gate_of(a), b.ro_user),
+            ]
+            if ro:
+                grants.append((a.user, me))  # ro becoming a member of rw
+            for granted, to in grants:
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    c.execute(
+                        sql.SQL("GRANT {} TO {}").format(
+                            sql.Identifier(granted), sql.Identifier(to)
+                        )
+                    )
+            assert c.execute("SELECT current_user::text").fetchone() == (me,)
+
+            # Becoming the gate is allowed (it is what pg_hba checks) and gives nothing.
+            c.execute("BEGIN READ WRITE")
+            set_role(c, gate_of(a))
+            assert c.execute("SELECT current_user::text").fetchone() == (gate_of(a),)
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute("INSERT INTO data VALUES (2)")
+            c.execute("ROLLBACK")
+            c.execute("BEGIN READ WRITE")
+            set_role(c, gate_of(a))
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute("SELECT x FROM data")
+            c.execute("ROLLBACK")
+            c.execute("BEGIN READ WRITE")
+            set_role(c, gate_of(a))
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute("CREATE TABLE gate_made (x int)")
+            c.execute("ROLLBACK")
+    with psycopg.connect(uri_for(a), autocommit=True) as c:
+        # The same INSERT works for rw itself: what failed above was the gate.
+        c.execute("INSERT INTO data VALUES (3)")
+        assert c.execute("SELECT x FROM data ORDER BY x").fetchall() == [(1,), (3,)]
+
+
 def test_no_replication_connection(platform: Platform, owner: tuple[Owner, str]) -> None:
     _, a = create_project(platform, owner[0], name="repl", region="us-east-1", plan_type="free")
     # Logical (walsender on a database): refused because the role lacks REPLICATION.
@@ -194,14 +280,13 @@ def test_delete_removes_database_role_and_access(
         out = delete_project(platform, owner[0], str(row_a["id"]))
         assert out["status"] == "deleted"
         assert a.database not in fleet.databases("eu-central-1")
-        assert a.user not in fleet.roles("eu-central-1")
-        assert a.ro_user not in fleet.roles("eu-central-1")
+        assert {a.user, a.ro_user, gate_of(a)} & fleet.roles("eu-central-1") == set()
         with pytest.raises(psycopg.OperationalError):
             session.execute("select 1")
     finally:
         session.close()
-    assert_refused(uri_for(a), (BAD_PASSWORD,))
-    assert_refused(uri_for(a, ro=True), (BAD_PASSWORD, *ACCESS_REFUSALS))
+    assert_refused(uri_for(a), GONE)
+    assert_refused(uri_for(a, ro=True), GONE)
     status, deleted_at, info = tenant_row(platform, row_a["id"])
     assert status == "deleted"
     assert deleted_at is not None
@@ -224,9 +309,15 @@ def test_api_delete_removes_database_role_and_access(
     r = api.delete(f"/v1/projects/{body['id']}")
     assert r.status_code == 200, r.text
     assert r.json()["status"] == "deleted"
+    assert conn["user"] == conn["database"] + "_rw"
     assert conn["database"] not in fleet.databases("ap-southeast-1")
-    assert conn["user"] not in fleet.roles("ap-southeast-1")
-    assert_refused(conn["uri"], (BAD_PASSWORD,))
+    left = fleet.roles("ap-southeast-1") & {
+        conn["database"],
+        conn["database"] + "_rw",
+        conn["database"] + "_ro",
+    }
+    assert left == set(), f"roles left behind: {left}"
+    assert_refused(conn["uri"], GONE)
     status, deleted_at, info = tenant_row(platform, uuid.UUID(body["id"]))
     assert (status, info) == ("deleted", None)
     assert deleted_at is not None

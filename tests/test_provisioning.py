@@ -26,10 +26,16 @@ from pgfleet.tenants.provisioning import (
 from pgfleet.tenants.service import Owner, create_project
 from tests.conftest import FleetUnderTest
 
-TENANT_NAME_RE = re.compile(r"^tenant_[0-9a-f]{8}(_[0-9a-f]{4}){3}_[0-9a-f]{12}(_ro)?$")
+TENANT_NAME_RE = re.compile(r"^tenant_[0-9a-f]{8}(_[0-9a-f]{4}){3}_[0-9a-f]{12}(_rw|_ro)?$")
+HBA_REJECTS = "pg_hba.conf rejects connection"
 
 
 # ---- helpers -------------------------------------------------------------------
+
+
+def project_roles(name: str) -> tuple[str, str, str]:
+    """(gate, rw, ro): the NOLOGIN role named like the database, and the two login roles."""
+    return name, f"{name}_rw", f"{name}_ro"
 
 
 def insert_tenant(platform: Platform, region: str, plan: str = "free") -> uuid.UUID:
@@ -86,12 +92,109 @@ def can_login(prov: ProvisionedDatabase, password: str | None = None, *, ro: boo
         return False
 
 
-def object_oids(fleet: FleetUnderTest, region: str, name: str) -> tuple[Any, Any]:
-    """(oid of database `name`, oid of role `name`): unchanged means not recreated."""
+def object_oids_of_role(fleet: FleetUnderTest, region: str, role: str) -> Any:
+    with fleet.admin_conn(region) as a:
+        return a.execute("SELECT oid FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+
+
+def object_oids(fleet: FleetUnderTest, region: str, name: str) -> tuple[Any, ...]:
+    """(oid of database `name`, oids of its gate, rw and ro roles): unchanged means not
+    recreated."""
     with fleet.admin_conn(region) as a:
         db = a.execute("SELECT oid FROM pg_database WHERE datname = %s", (name,)).fetchone()
-        role = a.execute("SELECT oid FROM pg_roles WHERE rolname = %s", (name,)).fetchone()
-    return db, role
+        roles = tuple(
+            a.execute("SELECT oid FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+            for role in project_roles(name)
+        )
+    assert db is not None and None not in roles, (db, roles)
+    return (db, *roles)
+
+
+def login_error(
+    prov: ProvisionedDatabase,
+    *,
+    user: str | None = None,
+    password: str | None = None,
+    dbname: str | None = None,
+) -> str:
+    """The server's reason for refusing a login (fails if the login is accepted)."""
+    try:
+        psycopg.connect(
+            host=prov.host,
+            port=prov.port,
+            dbname=dbname or prov.database,
+            user=user or prov.user,
+            password=prov.password if password is None else password,
+            sslmode=prov.sslmode,
+            connect_timeout=5,
+        ).close()
+    except psycopg.OperationalError as e:
+        return str(e)
+    raise AssertionError(f"{user or prov.user} logged into {dbname or prov.database}")
+
+
+def in_tenant_db(fleet: FleetUnderTest, region: str, name: str) -> psycopg.Connection[Any]:
+    """An admin (superuser) connection to the project's database."""
+    return fleet.admin_conn(region, name)
+
+
+def assert_gate_inert(fleet: FleetUnderTest, region: str, name: str) -> None:
+    """The gate role can do nothing: no login, no password, owns nothing, granted nothing."""
+    gate, rw, ro = project_roles(name)
+    with fleet.admin_conn(region) as a:
+        role = a.execute(
+            "SELECT oid, rolcanlogin, rolsuper, rolcreatedb, rolcreaterole, rolreplication, "
+            "rolbypassrls, rolpassword FROM pg_authid WHERE rolname = %s",
+            (gate,),
+        ).fetchone()
+        assert role is not None, f"no gate role {gate}"
+        oid = role[0]
+        assert role[1:] == (False, False, False, False, False, False, None), role
+        owned_dbs = a.execute(
+            "SELECT datname::text FROM pg_database WHERE datdba = %s", (oid,)
+        ).fetchall()
+        assert owned_dbs == [], f"the gate owns databases {owned_dbs}"
+        own_acl = a.execute(
+            "SELECT acl.privilege_type FROM pg_database d, "
+            "aclexplode(coalesce(d.datacl, acldefault('d', d.datdba))) acl "
+            "WHERE d.datname = %s AND acl.grantee = %s",
+            (name, oid),
+        ).fetchall()
+        assert own_acl == [], f"the gate holds {own_acl} on its database"
+        assert a.execute(
+            "SELECT has_database_privilege(%s, %s, 'CONNECT')", (gate, name)
+        ).fetchone() == (False,)
+        # Shared dependencies record every owner and grantee, in every database.
+        deps = a.execute(
+            "SELECT d.datname::text, s.classid::regclass::text, s.deptype FROM pg_shdepend s "
+            "LEFT JOIN pg_database d ON d.oid = s.dbid "
+            "WHERE s.refclassid = 'pg_authid'::regclass AND s.refobjid = %s",
+            (oid,),
+        ).fetchall()
+        assert deps == [], f"the gate owns or is granted {deps}"
+        members = {
+            r[0]
+            for r in a.execute(
+                "SELECT m.rolname::text FROM pg_auth_members am "
+                "JOIN pg_roles m ON m.oid = am.member WHERE am.roleid = %s",
+                (oid,),
+            )
+        }
+        assert members == {rw, ro}, f"gate members {members}"
+        member_of = a.execute(
+            "SELECT roleid::regrole::text FROM pg_auth_members WHERE member = %s", (oid,)
+        ).fetchall()
+        assert member_of == [], f"the gate inherits from {member_of}"
+    with in_tenant_db(fleet, region, name) as t:
+        owned = t.execute(
+            "SELECT 'class ' || relname FROM pg_class WHERE relowner = %(o)s "
+            "UNION ALL SELECT 'schema ' || nspname FROM pg_namespace WHERE nspowner = %(o)s "
+            "UNION ALL SELECT 'function ' || proname FROM pg_proc WHERE proowner = %(o)s "
+            "UNION ALL SELECT 'type ' || typname FROM pg_type WHERE typowner = %(o)s "
+            "UNION ALL SELECT 'default acl' FROM pg_default_acl WHERE defaclrole = %(o)s",
+            {"o": oid},
+        ).fetchall()
+        assert owned == [], f"the gate owns {owned} in its database"
 
 
 def hosting_regions(fleet: FleetUnderTest, name: str) -> tuple[set[str], set[str]]:
@@ -104,10 +207,11 @@ def hosting_regions(fleet: FleetUnderTest, name: str) -> tuple[set[str], set[str
 def assert_converged(fleet: FleetUnderTest, region: str, prov: ProvisionedDatabase) -> None:
     """Database and roles exist on `region`'s server only, as the rules want."""
     name = prov.database
-    assert prov.user == name
-    assert prov.ro_user and prov.ro_user != name
+    gate, rw, ro = project_roles(name)
+    assert (prov.user, prov.ro_user) == (rw, ro)
     assert hosting_regions(fleet, name) == ({region}, {region})
-    assert hosting_regions(fleet, prov.ro_user)[1] == {region}
+    assert hosting_regions(fleet, rw)[1] == {region}
+    assert hosting_regions(fleet, ro)[1] == {region}
     assert prov.port == fleet.server(region).port
     with fleet.admin_conn(region) as a:
         db = a.execute(
@@ -117,7 +221,7 @@ def assert_converged(fleet: FleetUnderTest, region: str, prov: ProvisionedDataba
         ).fetchone()
         assert db is not None
         owner, connlimit, allowconn = db
-        assert owner == name, "the database must be owned by the project's role"
+        assert owner == rw, "the database must be owned by the project's rw role"
         assert connlimit != -2, "the database is still marked invalid"
         assert allowconn
         public_connect = a.execute(
@@ -127,14 +231,27 @@ def assert_converged(fleet: FleetUnderTest, region: str, prov: ProvisionedDataba
             (name,),
         ).fetchone()
         assert public_connect == (0,), "PUBLIC still has CONNECT on the tenant database"
-        for role_name in (name, prov.ro_user):
+        for role_name in (rw, ro):
             role = a.execute(
                 "SELECT rolcanlogin, rolsuper, rolcreatedb, rolcreaterole, rolreplication, "
                 "rolbypassrls, left(rolpassword, 14) FROM pg_authid WHERE rolname = %s",
                 (role_name,),
             ).fetchone()
             assert role == (True, False, False, False, False, False, "SCRAM-SHA-256$"), role_name
-        # Exactly the project's two roles may connect; no other tenant role may.
+        # Exactly the project's two login roles are members of the gate (so pg_hba
+        # admits them), and they belong to nothing else.
+        for login in (rw, ro):
+            member_of = {
+                r[0]
+                for r in a.execute(
+                    "SELECT g.rolname::text FROM pg_auth_members am "
+                    "JOIN pg_roles g ON g.oid = am.roleid JOIN pg_roles m ON m.oid = am.member "
+                    "WHERE m.rolname = %s",
+                    (login,),
+                )
+            }
+            assert member_of == {gate}, f"{login} is a member of {member_of}"
+        # Exactly the project's login roles may connect; no other tenant role may.
         connectors = {
             r[0]
             for r in a.execute(
@@ -143,7 +260,8 @@ def assert_converged(fleet: FleetUnderTest, region: str, prov: ProvisionedDataba
                 (name,),
             )
         }
-        assert connectors == {name, prov.ro_user}
+        assert connectors == {rw, ro}
+    assert_gate_inert(fleet, region, name)
     assert can_login(prov), "the provisioned credentials do not log in"
     assert can_login(prov, ro=True), "the read-only credentials do not log in"
     with connect_as(prov, ro=True) as c, pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
@@ -224,15 +342,24 @@ def test_ensure_unknown_tenant_and_wrong_region(platform: Platform) -> None:
 # ---- convergence from partial states ----------------------------------------------
 
 
-def test_role_without_database_converges(platform: Platform, fleet: FleetUnderTest) -> None:
+@pytest.mark.parametrize("leftover", ["rw", "ro", "gate"])
+def test_role_without_database_converges(
+    platform: Platform, fleet: FleetUnderTest, leftover: str
+) -> None:
+    """One role left over, alone, with a password nobody knows (for the gate: what the
+    old two-role scheme left, a login role named like the database)."""
     tid = insert_tenant(platform, "eu-central-1")
     name = tenant_db_name(tid)
+    gate, rw, ro = project_roles(name)
+    role = {"rw": rw, "ro": ro, "gate": gate}[leftover]
     with fleet.admin_conn("eu-central-1") as a:
-        a.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'leftover'").format(sql.Identifier(name)))
+        a.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'leftover'").format(sql.Identifier(role)))
+    before = object_oids_of_role(fleet, "eu-central-1", role)
     prov = ensure_tenant_database_provisioned(tid, "eu-central-1", platform=platform)
-    assert prov.password != "leftover"
+    assert "leftover" not in (prov.password, prov.ro_password)
     assert_converged(fleet, "eu-central-1", prov)
-    assert not can_login(prov, "leftover")
+    assert object_oids_of_role(fleet, "eu-central-1", role) == before, "the role was recreated"
+    assert "password authentication failed" in login_error(prov, user=role, password="leftover")
 
 
 def test_role_without_database_after_create_converges(
@@ -256,7 +383,7 @@ def test_database_without_role_converges(platform: Platform, fleet: FleetUnderTe
         owner = a.execute(
             "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s", (name,)
         ).fetchone()
-        assert owner is not None and owner[0] != name
+        assert owner is not None and owner[0] not in project_roles(name)
         db_oid = a.execute("SELECT oid FROM pg_database WHERE datname = %s", (name,)).fetchone()
     prov = ensure_tenant_database_provisioned(tid, "eu-central-1", platform=platform)
     assert_converged(fleet, "eu-central-1", prov)
@@ -271,12 +398,17 @@ def test_wrong_role_password_converges(
         platform, owner[0], name="pw", region="ap-southeast-1", plan_type="pro"
     )
     with fleet.admin_conn("ap-southeast-1") as a:
-        a.execute(sql.SQL("ALTER ROLE {} PASSWORD 'x'").format(sql.Identifier(prov.user)))
+        for role in (prov.user, prov.ro_user):
+            a.execute(sql.SQL("ALTER ROLE {} PASSWORD 'x'").format(sql.Identifier(role)))
     assert not can_login(prov), "the sabotage did not take"
+    assert not can_login(prov, ro=True), "the sabotage did not take"
     again = ensure_tenant_database_provisioned(row["id"], "ap-southeast-1", platform=platform)
     assert again.password == prov.password
+    assert again.ro_password == prov.ro_password
     assert can_login(prov)
+    assert can_login(prov, ro=True)
     assert not can_login(prov, "x")
+    assert not can_login(prov, "x", ro=True)
     assert_converged(fleet, "ap-southeast-1", again)
 
 
@@ -287,19 +419,21 @@ def test_role_with_wrong_attributes_converges(
         platform, owner[0], name="attrs", region="eu-central-1", plan_type="pro"
     )
     with fleet.admin_conn("eu-central-1") as a:
-        a.execute(
-            sql.SQL(
-                "ALTER ROLE {} NOLOGIN SUPERUSER CREATEDB CREATEROLE REPLICATION BYPASSRLS "
-                "CONNECTION LIMIT 1"
-            ).format(sql.Identifier(prov.user))
-        )
+        for role in (prov.user, prov.ro_user):
+            a.execute(
+                sql.SQL(
+                    "ALTER ROLE {} NOLOGIN SUPERUSER CREATEDB CREATEROLE REPLICATION BYPASSRLS "
+                    "CONNECTION LIMIT 1"
+                ).format(sql.Identifier(role))
+            )
     again = ensure_tenant_database_provisioned(row["id"], "eu-central-1", platform=platform)
     assert_converged(fleet, "eu-central-1", again)
     with fleet.admin_conn("eu-central-1") as a:
-        limit = a.execute(
-            "SELECT rolconnlimit FROM pg_roles WHERE rolname = %s", (prov.user,)
-        ).fetchone()
-    assert limit == (60,)
+        for role in (prov.user, prov.ro_user):
+            limit = a.execute(
+                "SELECT rolconnlimit FROM pg_roles WHERE rolname = %s", (role,)
+            ).fetchone()
+            assert limit == (60,), role
 
 
 def test_lost_read_only_role_converges(
@@ -365,6 +499,201 @@ def test_half_dropped_database_converges(
         assert c.execute("SELECT to_regclass('leftover')").fetchone() == (None,)
 
 
+# ---- the gate role: partial states ------------------------------------------------
+
+
+def test_missing_gate_role_converges(platform: Platform, fleet: FleetUnderTest) -> None:
+    """Only the rw role exists (nothing else): pg_hba cannot admit it anywhere until
+    the gate role exists again."""
+    tid = insert_tenant(platform, "us-east-1")
+    name = tenant_db_name(tid)
+    gate, rw, _ = project_roles(name)
+    with fleet.admin_conn("us-east-1") as a:
+        a.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'leftover'").format(sql.Identifier(rw)))
+    assert gate not in fleet.roles("us-east-1")
+    prov = ensure_tenant_database_provisioned(tid, "us-east-1", platform=platform)
+    assert_converged(fleet, "us-east-1", prov)
+    assert not can_login(prov, "leftover")
+
+
+def test_dropped_gate_role_shuts_logins_out_until_converged(
+    platform: Platform, owner: tuple[Owner, str], fleet: FleetUnderTest
+) -> None:
+    row, prov = create_project(
+        platform, owner[0], name="no gate", region="eu-central-1", plan_type="free"
+    )
+    with connect_as(prov) as c:
+        c.execute("CREATE TABLE kept (x int); INSERT INTO kept VALUES (3)")
+    gate = prov.database
+    with fleet.admin_conn("eu-central-1") as a:
+        # It owns nothing and holds nothing, so nothing stops the DROP.
+        a.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(gate)))
+    assert gate not in fleet.roles("eu-central-1")
+    # Without the gate, the right passwords no longer get past pg_hba.
+    assert HBA_REJECTS in login_error(prov)
+    assert HBA_REJECTS in login_error(prov, user=prov.ro_user, password=prov.ro_password)
+    again = ensure_tenant_database_provisioned(row["id"], "eu-central-1", platform=platform)
+    assert (again.password, again.ro_password) == (prov.password, prov.ro_password)
+    assert_converged(fleet, "eu-central-1", again)
+    with connect_as(again, ro=True) as c:
+        assert c.execute("SELECT x FROM kept").fetchall() == [(3,)]
+
+
+def test_gate_role_given_login_and_password_converges(
+    platform: Platform, owner: tuple[Owner, str], fleet: FleetUnderTest
+) -> None:
+    row, prov = create_project(
+        platform, owner[0], name="gate login", region="ap-southeast-1", plan_type="free"
+    )
+    gate = prov.database
+    with fleet.admin_conn("ap-southeast-1") as a:
+        a.execute(
+            sql.SQL(
+                "ALTER ROLE {} LOGIN CREATEDB CREATEROLE PASSWORD 'gate-pw' CONNECTION LIMIT 5"
+            ).format(sql.Identifier(gate))
+        )
+    # The sabotage took: the password is accepted (only the missing CONNECT
+    # privilege stops the login now).
+    before = login_error(prov, user=gate, password="gate-pw")
+    assert "permission denied for database" in before, before
+    again = ensure_tenant_database_provisioned(row["id"], "ap-southeast-1", platform=platform)
+    assert_converged(fleet, "ap-southeast-1", again)  # NOLOGIN, no password, no attributes
+    after = login_error(prov, user=gate, password="gate-pw")
+    assert "password authentication failed" in after, after
+
+
+def ro_can_write(prov: ProvisionedDatabase, statement: str) -> bool:
+    """Whether the ro role, after switching its transaction to read-write, may run
+    `statement` (rolled back either way). Only a permission error means no."""
+    with connect_as(prov, ro=True) as c:
+        c.execute("BEGIN READ WRITE")
+        try:
+            c.execute(statement)
+        except psycopg.errors.InsufficientPrivilege:
+            return False
+        finally:
+            c.execute("ROLLBACK")
+    return True
+
+
+def test_table_owned_by_gate_role_is_reassigned_to_rw(
+    platform: Platform, owner: tuple[Owner, str], fleet: FleetUnderTest
+) -> None:
+    """Both login roles inherit what the gate owns, so ro could write it; converging
+    gives it to rw, and ro then reads it and cannot write it."""
+    row, prov = create_project(
+        platform, owner[0], name="gate owns", region="us-east-1", plan_type="free"
+    )
+    with connect_as(prov) as c:
+        c.execute("CREATE TABLE t (x int); INSERT INTO t VALUES (1)")
+    with in_tenant_db(fleet, "us-east-1", prov.database) as t:
+        t.execute(sql.SQL("ALTER TABLE t OWNER TO {}").format(sql.Identifier(prov.database)))
+    # The hole: ro, a member of the gate, writes what the gate owns.
+    assert ro_can_write(prov, "INSERT INTO t VALUES (99)"), "the sabotage did not take"
+
+    again = ensure_tenant_database_provisioned(row["id"], "us-east-1", platform=platform)
+    with in_tenant_db(fleet, "us-east-1", prov.database) as t:
+        owner_of = t.execute(
+            "SELECT pg_get_userbyid(relowner)::text FROM pg_class WHERE oid = 'public.t'::regclass"
+        ).fetchone()
+    assert owner_of == (prov.user,)
+    assert_converged(fleet, "us-east-1", again)
+    assert not ro_can_write(again, "INSERT INTO t VALUES (100)")
+    assert not ro_can_write(again, "UPDATE t SET x = 2")
+    with connect_as(again, ro=True) as c:
+        assert c.execute("SELECT x FROM t").fetchall() == [(1,)]
+    with connect_as(again) as c:
+        c.execute("INSERT INTO t VALUES (4)")
+        assert c.execute("SELECT count(*) FROM t").fetchone() == (2,)
+
+
+def test_schema_owned_by_gate_role_is_reassigned_and_readable_by_ro(
+    platform: Platform, owner: tuple[Owner, str], fleet: FleetUnderTest
+) -> None:
+    """A schema and a table made as the gate itself, with no grants to anyone: one
+    ensure gives both to rw, and ro reads them (as it reads all rw owns) and cannot
+    write them."""
+    row, prov = create_project(
+        platform, owner[0], name="gate schema", region="us-east-1", plan_type="free"
+    )
+    gate = sql.Identifier(prov.database)
+    with in_tenant_db(fleet, "us-east-1", prov.database) as t:
+        t.execute(sql.SQL("CREATE SCHEMA gated AUTHORIZATION {}").format(gate))
+        t.execute(sql.SQL("SET ROLE {}").format(gate))
+        t.execute("CREATE TABLE gated.g (x int); INSERT INTO gated.g VALUES (2)")
+    assert ro_can_write(prov, "INSERT INTO gated.g VALUES (99)"), "the sabotage did not take"
+
+    again = ensure_tenant_database_provisioned(row["id"], "us-east-1", platform=platform)
+    with in_tenant_db(fleet, "us-east-1", prov.database) as t:
+        owners = t.execute(
+            "SELECT pg_get_userbyid(relowner)::text FROM pg_class "
+            "WHERE oid = 'gated.g'::regclass "
+            "UNION ALL SELECT pg_get_userbyid(nspowner)::text FROM pg_namespace "
+            "WHERE nspname = 'gated'"
+        ).fetchall()
+    assert owners == [(prov.user,)] * 2
+    assert not ro_can_write(again, "INSERT INTO gated.g VALUES (100)")
+    with connect_as(again) as c:
+        c.execute("INSERT INTO gated.g VALUES (5)")
+    with connect_as(again, ro=True) as c:
+        assert c.execute("SELECT x FROM gated.g ORDER BY x").fetchall() == [(2,), (5,)]
+    assert_converged(fleet, "us-east-1", again)
+
+
+def test_privileges_granted_to_gate_role_are_revoked(
+    platform: Platform, owner: tuple[Owner, str], fleet: FleetUnderTest
+) -> None:
+    """The gate is granted nothing: whatever it holds, ro inherits, write included."""
+    row, prov = create_project(
+        platform, owner[0], name="gate grants", region="ap-southeast-1", plan_type="free"
+    )
+    with connect_as(prov) as c:
+        c.execute("CREATE TABLE t (x int)")
+    with in_tenant_db(fleet, "ap-southeast-1", prov.database) as t:
+        t.execute(
+            sql.SQL("GRANT INSERT, UPDATE, DELETE ON t TO {}").format(sql.Identifier(prov.database))
+        )
+    assert ro_can_write(prov, "INSERT INTO t VALUES (99)"), "the sabotage did not take"
+    again = ensure_tenant_database_provisioned(row["id"], "ap-southeast-1", platform=platform)
+    assert not ro_can_write(again, "INSERT INTO t VALUES (100)")
+    assert_converged(fleet, "ap-southeast-1", again)
+
+
+def test_project_from_the_two_role_scheme_converges(
+    platform: Platform, fleet: FleetUnderTest
+) -> None:
+    """What the previous scheme left on a server: a login role named like the database
+    owning it and everything in it, and a `_ro` role reading it through grants."""
+    tid = insert_tenant(platform, "eu-central-1")
+    name = tenant_db_name(tid)
+    gate, _, ro = project_roles(name)
+    old, old_ro = sql.Identifier(gate), sql.Identifier(ro)
+    with fleet.admin_conn("eu-central-1") as a:
+        a.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'old-pw'").format(old))
+        a.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'old-ro-pw'").format(old_ro))
+        a.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(old, old))
+        a.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(old))
+        a.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}, {}").format(old, old, old_ro))
+    with in_tenant_db(fleet, "eu-central-1", name) as t:
+        t.execute(sql.SQL("SET ROLE {}").format(old))
+        t.execute(
+            sql.SQL(
+                "ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO {}; "
+                "CREATE SCHEMA app; CREATE TABLE app.items (x int); INSERT INTO app.items "
+                "VALUES (1); CREATE TABLE notes (y text); INSERT INTO notes VALUES ('n'); "
+                "GRANT USAGE ON SCHEMA app TO {}"
+            ).format(old_ro, old_ro)
+        )
+    prov = ensure_tenant_database_provisioned(tid, "eu-central-1", platform=platform)
+    assert_converged(fleet, "eu-central-1", prov)
+    assert "password authentication failed" in login_error(prov, user=gate, password="old-pw")
+    with connect_as(prov, ro=True) as c:
+        assert c.execute("SELECT x FROM app.items").fetchall() == [(1,)]
+        assert c.execute("SELECT y FROM notes").fetchall() == [("n",)]
+    with connect_as(prov) as c:
+        c.execute("INSERT INTO app.items VALUES (2); UPDATE notes SET y = 'm'")
+
+
 def test_desired_password_is_applied(
     platform: Platform, owner: tuple[Owner, str], fleet: FleetUnderTest
 ) -> None:
@@ -395,18 +724,51 @@ def test_connection_limit_matches_plan(
     _, prov = create_project(
         platform, owner[0], name=f"plan {plan.id}", region="us-east-1", plan_type=plan.id
     )
-    with fleet.admin_conn("us-east-1") as a:
-        limit = a.execute(
-            "SELECT rolconnlimit FROM pg_roles WHERE rolname = %s", (prov.user,)
+    for role in (prov.user, prov.ro_user):
+        with fleet.admin_conn("us-east-1") as a:
+            limit = a.execute(
+                "SELECT rolconnlimit FROM pg_roles WHERE rolname = %s", (role,)
+            ).fetchone()
+            settings = a.execute(
+                "SELECT s.setconfig FROM pg_db_role_setting s "
+                "JOIN pg_roles r ON r.oid = s.setrole WHERE r.rolname = %s AND s.setdatabase = 0",
+                (role,),
+            ).fetchone()
+        assert limit == ({"free": 10, "pro": 60, "enterprise": 200}[plan.id],), role
+        assert settings is not None, role
+        assert f"statement_timeout={plan.statement_timeout_ms}ms" in settings[0], role
+        read_only = "default_transaction_read_only=on" in settings[0]
+        assert read_only == (role == prov.ro_user), (role, settings[0])
+
+
+def test_gate_role_owns_and_is_granted_nothing(
+    platform: Platform, owner: tuple[Owner, str], fleet: FleetUnderTest
+) -> None:
+    """After the project has objects of every kind and ensure has run again over them."""
+    row, prov = create_project(
+        platform, owner[0], name="inert", region="eu-central-1", plan_type="pro"
+    )
+    with connect_as(prov) as c:
+        c.execute(
+            "CREATE SCHEMA app; CREATE TABLE app.items (id serial PRIMARY KEY, v text); "
+            "CREATE TABLE plain (x int); CREATE VIEW v AS SELECT x FROM plain; "
+            "CREATE TYPE mood AS ENUM ('ok'); CREATE SEQUENCE s; "
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1'"
+        )
+    again = ensure_tenant_database_provisioned(row["id"], "eu-central-1", platform=platform)
+    assert_converged(fleet, "eu-central-1", again)
+    gate = prov.database
+    assert_gate_inert(fleet, "eu-central-1", gate)
+    with in_tenant_db(fleet, "eu-central-1", gate) as t:
+        rights = t.execute(
+            "SELECT has_table_privilege(%(g)s, 'public.plain', 'SELECT'), "
+            "has_table_privilege(%(g)s, 'app.items', 'INSERT'), "
+            "has_schema_privilege(%(g)s, 'public', 'CREATE'), "
+            "has_schema_privilege(%(g)s, 'app', 'USAGE'), "
+            "has_database_privilege(%(g)s, current_database(), 'TEMPORARY')",
+            {"g": gate},
         ).fetchone()
-        settings = a.execute(
-            "SELECT s.setconfig FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole "
-            "WHERE r.rolname = %s AND s.setdatabase = 0",
-            (prov.user,),
-        ).fetchone()
-    assert limit == ({"free": 10, "pro": 60, "enterprise": 200}[plan.id],)
-    assert settings is not None
-    assert f"statement_timeout={plan.statement_timeout_ms}ms" in settings[0]
+    assert rights == (False,) * 5
 
 
 def test_connection_info_holds_no_cleartext_password(
@@ -420,9 +782,12 @@ def test_connection_info_holds_no_cleartext_password(
     assert info["password_enc"]
     assert "password" not in info
     assert info["user"] == prov.user and info["database"] == prov.database
+    assert info["ro_user"] == prov.ro_user
     assert info["port"] == prov.port
     assert prov.password not in row["_json_text"]
+    assert prov.ro_password not in row["_json_text"]
     assert platform.secrets.decrypt(info["password_enc"]) == prov.password
+    assert platform.secrets.decrypt(info["ro_password_enc"]) == prov.ro_password
 
 
 def test_metadata_only_region_is_hosted_in_default_region(

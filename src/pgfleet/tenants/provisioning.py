@@ -51,9 +51,6 @@ class ProvisionedDatabase:
     actions: tuple[str, ...] = ()
 
 
-# Every project's read-only role is a member of this NOLOGIN role, which has
-# no privileges of its own: pg_hba admits its members to tenant databases
-# only, and CONNECT privileges keep each to its own project's database.
 def rw_role_name(name: str) -> str:
     return f"{name}_rw"
 
@@ -178,7 +175,22 @@ def converge_on_server(
     conn.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(gate, rw))
     conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(gate, ro))
 
+    # Members of the gate other than the project's two roles are removed.
+    for (extra,) in conn.execute(
+        "SELECT pg_get_userbyid(m.member) FROM pg_auth_members m "
+        "WHERE m.roleid = %s::regrole AND m.member NOT IN (%s::regrole, %s::regrole)",
+        (name, rw_role_name(name), ro_role_name(name)),
+    ).fetchall():
+        conn.execute(sql.SQL("REVOKE {} FROM {}").format(gate, sql.Identifier(extra)))
+        actions.append(f"remove {extra} from the gate role")
+
     with connect_tenant_db() as tconn:
+        # The gate must own nothing and hold no privilege, or its members would
+        # inherit them: hand what it owns to _rw, then drop its grants and
+        # default privileges. First, so the schema list below sees the result.
+        with tconn.transaction():
+            tconn.execute(sql.SQL("REASSIGN OWNED BY {} TO {}").format(gate, rw))
+            tconn.execute(sql.SQL("DROP OWNED BY {}").format(gate))
         schemas = [
             r[0]
             for r in tconn.execute(
@@ -188,8 +200,6 @@ def converge_on_server(
             )
         ]
         stmts: list[sql.Composable] = [
-            # The gate role must own nothing, or its members would inherit it.
-            sql.SQL("REASSIGN OWNED BY {} TO {}").format(gate, rw),
             sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} GRANT SELECT ON TABLES TO {}").format(
                 rw, ro
             ),
