@@ -103,6 +103,7 @@ def cli_env() -> Iterator[dict[str, str]]:
         PGFLEET_API_PORT=str(base + 55),
         PGFLEET_FSYNC="false",
         PGFLEET_EMBEDDED_REGIONS="us-east-1,eu-central-1",
+        COLUMNS="200",
     )
     yield env
     subprocess.run(

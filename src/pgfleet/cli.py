@@ -304,7 +304,9 @@ def status() -> None:
         fail(f"no embedded fleet in {s.home_abs}; run `pgfleet up`")
     fleet = EmbeddedFleet(s)
     t = Table(title=f"pgfleet servers ({s.home_abs})")
-    for col in ("server", "region", "port", "state", "latency", "connections", "dbs", "size"):
+    for col in ("server", "region", "port", "state"):
+        t.add_column(col, no_wrap=True)
+    for col in ("latency", "connections", "dbs", "size"):
         t.add_column(col)
     for st in states:
         state = Text("up", "green") if st.running else Text("down", "red")

@@ -7,11 +7,12 @@ import re
 
 _TOKEN = re.compile(
     r"""
-    (?P<comment>--[^\n]*|/\*.*?\*/)
-  | (?P<dollar>\$(?P<tag>[A-Za-z_][A-Za-z_0-9]*)?\$.*?\$(?P=tag)?\$)
-  | (?P<estring>[Ee]'(?:[^'\\]|\\.|'')*'?)
-  | (?P<string>[BbXxNn]?'(?:[^']|'')*'?)
-  | (?P<qident>"(?:[^"]|"")*"?)
+    (?P<line_comment>--[^\n]*)
+  | (?P<block_comment>/\*)
+  | (?P<dollar>\$(?P<tag>[A-Za-z_][A-Za-z_0-9]*|)\$.*?(?:\$(?P=tag)\$|\Z))
+  | (?P<estring>[Ee]'(?:[^'\\]|\\.|'')*(?:'|\Z))
+  | (?P<string>[BbXxNnUu]?&?'(?:[^']|'')*(?:'|\Z))
+  | (?P<qident>"(?:[^"]|"")*(?:"|\Z))
   | (?P<param>\$\d+|%s|%\([^)]*\)s)
   | (?P<number>(?<![A-Za-z_0-9])(?:\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?))
   | (?P<word>[A-Za-z_][A-Za-z_0-9$]*)
@@ -20,17 +21,38 @@ _TOKEN = re.compile(
     """,
     re.VERBOSE | re.DOTALL,
 )
+_COMMENT_PART = re.compile(r"/\*|\*/")
 
 MAX_FINGERPRINT = 1000
+
+
+def _skip_block_comment(query: str, pos: int) -> int:
+    """End of the (nestable) block comment opened just before `pos`."""
+    depth = 1
+    while depth:
+        m = _COMMENT_PART.search(query, pos)
+        if m is None:
+            return len(query)
+        depth += 1 if m.group() == "/*" else -1
+        pos = m.end()
+    return pos
 
 
 def fingerprint(query: str) -> str:
     """`SELECT * FROM t WHERE id = 42 AND name = 'x'` -> `select * from t where id = ? and
     name = ?`. Lists of constants collapse: `in (1, 2, 3)` -> `in (?)`."""
     out: list[str] = []
-    for m in _TOKEN.finditer(query):
+    pos = 0
+    while pos < len(query):
+        m = _TOKEN.match(query, pos)
+        if m is None:  # pragma: no cover - `other` matches any character
+            break
         kind = m.lastgroup
-        if kind in ("comment", "space"):
+        pos = m.end()
+        if kind == "block_comment":
+            pos = _skip_block_comment(query, pos)
+            kind = "space"
+        if kind in ("line_comment", "space"):
             if out and out[-1] != " ":
                 out.append(" ")
         elif kind in ("dollar", "estring", "string", "number", "param"):

@@ -123,7 +123,10 @@ def to_json(value: Any) -> Any:
     if value is None or isinstance(value, bool | int | str):
         return value
     if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
+        if math.isfinite(value):
+            return value
+        # PostgreSQL's own spellings, which it reads back.
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
     if isinstance(value, Decimal):
         return str(value)
     if isinstance(value, dt.datetime | dt.date | dt.time):
@@ -162,6 +165,7 @@ def run_sql(platform: Platform, owner: Owner, project_id: str, req: SqlRequest) 
         )
     limits = plan_limits(project["plan_type"])
     timeout_ms, max_rows = _check(req, limits)
+    _refuse_unsupported(req.query)
     tid = project["id"]
     endpoint = platform.client.endpoint_from_row(project)
     started_at = dt.datetime.now(dt.UTC)
@@ -170,7 +174,7 @@ def run_sql(platform: Platform, owner: Owner, project_id: str, req: SqlRequest) 
     row_count: int | None = None
     try:
         with platform.client.get_tenant_connection(tid, mode, endpoint=endpoint) as conn:
-            result = _execute(conn, req, mode, timeout_ms, max_rows, limits["max_bytes"])
+            result = _execute(conn, tid, req, mode, timeout_ms, max_rows, limits["max_bytes"])
             row_count = result.row_count
     except psycopg.Error as e:
         outcome = e.sqlstate or "error"
@@ -204,7 +208,13 @@ def run_sql(platform: Platform, owner: Owner, project_id: str, req: SqlRequest) 
             )
         )
     result.duration_ms = round(elapsed, 3)
-    result.limits = {"timeout_ms": timeout_ms, "max_rows": max_rows, **limits}
+    result.limits = {
+        "timeout_ms": timeout_ms,
+        "max_rows": max_rows,
+        "max_bytes": limits["max_bytes"],
+        "plan_max_timeout_ms": limits["max_timeout_ms"],
+        "plan_max_rows": limits["max_rows"],
+    }
     return result
 
 
@@ -237,6 +247,93 @@ class _StatementCursor(psycopg.RawCursor[Any]):
         return self._raise_for_result(res)
 
 
+# Statements that need a session of their own: each SQL API call is one
+# statement in its own transaction, and results come back as rows.
+_UNSUPPORTED = {
+    "begin": "transaction control",
+    "start": "transaction control",
+    "commit": "transaction control",
+    "end": "transaction control",
+    "rollback": "transaction control",
+    "abort": "transaction control",
+    "savepoint": "transaction control",
+    "release": "transaction control",
+    "copy": "COPY",
+}
+
+
+def _refuse_unsupported(query: str) -> None:
+    first = fingerprint(query).split(" ", 1)[0].rstrip(";")
+    what = _UNSUPPORTED.get(first)
+    if what is not None:
+        raise InvalidInput(
+            f"{what} ({first.upper()}) is not available through the SQL API: every call is "
+            "one statement in its own transaction; use the connection string for sessions "
+            "and COPY",
+            field="query",
+        )
+
+
+class _TextFallbackMixin:
+    """Load a value with psycopg's loader, or keep PostgreSQL's text when
+    Python cannot hold it (infinity, years past 9999, BC dates)."""
+
+    def load(self, data: Any) -> Any:
+        try:
+            return super().load(data)  # type: ignore[misc]
+        except (psycopg.DataError, ValueError, OverflowError):
+            return bytes(data).decode()
+
+
+class _TextLoader(psycopg.adapt.Loader):
+    def load(self, data: Any) -> str:
+        return bytes(data).decode()
+
+
+def _loaders() -> list[tuple[str, type[psycopg.adapt.Loader]]]:
+    from psycopg.types import datetime as pgdt
+
+    out: list[tuple[str, type[psycopg.adapt.Loader]]] = [
+        # An interval has months, days and time; Python's timedelta has only
+        # days, so '1 year' would come back as 365 days. Keep the server's text.
+        ("interval", _TextLoader),
+    ]
+    for name, base in (
+        ("date", pgdt.DateLoader),
+        ("timestamp", pgdt.TimestampLoader),
+        ("timestamptz", pgdt.TimestamptzLoader),
+    ):
+        out.append((name, type(f"Safe{base.__name__}", (_TextFallbackMixin, base), {})))
+    return out
+
+
+_SQL_LOADERS = _loaders()
+_TYPE_NAMES: dict[tuple[uuid.UUID, int], str] = {}
+
+
+def _type_names(
+    conn: psycopg.Connection[Any], tenant_id: uuid.UUID, description: Sequence[Any]
+) -> list[dict[str, str]]:
+    """Column names and types. Types psycopg does not know (enums, domains,
+    extensions: it shows their OID) are named by the server, cached per project."""
+    for c in description:
+        key = (tenant_id, c.type_code)
+        if c.type_display.isdigit() and key not in _TYPE_NAMES:
+            row = conn.execute("SELECT format_type(%s, NULL)", (c.type_code,)).fetchone()
+            if len(_TYPE_NAMES) > 50_000:
+                _TYPE_NAMES.clear()
+            _TYPE_NAMES[key] = row[0] if row else c.type_display
+    return [
+        {
+            "name": c.name,
+            "type": _TYPE_NAMES.get((tenant_id, c.type_code), c.type_display)
+            if c.type_display.isdigit()
+            else c.type_display,
+        }
+        for c in description
+    ]
+
+
 def _project(platform: Platform, owner: Owner, project_id: str) -> dict[str, Any]:
     """The project row with its connection info, in one query; 404 unless the
     owner may see it."""
@@ -261,6 +358,7 @@ def _project(platform: Platform, owner: Owner, project_id: str) -> dict[str, Any
 
 def _execute(
     conn: psycopg.Connection[Any],
+    tenant_id: uuid.UUID,
     req: SqlRequest,
     mode: str,
     timeout_ms: int,
@@ -273,6 +371,8 @@ def _execute(
     handle = WATCHDOG.arm(conn, (timeout_ms + WATCHDOG_GRACE_MS) / 1000)
     try:
         with _StatementCursor(conn) as cur:
+            for name, loader in _SQL_LOADERS:
+                cur.adapters.register_loader(name, loader)
             columns: list[dict[str, str]] = []
             rows: list[list[Any]] = []
             truncated = False
@@ -290,7 +390,7 @@ def _execute(
                     break
                 rows.append(row)
             if cur.description is not None:
-                columns = [{"name": c.name, "type": c.type_display} for c in cur.description]
+                columns = _type_names(conn, tenant_id, cur.description)
             final = cur.final
             command = (final.command_status or b"").decode() if final is not None else ""
             if not command:  # libpq leaves the tag empty after chunked rows
@@ -301,5 +401,7 @@ def _execute(
                 row_count = final.command_tuples or 0 if final is not None else 0
     finally:
         WATCHDOG.disarm(handle)
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            conn.rollback()
         conn.autocommit = False
     return SqlResult(columns, rows, row_count, truncated, 0.0, command, mode)
