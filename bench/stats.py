@@ -85,7 +85,7 @@ def load(conninfo: dict[str, object], n_tenants: int, n_logs: int) -> list[uuid.
             ensure_partition(conn, (now - timedelta(days=d)).date())
         conn.commit()
         batch: list[QueryLogRecord] = []
-        for i in range(n_logs):
+        for _ in range(n_logs):
             tid, region = tenants[rnd.randrange(len(tenants))]
             batch.append(
                 QueryLogRecord(
