@@ -106,6 +106,44 @@ def authenticate(platform: Platform, token: str | None) -> Owner:
     return Owner(row[0], row[1], row[2])
 
 
+def authenticate_with_project(
+    platform: Platform, token: str | None, project_id: str
+) -> tuple[Owner, dict[str, Any] | None]:
+    """authenticate() and the project's row (with connection info) in one
+    round trip, for the SQL API's hot path. The row is None if there is no
+    such project; visibility is still the caller's to check."""
+    if not token:
+        raise NotAuthenticated("missing bearer token: send 'Authorization: Bearer pgf_...'")
+    if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
+        raise NotAuthenticated("invalid token")
+    try:
+        pid: uuid.UUID | None = uuid.UUID(str(project_id))
+    except ValueError:
+        pid = None
+    with platform.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(
+            "SELECT o.id AS o_id, o.name AS o_name, o.is_admin AS o_admin, t.id AS t_id, "
+            "t.last_used_at IS NULL OR t.last_used_at < now() - interval '1 min' AS touch, "
+            "p.id, p.owner_id, p.region, p.status, p.plan_type, p.connection_info "
+            "FROM api_tokens t JOIN owners o ON o.id = t.owner_id "
+            "LEFT JOIN tenants p ON p.id = %s "
+            "WHERE t.token_hash = %s AND t.revoked_at IS NULL",
+            (pid, hash_api_token(token)),
+        ).fetchone()
+        if row is None:
+            raise NotAuthenticated("invalid or revoked token")
+        if row["touch"]:
+            conn.execute("UPDATE api_tokens SET last_used_at = now() WHERE id = %s", (row["t_id"],))
+    owner = Owner(row["o_id"], row["o_name"], row["o_admin"])
+    project = None
+    if row["id"] is not None:
+        project = {
+            k: row[k]
+            for k in ("id", "owner_id", "region", "status", "plan_type", "connection_info")
+        }
+    return owner, project
+
+
 def ensure_admin_token(platform: Platform, existing: str | None) -> str | None:
     """Return None if `existing` still authenticates as an admin, else a new
     admin owner's token."""

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Depends, Query, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials
 
 from pgfleet import auth
-from pgfleet.api.deps import AdminDep, OwnerDep, PlatformDep
+from pgfleet.api.deps import AdminDep, OwnerDep, PlatformDep, bearer
 from pgfleet.api.schemas import (
     ConnectionOut,
     ErrorResponse,
@@ -34,7 +36,7 @@ from pgfleet.monitoring.service import advisor_report, cost_report
 from pgfleet.regions import REGIONS
 from pgfleet.tenants import service
 from pgfleet.tenants.service import ConnectionDetails
-from pgfleet.tenants.sql import SqlRequest, run_sql
+from pgfleet.tenants.sql import SqlRequest, SqlResult, run_sql
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "Missing, invalid or revoked token."},
@@ -182,22 +184,32 @@ def get_connection(
         503: {"model": ErrorResponse, "description": "The project's server is down."},
     },
 )
-def sql(project_id: str, body: SqlIn, platform: PlatformDep, owner: OwnerDep) -> JSONResponse:
+async def sql(
+    project_id: str,
+    body: SqlIn,
+    platform: PlatformDep,
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> JSONResponse:
     """Runs the statement on the project's server logged in as the project's
     own role (`ro`: its read-only role), with pgfleet-enforced timeout and
     result caps. Every call writes a query log row."""
-    r = run_sql(
-        platform,
-        owner,
-        project_id,
-        SqlRequest(
-            query=body.query,
-            params=body.params,
-            mode=body.mode,
-            timeout_ms=body.timeout_ms,
-            max_rows=body.max_rows,
-        ),
+    req = SqlRequest(
+        query=body.query,
+        params=body.params,
+        mode=body.mode,
+        timeout_ms=body.timeout_ms,
+        max_rows=body.max_rows,
     )
+
+    def work() -> SqlResult:
+        # The hot path: token and project in one platform round trip, and
+        # one thread hop for all the blocking work.
+        owner, row = auth.authenticate_with_project(
+            platform, creds.credentials if creds else None, project_id
+        )
+        return run_sql(platform, owner, project_id, req, project_row=row)
+
+    r = await run_in_threadpool(work)
     # The hot path: rows are already JSON values, so skip re-validating them.
     return JSONResponse(
         {

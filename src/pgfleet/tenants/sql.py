@@ -155,8 +155,18 @@ def _iso_duration(td: dt.timedelta) -> str:
     return f"{sign}P{int(days)}DT{int(hours)}H{int(minutes)}M{secs:g}S"
 
 
-def run_sql(platform: Platform, owner: Owner, project_id: str, req: SqlRequest) -> SqlResult:
-    project = _project(platform, owner, project_id)
+def run_sql(
+    platform: Platform,
+    owner: Owner,
+    project_id: str,
+    req: SqlRequest,
+    *,
+    project_row: dict[str, Any] | None = None,
+) -> SqlResult:
+    """Run one statement for the owner's project. `project_row` (id, owner_id,
+    region, status, plan_type, connection_info) saves the lookup when the
+    caller already has it."""
+    project = _project(platform, owner, project_id, project_row)
     mode = check_mode(req.mode)
     if project["status"] != "active":
         raise Conflict(
@@ -165,7 +175,8 @@ def run_sql(platform: Platform, owner: Owner, project_id: str, req: SqlRequest) 
         )
     limits = plan_limits(project["plan_type"])
     timeout_ms, max_rows = _check(req, limits)
-    _refuse_unsupported(req.query)
+    shape = fingerprint(req.query)
+    _refuse_unsupported(shape)
     tid = project["id"]
     endpoint = platform.client.endpoint_from_row(project)
     started_at = dt.datetime.now(dt.UTC)
@@ -174,7 +185,9 @@ def run_sql(platform: Platform, owner: Owner, project_id: str, req: SqlRequest) 
     row_count: int | None = None
     try:
         with platform.client.get_tenant_connection(tid, mode, endpoint=endpoint) as conn:
-            result = _execute(conn, tid, req, mode, timeout_ms, max_rows, limits["max_bytes"])
+            result = _execute(
+                conn, tid, req, shape, mode, timeout_ms, max_rows, limits["max_bytes"]
+            )
             row_count = result.row_count
     except psycopg.Error as e:
         outcome = e.sqlstate or "error"
@@ -203,7 +216,7 @@ def run_sql(platform: Platform, owner: Owner, project_id: str, req: SqlRequest) 
                 execution_time_ms=round(elapsed, 3),
                 row_count=row_count,
                 outcome=outcome,
-                fingerprint=fingerprint(req.query),
+                fingerprint=shape,
                 executed_at=started_at,
             )
         )
@@ -262,8 +275,8 @@ _UNSUPPORTED = {
 }
 
 
-def _refuse_unsupported(query: str) -> None:
-    first = fingerprint(query).split(" ", 1)[0].rstrip(";")
+def _refuse_unsupported(shape: str) -> None:
+    first = shape.split(" ", 1)[0].rstrip(";")
     what = _UNSUPPORTED.get(first)
     if what is not None:
         raise InvalidInput(
@@ -334,19 +347,22 @@ def _type_names(
     ]
 
 
-def _project(platform: Platform, owner: Owner, project_id: str) -> dict[str, Any]:
+def _project(
+    platform: Platform, owner: Owner, project_id: str, row: dict[str, Any] | None
+) -> dict[str, Any]:
     """The project row with its connection info, in one query; 404 unless the
     owner may see it."""
-    try:
-        tid = uuid.UUID(str(project_id))
-    except ValueError:
-        raise ProjectNotFound(f"project {project_id} not found") from None
-    with platform.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(
-            "SELECT id, owner_id, region, status, plan_type, connection_info "
-            "FROM tenants WHERE id = %s",
-            (tid,),
-        ).fetchone()
+    if row is None:
+        try:
+            tid = uuid.UUID(str(project_id))
+        except ValueError:
+            raise ProjectNotFound(f"project {project_id} not found") from None
+        with platform.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            row = cur.execute(
+                "SELECT id, owner_id, region, status, plan_type, connection_info "
+                "FROM tenants WHERE id = %s",
+                (tid,),
+            ).fetchone()
     if (
         row is None
         or row["status"] == "deleted"
@@ -360,6 +376,7 @@ def _execute(
     conn: psycopg.Connection[Any],
     tenant_id: uuid.UUID,
     req: SqlRequest,
+    shape: str,
     mode: str,
     timeout_ms: int,
     max_rows: int,
@@ -394,7 +411,7 @@ def _execute(
             final = cur.final
             command = (final.command_status or b"").decode() if final is not None else ""
             if not command:  # libpq leaves the tag empty after chunked rows
-                command = (fingerprint(req.query).split(" ", 1)[0] or "").upper()
+                command = shape.split(" ", 1)[0].upper()
             if cur.description is not None:
                 row_count = len(rows)
             else:
