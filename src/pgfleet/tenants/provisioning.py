@@ -93,7 +93,8 @@ def _create_or_alter_role(
     exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone()
     if exists is None:
         try:
-            conn.execute(sql.SQL("CREATE ROLE {} {}").format(role, attrs))
+            with conn.transaction():  # a savepoint inside the caller's transaction
+                conn.execute(sql.SQL("CREATE ROLE {} {}").format(role, attrs))
             actions.append(f"create role {name}")
             return
         except psycopg.errors.DuplicateObject:
@@ -126,7 +127,90 @@ def converge_on_server(
     """
     actions: list[str] = []
     gate, rw, ro = (sql.Identifier(n) for n in (name, rw_role_name(name), ro_role_name(name)))
-    timeout = f"{statement_timeout_ms}ms"
+    # Each commit of DDL waits for a WAL flush, so the role work is one
+    # transaction and the database's ACL another: a handful of flushes in all.
+    with conn.transaction():
+        _converge_roles(
+            conn,
+            name,
+            password=password,
+            ro_password=ro_password,
+            connection_limit=connection_limit,
+            timeout=f"{statement_timeout_ms}ms",
+            actions=actions,
+        )
+
+    db = conn.execute(
+        "SELECT pg_get_userbyid(datdba), datconnlimit FROM pg_database WHERE datname = %s",
+        (name,),
+    ).fetchone()
+    if db is not None and db[1] == INVALID_DB_CONNLIMIT:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(gate))
+        actions.append("drop invalid database")
+        db = None
+    if db is None:
+        try:
+            conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(gate, rw))
+            actions.append("create database")
+        except psycopg.errors.DuplicateDatabase:
+            db = (None, None)
+    with conn.transaction():
+        if db is not None and db[0] != rw_role_name(name):
+            conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(gate, rw))
+            actions.append("set database owner")
+        # Only the project's login roles may connect.
+        conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC, {}").format(gate, gate))
+        conn.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(gate, rw))
+        conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(gate, ro))
+
+    with connect_tenant_db() as tconn, tconn.transaction():
+        # The gate must own nothing and hold no privilege, or its members would
+        # inherit them: hand what it owns to _rw, then drop its grants and
+        # default privileges. First, so the schema list below sees the result.
+        tconn.execute(sql.SQL("REASSIGN OWNED BY {} TO {}").format(gate, rw))
+        tconn.execute(sql.SQL("DROP OWNED BY {}").format(gate))
+        schemas = [
+            r[0]
+            for r in tconn.execute(
+                "SELECT nspname FROM pg_namespace WHERE nspowner = %s::regrole "
+                "OR nspname = 'public'",
+                (rw_role_name(name),),
+            )
+        ]
+        # The ro role reads what _rw owns, now and later.
+        stmts: list[sql.Composable] = [
+            sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} GRANT SELECT ON TABLES TO {}").format(
+                rw, ro
+            ),
+            sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} GRANT SELECT ON SEQUENCES TO {}").format(
+                rw, ro
+            ),
+            sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} GRANT USAGE ON SCHEMAS TO {}").format(
+                rw, ro
+            ),
+        ]
+        for schema in schemas:
+            nsp = sql.Identifier(schema)
+            stmts += [
+                sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(nsp, ro),
+                sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA {} TO {}").format(nsp, ro),
+                sql.SQL("GRANT SELECT ON ALL SEQUENCES IN SCHEMA {} TO {}").format(nsp, ro),
+            ]
+        tconn.execute(sql.SQL("; ").join(stmts))
+    return actions
+
+
+def _converge_roles(
+    conn: psycopg.Connection[Any],
+    name: str,
+    *,
+    password: str,
+    ro_password: str,
+    connection_limit: int,
+    timeout: str,
+    actions: list[str],
+) -> None:
+    gate, rw, ro = (sql.Identifier(n) for n in (name, rw_role_name(name), ro_role_name(name)))
     _create_or_alter_role(
         conn,
         name,
@@ -152,29 +236,6 @@ def converge_on_server(
         actions=actions,
     )
     conn.execute(sql.SQL("GRANT {} TO {}, {}").format(gate, rw, ro))
-
-    db = conn.execute(
-        "SELECT pg_get_userbyid(datdba), datconnlimit FROM pg_database WHERE datname = %s",
-        (name,),
-    ).fetchone()
-    if db is not None and db[1] == INVALID_DB_CONNLIMIT:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(gate))
-        actions.append("drop invalid database")
-        db = None
-    if db is None:
-        try:
-            conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(gate, rw))
-            actions.append("create database")
-        except psycopg.errors.DuplicateDatabase:
-            db = (None, None)
-    if db is not None and db[0] != rw_role_name(name):
-        conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(gate, rw))
-        actions.append("set database owner")
-    # Only the project's login roles may connect.
-    conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC, {}").format(gate, gate))
-    conn.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(gate, rw))
-    conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(gate, ro))
-
     # Members of the gate other than the project's two roles are removed.
     for (extra,) in conn.execute(
         "SELECT pg_get_userbyid(m.member) FROM pg_auth_members m "
@@ -183,43 +244,6 @@ def converge_on_server(
     ).fetchall():
         conn.execute(sql.SQL("REVOKE {} FROM {}").format(gate, sql.Identifier(extra)))
         actions.append(f"remove {extra} from the gate role")
-
-    with connect_tenant_db() as tconn:
-        # The gate must own nothing and hold no privilege, or its members would
-        # inherit them: hand what it owns to _rw, then drop its grants and
-        # default privileges. First, so the schema list below sees the result.
-        with tconn.transaction():
-            tconn.execute(sql.SQL("REASSIGN OWNED BY {} TO {}").format(gate, rw))
-            tconn.execute(sql.SQL("DROP OWNED BY {}").format(gate))
-        schemas = [
-            r[0]
-            for r in tconn.execute(
-                "SELECT nspname FROM pg_namespace WHERE nspowner = %s::regrole "
-                "OR nspname = 'public'",
-                (rw_role_name(name),),
-            )
-        ]
-        stmts: list[sql.Composable] = [
-            sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} GRANT SELECT ON TABLES TO {}").format(
-                rw, ro
-            ),
-            sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} GRANT SELECT ON SEQUENCES TO {}").format(
-                rw, ro
-            ),
-            sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} GRANT USAGE ON SCHEMAS TO {}").format(
-                rw, ro
-            ),
-        ]
-        for schema in schemas:
-            nsp = sql.Identifier(schema)
-            stmts += [
-                sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(nsp, ro),
-                sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA {} TO {}").format(nsp, ro),
-                sql.SQL("GRANT SELECT ON ALL SEQUENCES IN SCHEMA {} TO {}").format(nsp, ro),
-            ]
-        with tconn.transaction():
-            tconn.execute(sql.SQL("; ").join(stmts))
-    return actions
 
 
 def drop_on_server(conn: psycopg.Connection[Any], *, name: str) -> list[str]:
