@@ -29,25 +29,9 @@ from _common import bench_fleet, elapsed_ms, pct, summary
 from pgfleet.config import Settings
 from pgfleet.fleet.embedded import EmbeddedFleet
 from pgfleet.monitoring.querylog import QueryLogRecord, ensure_partition, write_batch
+from pgfleet.monitoring.seed import REGION_DISTRIBUTION as SEED_DISTRIBUTION
+from pgfleet.monitoring.seed import REGIONAL_PERFORMANCE as SEED_PERFORMANCE
 
-SEED_DISTRIBUTION = """
-SELECT region, COUNT(*) as tenant_count,
-       COUNT(*) FILTER (WHERE plan_type = 'free') as free_count,
-       COUNT(*) FILTER (WHERE plan_type != 'free') as paid_count
-FROM tenants
-GROUP BY region
-ORDER BY tenant_count DESC;
-"""
-SEED_PERFORMANCE = """
-SELECT
-  t.region,
-  AVG(q.execution_time_ms) as avg_query_time_ms,
-  COUNT(*) as query_count
-FROM query_logs q
-JOIN tenants t ON q.tenant_id = t.id
-WHERE q.executed_at > NOW() - INTERVAL '24 hours'
-GROUP BY t.region;
-"""
 REGIONS = {  # requested region -> (weight, hosted region)
     "us-east-1": (40, "us-east-1"),
     "us-west-1": (8, "us-east-1"),

@@ -3,18 +3,23 @@ gives every test a fresh platform DB made from a migrated template."""
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 from psycopg import sql
 
@@ -228,3 +233,43 @@ def run_psql(uri: str, query: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [psql_path(), uri, "-XAtqc", query], capture_output=True, text=True, env=env, timeout=30
     )
+
+
+@pytest.fixture
+def api_url(platform: Platform) -> Iterator[str]:
+    """A real uvicorn server for `platform` on a free port, in a thread."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        create_app(platform), host="127.0.0.1", port=port, log_level="warning", access_log=False
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the API server did not start"
+            time.sleep(0.05)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The CLI must not pick up a developer's ./.pgfleet (admin token, api.json)."""
+    monkeypatch.chdir(tmp_path)
+    for var in ("PGFLEET_URL", "PGFLEET_TOKEN", "PGFLEET_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    yield
+    gc.collect()

@@ -6,19 +6,12 @@ import gc
 import json
 import re
 import socket
-import threading
-import time
 import warnings
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-import uvicorn
 from typer.testing import CliRunner, Result
 
-from pgfleet.api.app import create_app
 from pgfleet.auth import create_owner
 from pgfleet.cli import app
 from pgfleet.platform.core import Platform
@@ -36,41 +29,6 @@ FLAGS = {
     "ap-southeast-1": "🇸🇬",
     "ap-northeast-1": "🇯🇵",
 }
-
-
-# pgfleet.cli.Client never closes its httpx.Client, so every CLI call leaves a
-# socket for the garbage collector; with warnings as errors that would fail
-# unrelated tests. test_cli_closes_its_http_connections checks the leak itself.
-pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
-
-
-@pytest.fixture
-def api_url(platform: Platform) -> Iterator[str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        create_app(platform), host="127.0.0.1", port=port, log_level="warning", access_log=False
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the API server did not start"
-            time.sleep(0.05)
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
 
 
 class Cli:
@@ -106,14 +64,7 @@ class Cli:
         return " ".join(res.stderr.split())
 
 
-@pytest.fixture(autouse=True)
-def _no_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The CLI must not pick up a developer's ./.pgfleet (admin token, api.json)."""
-    monkeypatch.chdir(tmp_path)
-    for var in ("PGFLEET_URL", "PGFLEET_TOKEN", "PGFLEET_HOME"):
-        monkeypatch.delenv(var, raising=False)
-    yield
-    gc.collect()  # while this module's ResourceWarning filter still applies
+pytestmark = pytest.mark.usefixtures("cli_env")
 
 
 @pytest.fixture

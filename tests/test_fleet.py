@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from pgfleet.platform.core import Platform
-from pgfleet.tenants.service import create_project
+from pgfleet.tenants.service import Owner, create_project
 from tests.conftest import FleetUnderTest, _free_port_block, run_psql
 
 
@@ -57,7 +57,7 @@ def test_secrets_are_private_and_servers_run_unprivileged(fleet: FleetUnderTest)
 
 
 def test_up_again_reuses_and_restart_keeps_data(
-    fleet: FleetUnderTest, platform: Platform, owner: tuple
+    fleet: FleetUnderTest, platform: Platform, owner: tuple[Owner, str]
 ) -> None:
     project, db = create_project(
         platform, owner[0], name="keep", region="ap-southeast-1", plan_type="free"

@@ -12,6 +12,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from pgfleet.monitoring.seed import REGION_DISTRIBUTION as SEED_REGION_DISTRIBUTION
+from pgfleet.monitoring.seed import REGIONAL_PERFORMANCE as SEED_REGIONAL_PERFORMANCE
 from pgfleet.platform import migrate
 from tests.conftest import FleetUnderTest
 
@@ -28,25 +30,6 @@ SEED_COLUMNS = {
     "updated_at": ("timestamp with time zone", "now()"),
 }
 
-SEED_REGION_DISTRIBUTION = """
-SELECT region, COUNT(*) as tenant_count,
-       COUNT(*) FILTER (WHERE plan_type = 'free') as free_count,
-       COUNT(*) FILTER (WHERE plan_type != 'free') as paid_count
-FROM tenants
-GROUP BY region
-ORDER BY tenant_count DESC;
-"""
-
-SEED_REGIONAL_PERFORMANCE = """
-SELECT
-  t.region,
-  AVG(q.execution_time_ms) as avg_query_time_ms,
-  COUNT(*) as query_count
-FROM query_logs q
-JOIN tenants t ON q.tenant_id = t.id
-WHERE q.executed_at > NOW() - INTERVAL '24 hours'
-GROUP BY t.region;
-"""
 
 SEED_MIGRATION = """
 ALTER TABLE tenants ADD COLUMN IF NOT EXISTS region TEXT DEFAULT 'us-east-1';

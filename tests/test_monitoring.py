@@ -4,22 +4,15 @@ the CLI on the real fleet."""
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import re
-import socket
-import threading
-import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner, Result
@@ -42,29 +35,10 @@ from pgfleet.monitoring.querylog import (
     partition_name,
     write_batch,
 )
+from pgfleet.monitoring.seed import REGION_DISTRIBUTION as SEED_REGION_DISTRIBUTION
+from pgfleet.monitoring.seed import REGIONAL_PERFORMANCE as SEED_REGIONAL_PERFORMANCE
 from pgfleet.platform.core import Platform
 from tests.conftest import Api, FleetUnderTest
-
-# Verbatim from the seed guide (as in tests/test_migrations.py).
-SEED_REGION_DISTRIBUTION = """
-SELECT region, COUNT(*) as tenant_count,
-       COUNT(*) FILTER (WHERE plan_type = 'free') as free_count,
-       COUNT(*) FILTER (WHERE plan_type != 'free') as paid_count
-FROM tenants
-GROUP BY region
-ORDER BY tenant_count DESC;
-"""
-
-SEED_REGIONAL_PERFORMANCE = """
-SELECT
-  t.region,
-  AVG(q.execution_time_ms) as avg_query_time_ms,
-  COUNT(*) as query_count
-FROM query_logs q
-JOIN tenants t ON q.tenant_id = t.id
-WHERE q.executed_at > NOW() - INTERVAL '24 hours'
-GROUP BY t.region;
-"""
 
 ACTIVE_REGIONS = ("us-east-1", "eu-central-1", "ap-southeast-1")
 ALL_REGIONS = (
@@ -1026,44 +1000,6 @@ def test_metrics(api: Api, admin_api: Api, client: TestClient, platform: Platfor
 
 
 # ---- the CLI -------------------------------------------------------------------
-
-
-@pytest.fixture
-def api_url(platform: Platform) -> Iterator[str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        create_app(platform), host="127.0.0.1", port=port, log_level="warning", access_log=False
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the API server did not start"
-            time.sleep(0.05)
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
-
-
-@pytest.fixture
-def cli_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.chdir(tmp_path)
-    for var in ("PGFLEET_URL", "PGFLEET_TOKEN", "PGFLEET_HOME"):
-        monkeypatch.delenv(var, raising=False)
-    yield
-    gc.collect()
 
 
 def invoke(url: str, token: str, *args: str) -> Result:

@@ -5,25 +5,19 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import gc
 import json
-import socket
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner, Result
 
-from pgfleet.api.app import create_app
 from pgfleet.auth import create_owner
 from pgfleet.cli import app as cli_app
 from pgfleet.fleet.embedded import EmbeddedServer
@@ -832,45 +826,6 @@ def test_get_tenant_connection_logs_only_when_asked(api: Api, platform: Platform
 
 
 # ---- the CLI -------------------------------------------------------------------
-
-
-@pytest.fixture
-def api_url(platform: Platform) -> Iterator[str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        create_app(platform), host="127.0.0.1", port=port, log_level="warning", access_log=False
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the API server did not start"
-            time.sleep(0.05)
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
-
-
-@pytest.fixture
-def cli_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The CLI must not pick up a developer's ./.pgfleet (admin token, api.json)."""
-    monkeypatch.chdir(tmp_path)
-    for var in ("PGFLEET_URL", "PGFLEET_TOKEN", "PGFLEET_HOME"):
-        monkeypatch.delenv(var, raising=False)
-    yield
-    gc.collect()
 
 
 def invoke(url: str, token: str, *args: str) -> Result:
