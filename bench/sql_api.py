@@ -105,9 +105,11 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2000, help="sequential requests per mode")
     ap.add_argument("--projects", type=int, default=1000, help="projects for round-robin")
     ap.add_argument("--seconds", type=float, default=5.0, help="per throughput run")
+    ap.add_argument("--workers", type=int, default=1, help="API worker processes")
     args = ap.parse_args()
     region = "us-east-1"
-    with bench_fleet(fsync=False, regions=region) as bf:
+    workers = {"PGFLEET_API_WORKERS": str(args.workers)}
+    with bench_fleet(fsync=False, regions=region, extra_env=workers) as bf:
         headers = {"Authorization": f"Bearer {bf.token}"}
         with httpx.Client(base_url=bf.url, headers=headers, timeout=60) as http:
             p = http.post("/v1/projects", json={"name": "bench", "region": region}).json()
@@ -182,7 +184,8 @@ def main() -> None:
         print(
             f"throughput select 1, {len(pids)} projects round-robin, concurrency 16: "
             f"{rate:8.0f} req/s; peak tenant backends on the server: {peak} "
-            f"(bounded by PGFLEET_TENANT_POOL_CAP x PGFLEET_TENANT_POOL_SIZE = 64 x 4)"
+            f"(bound: workers x PGFLEET_TENANT_POOL_CAP x PGFLEET_TENANT_POOL_SIZE = "
+              f"{args.workers} x 64 x 4)"
         )
 
 
