@@ -185,7 +185,7 @@ def main() -> None:
             f"throughput select 1, {len(pids)} projects round-robin, concurrency 16: "
             f"{rate:8.0f} req/s; peak tenant backends on the server: {peak} "
             f"(bound: workers x PGFLEET_TENANT_POOL_CAP x PGFLEET_TENANT_POOL_SIZE = "
-              f"{args.workers} x 64 x 4)"
+            f"{args.workers} x 64 x 4)"
         )
 
 
