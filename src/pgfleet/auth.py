@@ -86,11 +86,16 @@ def list_owners(platform: Platform) -> list[dict[str, Any]]:
         ).fetchall()
 
 
-def authenticate(platform: Platform, token: str | None) -> Owner:
+def _well_formed(token: str | None) -> str:
     if not token:
         raise NotAuthenticated("missing bearer token: send 'Authorization: Bearer pgf_...'")
     if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
         raise NotAuthenticated("invalid token")
+    return token
+
+
+def authenticate(platform: Platform, token: str | None) -> Owner:
+    token = _well_formed(token)
     with platform.db.connection() as conn:
         row = conn.execute(
             "SELECT o.id, o.name, o.is_admin, t.id, "
@@ -112,10 +117,7 @@ def authenticate_with_project(
     """authenticate() and the project's row (with connection info) in one
     round trip, for the SQL API's hot path. The row is None if there is no
     such project; visibility is still the caller's to check."""
-    if not token:
-        raise NotAuthenticated("missing bearer token: send 'Authorization: Bearer pgf_...'")
-    if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
-        raise NotAuthenticated("invalid token")
+    token = _well_formed(token)
     try:
         pid: uuid.UUID | None = uuid.UUID(str(project_id))
     except ValueError:
