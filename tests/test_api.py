@@ -176,8 +176,10 @@ def test_delete_project(api: Api, fleet: FleetUnderTest) -> None:
 
     r = api.delete(f"/v1/projects/{pid}")
     assert r.status_code == 200, r.text
-    assert r.json()["status"] == "deleted"
-    assert r.json()["deleted_at"]
+    assert r.json()["project"]["status"] == "deleted"
+    assert r.json()["project"]["deleted_at"]
+    assert r.json()["operation"]["type"] == "delete"
+    assert r.json()["operation"]["status"] == "finished"
 
     assert api.get(f"/v1/projects/{pid}").status_code == 404
     assert api.get(f"/v1/projects/{pid}/connection").status_code == 404

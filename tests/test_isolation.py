@@ -308,7 +308,7 @@ def test_api_delete_removes_database_role_and_access(
     assert_accepted(conn["uri"], conn["user"], conn["database"])
     r = api.delete(f"/v1/projects/{body['id']}")
     assert r.status_code == 200, r.text
-    assert r.json()["status"] == "deleted"
+    assert r.json()["project"]["status"] == "deleted"
     assert conn["user"] == conn["database"] + "_rw"
     assert conn["database"] not in fleet.databases("ap-southeast-1")
     left = fleet.roles("ap-southeast-1") & {

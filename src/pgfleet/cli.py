@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import httpx
+import psycopg
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -26,6 +27,7 @@ from rich.text import Text
 from pgfleet.config import Settings, get_settings
 from pgfleet.crypto import write_private
 from pgfleet.errors import PgfleetError
+from pgfleet.platform.core import platform_conninfo
 
 app = typer.Typer(
     help="pgfleet: multi-region PostgreSQL databases for your projects.",
@@ -40,6 +42,10 @@ app.add_typer(regions_app, name="regions")
 app.add_typer(projects_app, name="projects")
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(owners_app, name="owners")
+ops_app = typer.Typer(
+    help="Operations: what pgfleet is doing or did to your projects.", no_args_is_help=True
+)
+app.add_typer(ops_app, name="ops")
 stats_app = typer.Typer(help="Fleet statistics (admin).", no_args_is_help=True)
 app.add_typer(stats_app, name="stats")
 
@@ -60,6 +66,14 @@ TokenOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the raw JSON response.")]
+WaitOpt = Annotated[
+    bool,
+    typer.Option(
+        "--wait/--no-wait",
+        help="Wait for the operation to end, or return at once with its id "
+        "(follow it with `pgfleet ops watch ID`).",
+    ),
+]
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -347,9 +361,36 @@ def status() -> None:
             *cells,
         )
     out.print(t)
+    _print_operations_summary(s)
     pid = _api_pid(s)
     url = json.loads(_api_file(s).read_text())["url"] if _api_file(s).exists() else "-"
     out.print(f"API: {url} " + (f"(pid {pid})" if pid else "(not started by `up --detach`)"))
+
+
+def _print_operations_summary(s: Settings) -> None:
+    """Operations waiting, running, and past their deadline, from the platform DB."""
+    from pgfleet.operations.store import deadline_summary
+
+    try:
+        conninfo = platform_conninfo(s)
+        with psycopg.connect(**{**conninfo, "connect_timeout": 3}, autocommit=True) as conn:
+            ops = deadline_summary(conn)
+    except (psycopg.Error, PgfleetError):
+        out.print("operations: platform DB not reachable")
+        return
+    line = (
+        f"operations: {ops['scheduled']} scheduled, {ops['running']} running, "
+        f"{ops['workers']} live worker(s)"
+    )
+    if ops["past_deadline"]:
+        out.print(Text(f"{line}, {ops['past_deadline']} PAST THEIR DEADLINE:", "red"))
+        for m in ops["missed"]:
+            out.print(
+                f"  {m['id']} {m['type']} ({m['status']}, step {m['current_step'] or '-'}) "
+                f"deadline {m['deadline']:%Y-%m-%d %H:%M:%S}"
+            )
+    else:
+        out.print(line)
 
 
 # ---- regions ---------------------------------------------------------------
@@ -406,15 +447,22 @@ def projects_create(
     region: Annotated[str, typer.Option(help="Requested region id")] = "us-east-1",
     plan: Annotated[str, typer.Option(help="Plan: free, pro, enterprise")] = "free",
     subdomain: Annotated[str | None, typer.Option(help="DNS label; derived if omitted")] = None,
+    wait: WaitOpt = True,
     url: UrlOpt = None,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Create a project and its database; prints the connection string."""
     body = {"name": name, "region": region, "plan_type": plan, "subdomain": subdomain}
-    data = Client(url, token).call("POST", "/v1/projects", json=body)
+    data = Client(url, token).call(
+        "POST", "/v1/projects", json=body, params={"wait": str(wait).lower()}
+    )
     if as_json:
         return _print_json(data)
+    if "project" in data:  # 202: still provisioning
+        out.print(_project_table(data["project"]))
+        _print_started(data["operation"])
+        return
     out.print(_project_table(data))
     out.print()
     out.print(
@@ -472,6 +520,7 @@ def projects_show(
 def projects_delete(
     project_id: str,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation")] = False,
+    wait: WaitOpt = True,
     url: UrlOpt = None,
     token: TokenOpt = None,
 ) -> None:
@@ -480,8 +529,128 @@ def projects_delete(
         typer.confirm(
             f"Drop the database of project {project_id}? This cannot be undone", abort=True
         )
-    data = Client(url, token).call("DELETE", f"/v1/projects/{project_id}")
-    out.print(f"project {data['id']} is {data['status']}")
+    data = Client(url, token).call(
+        "DELETE", f"/v1/projects/{project_id}", params={"wait": str(wait).lower()}
+    )
+    _print_started(data["operation"], data["project"])
+
+
+def _print_started(op: dict[str, Any], project: dict[str, Any] | None = None) -> None:
+    if project is not None:
+        out.print(f"project {project['id']} is {project['status']}")
+    out.print(f"operation {op['id']} ({op['type']}) is {op['status']}")
+    if op["status"] in ("scheduled", "running"):
+        out.print(f"follow it with: pgfleet ops watch {op['id']}")
+    elif op["status"] == "failed":
+        fail(f"operation {op['id']} failed: {op['error']}")
+
+
+def _lifecycle(
+    path: str, url: str | None, token: str | None, wait: bool, as_json: bool, body: Any = None
+) -> dict[str, Any]:
+    data: dict[str, Any] = Client(url, token).call(
+        "POST", path, json=body, params={"wait": str(wait).lower()}
+    )
+    if as_json:
+        _print_json(data)
+    else:
+        _print_started(data["operation"], data["project"])
+    return data
+
+
+@projects_app.command("rotate-password")
+def projects_rotate(
+    project_id: str,
+    role: Annotated[str, typer.Option(help="all, rw or ro")] = "all",
+    wait: WaitOpt = True,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """New passwords for the project's login roles; the old ones stop working."""
+    data = _lifecycle(
+        f"/v1/projects/{project_id}/rotate-password", url, token, wait, as_json, {"role": role}
+    )
+    if not as_json and data.get("connection"):
+        out.print(
+            Text.assemble(("connection: ", "bold"), data["connection"]["uri"]),
+            soft_wrap=True,
+            highlight=False,
+        )
+
+
+@projects_app.command("pause")
+def projects_pause(
+    project_id: str,
+    wait: WaitOpt = True,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Refuse new connections and end open ones; data is kept."""
+    _lifecycle(f"/v1/projects/{project_id}/pause", url, token, wait, as_json)
+
+
+@projects_app.command("resume")
+def projects_resume(
+    project_id: str,
+    wait: WaitOpt = True,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Accept connections again."""
+    _lifecycle(f"/v1/projects/{project_id}/resume", url, token, wait, as_json)
+
+
+@projects_app.command("plan")
+def projects_plan(
+    project_id: str,
+    plan: Annotated[str, typer.Argument(help="free, pro or enterprise")],
+    wait: WaitOpt = True,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Change the project's plan (limits applied at once; says if it would move)."""
+    data = _lifecycle(f"/v1/projects/{project_id}/plan", url, token, wait, as_json, {"plan": plan})
+    placement = ((data["operation"].get("result") or {}).get("placement")) or {}
+    if not as_json and placement:
+        out.print(f"placement: {placement['note']}")
+
+
+@projects_app.command("audit")
+def projects_audit(
+    project_id: str,
+    limit: Annotated[int, typer.Option(help="How many entries")] = 50,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Who did what to the project, newest first."""
+    data = Client(url, token).call(
+        "GET", f"/v1/projects/{project_id}/audit", params={"limit": limit}
+    )
+    _print_audit(data, as_json)
+
+
+def _print_audit(data: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        return _print_json(data)
+    t = Table(title="Audit log")
+    for col in ("at", "actor", "action", "project", "operation", "details"):
+        t.add_column(col)
+    for e in data["entries"]:
+        _row(
+            t,
+            e["at"][:19],
+            e["actor"],
+            e["action"],
+            e["project_id"] or "-",
+            e["operation_id"] or "-",
+            json.dumps(e["details"], ensure_ascii=False),
+        )
+    out.print(t)
 
 
 @projects_app.command("connection")
@@ -784,3 +953,243 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ---- operations ------------------------------------------------------------
+
+
+def _op_table(op: dict[str, Any]) -> Table:
+    t = Table(show_header=False, box=None)
+    t.add_column(style="bold")
+    t.add_column()
+    rows: list[tuple[str, object]] = [
+        ("id", op["id"]),
+        ("type", op["type"]),
+        ("status", _op_status(op)),
+        ("project", op["project_id"] or "-"),
+        ("by", op["actor"] or "-"),
+        ("step", op["current_step"] or "-"),
+        ("attempts", op["attempts"]),
+        ("created", op["created_at"][:23]),
+        ("started", (op["started_at"] or "-")[:23]),
+        ("finished", (op["finished_at"] or "-")[:23]),
+        ("duration", f"{op['duration_ms']} ms" if op["duration_ms"] is not None else "-"),
+        ("deadline", op["deadline"][:19] + (" (missed)" if op["deadline_missed"] else "")),
+    ]
+    if op["cancel_requested"]:
+        rows.append(("cancel", "requested"))
+    if op["error"]:
+        rows.append(("error", Text(op["error"], "red")))
+    for k, v in rows:
+        _row(t, k, v)
+    return t
+
+
+def _op_status(op: dict[str, Any]) -> Text:
+    colour = {"finished": "green", "failed": "red", "cancelled": "yellow"}.get(op["status"], "cyan")
+    return Text(op["status"], colour)
+
+
+def _steps_table(op: dict[str, Any]) -> Table:
+    t = Table(title="Steps")
+    for col in ("#", "step", "status", "attempts", "duration", "error"):
+        t.add_column(col)
+    for st in op["steps"]:
+        _row(
+            t,
+            st["position"] + 1,
+            st["name"],
+            st["status"],
+            st["attempts"],
+            f"{st['duration_ms']} ms" if st["duration_ms"] is not None else "-",
+            st["error"] or "",
+        )
+    return t
+
+
+@ops_app.command("show")
+def ops_show(
+    operation_id: str, url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
+) -> None:
+    """One operation: status, steps with their durations, attempts, error."""
+    data = Client(url, token).call("GET", f"/v1/operations/{operation_id}")
+    if as_json:
+        return _print_json(data)
+    out.print(_op_table(data))
+    if data["steps"]:
+        out.print(_steps_table(data))
+
+
+@ops_app.command("list")
+def ops_list(
+    project: Annotated[str | None, typer.Option(help="Only this project's operations")] = None,
+    status: Annotated[
+        str | None, typer.Option(help="scheduled, running, finished, failed or cancelled")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="How many, newest first")] = 20,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Operations, newest first (yours; an admin sees all)."""
+    params: dict[str, Any] = {"limit": limit}
+    if status:
+        params["status"] = status
+    path = f"/v1/projects/{project}/operations" if project else "/v1/operations"
+    data = Client(url, token).call("GET", path, params=params)
+    if as_json:
+        return _print_json(data)
+    t = Table(title="Operations")
+    for col in ("id", "type", "status", "project", "step", "created", "duration", "error"):
+        t.add_column(col)
+    for op in data["operations"]:
+        _row(
+            t,
+            op["id"],
+            op["type"],
+            _op_status(op),
+            op["project_id"] or "-",
+            op["current_step"] or "-",
+            op["created_at"][:19],
+            f"{op['duration_ms']} ms" if op["duration_ms"] is not None else "-",
+            (op["error"] or "")[:60],
+        )
+    out.print(t)
+
+
+@ops_app.command("watch")
+def ops_watch(
+    operation_id: str,
+    interval: Annotated[float, typer.Option(help="Seconds between polls")] = 0.3,
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds")] = 600,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Follow one operation live, step by step, until it ends."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    client = Client(url, token)
+    op = client.call("GET", f"/v1/operations/{operation_id}")
+    done_states = ("finished", "failed", "cancelled")
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} steps"),
+        TimeElapsedColumn(),
+        console=out,
+        transient=False,
+    ) as progress:
+        task = progress.add_task(f"{op['type']} {op['status']}", total=None)
+        end = time.monotonic() + timeout
+        while True:
+            finished = sum(1 for st in op["steps"] if st["status"] == "finished")
+            total = max(len(op["steps"]), finished) or None
+            if op["status"] == "finished":
+                total = finished
+            step = op["current_step"] or "-"
+            progress.update(
+                task,
+                description=f"{op['type']} {op['status']} (step {step})",
+                completed=finished,
+                total=total,
+            )
+            if op["status"] in done_states or time.monotonic() > end:
+                break
+            time.sleep(interval)
+            op = client.call("GET", f"/v1/operations/{operation_id}")
+    out.print(_op_table(op))
+    if op["steps"]:
+        out.print(_steps_table(op))
+    if op["status"] == "failed":
+        raise typer.Exit(1)
+    if op["status"] not in done_states:
+        fail(f"operation {operation_id} is still {op['status']} after {timeout:g} s")
+
+
+@ops_app.command("cancel")
+def ops_cancel(
+    operation_id: str, url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Cancel a scheduled or running operation (undone at its next step)."""
+    data = Client(url, token).call("POST", f"/v1/operations/{operation_id}/cancel")
+    if as_json:
+        return _print_json(data)
+    note = " (cancel requested; it stops at its next step)" if data["status"] == "running" else ""
+    out.print(f"operation {data['id']} is {data['status']}{note}")
+
+
+@app.command("audit")
+def audit_cmd(
+    limit: Annotated[int, typer.Option(help="How many entries")] = 50,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The audit log across all projects (admin)."""
+    data = Client(url, token).call("GET", "/v1/admin/audit", params={"limit": limit})
+    _print_audit(data, as_json)
+
+
+@app.command("reconcile")
+def reconcile_cmd(
+    repair: Annotated[bool, typer.Option(help="Fix what is found, not only report it")] = False,
+    force: Annotated[
+        bool, typer.Option(help="With --repair: also drop orphan databases that hold data")
+    ] = False,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compare the platform DB with every regional server (admin): orphan
+    databases and roles, missing or misconfigured project databases."""
+    if force and not repair:
+        fail("--force only makes sense with --repair")
+    data = Client(url, token).call(
+        "POST", "/v1/admin/reconcile", json={"repair": repair, "force": force}
+    )
+    if as_json:
+        return _print_json(data)
+    findings = data["findings"]
+    if not findings:
+        out.print(
+            f"no differences: {data['servers_checked']} server(s) checked "
+            f"in {data['duration_ms']} ms"
+        )
+        return
+    t = Table(title=f"Reconciler findings ({'repair' if repair else 'report only'})")
+    for col in ("kind", "server", "object", "detail", "repaired", "action"):
+        t.add_column(col)
+    for f in findings:
+        _row(
+            t,
+            f["kind"],
+            f["server"] or "-",
+            f["object"],
+            f["detail"],
+            "yes" if f["repaired"] else "no",
+            f["action"] or "-",
+        )
+    out.print(t)
+    if not repair:
+        out.print("run with --repair to fix them")
+
+
+@app.command("worker")
+def worker_cmd(
+    concurrency: Annotated[
+        int | None, typer.Option(help="Operations run at once (default PGFLEET_WORKER_CONCURRENCY)")
+    ] = None,
+) -> None:
+    """Run an operations worker in the foreground (any number can run beside
+    the API's embedded ones; Ctrl-C stops it after its running steps)."""
+    import logging
+
+    from pgfleet.operations import kinds as _kinds  # noqa: F401
+    from pgfleet.operations.queue import Worker
+    from pgfleet.platform.core import Platform
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    with Platform(_settings()) as platform:
+        w = Worker(platform, concurrency=concurrency)
+        out.print(f"worker {w.name} running (concurrency {w.concurrency})")
+        w.run()

@@ -87,6 +87,16 @@ class Settings(BaseSettings):
     tenant_pool_size: int = Field(default=4, ge=1)
     admin_pool_size: int = Field(default=4, ge=1)
     connect_timeout_s: float = Field(default=3.0, gt=0)
+    # Operations and workers
+    embedded_workers: int = Field(default=1, ge=0, le=16)
+    worker_concurrency: int = Field(default=4, ge=1, le=64)
+    worker_heartbeat_s: float = Field(default=2.0, gt=0)
+    worker_stalled_s: float = Field(default=10.0, gt=0)
+    worker_shutdown_s: float = Field(default=10.0, gt=0)
+    operation_deadline_s: float = Field(default=120.0, gt=0)
+    operation_wait_s: float = Field(default=60.0, gt=0)
+    reconcile_interval_s: float = Field(default=600.0, gt=0)
+    idempotency_retention_h: int = Field(default=24, ge=1)
     # Monitoring
     health_interval_s: float = Field(default=30.0, gt=0)
     query_log_retention_days: int = Field(default=14, ge=1)

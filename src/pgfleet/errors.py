@@ -61,6 +61,12 @@ class ProjectNotFound(NotFound):
     code = "project_not_found"
 
 
+class OperationNotFound(NotFound):
+    """Operation not found."""
+
+    code = "operation_not_found"
+
+
 class Conflict(PgfleetError):
     """The resource is not in a state that allows this."""
 

@@ -38,6 +38,8 @@ def create_app(platform: Platform | None = None, settings: Settings | None = Non
             app.state.platform = Platform(settings or get_settings())
             if app.state.platform.settings.background_tasks:
                 loop = BackgroundLoop(app.state.platform).start()
+            # Embedded workers also pick up operations left over from before a restart.
+            app.state.platform.ops.start_workers()
         try:
             yield
         finally:

@@ -4,25 +4,35 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Header, Query, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials
 
 from pgfleet import auth
 from pgfleet.api.deps import AdminDep, OwnerDep, PlatformDep, bearer
+from pgfleet.api.idempotency import run_idempotent
 from pgfleet.api.schemas import (
+    AuditEntry,
+    AuditList,
     ConnectionOut,
     ErrorResponse,
+    OperationList,
+    OperationOut,
     OwnerCreate,
     OwnerCreated,
     OwnerOut,
     OwnerRow,
+    PlanIn,
     ProjectCreate,
     ProjectCreated,
     ProjectList,
     ProjectOut,
+    ProjectWithOperation,
+    ReconcileIn,
     RegionOut,
+    RotateIn,
     ServerOut,
     SqlIn,
     SqlOut,
@@ -30,9 +40,13 @@ from pgfleet.api.schemas import (
     TokenCreated,
     TokenOut,
 )
+from pgfleet.errors import NotFound
 from pgfleet.fleet.health import fleet_health
 from pgfleet.monitoring import stats
 from pgfleet.monitoring.service import advisor_report, cost_report
+from pgfleet.operations import service as ops_service
+from pgfleet.operations.reconcile import last_run, reconcile
+from pgfleet.operations.store import audit, get_operation, list_audit
 from pgfleet.regions import REGIONS
 from pgfleet.tenants import service
 from pgfleet.tenants.service import ConnectionDetails
@@ -80,40 +94,112 @@ def list_regions(platform: PlatformDep, owner: OwnerDep) -> list[RegionOut]:
     ]
 
 
+WaitQuery = Annotated[
+    bool,
+    Query(
+        description="Wait for the operation to end (up to PGFLEET_OPERATION_WAIT_S); "
+        "false answers 202 at once with the operation to poll."
+    ),
+]
+IdemHeader = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        description="Repeat a POST safely: the same key and request return the first "
+        "result and create nothing new (1-255 visible ASCII characters).",
+    ),
+]
+OPERATION_ERRORS: dict[int | str, dict[str, Any]] = {
+    404: ERRORS[404],
+    409: {
+        "model": ErrorResponse,
+        "description": "The project is not in a state that allows this, or another "
+        "operation is running on it (the message names it).",
+    },
+    422: ERRORS[422],
+}
+
+
+def _op_out(platform: Any, op_id: Any) -> OperationOut:
+    with platform.db.connection() as conn:
+        return OperationOut.from_row(get_operation(conn, op_id))
+
+
+def _project_and_op(
+    platform: Any, owner: Any, op_id: Any, *, wait: bool, credentials: bool = False
+) -> tuple[int, ProjectWithOperation]:
+    """(status, body) after an operation was started: 200 when it finished,
+    202 while it runs, its error if it failed."""
+    if wait:
+        op = service.wait_or_raise(platform, op_id)
+    else:
+        with platform.db.connection() as conn:
+            op = get_operation(conn, op_id)
+    project = service.get_project(platform, owner, op["tenant_id"], include_deleted=True)
+    conn_out = None
+    if credentials and op["status"] == "finished" and project["status"] in ("active", "paused"):
+        conn_out = _conn_out(service.connection_details(platform, owner, project["id"], "rw"))
+    body = ProjectWithOperation(
+        project=ProjectOut.from_row(project),
+        operation=OperationOut.from_row(op),
+        connection=conn_out,
+    )
+    return (200 if op["status"] == "finished" else 202), body
+
+
 @v1.post(
     "/projects",
     tags=["projects"],
     status_code=201,
     summary="Create a project",
+    response_model=ProjectCreated,
     responses={
+        202: {"model": ProjectWithOperation, "description": "Provisioning is still running."},
+        409: OPERATION_ERRORS[409],
         422: ERRORS[422],
         503: {"model": ErrorResponse, "description": "The region's server cannot be reached."},
     },
 )
-def create_project(body: ProjectCreate, platform: PlatformDep, owner: OwnerDep) -> ProjectCreated:
-    """Creates the project and its database on a server of the placed region,
-    and returns it with read-write credentials (the only time the password is
-    part of a project response)."""
-    row, db = service.create_project(
+def create_project(
+    body: ProjectCreate,
+    platform: PlatformDep,
+    owner: OwnerDep,
+    wait: WaitQuery = True,
+    idempotency_key: IdemHeader = None,
+) -> JSONResponse:
+    """Records the project and its `provision` operation, which creates the
+    database on a server of the placed region. By default waits for it and
+    answers 201 with read-write credentials (the only time the password is
+    part of a project response) and the finished operation; with
+    `wait=false`, or if provisioning outlasts the wait, answers 202 with the
+    operation to follow at `/v1/operations/{id}`."""
+
+    def produce() -> tuple[int, Any]:
+        _, op_id = service.start_create_project(
+            platform,
+            owner,
+            name=body.name,
+            region=body.region,
+            plan_type=body.plan_type,
+            subdomain=body.subdomain,
+        )
+        status, out = _project_and_op(platform, owner, op_id, wait=wait, credentials=True)
+        if status != 200 or out.connection is None:
+            return 202, out
+        created = ProjectCreated(
+            **out.project.model_dump(), connection=out.connection, operation=out.operation
+        )
+        return 201, created
+
+    return run_idempotent(
         platform,
         owner,
-        name=body.name,
-        region=body.region,
-        plan_type=body.plan_type,
-        subdomain=body.subdomain,
+        idempotency_key,
+        method="POST",
+        path="/v1/projects",
+        body={"body": body, "wait": wait},
+        produce=produce,
     )
-    conn = ConnectionDetails(
-        mode="rw",
-        host=db.host,
-        port=db.port,
-        database=db.database,
-        user=db.user,
-        password=db.password,
-        sslmode=db.sslmode,
-        region=db.region,
-        hosted_region=db.hosted_region,
-    )
-    return ProjectCreated(**ProjectOut.from_row(row).model_dump(), connection=_conn_out(conn))
 
 
 @v1.get("/projects", tags=["projects"], summary="List your projects")
@@ -143,12 +229,270 @@ def get_project(project_id: str, platform: PlatformDep, owner: OwnerDep) -> Proj
     "/projects/{project_id}",
     tags=["projects"],
     summary="Delete a project",
+    response_model=ProjectWithOperation,
+    responses={202: {"model": ProjectWithOperation}, **OPERATION_ERRORS},
+)
+def delete_project(
+    project_id: str, platform: PlatformDep, owner: OwnerDep, wait: WaitQuery = True
+) -> JSONResponse:
+    """Starts a `delete` operation: drops the project's database and roles on
+    its server; the row stays with status `deleted` and its timestamps,
+    without connection info. Deleting again is harmless."""
+    op_id = service.start_delete_project(platform, owner, project_id)
+    status, out = _project_and_op(platform, owner, op_id, wait=wait)
+    return JSONResponse(jsonable_encoder(out), status_code=status)
+
+
+def _lifecycle_route(
+    platform: Any,
+    owner: Any,
+    project_id: str,
+    key: str | None,
+    path: str,
+    body: Any,
+    start: Any,
+    *,
+    wait: bool,
+    credentials: bool = False,
+) -> JSONResponse:
+    def produce() -> tuple[int, Any]:
+        op_id = start()
+        return _project_and_op(platform, owner, op_id, wait=wait, credentials=credentials)
+
+    return run_idempotent(
+        platform,
+        owner,
+        key,
+        method="POST",
+        path=path,
+        body={"body": body, "wait": wait},
+        produce=produce,
+    )
+
+
+@v1.post(
+    "/projects/{project_id}/rotate-password",
+    tags=["projects"],
+    summary="Rotate the project's passwords",
+    response_model=ProjectWithOperation,
+    responses={202: {"model": ProjectWithOperation}, **OPERATION_ERRORS},
+)
+def rotate_password(
+    project_id: str,
+    platform: PlatformDep,
+    owner: OwnerDep,
+    body: RotateIn | None = None,
+    wait: WaitQuery = True,
+    idempotency_key: IdemHeader = None,
+) -> JSONResponse:
+    """Starts a `rotate_password` operation: new passwords for the read-write
+    and/or read-only login role. The new ones work as soon as it finishes and
+    the old ones stop working for new connections at that moment; sessions
+    already open are left alone. Answers with the new read-write credentials."""
+    rot = body or RotateIn()
+    return _lifecycle_route(
+        platform,
+        owner,
+        project_id,
+        idempotency_key,
+        f"/v1/projects/{project_id}/rotate-password",
+        rot,
+        lambda: service.rotate_password(platform, owner, project_id, role=rot.role),
+        wait=wait,
+        credentials=True,
+    )
+
+
+@v1.post(
+    "/projects/{project_id}/pause",
+    tags=["projects"],
+    summary="Pause a project",
+    response_model=ProjectWithOperation,
+    responses={202: {"model": ProjectWithOperation}, **OPERATION_ERRORS},
+)
+def pause_project(
+    project_id: str,
+    platform: PlatformDep,
+    owner: OwnerDep,
+    wait: WaitQuery = True,
+    idempotency_key: IdemHeader = None,
+) -> JSONResponse:
+    """Starts a `pause` operation: the project's roles may no longer log in,
+    open sessions are ended, the SQL API answers 409. Data is untouched."""
+    return _lifecycle_route(
+        platform,
+        owner,
+        project_id,
+        idempotency_key,
+        f"/v1/projects/{project_id}/pause",
+        None,
+        lambda: service.pause_project(platform, owner, project_id),
+        wait=wait,
+    )
+
+
+@v1.post(
+    "/projects/{project_id}/resume",
+    tags=["projects"],
+    summary="Resume a paused project",
+    response_model=ProjectWithOperation,
+    responses={202: {"model": ProjectWithOperation}, **OPERATION_ERRORS},
+)
+def resume_project(
+    project_id: str,
+    platform: PlatformDep,
+    owner: OwnerDep,
+    wait: WaitQuery = True,
+    idempotency_key: IdemHeader = None,
+) -> JSONResponse:
+    """Starts a `resume` operation: the project's roles may log in again."""
+    return _lifecycle_route(
+        platform,
+        owner,
+        project_id,
+        idempotency_key,
+        f"/v1/projects/{project_id}/resume",
+        None,
+        lambda: service.resume_project(platform, owner, project_id),
+        wait=wait,
+    )
+
+
+@v1.post(
+    "/projects/{project_id}/plan",
+    tags=["projects"],
+    summary="Change a project's plan",
+    response_model=ProjectWithOperation,
+    responses={202: {"model": ProjectWithOperation}, **OPERATION_ERRORS},
+)
+def change_plan(
+    project_id: str,
+    body: PlanIn,
+    platform: PlatformDep,
+    owner: OwnerDep,
+    wait: WaitQuery = True,
+    idempotency_key: IdemHeader = None,
+) -> JSONResponse:
+    """Starts a `change_plan` operation: applies the plan's connection limit
+    and statement timeout to the project's roles and records the plan. The
+    operation's `result.placement` says whether the placement policy would
+    host the project elsewhere on this plan (moves come with region moves)."""
+    return _lifecycle_route(
+        platform,
+        owner,
+        project_id,
+        idempotency_key,
+        f"/v1/projects/{project_id}/plan",
+        body,
+        lambda: service.change_plan(platform, owner, project_id, plan_type=body.plan),
+        wait=wait,
+    )
+
+
+@v1.get(
+    "/projects/{project_id}/operations",
+    tags=["operations"],
+    summary="A project's operations, newest first",
     responses={404: ERRORS[404]},
 )
-def delete_project(project_id: str, platform: PlatformDep, owner: OwnerDep) -> ProjectOut:
-    """Drops the project's database and role on its server; the row stays with
-    status `deleted` and its timestamps, without connection info."""
-    return ProjectOut.from_row(service.delete_project(platform, owner, project_id))
+def project_operations(
+    project_id: str,
+    platform: PlatformDep,
+    owner: OwnerDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> OperationList:
+    project = service.get_project(platform, owner, project_id, include_deleted=True)
+    rows = ops_service.project_operations(platform, project["id"], limit=limit)
+    return OperationList(operations=[OperationOut.from_row(r) for r in rows])
+
+
+@v1.get(
+    "/projects/{project_id}/audit",
+    tags=["operations"],
+    summary="Who did what to this project, newest first",
+    responses={404: ERRORS[404]},
+)
+def project_audit(
+    project_id: str,
+    platform: PlatformDep,
+    owner: OwnerDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> AuditList:
+    project = service.get_project(platform, owner, project_id, include_deleted=True)
+    with platform.db.connection() as conn:
+        rows = list_audit(conn, tenant_id=project["id"], limit=limit)
+    return AuditList(entries=[_audit_out(r) for r in rows])
+
+
+def _audit_out(r: dict[str, Any]) -> AuditEntry:
+    return AuditEntry(**{k: v for k, v in r.items() if k != "tenant_id"}, project_id=r["tenant_id"])
+
+
+@v1.get(
+    "/operations",
+    tags=["operations"],
+    summary="Your operations (all of them for an admin), newest first",
+)
+def list_operations(
+    platform: PlatformDep,
+    owner: OwnerDep,
+    status: Annotated[
+        Literal["scheduled", "running", "finished", "failed", "cancelled"] | None, Query()
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> OperationList:
+    rows = ops_service.owner_operations(platform, owner, status=status, limit=limit)
+    return OperationList(operations=[OperationOut.from_row(r) for r in rows])
+
+
+@v1.get(
+    "/operations/{operation_id}",
+    tags=["operations"],
+    summary="One operation with its steps",
+    responses={404: ERRORS[404]},
+)
+def get_operation_route(operation_id: str, platform: PlatformDep, owner: OwnerDep) -> OperationOut:
+    return OperationOut.from_row(ops_service.visible_operation(platform, owner, operation_id))
+
+
+@v1.post(
+    "/operations/{operation_id}/cancel",
+    tags=["operations"],
+    summary="Cancel a scheduled or running operation",
+    response_model=OperationOut,
+    responses={
+        404: ERRORS[404],
+        409: {
+            "model": ErrorResponse,
+            "description": "The operation has already ended (the message says how), or "
+            "is past its point of no return.",
+        },
+    },
+)
+def cancel_operation(
+    operation_id: str,
+    platform: PlatformDep,
+    owner: OwnerDep,
+    idempotency_key: IdemHeader = None,
+) -> JSONResponse:
+    """A scheduled operation that has not started ends `cancelled` at once.
+    A running one is asked to stop: its worker stops at the next step and
+    undoes what it did (the answer shows `cancel_requested`; follow the
+    operation until it is `cancelled`)."""
+
+    def produce() -> tuple[int, Any]:
+        op = ops_service.cancel_operation(platform, owner, operation_id)
+        return (200 if op["status"] == "cancelled" else 202), OperationOut.from_row(op)
+
+    return run_idempotent(
+        platform,
+        owner,
+        idempotency_key,
+        method="POST",
+        path=f"/v1/operations/{operation_id}/cancel",
+        body=None,
+        produce=produce,
+    )
 
 
 @v1.get(
@@ -387,3 +731,43 @@ def metrics(platform: PlatformDep, admin: AdminDep) -> PlainTextResponse:
     return PlainTextResponse(
         platform.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
     )
+
+
+@v1.get("/admin/audit", tags=["admin"], summary="The audit log across all projects")
+def admin_audit(
+    platform: PlatformDep, admin: AdminDep, limit: Annotated[int, Query(ge=1, le=5000)] = 200
+) -> AuditList:
+    with platform.db.connection() as conn:
+        rows = list_audit(conn, limit=limit)
+    return AuditList(entries=[_audit_out(r) for r in rows])
+
+
+@v1.post("/admin/reconcile", tags=["admin"], summary="Compare the platform DB with the servers")
+def admin_reconcile(
+    platform: PlatformDep, admin: AdminDep, body: ReconcileIn | None = None
+) -> dict[str, Any]:
+    """Reports orphan tenant databases and roles, projects whose database,
+    roles, owner, grants or login state are wrong, and projects stuck
+    provisioning. With `repair`, fixes them; an orphan database that holds
+    data is dropped only with `force` as well. Projects with an operation in
+    flight are left to their worker."""
+    req = body or ReconcileIn()
+    with platform.db.connection() as conn:
+        audit(
+            conn,
+            actor=ops_service.actor_of(admin),
+            owner_id=admin.id,
+            action="fleet.reconcile",
+            details={"repair": req.repair, "force": req.force},
+        )
+    return reconcile(
+        platform, repair=req.repair, force=req.force, actor=ops_service.actor_of(admin)
+    )
+
+
+@v1.get("/admin/reconcile", tags=["admin"], summary="The last reconciler run")
+def admin_last_reconcile(platform: PlatformDep, admin: AdminDep) -> dict[str, Any]:
+    run = last_run(platform)
+    if run is None:
+        raise NotFound("the reconciler has not run yet")
+    return run

@@ -78,7 +78,7 @@ class ProjectOut(BaseModel):
     server: str | None
     placement_reason: str | None
     plan_type: str | None
-    status: str = Field(description="provisioning, active, failed, deleting or deleted.")
+    status: str = Field(description="provisioning, active, paused, failed, deleting or deleted.")
     owner_id: uuid.UUID | None
     error: str | None
     created_at: datetime | None
@@ -117,6 +117,9 @@ class ProjectOut(BaseModel):
 
 class ProjectCreated(ProjectOut):
     connection: ConnectionOut = Field(description="Read-write credentials, shown in full.")
+    operation: OperationOut | None = Field(
+        default=None, description="The provision operation, finished."
+    )
 
 
 class ProjectList(BaseModel):
@@ -210,3 +213,93 @@ class SqlOut(BaseModel):
     command: str = Field(description="The server's command tag, e.g. `INSERT 0 1`.")
     mode: Literal["rw", "ro"]
     limits: dict[str, int]
+
+
+class StepOut(BaseModel):
+    position: int
+    name: str
+    status: Literal["running", "finished", "failed", "skipped"]
+    attempts: int
+    error: str | None
+    started_at: datetime
+    finished_at: datetime | None
+    duration_ms: float | None
+
+
+class OperationOut(BaseModel):
+    id: uuid.UUID
+    type: str = Field(
+        description="provision, delete, rotate_password, pause, resume or change_plan."
+    )
+    status: Literal["scheduled", "running", "finished", "failed", "cancelled"]
+    project_id: uuid.UUID | None
+    current_step: str | None = Field(description="The step running now, if any.")
+    steps: list[StepOut] = Field(
+        default=[], description="Steps started so far, each with its duration and attempts."
+    )
+    attempts: int = Field(description="How many times a worker has picked it up.")
+    error: str | None
+    result: dict[str, Any] | None = Field(
+        description="What the operation reports (actions taken, placement advice...)."
+    )
+    params: dict[str, Any]
+    actor: str | None = Field(description="Who asked for it.")
+    cancel_requested: bool
+    deadline: datetime
+    deadline_missed: bool
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    duration_ms: float | None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> OperationOut:
+        result = {k: v for k, v in (row.get("result") or {}).items() if not k.startswith("error_")}
+        return cls(
+            **{k: v for k, v in row.items() if k in cls.model_fields and k != "result"},
+            project_id=row["tenant_id"],
+            result=result or None,
+        )
+
+
+class OperationList(BaseModel):
+    operations: list[OperationOut]
+
+
+class ProjectWithOperation(BaseModel):
+    project: ProjectOut
+    operation: OperationOut
+    connection: ConnectionOut | None = Field(
+        default=None,
+        description="Read-write credentials, when the operation produced new ones "
+        "(create, rotate password) and finished.",
+    )
+
+
+class RotateIn(BaseModel):
+    role: Literal["all", "rw", "ro"] = Field(
+        default="all", description="Which login role gets a new password."
+    )
+
+
+class PlanIn(BaseModel):
+    plan: str = Field(description="free, pro or enterprise.")
+
+
+class AuditEntry(BaseModel):
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    project_id: uuid.UUID | None
+    operation_id: uuid.UUID | None
+    details: dict[str, Any]
+
+
+class AuditList(BaseModel):
+    entries: list[AuditEntry]
+
+
+class ReconcileIn(BaseModel):
+    repair: bool = Field(default=False, description="Fix what is found, not only report it.")
+    force: bool = Field(default=False, description="Also drop orphan databases that hold data.")

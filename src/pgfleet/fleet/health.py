@@ -137,8 +137,29 @@ def fleet_health(platform: Platform) -> dict[str, Any]:
                 for c in mine
             ],
         }
+    from pgfleet.operations.store import deadline_summary
+
+    with platform.db.connection() as conn:
+        ops = deadline_summary(conn)
     return {
-        "status": "degraded" if degraded else "ok",
+        "status": "degraded" if degraded or ops["past_deadline"] else "ok",
         "platform_db": {"ok": True},
         "regions": regions,
+        "operations": {
+            "scheduled": ops["scheduled"],
+            "running": ops["running"],
+            "past_deadline": ops["past_deadline"],
+            "missed": [
+                {
+                    "id": str(m["id"]),
+                    "type": m["type"],
+                    "project_id": str(m["tenant_id"]) if m["tenant_id"] else None,
+                    "status": m["status"],
+                    "current_step": m["current_step"],
+                    "deadline": m["deadline"].isoformat(),
+                }
+                for m in ops["missed"]
+            ],
+            "workers": ops["workers"],
+        },
     }

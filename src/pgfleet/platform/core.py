@@ -6,7 +6,7 @@ its own Platform on the one platform DB.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
@@ -22,6 +22,9 @@ from pgfleet.monitoring.querylog import QueryLogWriter
 from pgfleet.platform import migrate
 from pgfleet.pooling import check_pooled, mark_returned
 from pgfleet.regions import get_regional_host
+
+if TYPE_CHECKING:
+    from pgfleet.operations.runtime import OperationsRuntime
 
 
 def platform_conninfo(settings: Settings) -> dict[str, Any]:
@@ -89,6 +92,16 @@ class Platform:
         from pgfleet.tenants.connections import DatabasePlatformClient
 
         self.client = DatabasePlatformClient(self)
+        self._ops: OperationsRuntime | None = None
+
+    @property
+    def ops(self) -> OperationsRuntime:
+        """Operations: dispatch, waiting, embedded workers (made on first use)."""
+        if self._ops is None:
+            from pgfleet.operations.runtime import OperationsRuntime
+
+            self._ops = OperationsRuntime(self)
+        return self._ops
 
     def migrate(self) -> None:
         migrate.upgrade(self.conninfo)
@@ -131,6 +144,8 @@ class Platform:
             conn.execute("SELECT 1")
 
     def close(self) -> None:
+        if self._ops is not None:
+            self._ops.close()
         self.query_log.close()
         self.client.close()
         self.servers.close()

@@ -21,8 +21,9 @@ from psycopg.rows import dict_row
 from pgfleet.crypto import generate_password
 from pgfleet.errors import Conflict, ProjectNotFound
 from pgfleet.fleet.registry import ServerRecord
+from pgfleet.operations.failpoints import failpoint
 from pgfleet.platform.core import Platform, default_platform
-from pgfleet.regions import PlacementPolicy, choose_server, get_plan, get_region
+from pgfleet.regions import PlacementPolicy, Plan, choose_server, get_plan, get_region
 
 # PostgreSQL marks a database whose DROP was interrupted with this datconnlimit
 # (DATCONNLIMIT_INVALID_DB); it can only be dropped.
@@ -66,6 +67,7 @@ def _ensure_login_role(
     *,
     connection_limit: int,
     settings: dict[str, str],
+    login: bool = True,
     actions: list[str],
 ) -> None:
     role = sql.Identifier(name)
@@ -74,9 +76,13 @@ def _ensure_login_role(
         password.encode(), name.encode(), b"scram-sha-256"
     ).decode()
     attrs = sql.SQL(
-        "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS "
+        "{} NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS "
         "PASSWORD {} CONNECTION LIMIT {}"
-    ).format(sql.Literal(verifier), sql.Literal(connection_limit))
+    ).format(
+        sql.SQL("LOGIN" if login else "NOLOGIN"),
+        sql.Literal(verifier),
+        sql.Literal(connection_limit),
+    )
     _create_or_alter_role(conn, name, attrs, actions)
     for key, value in settings.items():
         conn.execute(
@@ -111,6 +117,7 @@ def converge_on_server(
     connection_limit: int,
     statement_timeout_ms: int,
     connect_tenant_db: Callable[[], AbstractContextManager[psycopg.Connection[Any]]],
+    login: bool = True,
 ) -> list[str]:
     """Make the project's roles and database exist as they should on this server.
 
@@ -123,12 +130,39 @@ def converge_on_server(
       and can change nothing.
 
     `conn` is an autocommit admin connection; `connect_tenant_db` opens an
-    admin connection to the project's database. Returns what it changed.
+    admin connection to the project's database. `login=False` (a paused
+    project) keeps both login roles NOLOGIN. Returns what it changed. The
+    three parts are also the steps of the provision operation.
     """
     actions: list[str] = []
-    gate, rw, ro = (sql.Identifier(n) for n in (name, rw_role_name(name), ro_role_name(name)))
-    # Each commit of DDL waits for a WAL flush, so the role work is one
-    # transaction and the database's ACL another: a handful of flushes in all.
+    converge_roles(
+        conn,
+        name,
+        password=password,
+        ro_password=ro_password,
+        connection_limit=connection_limit,
+        statement_timeout_ms=statement_timeout_ms,
+        login=login,
+        actions=actions,
+    )
+    converge_database(conn, name, actions)
+    with connect_tenant_db() as tconn:
+        converge_privileges(tconn, name)
+    return actions
+
+
+def converge_roles(
+    conn: psycopg.Connection[Any],
+    name: str,
+    *,
+    password: str,
+    ro_password: str,
+    connection_limit: int,
+    statement_timeout_ms: int,
+    login: bool = True,
+    actions: list[str],
+) -> None:
+    """The three roles, in one transaction (each DDL commit waits for a WAL flush)."""
     with conn.transaction():
         _converge_roles(
             conn,
@@ -137,9 +171,14 @@ def converge_on_server(
             ro_password=ro_password,
             connection_limit=connection_limit,
             timeout=f"{statement_timeout_ms}ms",
+            login=login,
             actions=actions,
         )
 
+
+def converge_database(conn: psycopg.Connection[Any], name: str, actions: list[str]) -> None:
+    """The database, owned by `_rw`, reachable only by the project's login roles."""
+    gate, rw, ro = (sql.Identifier(n) for n in (name, rw_role_name(name), ro_role_name(name)))
     db = conn.execute(
         "SELECT pg_get_userbyid(datdba), datconnlimit FROM pg_database WHERE datname = %s",
         (name,),
@@ -152,6 +191,7 @@ def converge_on_server(
         try:
             conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(gate, rw))
             actions.append("create database")
+            failpoint("provision.database.created")
         except psycopg.errors.DuplicateDatabase:
             db = (None, None)
     with conn.transaction():
@@ -163,7 +203,12 @@ def converge_on_server(
         conn.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(gate, rw))
         conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(gate, ro))
 
-    with connect_tenant_db() as tconn, tconn.transaction():
+
+def converge_privileges(tconn: psycopg.Connection[Any], name: str) -> None:
+    """Inside the project's database (admin connection `tconn`): the gate owns
+    nothing, and `_ro` reads what `_rw` owns, now and later."""
+    gate, rw, ro = (sql.Identifier(n) for n in (name, rw_role_name(name), ro_role_name(name)))
+    with tconn.transaction():
         # The gate must own nothing and hold no privilege, or its members would
         # inherit them: hand what it owns to _rw, then drop its grants and
         # default privileges. First, so the schema list below sees the result.
@@ -177,7 +222,6 @@ def converge_on_server(
                 (rw_role_name(name),),
             )
         ]
-        # The ro role reads what _rw owns, now and later.
         stmts: list[sql.Composable] = [
             sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} GRANT SELECT ON TABLES TO {}").format(
                 rw, ro
@@ -197,7 +241,6 @@ def converge_on_server(
                 sql.SQL("GRANT SELECT ON ALL SEQUENCES IN SCHEMA {} TO {}").format(nsp, ro),
             ]
         tconn.execute(sql.SQL("; ").join(stmts))
-    return actions
 
 
 def _converge_roles(
@@ -208,6 +251,7 @@ def _converge_roles(
     ro_password: str,
     connection_limit: int,
     timeout: str,
+    login: bool = True,
     actions: list[str],
 ) -> None:
     gate, rw, ro = (sql.Identifier(n) for n in (name, rw_role_name(name), ro_role_name(name)))
@@ -225,6 +269,7 @@ def _converge_roles(
         password,
         connection_limit=connection_limit,
         settings={"statement_timeout": timeout},
+        login=login,
         actions=actions,
     )
     _ensure_login_role(
@@ -233,6 +278,7 @@ def _converge_roles(
         ro_password,
         connection_limit=connection_limit,
         settings={"statement_timeout": timeout, "default_transaction_read_only": "on"},
+        login=login,
         actions=actions,
     )
     conn.execute(sql.SQL("GRANT {} TO {}, {}").format(gate, rw, ro))
@@ -260,8 +306,156 @@ def drop_on_server(conn: psycopg.Connection[Any], *, name: str) -> list[str]:
     return actions
 
 
-def _tenant_lock_key(tenant_id: uuid.UUID) -> int:
+def tenant_lock_key(tenant_id: uuid.UUID) -> int:
+    """The advisory lock that serialises provisioning work on one project."""
     return int.from_bytes(tenant_id.bytes[:8], "big", signed=True)
+
+
+@dataclass(frozen=True)
+class ProvisionTarget:
+    """What converging one project works towards: where, with which
+    passwords and limits."""
+
+    tenant_id: uuid.UUID
+    name: str
+    region: str
+    plan: Plan
+    server: ServerRecord
+    status: str
+    password: str = field(repr=False)
+    ro_password: str = field(repr=False)
+
+    @property
+    def login(self) -> bool:
+        return self.status != "paused"
+
+
+def prepare_provision(
+    p: Platform,
+    tenant_id: uuid.UUID | str,
+    region: str | None = None,
+    desired_password: str | None = None,
+) -> ProvisionTarget:
+    """Check the tenant row, place it if it has no server yet, and store its
+    passwords (encrypted) before any server sees them, so a retry after a
+    crash converges to the same credentials. Idempotent."""
+    tid = uuid.UUID(str(tenant_id))
+    if region is not None:
+        get_region(region)
+    with p.db.connection() as pconn, pconn.transaction():
+        with pconn.cursor(row_factory=dict_row) as cur:
+            row = cur.execute(
+                "SELECT id, region, plan_type, status, server_id, connection_info "
+                "FROM tenants WHERE id = %s FOR UPDATE",
+                (tid,),
+            ).fetchone()
+        if row is None:
+            raise ProjectNotFound(f"project {tid} does not exist")
+        if row["status"] in ("deleted", "deleting"):
+            raise Conflict(f"project {tid} is {row['status']}", status=row["status"])
+        if region is not None and (row["region"] or "us-east-1") != region:
+            raise Conflict(
+                f"project {tid} is in region {row['region']}, not {region}; "
+                "moving a project between regions is not supported yet"
+            )
+        plan = get_plan(row["plan_type"] or "free")
+        server_id = row["server_id"]
+        if server_id is None:
+            placement = choose_server(
+                policy=PlacementPolicy(p.settings.placement),
+                region=row["region"] or "us-east-1",
+                plan=plan.id,
+                servers=p.servers.loads(),
+                default_region=p.settings.default_region,
+            )
+            server_id = placement.server_id
+            pconn.execute(
+                "UPDATE tenants SET server_id = %s, hosted_region = %s, "
+                "placement_reason = %s, updated_at = now() WHERE id = %s",
+                (server_id, placement.hosted_region, placement.reason, tid),
+            )
+        info = dict(row["connection_info"] or {})
+        changed = False
+        if desired_password is not None:
+            info["password_enc"] = p.secrets.encrypt(desired_password)
+            changed = True
+        for key in ("password_enc", "ro_password_enc"):
+            if not info.get(key):
+                info[key] = p.secrets.encrypt(generate_password())
+                changed = True
+        if changed:
+            pconn.execute(
+                "UPDATE tenants SET connection_info = %s, updated_at = now() WHERE id = %s",
+                (psycopg.types.json.Jsonb(info), tid),
+            )
+    return ProvisionTarget(
+        tenant_id=tid,
+        name=tenant_db_name(tid),
+        region=row["region"] or "us-east-1",
+        plan=plan,
+        server=p.servers.get(server_id),
+        status=row["status"],
+        password=p.secrets.decrypt(info["password_enc"]),
+        ro_password=p.secrets.decrypt(info["ro_password_enc"]),
+    )
+
+
+def converge_target_on_server(p: Platform, t: ProvisionTarget, part: str) -> list[str]:
+    """One part ("roles", "database", "privileges") of converging `t` on its server."""
+    actions: list[str] = []
+    if part == "privileges":
+        with p.servers.direct_admin_connection(t.server, t.name) as tconn:
+            converge_privileges(tconn, t.name)
+        return actions
+    with p.servers.admin_connection(t.server) as aconn:
+        if part == "roles":
+            converge_roles(
+                aconn,
+                t.name,
+                password=t.password,
+                ro_password=t.ro_password,
+                connection_limit=t.plan.connection_limit,
+                statement_timeout_ms=t.plan.statement_timeout_ms,
+                login=t.login,
+                actions=actions,
+            )
+        elif part == "database":
+            converge_database(aconn, t.name, actions)
+        else:
+            raise ValueError(f"unknown part {part!r}")
+    return actions
+
+
+def activate(p: Platform, t: ProvisionTarget, actions: tuple[str, ...] = ()) -> ProvisionedDatabase:
+    """Record the finished database: connection info, and status `active`
+    (a paused project stays paused)."""
+    result = ProvisionedDatabase(
+        tenant_id=t.tenant_id,
+        server=t.server.name,
+        region=t.region,
+        hosted_region=t.server.region,
+        host=t.server.host,
+        port=t.server.port,
+        database=t.name,
+        user=rw_role_name(t.name),
+        sslmode=t.server.sslmode,
+        password=t.password,
+        ro_user=ro_role_name(t.name),
+        ro_password=t.ro_password,
+        actions=actions,
+    )
+    with p.db.connection() as pconn:
+        pconn.execute(
+            "UPDATE tenants SET status = CASE WHEN status = 'paused' THEN 'paused' "
+            "ELSE 'active' END, connection_info = %s, error = NULL, "
+            "hosted_region = %s, updated_at = now() WHERE id = %s AND status <> 'deleted'",
+            (
+                psycopg.types.json.Jsonb(connection_info(result, t.server, p.secrets.encrypt)),
+                t.server.region,
+                t.tenant_id,
+            ),
+        )
+    return result
 
 
 def ensure_tenant_database_provisioned(
@@ -275,100 +469,22 @@ def ensure_tenant_database_provisioned(
 
     The tenant row must exist. If it has no placement yet, one is chosen with
     the configured policy. The password is `desired_password`, else the one
-    already stored, else a new random one; it is stored encrypted.
+    already stored, else a new random one; it is stored encrypted. The
+    provision operation runs the same parts as its steps.
     """
     p = platform or default_platform()
     tid = uuid.UUID(str(tenant_id))
     get_region(region)
-    name = tenant_db_name(tid)
-    with p.db.connection() as pconn:
-        pconn.execute("SELECT pg_advisory_lock(%s)", (_tenant_lock_key(tid),))
+    with p.db.connection() as lconn:
+        lconn.execute("SELECT pg_advisory_lock(%s)", (tenant_lock_key(tid),))
         try:
-            with pconn.cursor(row_factory=dict_row) as cur:
-                row = cur.execute(
-                    "SELECT id, region, plan_type, status, server_id, connection_info "
-                    "FROM tenants WHERE id = %s",
-                    (tid,),
-                ).fetchone()
-            pconn.commit()
-            if row is None:
-                raise ProjectNotFound(f"project {tid} does not exist")
-            if row["status"] == "deleted":
-                raise Conflict(f"project {tid} is deleted")
-            if (row["region"] or "us-east-1") != region:
-                raise Conflict(
-                    f"project {tid} is in region {row['region']}, not {region}; "
-                    "moving a project between regions is not supported yet"
-                )
-            plan = get_plan(row["plan_type"] or "free")
-            server_id = row["server_id"]
-            if server_id is None:
-                placement = choose_server(
-                    policy=PlacementPolicy(p.settings.placement),
-                    region=region,
-                    plan=plan.id,
-                    servers=p.servers.loads(),
-                    default_region=p.settings.default_region,
-                )
-                server_id = placement.server_id
-                pconn.execute(
-                    "UPDATE tenants SET server_id = %s, hosted_region = %s, "
-                    "placement_reason = %s, updated_at = now() WHERE id = %s",
-                    (server_id, placement.hosted_region, placement.reason, tid),
-                )
-                pconn.commit()
-            server = p.servers.get(server_id)
-            info = row["connection_info"] or {}
-            password = desired_password or _stored(p, info, "password_enc")
-            ro_password = _stored(p, info, "ro_password_enc")
-
-            with p.servers.admin_connection(server) as aconn:
-                actions = converge_on_server(
-                    aconn,
-                    name=name,
-                    password=password,
-                    ro_password=ro_password,
-                    connection_limit=plan.connection_limit,
-                    statement_timeout_ms=plan.statement_timeout_ms,
-                    connect_tenant_db=lambda: p.servers.direct_admin_connection(server, name),
-                )
-            result = ProvisionedDatabase(
-                tenant_id=tid,
-                server=server.name,
-                region=region,
-                hosted_region=server.region,
-                host=server.host,
-                port=server.port,
-                database=name,
-                user=rw_role_name(name),
-                sslmode=server.sslmode,
-                password=password,
-                ro_user=ro_role_name(name),
-                ro_password=ro_password,
-                actions=tuple(actions),
-            )
-            pconn.execute(
-                "UPDATE tenants SET status = 'active', connection_info = %s, error = NULL, "
-                "hosted_region = %s, updated_at = now() WHERE id = %s",
-                (
-                    psycopg.types.json.Jsonb(connection_info(result, server, p.secrets.encrypt)),
-                    server.region,
-                    tid,
-                ),
-            )
-            pconn.commit()
-            return result
+            target = prepare_provision(p, tid, region, desired_password)
+            actions: list[str] = []
+            for part in ("roles", "database", "privileges"):
+                actions += converge_target_on_server(p, target, part)
+            return activate(p, target, tuple(actions))
         finally:
-            pconn.rollback()
-            pconn.execute("SELECT pg_advisory_unlock(%s)", (_tenant_lock_key(tid),))
-            pconn.commit()
-
-
-def _stored(p: Platform, info: dict[str, Any], key: str) -> str:
-    """The stored secret `key` of connection_info, or a new random one."""
-    if info.get(key):
-        return p.secrets.decrypt(info[key])
-    return generate_password()
+            lconn.execute("SELECT pg_advisory_unlock(%s)", (tenant_lock_key(tid),))
 
 
 def connection_info(

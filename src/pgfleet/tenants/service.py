@@ -20,16 +20,11 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from pgfleet.errors import Conflict, InvalidInput, ProjectNotFound, RegionUnavailable
+from pgfleet.errors import Conflict, InvalidInput, ProjectNotFound
 from pgfleet.platform.core import Platform
 from pgfleet.regions import PlacementPolicy, choose_server, get_plan, get_region
 from pgfleet.tenants.connections import Mode, check_mode
-from pgfleet.tenants.provisioning import (
-    ProvisionedDatabase,
-    drop_on_server,
-    ensure_tenant_database_provisioned,
-    tenant_db_name,
-)
+from pgfleet.tenants.provisioning import ProvisionedDatabase
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +133,7 @@ def list_projects(
         return cur.execute(query, params).fetchall()
 
 
-def create_project(
+def start_create_project(
     platform: Platform,
     owner: Owner,
     *,
@@ -146,7 +141,11 @@ def create_project(
     region: str,
     plan_type: str,
     subdomain: str | None = None,
-) -> tuple[dict[str, Any], ProvisionedDatabase]:
+) -> tuple[dict[str, Any], uuid.UUID]:
+    """Validate, place, record the tenant row and its provision operation in
+    one transaction, and queue the operation. Returns (project, operation id)."""
+    from pgfleet.operations.service import start_operation
+
     name = validate_name(name)
     get_region(region)
     plan = get_plan(plan_type)
@@ -159,93 +158,210 @@ def create_project(
         servers=platform.servers.loads(),
         default_region=platform.settings.default_region,
     )
-    try:
-        with platform.db.connection() as conn:
-            conn.execute(
-                """
-                INSERT INTO tenants (id, name, subdomain, region, plan_type, status, owner_id,
-                                     server_id, hosted_region, placement_reason)
-                VALUES (%s, %s, %s, %s, %s, 'provisioning', %s, %s, %s, %s)
-                """,
-                (
-                    tid,
-                    name,
-                    sub,
-                    region,
-                    plan.id,
-                    owner.id,
-                    placement.server_id,
-                    placement.hosted_region,
-                    placement.reason,
-                ),
-            )
-    except psycopg.errors.UniqueViolation:
-        raise Conflict(f"subdomain {sub!r} is already taken", field="subdomain") from None
-    t0 = time.perf_counter()
-    try:
-        result = ensure_tenant_database_provisioned(tid, region, platform=platform)
-    except BaseException as e:
-        platform.metrics.provisions.labels(placement.hosted_region, type(e).__name__).inc()
-        _undo_create(platform, tid, placement.server_id, e)
-        raise
-    platform.metrics.provisions.labels(placement.hosted_region, "ok").inc()
-    platform.metrics.provision_duration.labels(placement.hosted_region).observe(
-        time.perf_counter() - t0
-    )
-    return get_project(platform, owner, tid), result
+    # A region known to be down is refused at once (503), with nothing recorded.
+    with platform.servers.admin_connection(platform.servers.get(placement.server_id)):
+        pass
 
-
-def _undo_create(platform: Platform, tid: uuid.UUID, server_id: int, err: BaseException) -> None:
-    """Leave nothing half-created after a failed create.
-
-    If the server was never reached nothing exists on it and the row goes.
-    Otherwise what was made is dropped again; if even that cannot be done,
-    the row stays `failed` with the error, for the reconciler.
-    """
-    reached = not (isinstance(err, RegionUnavailable) and err.details.get("reached") is False)
-    if reached:
+    def insert_tenant(conn: psycopg.Connection[Any]) -> None:
         try:
-            server = platform.servers.get(server_id)
-            with platform.servers.admin_connection(server) as aconn:
-                drop_on_server(aconn, name=tenant_db_name(tid))
-        except Exception as cleanup_err:  # the server may be the thing that is down
-            log.warning(
-                "project %s: cleanup after failed create did not finish: %s",
-                tid,
-                type(cleanup_err).__name__,
-            )
-            with platform.db.connection() as conn:
+            with conn.transaction():
                 conn.execute(
-                    "UPDATE tenants SET status = 'failed', error = %s, updated_at = now() "
-                    "WHERE id = %s",
-                    (str(err)[:500], tid),
+                    """
+                    INSERT INTO tenants (id, name, subdomain, region, plan_type, status, owner_id,
+                                         server_id, hosted_region, placement_reason)
+                    VALUES (%s, %s, %s, %s, %s, 'provisioning', %s, %s, %s, %s)
+                    """,
+                    (
+                        tid,
+                        name,
+                        sub,
+                        region,
+                        plan.id,
+                        owner.id,
+                        placement.server_id,
+                        placement.hosted_region,
+                        placement.reason,
+                    ),
                 )
-            return
-    with platform.db.connection() as conn:
-        conn.execute("DELETE FROM tenants WHERE id = %s", (tid,))
+        except psycopg.errors.UniqueViolation:
+            raise Conflict(f"subdomain {sub!r} is already taken", field="subdomain") from None
+
+    op_id = start_operation(
+        platform,
+        owner,
+        type="provision",
+        tenant_id=tid,
+        tenant_owner=owner.id,
+        action="project.create",
+        params={"region": region, "plan": plan.id},
+        details={"hosted_region": placement.hosted_region, "server": placement.server_name},
+        prepare=insert_tenant,
+    )
+    return get_project(platform, owner, tid), op_id
 
 
-def delete_project(platform: Platform, owner: Owner, project_id: str) -> dict[str, Any]:
-    project = get_project(platform, owner, project_id)
+def provisioned(
+    platform: Platform, project: dict[str, Any], op: dict[str, Any]
+) -> ProvisionedDatabase:
+    """The credentials of a project whose provision operation finished."""
+    ep = platform.client.endpoint(project["id"])
+    return ProvisionedDatabase(
+        tenant_id=project["id"],
+        server=project["server"],
+        region=ep.region,
+        hosted_region=ep.hosted_region,
+        host=ep.host,
+        port=ep.port,
+        database=ep.database,
+        user=ep.user,
+        sslmode=ep.sslmode,
+        password=ep.password,
+        ro_user=ep.ro_user,
+        ro_password=ep.ro_password,
+        actions=tuple((op.get("result") or {}).get("actions", ())),
+    )
+
+
+def create_project(
+    platform: Platform,
+    owner: Owner,
+    *,
+    name: str,
+    region: str,
+    plan_type: str,
+    subdomain: str | None = None,
+) -> tuple[dict[str, Any], ProvisionedDatabase]:
+    """Create a project and wait for its provision operation; raises the
+    operation's error if it failed (nothing is left half-created)."""
+    from pgfleet.operations.service import OperationFailed
+
+    project, op_id = start_create_project(
+        platform, owner, name=name, region=region, plan_type=plan_type, subdomain=subdomain
+    )
+    op = platform.ops.wait(op_id, platform.settings.operation_wait_s)
+    if op["status"] != "finished":
+        raise OperationFailed(op)
+    project = get_project(platform, owner, project["id"])
+    return project, provisioned(platform, project, op)
+
+
+def _lifecycle(
+    platform: Platform,
+    owner: Owner,
+    project_id: str | uuid.UUID,
+    *,
+    type: str,
+    action: str,
+    allowed: tuple[str, ...],
+    params: dict[str, Any] | None = None,
+    include_deleted: bool = False,
+) -> uuid.UUID:
+    from pgfleet.operations.service import start_operation
+
+    project = get_project(platform, owner, project_id, include_deleted=include_deleted)
     tid = project["id"]
-    with platform.db.connection() as conn:
-        conn.execute(
-            "UPDATE tenants SET status = 'deleting', updated_at = now() WHERE id = %s", (tid,)
+
+    def check(conn: psycopg.Connection[Any]) -> None:
+        row = conn.execute("SELECT status FROM tenants WHERE id = %s FOR UPDATE", (tid,)).fetchone()
+        status = row[0] if row else "deleted"
+        if status not in allowed:
+            raise Conflict(
+                f"project {tid} is {status}; {type.replace('_', ' ')} needs it to be "
+                f"{' or '.join(allowed)}",
+                status=status,
+            )
+
+    return start_operation(
+        platform,
+        owner,
+        type=type,
+        tenant_id=tid,
+        tenant_owner=project["owner_id"],
+        action=action,
+        params=params,
+        prepare=check,
+    )
+
+
+def delete_project(platform: Platform, owner: Owner, project_id: str | uuid.UUID) -> dict[str, Any]:
+    """Delete and wait: the project row, `deleted`, once its database is gone."""
+    op_id = start_delete_project(platform, owner, project_id)
+    op = wait_or_raise(platform, op_id)
+    return get_project(platform, owner, op["tenant_id"], include_deleted=True)
+
+
+def start_delete_project(
+    platform: Platform, owner: Owner, project_id: str | uuid.UUID
+) -> uuid.UUID:
+    return _lifecycle(
+        platform,
+        owner,
+        project_id,
+        type="delete",
+        action="project.delete",
+        allowed=("active", "paused", "failed", "provisioning", "deleting"),
+    )
+
+
+ROTATE_ROLES = ("all", "rw", "ro")
+
+
+def rotate_password(
+    platform: Platform, owner: Owner, project_id: str | uuid.UUID, *, role: str = "all"
+) -> uuid.UUID:
+    if role not in ROTATE_ROLES:
+        raise InvalidInput(
+            f"role must be one of {', '.join(ROTATE_ROLES)}, not {role!r}", field="role"
         )
-    platform.client.forget(tid)
-    with platform.db.connection() as conn:
-        server_id = conn.execute("SELECT server_id FROM tenants WHERE id = %s", (tid,)).fetchone()
-    if server_id and server_id[0] is not None:
-        server = platform.servers.get(server_id[0])
-        with platform.servers.admin_connection(server) as aconn:
-            drop_on_server(aconn, name=tenant_db_name(tid))
-    with platform.db.connection() as conn:
-        conn.execute(
-            "UPDATE tenants SET status = 'deleted', deleted_at = now(), connection_info = NULL, "
-            "updated_at = now() WHERE id = %s",
-            (tid,),
-        )
-    return get_project(platform, owner, tid, include_deleted=True)
+    return _lifecycle(
+        platform,
+        owner,
+        project_id,
+        type="rotate_password",
+        action="project.rotate_password",
+        allowed=("active", "paused"),
+        params={"role": role},
+    )
+
+
+def pause_project(platform: Platform, owner: Owner, project_id: str | uuid.UUID) -> uuid.UUID:
+    return _lifecycle(
+        platform, owner, project_id, type="pause", action="project.pause", allowed=("active",)
+    )
+
+
+def resume_project(platform: Platform, owner: Owner, project_id: str | uuid.UUID) -> uuid.UUID:
+    return _lifecycle(
+        platform, owner, project_id, type="resume", action="project.resume", allowed=("paused",)
+    )
+
+
+def change_plan(
+    platform: Platform, owner: Owner, project_id: str | uuid.UUID, *, plan_type: str
+) -> uuid.UUID:
+    plan = get_plan(plan_type)
+    project = get_project(platform, owner, project_id)
+    if project["plan_type"] == plan.id:
+        raise Conflict(f"project {project['id']} is already on the {plan.id} plan", field="plan")
+    return _lifecycle(
+        platform,
+        owner,
+        project_id,
+        type="change_plan",
+        action="project.change_plan",
+        allowed=("active", "paused"),
+        params={"plan": plan.id, "previous_plan": project["plan_type"]},
+    )
+
+
+def wait_or_raise(platform: Platform, op_id: uuid.UUID) -> dict[str, Any]:
+    """Wait for an operation (up to the configured wait); raise its error if it failed."""
+    from pgfleet.operations.service import OperationFailed
+
+    op = platform.ops.wait(op_id, platform.settings.operation_wait_s)
+    if op["status"] in ("failed", "cancelled"):
+        raise OperationFailed(op)
+    return op
 
 
 @dataclass(frozen=True)

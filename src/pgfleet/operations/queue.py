@@ -1,0 +1,211 @@
+"""The job queue (procrastinate on the platform DB) and the workers.
+
+An operation row is the source of truth; its procrastinate job only says
+"run operation X". Deferring happens after the row is committed, so a
+process that dies in between leaves a `scheduled` operation without a job:
+every worker's recovery loop finds those and defers them again. The same
+loop hands jobs of dead workers (no heartbeat) back to the queue, marks
+operations past their deadline, and runs the reconciler now and then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+
+import procrastinate
+from procrastinate import exceptions as pexc
+
+from pgfleet.operations import kinds as _kinds  # noqa: F401  (registers the kinds)
+from pgfleet.operations.runner import execute_operation
+from pgfleet.platform.core import Platform
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "pgfleet.run_operation"
+QUEUE = "operations"
+
+
+def _run_operation_job(context: procrastinate.JobContext, operation_id: str) -> str:
+    platform: Platform = context.additional_context["platform"]
+    name = context.worker_name or "worker"
+    return execute_operation(platform, operation_id, worker=name)
+
+
+def build_app(connector: procrastinate.BaseConnector) -> procrastinate.App:
+    app = procrastinate.App(connector=connector)
+    app.task(name=TASK_NAME, queue=QUEUE, pass_context=True)(_run_operation_job)
+    return app
+
+
+class Dispatcher:
+    """Defers operation jobs from a synchronous process (API, CLI), through
+    the Platform's own connection pool."""
+
+    def __init__(self, platform: Platform) -> None:
+        self.platform = platform
+        self.app = build_app(procrastinate.SyncPsycopgConnector())
+        self.app.open(platform.db)
+
+    def defer(self, op_id: uuid.UUID) -> int | None:
+        task = self.app.tasks[TASK_NAME]
+        try:
+            job_id = task.configure(queueing_lock=f"op:{op_id}").defer(operation_id=str(op_id))
+        except pexc.AlreadyEnqueued:
+            return None  # a job for it is already waiting
+        with self.platform.db.connection() as conn:
+            conn.execute("UPDATE operations SET job_id = %s WHERE id = %s", (job_id, op_id))
+        return job_id
+
+    def cancel_job(self, job_id: int) -> None:
+        with contextlib.suppress(pexc.ProcrastinateException):
+            self.app.job_manager.cancel_job_by_id(job_id, abort=False)
+
+    def close(self) -> None:
+        self.app.close()
+
+
+_SWEEP_SQL = """
+SELECT o.id FROM operations o
+LEFT JOIN procrastinate_jobs j ON j.id = o.job_id
+WHERE o.status IN ('scheduled', 'running')
+  AND o.updated_at < now() - make_interval(secs => %s)
+  AND (j.id IS NULL OR j.status NOT IN ('todo', 'doing'))
+ORDER BY o.created_at
+LIMIT 100
+"""
+
+
+class Worker:
+    """A procrastinate worker running pgfleet operations, with its recovery loop.
+
+    `run()` blocks (for `pgfleet worker`); `start()`/`stop()` run it in a
+    thread of an API process (the embedded worker).
+    """
+
+    def __init__(
+        self, platform: Platform, *, concurrency: int | None = None, name: str | None = None
+    ) -> None:
+        s = platform.settings
+        self.platform = platform
+        self.concurrency = concurrency or s.worker_concurrency
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._last_reconcile = time.monotonic()
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def run(self, *, install_signal_handlers: bool = True) -> None:
+        asyncio.run(self._main(install_signal_handlers))
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self.run,
+            kwargs={"install_signal_handlers": False},
+            name=f"worker-{self.name}",
+            daemon=True,
+        )
+        self._thread.start()
+        self._ready.wait(timeout=30)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self._loop is not None and self._stop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop already ended
+                self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    async def _main(self, install_signal_handlers: bool) -> None:
+        s = self.platform.settings
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        connector = procrastinate.PsycopgConnector(
+            kwargs={**self.platform.conninfo, "application_name": "pgfleet-worker-queue"},
+            min_size=1,
+            max_size=max(2, self.concurrency + 2),
+        )
+        app = build_app(connector)
+        async with app.open_async():
+            worker = asyncio.create_task(
+                app.run_worker_async(
+                    queues=[QUEUE],
+                    name=self.name,
+                    concurrency=self.concurrency,
+                    additional_context={"platform": self.platform},
+                    install_signal_handlers=install_signal_handlers,
+                    update_heartbeat_interval=s.worker_heartbeat_s,
+                    stalled_worker_timeout=s.worker_stalled_s,
+                    fetch_job_polling_interval=max(s.worker_heartbeat_s, 1.0),
+                    abort_job_polling_interval=max(s.worker_heartbeat_s, 1.0),
+                    shutdown_graceful_timeout=s.worker_shutdown_s,
+                )
+            )
+            recovery = asyncio.create_task(self._recovery_loop(app))
+            self._ready.set()
+            stopper = asyncio.create_task(self._stop.wait())
+            await asyncio.wait({worker, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            recovery.cancel()
+            stopper.cancel()
+            if not worker.done():
+                worker.cancel()
+            for t in (worker, recovery, stopper):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+
+    # -- recovery ---------------------------------------------------------------
+
+    async def _recovery_loop(self, app: procrastinate.App) -> None:
+        s = self.platform.settings
+        while True:
+            try:
+                await self.recover_once(app)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("worker %s: recovery pass failed", self.name)
+            await asyncio.sleep(s.worker_heartbeat_s)
+
+    async def recover_once(self, app: procrastinate.App) -> None:
+        s = self.platform.settings
+        for job in await app.job_manager.get_stalled_jobs(
+            queue=QUEUE, seconds_since_heartbeat=s.worker_stalled_s
+        ):
+            log.warning(
+                "worker %s: job %s of a dead worker goes back to the queue", self.name, job.id
+            )
+            try:
+                await app.job_manager.retry_job(job)
+            except pexc.ProcrastinateException as e:
+                log.warning("could not requeue job %s: %s", job.id, e)
+        await asyncio.to_thread(self._sweep)
+        if time.monotonic() - self._last_reconcile > s.reconcile_interval_s:
+            self._last_reconcile = time.monotonic()
+            await asyncio.to_thread(self._reconcile)
+
+    def _sweep(self) -> None:
+        p = self.platform
+        with p.db.connection() as conn:
+            lost = [
+                r[0] for r in conn.execute(_SWEEP_SQL, (self.platform.settings.worker_stalled_s,))
+            ]
+            conn.execute(
+                "UPDATE operations SET deadline_missed = true WHERE status IN "
+                "('scheduled', 'running') AND deadline < now() AND NOT deadline_missed"
+            )
+        for op_id in lost:
+            log.warning("operation %s has no live job; deferring it again", op_id)
+            p.ops.dispatcher.defer(op_id)
+
+    def _reconcile(self) -> None:
+        from pgfleet.operations.reconcile import reconcile
+
+        reconcile(self.platform, repair=False, record=True)

@@ -1,0 +1,385 @@
+"""Executing one operation: its steps in order, each recorded, each safe to
+run again.
+
+Rules:
+- One executor per operation: a session advisory lock on the operation,
+  taken on a platform connection, decides (a second worker that gets the
+  same job leaves it alone). The lock dies with the executor's connection,
+  so a killed worker never keeps it.
+- Finished steps are skipped when an operation is resumed; the step that
+  was running when a worker died runs again: steps look before they act.
+- Transient failures (a regional server or the platform DB unreachable)
+  are retried with exponential backoff until the operation's deadline;
+  anything else fails the operation at once. A failed or cancelled
+  operation runs its kind's compensation, so the project is left consistent.
+- Cancelling is honoured between steps, up to a kind's point of no return
+  (a step marked `final`, such as dropping a database).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import PoolTimeout
+
+from pgfleet.errors import PgfleetError, RegionUnavailable
+from pgfleet.operations.failpoints import failpoint
+from pgfleet.operations.store import NOTIFY_CHANNEL
+from pgfleet.platform.core import Platform
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+TRANSIENT: tuple[type[BaseException], ...] = (
+    RegionUnavailable,
+    psycopg.OperationalError,
+    PoolTimeout,
+)
+MAX_BACKOFF_S = 5.0
+
+
+class DeadlineExceeded(PgfleetError):
+    """The operation did not finish before its deadline."""
+
+    status_code = 504
+    code = "deadline_exceeded"
+
+
+@dataclass
+class OpContext:
+    platform: Platform
+    op: dict[str, Any]
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tenant_id(self) -> uuid.UUID:
+        tid = self.op["tenant_id"]
+        assert tid is not None
+        return uuid.UUID(str(tid))
+
+    @property
+    def params(self) -> dict[str, Any]:
+        p: dict[str, Any] = self.op["params"] or {}
+        return p
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    run: Callable[[OpContext], None]
+    # From the start of this step on, the operation can no longer be cancelled.
+    final: bool = False
+
+
+@dataclass(frozen=True)
+class OperationKind:
+    name: str
+    steps: tuple[Step, ...]
+    description: str
+    on_failure: Callable[[OpContext, str], None] | None = None
+    on_cancel: Callable[[OpContext], None] | None = None
+
+    def cancellable_before(self, position: int) -> bool:
+        """May the operation still be cancelled before step `position` runs?"""
+        return not any(s.final for s in self.steps[:position])
+
+    def step_position(self, name: str | None) -> int | None:
+        for i, s in enumerate(self.steps):
+            if s.name == name:
+                return i
+        return None
+
+
+KINDS: dict[str, OperationKind] = {}
+
+
+def register(kind: OperationKind) -> OperationKind:
+    KINDS[kind.name] = kind
+    return kind
+
+
+def op_lock_key(op_id: uuid.UUID) -> int:
+    # Distinct from the tenant locks (which use the first 8 bytes).
+    return int.from_bytes(op_id.bytes[8:], "big", signed=True)
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def execute_operation(platform: Platform, op_id: uuid.UUID | str, *, worker: str) -> str:
+    """Run (or resume) one operation to its end. Returns its final status,
+    or "busy" if another executor holds it."""
+    oid = uuid.UUID(str(op_id))
+    with platform.db.connection() as lconn:
+        got = lconn.execute("SELECT pg_try_advisory_lock(%s)", (op_lock_key(oid),)).fetchone()
+        if not (got and got[0]):
+            return "busy"
+        try:
+            return _Execution(platform, oid, worker).run()
+        finally:
+            # If the connection is gone, the lock went with it.
+            with contextlib.suppress(psycopg.Error):
+                lconn.execute("SELECT pg_advisory_unlock(%s)", (op_lock_key(oid),))
+
+
+class _Execution:
+    def __init__(self, platform: Platform, op_id: uuid.UUID, worker: str) -> None:
+        self.p = platform
+        self.op_id = op_id
+        self.worker = worker
+
+    # -- platform DB access, retried while the platform DB is unreachable ----
+
+    def _pdb(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
+        delay = 0.05
+        give_up = time.monotonic() + max(30.0, self.p.settings.operation_deadline_s)
+        while True:
+            try:
+                with self.p.db.connection() as conn:
+                    return fn(conn)
+            except (psycopg.OperationalError, PoolTimeout) as e:
+                if time.monotonic() > give_up:
+                    raise
+                log.warning("operation %s: platform DB unreachable (%s); retrying", self.op_id, e)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def _claim(self) -> dict[str, Any] | None:
+        def q(conn: psycopg.Connection[Any]) -> dict[str, Any] | None:
+            with conn.cursor(row_factory=dict_row) as cur:
+                return cur.execute(
+                    "UPDATE operations SET status = 'running', attempts = attempts + 1, "
+                    "started_at = coalesce(started_at, now()), worker = %s, updated_at = now() "
+                    "WHERE id = %s AND status IN ('scheduled', 'running') "
+                    "RETURNING id, tenant_id, owner_id, type, params, result, deadline, "
+                    "cancel_requested, status, created_at",
+                    (self.worker, self.op_id),
+                ).fetchone()
+
+        return self._pdb(q)
+
+    def _flags(self) -> tuple[bool, float]:
+        """(cancel requested, seconds left before the deadline)."""
+
+        def q(conn: psycopg.Connection[Any]) -> tuple[bool, float]:
+            row = conn.execute(
+                "SELECT cancel_requested, extract(epoch FROM deadline - now())::float8 "
+                "FROM operations WHERE id = %s",
+                (self.op_id,),
+            ).fetchone()
+            assert row is not None
+            return bool(row[0]), float(row[1])
+
+        return self._pdb(q)
+
+    def _step_started(self, position: int, name: str) -> None:
+        def q(conn: psycopg.Connection[Any]) -> None:
+            with conn.transaction():
+                conn.execute(
+                    "INSERT INTO operation_steps (operation_id, position, name, status) "
+                    "VALUES (%s, %s, %s, 'running') ON CONFLICT (operation_id, position) DO UPDATE "
+                    "SET status = 'running', attempts = operation_steps.attempts + 1, "
+                    "error = NULL, started_at = now(), finished_at = NULL",
+                    (self.op_id, position, name),
+                )
+                conn.execute(
+                    "UPDATE operations SET current_step = %s, updated_at = now() WHERE id = %s",
+                    (name, self.op_id),
+                )
+
+        self._pdb(q)
+
+    def _step_error(self, position: int, error: str, *, failed: bool) -> None:
+        def q(conn: psycopg.Connection[Any]) -> None:
+            conn.execute(
+                "UPDATE operation_steps SET error = %s, status = %s, "
+                "finished_at = CASE WHEN %s THEN now() END, "
+                "attempts = attempts + CASE WHEN %s THEN 0 ELSE 1 END "
+                "WHERE operation_id = %s AND position = %s",
+                (
+                    error[:1000],
+                    "failed" if failed else "running",
+                    failed,
+                    failed,
+                    self.op_id,
+                    position,
+                ),
+            )
+
+        self._pdb(q)
+
+    def _step_finished(self, position: int, state: dict[str, Any]) -> None:
+        def q(conn: psycopg.Connection[Any]) -> None:
+            with conn.transaction():
+                conn.execute(
+                    "UPDATE operation_steps SET status = 'finished', finished_at = now() "
+                    "WHERE operation_id = %s AND position = %s",
+                    (self.op_id, position),
+                )
+                conn.execute(
+                    "UPDATE operations SET result = %s, updated_at = now() WHERE id = %s",
+                    (Jsonb(state), self.op_id),
+                )
+
+        self._pdb(q)
+
+    def _end(self, status: str, *, error: str | None, state: dict[str, Any]) -> None:
+        def q(conn: psycopg.Connection[Any]) -> None:
+            with conn.transaction():
+                conn.execute(
+                    "UPDATE operations SET status = %s, error = %s, result = %s, "
+                    "current_step = NULL, finished_at = now(), updated_at = now(), "
+                    "deadline_missed = deadline_missed OR deadline < now() "
+                    "WHERE id = %s AND status = 'running'",
+                    (status, error, Jsonb(state), self.op_id),
+                )
+                conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(self.op_id)))
+
+        self._pdb(q)
+
+    def _finished_positions(self) -> set[int]:
+        def q(conn: psycopg.Connection[Any]) -> set[int]:
+            return {
+                r[0]
+                for r in conn.execute(
+                    "SELECT position FROM operation_steps WHERE operation_id = %s "
+                    "AND status = 'finished'",
+                    (self.op_id,),
+                )
+            }
+
+        return self._pdb(q)
+
+    # -- the run ---------------------------------------------------------------
+
+    def run(self) -> str:
+        op = self._claim()
+        if op is None:
+            return self._pdb(
+                lambda c: str(
+                    (
+                        c.execute(
+                            "SELECT status FROM operations WHERE id = %s", (self.op_id,)
+                        ).fetchone()
+                        or ("missing",)
+                    )[0]
+                )
+            )
+        kind = KINDS[op["type"]]
+        ctx = OpContext(self.p, op, dict(op["result"] or {}))
+        done = self._finished_positions()
+        position = -1
+        try:
+            for position, step in enumerate(kind.steps):
+                if position in done:
+                    continue
+                self._before_step(kind, position)
+                self._step_started(position, step.name)
+                failpoint(f"{kind.name}.{step.name}.before")
+                self._run_step(kind, position, step, ctx)
+                failpoint(f"{kind.name}.{step.name}.after")
+                self._step_finished(position, ctx.state)
+        except _Cancelled:
+            return self._cancel(kind, ctx)
+        except Exception as e:
+            return self._fail(kind, ctx, position, e)
+        self._end("finished", error=None, state=ctx.state)
+        log.info("operation %s (%s) finished", self.op_id, kind.name)
+        return "finished"
+
+    def _before_step(self, kind: OperationKind, position: int) -> None:
+        cancel, left = self._flags()
+        if cancel and kind.cancellable_before(position):
+            raise _Cancelled
+        if left <= 0:
+            raise DeadlineExceeded(
+                f"operation {self.op_id} passed its deadline before step "
+                f"{kind.steps[position].name}"
+            )
+
+    def _run_step(self, kind: OperationKind, position: int, step: Step, ctx: OpContext) -> None:
+        delay = 0.1
+        attempt = 1
+        while True:
+            try:
+                step.run(ctx)
+                return
+            except TRANSIENT as e:
+                cancel, left = self._flags()
+                msg = _describe(e)
+                if cancel and kind.cancellable_before(position):
+                    raise _Cancelled from e
+                if left <= delay:
+                    raise DeadlineExceeded(
+                        f"step {step.name} kept failing until the operation's deadline "
+                        f"({attempt} attempts): {msg}"
+                    ) from e
+                log.warning(
+                    "operation %s step %s attempt %d failed (%s); retrying in %.1fs",
+                    self.op_id,
+                    step.name,
+                    attempt,
+                    msg,
+                    delay,
+                )
+                self._step_error(position, f"attempt {attempt}: {msg}", failed=False)
+                time.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF_S, max(left - delay, 0.05))
+                attempt += 1
+
+    def _cancel(self, kind: OperationKind, ctx: OpContext) -> str:
+        error = None
+        if kind.on_cancel is not None:
+            try:
+                kind.on_cancel(ctx)
+            except Exception as e:  # leave it to the reconciler, and say so
+                error = f"cancelled, but undoing its steps failed: {_describe(e)}"
+        self._end("cancelled", error=error, state=ctx.state)
+        log.info("operation %s (%s) cancelled", self.op_id, kind.name)
+        return "cancelled"
+
+    def _fail(self, kind: OperationKind, ctx: OpContext, position: int, e: Exception) -> str:
+        msg = _describe(e)
+        # What the API answers a caller that waited: the underlying cause's
+        # status (a region that stayed down is 503, not 504).
+        cause: BaseException = e
+        if isinstance(e, DeadlineExceeded) and isinstance(e.__cause__, RegionUnavailable):
+            cause = e.__cause__
+        if isinstance(cause, PgfleetError):
+            ctx.state.update(error_code=cause.code, error_status=cause.status_code)
+            if cause.details.get("region"):
+                ctx.state["error_region"] = cause.details["region"]
+        else:
+            ctx.state.update(error_code="operation_failed", error_status=500)
+        if position >= 0:
+            try:
+                self._step_error(position, msg, failed=True)
+            except Exception:
+                log.exception("operation %s: could not record the failed step", self.op_id)
+        if not isinstance(e, (PgfleetError, *TRANSIENT)):
+            log.exception("operation %s (%s) failed unexpectedly", self.op_id, kind.name)
+        if kind.on_failure is not None:
+            try:
+                kind.on_failure(ctx, msg)
+            except Exception as ce:
+                msg += f" (and undoing its steps failed: {_describe(ce)})"
+        self._end("failed", error=msg, state=ctx.state)
+        log.info("operation %s (%s) failed: %s", self.op_id, kind.name, msg)
+        return "failed"
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, PgfleetError):
+        return e.message
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

@@ -1,0 +1,160 @@
+"""What one control-plane process needs to run operations: the dispatcher
+that defers jobs, a waiter that learns when operations end (LISTEN on the
+platform DB, with polling as a fallback), and the embedded workers an API
+process runs itself (`PGFLEET_EMBEDDED_WORKERS`)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+
+from pgfleet.operations.store import NOTIFY_CHANNEL, get_operation
+
+if TYPE_CHECKING:
+    from pgfleet.operations.queue import Dispatcher, Worker
+    from pgfleet.platform.core import Platform
+
+log = logging.getLogger(__name__)
+
+ENDED = ("finished", "failed", "cancelled")
+
+
+class _Listener:
+    """One LISTEN connection per process; wakes the threads waiting on an operation."""
+
+    def __init__(self, platform: Platform) -> None:
+        self.platform = platform
+        self._waiting: dict[str, set[threading.Event]] = {}
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._listening = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ops-listener", daemon=True)
+        self._thread.start()
+        self._listening.wait(timeout=5)
+
+    def _run(self) -> None:
+        while not self._closed.is_set():
+            try:
+                with psycopg.connect(
+                    **self.platform.conninfo,
+                    autocommit=True,
+                    application_name="pgfleet-ops-listener",
+                ) as conn:
+                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    self._listening.set()
+                    self._wake_all()  # anything that ended while we were away
+                    while not self._closed.is_set():
+                        for n in conn.notifies(timeout=0.5):
+                            self._wake(n.payload)
+            except psycopg.Error as e:
+                if self._closed.is_set():
+                    return
+                log.warning("operations listener lost its connection (%s); reconnecting", e)
+                self._listening.set()
+                self._wake_all()
+                time.sleep(0.5)
+
+    def _wake(self, op_id: str) -> None:
+        with self._lock:
+            for ev in self._waiting.get(op_id, ()):
+                ev.set()
+
+    def _wake_all(self) -> None:
+        with self._lock:
+            for evs in self._waiting.values():
+                for ev in evs:
+                    ev.set()
+
+    def register(self, op_id: str) -> threading.Event:
+        ev = threading.Event()
+        with self._lock:
+            self._waiting.setdefault(op_id, set()).add(ev)
+        return ev
+
+    def unregister(self, op_id: str, ev: threading.Event) -> None:
+        with self._lock:
+            evs = self._waiting.get(op_id)
+            if evs is not None:
+                evs.discard(ev)
+                if not evs:
+                    del self._waiting[op_id]
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(timeout=5)
+
+
+class OperationsRuntime:
+    def __init__(self, platform: Platform) -> None:
+        self.platform = platform
+        self._lock = threading.Lock()
+        self._dispatcher: Dispatcher | None = None
+        self._listener: _Listener | None = None
+        self.workers: list[Worker] = []
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        with self._lock:
+            if self._dispatcher is None:
+                from pgfleet.operations.queue import Dispatcher
+
+                self._dispatcher = Dispatcher(self.platform)
+            return self._dispatcher
+
+    def start_workers(self, n: int | None = None) -> None:
+        """Start the embedded workers (once per process)."""
+        from pgfleet.operations.queue import Worker
+
+        count = self.platform.settings.embedded_workers if n is None else n
+        with self._lock:
+            if self.workers:
+                return
+            for _ in range(count):
+                w = Worker(self.platform)
+                w.start()
+                self.workers.append(w)
+
+    def submit(self, op_id: uuid.UUID) -> None:
+        """Queue a committed operation for the workers."""
+        if self.platform.settings.embedded_workers > 0 and not self.workers:
+            self.start_workers()
+        self.dispatcher.defer(op_id)
+
+    def wait(self, op_id: uuid.UUID | str, timeout: float) -> dict[str, Any]:
+        """The operation once it has ended, or as it is when `timeout` runs out."""
+        key = str(op_id)
+        with self._lock:
+            if self._listener is None:
+                self._listener = _Listener(self.platform)
+            listener = self._listener
+        ev = listener.register(key)
+        try:
+            end = time.monotonic() + timeout
+            while True:
+                with self.platform.db.connection() as conn:
+                    op = get_operation(conn, key)
+                left = end - time.monotonic()
+                if op["status"] in ENDED or left <= 0:
+                    return op
+                ev.wait(min(left, 1.0))
+                ev.clear()
+        finally:
+            listener.unregister(key, ev)
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.stop()
+        self.workers.clear()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        if self._dispatcher is not None:
+            with contextlib.suppress(Exception):
+                self._dispatcher.close()
+            self._dispatcher = None

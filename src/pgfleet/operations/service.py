@@ -1,0 +1,183 @@
+"""Starting, reading and cancelling operations on behalf of an owner."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from pgfleet.errors import Conflict, OperationNotFound, PgfleetError
+from pgfleet.operations import kinds as _kinds  # noqa: F401  (registers the kinds)
+from pgfleet.operations.runner import KINDS
+from pgfleet.operations.store import (
+    NOTIFY_CHANNEL,
+    audit,
+    get_operation,
+    insert_operation,
+    list_operations,
+)
+from pgfleet.platform.core import Platform
+
+if TYPE_CHECKING:
+    from pgfleet.tenants.service import Owner
+
+
+class OperationFailed(PgfleetError):
+    """The operation failed."""
+
+    def __init__(self, op: dict[str, Any]) -> None:
+        result = op.get("result") or {}
+        self.status_code = int(result.get("error_status", 500))
+        self.code = str(result.get("error_code", "operation_failed"))
+        super().__init__(
+            f"{op['type']} operation {op['id']} {op['status']}: {op['error'] or 'no error text'}",
+            operation_id=str(op["id"]),
+            **({"region": result["error_region"]} if result.get("error_region") else {}),
+        )
+
+
+def actor_of(owner: Owner) -> str:
+    return f"{'admin ' if owner.is_admin else ''}{owner.name}"
+
+
+def start_operation(
+    platform: Platform,
+    owner: Owner,
+    *,
+    type: str,
+    tenant_id: uuid.UUID | None,
+    tenant_owner: uuid.UUID | None,
+    action: str,
+    params: dict[str, Any] | None = None,
+    details: dict[str, Any] | None = None,
+    prepare: Callable[[psycopg.Connection[Any]], None] | None = None,
+    deadline_s: float | None = None,
+) -> uuid.UUID:
+    """Record intent (optional `prepare`, the operation, an audit row) in one
+    transaction, then queue the operation."""
+    if type not in KINDS:
+        raise ValueError(f"unknown operation type {type!r}")
+    with platform.db.connection() as conn, conn.transaction():
+        if prepare is not None:
+            prepare(conn)
+        op_id = insert_operation(
+            conn,
+            type=type,
+            tenant_id=tenant_id,
+            owner_id=tenant_owner,
+            actor=actor_of(owner),
+            params=params or {},
+            deadline_s=deadline_s or platform.settings.operation_deadline_s,
+        )
+        audit(
+            conn,
+            actor=actor_of(owner),
+            owner_id=owner.id,
+            action=action,
+            tenant_id=tenant_id,
+            operation_id=op_id,
+            details={**(params or {}), **(details or {})},
+        )
+    platform.ops.submit(op_id)
+    return op_id
+
+
+def visible_operation(platform: Platform, owner: Owner, op_id: str | uuid.UUID) -> dict[str, Any]:
+    with platform.db.connection() as conn:
+        op = get_operation(conn, op_id)
+    if not owner.is_admin and op["owner_id"] != owner.id:
+        raise OperationNotFound(f"operation {op_id} not found")
+    return op
+
+
+def project_operations(
+    platform: Platform, tenant_id: uuid.UUID, *, limit: int = 50
+) -> list[dict[str, Any]]:
+    with platform.db.connection() as conn:
+        return list_operations(conn, tenant_id=tenant_id, limit=limit)
+
+
+def owner_operations(
+    platform: Platform, owner: Owner, *, status: str | None = None, limit: int = 50
+) -> list[dict[str, Any]]:
+    with platform.db.connection() as conn:
+        return list_operations(
+            conn, owner_id=None if owner.is_admin else owner.id, status=status, limit=limit
+        )
+
+
+def cancel_operation(platform: Platform, owner: Owner, op_id: str) -> dict[str, Any]:
+    """Cancel a scheduled or running operation.
+
+    A scheduled one that has not started ends at once. A running one is
+    asked to stop; its worker stops at the next step boundary and undoes what
+    it did, unless the operation is past its point of no return (409).
+    """
+    op = visible_operation(platform, owner, op_id)
+    kind = KINDS[op["type"]]
+    job_to_cancel = None
+    with platform.db.connection() as conn, conn.transaction():
+        with conn.cursor(row_factory=dict_row) as cur:
+            row = cur.execute(
+                "SELECT status, current_step, job_id, tenant_id, type FROM operations "
+                "WHERE id = %s FOR UPDATE",
+                (op["id"],),
+            ).fetchone()
+            assert row is not None
+            started = cur.execute(
+                "SELECT max(position) AS p FROM operation_steps WHERE operation_id = %s",
+                (op["id"],),
+            ).fetchone()
+        status = row["status"]
+        if status not in ("scheduled", "running"):
+            raise Conflict(
+                f"operation {op['id']} is already {status}; only scheduled or running "
+                "operations can be cancelled",
+                status=status,
+            )
+        last = started["p"] if started and started["p"] is not None else None
+        if last is None and status == "scheduled":
+            conn.execute(
+                "UPDATE operations SET status = 'cancelled', cancel_requested = true, "
+                "finished_at = now(), updated_at = now(), error = 'cancelled before it started' "
+                "WHERE id = %s",
+                (op["id"],),
+            )
+            if row["type"] == "provision" and row["tenant_id"] is not None:
+                conn.execute(
+                    "UPDATE tenants SET status = 'deleted', deleted_at = now(), "
+                    "error = 'provisioning was cancelled before it started', "
+                    "connection_info = NULL, updated_at = now() WHERE id = %s",
+                    (row["tenant_id"],),
+                )
+            conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(op["id"])))
+            job_to_cancel = row["job_id"]
+        else:
+            position = last if last is not None else 0
+            if not kind.cancellable_before(position + 1):
+                final = next(s.name for s in kind.steps if s.final)
+                raise Conflict(
+                    f"operation {op['id']} has started step {final!r}, its point of no "
+                    "return; it can no longer be cancelled",
+                    status=status,
+                    current_step=row["current_step"],
+                )
+            conn.execute(
+                "UPDATE operations SET cancel_requested = true, updated_at = now() WHERE id = %s",
+                (op["id"],),
+            )
+        audit(
+            conn,
+            actor=actor_of(owner),
+            owner_id=owner.id,
+            action="operation.cancel",
+            tenant_id=row["tenant_id"],
+            operation_id=op["id"],
+            details={"type": row["type"], "status_before": status},
+        )
+    if job_to_cancel is not None:
+        platform.ops.dispatcher.cancel_job(job_to_cancel)
+    return visible_operation(platform, owner, op["id"])

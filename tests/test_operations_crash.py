@@ -1,0 +1,484 @@
+"""Crash safety with real processes: workers killed with SIGKILL at every
+step boundary (and inside steps), two workers racing, the platform DB
+connection killed mid-step, a regional server down while an operation runs.
+
+Every test checks what a user would: the operation ends, the project is
+right on its regional server, and nothing is orphaned or duplicated."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from psycopg.conninfo import make_conninfo
+
+from pgfleet.operations.runner import execute_operation
+from pgfleet.platform.core import Platform
+from pgfleet.tenants import service
+from pgfleet.tenants.provisioning import tenant_db_name
+from pgfleet.tenants.service import Owner
+from tests.conftest import FleetUnderTest, run_psql
+
+FAST = {"embedded_workers": 0, "worker_heartbeat_s": 0.3, "worker_stalled_s": 1.5}
+
+
+class Workers:
+    """Worker processes (`python -m pgfleet worker`) on one test's platform DB."""
+
+    def __init__(self, platform: Platform, fleet: FleetUnderTest, folder: Path) -> None:
+        self.platform = platform
+        self.fleet = fleet
+        self.folder = folder
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, failpoints: str = "") -> subprocess.Popen[bytes]:
+        s = self.fleet.settings
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PGFLEET_", "PG"))}
+        env.update(
+            PGFLEET_HOME=str(s.home),
+            PGFLEET_PORT_BASE=str(s.port_base),
+            PGFLEET_FSYNC="false",
+            PGFLEET_PLATFORM_DSN=make_conninfo(**self.platform.conninfo),
+            PGFLEET_WORKER_HEARTBEAT_S=str(FAST["worker_heartbeat_s"]),
+            PGFLEET_WORKER_STALLED_S=str(FAST["worker_stalled_s"]),
+            PGFLEET_OPERATION_DEADLINE_S=str(self.platform.settings.operation_deadline_s),
+            PGFLEET_FAILPOINTS=failpoints,
+            PGFLEET_FAILPOINT_DIR=str(self.folder),
+        )
+        with (self.folder / f"worker-{len(self.procs)}.log").open("wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "pgfleet", "worker", "--concurrency", "2"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self.procs.append(proc)
+        return proc
+
+    def reached(self, name: str, timeout: float = 60) -> None:
+        marker = self.folder / f"{name}.reached"
+        end = time.monotonic() + timeout
+        while not marker.exists():
+            for p in self.procs:
+                assert p.poll() is None or p.returncode == -signal.SIGKILL, self.logs()
+            assert time.monotonic() < end, f"failpoint {name} not reached\n{self.logs()}"
+            time.sleep(0.02)
+
+    def release(self, name: str) -> None:
+        (self.folder / f"{name}.release").touch()
+
+    def kill(self, proc: subprocess.Popen[bytes]) -> None:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {f.name}\n{f.read_text(errors='replace')[-3000:]}"
+            for f in sorted(self.folder.glob("worker-*.log"))
+        )
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+@pytest.fixture
+def quiet_platform(platform_factory: Any) -> Platform:
+    """A platform whose process runs no worker: only the test's processes do."""
+    p: Platform = platform_factory(**FAST)
+    return p
+
+
+@pytest.fixture
+def workers(
+    quiet_platform: Platform, fleet: FleetUnderTest, tmp_path: Path
+) -> Iterator[Workers]:
+    w = Workers(quiet_platform, fleet, tmp_path)
+    yield w
+    w.stop_all()
+
+
+@pytest.fixture
+def someone(quiet_platform: Platform) -> Owner:
+    from pgfleet.auth import create_owner
+
+    return create_owner(quiet_platform, "crashy")[0]
+
+
+def wait_op(platform: Platform, op_id: uuid.UUID, workers: Workers, timeout: float = 60) -> Any:
+    op = platform.ops.wait(op_id, timeout)
+    assert op["status"] in ("finished", "failed", "cancelled"), (op, workers.logs())
+    return op
+
+
+def tenant_objects(fleet: FleetUnderTest) -> dict[str, tuple[set[str], set[str]]]:
+    return {r: (fleet.databases(r), fleet.roles(r)) for r in fleet.regions()}
+
+
+def assert_provisioned_once(
+    platform: Platform, fleet: FleetUnderTest, owner: Owner, tid: uuid.UUID, region: str
+) -> None:
+    """The project's database and exactly its three roles exist on `region`'s
+    server and nowhere else; its credentials connect; nothing else exists."""
+    name = tenant_db_name(tid)
+    objects = tenant_objects(fleet)
+    for r, (dbs, roles) in objects.items():
+        if r == region:
+            assert dbs == {name}, (r, dbs)
+            assert roles == {name, f"{name}_rw", f"{name}_ro"}, (r, roles)
+        else:
+            assert dbs == set() and roles == set(), (r, dbs, roles)
+    with fleet.admin_conn(region) as c:
+        owner_name = c.execute(
+            "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s", (name,)
+        ).fetchone()
+        assert owner_name == (f"{name}_rw",)
+        members = c.execute(
+            "SELECT count(*) FROM pg_auth_members WHERE roleid = %s::regrole", (name,)
+        ).fetchone()
+        assert members == (2,)
+    project = service.get_project(platform, owner, tid)
+    assert project["status"] == "active"
+    for mode in ("rw", "ro"):
+        uri = service.connection_details(platform, owner, tid, mode).uri
+        res = run_psql(uri, "select current_user")
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.strip() == f"{name}_{mode}"
+
+
+def assert_nothing_left(fleet: FleetUnderTest) -> None:
+    for r, (dbs, roles) in tenant_objects(fleet).items():
+        assert dbs == set() and roles == set(), (r, dbs, roles)
+
+
+# ---------------------------------------------------------------- provision
+
+PROVISION_POINTS = [
+    "provision.place.before",
+    "provision.place.after",
+    "provision.roles.before",
+    "provision.roles.after",
+    "provision.database.before",
+    "provision.database.created",  # inside the step: database made, ACL not yet
+    "provision.database.after",
+    "provision.privileges.before",
+    "provision.privileges.after",
+    "provision.activate.before",
+    "provision.activate.after",
+]
+
+
+@pytest.mark.parametrize("point", PROVISION_POINTS)
+def test_provision_survives_sigkill(
+    point: str,
+    quiet_platform: Platform,
+    workers: Workers,
+    someone: Owner,
+    fleet: FleetUnderTest,
+) -> None:
+    project, op_id = service.start_create_project(
+        quiet_platform, someone, name="crash", region="eu-central-1", plan_type="free"
+    )
+    first = workers.start(point)
+    workers.reached(point)
+    workers.kill(first)
+    workers.start()
+    op = wait_op(quiet_platform, op_id, workers)
+    assert op["status"] == "finished", (op, workers.logs())
+    assert op["attempts"] == 2
+    assert [s["name"] for s in op["steps"]] == [
+        "place",
+        "roles",
+        "database",
+        "privileges",
+        "activate",
+    ]
+    assert all(s["status"] == "finished" for s in op["steps"])
+    assert_provisioned_once(quiet_platform, fleet, someone, project["id"], "eu-central-1")
+
+
+# ---------------------------------------------------------------- delete
+
+DELETE_POINTS = [
+    "delete.block.after",
+    "delete.drop_database.before",
+    "delete.drop_database.after",
+    "delete.drop_roles.mid",  # inside the step: one role dropped
+    "delete.drop_roles.after",
+    "delete.finish.before",
+]
+
+
+@pytest.mark.parametrize("point", DELETE_POINTS)
+def test_delete_survives_sigkill(
+    point: str,
+    quiet_platform: Platform,
+    workers: Workers,
+    someone: Owner,
+    fleet: FleetUnderTest,
+) -> None:
+    steady = workers.start()
+    project, op_id = service.start_create_project(
+        quiet_platform, someone, name="doomed", region="ap-southeast-1", plan_type="free"
+    )
+    assert wait_op(quiet_platform, op_id, workers)["status"] == "finished"
+    uri = service.connection_details(quiet_platform, someone, project["id"]).uri
+    workers.kill(steady)
+
+    op_id = service.start_delete_project(quiet_platform, someone, project["id"])
+    first = workers.start(point)
+    workers.reached(point)
+    workers.kill(first)
+    workers.start()
+    op = wait_op(quiet_platform, op_id, workers)
+    assert op["status"] == "finished", (op, workers.logs())
+    assert op["attempts"] == 2
+    row = service.get_project(quiet_platform, someone, project["id"], include_deleted=True)
+    assert row["status"] == "deleted"
+    assert row["deleted_at"] is not None
+    assert_nothing_left(fleet)
+    assert run_psql(uri, "select 1").returncode != 0
+
+
+# ---------------------------------------------------------------- rotate
+
+ROTATE_POINTS = [
+    "rotate_password.generate.after",
+    "rotate_password.apply.before",
+    "rotate_password.apply.after",
+    "rotate_password.store.before",
+]
+
+
+@pytest.mark.parametrize("point", ROTATE_POINTS)
+def test_rotate_survives_sigkill(
+    point: str,
+    quiet_platform: Platform,
+    workers: Workers,
+    someone: Owner,
+    fleet: FleetUnderTest,
+) -> None:
+    steady = workers.start()
+    project, op_id = service.start_create_project(
+        quiet_platform, someone, name="keys", region="us-east-1", plan_type="free"
+    )
+    assert wait_op(quiet_platform, op_id, workers)["status"] == "finished"
+    tid = project["id"]
+    old = {m: service.connection_details(quiet_platform, someone, tid, m).uri for m in ("rw", "ro")}
+    workers.kill(steady)
+
+    op_id = service.rotate_password(quiet_platform, someone, tid)
+    first = workers.start(point)
+    workers.reached(point)
+    workers.kill(first)
+    workers.start()
+    op = wait_op(quiet_platform, op_id, workers)
+    assert op["status"] == "finished", (op, workers.logs())
+    for mode in ("rw", "ro"):
+        new = service.connection_details(quiet_platform, someone, tid, mode).uri
+        assert new != old[mode]
+        assert run_psql(new, "select 1").returncode == 0
+        res = run_psql(old[mode], "select 1")
+        assert "password authentication failed" in res.stderr, res.stderr
+    assert_provisioned_once(quiet_platform, fleet, someone, tid, "us-east-1")
+
+
+# ---------------------------------------------------------------- races and faults
+
+
+def test_two_workers_racing_run_an_operation_once(
+    quiet_platform: Platform, someone: Owner, fleet: FleetUnderTest
+) -> None:
+    """Two executors handed the same operation at once: one runs it, the other
+    finds it taken; every step ran exactly once."""
+    project, op_id = service.start_create_project(
+        quiet_platform, someone, name="race", region="eu-central-1", plan_type="free"
+    )
+    results: list[str] = []
+    barrier = threading.Barrier(2)
+
+    def go(name: str) -> None:
+        barrier.wait()
+        results.append(execute_operation(quiet_platform, op_id, worker=name))
+
+    threads = [threading.Thread(target=go, args=(f"racer-{i}",)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(results) in (["busy", "finished"], ["finished", "finished"]), results
+    with quiet_platform.db.connection() as conn:
+        op = conn.execute(
+            "SELECT status, attempts FROM operations WHERE id = %s", (op_id,)
+        ).fetchone()
+        steps = conn.execute(
+            "SELECT name, attempts FROM operation_steps WHERE operation_id = %s ORDER BY position",
+            (op_id,),
+        ).fetchall()
+    assert op == ("finished", 1)
+    assert all(a == 1 for _, a in steps), steps
+    assert_provisioned_once(quiet_platform, fleet, someone, project["id"], "eu-central-1")
+
+
+def test_two_worker_processes_share_the_queue(
+    quiet_platform: Platform, workers: Workers, someone: Owner, fleet: FleetUnderTest
+) -> None:
+    """Operations on different projects run in parallel across workers; each
+    runs once."""
+    workers.start()
+    workers.start()
+    started = [
+        service.start_create_project(
+            quiet_platform, someone, name=f"p{i}", region="us-east-1", plan_type="free"
+        )
+        for i in range(6)
+    ]
+    ops = [wait_op(quiet_platform, op_id, workers) for _, op_id in started]
+    assert [o["status"] for o in ops] == ["finished"] * 6
+    assert all(o["attempts"] == 1 for o in ops)
+    assert len({o["worker"] for o in ops}) == 2, "both workers should have taken some"
+    assert len(fleet.databases("us-east-1")) == 6
+
+
+def test_platform_connection_killed_mid_step_resumes(
+    quiet_platform: Platform, workers: Workers, someone: Owner, fleet: FleetUnderTest
+) -> None:
+    point = "provision.database.created"
+    workers.start(point)
+    project, op_id = service.start_create_project(
+        quiet_platform, someone, name="flaky", region="eu-central-1", plan_type="free"
+    )
+    workers.reached(point)
+    with fleet.admin_conn(None) as c:
+        # The worker's platform connections (its operation lock among them).
+        killed = c.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = %s AND application_name = 'pgfleet' AND pid <> pg_backend_pid()",
+            (quiet_platform.conninfo["dbname"],),
+        ).fetchone()
+    assert killed is not None and killed[0] >= 1
+    workers.release(point)
+    op = wait_op(quiet_platform, op_id, workers)
+    assert op["status"] == "finished", (op, workers.logs())
+    assert_provisioned_once(quiet_platform, fleet, someone, project["id"], "eu-central-1")
+
+
+@pytest.fixture
+def held(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
+    """Arms a failpoint in this process (for its embedded worker)."""
+
+    def arm(name: str) -> Any:
+        monkeypatch.setenv("PGFLEET_FAILPOINTS", name)
+        monkeypatch.setenv("PGFLEET_FAILPOINT_DIR", str(tmp_path))
+
+        def reached() -> None:
+            end = time.monotonic() + 30
+            while not (tmp_path / f"{name}.reached").exists():
+                assert time.monotonic() < end, f"{name} not reached"
+                time.sleep(0.02)
+
+        def release() -> None:
+            (tmp_path / f"{name}.release").touch()
+
+        return reached, release
+
+    return arm
+
+
+def test_region_down_retries_then_fails_after_deadline(
+    platform_factory: Any, fleet: FleetUnderTest, held: Any
+) -> None:
+    from pgfleet.auth import create_owner
+    from pgfleet.operations.reconcile import reconcile
+
+    p: Platform = platform_factory(operation_deadline_s=4.0)
+    owner = create_owner(p, "unlucky")[0]
+    server = fleet.server("eu-central-1")
+    reached, release = held("provision.place.after")
+    project, op_id = service.start_create_project(
+        p, owner, name="late", region="eu-central-1", plan_type="free"
+    )
+    reached()
+    fleet.fleet.stop(server)
+    try:
+        release()
+        op = p.ops.wait(op_id, 30)
+    finally:
+        fleet.fleet.start(server)
+    assert op["status"] == "failed", op
+    assert "eu-central-1" in op["error"]
+    assert "deadline" in op["error"]
+    assert op["deadline_missed"] is True
+    failed_step = [s for s in op["steps"] if s["status"] == "failed"]
+    assert [s["name"] for s in failed_step] == ["roles"], op["steps"]
+    assert failed_step[0]["attempts"] >= 2, op["steps"]
+    row = service.get_project(p, owner, project["id"], include_deleted=True)
+    # Undoing needed the server too: the project is left `failed` for the reconciler.
+    assert row["status"] == "failed"
+    report = reconcile(p, repair=True)
+    assert any(f["kind"] == "failed_project" for f in report["findings"]), report
+    service.delete_project(p, owner, project["id"])
+    assert_nothing_left(fleet)
+
+
+def test_region_back_in_time_succeeds(
+    platform_factory: Any, fleet: FleetUnderTest, held: Any
+) -> None:
+    from pgfleet.auth import create_owner
+
+    p: Platform = platform_factory(operation_deadline_s=30.0)
+    owner = create_owner(p, "patient")[0]
+    server = fleet.server("ap-southeast-1")
+    reached, release = held("provision.place.after")
+    project, op_id = service.start_create_project(
+        p, owner, name="soon", region="ap-southeast-1", plan_type="free"
+    )
+    reached()
+    fleet.fleet.stop(server)
+    release()
+    time.sleep(1.5)
+    fleet.fleet.start(server)
+    op = p.ops.wait(op_id, 30)
+    assert op["status"] == "finished", op
+    # The roles step waited for the server (retrying its connection) and went on.
+    roles = next(s for s in op["steps"] if s["name"] == "roles")
+    assert roles["duration_ms"] >= 1000, op["steps"]
+    assert_provisioned_once(p, fleet, owner, project["id"], "ap-southeast-1")
+
+
+def test_killed_worker_is_noticed_without_any_other_activity(
+    quiet_platform: Platform, workers: Workers, someone: Owner
+) -> None:
+    """The dead worker's job goes back to the queue by heartbeat alone."""
+    point = "provision.roles.after"
+    first = workers.start(point)
+    _, op_id = service.start_create_project(
+        quiet_platform, someone, name="orphaned", region="us-east-1", plan_type="free"
+    )
+    workers.reached(point)
+    workers.kill(first)
+    with quiet_platform.db.connection() as conn:
+        job = conn.execute(
+            "SELECT j.status FROM procrastinate_jobs j JOIN operations o ON o.job_id = j.id "
+            "WHERE o.id = %s",
+            (op_id,),
+        ).fetchone()
+    assert job == ("doing",)
+    workers.start()
+    assert wait_op(quiet_platform, op_id, workers)["status"] == "finished"
