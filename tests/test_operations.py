@@ -1,0 +1,588 @@
+"""Operations through the API: statuses and steps, wait=false, idempotency
+keys, the project lifecycle (rotate, pause/resume, change plan, delete),
+one operation per project, cancel, deadlines, the audit log, the reconciler,
+and the CLI's ops commands. Real servers throughout."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+from psycopg import sql
+
+from pgfleet.api.app import create_app
+from pgfleet.auth import create_owner
+from pgfleet.platform.core import Platform
+from tests.conftest import Api, FleetUnderTest, run_psql
+
+STEPS = ["place", "roles", "database", "privileges", "activate"]
+
+
+def create(api: Api, name: str = "shop", **kw: Any) -> Any:
+    params = kw.pop("params", {})
+    headers = kw.pop("headers", {})
+    return api.post("/v1/projects", json={"name": name, **kw}, params=params, headers=headers)
+
+
+def create_ok(api: Api, name: str = "shop", **kw: Any) -> dict[str, Any]:
+    r = create(api, name, **kw)
+    assert r.status_code == 201, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def error_of(r: Any, status: int) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    err: dict[str, Any] = r.json()["error"]
+    return err
+
+
+def poll(api: Api, op_id: str, timeout: float = 30) -> dict[str, Any]:
+    end = time.monotonic() + timeout
+    while True:
+        op: dict[str, Any] = api.get(f"/v1/operations/{op_id}").json()
+        if op["status"] in ("finished", "failed", "cancelled"):
+            return op
+        assert time.monotonic() < end, op
+        time.sleep(0.05)
+
+
+def login(uri: str) -> str:
+    res = run_psql(uri, "select 1")
+    return "ok" if res.returncode == 0 else res.stderr
+
+
+@pytest.fixture
+def held(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
+    """Arms a failpoint for this process's embedded worker: (reached, release)."""
+
+    def arm(name: str) -> Any:
+        monkeypatch.setenv("PGFLEET_FAILPOINTS", name)
+        monkeypatch.setenv("PGFLEET_FAILPOINT_DIR", str(tmp_path))
+
+        def reached() -> None:
+            end = time.monotonic() + 30
+            while not (tmp_path / f"{name}.reached").exists():
+                assert time.monotonic() < end, f"{name} not reached"
+                time.sleep(0.02)
+
+        def release() -> None:
+            (tmp_path / f"{name}.release").touch()
+
+        return reached, release
+
+    return arm
+
+
+# ---- operations are visible --------------------------------------------------
+
+
+def test_create_returns_its_finished_operation_with_steps(api: Api) -> None:
+    body = create_ok(api, "ops", region="eu-central-1")
+    op = body["operation"]
+    assert op["type"] == "provision"
+    assert op["status"] == "finished"
+    assert op["project_id"] == body["id"]
+    assert [s["name"] for s in op["steps"]] == STEPS
+    assert all(s["status"] == "finished" and s["attempts"] == 1 for s in op["steps"])
+    assert all(s["duration_ms"] is not None and s["duration_ms"] >= 0 for s in op["steps"])
+    assert op["attempts"] == 1
+    assert op["duration_ms"] > 0
+    assert op["created_at"] <= op["started_at"] <= op["finished_at"]
+    assert op["actor"] == "alice"
+    assert "create database" in op["result"]["actions"]
+
+    again = api.get(f"/v1/operations/{op['id']}").json()
+    assert again["id"] == op["id"] and again["status"] == "finished"
+    assert [s["name"] for s in again["steps"]] == STEPS
+    listed = api.get(f"/v1/projects/{body['id']}/operations").json()["operations"]
+    assert [o["id"] for o in listed] == [op["id"]]
+    mine = api.get("/v1/operations").json()["operations"]
+    assert [o["id"] for o in mine] == [op["id"]]
+    assert api.get("/v1/operations", params={"status": "failed"}).json()["operations"] == []
+
+
+def test_wait_false_answers_202_with_the_operation(api: Api) -> None:
+    r = create(api, "later", region="ap-southeast-1", params={"wait": "false"})
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert body["project"]["status"] in ("provisioning", "active")
+    assert body["operation"]["type"] == "provision"
+    assert body["connection"] is None
+    op = poll(api, body["operation"]["id"])
+    assert op["status"] == "finished"
+    pid = body["project"]["id"]
+    assert api.get(f"/v1/projects/{pid}").json()["status"] == "active"
+    uri = api.get(f"/v1/projects/{pid}/connection").json()["uri"]
+    assert login(uri) == "ok"
+
+
+def test_unknown_and_foreign_operations_are_404(
+    api: Api, platform: Platform, client: TestClient
+) -> None:
+    body = create_ok(api, "mine")
+    assert error_of(api.get(f"/v1/operations/{uuid.uuid4()}"), 404)["code"] == (
+        "operation_not_found"
+    )
+    assert error_of(api.get("/v1/operations/not-a-uuid"), 404)
+    assert error_of(api.post(f"/v1/operations/{uuid.uuid4()}/cancel"), 404)
+    _, bob_token = create_owner(platform, "bob")
+    bob = Api(client, bob_token)
+    assert error_of(bob.get(f"/v1/operations/{body['operation']['id']}"), 404)
+    assert error_of(bob.post(f"/v1/operations/{body['operation']['id']}/cancel"), 404)
+    assert error_of(bob.get(f"/v1/projects/{body['id']}/operations"), 404)
+    assert error_of(bob.get(f"/v1/projects/{body['id']}/audit"), 404)
+    assert bob.get("/v1/operations").json()["operations"] == []
+
+
+def test_admin_sees_everyones_operations(api: Api, admin_api: Api) -> None:
+    body = create_ok(api, "watched")
+    op = admin_api.get(f"/v1/operations/{body['operation']['id']}")
+    assert op.status_code == 200, op.text
+    assert body["operation"]["id"] in [
+        o["id"] for o in admin_api.get("/v1/operations").json()["operations"]
+    ]
+
+
+# ---- idempotency keys ------------------------------------------------------------
+
+
+def test_idempotency_key_replays_and_creates_nothing_new(api: Api, fleet: FleetUnderTest) -> None:
+    key = {"Idempotency-Key": str(uuid.uuid4())}
+    first = create(api, "once", region="eu-central-1", headers=key)
+    assert first.status_code == 201, first.text
+    second = create(api, "once", region="eu-central-1", headers=key)
+    assert second.status_code == 201, second.text
+    assert second.headers.get("Idempotent-Replayed") == "true"
+    assert second.json() == first.json()
+    assert len(api.get("/v1/projects").json()["projects"]) == 1
+    assert len(fleet.databases("eu-central-1")) == 1
+    # A new key is a new request.
+    third = create(api, "once", region="eu-central-1", headers={"Idempotency-Key": "other"})
+    assert third.status_code == 201, third.text
+    assert third.json()["id"] != first.json()["id"]
+
+
+def test_idempotency_key_with_another_body_is_422(api: Api) -> None:
+    key = {"Idempotency-Key": "k-1"}
+    assert create(api, "a", headers=key).status_code == 201
+    err = error_of(create(api, "b", headers=key), 422)
+    assert err["code"] == "idempotency_key_reused"
+    assert "different request" in err["message"]
+    assert len(api.get("/v1/projects").json()["projects"]) == 1
+
+
+@pytest.mark.parametrize("bad", ["", " ", "x" * 256, "clé".encode()])
+def test_malformed_idempotency_key_is_422(api: Api, bad: str | bytes) -> None:
+    r = create(api, "a", headers={"Idempotency-Key": bad})
+    err = error_of(r, 422)
+    assert "Idempotency-Key" in err["message"]
+    assert "255" in err["message"]
+    assert api.get("/v1/projects").json()["projects"] == []
+
+
+def test_failed_request_with_a_key_can_be_retried(api: Api) -> None:
+    key = {"Idempotency-Key": "retry-me"}
+    assert error_of(create(api, "a", region="mars-1", headers=key), 422)
+    assert create(api, "a", region="us-east-1", headers=key).status_code == 201
+
+
+def test_idempotent_response_is_stored_encrypted(api: Api, platform: Platform) -> None:
+    body = create_ok(api, "secretive", headers={"Idempotency-Key": "enc"})
+    with platform.db.connection() as conn:
+        raw = conn.execute("SELECT response::text FROM idempotency_keys").fetchone()
+    assert raw is not None
+    assert body["connection"]["password"] not in raw[0]
+
+
+def test_lifecycle_posts_take_idempotency_keys(api: Api) -> None:
+    pid = create_ok(api, "rot")["id"]
+    key = {"Idempotency-Key": "rotate-1"}
+    first = api.post(f"/v1/projects/{pid}/rotate-password", headers=key)
+    assert first.status_code == 200, first.text
+    again = api.post(f"/v1/projects/{pid}/rotate-password", headers=key)
+    assert again.json()["operation"]["id"] == first.json()["operation"]["id"]
+    ops = api.get(f"/v1/projects/{pid}/operations").json()["operations"]
+    assert [o["type"] for o in ops] == ["rotate_password", "provision"]
+
+
+# ---- the lifecycle ------------------------------------------------------------------
+
+
+def test_rotate_password_new_works_old_stops(api: Api) -> None:
+    body = create_ok(api, "keys", region="eu-central-1")
+    pid = body["id"]
+    old_rw = body["connection"]["uri"]
+    old_ro = api.get(f"/v1/projects/{pid}/connection", params={"mode": "ro"}).json()["uri"]
+    r = api.post(f"/v1/projects/{pid}/rotate-password")
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["operation"]["type"] == "rotate_password"
+    assert out["operation"]["status"] == "finished"
+    assert [s["name"] for s in out["operation"]["steps"]] == ["generate", "apply", "store"]
+    new_rw = out["connection"]["uri"]
+    assert new_rw != old_rw
+    assert login(new_rw) == "ok"
+    assert "password authentication failed" in login(old_rw)
+    new_ro = api.get(f"/v1/projects/{pid}/connection", params={"mode": "ro"}).json()["uri"]
+    assert login(new_ro) == "ok"
+    assert "password authentication failed" in login(old_ro)
+
+
+def test_rotate_only_the_read_only_role(api: Api) -> None:
+    body = create_ok(api, "ro-only")
+    pid = body["id"]
+    old_ro = api.get(f"/v1/projects/{pid}/connection", params={"mode": "ro"}).json()["uri"]
+    r = api.post(f"/v1/projects/{pid}/rotate-password", json={"role": "ro"})
+    assert r.status_code == 200, r.text
+    assert login(body["connection"]["uri"]) == "ok"  # rw untouched
+    assert "password authentication failed" in login(old_ro)
+    bad = api.post(f"/v1/projects/{pid}/rotate-password", json={"role": "admin"})
+    assert bad.status_code == 422
+
+
+def test_pause_ends_sessions_refuses_logins_and_resume_restores(
+    api: Api, fleet: FleetUnderTest
+) -> None:
+    body = create_ok(api, "nap", region="ap-southeast-1")
+    pid = body["id"]
+    uri = body["connection"]["uri"]
+    assert (
+        api.post(f"/v1/projects/{pid}/sql", json={"query": "create table t (x int)"}).status_code
+        == 200
+    )
+    api.post(f"/v1/projects/{pid}/sql", json={"query": "insert into t values (42)"})
+    session = psycopg.connect(uri, autocommit=True)
+    try:
+        r = api.post(f"/v1/projects/{pid}/pause")
+        assert r.status_code == 200, r.text
+        assert r.json()["project"]["status"] == "paused"
+        assert r.json()["operation"]["result"]["sessions_ended"] >= 1
+        with pytest.raises(psycopg.OperationalError):
+            session.execute("select 1")
+    finally:
+        session.close()
+    assert "not permitted to log in" in login(uri)
+    sql_r = api.post(f"/v1/projects/{pid}/sql", json={"query": "select 1"})
+    assert sql_r.status_code == 409, sql_r.text
+    # Pausing twice, or resuming an active project, is a clear 409.
+    assert "paused" in error_of(api.post(f"/v1/projects/{pid}/pause"), 409)["message"]
+    r = api.post(f"/v1/projects/{pid}/resume")
+    assert r.status_code == 200, r.text
+    assert r.json()["project"]["status"] == "active"
+    assert login(uri) == "ok"
+    res = run_psql(uri, "select x from t")
+    assert res.stdout.strip() == "42"
+    assert "active" in error_of(api.post(f"/v1/projects/{pid}/resume"), 409)["message"]
+
+
+def test_change_plan_applies_limits_on_the_server(api: Api, fleet: FleetUnderTest) -> None:
+    body = create_ok(api, "grow", region="eu-central-1", plan_type="free")
+    pid = body["id"]
+    db = body["connection"]["database"]
+    r = api.post(f"/v1/projects/{pid}/plan", json={"plan": "pro"})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["project"]["plan_type"] == "pro"
+    placement = out["operation"]["result"]["placement"]
+    assert placement["would_move"] is False
+    with fleet.admin_conn("eu-central-1") as c:
+        limits = dict(
+            c.execute(
+                "SELECT rolname, rolconnlimit FROM pg_roles WHERE rolname IN (%s, %s)",
+                (f"{db}_rw", f"{db}_ro"),
+            ).fetchall()
+        )
+        cfg = c.execute(
+            "SELECT setconfig FROM pg_db_role_setting WHERE setrole = %s::regrole",
+            (f"{db}_rw",),
+        ).fetchone()
+    assert limits == {f"{db}_rw": 60, f"{db}_ro": 60}
+    assert cfg is not None and "statement_timeout=60000ms" in cfg[0]
+    assert error_of(api.post(f"/v1/projects/{pid}/plan", json={"plan": "pro"}), 409)
+    err = error_of(api.post(f"/v1/projects/{pid}/plan", json={"plan": "gold"}), 422)
+    assert "free, pro, enterprise" in err["message"]
+
+
+def test_change_plan_says_what_would_move(platform_factory: Any) -> None:
+    p = platform_factory(placement="hybrid")
+    _, token = create_owner(p, "carol")
+    with TestClient(create_app(p)) as c:
+        api = Api(c, token)
+        body = create_ok(api, "free-one", region="eu-central-1", plan_type="free")
+        assert body["hosted_region"] == "us-east-1"
+        r = api.post(f"/v1/projects/{body['id']}/plan", json={"plan": "pro"})
+        assert r.status_code == 200, r.text
+        placement = r.json()["operation"]["result"]["placement"]
+        assert placement == {
+            **placement,
+            "hosted_region": "us-east-1",
+            "wanted_region": "eu-central-1",
+            "would_move": True,
+        }
+        assert "eu-central-1" in placement["note"]
+        # Nothing moved.
+        assert api.get(f"/v1/projects/{body['id']}").json()["hosted_region"] == "us-east-1"
+
+
+def test_delete_keeps_the_row_for_the_audit(api: Api, fleet: FleetUnderTest) -> None:
+    body = create_ok(api, "gone", region="eu-central-1")
+    pid = body["id"]
+    r = api.delete(f"/v1/projects/{pid}")
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["operation"]["type"] == "delete"
+    assert [s["name"] for s in out["operation"]["steps"]] == [
+        "block",
+        "drop_database",
+        "drop_roles",
+        "finish",
+    ]
+    assert out["project"]["status"] == "deleted" and out["project"]["deleted_at"]
+    assert fleet.databases("eu-central-1") == set()
+    assert "does not exist" in login(body["connection"]["uri"]) or "failed" in login(
+        body["connection"]["uri"]
+    )
+    # The operations and the audit stay readable after the delete.
+    ops = api.get(f"/v1/projects/{pid}/operations").json()["operations"]
+    assert [o["type"] for o in ops] == ["delete", "provision"]
+    actions = [e["action"] for e in api.get(f"/v1/projects/{pid}/audit").json()["entries"]]
+    assert actions == ["project.delete", "project.create"]
+
+
+# ---- one operation per project, cancel, deadlines ---------------------------------
+
+
+def test_second_operation_on_a_project_is_409_naming_the_running_one(api: Api, held: Any) -> None:
+    pid = create_ok(api, "busy")["id"]
+    reached, release = held("pause.block_logins.before")
+    r = api.post(f"/v1/projects/{pid}/pause", params={"wait": "false"})
+    assert r.status_code == 202, r.text
+    running = r.json()["operation"]["id"]
+    reached()
+    try:
+        err = error_of(api.post(f"/v1/projects/{pid}/rotate-password"), 409)
+        assert running in err["message"]
+        assert "pause" in err["message"]
+        err = error_of(api.delete(f"/v1/projects/{pid}"), 409)
+        assert running in err["message"]
+        # Another project is not held up.
+        assert create(api, "free-to-go").status_code == 201
+    finally:
+        release()
+    assert poll(api, running)["status"] == "finished"
+    assert api.post(f"/v1/projects/{pid}/resume").status_code == 200
+
+
+def test_cancel_a_running_provision_leaves_nothing(
+    api: Api, held: Any, fleet: FleetUnderTest
+) -> None:
+    reached, release = held("provision.database.after")
+    r = create(api, "halt", region="eu-central-1", params={"wait": "false"})
+    assert r.status_code == 202, r.text
+    op_id = r.json()["operation"]["id"]
+    pid = r.json()["project"]["id"]
+    reached()
+    c = api.post(f"/v1/operations/{op_id}/cancel")
+    assert c.status_code == 202, c.text
+    assert c.json()["cancel_requested"] is True
+    release()
+    op = poll(api, op_id)
+    assert op["status"] == "cancelled", op
+    assert fleet.databases("eu-central-1") == set()
+    assert fleet.roles("eu-central-1") == set()
+    assert api.get(f"/v1/projects/{pid}").status_code == 404
+    row = api.get("/v1/projects", params={"include_deleted": "true"}).json()["projects"][0]
+    assert row["status"] == "deleted"
+    # Cancelling an ended operation is 409 with its state.
+    err = error_of(api.post(f"/v1/operations/{op_id}/cancel"), 409)
+    assert "cancelled" in err["message"]
+
+
+def test_cancel_of_a_finished_operation_is_409(api: Api) -> None:
+    body = create_ok(api, "done")
+    err = error_of(api.post(f"/v1/operations/{body['operation']['id']}/cancel"), 409)
+    assert "already finished" in err["message"]
+
+
+def test_cancel_past_the_point_of_no_return_is_409(
+    api: Api, held: Any, fleet: FleetUnderTest
+) -> None:
+    pid = create_ok(api, "committed", region="ap-southeast-1")["id"]
+    reached, release = held("delete.drop_database.before")
+    r = api.delete(f"/v1/projects/{pid}", params={"wait": "false"})
+    op_id = r.json()["operation"]["id"]
+    reached()
+    try:
+        err = error_of(api.post(f"/v1/operations/{op_id}/cancel"), 409)
+        assert "point of no return" in err["message"]
+    finally:
+        release()
+    assert poll(api, op_id)["status"] == "finished"
+    assert fleet.databases("ap-southeast-1") == set()
+
+
+def test_cancel_a_delete_before_it_drops_restores_the_project(
+    api: Api, held: Any, fleet: FleetUnderTest
+) -> None:
+    body = create_ok(api, "reprieve", region="eu-central-1")
+    pid = body["id"]
+    reached, release = held("delete.block.after")
+    op_id = api.delete(f"/v1/projects/{pid}", params={"wait": "false"}).json()["operation"]["id"]
+    reached()
+    assert api.post(f"/v1/operations/{op_id}/cancel").status_code == 202
+    release()
+    assert poll(api, op_id)["status"] == "cancelled"
+    assert api.get(f"/v1/projects/{pid}").json()["status"] == "active"
+    assert login(body["connection"]["uri"]) == "ok"
+
+
+def test_cancel_a_scheduled_operation_with_no_worker(platform_factory: Any) -> None:
+    p = platform_factory(embedded_workers=0)
+    _, token = create_owner(p, "dave")
+    with TestClient(create_app(p)) as c:
+        api = Api(c, token)
+        r = create(api, "never", params={"wait": "false"})
+        assert r.status_code == 202, r.text
+        op = r.json()["operation"]
+        assert op["status"] == "scheduled"
+        out = api.post(f"/v1/operations/{op['id']}/cancel")
+        assert out.status_code == 200, out.text
+        assert out.json()["status"] == "cancelled"
+        assert api.get(f"/v1/projects/{r.json()['project']['id']}").status_code == 404
+
+
+def test_operation_past_its_deadline_shows_in_health(
+    platform_factory: Any, fleet: FleetUnderTest
+) -> None:
+    p = platform_factory(embedded_workers=0, operation_deadline_s=0.5)
+    _, token = create_owner(p, "erin")
+    with TestClient(create_app(p)) as c:
+        api = Api(c, token)
+        r = create(api, "stuck", params={"wait": "false"})
+        op_id = r.json()["operation"]["id"]
+        time.sleep(0.7)
+        health = c.get("/health").json()
+        assert health["status"] == "degraded"
+        assert health["operations"]["past_deadline"] == 1
+        assert [m["id"] for m in health["operations"]["missed"]] == [op_id]
+        # A worker that finally picks it up fails it for its deadline and undoes it.
+        p.ops.start_workers(1)
+        op = poll(api, op_id)
+        assert op["status"] == "failed"
+        assert "deadline" in op["error"]
+        assert op["deadline_missed"] is True
+        assert c.get("/health").json()["operations"]["past_deadline"] == 0
+    assert fleet.databases("us-east-1") == set()
+
+
+# ---- audit ---------------------------------------------------------------------------
+
+
+def test_audit_log_says_who_did_what(api: Api, admin_api: Api) -> None:
+    pid = create_ok(api, "audited")["id"]
+    api.post(f"/v1/projects/{pid}/rotate-password")
+    admin_api.post(f"/v1/projects/{pid}/pause")
+    entries = api.get(f"/v1/projects/{pid}/audit").json()["entries"]
+    assert [(e["actor"], e["action"]) for e in entries] == [
+        ("admin admin", "project.pause"),
+        ("alice", "project.rotate_password"),
+        ("alice", "project.create"),
+    ]
+    assert all(e["operation_id"] and e["project_id"] == pid for e in entries)
+    assert entries[-1]["details"]["region"] == "us-east-1"
+    everything = admin_api.get("/v1/admin/audit").json()["entries"]
+    assert [e["action"] for e in everything][:3] == [
+        "project.pause",
+        "project.rotate_password",
+        "project.create",
+    ]
+    assert api.get("/v1/admin/audit").status_code == 403
+
+
+# ---- reconciler -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def orphans(fleet: FleetUnderTest) -> Iterator[dict[str, str]]:
+    """Hand-made orphans on eu-central-1: an empty database with roles, a
+    database holding a table, and roles alone."""
+    names = {k: f"tenant_{str(uuid.uuid4()).replace('-', '_')}" for k in ("empty", "data", "roles")}
+    with fleet.admin_conn("eu-central-1") as c:
+        for key in ("empty", "data", "roles"):
+            n = names[key]
+            c.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(n)))
+            c.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(n + "_rw")))
+        for key in ("empty", "data"):
+            c.execute(
+                sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                    sql.Identifier(names[key]), sql.Identifier(names[key] + "_rw")
+                )
+            )
+    with fleet.admin_conn("eu-central-1", names["data"]) as c:
+        c.execute("CREATE TABLE precious (x int)")
+    yield names
+
+
+def test_reconciler_reports_and_repairs_without_losing_data(
+    api: Api, admin_api: Api, fleet: FleetUnderTest, orphans: dict[str, str]
+) -> None:
+    ok = create_ok(api, "fine", region="eu-central-1")
+    broken = create_ok(api, "broken", region="eu-central-1")
+    bdb = broken["connection"]["database"]
+    with fleet.admin_conn("eu-central-1") as c:
+        c.execute(sql.SQL("ALTER DATABASE {} OWNER TO CURRENT_USER").format(sql.Identifier(bdb)))
+        c.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO PUBLIC").format(sql.Identifier(bdb)))
+    lost = create_ok(api, "lost", region="us-east-1")
+    with fleet.admin_conn("us-east-1") as c:
+        c.execute(
+            sql.SQL("DROP DATABASE {} WITH (FORCE)").format(
+                sql.Identifier(lost["connection"]["database"])
+            )
+        )
+
+    report = admin_api.post("/v1/admin/reconcile").json()
+    kinds = {(f["kind"], f["object"]) for f in report["findings"]}
+    assert ("orphan_database", orphans["empty"]) in kinds
+    assert ("orphan_database", orphans["data"]) in kinds
+    assert ("orphan_roles", orphans["roles"]) in kinds
+    assert ("wrong_owner", bdb) in kinds
+    assert ("public_connect", bdb) in kinds
+    assert ("missing_database", lost["connection"]["database"]) in kinds
+    assert not any(f["object"] == ok["connection"]["database"] for f in report["findings"])
+    assert all(not f["repaired"] for f in report["findings"])
+    assert orphans["empty"] in fleet.databases("eu-central-1")  # report only
+
+    report = admin_api.post("/v1/admin/reconcile", json={"repair": True}).json()
+    by_obj = {f["object"]: f for f in report["findings"]}
+    assert by_obj[orphans["empty"]]["repaired"] is True
+    assert by_obj[orphans["data"]]["repaired"] is False
+    assert "force" in by_obj[orphans["data"]]["action"]
+    dbs = fleet.databases("eu-central-1")
+    assert orphans["empty"] not in dbs
+    assert orphans["data"] in dbs  # it holds data: kept
+    assert orphans["roles"] not in fleet.roles("eu-central-1")
+    assert bdb in dbs
+    assert login(broken["connection"]["uri"]) == "ok"
+    assert lost["connection"]["database"] in fleet.databases("us-east-1")
+    assert login(lost["connection"]["uri"]) == "ok"
+    with fleet.admin_conn("eu-central-1") as c:
+        owner = c.execute(
+            "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s", (bdb,)
+        ).fetchone()
+    assert owner == (f"{bdb}_rw",)
+
+    report = admin_api.post("/v1/admin/reconcile", json={"repair": True, "force": True}).json()
+    assert orphans["data"] not in fleet.databases("eu-central-1")
+    assert {f["kind"] for f in report["findings"]} <= {"orphan_database", "orphan_roles"}
+    report = admin_api.post("/v1/admin/reconcile").json()
+    assert report["findings"] == []
+    last = admin_api.get("/v1/admin/reconcile").json()
+    assert last["findings"] == [] and last["actor"] == "admin admin"
+    assert api.post("/v1/admin/reconcile").status_code == 403
