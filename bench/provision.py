@@ -3,10 +3,16 @@
 Creates N projects through the REST API (real uvicorn process, embedded fleet
 with fsync on, as `pgfleet up` runs it) with some concurrency, and measures
 each from the request to credentials that connect (`select 1` as the new
-role). Baseline in the same run, on the same server: a bare
+role). Every create goes through the operations path: the API records the
+provision operation, a worker runs it, the API waits for it (wait=true).
+Baseline in the same run, on the same server: a bare
 CREATE ROLE + CREATE DATABASE + REVOKE over a warm admin connection.
 
-    .venv/bin/python bench/provision.py [--n 200] [--concurrency 4]
+Then the queue latency (operation created -> a worker started it, from the
+operations' own timestamps) with 1, 2 and 4 worker processes
+(`pgfleet worker --concurrency 1` each) in place of the API's embedded one.
+
+    .venv/bin/python bench/provision.py [--n 200] [--concurrency 4] [--queue-n 60]
 
 Targets (2-core machine): p50 <= 100 ms, p99 <= 300 ms, >= 20 projects/s,
 ratio to the baseline p50 within 3.
@@ -15,10 +21,12 @@ ratio to the baseline p50 within 3.
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -74,10 +82,55 @@ def provision_one(http: httpx.Client, i: int) -> float:
     return elapsed_ms(t0)
 
 
+def _ts(v: str) -> datetime:
+    return datetime.fromisoformat(v)
+
+
+def queue_latency(bf: BenchFleet, http: httpx.Client, workers: int, n: int, c: int) -> None:
+    """Creates n projects (wait=true) with `workers` worker processes running
+    the operations; prints the p50/p99 of created -> started."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "pgfleet", "worker", "--concurrency", "1"],
+            env=bf.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(workers)
+    ]
+    try:
+        time.sleep(2.0)  # imports and worker registration
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(c) as ex:
+            ids = list(ex.map(lambda i: provision_op(http, i), range(n)))
+        wall = time.perf_counter() - t0
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+    waits, totals = [], []
+    for op_id in ids:
+        op = http.get(f"/v1/operations/{op_id}").json()
+        waits.append((_ts(op["started_at"]) - _ts(op["created_at"])).total_seconds() * 1000)
+        totals.append((_ts(op["finished_at"]) - _ts(op["created_at"])).total_seconds() * 1000)
+    print(summary(f"queue latency, {workers} worker(s), c={c}", waits))
+    print(summary("  operation created -> finished", totals) + f"  ({n / wall:.1f}/s)")
+
+
+def provision_op(http: httpx.Client, i: int) -> str:
+    r = http.post("/v1/projects", json={"name": f"q {i}", "region": REGION, "plan_type": "free"})
+    r.raise_for_status()
+    return str(r.json()["operation"]["id"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=200, help="projects to create (default 200)")
     ap.add_argument("--concurrency", type=int, default=4, help="parallel clients (default 4)")
+    ap.add_argument(
+        "--queue-n", type=int, default=60, help="projects per queue-latency run (default 60)"
+    )
     args = ap.parse_args()
     with bench_fleet() as bf:
         print(f"embedded fleet in {bf.home} (fsync on); API {bf.url}")
@@ -90,14 +143,29 @@ def main() -> None:
             with ThreadPoolExecutor(args.concurrency) as ex:
                 times = list(ex.map(lambda i: provision_one(http, i), range(args.n)))
             wall = time.perf_counter() - t0
+            ops = http.get("/v1/operations", params={"limit": 500}).json()["operations"]
     print(summary("baseline: CREATE ROLE+DATABASE+REVOKE", base))
     print(summary(f"API create -> connect (c={args.concurrency})", times))
+    steps: dict[str, list[float]] = {}
+    for op in ops:
+        for st in op["steps"]:
+            if st["duration_ms"] is not None:
+                steps.setdefault(st["name"], []).append(st["duration_ms"])
+    for name, ms in steps.items():
+        print(summary(f"  step {name}", ms))
     rate = args.n / wall
     ratio = pct(times, 50) / pct(base, 50)
     print(f"throughput: {rate:.1f} projects/s over {wall:.1f} s")
     print(f"ratio p50 API / baseline: {ratio:.2f}x")
     ok = pct(times, 50) <= 100 and pct(times, 99) <= 300 and rate >= 20
     print("targets (p50<=100ms, p99<=300ms, >=20/s):", "met" if ok else "NOT met")
+
+    # Queue latency: the API runs no worker; 1, 2, 4 worker processes do.
+    with bench_fleet(extra_env={"PGFLEET_EMBEDDED_WORKERS": "0"}) as bf:
+        headers = {"Authorization": f"Bearer {bf.token}"}
+        with httpx.Client(base_url=bf.url, headers=headers, timeout=120) as http:
+            for workers in (1, 2, 4):
+                queue_latency(bf, http, workers, args.queue_n, args.concurrency)
 
 
 if __name__ == "__main__":
