@@ -99,7 +99,7 @@ def queue_latency(bf: BenchFleet, http: httpx.Client, workers: int, n: int, c: i
         for _ in range(workers)
     ]
     try:
-        time.sleep(2.0)  # imports and worker registration
+        time.sleep(2.5)  # imports and worker registration
         t0 = time.perf_counter()
         with ThreadPoolExecutor(c) as ex:
             ids = list(ex.map(lambda i: provision_op(http, i), range(n)))
@@ -129,7 +129,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200, help="projects to create (default 200)")
     ap.add_argument("--concurrency", type=int, default=4, help="parallel clients (default 4)")
     ap.add_argument(
-        "--queue-n", type=int, default=60, help="projects per queue-latency run (default 60)"
+        "--queue-n", type=int, default=40, help="projects per queue-latency run (default 40)"
     )
     args = ap.parse_args()
     with bench_fleet() as bf:
@@ -143,7 +143,8 @@ def main() -> None:
             with ThreadPoolExecutor(args.concurrency) as ex:
                 times = list(ex.map(lambda i: provision_one(http, i), range(args.n)))
             wall = time.perf_counter() - t0
-            ops = http.get("/v1/operations", params={"limit": 500}).json()["operations"]
+            listed = http.get("/v1/operations", params={"limit": 100}).json()["operations"]
+            ops = [http.get(f"/v1/operations/{o['id']}").json() for o in listed]
     print(summary("baseline: CREATE ROLE+DATABASE+REVOKE", base))
     print(summary(f"API create -> connect (c={args.concurrency})", times))
     steps: dict[str, list[float]] = {}
@@ -165,7 +166,10 @@ def main() -> None:
         headers = {"Authorization": f"Bearer {bf.token}"}
         with httpx.Client(base_url=bf.url, headers=headers, timeout=120) as http:
             for workers in (1, 2, 4):
-                queue_latency(bf, http, workers, args.queue_n, args.concurrency)
+                # c=1: the dispatch latency alone; c=4: with requests waiting
+                # for a free worker.
+                for c in (1, args.concurrency):
+                    queue_latency(bf, http, workers, args.queue_n, c)
 
 
 if __name__ == "__main__":

@@ -342,6 +342,25 @@ def prepare_provision(
     tid = uuid.UUID(str(tenant_id))
     if region is not None:
         get_region(region)
+    if desired_password is None:
+        # Usually everything is in place already: a plain read, no row lock
+        # (whose commit would wait for a WAL flush).
+        with p.db.connection() as pconn, pconn.cursor(row_factory=dict_row) as cur:
+            row = cur.execute(
+                "SELECT id, region, plan_type, status, server_id, connection_info "
+                "FROM tenants WHERE id = %s",
+                (tid,),
+            ).fetchone()
+        info = (row or {}).get("connection_info") or {}
+        if (
+            row is not None
+            and row["server_id"] is not None
+            and row["status"] not in ("deleted", "deleting")
+            and info.get("password_enc")
+            and info.get("ro_password_enc")
+            and (region is None or (row["region"] or "us-east-1") == region)
+        ):
+            return _target(p, row, info)
     with p.db.connection() as pconn, pconn.transaction():
         with pconn.cursor(row_factory=dict_row) as cur:
             row = cur.execute(
@@ -388,12 +407,16 @@ def prepare_provision(
                 "UPDATE tenants SET connection_info = %s, updated_at = now() WHERE id = %s",
                 (psycopg.types.json.Jsonb(info), tid),
             )
+    return _target(p, {**row, "server_id": server_id}, info)
+
+
+def _target(p: Platform, row: dict[str, Any], info: dict[str, Any]) -> ProvisionTarget:
     return ProvisionTarget(
-        tenant_id=tid,
-        name=tenant_db_name(tid),
+        tenant_id=row["id"],
+        name=tenant_db_name(row["id"]),
         region=row["region"] or "us-east-1",
-        plan=plan,
-        server=p.servers.get(server_id),
+        plan=get_plan(row["plan_type"] or "free"),
+        server=p.servers.get(row["server_id"]),
         status=row["status"],
         password=p.secrets.decrypt(info["password_enc"]),
         ro_password=p.secrets.decrypt(info["ro_password_enc"]),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 import unicodedata
 import uuid
 from dataclasses import dataclass
