@@ -96,7 +96,7 @@ def test_create_returns_its_finished_operation_with_steps(api: Api) -> None:
     assert op["duration_ms"] > 0
     assert op["created_at"] <= op["started_at"] <= op["finished_at"]
     assert op["actor"] == "alice"
-    assert "create database" in op["result"]["actions"]
+    assert {"create database", "claim spare database"} & set(op["result"]["actions"])
 
     again = api.get(f"/v1/operations/{op['id']}").json()
     assert again["id"] == op["id"] and again["status"] == "finished"
@@ -225,7 +225,12 @@ def test_rotate_password_new_works_old_stops(api: Api) -> None:
     out = r.json()
     assert out["operation"]["type"] == "rotate_password"
     assert out["operation"]["status"] == "finished"
-    assert [s["name"] for s in out["operation"]["steps"]] == ["generate", "apply", "store"]
+    assert [s["name"] for s in out["operation"]["steps"]] == [
+        "generate",
+        "apply",
+        "store",
+        "schedule_expiry",
+    ]
     new_rw = out["connection"]["uri"]
     assert new_rw != old_rw
     assert login(new_rw) == "ok"
@@ -586,3 +591,153 @@ def test_reconciler_reports_and_repairs_without_losing_data(
     last = admin_api.get("/v1/admin/reconcile").json()
     assert last["findings"] == [] and last["actor"] == "admin admin"
     assert api.post("/v1/admin/reconcile").status_code == 403
+
+
+# ---- rotation with an overlap window ---------------------------------------------------
+
+
+def wait_for_expiry(api: Api, pid: str, count: int, timeout: float = 30) -> dict[str, Any]:
+    end = time.monotonic() + timeout
+    while True:
+        ops = api.get(f"/v1/projects/{pid}/operations").json()["operations"]
+        done = [o for o in ops if o["type"] == "expire_credentials" and o["status"] == "finished"]
+        if len(done) >= count:
+            return done[0]
+        assert time.monotonic() < end, ops
+        time.sleep(0.2)
+
+
+def test_rotate_with_overlap_keeps_old_credentials_until_the_window_ends(
+    api: Api, admin_api: Api, fleet: FleetUnderTest
+) -> None:
+    body = create_ok(api, "overlap", region="eu-central-1")
+    pid = body["id"]
+    db = body["connection"]["database"]
+    old_rw = body["connection"]["uri"]
+    old_ro = api.get(f"/v1/projects/{pid}/connection", params={"mode": "ro"}).json()["uri"]
+
+    r = api.post(f"/v1/projects/{pid}/rotate-password", json={"overlap_s": 2})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["connection"]["user"] == f"{db}_rw_alt"
+    assert out["operation"]["result"]["old_credentials_expire_at"]
+    new_rw = out["connection"]["uri"]
+    new_ro = api.get(f"/v1/projects/{pid}/connection", params={"mode": "ro"}).json()["uri"]
+    assert api.get(f"/v1/projects/{pid}/connection", params={"mode": "ro"}).json()["user"] == (
+        f"{db}_ro_alt"
+    )
+    for uri in (old_rw, old_ro, new_rw, new_ro):
+        assert login(uri) == "ok"
+    # The alternate acts as the main role: what it creates belongs to _rw,
+    # and the read-only credentials (old and new) read it.
+    res = run_psql(new_rw, "create table t (x int); insert into t values (7); select current_user")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == f"{db}_rw"
+    assert run_psql(old_rw, "insert into t values (8)").returncode == 0
+    assert run_psql(new_ro, "select count(*) from t").stdout.strip() == "2"
+    assert "read-only" in run_psql(new_ro, "insert into t values (9)").stderr
+    sql_r = api.post(f"/v1/projects/{pid}/sql", json={"query": "select count(*) from t"})
+    assert sql_r.status_code == 200, sql_r.text
+
+    expiry = wait_for_expiry(api, pid, 1)
+    assert sorted(expiry["result"]["expired"]) == sorted([f"{db}_rw", f"{db}_ro"])
+    assert "password authentication failed" in login(old_rw)
+    assert "password authentication failed" in login(old_ro)
+    assert login(new_rw) == "ok" and login(new_ro) == "ok"
+    audit = [e["action"] for e in api.get(f"/v1/projects/{pid}/audit").json()["entries"]]
+    assert audit[0] == "project.expire_credentials"
+
+    # Again: the credentials move back to the main roles, the alternates expire.
+    r = api.post(f"/v1/projects/{pid}/rotate-password", json={"overlap_s": 1, "role": "rw"})
+    assert r.status_code == 200, r.text
+    back = r.json()["connection"]
+    assert back["user"] == f"{db}_rw"
+    assert login(back["uri"]) == "ok" and login(new_rw) == "ok"
+    wait_for_expiry(api, pid, 2)
+    assert "password authentication failed" in login(new_rw)
+    assert login(back["uri"]) == "ok"
+    assert login(new_ro) == "ok"  # ro was not rotated this time
+
+    # The fleet is as it should be, and a delete takes the alternates too.
+    assert admin_api.post("/v1/admin/reconcile").json()["findings"] == []
+    assert api.delete(f"/v1/projects/{pid}").status_code == 200
+    assert fleet.roles("eu-central-1") == set()
+
+
+def test_rotate_overlap_out_of_range_is_422(api: Api) -> None:
+    pid = create_ok(api, "bounds")["id"]
+    for bad in (-1, 7 * 24 * 3600 + 1):
+        err = error_of(
+            api.post(f"/v1/projects/{pid}/rotate-password", json={"overlap_s": bad}), 422
+        )
+        assert "overlap_s" in err["message"] and "604800" in err["message"]
+    assert [o["type"] for o in api.get(f"/v1/projects/{pid}/operations").json()["operations"]] == [
+        "provision"
+    ]
+
+
+# ---- spare databases ---------------------------------------------------------------
+
+
+def spares(fleet: FleetUnderTest, region: str) -> set[str]:
+    with fleet.admin_conn(region) as c:
+        return {
+            r[0]
+            for r in c.execute(
+                "SELECT datname FROM pg_database WHERE datname LIKE 'pgfleet\\_spare\\_%'"
+            )
+        }
+
+
+def test_provision_claims_a_spare_database_and_it_is_refilled(
+    platform_factory: Any, fleet: FleetUnderTest
+) -> None:
+    p = platform_factory(spare_databases=2)
+    _, token = create_owner(p, "fred")
+    p.ops.start_workers(1)
+    end = time.monotonic() + 30
+    while len(spares(fleet, "eu-central-1")) < 2:
+        assert time.monotonic() < end, "spares were not made"
+        time.sleep(0.1)
+    before = spares(fleet, "eu-central-1")
+    with TestClient(create_app(p)) as c:
+        api = Api(c, token)
+        body = create_ok(api, "quick", region="eu-central-1")
+        db = body["connection"]["database"]
+        assert "claim spare database" in body["operation"]["result"]["actions"]
+        assert len(before - spares(fleet, "eu-central-1")) == 1  # one was renamed
+        # It is an ordinary project database: owned by _rw, closed to PUBLIC,
+        # reachable with the project's credentials only.
+        with fleet.admin_conn("eu-central-1") as a:
+            owner, acl = a.execute(
+                "SELECT pg_get_userbyid(datdba), datacl::text FROM pg_database WHERE datname = %s",
+                (db,),
+            ).fetchone() or (None, None)
+        assert owner == f"{db}_rw"
+        assert acl is not None and "=Tc/" not in acl and not acl.startswith("{=")
+        assert login(body["connection"]["uri"]) == "ok"
+        other = create_ok(api, "neighbour", region="eu-central-1")["connection"]
+        # The neighbour's own credentials, aimed at this database: refused.
+        foreign = other["uri"].replace(f"/{other['database']}?", f"/{db}?")
+        assert other["user"] in foreign and f"/{db}?" in foreign
+        assert "pg_hba.conf rejects connection" in login(foreign)
+        # The workers make a new spare.
+        end = time.monotonic() + 30
+        while len(spares(fleet, "eu-central-1")) < 2:
+            assert time.monotonic() < end, "spares were not refilled"
+            time.sleep(0.1)
+
+
+def test_provision_without_spares_creates_the_database(platform_factory: Any) -> None:
+    p = platform_factory(spare_databases=0)
+    _, token = create_owner(p, "gina")
+    with TestClient(create_app(p)) as c:
+        api = Api(c, token)
+        with p.servers.admin_connection(p.servers.all(enabled_only=True)[0]) as a:
+            for (name,) in a.execute(
+                "SELECT datname FROM pg_database WHERE datname LIKE 'pgfleet\\_spare\\_%'"
+            ).fetchall():
+                a.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(name)))
+        region = p.servers.all(enabled_only=True)[0].region
+        body = create_ok(api, "slow", region=region)
+        assert "create database" in body["operation"]["result"]["actions"]

@@ -106,9 +106,7 @@ def quiet_platform(platform_factory: Any) -> Platform:
 
 
 @pytest.fixture
-def workers(
-    quiet_platform: Platform, fleet: FleetUnderTest, tmp_path: Path
-) -> Iterator[Workers]:
+def workers(quiet_platform: Platform, fleet: FleetUnderTest, tmp_path: Path) -> Iterator[Workers]:
     w = Workers(quiet_platform, fleet, tmp_path)
     yield w
     w.stop_all()

@@ -562,14 +562,27 @@ def _lifecycle(
 def projects_rotate(
     project_id: str,
     role: Annotated[str, typer.Option(help="all, rw or ro")] = "all",
+    overlap: Annotated[
+        int,
+        typer.Option(
+            help="Seconds the old credentials keep working (the new ones then use the "
+            "project's other login role)"
+        ),
+    ] = 0,
     wait: WaitOpt = True,
     url: UrlOpt = None,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """New passwords for the project's login roles; the old ones stop working."""
+    """New passwords for the project's login roles; the old ones stop working
+    at once, or after --overlap seconds."""
     data = _lifecycle(
-        f"/v1/projects/{project_id}/rotate-password", url, token, wait, as_json, {"role": role}
+        f"/v1/projects/{project_id}/rotate-password",
+        url,
+        token,
+        wait,
+        as_json,
+        {"role": role, "overlap_s": overlap},
     )
     if not as_json and data.get("connection"):
         out.print(

@@ -287,8 +287,10 @@ def rotate_password(
 ) -> JSONResponse:
     """Starts a `rotate_password` operation: new passwords for the read-write
     and/or read-only login role. The new ones work as soon as it finishes and
-    the old ones stop working for new connections at that moment; sessions
-    already open are left alone. Answers with the new read-write credentials."""
+    the old ones stop working for new connections at that moment, or, with
+    `overlap_s`, when that window ends (an `expire_credentials` operation);
+    sessions already open are left alone. Answers with the new read-write
+    credentials."""
     rot = body or RotateIn()
     return _lifecycle_route(
         platform,
@@ -297,7 +299,9 @@ def rotate_password(
         idempotency_key,
         f"/v1/projects/{project_id}/rotate-password",
         rot,
-        lambda: service.rotate_password(platform, owner, project_id, role=rot.role),
+        lambda: service.rotate_password(
+            platform, owner, project_id, role=rot.role, overlap_s=rot.overlap_s
+        ),
         wait=wait,
         credentials=True,
     )

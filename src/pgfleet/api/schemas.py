@@ -280,6 +280,12 @@ class RotateIn(BaseModel):
     role: Literal["all", "rw", "ro"] = Field(
         default="all", description="Which login role gets a new password."
     )
+    overlap_s: int = Field(
+        default=0,
+        description="Keep the old credentials working this many seconds (0 to 604800). "
+        "The new ones then use the project's other login role (the user name changes "
+        "between `..._rw` and `..._rw_alt`).",
+    )
 
 
 class PlanIn(BaseModel):

@@ -24,11 +24,16 @@ from pgfleet.platform.core import Platform
 from pgfleet.regions import PlacementPolicy, choose_server, get_plan
 from pgfleet.tenants.provisioning import (
     activate,
+    alt_role_name,
     converge_target_on_server,
     drop_on_server,
+    ensure_alternate,
+    login_role_names,
+    main_role_name,
     prepare_provision,
     ro_role_name,
     rw_role_name,
+    scram_verifier,
     tenant_db_name,
 )
 
@@ -62,8 +67,7 @@ def _set_status(p: Platform, tid: uuid.UUID, status: str, extra: str = "") -> No
 
 
 def _login_roles(tid: uuid.UUID) -> list[str]:
-    name = tenant_db_name(tid)
-    return [rw_role_name(name), ro_role_name(name)]
+    return login_role_names(tenant_db_name(tid))
 
 
 def _alter_login_roles(p: Platform, tid: uuid.UUID, clause: sql.Composable) -> None:
@@ -193,7 +197,7 @@ def _delete_roles(ctx: OpContext) -> None:
         return
     name = tenant_db_name(ctx.tenant_id)
     with p.servers.admin_connection(server) as conn:
-        for i, role in enumerate((ro_role_name(name), rw_role_name(name), name)):
+        for i, role in enumerate((*login_role_names(name), name)):
             if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
                 conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
                 ctx.state.setdefault("actions", []).append(f"drop role {role}")
@@ -251,7 +255,9 @@ DELETE = register(
 # ---------------------------------------------------------------- rotate password
 
 _PENDING = {"rw": "pending_password_enc", "ro": "pending_ro_password_enc"}
+_PENDING_USER = {"rw": "pending_user", "ro": "pending_ro_user"}
 _CURRENT = {"rw": "password_enc", "ro": "ro_password_enc"}
+_USER = {"rw": "user", "ro": "ro_user"}
 
 
 def _roles_param(ctx: OpContext) -> list[str]:
@@ -267,14 +273,31 @@ def _update_info(p: Platform, tid: uuid.UUID, info: dict[str, Any]) -> None:
         )
 
 
+def _current_user(info: dict[str, Any], mode: str, tid: uuid.UUID) -> str:
+    name = tenant_db_name(tid)
+    default = rw_role_name(name) if mode == "rw" else ro_role_name(name)
+    return str(info.get(_USER[mode]) or default)
+
+
 def _rotate_generate(ctx: OpContext) -> None:
+    """New passwords, stored encrypted before any server sees them, and the
+    login role each goes to: the same one, or with an overlap window the
+    other of the main/alternate pair, so the old credential keeps working."""
     p = ctx.platform
     info = dict(_tenant(p, ctx.tenant_id)["connection_info"] or {})
+    overlap = int(ctx.params.get("overlap_s") or 0)
     changed = False
     for mode in _roles_param(ctx):
-        if not info.get(_PENDING[mode]):
-            info[_PENDING[mode]] = p.secrets.encrypt(generate_password())
-            changed = True
+        if info.get(_PENDING[mode]):
+            continue
+        current = _current_user(info, mode, ctx.tenant_id)
+        target = current
+        if overlap:
+            main = main_role_name(current)
+            target = alt_role_name(main) if current == main else main
+        info[_PENDING[mode]] = p.secrets.encrypt(generate_password())
+        info[_PENDING_USER[mode]] = target
+        changed = True
     if changed:
         _update_info(p, ctx.tenant_id, info)
 
@@ -285,39 +308,78 @@ def _rotate_apply(ctx: OpContext) -> None:
     server = _server(p, row)
     assert server is not None
     info = row["connection_info"] or {}
-    name = tenant_db_name(ctx.tenant_id)
+    plan = get_plan(row["plan_type"] or "free")
     with p.servers.admin_connection(server) as conn, conn.transaction():
         for mode in _roles_param(ctx):
             pending = info.get(_PENDING[mode])
             if not pending:
                 continue  # already stored by a previous run of `store`
-            role = rw_role_name(name) if mode == "rw" else ro_role_name(name)
-            verifier = conn.pgconn.encrypt_password(
-                p.secrets.decrypt(pending).encode(), role.encode(), b"scram-sha-256"
-            ).decode()
-            conn.execute(
-                sql.SQL("ALTER ROLE {} PASSWORD {}").format(
-                    sql.Identifier(role), sql.Literal(verifier)
+            user = str(info[_PENDING_USER[mode]])
+            password = p.secrets.decrypt(pending)
+            if user.endswith("_alt"):
+                settings = {"statement_timeout": f"{plan.statement_timeout_ms}ms"}
+                if mode == "ro":
+                    settings["default_transaction_read_only"] = "on"
+                ensure_alternate(
+                    conn,
+                    main_role_name(user),
+                    password,
+                    connection_limit=plan.connection_limit,
+                    settings=settings,
+                    login=row["status"] != "paused",
+                    actions=[],
                 )
-            )
+                conn.execute(
+                    sql.SQL("GRANT {} TO {}").format(
+                        sql.Identifier(tenant_db_name(ctx.tenant_id)), sql.Identifier(user)
+                    )
+                )
+            else:
+                conn.execute(
+                    sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                        sql.Identifier(user), sql.Literal(scram_verifier(conn, user, password))
+                    )
+                )
 
 
 def _rotate_store(ctx: OpContext) -> None:
     p = ctx.platform
     info = dict(_tenant(p, ctx.tenant_id)["connection_info"] or {})
+    expire = list(ctx.state.get("expire", []))
     for mode in ("rw", "ro"):
         if info.get(_PENDING[mode]):
+            old_user = _current_user(info, mode, ctx.tenant_id)
+            new_user = str(info.pop(_PENDING_USER[mode]))
             info[_CURRENT[mode]] = info.pop(_PENDING[mode])
+            info[_USER[mode]] = new_user
+            if old_user != new_user and old_user not in expire:
+                expire.append(old_user)
     _update_info(p, ctx.tenant_id, info)
     p.client.forget(ctx.tenant_id)
     ctx.state["rotated"] = _roles_param(ctx)
+    ctx.state["expire"] = expire
+
+
+def _rotate_schedule_expiry(ctx: OpContext) -> None:
+    """With an overlap window, the old credentials stop working when it ends:
+    a job then starts an `expire_credentials` operation."""
+    overlap = int(ctx.params.get("overlap_s") or 0)
+    if not overlap or not ctx.state.get("expire"):
+        return
+    from pgfleet.operations.queue import schedule_expiry
+
+    at = schedule_expiry(
+        ctx.platform, ctx.tenant_id, list(ctx.state["expire"]), overlap, key=str(ctx.op["id"])
+    )
+    ctx.state["old_credentials_expire_at"] = at
 
 
 def _rotate_discard(ctx: OpContext, reason: str | None = None) -> None:
     p = ctx.platform
     info = dict(_tenant(p, ctx.tenant_id)["connection_info"] or {})
-    if any(k in info for k in _PENDING.values()):
-        for k in _PENDING.values():
+    keys = [*_PENDING.values(), *_PENDING_USER.values()]
+    if any(k in info for k in keys):
+        for k in keys:
             info.pop(k, None)
         _update_info(p, ctx.tenant_id, info)
 
@@ -330,9 +392,44 @@ ROTATE = register(
             Step("generate", _rotate_generate),
             Step("apply", _rotate_apply, final=True),
             Step("store", _rotate_store),
+            Step("schedule_expiry", _rotate_schedule_expiry),
         ),
         on_failure=_rotate_discard,
         on_cancel=_rotate_discard,
+    )
+)
+
+
+def _expire(ctx: OpContext) -> None:
+    """The old credentials of an overlapping rotation stop working: the
+    password goes (an alternate also loses LOGIN). A role that is in use
+    again by now (a later rotation moved back to it) is left alone."""
+    p = ctx.platform
+    row = _tenant(p, ctx.tenant_id)
+    server = _server(p, row)
+    if server is None:
+        return
+    info = row["connection_info"] or {}
+    in_use = {_current_user(info, m, ctx.tenant_id) for m in ("rw", "ro")}
+    expired = []
+    with p.servers.admin_connection(server) as conn, conn.transaction():
+        for role in ctx.params.get("roles", []):
+            if role in in_use or role not in _login_roles(ctx.tenant_id):
+                continue
+            if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+                clause = "NOLOGIN PASSWORD NULL" if role.endswith("_alt") else "PASSWORD NULL"
+                conn.execute(
+                    sql.SQL("ALTER ROLE {} {}").format(sql.Identifier(role), sql.SQL(clause))
+                )
+                expired.append(role)
+    ctx.state["expired"] = expired
+
+
+EXPIRE = register(
+    OperationKind(
+        name="expire_credentials",
+        description="end the overlap window of a password rotation",
+        steps=(Step("expire", _expire),),
     )
 )
 

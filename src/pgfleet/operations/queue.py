@@ -18,8 +18,11 @@ import socket
 import threading
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import procrastinate
+import psycopg
 from procrastinate import exceptions as pexc
 
 from pgfleet.operations import kinds as _kinds  # noqa: F401  (registers the kinds)
@@ -38,10 +41,67 @@ def _run_operation_job(context: procrastinate.JobContext, operation_id: str) -> 
     return execute_operation(platform, operation_id, worker=name)
 
 
+EXPIRE_TASK = "pgfleet.expire_credentials"
+
+
+def _expire_job(context: procrastinate.JobContext, tenant_id: str, roles: list[str]) -> str:
+    """The overlap window of a rotation ended: start the operation that
+    expires the old credentials (retried while the project is busy)."""
+    from pgfleet.operations.store import audit, insert_operation
+
+    platform: Platform = context.additional_context["platform"]
+    tid = uuid.UUID(tenant_id)
+    with platform.db.connection() as conn, conn.transaction():
+        row = conn.execute("SELECT status, owner_id FROM tenants WHERE id = %s", (tid,)).fetchone()
+        if row is None or row[0] in ("deleted", "deleting"):
+            return "project gone"
+        op_id = insert_operation(
+            conn,
+            type="expire_credentials",
+            tenant_id=tid,
+            owner_id=row[1],
+            actor="pgfleet",
+            params={"roles": roles},
+            deadline_s=platform.settings.operation_deadline_s,
+        )
+        audit(
+            conn,
+            actor="pgfleet",
+            action="project.expire_credentials",
+            tenant_id=tid,
+            operation_id=op_id,
+            details={"roles": roles, "reason": "rotation overlap window ended"},
+        )
+    platform.ops.dispatcher.defer(op_id)
+    return str(op_id)
+
+
 def build_app(connector: procrastinate.BaseConnector) -> procrastinate.App:
+    from pgfleet.errors import Conflict
+
     app = procrastinate.App(connector=connector)
     app.task(name=TASK_NAME, queue=QUEUE, pass_context=True)(_run_operation_job)
+    app.task(
+        name=EXPIRE_TASK,
+        queue=QUEUE,
+        pass_context=True,
+        # A busy project (409) is tried again shortly.
+        retry=procrastinate.RetryStrategy(max_attempts=10_000, wait=1, retry_exceptions={Conflict}),
+    )(_expire_job)
     return app
+
+
+def schedule_expiry(
+    platform: Platform, tenant_id: uuid.UUID, roles: list[str], after_s: int, *, key: str
+) -> str:
+    """Queue the end of an overlap window; returns when it is due (ISO 8601)."""
+    due = datetime.now(UTC) + timedelta(seconds=after_s)
+    task = platform.ops.dispatcher.app.tasks[EXPIRE_TASK]
+    with contextlib.suppress(pexc.AlreadyEnqueued):
+        task.configure(schedule_at=due, queueing_lock=f"expire:{key}").defer(
+            tenant_id=str(tenant_id), roles=list[Any](roles)
+        )
+    return due.isoformat()
 
 
 class Dispatcher:
@@ -94,6 +154,8 @@ class Worker:
     ) -> None:
         s = platform.settings
         self.platform = platform
+        # Operations started from inside a worker never start more workers.
+        platform.ops.autostart = False
         self.concurrency = concurrency or s.worker_concurrency
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -187,6 +249,8 @@ class Worker:
             except pexc.ProcrastinateException as e:
                 log.warning("could not requeue job %s: %s", job.id, e)
         await asyncio.to_thread(self._sweep)
+        if s.spare_databases:
+            await asyncio.to_thread(self._refill)
         if time.monotonic() - self._last_reconcile > s.reconcile_interval_s:
             self._last_reconcile = time.monotonic()
             await asyncio.to_thread(self._reconcile)
@@ -204,6 +268,18 @@ class Worker:
         for op_id in lost:
             log.warning("operation %s has no live job; deferring it again", op_id)
             p.ops.dispatcher.defer(op_id)
+
+    def _refill(self) -> None:
+        from pgfleet.errors import RegionUnavailable
+        from pgfleet.tenants.provisioning import refill_spares
+
+        p = self.platform
+        for server in p.servers.all(enabled_only=True):
+            try:
+                with p.servers.admin_connection(server) as conn:
+                    refill_spares(conn, p.settings.spare_databases)
+            except (RegionUnavailable, psycopg.Error) as e:
+                log.debug("spares for %s not refilled: %s", server.name, e)
 
     def _reconcile(self) -> None:
         from pgfleet.operations.reconcile import reconcile

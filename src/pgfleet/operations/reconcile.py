@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 _NAME_RE = re.compile(r"^tenant_([0-9a-f]{8}_[0-9a-f]{4}_[0-9a-f]{4}_[0-9a-f]{4}_[0-9a-f]{12})$")
 _ROLE_RE = re.compile(
-    r"^(tenant_[0-9a-f]{8}_[0-9a-f]{4}_[0-9a-f]{4}_[0-9a-f]{4}_[0-9a-f]{12})(_rw|_ro)?$"
+    r"^(tenant_[0-9a-f]{8}_[0-9a-f]{4}_[0-9a-f]{4}_[0-9a-f]{4}_[0-9a-f]{12})(_rw|_ro)?(_alt)?$"
 )
 LIVE = ("active", "paused", "provisioning", "failed", "deleting")
 

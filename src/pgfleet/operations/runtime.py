@@ -97,6 +97,7 @@ class OperationsRuntime:
         self._dispatcher: Dispatcher | None = None
         self._listener: _Listener | None = None
         self.workers: list[Worker] = []
+        self.autostart = True
 
     @property
     def dispatcher(self) -> Dispatcher:
@@ -115,6 +116,7 @@ class OperationsRuntime:
         with self._lock:
             if self.workers:
                 return
+            self.autostart = False
             for _ in range(count):
                 w = Worker(self.platform)
                 w.start()
@@ -122,7 +124,7 @@ class OperationsRuntime:
 
     def submit(self, op_id: uuid.UUID) -> None:
         """Queue a committed operation for the workers."""
-        if self.platform.settings.embedded_workers > 0 and not self.workers:
+        if self.autostart and self.platform.settings.embedded_workers > 0 and not self.workers:
             self.start_workers()
         self.dispatcher.defer(op_id)
 

@@ -60,27 +60,53 @@ def ro_role_name(name: str) -> str:
     return f"{name}_ro"
 
 
+def alt_role_name(login_role: str) -> str:
+    """The alternate of a login role (`..._rw_alt` for `..._rw`): a password
+    rotation with an overlap window moves the credential to the alternate,
+    so the old user and password keep working until the window ends. The
+    alternate is a member of its main role and acts as it (`SET role`), so
+    what it creates belongs to the main role."""
+    return f"{login_role}_alt"
+
+
+def main_role_name(login_role: str) -> str:
+    return login_role.removesuffix("_alt")
+
+
+def login_role_names(name: str) -> list[str]:
+    """Every login role a project may have, alternates first."""
+    rw, ro = rw_role_name(name), ro_role_name(name)
+    return [alt_role_name(ro), alt_role_name(rw), ro, rw]
+
+
+def scram_verifier(conn: psycopg.Connection[Any], role: str, password: str) -> str:
+    """What the server stores: a SCRAM verifier, never the cleartext."""
+    return conn.pgconn.encrypt_password(password.encode(), role.encode(), b"scram-sha-256").decode()
+
+
 def _ensure_login_role(
     conn: psycopg.Connection[Any],
     name: str,
-    password: str,
+    password: str | None,
     *,
     connection_limit: int,
     settings: dict[str, str],
     login: bool = True,
     actions: list[str],
 ) -> None:
+    """`password=None` leaves the role's password as it is (a main role whose
+    project now logs in through its alternate)."""
     role = sql.Identifier(name)
-    # The server gets a SCRAM verifier, never the cleartext.
-    verifier = conn.pgconn.encrypt_password(
-        password.encode(), name.encode(), b"scram-sha-256"
-    ).decode()
+    secret = (
+        sql.SQL("PASSWORD {}").format(sql.Literal(scram_verifier(conn, name, password)))
+        if password is not None
+        else sql.SQL("")
+    )
     attrs = sql.SQL(
-        "{} NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS "
-        "PASSWORD {} CONNECTION LIMIT {}"
+        "{} NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS {} CONNECTION LIMIT {}"
     ).format(
         sql.SQL("LOGIN" if login else "NOLOGIN"),
-        sql.Literal(verifier),
+        secret,
         sql.Literal(connection_limit),
     )
     _create_or_alter_role(conn, name, attrs, actions)
@@ -118,6 +144,8 @@ def converge_on_server(
     statement_timeout_ms: int,
     connect_tenant_db: Callable[[], AbstractContextManager[psycopg.Connection[Any]]],
     login: bool = True,
+    rw_user: str | None = None,
+    ro_user: str | None = None,
 ) -> list[str]:
     """Make the project's roles and database exist as they should on this server.
 
@@ -143,6 +171,8 @@ def converge_on_server(
         connection_limit=connection_limit,
         statement_timeout_ms=statement_timeout_ms,
         login=login,
+        rw_user=rw_user,
+        ro_user=ro_user,
         actions=actions,
     )
     converge_database(conn, name, actions)
@@ -160,9 +190,15 @@ def converge_roles(
     connection_limit: int,
     statement_timeout_ms: int,
     login: bool = True,
+    rw_user: str | None = None,
+    ro_user: str | None = None,
     actions: list[str],
 ) -> None:
-    """The three roles, in one transaction (each DDL commit waits for a WAL flush)."""
+    """The roles, in one transaction (each DDL commit waits for a WAL flush).
+
+    `rw_user`/`ro_user` are the login roles the project's credentials use
+    now (the main ones unless a rotation moved them to the alternates); the
+    passwords go to those."""
     with conn.transaction():
         _converge_roles(
             conn,
@@ -172,6 +208,8 @@ def converge_roles(
             connection_limit=connection_limit,
             timeout=f"{statement_timeout_ms}ms",
             login=login,
+            rw_user=rw_user or rw_role_name(name),
+            ro_user=ro_user or ro_role_name(name),
             actions=actions,
         )
 
@@ -187,6 +225,10 @@ def converge_database(conn: psycopg.Connection[Any], name: str, actions: list[st
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(gate))
         actions.append("drop invalid database")
         db = None
+    if db is None and claim_spare(conn, name):
+        actions.append("claim spare database")
+        failpoint("provision.database.created")
+        db = (None, None)  # owned by the admin: the owner is set below
     if db is None:
         try:
             conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(gate, rw))
@@ -202,6 +244,62 @@ def converge_database(conn: psycopg.Connection[Any], name: str, actions: list[st
         conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC, {}").format(gate, gate))
         conn.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(gate, rw))
         conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(gate, ro))
+
+
+SPARE_PREFIX = "pgfleet_spare_"
+_SPARE_LOCK = 0x7370617265  # "spare": one refiller per server at a time
+
+
+def claim_spare(conn: psycopg.Connection[Any], name: str) -> bool:
+    """Rename a spare database to `name`, if the server has one.
+
+    CREATE DATABASE copies a template and waits for its files and WAL to
+    reach the disk: most of a provision's time. Spares are made ahead of time
+    by the workers (`refill_spares`), off the request path; renaming one is a
+    catalog change. Nobody can log in to a spare (pg_hba admits a tenant role
+    only to its own database), and it gets the project's owner and ACL right
+    after, in the same step."""
+    spares = conn.execute(
+        "SELECT datname FROM pg_database WHERE datname LIKE %s AND datallowconn "
+        "AND datconnlimit <> %s ORDER BY datname LIMIT 4",
+        (SPARE_PREFIX.replace("_", "\\_") + "%", INVALID_DB_CONNLIMIT),
+    ).fetchall()
+    for (spare,) in spares:
+        try:
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                    sql.Identifier(spare), sql.Identifier(name)
+                )
+            )
+            return True
+        except (
+            psycopg.errors.InvalidCatalogName,  # another worker took it
+            psycopg.errors.ObjectInUse,  # someone is connected to it
+            psycopg.errors.DuplicateDatabase,  # `name` appeared meanwhile
+        ):
+            continue
+    return False
+
+
+def refill_spares(conn: psycopg.Connection[Any], target: int) -> int:
+    """Bring the server's spare databases up to `target`; returns how many
+    were made. One refiller per server at a time (advisory lock)."""
+    got = conn.execute("SELECT pg_try_advisory_lock(%s)", (_SPARE_LOCK,)).fetchone()
+    if not (got and got[0]):
+        return 0
+    made = 0
+    try:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_database WHERE datname LIKE %s",
+            (SPARE_PREFIX.replace("_", "\\_") + "%",),
+        ).fetchone()
+        for _ in range(target - (int(row[0]) if row else 0)):
+            spare = SPARE_PREFIX + uuid.uuid4().hex
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(spare)))
+            made += 1
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(%s)", (_SPARE_LOCK,))
+    return made
 
 
 def converge_privileges(tconn: psycopg.Connection[Any], name: str) -> None:
@@ -252,9 +350,11 @@ def _converge_roles(
     connection_limit: int,
     timeout: str,
     login: bool = True,
+    rw_user: str,
+    ro_user: str,
     actions: list[str],
 ) -> None:
-    gate, rw, ro = (sql.Identifier(n) for n in (name, rw_role_name(name), ro_role_name(name)))
+    gate = sql.Identifier(name)
     _create_or_alter_role(
         conn,
         name,
@@ -263,33 +363,66 @@ def _converge_roles(
         ),
         actions,
     )
+    for main, user, secret, extra in (
+        (rw_role_name(name), rw_user, password, {}),
+        (ro_role_name(name), ro_user, ro_password, {"default_transaction_read_only": "on"}),
+    ):
+        settings = {"statement_timeout": timeout, **extra}
+        _ensure_login_role(
+            conn,
+            main,
+            secret if user == main else None,
+            connection_limit=connection_limit,
+            settings=settings,
+            login=login,
+            actions=actions,
+        )
+        conn.execute(sql.SQL("GRANT {} TO {}").format(gate, sql.Identifier(main)))
+        if user != main:
+            ensure_alternate(
+                conn,
+                main,
+                secret,
+                connection_limit=connection_limit,
+                settings=settings,
+                login=login,
+                actions=actions,
+            )
+            conn.execute(sql.SQL("GRANT {} TO {}").format(gate, sql.Identifier(user)))
+    # Members of the gate other than the project's login roles are removed.
+    for (extra_member,) in conn.execute(
+        "SELECT pg_get_userbyid(m.member) FROM pg_auth_members m "
+        "WHERE m.roleid = %s::regrole AND pg_get_userbyid(m.member) <> ALL(%s)",
+        (name, login_role_names(name)),
+    ).fetchall():
+        conn.execute(sql.SQL("REVOKE {} FROM {}").format(gate, sql.Identifier(extra_member)))
+        actions.append(f"remove {extra_member} from the gate role")
+
+
+def ensure_alternate(
+    conn: psycopg.Connection[Any],
+    main: str,
+    password: str,
+    *,
+    connection_limit: int,
+    settings: dict[str, str],
+    login: bool,
+    actions: list[str],
+) -> str:
+    """The alternate login role of `main`, with `password`: a member of
+    `main` and of the gate, acting as `main` from login on."""
+    alt = alt_role_name(main)
     _ensure_login_role(
         conn,
-        rw_role_name(name),
+        alt,
         password,
         connection_limit=connection_limit,
-        settings={"statement_timeout": timeout},
+        settings={**settings, "role": main},
         login=login,
         actions=actions,
     )
-    _ensure_login_role(
-        conn,
-        ro_role_name(name),
-        ro_password,
-        connection_limit=connection_limit,
-        settings={"statement_timeout": timeout, "default_transaction_read_only": "on"},
-        login=login,
-        actions=actions,
-    )
-    conn.execute(sql.SQL("GRANT {} TO {}, {}").format(gate, rw, ro))
-    # Members of the gate other than the project's two roles are removed.
-    for (extra,) in conn.execute(
-        "SELECT pg_get_userbyid(m.member) FROM pg_auth_members m "
-        "WHERE m.roleid = %s::regrole AND m.member NOT IN (%s::regrole, %s::regrole)",
-        (name, rw_role_name(name), ro_role_name(name)),
-    ).fetchall():
-        conn.execute(sql.SQL("REVOKE {} FROM {}").format(gate, sql.Identifier(extra)))
-        actions.append(f"remove {extra} from the gate role")
+    conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(main), sql.Identifier(alt)))
+    return alt
 
 
 def drop_on_server(conn: psycopg.Connection[Any], *, name: str) -> list[str]:
@@ -299,7 +432,7 @@ def drop_on_server(conn: psycopg.Connection[Any], *, name: str) -> list[str]:
     if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
         actions.append("drop database")
-    for role in (ro_role_name(name), rw_role_name(name), name):
+    for role in (*login_role_names(name), name):
         if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
             conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
             actions.append(f"drop role {role}")
@@ -324,6 +457,8 @@ class ProvisionTarget:
     status: str
     password: str = field(repr=False)
     ro_password: str = field(repr=False)
+    rw_user: str = ""
+    ro_user: str = ""
 
     @property
     def login(self) -> bool:
@@ -420,6 +555,8 @@ def _target(p: Platform, row: dict[str, Any], info: dict[str, Any]) -> Provision
         status=row["status"],
         password=p.secrets.decrypt(info["password_enc"]),
         ro_password=p.secrets.decrypt(info["ro_password_enc"]),
+        rw_user=info.get("user") or rw_role_name(tenant_db_name(row["id"])),
+        ro_user=info.get("ro_user") or ro_role_name(tenant_db_name(row["id"])),
     )
 
 
@@ -440,6 +577,8 @@ def converge_target_on_server(p: Platform, t: ProvisionTarget, part: str) -> lis
                 connection_limit=t.plan.connection_limit,
                 statement_timeout_ms=t.plan.statement_timeout_ms,
                 login=t.login,
+                rw_user=t.rw_user,
+                ro_user=t.ro_user,
                 actions=actions,
             )
         elif part == "database":
@@ -460,10 +599,10 @@ def activate(p: Platform, t: ProvisionTarget, actions: tuple[str, ...] = ()) -> 
         host=t.server.host,
         port=t.server.port,
         database=t.name,
-        user=rw_role_name(t.name),
+        user=t.rw_user,
         sslmode=t.server.sslmode,
         password=t.password,
-        ro_user=ro_role_name(t.name),
+        ro_user=t.ro_user,
         ro_password=t.ro_password,
         actions=actions,
     )

@@ -305,12 +305,29 @@ def start_delete_project(
 ROTATE_ROLES = ("all", "rw", "ro")
 
 
+MAX_OVERLAP_S = 7 * 24 * 3600
+
+
 def rotate_password(
-    platform: Platform, owner: Owner, project_id: str | uuid.UUID, *, role: str = "all"
+    platform: Platform,
+    owner: Owner,
+    project_id: str | uuid.UUID,
+    *,
+    role: str = "all",
+    overlap_s: int = 0,
 ) -> uuid.UUID:
+    """New passwords. Without an overlap the old ones stop working when the
+    operation finishes; with `overlap_s` the new credentials use the other
+    login role of the project's main/alternate pair and the old ones keep
+    working until the window ends."""
     if role not in ROTATE_ROLES:
         raise InvalidInput(
             f"role must be one of {', '.join(ROTATE_ROLES)}, not {role!r}", field="role"
+        )
+    if not 0 <= overlap_s <= MAX_OVERLAP_S:
+        raise InvalidInput(
+            f"overlap_s must be between 0 and {MAX_OVERLAP_S} seconds (7 days), not {overlap_s}",
+            field="overlap_s",
         )
     return _lifecycle(
         platform,
@@ -319,7 +336,7 @@ def rotate_password(
         type="rotate_password",
         action="project.rotate_password",
         allowed=("active", "paused"),
-        params={"role": role},
+        params={"role": role, "overlap_s": overlap_s},
     )
 
 

@@ -1,0 +1,113 @@
+"""The CLI's operations commands against a real API server: projects
+rotate-password/pause/resume/plan/audit with and without --wait, ops
+list/show/watch/cancel, audit and reconcile."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from pgfleet.tenants.service import Owner
+from tests.conftest import FleetUnderTest, run_psql
+from tests.test_cli import URI_RE, UUID_RE, Cli
+
+pytestmark = pytest.mark.usefixtures("cli_env")
+
+
+@pytest.fixture
+def cli(api_url: str, owner: tuple[Owner, str]) -> Cli:
+    return Cli(api_url, owner[1])
+
+
+@pytest.fixture
+def admin_cli(api_url: str, admin: tuple[Owner, str]) -> Cli:
+    return Cli(api_url, admin[1])
+
+
+def make(cli: Cli, name: str = "shop", region: str = "eu-central-1") -> str:
+    data = cli.json("projects", "create", "--name", name, "--region", region)
+    pid: str = data["id"]
+    return pid
+
+
+def test_lifecycle_commands(cli: Cli, fleet: FleetUnderTest) -> None:
+    pid = make(cli)
+    old = cli.ok("projects", "connection", pid).strip()
+
+    out = cli.ok("projects", "rotate-password", pid)
+    assert re.search(r"operation \S+ \(rotate_password\) is finished", out), out
+    new = URI_RE.search(out)
+    assert new is not None, out
+    assert run_psql(new.group(0), "select 1").returncode == 0
+    assert "password authentication failed" in run_psql(old, "select 1").stderr
+
+    out = cli.ok("projects", "pause", pid)
+    assert f"project {pid} is paused" in out
+    assert "not permitted to log in" in run_psql(new.group(0), "select 1").stderr
+    assert "paused" in cli.fails("projects", "pause", pid)
+    out = cli.ok("projects", "resume", pid)
+    assert f"project {pid} is active" in out
+    assert run_psql(new.group(0), "select 1").returncode == 0
+
+    out = cli.ok("projects", "plan", pid, "pro")
+    assert "(change_plan) is finished" in out
+    assert "placement: no move needed" in out
+    assert "unknown plan" in cli.fails("projects", "plan", pid, "gold")
+
+    out = cli.ok("projects", "audit", pid)
+    for action in ("project.create", "project.rotate_password", "project.pause"):
+        assert action in out, out
+
+    listed = cli.ok("ops", "list", "--project", pid)
+    for kind in ("provision", "rotate_password", "pause", "resume", "change_plan"):
+        assert kind in listed, listed
+    op_id = UUID_RE.search(listed.split("change_plan")[0].splitlines()[-1])
+    assert op_id is not None, listed
+    shown = cli.ok("ops", "show", op_id.group(0))
+    assert "change_plan" in shown and "finished" in shown
+    assert "limits" in shown and "record" in shown  # the steps table
+
+    out = cli.ok("projects", "delete", pid, "--yes")
+    assert f"project {pid} is deleted" in out
+    assert "(delete) is finished" in out
+    assert fleet.databases("eu-central-1") == set()
+
+
+def test_no_wait_then_watch(cli: Cli) -> None:
+    out = cli.ok("projects", "create", "--name", "later", "--region", "ap-southeast-1", "--no-wait")
+    m = re.search(r"operation (\S+) \(provision\)", out)
+    assert m is not None, out
+    assert f"pgfleet ops watch {m.group(1)}" in out or "is finished" in out
+    watched = cli.ok("ops", "watch", m.group(1))
+    assert "finished" in watched
+    for step in ("place", "roles", "database", "privileges", "activate"):
+        assert step in watched, watched
+    data = cli.json("ops", "show", m.group(1))
+    assert data["status"] == "finished"
+    assert [s["name"] for s in data["steps"]][-1] == "activate"
+
+
+def test_cancel_a_finished_operation_fails_clearly(cli: Cli) -> None:
+    pid = make(cli, "done")
+    op = cli.json("ops", "list", "--project", pid)["operations"][0]
+    msg = cli.fails("ops", "cancel", op["id"])
+    assert "already finished" in msg and "409" in msg
+    assert "not found" in cli.fails("ops", "show", "00000000-0000-0000-0000-000000000000")
+
+
+def test_audit_and_reconcile_for_admins(cli: Cli, admin_cli: Cli, fleet: FleetUnderTest) -> None:
+    make(cli, "audited")
+    out = admin_cli.ok("audit")
+    assert "project.create" in out and "alice" in out
+    assert "403" in cli.fails("audit")
+    out = admin_cli.ok("reconcile")
+    assert "no differences" in out
+    with fleet.admin_conn("us-east-1") as c:
+        c.execute("CREATE DATABASE tenant_00000000_0000_0000_0000_0000000000aa")
+    out = admin_cli.ok("reconcile")
+    assert "orphan_database" in out and "--repair" in out
+    out = admin_cli.ok("reconcile", "--repair")
+    assert "dropped" in out
+    assert "tenant_00000000_0000_0000_0000_0000000000aa" not in fleet.databases("us-east-1")
+    assert "--force only makes sense with --repair" in admin_cli.fails("reconcile", "--force")
