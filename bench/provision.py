@@ -8,9 +8,12 @@ provision operation, a worker runs it, the API waits for it (wait=true).
 Baseline in the same run, on the same server: a bare
 CREATE ROLE + CREATE DATABASE + REVOKE over a warm admin connection.
 
-Then the queue latency (operation created -> a worker started it, from the
-operations' own timestamps) with 1, 2 and 4 worker processes
-(`pgfleet worker --concurrency 1` each) in place of the API's embedded one.
+The measured creates find spare databases ready (the API's worker makes
+n + 20 of them first, as it would keep them between bursts). Then, on a
+second fleet without spares, the queue latency (operation created -> a
+worker started it, from the operations' own timestamps) and the whole
+operation with 1, 2 and 4 worker processes (`pgfleet worker --concurrency 1`
+each) in place of the API's embedded one.
 
     .venv/bin/python bench/provision.py [--n 200] [--concurrency 4] [--queue-n 60]
 
@@ -82,6 +85,19 @@ def provision_one(http: httpx.Client, i: int) -> float:
     return elapsed_ms(t0)
 
 
+def wait_for_spares(bf: BenchFleet, count: int) -> None:
+    fleet = EmbeddedFleet(Settings(home=bf.home, embedded_regions=[REGION]))
+    srv = next(s for s in fleet.regional_servers() if s.region == REGION)
+    with psycopg.connect(**fleet.conninfo(srv), autocommit=True) as conn:
+        while True:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_database WHERE datname LIKE 'pgfleet\\_spare\\_%'"
+            ).fetchone()
+            if row and row[0] >= count:
+                return
+            time.sleep(0.5)
+
+
 def _ts(v: str) -> datetime:
     return datetime.fromisoformat(v)
 
@@ -132,8 +148,14 @@ def main() -> None:
         "--queue-n", type=int, default=40, help="projects per queue-latency run (default 40)"
     )
     args = ap.parse_args()
-    with bench_fleet() as bf:
+    spares = args.n + 20
+    with bench_fleet(regions=REGION, extra_env={"PGFLEET_SPARE_DATABASES": str(spares)}) as bf:
         print(f"embedded fleet in {bf.home} (fsync on); API {bf.url}")
+        t_fill = time.perf_counter()
+        wait_for_spares(bf, spares)
+        print(
+            f"{spares} spare databases made by the worker in {time.perf_counter() - t_fill:.1f} s"
+        )
         base = baseline(bf, min(args.n, 100))
         headers = {"Authorization": f"Bearer {bf.token}"}
         with httpx.Client(base_url=bf.url, headers=headers, timeout=60) as http:
@@ -162,7 +184,10 @@ def main() -> None:
     print("targets (p50<=100ms, p99<=300ms, >=20/s):", "met" if ok else "NOT met")
 
     # Queue latency: the API runs no worker; 1, 2, 4 worker processes do.
-    with bench_fleet(extra_env={"PGFLEET_EMBEDDED_WORKERS": "0"}) as bf:
+    # No spare databases here: every operation creates its database.
+    with bench_fleet(
+        extra_env={"PGFLEET_EMBEDDED_WORKERS": "0", "PGFLEET_SPARE_DATABASES": "0"}
+    ) as bf:
         headers = {"Authorization": f"Bearer {bf.token}"}
         with httpx.Client(base_url=bf.url, headers=headers, timeout=120) as http:
             for workers in (1, 2, 4):

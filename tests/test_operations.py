@@ -741,3 +741,69 @@ def test_provision_without_spares_creates_the_database(platform_factory: Any) ->
         region = p.servers.all(enabled_only=True)[0].region
         body = create_ok(api, "slow", region=region)
         assert "create database" in body["operation"]["result"]["actions"]
+
+
+def test_every_post_takes_an_idempotency_key(api: Api, admin_api: Api) -> None:
+    key = {"Idempotency-Key": "tok-1"}
+    first = api.post("/v1/tokens", json={"name": "ci"}, headers=key)
+    assert first.status_code == 201, first.text
+    again = api.post("/v1/tokens", json={"name": "ci"}, headers=key)
+    assert again.status_code == 201 and again.json() == first.json()
+    assert [t["name"] for t in api.get("/v1/tokens").json()].count("ci") == 1
+
+    pid = create_ok(api, "rows")["id"]
+    run = {"query": "create table t (x int)"}
+    assert api.post(f"/v1/projects/{pid}/sql", json=run).status_code == 200
+    insert = {"query": "insert into t values (1)"}
+    k = {"Idempotency-Key": "insert-once"}
+    r1 = api.post(f"/v1/projects/{pid}/sql", json=insert, headers=k)
+    r2 = api.post(f"/v1/projects/{pid}/sql", json=insert, headers=k)
+    assert r1.status_code == r2.status_code == 200, (r1.text, r2.text)
+    assert r2.headers.get("Idempotent-Replayed") == "true"
+    count = api.post(f"/v1/projects/{pid}/sql", json={"query": "select count(*) from t"})
+    assert count.json()["rows"] == [[1]]
+    err = error_of(api.post(f"/v1/projects/{pid}/sql", json={"query": "select 2"}, headers=k), 422)
+    assert err["code"] == "idempotency_key_reused"
+
+    ok = {"Idempotency-Key": "owner-1"}
+    o1 = admin_api.post("/v1/admin/owners", json={"name": "hank"}, headers=ok)
+    o2 = admin_api.post("/v1/admin/owners", json={"name": "hank"}, headers=ok)
+    assert o1.status_code == o2.status_code == 201
+    assert o1.json()["owner"]["id"] == o2.json()["owner"]["id"]
+    # Keys belong to their owner: the same key from someone else is theirs alone.
+    other = api.post("/v1/tokens", json={"name": "x"}, headers=ok)
+    assert other.status_code == 201, other.text
+
+
+@pytest.mark.usefixtures("cli_env")
+def test_cli_status_shows_operations_past_their_deadline(
+    platform_factory: Any, fleet: FleetUnderTest
+) -> None:
+    from psycopg.conninfo import make_conninfo
+    from typer.testing import CliRunner
+
+    from pgfleet.cli import app as cli_app
+    from pgfleet.config import get_settings
+    from pgfleet.tenants import service
+
+    p = platform_factory(embedded_workers=0, operation_deadline_s=0.2)
+    owner = create_owner(p, "ivy")[0]
+    _, op_id = service.start_create_project(
+        p, owner, name="late", region="us-east-1", plan_type="free"
+    )
+    time.sleep(0.4)
+    env = {
+        "COLUMNS": "250",
+        "PGFLEET_HOME": str(fleet.settings.home),
+        "PGFLEET_PORT_BASE": str(fleet.settings.port_base),
+        "PGFLEET_PLATFORM_DSN": make_conninfo(**p.conninfo),
+    }
+    get_settings.cache_clear()
+    try:
+        res = CliRunner().invoke(cli_app, ["status"], env=env)
+    finally:
+        get_settings.cache_clear()
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert "operations: 1 scheduled, 0 running" in res.stdout, res.stdout
+    assert "1 PAST THEIR DEADLINE" in res.stdout
+    assert str(op_id) in res.stdout and "provision" in res.stdout

@@ -97,7 +97,7 @@ class Settings(BaseSettings):
     operation_wait_s: float = Field(default=60.0, gt=0)
     reconcile_interval_s: float = Field(default=600.0, gt=0)
     # Databases each regional server keeps ready for new projects (0: none).
-    spare_databases: int = Field(default=2, ge=0, le=100)
+    spare_databases: int = Field(default=2, ge=0, le=1000)
     idempotency_retention_h: int = Field(default=24, ge=1)
     # Monitoring
     health_interval_s: float = Field(default=30.0, gt=0)

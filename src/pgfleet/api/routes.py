@@ -537,6 +537,7 @@ async def sql(
     body: SqlIn,
     platform: PlatformDep,
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    idempotency_key: IdemHeader = None,
 ) -> JSONResponse:
     """Runs the statement on the project's server logged in as the project's
     own role (`ro`: its read-only role), with pgfleet-enforced timeout and
@@ -557,20 +558,40 @@ async def sql(
         )
         return run_sql(platform, owner, project_id, req, project_row=row)
 
+    if idempotency_key is not None:
+        # A repeated statement (an INSERT sent twice by a retrying client)
+        # answers from the first run instead of running again.
+        def keyed() -> JSONResponse:
+            owner, _ = auth.authenticate_with_project(
+                platform, creds.credentials if creds else None, project_id
+            )
+            return run_idempotent(
+                platform,
+                owner,
+                idempotency_key,
+                method="POST",
+                path=f"/v1/projects/{project_id}/sql",
+                body=body,
+                produce=lambda: (200, _sql_body(work())),
+            )
+
+        return await run_in_threadpool(keyed)
     r = await run_in_threadpool(work)
     # The hot path: rows are already JSON values, so skip re-validating them.
-    return JSONResponse(
-        {
-            "columns": r.columns,
-            "rows": r.rows,
-            "row_count": r.row_count,
-            "truncated": r.truncated,
-            "duration_ms": r.duration_ms,
-            "command": r.command,
-            "mode": r.mode,
-            "limits": r.limits,
-        }
-    )
+    return JSONResponse(_sql_body(r))
+
+
+def _sql_body(r: SqlResult) -> dict[str, Any]:
+    return {
+        "columns": r.columns,
+        "rows": r.rows,
+        "row_count": r.row_count,
+        "truncated": r.truncated,
+        "duration_ms": r.duration_ms,
+        "command": r.command,
+        "mode": r.mode,
+        "limits": r.limits,
+    }
 
 
 def _conn_out(c: ConnectionDetails) -> ConnectionOut:
@@ -593,10 +614,29 @@ def me(owner: OwnerDep) -> OwnerOut:
     return OwnerOut(id=owner.id, name=owner.name, is_admin=owner.is_admin)
 
 
-@v1.post("/tokens", tags=["auth"], status_code=201, summary="Create an API token")
-def create_token(body: TokenCreate, platform: PlatformDep, owner: OwnerDep) -> TokenCreated:
-    tid, token = auth.create_token(platform, owner, body.name)
-    return TokenCreated(id=tid, name=body.name, token=token)
+@v1.post(
+    "/tokens",
+    tags=["auth"],
+    status_code=201,
+    summary="Create an API token",
+    response_model=TokenCreated,
+)
+def create_token(
+    body: TokenCreate, platform: PlatformDep, owner: OwnerDep, idempotency_key: IdemHeader = None
+) -> JSONResponse:
+    def produce() -> tuple[int, Any]:
+        tid, token = auth.create_token(platform, owner, body.name)
+        return 201, TokenCreated(id=tid, name=body.name, token=token)
+
+    return run_idempotent(
+        platform,
+        owner,
+        idempotency_key,
+        method="POST",
+        path="/v1/tokens",
+        body=body,
+        produce=produce,
+    )
 
 
 @v1.get("/tokens", tags=["auth"], summary="Your API tokens (never the secrets)")
@@ -616,12 +656,32 @@ def revoke_token(token_id: str, platform: PlatformDep, owner: OwnerDep) -> Respo
     return Response(status_code=204)
 
 
-@v1.post("/admin/owners", tags=["admin"], status_code=201, summary="Create an owner")
-def create_owner(body: OwnerCreate, platform: PlatformDep, admin: AdminDep) -> OwnerCreated:
+@v1.post(
+    "/admin/owners",
+    tags=["admin"],
+    status_code=201,
+    summary="Create an owner",
+    response_model=OwnerCreated,
+)
+def create_owner(
+    body: OwnerCreate, platform: PlatformDep, admin: AdminDep, idempotency_key: IdemHeader = None
+) -> JSONResponse:
     """Creates an owner (a person or team) and its first token, shown once."""
-    owner, token = auth.create_owner(platform, body.name, is_admin=body.is_admin)
-    return OwnerCreated(
-        owner=OwnerOut(id=owner.id, name=owner.name, is_admin=owner.is_admin), token=token
+
+    def produce() -> tuple[int, Any]:
+        owner, token = auth.create_owner(platform, body.name, is_admin=body.is_admin)
+        return 201, OwnerCreated(
+            owner=OwnerOut(id=owner.id, name=owner.name, is_admin=owner.is_admin), token=token
+        )
+
+    return run_idempotent(
+        platform,
+        admin,
+        idempotency_key,
+        method="POST",
+        path="/v1/admin/owners",
+        body=body,
+        produce=produce,
     )
 
 
@@ -748,24 +808,39 @@ def admin_audit(
 
 @v1.post("/admin/reconcile", tags=["admin"], summary="Compare the platform DB with the servers")
 def admin_reconcile(
-    platform: PlatformDep, admin: AdminDep, body: ReconcileIn | None = None
-) -> dict[str, Any]:
+    platform: PlatformDep,
+    admin: AdminDep,
+    body: ReconcileIn | None = None,
+    idempotency_key: IdemHeader = None,
+) -> JSONResponse:
     """Reports orphan tenant databases and roles, projects whose database,
     roles, owner, grants or login state are wrong, and projects stuck
     provisioning. With `repair`, fixes them; an orphan database that holds
     data is dropped only with `force` as well. Projects with an operation in
     flight are left to their worker."""
     req = body or ReconcileIn()
-    with platform.db.connection() as conn:
-        audit(
-            conn,
-            actor=ops_service.actor_of(admin),
-            owner_id=admin.id,
-            action="fleet.reconcile",
-            details={"repair": req.repair, "force": req.force},
+
+    def produce() -> tuple[int, Any]:
+        with platform.db.connection() as conn:
+            audit(
+                conn,
+                actor=ops_service.actor_of(admin),
+                owner_id=admin.id,
+                action="fleet.reconcile",
+                details={"repair": req.repair, "force": req.force},
+            )
+        return 200, reconcile(
+            platform, repair=req.repair, force=req.force, actor=ops_service.actor_of(admin)
         )
-    return reconcile(
-        platform, repair=req.repair, force=req.force, actor=ops_service.actor_of(admin)
+
+    return run_idempotent(
+        platform,
+        admin,
+        idempotency_key,
+        method="POST",
+        path="/v1/admin/reconcile",
+        body=req,
+        produce=produce,
     )
 
 
