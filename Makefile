@@ -21,6 +21,7 @@ lint: bootstrap
 	.venv/bin/mypy
 
 test: lint
+	@scripts/bootstrap.sh --with-browser
 	.venv/bin/pytest
 
 bench: bootstrap

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything pgfleet needs on a fresh Debian machine: a virtualenv with
 # the project and its dev tools, and PostgreSQL server binaries if none exist.
+# With --with-browser (what `make test` uses) also Debian's chromium, which
+# the console's browser tests drive through Playwright.
 # Safe to run again: each step checks what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,4 +46,19 @@ if ! .venv/bin/python -m pgfleet.fleet.binaries >/dev/null 2>&1; then
     .venv/bin/pip install --quiet -e '.[dev,pgserver]'
   fi
   .venv/bin/python -m pgfleet.fleet.binaries
+fi
+
+if [ "${1:-}" = "--with-browser" ] && ! command -v chromium >/dev/null 2>&1; then
+  SUDO=""
+  if [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+      SUDO="sudo -n"
+    else
+      echo "bootstrap: the browser tests need Debian's chromium: run 'sudo apt-get install chromium'" >&2
+      exit 1
+    fi
+  fi
+  echo "bootstrap: installing chromium with apt-get (for the browser tests)"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
 fi

@@ -341,6 +341,18 @@ def test_two_worker_processes_share_the_queue(
     runs once."""
     workers.start()
     workers.start()
+    # Both are up and listening before the work arrives.
+    end = time.monotonic() + 60
+    while True:
+        with quiet_platform.db.connection() as conn:
+            live = conn.execute(
+                "SELECT count(*) FROM procrastinate_workers "
+                "WHERE last_heartbeat > now() - interval '5 seconds'"
+            ).fetchone()
+        if live and live[0] >= 2:
+            break
+        assert time.monotonic() < end, workers.logs()
+        time.sleep(0.1)
     started = [
         service.start_create_project(
             quiet_platform, someone, name=f"p{i}", region="us-east-1", plan_type="free"

@@ -95,6 +95,11 @@ def _well_formed(token: str | None) -> str:
 
 
 def authenticate(platform: Platform, token: str | None) -> Owner:
+    return authenticate_token(platform, token)[0]
+
+
+def authenticate_token(platform: Platform, token: str | None) -> tuple[Owner, uuid.UUID]:
+    """The token's owner and the token's id (the console's sessions keep it)."""
     token = _well_formed(token)
     with platform.db.connection() as conn:
         row = conn.execute(
@@ -108,7 +113,7 @@ def authenticate(platform: Platform, token: str | None) -> Owner:
             raise NotAuthenticated("invalid or revoked token")
         if row[4]:  # last_used_at is kept to the minute, not written on every call
             conn.execute("UPDATE api_tokens SET last_used_at = now() WHERE id = %s", (row[3],))
-    return Owner(row[0], row[1], row[2])
+    return Owner(row[0], row[1], row[2]), row[3]
 
 
 def authenticate_with_project(

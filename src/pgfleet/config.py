@@ -99,6 +99,8 @@ class Settings(BaseSettings):
     # Databases each regional server keeps ready for new projects (0: none).
     spare_databases: int = Field(default=2, ge=0, le=1000)
     idempotency_retention_h: int = Field(default=24, ge=1)
+    # Web console: how long a sign-in lasts.
+    session_ttl_s: int = Field(default=8 * 3600, ge=60)
     # Monitoring
     health_interval_s: float = Field(default=30.0, gt=0)
     query_log_retention_days: int = Field(default=14, ge=1)

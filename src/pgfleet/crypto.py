@@ -55,6 +55,14 @@ class SecretBox:
                 "a stored secret cannot be decrypted with the configured keys"
             ) from None
 
+    def open_fresh(self, token: str, ttl_s: int) -> str | None:
+        """Decrypt a token made at most `ttl_s` seconds ago; None if it is
+        forged, tampered with, made with an unknown key or too old."""
+        try:
+            return self._fernet.decrypt(token.encode(), ttl=ttl_s).decode()
+        except (InvalidToken, ValueError, UnicodeError):
+            return None
+
     def rotate(self, token: str) -> str:
         """Re-encrypt with the newest key."""
         return self._fernet.rotate(token.encode()).decode()

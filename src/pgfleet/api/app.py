@@ -71,6 +71,9 @@ def create_app(platform: Platform | None = None, settings: Settings | None = Non
 
     app.include_router(health_router)
     app.include_router(v1)
+    from pgfleet.web.routes import install as install_console
+
+    install_console(app)
     app.add_middleware(MetricsMiddleware)
     return app
 

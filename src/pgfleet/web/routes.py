@@ -1,0 +1,470 @@
+"""Console pages. Each handler checks the session, calls one service (the
+same ones the REST API calls) and renders a template."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote
+
+from fastapi import APIRouter, Depends, FastAPI, Form, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+from pgfleet import auth
+from pgfleet.errors import Conflict, InvalidInput, NotAuthenticated, NotFound, PgfleetError
+from pgfleet.monitoring import stats
+from pgfleet.monitoring.service import advisor_report, cost_report
+from pgfleet.operations import service as ops_service
+from pgfleet.platform.core import Platform
+from pgfleet.regions import PLANS, REGIONS, REGIONS_BY_ID
+from pgfleet.tenants import service
+from pgfleet.tenants.sql import SqlError, SqlRequest, run_sql
+from pgfleet.web import session as sess
+
+HERE = Path(__file__).parent
+templates = Environment(
+    loader=FileSystemLoader(HERE / "templates"),
+    autoescape=select_autoescape(["html"]),
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+router = APIRouter(include_in_schema=False)
+
+
+class _SignIn(Exception):
+    """No valid session: go to the sign-in page."""
+
+
+def _platform(request: Request) -> Platform:
+    p: Platform = request.app.state.platform
+    return p
+
+
+def _session(request: Request) -> sess.Session:
+    s = sess.current(_platform(request), request)
+    if s is None:
+        raise _SignIn
+    return s
+
+
+SessionDep = Annotated[sess.Session, Depends(_session)]
+
+
+def _check_csrf(s: sess.Session, token: str | None) -> None:
+    if not sess.csrf_ok(s, token):
+        raise _CsrfFailed
+
+
+class _CsrfFailed(Exception):
+    pass
+
+
+def render(
+    request: Request, name: str, s: sess.Session | None, status: int = 200, **ctx: Any
+) -> HTMLResponse:
+    html = templates.get_template(name).render(
+        request=request,
+        me=s.owner if s else None,
+        csrf=s.csrf if s else "",
+        regions=REGIONS,
+        regions_by_id=REGIONS_BY_ID,
+        plans=PLANS,
+        **ctx,
+    )
+    return HTMLResponse(html, status_code=status, headers={"Cache-Control": "no-store"})
+
+
+def install(app: FastAPI) -> None:
+    """Add the console to the FastAPI app."""
+    from fastapi.staticfiles import StaticFiles
+
+    @app.exception_handler(_SignIn)
+    async def to_signin(request: Request, exc: _SignIn) -> Response:
+        r = RedirectResponse(f"/signin?next={request.url.path}", status_code=303)
+        sess.clear(r)
+        return r
+
+    @app.exception_handler(_CsrfFailed)
+    async def csrf_failed(request: Request, exc: _CsrfFailed) -> Response:
+        return HTMLResponse(
+            templates.get_template("error.html").render(
+                me=None,
+                title="Forbidden",
+                message="This form was sent without a valid CSRF token. "
+                "Reload the page and try again.",
+            ),
+            status_code=403,
+        )
+
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    app.include_router(router)
+
+
+# ---- sign in / out ------------------------------------------------------------
+
+
+@router.get("/", response_class=HTMLResponse)
+def index(request: Request) -> Response:
+    s = sess.current(_platform(request), request)
+    return RedirectResponse("/databases" if s else "/signin", status_code=303)
+
+
+@router.get("/signin", response_class=HTMLResponse)
+def signin_page(request: Request, next: str = "/databases") -> HTMLResponse:
+    return render(request, "signin.html", None, next=_safe_next(next), error=None)
+
+
+def _safe_next(url: str) -> str:
+    return url if url.startswith("/") and not url.startswith("//") else "/databases"
+
+
+@router.post("/signin", response_class=HTMLResponse)
+def signin(
+    request: Request, token: Annotated[str, Form()] = "", next: Annotated[str, Form()] = ""
+) -> Response:
+    p = _platform(request)
+    try:
+        owner, token_id = auth.authenticate_token(p, token.strip())
+    except NotAuthenticated:
+        return render(
+            request,
+            "signin.html",
+            None,
+            status=401,
+            next=_safe_next(next),
+            error="That token is not valid (or was revoked). Tokens start with pgf_.",
+        )
+    r = RedirectResponse(_safe_next(next or "/databases"), status_code=303)
+    sess.issue(p, r, owner, token_id, secure=request.url.scheme == "https")
+    return r
+
+
+@router.post("/signout")
+def signout(request: Request, s: SessionDep, csrf: Annotated[str, Form()] = "") -> Response:
+    _check_csrf(s, csrf)
+    r = RedirectResponse("/signin", status_code=303)
+    sess.clear(r)
+    return r
+
+
+# ---- databases -----------------------------------------------------------------
+
+SORTS = {
+    "created": lambda p: (p["created_at"] is None, p["created_at"]),
+    "name": lambda p: p["name"].lower(),
+    "region": lambda p: p["region"],
+    "status": lambda p: p["status"],
+    "plan": lambda p: p["plan_type"] or "",
+}
+
+
+@router.get("/databases", response_class=HTMLResponse)
+def databases(request: Request, s: SessionDep, q: str = "", sort: str = "created") -> HTMLResponse:
+    rows = service.list_projects(_platform(request), s.owner)
+    if q:
+        needle = q.casefold()
+        rows = [
+            r
+            for r in rows
+            if needle in r["name"].casefold()
+            or needle in (r["region"] or "")
+            or needle in str(r["id"])
+        ]
+    key = SORTS.get(sort.lstrip("-"), SORTS["created"])
+    rows.sort(key=key, reverse=sort == "created" or sort.startswith("-"))
+    return render(request, "databases.html", s, projects=rows, q=q, sort=sort)
+
+
+@router.get("/databases/new", response_class=HTMLResponse)
+def new_database(request: Request, s: SessionDep) -> HTMLResponse:
+    return render(
+        request,
+        "new.html",
+        s,
+        form={"region": "us-east-1", "plan": "free"},
+        errors={},
+        **_region_notes(request),
+    )
+
+
+def _region_notes(request: Request) -> dict[str, Any]:
+    served = {srv.region for srv in _platform(request).servers.all(enabled_only=True)}
+    default = _platform(request).settings.default_region
+    return {"served": served, "default_region": default}
+
+
+@router.post("/databases/new", response_class=HTMLResponse)
+def create_database(
+    request: Request,
+    s: SessionDep,
+    name: Annotated[str, Form()] = "",
+    region: Annotated[str, Form()] = "us-east-1",
+    plan: Annotated[str, Form()] = "free",
+    csrf: Annotated[str, Form()] = "",
+) -> Response:
+    _check_csrf(s, csrf)
+    form = {"name": name, "region": region, "plan": plan}
+    try:
+        project, op_id = service.start_create_project(
+            _platform(request), s.owner, name=name, region=region, plan_type=plan
+        )
+    except (InvalidInput, Conflict) as e:
+        field = str(e.details.get("field") or "")
+        if not field:
+            field = {"unknown_region": "region", "unknown_plan": "plan"}.get(e.code, "name")
+        return render(
+            request,
+            "new.html",
+            s,
+            status=422,
+            form=form,
+            errors={field: e.message},
+            **_region_notes(request),
+        )
+    except PgfleetError as e:
+        return render(
+            request,
+            "new.html",
+            s,
+            status=e.status_code,
+            form=form,
+            errors={"form": e.message},
+            **_region_notes(request),
+        )
+    return RedirectResponse(f"/databases/{project['id']}?op={op_id}", status_code=303)
+
+
+def _project_or_404(request: Request, s: sess.Session, pid: str) -> dict[str, Any]:
+    return service.get_project(_platform(request), s.owner, pid)
+
+
+@router.get("/databases/{pid}", response_class=HTMLResponse)
+def database(request: Request, s: SessionDep, pid: str, op: str | None = None) -> Response:
+    p = _platform(request)
+    try:
+        project = _project_or_404(request, s, pid)
+    except NotFound:
+        return render(
+            request,
+            "error.html",
+            s,
+            status=404,
+            title="Not found",
+            message=f"There is no database {pid} in your account.",
+        )
+    ops = ops_service.project_operations(p, project["id"], limit=10)
+    detailed = []
+    for o in ops[:5]:
+        detailed.append(ops_service.visible_operation(p, s.owner, o["id"]))
+    conns: dict[str, Any] = {}
+    if project["status"] in ("active", "paused"):
+        for mode in ("rw", "ro"):
+            try:
+                c = service.connection_details(p, s.owner, project["id"], mode)
+                secret = ":" + quote(c.password, safe="") + "@"
+                conns[mode] = {"uri": c.uri, "masked": c.uri.replace(secret, ":********@")}
+            except PgfleetError:
+                pass
+    perf = stats.project_performance(p, project["id"], "24h")
+    pending = next((o for o in ops if o["status"] in ("scheduled", "running")), None)
+    return render(
+        request,
+        "database.html",
+        s,
+        project=project,
+        ops=detailed,
+        conns=conns,
+        perf=perf,
+        pending=pending,
+        flash=request.query_params.get("flash"),
+    )
+
+
+@router.get("/databases/{pid}/operations/{op_id}.json")
+def operation_json(request: Request, s: SessionDep, pid: str, op_id: str) -> JSONResponse:
+    """For the progress display: the operation's status and steps."""
+    op = ops_service.visible_operation(_platform(request), s.owner, op_id)
+    return JSONResponse(
+        {
+            "status": op["status"],
+            "current_step": op["current_step"],
+            "error": op["error"],
+            "steps": [{"name": x["name"], "status": x["status"]} for x in op["steps"]],
+        }
+    )
+
+
+def _action(
+    request: Request, s: sess.Session, pid: str, csrf: str, start: Any, flash: str
+) -> Response:
+    _check_csrf(s, csrf)
+    try:
+        project = _project_or_404(request, s, pid)
+    except NotFound:
+        return render(
+            request,
+            "error.html",
+            s,
+            status=404,
+            title="Not found",
+            message=f"There is no database {pid} in your account.",
+        )
+    try:
+        op_id = start(project["id"])
+    except PgfleetError as e:
+        return render(
+            request,
+            "error.html",
+            s,
+            status=e.status_code,
+            title="Not done",
+            message=e.message,
+            back=f"/databases/{pid}",
+        )
+    return RedirectResponse(f"/databases/{pid}?op={op_id}&flash={flash}", status_code=303)
+
+
+@router.post("/databases/{pid}/rotate")
+def rotate(
+    request: Request, s: SessionDep, pid: str, csrf: Annotated[str, Form()] = ""
+) -> Response:
+    return _action(
+        request,
+        s,
+        pid,
+        csrf,
+        lambda tid: service.rotate_password(_platform(request), s.owner, tid),
+        "rotated",
+    )
+
+
+@router.post("/databases/{pid}/pause")
+def pause(request: Request, s: SessionDep, pid: str, csrf: Annotated[str, Form()] = "") -> Response:
+    return _action(
+        request,
+        s,
+        pid,
+        csrf,
+        lambda tid: service.pause_project(_platform(request), s.owner, tid),
+        "paused",
+    )
+
+
+@router.post("/databases/{pid}/resume")
+def resume(
+    request: Request, s: SessionDep, pid: str, csrf: Annotated[str, Form()] = ""
+) -> Response:
+    return _action(
+        request,
+        s,
+        pid,
+        csrf,
+        lambda tid: service.resume_project(_platform(request), s.owner, tid),
+        "resumed",
+    )
+
+
+@router.post("/databases/{pid}/delete")
+def delete(
+    request: Request,
+    s: SessionDep,
+    pid: str,
+    csrf: Annotated[str, Form()] = "",
+    confirm: Annotated[str, Form()] = "",
+) -> Response:
+    _check_csrf(s, csrf)
+    try:
+        project = _project_or_404(request, s, pid)
+    except NotFound:
+        return render(
+            request,
+            "error.html",
+            s,
+            status=404,
+            title="Not found",
+            message=f"There is no database {pid} in your account.",
+        )
+    if confirm != project["name"]:
+        return render(
+            request,
+            "error.html",
+            s,
+            status=422,
+            title="Not deleted",
+            message="To delete, type the database's name exactly as shown.",
+            back=f"/databases/{pid}",
+        )
+    op_id = service.start_delete_project(_platform(request), s.owner, project["id"])
+    service.wait_or_raise(_platform(request), op_id)
+    return RedirectResponse("/databases?flash=deleted", status_code=303)
+
+
+@router.post("/databases/{pid}/sql", response_class=HTMLResponse)
+def sql(
+    request: Request,
+    s: SessionDep,
+    pid: str,
+    csrf: Annotated[str, Form()] = "",
+    query: Annotated[str, Form()] = "",
+    mode: Annotated[str, Form()] = "rw",
+) -> Response:
+    _check_csrf(s, csrf)
+    p = _platform(request)
+    try:
+        project = _project_or_404(request, s, pid)
+    except NotFound:
+        return render(
+            request,
+            "error.html",
+            s,
+            status=404,
+            title="Not found",
+            message=f"There is no database {pid} in your account.",
+        )
+    result = error = None
+    try:
+        result = run_sql(p, s.owner, project["id"], SqlRequest(query=query, params=[], mode=mode))
+    except SqlError as e:
+        error = {"message": e.message, **e.details}
+    except PgfleetError as e:
+        error = {"message": e.message}
+    return render(
+        request,
+        "sql_result.html",
+        s,
+        project=project,
+        query=query,
+        mode=mode,
+        result=result,
+        error=error,
+    )
+
+
+# ---- regions (admin) -------------------------------------------------------------
+
+
+@router.get("/regions", response_class=HTMLResponse)
+def regions_page(request: Request, s: SessionDep) -> HTMLResponse:
+    if not s.owner.is_admin:
+        return render(
+            request,
+            "error.html",
+            s,
+            status=403,
+            title="Admins only",
+            message="The regions overview is for administrators.",
+        )
+    p = _platform(request)
+    rs = stats.region_stats(p)
+    perf = stats.performance(p, "24h")
+    return render(
+        request,
+        "regions.html",
+        s,
+        stats=rs,
+        perf=perf,
+        advisor=advisor_report(p),
+        costs=cost_report(p),
+        max_tenants=max([r["tenants"] for r in rs["regions"]] + [1]),
+    )

@@ -1,0 +1,318 @@
+"""The web console in a real browser: Playwright driving Debian's chromium
+against a real API server on the real fleet. Screenshots of the main pages
+go to docs/screenshots/."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+
+from pgfleet.auth import create_owner
+from pgfleet.platform.core import Platform
+from pgfleet.tenants.service import Owner
+from tests.conftest import FleetUnderTest, run_psql
+
+SHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+
+
+def chromium_path() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert found, "Debian's chromium is needed (make test installs it)"
+    return found
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(
+            executable_path=chromium_path(), args=["--no-sandbox", "--disable-dev-shm-usage"]
+        )
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def context(browser: Browser, api_url: str) -> Iterator[BrowserContext]:
+    ctx = browser.new_context(base_url=api_url, viewport={"width": 1200, "height": 900})
+    ctx.grant_permissions(["clipboard-read", "clipboard-write"], origin=api_url)
+    ctx.set_default_timeout(20_000)
+    yield ctx
+    ctx.close()
+
+
+@pytest.fixture
+def page(context: BrowserContext) -> Page:
+    return context.new_page()
+
+
+def shot(page: Page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def sign_in(page: Page, token: str) -> None:
+    page.goto("/databases")
+    expect(page).to_have_url(re.compile(r"/signin"))
+    page.get_by_label("API token").fill(token)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page).to_have_url(re.compile(r"/databases$"))
+
+
+def create_in_browser(page: Page, name: str, region_label: str = "US East") -> str:
+    page.goto("/databases/new")
+    page.get_by_label("Name").fill(name)
+    page.get_by_label(re.compile(region_label)).check()
+    page.get_by_role("button", name="Create database").click()
+    expect(page).to_have_url(re.compile(r"/databases/[0-9a-f-]{36}$"))
+    expect(page.locator(".badge").first).to_have_text("active")
+    expect(page.locator("[data-progress]")).to_have_count(0)
+    pid = page.url.rsplit("/", 1)[1]
+    return pid
+
+
+def test_sign_in_create_in_another_region_and_see_flags(
+    page: Page, owner: tuple[Owner, str], fleet: FleetUnderTest
+) -> None:
+    page.goto("/databases")
+    expect(page).to_have_url(re.compile(r"/signin\?next=/databases"))
+    shot(page, "signin")
+    page.get_by_label("API token").fill("pgf_wrong")
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("alert")).to_contain_text("not valid")
+    page.get_by_label("API token").fill(owner[1])
+    page.get_by_role("button", name="Sign in").click()
+    expect(page).to_have_url(re.compile(r"/databases$"))
+
+    page.goto("/databases/new")
+    # All six regions, with flags; metadata-only ones say where they are hosted.
+    choices = page.locator(".region-choice")
+    expect(choices).to_have_count(6)
+    west = page.locator(".region-choice", has_text="eu-west-1")
+    expect(west).to_contain_text("🇪🇺")
+    expect(west).to_contain_text("metadata only: hosted in us-east-1 for now")
+    expect(page.locator(".region-choice", has_text="eu-central-1")).not_to_contain_text(
+        "metadata only"
+    )
+    expect(page.locator("input[name=region][value=us-east-1]")).to_be_checked()
+    shot(page, "new-database")
+
+    page.get_by_label("Name").fill("Café ☕ shop")
+    page.locator("input[name=region][value=eu-west-1]").check()
+    page.get_by_label("Plan").select_option("pro")
+    page.get_by_role("button", name="Create database").click()
+    expect(page).to_have_url(re.compile(r"/databases/[0-9a-f-]{36}"))
+    expect(page.locator(".badge").first).to_have_text("active")
+    expect(page.get_by_role("heading", level=1)).to_have_text("Café ☕ shop")
+    expect(page.get_by_test_id("region")).to_contain_text("🇪🇺")
+    expect(page.get_by_test_id("region")).to_contain_text("eu-west-1")
+    expect(page.get_by_test_id("hosted-region")).to_contain_text("🇺🇸")
+    expect(page.get_by_test_id("hosted-region")).to_contain_text("us-east-1")
+    expect(page.locator("details.op").first).to_contain_text("provision")
+    shot(page, "database")
+
+    page.goto("/databases")
+    row = page.locator("tr", has_text="Café ☕ shop")
+    expect(row).to_contain_text("🇪🇺")
+    expect(row).to_contain_text("hosted in")
+    shot(page, "databases")
+    # The database is where the page says.
+    assert len(fleet.databases("us-east-1")) == 1
+
+
+def test_validation_error_keeps_what_was_typed(page: Page, owner: tuple[Owner, str]) -> None:
+    sign_in(page, owner[1])
+    page.goto("/databases/new")
+    long_name = "x" * 101
+    page.get_by_label("Name").fill(long_name)
+    page.locator("input[name=region][value=ap-southeast-1]").check()
+    page.get_by_role("button", name="Create database").click()
+    error = page.locator("#name-error")
+    expect(error).to_contain_text("at most 100")
+    expect(page.get_by_label("Name")).to_have_value(long_name)
+    expect(page.get_by_label("Name")).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("input[name=region][value=ap-southeast-1]")).to_be_checked()
+
+
+def test_reveal_copy_connect_run_sql_rotate_and_delete(
+    page: Page, owner: tuple[Owner, str], fleet: FleetUnderTest
+) -> None:
+    sign_in(page, owner[1])
+    pid = create_in_browser(page, "work", "Frankfurt|Central")
+    uri_box = page.locator("#uri-rw")
+    expect(uri_box).to_have_value(re.compile(r":\*{8}@"))
+    page.locator("button.reveal[data-target=uri-rw]").click()
+    expect(uri_box).not_to_have_value(re.compile(r":\*{8}@"))
+    revealed = uri_box.input_value()
+    page.locator("button.copy[data-target=uri-rw]").click()
+    copied = page.evaluate("navigator.clipboard.readText()")
+    assert copied == revealed
+    res = run_psql(copied, "select current_database()")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().startswith("tenant_")
+
+    # SQL editor: results with types, errors with their position.
+    page.get_by_label("Query").fill("select 1 as one, 'héllo'::text as greeting, null::int as n")
+    page.get_by_role("button", name="Run").click()
+    table = page.get_by_test_id("sql-result")
+    expect(table.locator("th").nth(0)).to_contain_text("one")
+    expect(table.locator("th").nth(0)).to_contain_text("int4")
+    expect(table.locator("th").nth(1)).to_contain_text("text")
+    expect(table.locator("td").nth(1)).to_have_text("héllo")
+    expect(table.locator("td").nth(2)).to_have_text("NULL")
+    expect(page.get_by_test_id("sql-meta")).to_contain_text("1 row")
+    shot(page, "sql")
+    page.get_by_label("Query").fill("selec 1")
+    page.get_by_role("button", name="Run").click()
+    err = page.get_by_test_id("sql-error")
+    expect(err).to_contain_text("42601")
+    expect(err).to_contain_text("position 1")
+    # History of recent queries, in this browser.
+    page.locator("details.history summary").click()
+    expect(page.locator("#sql-history li").first).to_have_text("selec 1")
+
+    # Rotate: a new password that works; the old one stops.
+    page.goto(f"/databases/{pid}")
+    page.get_by_role("button", name="Rotate password").click()
+    expect(page.locator(".notice")).to_contain_text("rotated")
+    expect(page.locator("[data-progress]")).to_have_count(0)  # reloaded once done
+    page.locator("button.reveal[data-target=uri-rw]").click()
+    rotated = page.locator("#uri-rw").input_value()
+    assert rotated != revealed
+    assert run_psql(rotated, "select 1").returncode == 0
+    assert "password authentication failed" in run_psql(revealed, "select 1").stderr
+
+    # Delete needs the name typed.
+    page.get_by_label(re.compile("Delete: type")).fill("wrong")
+    page.get_by_role("button", name="Delete database").click()
+    expect(page.get_by_role("alert")).to_contain_text("type the database's name")
+    page.goto(f"/databases/{pid}")
+    page.get_by_label(re.compile("Delete: type")).fill("work")
+    page.get_by_role("button", name="Delete database").click()
+    expect(page).to_have_url(re.compile(r"/databases\?flash=deleted"))
+    expect(page.locator(".notice")).to_contain_text("deleted")
+    assert fleet.databases("eu-central-1") == set()
+
+
+def test_another_owner_gets_404(
+    browser: Browser, api_url: str, page: Page, owner: tuple[Owner, str], platform: Platform
+) -> None:
+    sign_in(page, owner[1])
+    pid = create_in_browser(page, "private")
+    _, bob_token = create_owner(platform, "bob")
+    ctx = browser.new_context(base_url=api_url)
+    try:
+        other = ctx.new_page()
+        sign_in(other, bob_token)
+        resp = other.goto(f"/databases/{pid}")
+        assert resp is not None and resp.status == 404
+        expect(other.get_by_role("heading", level=1)).to_have_text("Not found")
+        expect(other.locator("body")).not_to_contain_text("private")
+    finally:
+        ctx.close()
+
+
+def test_regions_page_shows_what_the_api_reports(
+    page: Page, owner: tuple[Owner, str], admin: tuple[Owner, str], client: Any
+) -> None:
+    sign_in(page, owner[1])
+    create_in_browser(page, "a", "Frankfurt|Central")
+    create_in_browser(page, "b", "Singapore|Southeast")
+    resp = page.goto("/regions")
+    assert resp is not None and resp.status == 403  # owners are not admins
+    page.context.clear_cookies()
+    sign_in(page, admin[1])
+    page.goto("/regions")
+    api = client.get(
+        "/v1/admin/stats/regions", headers={"Authorization": f"Bearer {admin[1]}"}
+    ).json()
+    for r in api["regions"]:
+        row = page.locator(f"tr[data-region='{r['region']}']")
+        for col in ("tenants", "free", "paid", "hosted"):
+            expect(row.locator(f"td[data-col={col}]")).to_have_text(str(r[col]))
+    expect(page.locator("svg.chart rect")).to_have_count(12)
+    shot(page, "regions")
+
+
+def test_forged_session_and_revoked_token_go_back_to_sign_in(
+    context: BrowserContext, page: Page, api_url: str, owner: tuple[Owner, str], platform: Platform
+) -> None:
+    sign_in(page, owner[1])
+    cookie = next(c for c in context.cookies() if c["name"] == "pgfleet_session")
+    assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict"
+    forged = dict(cookie, value=cookie["value"][:-4] + "AAAA")
+    context.add_cookies([forged])  # type: ignore[list-item]
+    page.goto("/databases")
+    expect(page).to_have_url(re.compile(r"/signin"))
+    # A session whose token was revoked ends too.
+    sign_in(page, owner[1])
+    from pgfleet.auth import revoke_token
+
+    with platform.db.connection() as conn:
+        (tid,) = conn.execute(
+            "SELECT id FROM api_tokens WHERE owner_id = %s", (owner[0].id,)
+        ).fetchone() or (None,)
+    revoke_token(platform, owner[0], str(tid))
+    page.goto("/databases")
+    expect(page).to_have_url(re.compile(r"/signin"))
+
+
+def test_form_without_csrf_is_403(
+    context: BrowserContext, page: Page, api_url: str, owner: tuple[Owner, str]
+) -> None:
+    sign_in(page, owner[1])
+    cookie = next(c for c in context.cookies() if c["name"] == "pgfleet_session")
+    with httpx.Client(base_url=api_url, cookies={"pgfleet_session": cookie["value"]}) as http:
+        r = http.post(
+            "/databases/new", data={"name": "sneaky", "region": "us-east-1", "plan": "free"}
+        )
+        assert r.status_code == 403
+        assert "CSRF" in r.text
+        r = http.post(
+            "/databases/new",
+            data={"name": "sneaky", "region": "us-east-1", "plan": "free", "csrf": "forged"},
+        )
+        assert r.status_code == 403
+    page.goto("/databases")
+    expect(page.locator("body")).not_to_contain_text("sneaky")
+
+
+def test_html_in_a_name_is_text(page: Page, owner: tuple[Owner, str]) -> None:
+    sign_in(page, owner[1])
+    evil = "<script>window.pwned=1</script><b>bold</b>"
+    page.goto("/databases/new")
+    page.get_by_label("Name").fill(evil)
+    page.get_by_role("button", name="Create database").click()
+    expect(page.locator(".badge").first).to_have_text("active")
+    expect(page.get_by_role("heading", level=1)).to_have_text(evil)
+    assert page.evaluate("window.pwned") is None
+    assert page.locator("h1 b").count() == 0
+    page.goto("/databases")
+    expect(page.locator("table.list")).to_contain_text(evil)
+    assert page.evaluate("window.pwned") is None
+
+
+def test_phone_width_and_keyboard(page: Page, owner: tuple[Owner, str]) -> None:
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.goto("/signin")
+    # The token field is reached with the keyboard: skip link, brand, field.
+    focused = []
+    for _ in range(3):
+        page.keyboard.press("Tab")
+        focused.append(
+            page.evaluate("document.activeElement.id || document.activeElement.textContent")
+        )
+    assert focused == ["Skip to content", "pgfleet", "token"], focused
+    page.keyboard.type(owner[1])
+    page.keyboard.press("Enter")
+    expect(page).to_have_url(re.compile(r"/databases$"))
+    page.goto("/databases/new")
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390, width
+    shot(page, "new-database-phone")
