@@ -48,17 +48,19 @@ if ! .venv/bin/python -m pgfleet.fleet.binaries >/dev/null 2>&1; then
   .venv/bin/python -m pgfleet.fleet.binaries
 fi
 
-if [ "${1:-}" = "--with-browser" ] && ! command -v chromium >/dev/null 2>&1; then
+# chromium, and a colour emoji font so the region flags show in screenshots.
+if [ "${1:-}" = "--with-browser" ] && { ! command -v chromium >/dev/null 2>&1 ||
+  [ ! -e /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ]; }; then
   SUDO=""
   if [ "$(id -u)" != 0 ]; then
     if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
       SUDO="sudo -n"
     else
-      echo "bootstrap: the browser tests need Debian's chromium: run 'sudo apt-get install chromium'" >&2
+      echo "bootstrap: the browser tests need Debian's chromium: run 'sudo apt-get install chromium fonts-noto-color-emoji'" >&2
       exit 1
     fi
   fi
   echo "bootstrap: installing chromium with apt-get (for the browser tests)"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium fonts-noto-color-emoji >/dev/null
 fi
