@@ -316,3 +316,46 @@ def test_phone_width_and_keyboard(page: Page, owner: tuple[Owner, str]) -> None:
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= 390, width
     shot(page, "new-database-phone")
+
+
+def test_expired_session_goes_back_to_sign_in(
+    context: BrowserContext, page: Page, api_url: str, owner: tuple[Owner, str], platform: Platform
+) -> None:
+    import json
+    import time
+
+    sign_in(page, owner[1])
+    with platform.db.connection() as conn:
+        row = conn.execute(
+            "SELECT id FROM api_tokens WHERE owner_id = %s", (owner[0].id,)
+        ).fetchone()
+    assert row is not None
+    payload = json.dumps({"o": str(owner[0].id), "t": str(row[0]), "c": "x" * 32})
+    too_old = int(time.time()) - platform.settings.session_ttl_s - 5
+    cookie = next(c for c in context.cookies() if c["name"] == "pgfleet_session")
+    context.add_cookies([dict(cookie, value=platform.secrets.encrypt(payload, at=too_old))])  # type: ignore[list-item]
+    page.goto("/databases")
+    expect(page).to_have_url(re.compile(r"/signin"))
+    # The same payload, fresh, is a valid session: it was the age that counted.
+    context.add_cookies([dict(cookie, value=platform.secrets.encrypt(payload))])  # type: ignore[list-item]
+    page.goto("/databases")
+    expect(page).to_have_url(re.compile(r"/databases$"))
+
+
+def test_pause_resume_and_sign_out(page: Page, owner: tuple[Owner, str]) -> None:
+    sign_in(page, owner[1])
+    pid = create_in_browser(page, "napper")
+    uri = page.locator("#uri-rw").get_attribute("data-secret")
+    assert uri
+    page.get_by_role("button", name="Pause").click()
+    expect(page.locator("[data-progress]")).to_have_count(0)
+    expect(page.locator(".badge").first).to_have_text("paused")
+    assert "not permitted to log in" in run_psql(uri, "select 1").stderr
+    page.get_by_role("button", name="Resume").click()
+    expect(page.locator("[data-progress]")).to_have_count(0)
+    expect(page.locator(".badge").first).to_have_text("active")
+    assert run_psql(uri, "select 1").returncode == 0
+    page.get_by_role("button", name="Sign out").click()
+    expect(page).to_have_url(re.compile(r"/signin"))
+    page.goto(f"/databases/{pid}")
+    expect(page).to_have_url(re.compile(r"/signin"))
