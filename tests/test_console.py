@@ -359,3 +359,17 @@ def test_pause_resume_and_sign_out(page: Page, owner: tuple[Owner, str]) -> None
     expect(page).to_have_url(re.compile(r"/signin"))
     page.goto(f"/databases/{pid}")
     expect(page).to_have_url(re.compile(r"/signin"))
+
+
+def test_sign_in_form_needs_its_csrf_token(api_url: str, owner: tuple[Owner, str]) -> None:
+    """Another site cannot post a token to /signin and sign a browser in."""
+    with httpx.Client(base_url=api_url) as http:
+        r = http.post("/signin", data={"token": owner[1], "next": "/databases"})
+        assert r.status_code == 403
+        assert "pgfleet_session" not in r.cookies
+        form = http.get("/signin")
+        m = re.search(r'name="csrf" value="([^"]+)"', form.text)
+        assert m is not None
+        r = http.post("/signin", data={"token": owner[1], "next": "/databases", "csrf": m.group(1)})
+        assert r.status_code == 303, r.text
+        assert "pgfleet_session" in r.cookies

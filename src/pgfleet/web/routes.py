@@ -3,6 +3,8 @@ same ones the REST API calls) and renders a template."""
 
 from __future__ import annotations
 
+import hmac
+import secrets
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -110,9 +112,37 @@ def index(request: Request) -> Response:
     return RedirectResponse("/databases" if s else "/signin", status_code=303)
 
 
+PRE_CSRF = "pgfleet_signin_csrf"
+
+
+def _signin_form(request: Request, next: str, error: str | None, status: int = 200) -> HTMLResponse:
+    """The sign-in form, with its own CSRF token (a cookie and the same value
+    in the form), so another site cannot sign a browser in to its account."""
+    token = secrets.token_urlsafe(24)
+    r = render(
+        request,
+        "signin.html",
+        None,
+        status=status,
+        next=_safe_next(next),
+        error=error,
+        signin_csrf=token,
+    )
+    r.set_cookie(
+        PRE_CSRF,
+        token,
+        max_age=3600,
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        path="/signin",
+    )
+    return r
+
+
 @router.get("/signin", response_class=HTMLResponse)
 def signin_page(request: Request, next: str = "/databases") -> HTMLResponse:
-    return render(request, "signin.html", None, next=_safe_next(next), error=None)
+    return _signin_form(request, next, None)
 
 
 def _safe_next(url: str) -> str:
@@ -121,19 +151,23 @@ def _safe_next(url: str) -> str:
 
 @router.post("/signin", response_class=HTMLResponse)
 def signin(
-    request: Request, token: Annotated[str, Form()] = "", next: Annotated[str, Form()] = ""
+    request: Request,
+    token: Annotated[str, Form()] = "",
+    next: Annotated[str, Form()] = "",
+    csrf: Annotated[str, Form()] = "",
 ) -> Response:
     p = _platform(request)
+    expected = request.cookies.get(PRE_CSRF, "")
+    if not (csrf and expected and hmac.compare_digest(csrf, expected)):
+        raise _CsrfFailed
     try:
         owner, token_id = auth.authenticate_token(p, token.strip())
     except NotAuthenticated:
-        return render(
+        return _signin_form(
             request,
-            "signin.html",
-            None,
+            next,
+            "That token is not valid (or was revoked). Tokens start with pgf_.",
             status=401,
-            next=_safe_next(next),
-            error="That token is not valid (or was revoked). Tokens start with pgf_.",
         )
     r = RedirectResponse(_safe_next(next or "/databases"), status_code=303)
     sess.issue(p, r, owner, token_id, secure=request.url.scheme == "https")
