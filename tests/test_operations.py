@@ -807,3 +807,15 @@ def test_cli_status_shows_operations_past_their_deadline(
     assert "operations: 1 scheduled, 0 running" in res.stdout, res.stdout
     assert "1 PAST THEIR DEADLINE" in res.stdout
     assert str(op_id) in res.stdout and "provision" in res.stdout
+
+
+def test_rotating_a_paused_project_answers_200_without_credentials(api: Api) -> None:
+    pid = create_ok(api, "sleeper")["id"]
+    assert api.post(f"/v1/projects/{pid}/pause").status_code == 200
+    r = api.post(f"/v1/projects/{pid}/rotate-password")
+    assert r.status_code == 200, r.text
+    assert r.json()["operation"]["status"] == "finished"
+    assert r.json()["connection"] is None
+    assert api.post(f"/v1/projects/{pid}/resume").status_code == 200
+    uri = api.get(f"/v1/projects/{pid}/connection").json()["uri"]
+    assert login(uri) == "ok"

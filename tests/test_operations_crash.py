@@ -492,3 +492,76 @@ def test_killed_worker_is_noticed_without_any_other_activity(
     assert job == ("doing",)
     workers.start()
     assert wait_op(quiet_platform, op_id, workers)["status"] == "finished"
+
+
+def test_past_the_point_of_no_return_an_operation_only_goes_forward(
+    platform_factory: Any, fleet: FleetUnderTest, held: Any
+) -> None:
+    """A delete whose drop has started, with its server down past the
+    deadline: it is not undone (the database may be gone) but keeps trying,
+    marked as late, and finishes when the server is back."""
+    from pgfleet.auth import create_owner
+
+    p: Platform = platform_factory(operation_deadline_s=2.0)
+    owner = create_owner(p, "halfway")[0]
+    project, _ = service.create_project(
+        p, owner, name="gone-ish", region="eu-central-1", plan_type="free"
+    )
+    reached, release = held("delete.drop_database.before")
+    op_id = service.start_delete_project(p, owner, project["id"])
+    reached()
+    server = fleet.server("eu-central-1")
+    fleet.fleet.stop(server)
+    try:
+        release()
+        time.sleep(4.0)
+        op = p.ops.wait(op_id, 0.1)
+        assert op["status"] == "running", op
+        assert op["deadline_missed"] is True
+        assert (
+            service.get_project(p, owner, project["id"], include_deleted=True)["status"]
+            == "deleting"
+        )
+    finally:
+        fleet.fleet.start(server)
+    op = p.ops.wait(op_id, 60)
+    assert op["status"] == "finished", op
+    assert service.get_project(p, owner, project["id"], include_deleted=True)["status"] == "deleted"
+    assert_nothing_left(fleet)
+
+
+def test_rotation_interrupted_in_apply_goes_forward(
+    platform_factory: Any, fleet: FleetUnderTest, held: Any
+) -> None:
+    from pgfleet.auth import create_owner
+
+    p: Platform = platform_factory(operation_deadline_s=2.0)
+    owner = create_owner(p, "keys")[0]
+    project, _ = service.create_project(
+        p, owner, name="rot", region="ap-southeast-1", plan_type="free"
+    )
+    tid = project["id"]
+    old = service.connection_details(p, owner, tid, "rw").uri
+    reached, release = held("rotate_password.apply.before")
+    op_id = service.rotate_password(p, owner, tid)
+    reached()
+    server = fleet.server("ap-southeast-1")
+    fleet.fleet.stop(server)
+    try:
+        release()
+        time.sleep(3.0)
+        # Cancelling is refused: the new password may be on the server already.
+        from pgfleet.errors import Conflict
+        from pgfleet.operations.service import cancel_operation
+
+        with pytest.raises(Conflict, match="point of no return"):
+            cancel_operation(p, owner, str(op_id))
+    finally:
+        fleet.fleet.start(server)
+    op = p.ops.wait(op_id, 60)
+    assert op["status"] == "finished", op
+    assert op["deadline_missed"] is True
+    for mode in ("rw", "ro"):
+        uri = service.connection_details(p, owner, tid, mode).uri
+        assert run_psql(uri, "select 1").returncode == 0, mode
+    assert "password authentication failed" in run_psql(old, "select 1").stderr

@@ -37,6 +37,19 @@ class IdempotencyKeyReused(InvalidInput):
     code = "idempotency_key_reused"
 
 
+def _abandoned(platform: Platform, owner: Owner, key: str) -> bool:
+    """Delete and report a pending key older than any request can take (the
+    longest wait plus a margin): its process is gone."""
+    with platform.db.connection() as conn:
+        gone = conn.execute(
+            "DELETE FROM idempotency_keys WHERE owner_id = %s AND key = %s "
+            "AND status_code IS NULL AND created_at < now() - make_interval(secs => %s) "
+            "RETURNING 1",
+            (owner.id, key, platform.settings.operation_wait_s + 60),
+        ).fetchone()
+    return gone is not None
+
+
 def check_key(key: str | None) -> str | None:
     if key is None:
         return None
@@ -89,6 +102,11 @@ def run_idempotent(
                         f"{HEADER} {key!r} was already used with a different request "
                         f"({row[3]} {row[4]} with another body); use a new key for a new request",
                         field=HEADER,
+                    )
+                if row[1] is None and _abandoned(platform, owner, key):
+                    # The process that took the key died before answering.
+                    return run_idempotent(
+                        platform, owner, key, method=method, path=path, body=body, produce=produce
                     )
                 if row[1] is None:
                     raise Conflict(

@@ -137,7 +137,8 @@ def _project_and_op(
             op = get_operation(conn, op_id)
     project = service.get_project(platform, owner, op["tenant_id"], include_deleted=True)
     conn_out = None
-    if credentials and op["status"] == "finished" and project["status"] in ("active", "paused"):
+    # Credentials are shown for an active project (a paused one's cannot log in).
+    if credentials and op["status"] == "finished" and project["status"] == "active":
         conn_out = _conn_out(service.connection_details(platform, owner, project["id"], "rw"))
     body = ProjectWithOperation(
         project=ProjectOut.from_row(project),

@@ -17,11 +17,12 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from pgfleet.crypto import generate_password
+from pgfleet.errors import NoCapacity
 from pgfleet.fleet.registry import ServerRecord
 from pgfleet.operations.failpoints import failpoint
 from pgfleet.operations.runner import OpContext, OperationKind, Step, register
 from pgfleet.platform.core import Platform
-from pgfleet.regions import PlacementPolicy, choose_server, get_plan
+from pgfleet.regions import Placement, PlacementPolicy, choose_server, get_plan
 from pgfleet.tenants.provisioning import (
     activate,
     alt_role_name,
@@ -159,7 +160,8 @@ PROVISION = register(
             Step("roles", _provision_part("roles")),
             Step("database", _provision_part("database")),
             Step("privileges", _provision_part("privileges")),
-            Step("activate", _provision_activate),
+            # Once credentials are handed out the database is never undone.
+            Step("activate", _provision_activate, final=True),
         ),
         on_failure=lambda ctx, reason: _provision_undo(ctx, f"provisioning failed: {reason}"),
         on_cancel=lambda ctx: _provision_undo(ctx, "provisioning was cancelled"),
@@ -170,9 +172,6 @@ PROVISION = register(
 
 
 def _delete_block(ctx: OpContext) -> None:
-    row = _tenant(ctx.platform, ctx.tenant_id)
-    if row["status"] != "deleting":
-        ctx.state["previous_status"] = row["status"]
     _set_status(ctx.platform, ctx.tenant_id, "deleting")
 
 
@@ -215,13 +214,28 @@ def _delete_finish(ctx: OpContext) -> None:
 
 
 def _delete_restore(ctx: OpContext, reason: str | None = None) -> None:
-    previous = ctx.state.get("previous_status")
+    # Recorded with the operation when it was asked for: durable from the start.
+    previous = ctx.params.get("previous_status")
     if previous:
         _set_status(ctx.platform, ctx.tenant_id, previous)
 
 
+def _reached(ctx: OpContext, position: int) -> bool:
+    """Has step `position` of this operation started, in any attempt? (The
+    state in `ctx` only has what finished steps recorded; a crash mid-step
+    leaves no trace there.)"""
+    with ctx.platform.db.connection() as conn:
+        row = conn.execute(
+            "SELECT 1 FROM operation_steps WHERE operation_id = %s AND position >= %s LIMIT 1",
+            (ctx.op["id"], position),
+        ).fetchone()
+    return row is not None
+
+
 def _delete_failed(ctx: OpContext, reason: str) -> None:
-    if "drop database" in ctx.state.get("actions", []) or ctx.state.get("dropping"):
+    # Once the drop has started (now or before a crash) the database may be
+    # gone: the project cannot go back to what it was.
+    if _reached(ctx, 1):
         with ctx.platform.db.connection() as conn:
             conn.execute(
                 "UPDATE tenants SET status = 'failed', error = %s, updated_at = now() "
@@ -232,18 +246,13 @@ def _delete_failed(ctx: OpContext, reason: str) -> None:
         _delete_restore(ctx)
 
 
-def _delete_database_marked(ctx: OpContext) -> None:
-    ctx.state["dropping"] = True
-    _delete_database(ctx)
-
-
 DELETE = register(
     OperationKind(
         name="delete",
         description="drop the project's database and roles; the row stays for the audit",
         steps=(
             Step("block", _delete_block),
-            Step("drop_database", _delete_database_marked, final=True),
+            Step("drop_database", _delete_database, final=True),
             Step("drop_roles", _delete_roles),
             Step("finish", _delete_finish),
         ),
@@ -310,7 +319,10 @@ def _rotate_apply(ctx: OpContext) -> None:
     info = row["connection_info"] or {}
     plan = get_plan(row["plan_type"] or "free")
     with p.servers.admin_connection(server) as conn, conn.transaction():
-        for mode in _roles_param(ctx):
+        # Every pending password, including one a failed rotation left
+        # behind: `store` then stores them all, so what is stored is always
+        # what the server has.
+        for mode in ("rw", "ro"):
             pending = info.get(_PENDING[mode])
             if not pending:
                 continue  # already stored by a previous run of `store`
@@ -354,6 +366,12 @@ def _rotate_store(ctx: OpContext) -> None:
             info[_USER[mode]] = new_user
             if old_user != new_user and old_user not in expire:
                 expire.append(old_user)
+    # Kept with the credentials, in the same write, so a crash before the
+    # expiry is scheduled cannot forget it.
+    if expire:
+        info["expire_after_overlap"] = sorted(
+            set(info.get("expire_after_overlap", [])) | set(expire)
+        )
     _update_info(p, ctx.tenant_id, info)
     p.client.forget(ctx.tenant_id)
     ctx.state["rotated"] = _roles_param(ctx)
@@ -363,15 +381,27 @@ def _rotate_store(ctx: OpContext) -> None:
 def _rotate_schedule_expiry(ctx: OpContext) -> None:
     """With an overlap window, the old credentials stop working when it ends:
     a job then starts an `expire_credentials` operation."""
-    overlap = int(ctx.params.get("overlap_s") or 0)
-    if not overlap or not ctx.state.get("expire"):
+    p = ctx.platform
+    info = dict(_tenant(p, ctx.tenant_id)["connection_info"] or {})
+    roles = list(info.get("expire_after_overlap", []))
+    if not roles:
         return
     from pgfleet.operations.queue import schedule_expiry
 
-    at = schedule_expiry(
-        ctx.platform, ctx.tenant_id, list(ctx.state["expire"]), overlap, key=str(ctx.op["id"])
-    )
+    overlap = int(ctx.params.get("overlap_s") or 0)
+    at = schedule_expiry(p, ctx.tenant_id, roles, overlap, key=str(ctx.op["id"]))
+    info.pop("expire_after_overlap", None)
+    _update_info(p, ctx.tenant_id, info)
+    ctx.state["expire"] = roles
     ctx.state["old_credentials_expire_at"] = at
+
+
+def _rotate_failed(ctx: OpContext, reason: str) -> None:
+    """Before `apply` the new passwords are dropped. After it, the server may
+    already have them: they stay pending, and the next rotation applies and
+    stores them (its `generate` keeps pending passwords)."""
+    if not _reached(ctx, 1):
+        _rotate_discard(ctx)
 
 
 def _rotate_discard(ctx: OpContext, reason: str | None = None) -> None:
@@ -394,7 +424,7 @@ ROTATE = register(
             Step("store", _rotate_store),
             Step("schedule_expiry", _rotate_schedule_expiry),
         ),
-        on_failure=_rotate_discard,
+        on_failure=_rotate_failed,
         on_cancel=_rotate_discard,
     )
 )
@@ -523,20 +553,24 @@ def _plan_record(ctx: OpContext) -> None:
     p = ctx.platform
     plan = get_plan(ctx.params["plan"])
     row = _tenant(p, ctx.tenant_id)
+    current = row["hosted_region"]
+    try:
+        wanted_region = choose_server(
+            policy=PlacementPolicy(p.settings.placement),
+            region=row["region"] or p.settings.default_region,
+            plan=plan.id,
+            servers=p.servers.loads(),
+            default_region=p.settings.default_region,
+        )
+    except NoCapacity as e:  # advice only: a full fleet does not stop a plan change
+        wanted_region = Placement(0, "", current, f"no placement possible now: {e.message}")
     with p.db.connection() as conn:
         conn.execute(
             "UPDATE tenants SET plan_type = %s, updated_at = now() WHERE id = %s",
             (plan.id, ctx.tenant_id),
         )
     p.client.forget(ctx.tenant_id)
-    wanted = choose_server(
-        policy=PlacementPolicy(p.settings.placement),
-        region=row["region"] or p.settings.default_region,
-        plan=plan.id,
-        servers=p.servers.loads(),
-        default_region=p.settings.default_region,
-    )
-    current = row["hosted_region"]
+    wanted = wanted_region
     ctx.state["plan"] = plan.id
     ctx.state["previous_plan"] = ctx.params.get("previous_plan")
     ctx.state["connection_limit"] = plan.connection_limit

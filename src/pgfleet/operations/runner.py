@@ -13,7 +13,10 @@ Rules:
   anything else fails the operation at once. A failed or cancelled
   operation runs its kind's compensation, so the project is left consistent.
 - Cancelling is honoured between steps, up to a kind's point of no return
-  (a step marked `final`, such as dropping a database).
+  (a step marked `final`, such as dropping a database). Once a final step
+  has started, the operation only goes forward: no cancel, and its deadline
+  no longer fails it (it is marked `deadline_missed` instead), because
+  compensating is no longer possible.
 """
 
 from __future__ import annotations
@@ -137,6 +140,7 @@ class _Execution:
         self.p = platform
         self.op_id = op_id
         self.worker = worker
+        self.committed = False
 
     # -- platform DB access, retried while the platform DB is unreachable ----
 
@@ -183,10 +187,23 @@ class _Execution:
 
         return self._pdb(q)
 
-    def _step_started(self, position: int, name: str) -> None:
-        def q(conn: psycopg.Connection[Any]) -> None:
+    def _step_started(self, position: int, name: str, *, final: bool = False) -> bool:
+        """Record the start of a step. A final step starts only if no cancel
+        was asked for, decided under the operation's row lock (the cancel
+        API takes the same lock), so a cancel never slips past it."""
+
+        def q(conn: psycopg.Connection[Any]) -> bool:
             with conn.transaction():
-                _async_commit(conn)
+                if final:
+                    ok = conn.execute(
+                        "UPDATE operations SET current_step = %s, updated_at = now() "
+                        "WHERE id = %s AND NOT cancel_requested RETURNING 1",
+                        (name, self.op_id),
+                    ).fetchone()
+                    if ok is None:
+                        return False
+                else:
+                    _async_commit(conn)
                 conn.execute(
                     "INSERT INTO operation_steps (operation_id, position, name, status) "
                     "VALUES (%s, %s, %s, 'running') ON CONFLICT (operation_id, position) DO UPDATE "
@@ -198,8 +215,9 @@ class _Execution:
                     "UPDATE operations SET current_step = %s, updated_at = now() WHERE id = %s",
                     (name, self.op_id),
                 )
+            return True
 
-        self._pdb(q)
+        return self._pdb(q)
 
     def _step_error(self, position: int, error: str, *, failed: bool) -> None:
         def q(conn: psycopg.Connection[Any]) -> None:
@@ -236,6 +254,16 @@ class _Execution:
 
         self._pdb(q)
 
+    def _mark_deadline_missed(self) -> None:
+        def q(conn: psycopg.Connection[Any]) -> None:
+            conn.execute(
+                "UPDATE operations SET deadline_missed = true WHERE id = %s "
+                "AND deadline < now() AND NOT deadline_missed",
+                (self.op_id,),
+            )
+
+        self._pdb(q)
+
     def _end(self, status: str, *, error: str | None, state: dict[str, Any]) -> None:
         def q(conn: psycopg.Connection[Any]) -> None:
             with conn.transaction():
@@ -250,16 +278,15 @@ class _Execution:
 
         self._pdb(q)
 
-    def _finished_positions(self) -> set[int]:
-        def q(conn: psycopg.Connection[Any]) -> set[int]:
-            return {
-                r[0]
-                for r in conn.execute(
-                    "SELECT position FROM operation_steps WHERE operation_id = %s "
-                    "AND status = 'finished'",
-                    (self.op_id,),
-                )
-            }
+    def _step_positions(self) -> tuple[set[int], set[int]]:
+        """(finished steps, started steps) of this operation so far."""
+
+        def q(conn: psycopg.Connection[Any]) -> tuple[set[int], set[int]]:
+            rows = conn.execute(
+                "SELECT position, status FROM operation_steps WHERE operation_id = %s",
+                (self.op_id,),
+            ).fetchall()
+            return {p for p, st in rows if st == "finished"}, {p for p, _ in rows}
 
         return self._pdb(q)
 
@@ -280,14 +307,24 @@ class _Execution:
             )
         kind = KINDS[op["type"]]
         ctx = OpContext(self.p, op, dict(op["result"] or {}))
-        done = self._finished_positions()
+        done, started = self._step_positions()
+        # Past the point of no return (a final step has started, in this run
+        # or before a crash) an operation only goes forward: no cancel, and
+        # its deadline is reported (deadline_missed) but no longer fails it,
+        # since undoing is no longer possible.
+        self.committed = any(kind.steps[i].final for i in started if i < len(kind.steps))
         position = -1
         try:
             for position, step in enumerate(kind.steps):
                 if position in done:
                     continue
                 self._before_step(kind, position)
-                self._step_started(position, step.name)
+                if step.final and not self.committed:
+                    if not self._step_started(position, step.name, final=True):
+                        raise _Cancelled
+                    self.committed = True
+                else:
+                    self._step_started(position, step.name)
                 failpoint(f"{kind.name}.{step.name}.before")
                 self._run_step(kind, position, step, ctx)
                 failpoint(f"{kind.name}.{step.name}.after")
@@ -301,6 +338,8 @@ class _Execution:
         return "finished"
 
     def _before_step(self, kind: OperationKind, position: int) -> None:
+        if self.committed:
+            return
         cancel, left = self._flags()
         if cancel and kind.cancellable_before(position):
             raise _Cancelled
@@ -320,7 +359,9 @@ class _Execution:
             except TRANSIENT as e:
                 cancel, left = self._flags()
                 msg = _describe(e)
-                if cancel and kind.cancellable_before(position):
+                if self.committed:
+                    left = float("inf")  # forward only: keep trying
+                elif cancel:
                     raise _Cancelled from e
                 if left <= delay:
                     raise DeadlineExceeded(
@@ -338,6 +379,8 @@ class _Execution:
                 self._step_error(position, f"attempt {attempt}: {msg}", failed=False)
                 time.sleep(delay)
                 delay = min(delay * 2, MAX_BACKOFF_S, max(left - delay, 0.05))
+                if self.committed:
+                    self._mark_deadline_missed()
                 attempt += 1
 
     def _cancel(self, kind: OperationKind, ctx: OpContext) -> str:

@@ -30,8 +30,11 @@ class OperationFailed(PgfleetError):
 
     def __init__(self, op: dict[str, Any]) -> None:
         result = op.get("result") or {}
-        self.status_code = int(result.get("error_status", 500))
-        self.code = str(result.get("error_code", "operation_failed"))
+        if op["status"] == "cancelled":
+            self.status_code, self.code = 409, "operation_cancelled"
+        else:
+            self.status_code = int(result.get("error_status", 500))
+            self.code = str(result.get("error_code", "operation_failed"))
         super().__init__(
             f"{op['type']} operation {op['id']} {op['status']}: {op['error'] or 'no error text'}",
             operation_id=str(op["id"]),

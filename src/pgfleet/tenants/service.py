@@ -254,6 +254,7 @@ def _lifecycle(
     allowed: tuple[str, ...],
     params: dict[str, Any] | None = None,
     include_deleted: bool = False,
+    expect_status: str | None = None,
 ) -> uuid.UUID:
     from pgfleet.operations.service import start_operation
 
@@ -263,6 +264,8 @@ def _lifecycle(
     def check(conn: psycopg.Connection[Any]) -> None:
         row = conn.execute("SELECT status FROM tenants WHERE id = %s FOR UPDATE", (tid,)).fetchone()
         status = row[0] if row else "deleted"
+        if expect_status is not None and status != expect_status:
+            raise Conflict(f"project {tid} changed to {status} meanwhile; try again", status=status)
         if status not in allowed:
             raise Conflict(
                 f"project {tid} is {status}; {type.replace('_', ' ')} needs it to be "
@@ -292,6 +295,7 @@ def delete_project(platform: Platform, owner: Owner, project_id: str | uuid.UUID
 def start_delete_project(
     platform: Platform, owner: Owner, project_id: str | uuid.UUID
 ) -> uuid.UUID:
+    project = get_project(platform, owner, project_id)
     return _lifecycle(
         platform,
         owner,
@@ -299,6 +303,9 @@ def start_delete_project(
         type="delete",
         action="project.delete",
         allowed=("active", "paused", "failed", "provisioning", "deleting"),
+        # What a cancelled delete restores (checked again under the row lock).
+        params={"previous_status": project["status"]},
+        expect_status=project["status"],
     )
 
 
