@@ -273,3 +273,26 @@ def cli_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         monkeypatch.delenv(var, raising=False)
     yield
     gc.collect()
+
+
+@pytest.fixture
+def held(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
+    """Arms a failpoint for this process's embedded worker; returns
+    (reached, release): wait until a worker stops there, let it go on."""
+
+    def arm(name: str) -> Any:
+        monkeypatch.setenv("PGFLEET_FAILPOINTS", name)
+        monkeypatch.setenv("PGFLEET_FAILPOINT_DIR", str(tmp_path))
+
+        def reached() -> None:
+            end = time.monotonic() + 30
+            while not (tmp_path / f"{name}.reached").exists():
+                assert time.monotonic() < end, f"{name} not reached"
+                time.sleep(0.02)
+
+        def release() -> None:
+            (tmp_path / f"{name}.release").touch()
+
+        return reached, release
+
+    return arm

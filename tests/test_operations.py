@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -56,28 +55,6 @@ def poll(api: Api, op_id: str, timeout: float = 30) -> dict[str, Any]:
 def login(uri: str) -> str:
     res = run_psql(uri, "select 1")
     return "ok" if res.returncode == 0 else res.stderr
-
-
-@pytest.fixture
-def held(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
-    """Arms a failpoint for this process's embedded worker: (reached, release)."""
-
-    def arm(name: str) -> Any:
-        monkeypatch.setenv("PGFLEET_FAILPOINTS", name)
-        monkeypatch.setenv("PGFLEET_FAILPOINT_DIR", str(tmp_path))
-
-        def reached() -> None:
-            end = time.monotonic() + 30
-            while not (tmp_path / f"{name}.reached").exists():
-                assert time.monotonic() < end, f"{name} not reached"
-                time.sleep(0.02)
-
-        def release() -> None:
-            (tmp_path / f"{name}.release").touch()
-
-        return reached, release
-
-    return arm
 
 
 # ---- operations are visible --------------------------------------------------

@@ -389,28 +389,6 @@ def test_platform_connection_killed_mid_step_resumes(
     assert_provisioned_once(quiet_platform, fleet, someone, project["id"], "eu-central-1")
 
 
-@pytest.fixture
-def held(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
-    """Arms a failpoint in this process (for its embedded worker)."""
-
-    def arm(name: str) -> Any:
-        monkeypatch.setenv("PGFLEET_FAILPOINTS", name)
-        monkeypatch.setenv("PGFLEET_FAILPOINT_DIR", str(tmp_path))
-
-        def reached() -> None:
-            end = time.monotonic() + 30
-            while not (tmp_path / f"{name}.reached").exists():
-                assert time.monotonic() < end, f"{name} not reached"
-                time.sleep(0.02)
-
-        def release() -> None:
-            (tmp_path / f"{name}.release").touch()
-
-        return reached, release
-
-    return arm
-
-
 def test_region_down_retries_then_fails_after_deadline(
     platform_factory: Any, fleet: FleetUnderTest, held: Any
 ) -> None:

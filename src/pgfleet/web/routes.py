@@ -99,6 +99,17 @@ def install(app: FastAPI) -> None:
             status_code=403,
         )
 
+    @app.exception_handler(_NoSuchDatabase)
+    async def no_such_database(request: Request, exc: _NoSuchDatabase) -> Response:
+        return render(
+            request,
+            "error.html",
+            sess.current(_platform(request), request),
+            status=404,
+            title="Not found",
+            message=f"There is no database {exc.args[0]} in your account.",
+        )
+
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.include_router(router)
 
@@ -269,24 +280,21 @@ def create_database(
     return RedirectResponse(f"/databases/{project['id']}?op={op_id}", status_code=303)
 
 
+class _NoSuchDatabase(Exception):
+    """Not this owner's database (or none at all): the 404 page."""
+
+
 def _project_or_404(request: Request, s: sess.Session, pid: str) -> dict[str, Any]:
-    return service.get_project(_platform(request), s.owner, pid)
+    try:
+        return service.get_project(_platform(request), s.owner, pid)
+    except NotFound:
+        raise _NoSuchDatabase(pid) from None
 
 
 @router.get("/databases/{pid}", response_class=HTMLResponse)
 def database(request: Request, s: SessionDep, pid: str, op: str | None = None) -> Response:
     p = _platform(request)
-    try:
-        project = _project_or_404(request, s, pid)
-    except NotFound:
-        return render(
-            request,
-            "error.html",
-            s,
-            status=404,
-            title="Not found",
-            message=f"There is no database {pid} in your account.",
-        )
+    project = _project_or_404(request, s, pid)
     ops = ops_service.project_operations(p, project["id"], limit=10)
     detailed = []
     for o in ops[:5]:
@@ -333,17 +341,7 @@ def _action(
     request: Request, s: sess.Session, pid: str, csrf: str, start: Any, flash: str
 ) -> Response:
     _check_csrf(s, csrf)
-    try:
-        project = _project_or_404(request, s, pid)
-    except NotFound:
-        return render(
-            request,
-            "error.html",
-            s,
-            status=404,
-            title="Not found",
-            message=f"There is no database {pid} in your account.",
-        )
+    project = _project_or_404(request, s, pid)
     try:
         op_id = start(project["id"])
     except PgfleetError as e:
@@ -408,17 +406,7 @@ def delete(
     confirm: Annotated[str, Form()] = "",
 ) -> Response:
     _check_csrf(s, csrf)
-    try:
-        project = _project_or_404(request, s, pid)
-    except NotFound:
-        return render(
-            request,
-            "error.html",
-            s,
-            status=404,
-            title="Not found",
-            message=f"There is no database {pid} in your account.",
-        )
+    project = _project_or_404(request, s, pid)
     if confirm != project["name"]:
         return render(
             request,
@@ -445,17 +433,7 @@ def sql(
 ) -> Response:
     _check_csrf(s, csrf)
     p = _platform(request)
-    try:
-        project = _project_or_404(request, s, pid)
-    except NotFound:
-        return render(
-            request,
-            "error.html",
-            s,
-            status=404,
-            title="Not found",
-            message=f"There is no database {pid} in your account.",
-        )
+    project = _project_or_404(request, s, pid)
     result = error = None
     try:
         result = run_sql(p, s.owner, project["id"], SqlRequest(query=query, params=[], mode=mode))
