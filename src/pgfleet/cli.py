@@ -194,6 +194,7 @@ def up(
     if detach:
         _start_detached(s, url)
     out.print(f"\npgfleet API: [bold]{url}[/]   (OpenAPI: {url}/docs)", soft_wrap=True)
+    out.print(f"web console: [bold]{url}/[/]   (sign in with the admin token)", soft_wrap=True)
     out.print(f"admin token: [bold]{token}[/]  (also in {_token_file(s)})", soft_wrap=True)
     if not detach:
         out.print("Ctrl-C stops the API; `pgfleet down` stops the servers too.\n")
