@@ -76,15 +76,6 @@ def reconcile(
     t0 = time.perf_counter()
     p = platform
     findings: list[dict[str, Any]] = []
-    with p.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-        tenants = {
-            r["id"]: r
-            for r in cur.execute(
-                "SELECT t.id, t.status, t.server_id, t.region, "
-                "EXISTS (SELECT 1 FROM operations o WHERE o.tenant_id = t.id "
-                "AND o.status IN ('scheduled', 'running')) AS busy FROM tenants t"
-            )
-        }
 
     def add(
         kind: str, server: ServerRecord | None, obj: str, detail: str, **kw: Any
@@ -104,6 +95,11 @@ def reconcile(
 
     converge: dict[uuid.UUID, dict[str, Any]] = {}
     unreachable: list[str] = []
+    # The servers first, the platform DB after: a project's row is committed
+    # before anything of it exists on a server, so whatever the listing shows
+    # already has its row when the tenants are read (no new project looks
+    # like an orphan).
+    listings: list[tuple[ServerRecord, dict[str, Any], dict[str, bool]]] = []
     for server in p.servers.all(enabled_only=True):
         try:
             with p.servers.admin_connection(server) as aconn:
@@ -121,10 +117,20 @@ def reconcile(
                         "SELECT rolname, rolcanlogin FROM pg_roles WHERE rolname LIKE 'tenant\\_%%'"
                     )
                 }
+            listings.append((server, dbs, roles))
         except RegionUnavailable as e:
             unreachable.append(server.name)
             add("server_unreachable", server, server.name, e.message)
-            continue
+    with p.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        tenants = {
+            r["id"]: r
+            for r in cur.execute(
+                "SELECT t.id, t.status, t.server_id, t.region, "
+                "EXISTS (SELECT 1 FROM operations o WHERE o.tenant_id = t.id "
+                "AND o.status IN ('scheduled', 'running')) AS busy FROM tenants t"
+            )
+        }
+    for server, dbs, roles in listings:
 
         def live_here(tid: uuid.UUID | None, server: ServerRecord = server) -> bool:
             t = tenants.get(tid) if tid else None
