@@ -24,6 +24,7 @@ from typing import Any
 import procrastinate
 import psycopg
 from procrastinate import exceptions as pexc
+from psycopg_pool import PoolTimeout
 
 from pgfleet.operations import kinds as _kinds  # noqa: F401  (registers the kinds)
 from pgfleet.operations.runner import execute_operation
@@ -85,8 +86,12 @@ def build_app(connector: procrastinate.BaseConnector) -> procrastinate.App:
         name=EXPIRE_TASK,
         queue=QUEUE,
         pass_context=True,
-        # A busy project (409) is tried again shortly.
-        retry=procrastinate.RetryStrategy(max_attempts=10_000, wait=1, retry_exceptions={Conflict}),
+        # A busy project (409) or an unreachable platform DB is tried again shortly.
+        retry=procrastinate.RetryStrategy(
+            max_attempts=10_000,
+            wait=1,
+            retry_exceptions={Conflict, psycopg.OperationalError, PoolTimeout},
+        ),
     )(_expire_job)
     return app
 
