@@ -33,6 +33,7 @@ from pgfleet.tenants.provisioning import (
     main_role_name,
     prepare_provision,
     ro_role_name,
+    role_exists,
     rw_role_name,
     scram_verifier,
     tenant_db_name,
@@ -78,7 +79,7 @@ def _alter_login_roles(p: Platform, tid: uuid.UUID, clause: sql.Composable) -> N
         return
     with p.servers.admin_connection(server) as conn, conn.transaction():
         for role in _login_roles(tid):
-            if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+            if role_exists(conn, role):
                 conn.execute(sql.SQL("ALTER ROLE {} {}").format(sql.Identifier(role), clause))
 
 
@@ -197,7 +198,7 @@ def _delete_roles(ctx: OpContext) -> None:
     name = tenant_db_name(ctx.tenant_id)
     with p.servers.admin_connection(server) as conn:
         for i, role in enumerate((*login_role_names(name), name)):
-            if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+            if role_exists(conn, role):
                 conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
                 ctx.state.setdefault("actions", []).append(f"drop role {role}")
             if i == 0:
@@ -446,7 +447,7 @@ def _expire(ctx: OpContext) -> None:
         for role in ctx.params.get("roles", []):
             if role in in_use or role not in _login_roles(ctx.tenant_id):
                 continue
-            if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+            if role_exists(conn, role):
                 clause = "NOLOGIN PASSWORD NULL" if role.endswith("_alt") else "PASSWORD NULL"
                 conn.execute(
                     sql.SQL("ALTER ROLE {} {}").format(sql.Identifier(role), sql.SQL(clause))
@@ -535,7 +536,7 @@ def _plan_limits(ctx: OpContext) -> None:
     timeout = f"{plan.statement_timeout_ms}ms"
     with p.servers.admin_connection(server) as conn, conn.transaction():
         for role in _login_roles(ctx.tenant_id):
-            if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+            if role_exists(conn, role):
                 ident = sql.Identifier(role)
                 conn.execute(
                     sql.SQL("ALTER ROLE {} CONNECTION LIMIT {}").format(

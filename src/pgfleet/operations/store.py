@@ -156,19 +156,12 @@ def list_audit(
     limit: int = 100,
 ) -> list[dict[str, Any]]:
     with conn.cursor(row_factory=dict_row) as cur:
-        if tenant_id is None:
-            cur.execute(
-                "SELECT id, at, owner_id, actor, action, tenant_id, operation_id, details "
-                "FROM audit_log ORDER BY at DESC, id DESC LIMIT %s",
-                (limit,),
-            )
-        else:
-            cur.execute(
-                "SELECT id, at, owner_id, actor, action, tenant_id, operation_id, details "
-                "FROM audit_log WHERE tenant_id = %s ORDER BY at DESC, id DESC LIMIT %s",
-                (tenant_id, limit),
-            )
-        return cur.fetchall()
+        return cur.execute(
+            "SELECT id, at, owner_id, actor, action, tenant_id, operation_id, details "
+            "FROM audit_log WHERE %(t)s::uuid IS NULL OR tenant_id = %(t)s "
+            "ORDER BY at DESC, id DESC LIMIT %(n)s",
+            {"t": tenant_id, "n": limit},
+        ).fetchall()
 
 
 def deadline_summary(conn: psycopg.Connection[Any]) -> dict[str, Any]:

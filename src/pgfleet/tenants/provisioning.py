@@ -118,12 +118,15 @@ def _ensure_login_role(
         )
 
 
+def role_exists(conn: psycopg.Connection[Any], role: str) -> bool:
+    return conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() is not None
+
+
 def _create_or_alter_role(
     conn: psycopg.Connection[Any], name: str, attrs: sql.Composable, actions: list[str]
 ) -> None:
     role = sql.Identifier(name)
-    exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone()
-    if exists is None:
+    if not role_exists(conn, name):
         try:
             with conn.transaction():  # a savepoint inside the caller's transaction
                 conn.execute(sql.SQL("CREATE ROLE {} {}").format(role, attrs))
@@ -433,7 +436,7 @@ def drop_on_server(conn: psycopg.Connection[Any], *, name: str) -> list[str]:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
         actions.append("drop database")
     for role in (*login_role_names(name), name):
-        if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+        if role_exists(conn, role):
             conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
             actions.append(f"drop role {role}")
     return actions
