@@ -68,3 +68,13 @@ def test_embedded_regions_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PGFLEET_EMBEDDED_REGIONS", "us-east-1,atlantis-1")
     with pytest.raises(ValidationError):
         Settings()
+
+
+def test_tenant_pool_cap_is_shared_by_the_api_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pgfleet.config import Settings
+
+    s = Settings(tenant_pool_cap=64, api_workers=2)
+    assert s.tenant_pool_cap_per_process == 32
+    assert Settings(tenant_pool_cap=3, api_workers=4).tenant_pool_cap_per_process == 1
+    monkeypatch.delenv("PGFLEET_API_WORKERS", raising=False)
+    assert 1 <= Settings().api_workers <= 4

@@ -18,6 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner, Result
 
+from pgfleet.api.app import create_app
 from pgfleet.auth import create_owner
 from pgfleet.cli import app as cli_app
 from pgfleet.fleet.embedded import EmbeddedServer
@@ -676,6 +677,149 @@ def test_deleted_foreign_and_paused_projects(
         conn.execute("UPDATE tenants SET status = 'paused' WHERE id = %s", (mine,))
     err = error_of(run(api, mine, "select 1"), 409)
     assert "paused" in err["message"], err
+
+
+def until(check: Any, seconds: float = 2.0) -> Any:
+    """Poll `check` until it returns something truthy (a change notice is
+    asynchronous: it arrives just after the commit)."""
+    end = time.monotonic() + seconds
+    while True:
+        result = check()
+        if result or time.monotonic() > end:
+            return result
+        time.sleep(0.01)
+
+
+def test_auth_cache_serves_repeats_and_follows_every_change(
+    api: Api, client: TestClient, platform: Platform
+) -> None:
+    """The SQL API keeps (token, project) lookups for a few seconds; a
+    revoked token, a paused project and a rotated password take effect as
+    soon as their change notice arrives."""
+    cache = client.app.state.sql.auth_cache  # type: ignore[attr-defined]
+    assert until(lambda: cache.live), "the LISTEN for change notices never came up"
+    pid = create_ok(api, "cached")["id"]
+    r = api.post("/v1/tokens", json={"name": "short-lived"})
+    assert r.status_code == 201, r.text
+    token = r.json()
+    other = Api(client, token["token"])
+    run_ok(other, pid, "select 1")
+    hits = cache.hits
+    run_ok(other, pid, "select 1")
+    assert cache.hits == hits + 1, "the repeat lookup did not come from the cache"
+
+    assert api.delete(f"/v1/tokens/{token['id']}").status_code in (200, 204)
+    refused = until(lambda: run(other, pid, "select 1").status_code == 401)
+    assert refused, "a revoked token kept working from the cache"
+
+    # A change made by another process (here: straight in the platform DB).
+    run_ok(api, pid, "select 1")
+    run_ok(api, pid, "select 1")
+    with platform.db.connection() as conn:
+        conn.execute("UPDATE tenants SET status = 'paused' WHERE id = %s", (pid,))
+    assert until(lambda: run(api, pid, "select 1").status_code == 409)
+    with platform.db.connection() as conn:
+        conn.execute("UPDATE tenants SET status = 'active' WHERE id = %s", (pid,))
+    assert until(lambda: run(api, pid, "select 1").status_code == 200)
+
+
+def test_auth_cache_is_off_while_its_listen_connection_is_down(
+    api: Api, client: TestClient, platform: Platform
+) -> None:
+    gateway = client.app.state.sql  # type: ignore[attr-defined]
+    cache = gateway.auth_cache
+    assert until(lambda: cache.live)
+    gateway.listen_retry_s = 3.0  # so the test sees the time without notices
+    pid = create_ok(api, "listen")["id"]
+    run_ok(api, pid, "select 1")
+    with platform.db.connection() as conn:
+        killed = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = 'pgfleet-auth-listen'"
+        ).fetchall()
+    assert killed, "no listen connection found"
+    assert until(lambda: not cache.live), "the cache stayed on without its notices"
+    assert len(cache) == 0
+    hits = cache.hits
+    run_ok(api, pid, "select 1")
+    run_ok(api, pid, "select 1")
+    # Served, but not from the cache: nothing would tell it about changes.
+    assert not cache.live and cache.hits == hits
+    assert until(lambda: cache.live, 5.0), "the listen connection did not come back"
+
+
+def test_sql_requests_the_fast_path_hands_to_the_route(api: Api) -> None:
+    """Bodies that do not validate, or are not JSON, get FastAPI's own answers."""
+    pid = create_ok(api, "fallback")["id"]
+    r = api.post(f"/v1/projects/{pid}/sql", json={"query": 5})
+    err = error_of(r, 422)
+    assert err["fields"] == ["query"], err
+    r = api.post(f"/v1/projects/{pid}/sql", json={"query": "select 1", "mode": "rx"})
+    assert error_of(r, 422)["fields"] == ["mode"]
+    r = api.post(
+        f"/v1/projects/{pid}/sql",
+        content=b"{not json",
+        headers={"Content-Type": "application/json"},
+    )
+    assert r.status_code == 422, r.text
+    r = api.post(
+        f"/v1/projects/{pid}/sql",
+        content=b'{"query": "select 1"}',
+        headers={"Content-Type": "text/plain"},
+    )
+    assert r.status_code in (415, 422), r.text
+    # Without a token, or with another scheme: the same 401 as every route.
+    r = api.client.post(f"/v1/projects/{pid}/sql", json={"query": "select 1"})
+    assert error_of(r, 401)["code"] == "not_authenticated"
+    r = api.client.post(
+        f"/v1/projects/{pid}/sql",
+        json={"query": "select 1"},
+        headers={"Authorization": f"Basic {api.token}"},
+    )
+    assert error_of(r, 401)["code"] == "not_authenticated"
+    # An Idempotency-Key takes the route: the second call answers from the first.
+    key = {"Idempotency-Key": f"k-{uuid.uuid4()}"}
+    run_ok(api, pid, "create table once (n int)")
+    first = api.post(
+        f"/v1/projects/{pid}/sql", json={"query": "insert into once values (1)"}, headers=key
+    )
+    again = api.post(
+        f"/v1/projects/{pid}/sql", json={"query": "insert into once values (1)"}, headers=key
+    )
+    assert first.status_code == again.status_code == 200, (first.text, again.text)
+    assert first.json() == again.json()
+    assert scalar(api, pid, "select count(*) from once") == 1
+
+
+def test_sql_api_connections_stay_bounded_across_many_projects(
+    platform_factory: Any, fleet: FleetUnderTest
+) -> None:
+    """With more projects than the pool cap, the least recently used idle
+    pools close: the server never sees more than cap x size connections."""
+    cap, size = 2, 1
+    platform: Platform = platform_factory(tenant_pool_cap=cap, tenant_pool_size=size, api_workers=1)
+    _, token = create_owner(platform, "many")
+    with TestClient(create_app(platform)) as client:
+        api = Api(client, token)
+        pids = [create_ok(api, f"p{i}")["id"] for i in range(5)]
+        users = [api.get(f"/v1/projects/{p}/connection").json()["user"] for p in pids]
+        for _ in range(2):
+            for pid in pids:
+                assert scalar(api, pid, "select current_user") in users
+                assert len(client.app.state.sql._pools) <= cap  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 5
+        while (n := backends(fleet, users)) > cap * size:
+            assert time.monotonic() < deadline, f"{n} tenant backends, more than {cap * size}"
+            time.sleep(0.05)
+
+
+def backends(fleet: FleetUnderTest, users: list[str]) -> int:
+    with fleet.admin_conn("us-east-1") as a:
+        row = a.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = ANY(%s)", (users,)
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 # ---- query logs ----------------------------------------------------------------

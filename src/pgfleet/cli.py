@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -247,7 +248,14 @@ def _serve(s: Settings) -> None:
     from pgfleet.api.app import create_app
 
     if s.api_workers > 1:
-        # Each worker process builds its own app (and Platform) from settings.
+        # Each worker process builds its own app (and Platform) from settings;
+        # their metrics meet in one directory, emptied at each start.
+        from pgfleet.monitoring.metrics import MULTIPROC_ENV
+
+        metrics_dir = s.home_abs / "metrics"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True)
+        os.environ[MULTIPROC_ENV] = str(metrics_dir)
         uvicorn.run(
             "pgfleet.api.app:create_app",
             factory=True,

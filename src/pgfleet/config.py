@@ -50,6 +50,10 @@ SEED_HOST_ENV = {r.id: r.host_env for r in REGIONS if r.host_env}
 SEED_ENV_SUFFIX = {"us-east-1": "US_EAST", "eu-central-1": "EU", "ap-southeast-1": "APAC"}
 
 
+def _default_api_workers() -> int:
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
 def _config_file() -> Path:
     return Path(os.environ.get("PGFLEET_CONFIG", "pgfleet.toml"))
 
@@ -78,11 +82,13 @@ class Settings(BaseSettings):
     # API
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8470, ge=1, le=65535)
-    api_workers: int = Field(default=1, ge=1, le=64)
+    # API processes: one per CPU (at most 4), since one Python process uses one core.
+    api_workers: int = Field(default_factory=lambda: _default_api_workers(), ge=1, le=64)
     # Fernet keys, newest first (comma separated in env). Empty: a key file
     # generated into the data directory (development only).
     secret_keys: Annotated[list[SecretStr], NoDecode] = Field(default=[], repr=False)
-    # Connections
+    # Connections. The pool cap is for all API processes together: each
+    # keeps at most tenant_pool_cap // api_workers per-project pools.
     tenant_pool_cap: int = Field(default=64, ge=1)
     tenant_pool_size: int = Field(default=4, ge=1)
     admin_pool_size: int = Field(default=4, ge=1)
@@ -194,6 +200,11 @@ class Settings(BaseSettings):
     @property
     def home_abs(self) -> Path:
         return self.home.expanduser().resolve()
+
+    @property
+    def tenant_pool_cap_per_process(self) -> int:
+        """Per-project pools one API process may keep open."""
+        return max(1, self.tenant_pool_cap // self.api_workers)
 
 
 @lru_cache(maxsize=1)

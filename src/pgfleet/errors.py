@@ -98,3 +98,8 @@ class ConfigError(PgfleetError):
     """The configuration is not valid."""
 
     code = "config_error"
+
+
+def error_content(exc: PgfleetError) -> dict[str, object]:
+    """The JSON body every API error has: {"error": {"code", "message", ...}}."""
+    return {"error": {"code": exc.code, "message": exc.message, **exc.details}}

@@ -14,10 +14,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pgfleet import __version__
 from pgfleet.api.routes import health_router, v1
+from pgfleet.api.sqlpath import SqlFastPath
 from pgfleet.config import Settings, get_settings
-from pgfleet.errors import PgfleetError
+from pgfleet.errors import PgfleetError, error_content
 from pgfleet.monitoring.background import BackgroundLoop
 from pgfleet.platform.core import Platform
+from pgfleet.tenants.sql import SqlGateway
 
 DESCRIPTION = """\
 pgfleet runs PostgreSQL databases for projects in several regions.
@@ -40,9 +42,12 @@ def create_app(platform: Platform | None = None, settings: Settings | None = Non
                 loop = BackgroundLoop(app.state.platform).start()
             # Embedded workers also pick up operations left over from before a restart.
             app.state.platform.ops.start_workers()
+        app.state.sql = SqlGateway(app.state.platform)
+        await app.state.sql.open()
         try:
             yield
         finally:
+            await app.state.sql.close()
             if loop is not None:
                 loop.stop()
             if owned and app.state.platform is not None:
@@ -53,8 +58,7 @@ def create_app(platform: Platform | None = None, settings: Settings | None = Non
 
     @app.exception_handler(PgfleetError)
     async def _domain_error(request: Request, exc: PgfleetError) -> JSONResponse:
-        body = {"code": exc.code, "message": exc.message, **exc.details}
-        return JSONResponse({"error": body}, status_code=exc.status_code)
+        return JSONResponse(error_content(exc), status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -74,6 +78,9 @@ def create_app(platform: Platform | None = None, settings: Settings | None = Non
     from pgfleet.web.routes import install as install_console
 
     install_console(app)
+    # Middleware added later wraps what was added before: the metrics see the
+    # SQL fast path's requests too.
+    app.add_middleware(SqlFastPath)
     app.add_middleware(MetricsMiddleware)
     return app
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Header, Query, Response
+from anyio import from_thread
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -40,6 +41,7 @@ from pgfleet.api.schemas import (
     TokenCreated,
     TokenOut,
 )
+from pgfleet.api.sqlpath import sql_body, sql_request
 from pgfleet.errors import NotFound
 from pgfleet.fleet.health import fleet_health
 from pgfleet.monitoring import stats
@@ -50,7 +52,7 @@ from pgfleet.operations.store import audit, get_operation, list_audit
 from pgfleet.regions import REGIONS
 from pgfleet.tenants import service
 from pgfleet.tenants.service import ConnectionDetails
-from pgfleet.tenants.sql import SqlRequest, SqlResult, run_sql
+from pgfleet.tenants.sql import SqlGateway
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "Missing, invalid or revoked token."},
@@ -534,6 +536,7 @@ def get_connection(
     },
 )
 async def sql(
+    request: Request,
     project_id: str,
     body: SqlIn,
     platform: PlatformDep,
@@ -543,29 +546,16 @@ async def sql(
     """Runs the statement on the project's server logged in as the project's
     own role (`ro`: its read-only role), with pgfleet-enforced timeout and
     result caps. Every call writes a query log row."""
-    req = SqlRequest(
-        query=body.query,
-        params=body.params,
-        mode=body.mode,
-        timeout_ms=body.timeout_ms,
-        max_rows=body.max_rows,
-    )
-
-    def work() -> SqlResult:
-        # The hot path: token and project in one platform round trip, and
-        # one thread hop for all the blocking work.
-        owner, row = auth.authenticate_with_project(
-            platform, creds.credentials if creds else None, project_id
-        )
-        return run_sql(platform, owner, project_id, req, project_row=row)
-
+    # Requests without an Idempotency-Key are served by api.sqlpath.SqlFastPath
+    # before they reach this route; its code and this one share everything.
+    gateway: SqlGateway = request.app.state.sql
+    token = creds.credentials if creds else None
+    req = sql_request(body)
     if idempotency_key is not None:
         # A repeated statement (an INSERT sent twice by a retrying client)
         # answers from the first run instead of running again.
         def keyed() -> JSONResponse:
-            owner, _ = auth.authenticate_with_project(
-                platform, creds.credentials if creds else None, project_id
-            )
+            owner, row = from_thread.run(gateway.authenticate, token, project_id)
             return run_idempotent(
                 platform,
                 owner,
@@ -573,26 +563,15 @@ async def sql(
                 method="POST",
                 path=f"/v1/projects/{project_id}/sql",
                 body=body,
-                produce=lambda: (200, _sql_body(work())),
+                produce=lambda: (
+                    200,
+                    sql_body(from_thread.run(gateway.run, owner, project_id, req, row)),
+                ),
             )
 
         return await run_in_threadpool(keyed)
-    r = await run_in_threadpool(work)
-    # The hot path: rows are already JSON values, so skip re-validating them.
-    return JSONResponse(_sql_body(r))
-
-
-def _sql_body(r: SqlResult) -> dict[str, Any]:
-    return {
-        "columns": r.columns,
-        "rows": r.rows,
-        "row_count": r.row_count,
-        "truncated": r.truncated,
-        "duration_ms": r.duration_ms,
-        "command": r.command,
-        "mode": r.mode,
-        "limits": r.limits,
-    }
+    owner, row = await gateway.authenticate(token, project_id)
+    return JSONResponse(sql_body(await gateway.run(owner, project_id, req, row)))
 
 
 def _conn_out(c: ConnectionDetails) -> ConnectionOut:

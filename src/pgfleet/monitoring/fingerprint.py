@@ -3,6 +3,7 @@ folded, so logs group by statement shape and never hold literal values."""
 
 from __future__ import annotations
 
+import functools
 import re
 
 _TOKEN = re.compile(
@@ -24,6 +25,7 @@ _TOKEN = re.compile(
 _COMMENT_PART = re.compile(r"/\*|\*/")
 
 MAX_FINGERPRINT = 1000
+_CACHED_CHARS = 2000
 
 
 def _skip_block_comment(query: str, pos: int) -> int:
@@ -41,6 +43,14 @@ def _skip_block_comment(query: str, pos: int) -> int:
 def fingerprint(query: str) -> str:
     """`SELECT * FROM t WHERE id = 42 AND name = 'x'` -> `select * from t where id = ? and
     name = ?`. Lists of constants collapse: `in (1, 2, 3)` -> `in (?)`."""
+    # Applications send the same statements again and again (with params):
+    # remember the shapes of short ones.
+    if len(query) <= _CACHED_CHARS:
+        return _cached(query)
+    return _fingerprint(query)
+
+
+def _fingerprint(query: str) -> str:
     out: list[str] = []
     pos = 0
     while pos < len(query):
@@ -68,3 +78,6 @@ def fingerprint(query: str) -> str:
     text = re.sub(r"\(\?(?:, \?)+\)", "(?)", text)
     text = re.sub(r"\s+", " ", text).strip().rstrip(";").rstrip()
     return text[:MAX_FINGERPRINT]
+
+
+_cached = functools.lru_cache(maxsize=4096)(_fingerprint)

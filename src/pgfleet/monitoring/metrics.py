@@ -1,11 +1,18 @@
 """Prometheus metrics, one registry per Platform (so several apps in one
-process, as in tests, do not collide)."""
+process, as in tests, do not collide).
+
+With several API processes (`PGFLEET_API_WORKERS` > 1), `pgfleet serve`
+sets PROMETHEUS_MULTIPROC_DIR before the workers start: their counters and
+histograms live in files there, and every scrape, whichever process answers
+it, sums all of them. The state gauges (pools, queue) are the answering
+process's own."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -37,9 +44,13 @@ class _StateCollector(Collector):
             yield fam
 
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._state: list[_StateCollector] = []
         self.http_requests = Counter(
             "pgfleet_http_requests",
             "API requests",
@@ -81,7 +92,15 @@ class Metrics:
         )
 
     def add_state(self, read: Callable[[], dict[str, list[tuple[dict[str, str], float]]]]) -> None:
-        self.registry.register(_StateCollector(read))
+        collector = _StateCollector(read)
+        self._state.append(collector)
+        self.registry.register(collector)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not os.environ.get(MULTIPROC_ENV):
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        for collector in self._state:
+            registry.register(collector)
+        return generate_latest(registry)

@@ -6,6 +6,7 @@ its own Platform on the one platform DB.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from psycopg.conninfo import conninfo_to_dict
@@ -92,6 +93,8 @@ class Platform:
         from pgfleet.tenants.connections import DatabasePlatformClient
 
         self.client = DatabasePlatformClient(self)
+        # Open per-project pools, by their owners (the client, SQL gateways).
+        self.pool_counters: list[Callable[[], int]] = [self.client.pool_count]
         self._ops: OperationsRuntime | None = None
 
     @property
@@ -120,7 +123,7 @@ class Platform:
 
     def _gauges(self) -> dict[str, list[tuple[dict[str, str], float]]]:
         out: dict[str, list[tuple[dict[str, str], float]]] = {
-            "pgfleet_tenant_pools": [({}, float(self.client.pool_count()))],
+            "pgfleet_tenant_pools": [({}, float(sum(count() for count in self.pool_counters)))],
             "pgfleet_query_log_queue": [({}, float(self.query_log.pending()))],
         }
         for h in self.last_health:

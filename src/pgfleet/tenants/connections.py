@@ -12,11 +12,11 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 import psycopg
 from psycopg.rows import dict_row
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 Mode = Literal["rw", "ro"]
 MODES: tuple[Mode, ...] = ("rw", "ro")
+P = TypeVar("P")
 
 
 @dataclass(frozen=True)
@@ -79,10 +80,75 @@ def check_mode(mode: str) -> Mode:
 
 
 @dataclass
-class _PoolEntry:
+class PoolEntry(Generic[P]):
     endpoint: TenantEndpoint
-    pool: ConnectionPool
+    pool: P
     in_use: int = 0
+
+
+class PoolCache(Generic[P]):
+    """Pools per (project, mode), least recently used first. At most `cap`
+    pools are kept: idle ones beyond it are handed back to be closed, so with
+    any number of projects a server sees at most cap x pool size connections
+    from this process. Thread-safe; no I/O happens under the lock."""
+
+    def __init__(self, cap: Callable[[], int]) -> None:
+        self._cap = cap
+        self._pools: OrderedDict[tuple[uuid.UUID, Mode], PoolEntry[P]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def take(
+        self, endpoint: TenantEndpoint, mode: Mode, make: Callable[[], P]
+    ) -> tuple[PoolEntry[P], list[P]]:
+        """The entry for (project, mode), marked in use, and the pools to close
+        (a rotated password or a moved project, and the evicted ones)."""
+        key = (endpoint.tenant_id, mode)
+        stale: list[P] = []
+        with self._lock:
+            entry = self._pools.get(key)
+            if entry is not None and entry.endpoint != endpoint:
+                stale.append(entry.pool)  # password rotated or project moved
+                del self._pools[key]
+                entry = None
+            if entry is None:
+                entry = PoolEntry(endpoint, make())
+                self._pools[key] = entry
+            self._pools.move_to_end(key)
+            entry.in_use += 1
+            cap = self._cap()
+            if len(self._pools) > cap:
+                for k in list(self._pools):
+                    if len(self._pools) <= cap:
+                        break
+                    if self._pools[k].in_use == 0:
+                        stale.append(self._pools.pop(k).pool)
+        return entry, stale
+
+    def give_back(self, entry: PoolEntry[P]) -> None:
+        with self._lock:
+            entry.in_use -= 1
+
+    def discard(self, entry: PoolEntry[P]) -> None:
+        with self._lock:
+            for key, value in list(self._pools.items()):
+                if value is entry:
+                    del self._pools[key]
+
+    def pop_tenant(self, tenant_id: uuid.UUID) -> list[P]:
+        with self._lock:
+            return [
+                self._pools.pop((tenant_id, m)).pool for m in MODES if (tenant_id, m) in self._pools
+            ]
+
+    def drain(self) -> list[P]:
+        with self._lock:
+            pools = [e.pool for e in self._pools.values()]
+            self._pools.clear()
+        return pools
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._pools)
 
 
 class DatabasePlatformClient:
@@ -90,7 +156,9 @@ class DatabasePlatformClient:
 
     def __init__(self, platform: Platform) -> None:
         self.platform = platform
-        self._pools: OrderedDict[tuple[uuid.UUID, Mode], _PoolEntry] = OrderedDict()
+        self._pools: PoolCache[ConnectionPool] = PoolCache(
+            lambda: platform.settings.tenant_pool_cap_per_process
+        )
         # Decrypted passwords by tenant, keyed by their ciphertexts (Fernet is
         # not free, and the hot path would otherwise decrypt on every call).
         self._secrets: OrderedDict[uuid.UUID, tuple[tuple[str, str], tuple[str, str]]] = (
@@ -145,55 +213,25 @@ class DatabasePlatformClient:
             ro_password=ro_password,
         )
 
-    def _entry(self, endpoint: TenantEndpoint, mode: Mode) -> _PoolEntry:
-        key = (endpoint.tenant_id, mode)
-        stale: list[ConnectionPool] = []
-        with self._lock:
-            entry = self._pools.get(key)
-            if entry is not None and entry.endpoint != endpoint:
-                stale.append(entry.pool)  # password rotated or project moved
-                del self._pools[key]
-                entry = None
-            if entry is None:
-                settings = self.platform.settings
-                configure = _make_read_only if mode == "ro" else None
-                pool = ConnectionPool(
-                    # No server-side prepared statements: DISCARD ALL drops them.
-                    kwargs={
-                        **endpoint.conninfo(mode, settings.connect_timeout_s),
-                        "prepare_threshold": None,
-                    },
-                    min_size=0,
-                    max_size=settings.tenant_pool_size,
-                    num_workers=1,
-                    timeout=settings.connect_timeout_s,
-                    max_idle=60,
-                    configure=configure,
-                    check=check_pooled,
-                    reset=_reset_session,
-                    name=f"{endpoint.database}-{mode}",
-                    open=True,
-                )
-                entry = _PoolEntry(endpoint, pool)
-                self._pools[key] = entry
-            self._pools.move_to_end(key)
-            entry.in_use += 1
-            stale.extend(self._evict_locked())
-        for p in stale:
-            p.close(timeout=0)
-        return entry
-
-    def _evict_locked(self) -> list[ConnectionPool]:
-        cap = self.platform.settings.tenant_pool_cap
-        out: list[ConnectionPool] = []
-        if len(self._pools) <= cap:
-            return out
-        for key in list(self._pools):
-            if len(self._pools) <= cap:
-                break
-            if self._pools[key].in_use == 0:
-                out.append(self._pools.pop(key).pool)
-        return out
+    def _make_pool(self, endpoint: TenantEndpoint, mode: Mode) -> ConnectionPool:
+        settings = self.platform.settings
+        return ConnectionPool(
+            # No server-side prepared statements: DISCARD ALL drops them.
+            kwargs={
+                **endpoint.conninfo(mode, settings.connect_timeout_s),
+                "prepare_threshold": None,
+            },
+            min_size=0,
+            max_size=settings.tenant_pool_size,
+            num_workers=1,
+            timeout=settings.connect_timeout_s,
+            max_idle=60,
+            configure=_make_read_only if mode == "ro" else None,
+            check=check_pooled,
+            reset=_reset_session,
+            name=f"{endpoint.database}-{mode}",
+            open=True,
+        )
 
     @contextmanager
     def get_tenant_connection(
@@ -214,13 +252,17 @@ class DatabasePlatformClient:
         m = check_mode(mode)
         if endpoint is None:
             endpoint = self.endpoint(tenant_id)
-        entry = self._entry(endpoint, m)
+        entry, stale = self._pools.take(endpoint, m, lambda: self._make_pool(endpoint, m))
+        for p in stale:
+            p.close(timeout=0)
         try:
             try:
                 cm = entry.pool.connection()
                 conn = cm.__enter__()
             except (PoolTimeout, psycopg.OperationalError) as e:
-                self._discard(entry)  # retry afresh next time, without the pool's backoff
+                # Retry afresh next time, without the pool's backoff.
+                self._pools.discard(entry)
+                entry.pool.close(timeout=0)
                 raise RegionUnavailable(
                     f"region {endpoint.hosted_region} is unavailable: the project's server "
                     "cannot be reached",
@@ -238,33 +280,18 @@ class DatabasePlatformClient:
                 conn.cursor_factory = psycopg.Cursor
                 cm.__exit__(None, None, None)
         finally:
-            with self._lock:
-                entry.in_use -= 1
-
-    def _discard(self, entry: _PoolEntry) -> None:
-        with self._lock:
-            for key, value in list(self._pools.items()):
-                if value is entry:
-                    del self._pools[key]
-        entry.pool.close(timeout=0)
+            self._pools.give_back(entry)
 
     def forget(self, tenant_id: uuid.UUID | str) -> None:
         """Close the pools of a project (deleted, moved, password rotated)."""
-        tid = uuid.UUID(str(tenant_id))
-        with self._lock:
-            pools = [self._pools.pop((tid, m)).pool for m in MODES if (tid, m) in self._pools]
-        for p in pools:
+        for p in self._pools.pop_tenant(uuid.UUID(str(tenant_id))):
             p.close(timeout=1)
 
     def pool_count(self) -> int:
-        with self._lock:
-            return len(self._pools)
+        return len(self._pools)
 
     def close(self) -> None:
-        with self._lock:
-            pools = [e.pool for e in self._pools.values()]
-            self._pools.clear()
-        for p in pools:
+        for p in self._pools.drain():
             p.close(timeout=1)
 
 

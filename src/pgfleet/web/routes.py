@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, FastAPI, Form, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
@@ -21,7 +22,7 @@ from pgfleet.operations import service as ops_service
 from pgfleet.platform.core import Platform
 from pgfleet.regions import PLANS, REGIONS, REGIONS_BY_ID
 from pgfleet.tenants import service
-from pgfleet.tenants.sql import SqlError, SqlRequest, run_sql
+from pgfleet.tenants.sql import SqlError, SqlGateway, SqlRequest
 from pgfleet.web import session as sess
 
 HERE = Path(__file__).parent
@@ -423,7 +424,7 @@ def delete(
 
 
 @router.post("/databases/{pid}/sql", response_class=HTMLResponse)
-def sql(
+async def sql(
     request: Request,
     s: SessionDep,
     pid: str,
@@ -432,11 +433,13 @@ def sql(
     mode: Annotated[str, Form()] = "rw",
 ) -> Response:
     _check_csrf(s, csrf)
-    p = _platform(request)
-    project = _project_or_404(request, s, pid)
+    project = await run_in_threadpool(_project_or_404, request, s, pid)
+    gateway: SqlGateway = request.app.state.sql
     result = error = None
     try:
-        result = run_sql(p, s.owner, project["id"], SqlRequest(query=query, params=[], mode=mode))
+        row = await gateway.project_row(s.owner, str(project["id"]))
+        req = SqlRequest(query=query, params=[], mode=mode)
+        result = await gateway.run(s.owner, str(project["id"]), req, row)
     except SqlError as e:
         error = {"message": e.message, **e.details}
     except PgfleetError as e:
