@@ -3,10 +3,16 @@
 `select 1` and a small indexed lookup through POST /v1/projects/{id}/sql
 versus a direct psycopg connection to the same server as the same role, in
 the same run: p50/p99 latency, the overhead, req/s at concurrency 1, 16 and
-64, and the same `select 1` round-robin across many projects while watching
-that the server's connections stay bounded.
+64 (direct: as many psycopg connections), and the same `select 1`
+round-robin across many projects while watching that the server's
+connections stay bounded.
 
-    .venv/bin/python bench/sql_api.py [--requests 2000] [--projects 1000]
+    .venv/bin/python bench/sql_api.py [--requests 2000] [--projects 1000] [--workers N]
+
+The API runs as `pgfleet up` runs it (PGFLEET_API_WORKERS: one process per
+CPU by default); requests come from a lean keep-alive HTTP client
+(bench/_http.py) in this process, sharing the machine's cores with the API
+and the servers.
 
 Targets (2-core machine): overhead p50 <= 2 ms, >= 1,000 req/s.
 """
@@ -14,6 +20,8 @@ Targets (2-core machine): overhead p50 <= 2 ms, >= 1,000 req/s.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
 import sys
 import threading
 import time
@@ -26,6 +34,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import BenchFleet, bench_fleet, elapsed_ms, pct, summary
+from _http import Conn, post_json, run_load
 
 from pgfleet.config import Settings
 from pgfleet.fleet.embedded import EmbeddedFleet
@@ -46,48 +55,67 @@ def direct(conn_info: dict[str, Any], n: int) -> tuple[list[float], list[float]]
     return ones, lookups
 
 
-def check(r: httpx.Response) -> None:
-    if r.status_code >= 400:
-        raise SystemExit(f"HTTP {r.status_code}: {r.text[:500]}")
+def through_api(url: str, token: str, pid: str, n: int) -> tuple[list[float], list[float]]:
+    path = f"/v1/projects/{pid}/sql"
+    one = post_json(path, token, {"query": "select 1"})
+    lookups_req = [post_json(path, token, {"query": LOOKUP, "params": [i + 1]}) for i in range(100)]
+
+    async def go() -> tuple[list[float], list[float]]:
+        ones, lookups = [], []
+        conn = await Conn.open(url)
+        try:
+            for i in range(n):
+                t0 = time.perf_counter()
+                status, body = await conn.send(one)
+                ones.append(elapsed_ms(t0))
+                if status != 200:
+                    raise SystemExit(f"HTTP {status}: {body[:500]!r}")
+                t0 = time.perf_counter()
+                status, body = await conn.send(lookups_req[i % 100])
+                lookups.append(elapsed_ms(t0))
+                if status != 200:
+                    raise SystemExit(f"HTTP {status}: {body[:500]!r}")
+        finally:
+            conn.close()
+        return ones, lookups
+
+    return asyncio.run(go())
 
 
-def through_api(http: httpx.Client, pid: str, n: int) -> tuple[list[float], list[float]]:
-    ones, lookups = [], []
-    for i in range(n):
+def direct_throughput(
+    conn_info: dict[str, Any], concurrency: int, seconds: float
+) -> tuple[float, list[float]]:
+    async def go() -> tuple[float, list[float]]:
+        latencies: list[float] = []
+        stop = time.perf_counter() + seconds
+
+        async def worker() -> int:
+            n = 0
+            async with await psycopg.AsyncConnection.connect(**conn_info, autocommit=True) as c:
+                while time.perf_counter() < stop:
+                    t0 = time.perf_counter()
+                    await (await c.execute("select 1")).fetchall()
+                    latencies.append(elapsed_ms(t0))
+                    n += 1
+            return n
+
         t0 = time.perf_counter()
-        check(http.post(f"/v1/projects/{pid}/sql", json={"query": "select 1"}))
-        ones.append(elapsed_ms(t0))
-        t0 = time.perf_counter()
-        http.post(
-            f"/v1/projects/{pid}/sql", json={"query": LOOKUP, "params": [i % 10000 + 1]}
-        ).raise_for_status()
-        lookups.append(elapsed_ms(t0))
-    return ones, lookups
+        counts = await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return sum(counts) / (time.perf_counter() - t0), latencies
+
+    return asyncio.run(go())
 
 
-def throughput(bf: BenchFleet, pids: list[str], concurrency: int, seconds: float) -> float:
-    headers = {"Authorization": f"Bearer {bf.token}"}
-    done = 0
-    lock = threading.Lock()
-    stop = time.perf_counter() + seconds
-
-    def worker(k: int) -> None:
-        nonlocal done
-        mine = 0
-        with httpx.Client(base_url=bf.url, headers=headers, timeout=60) as http:
-            i = k
-            while time.perf_counter() < stop:
-                pid = pids[i % len(pids)]
-                http.post(f"/v1/projects/{pid}/sql", json={"query": "select 1"}).raise_for_status()
-                mine += 1
-                i += concurrency
-        with lock:
-            done += mine
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as ex:
-        list(ex.map(worker, range(concurrency)))
-    return done / (time.perf_counter() - t0)
+def api_throughput(
+    bf: BenchFleet, pids: list[str], concurrency: int, seconds: float
+) -> tuple[float, list[float]]:
+    requests = [
+        post_json(f"/v1/projects/{pid}/sql", bf.token, {"query": "select 1"}) for pid in pids
+    ]
+    n, elapsed, latencies = asyncio.run(
+        run_load(bf.url, lambda i: requests[i % len(requests)], concurrency, seconds)
+    )
+    return n / elapsed, latencies
 
 
 def server_backends(bf: BenchFleet, region: str) -> int:
@@ -105,54 +133,65 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2000, help="sequential requests per mode")
     ap.add_argument("--projects", type=int, default=1000, help="projects for round-robin")
     ap.add_argument("--seconds", type=float, default=5.0, help="per throughput run")
-    ap.add_argument("--workers", type=int, default=1, help="API worker processes")
+    ap.add_argument(
+        "--workers", type=int, default=None, help="API processes (default: as pgfleet up)"
+    )
     args = ap.parse_args()
     region = "us-east-1"
-    workers = {"PGFLEET_API_WORKERS": str(args.workers)}
-    with bench_fleet(fsync=False, regions=region, extra_env=workers) as bf:
+    workers = args.workers or Settings().api_workers
+    env = {"PGFLEET_API_WORKERS": str(workers)}
+    settings = Settings()
+    bound = settings.tenant_pool_cap // workers * workers * settings.tenant_pool_size
+    print(f"API processes: {workers}; CPUs: {os.cpu_count()}")
+    with bench_fleet(fsync=False, regions=region, extra_env=env) as bf:
         headers = {"Authorization": f"Bearer {bf.token}"}
         with httpx.Client(base_url=bf.url, headers=headers, timeout=60) as http:
-            p = http.post("/v1/projects", json={"name": "bench", "region": region}).json()
+            # Enterprise: its 200 connections let the direct baseline open 64.
+            body = {"name": "bench", "region": region, "plan_type": "enterprise"}
+            p = http.post("/v1/projects", json=body).json()
             pid = p["id"]
-            http.post(
-                f"/v1/projects/{pid}/sql",
-                json={"query": "create table items (id int primary key, name text)"},
-            ).raise_for_status()
-            http.post(
-                f"/v1/projects/{pid}/sql",
-                json={
-                    "query": "insert into items select g, 'item ' || g "
-                    "from generate_series(1, 10000) g"
-                },
-            ).raise_for_status()
-            c = p["connection"]
-            info = {
-                "host": c["host"],
-                "port": c["port"],
-                "dbname": c["database"],
-                "user": c["user"],
-                "password": c["password"],
-                "sslmode": c["sslmode"],
-            }
-            direct(info, 200)  # warm-up
-            through_api(http, pid, 200)
-            d_one, d_lookup = direct(info, args.requests)
-            a_one, a_lookup = through_api(http, pid, args.requests)
+            for query in (
+                "create table items (id int primary key, name text)",
+                "insert into items select g, 'item ' || g from generate_series(1, 10000) g",
+            ):
+                http.post(f"/v1/projects/{pid}/sql", json={"query": query}).raise_for_status()
+        c = p["connection"]
+        info = {
+            "host": c["host"],
+            "port": c["port"],
+            "dbname": c["database"],
+            "user": c["user"],
+            "password": c["password"],
+            "sslmode": c["sslmode"],
+        }
+        direct(info, 200)  # warm-up
+        through_api(bf.url, bf.token, pid, 200)
+        d_one, d_lookup = direct(info, args.requests)
+        a_one, a_lookup = through_api(bf.url, bf.token, pid, args.requests)
         print(summary("direct psycopg: select 1", d_one))
         print(summary("SQL API: select 1", a_one))
         print(summary("direct psycopg: indexed lookup", d_lookup))
         print(summary("SQL API: indexed lookup", a_lookup))
+        overhead = pct(a_one, 50) - pct(d_one, 50)
         print(
-            f"overhead p50 select 1: {pct(a_one, 50) - pct(d_one, 50):.2f} ms "
-            f"(ratio {pct(a_one, 50) / pct(d_one, 50):.1f}x)"
+            f"overhead p50 select 1: {overhead:.2f} ms "
+            f"(ratio {pct(a_one, 50) / pct(d_one, 50):.1f}x); "
+            f"p99 {pct(a_one, 99) - pct(d_one, 99):.2f} ms"
         )
         print(
             f"overhead p50 lookup:   {pct(a_lookup, 50) - pct(d_lookup, 50):.2f} ms "
             f"(ratio {pct(a_lookup, 50) / pct(d_lookup, 50):.1f}x)"
         )
+        best = 0.0
         for conc in (1, 16, 64):
-            rate = throughput(bf, [pid], conc, args.seconds)
-            print(f"throughput select 1, 1 project, concurrency {conc:>2}: {rate:8.0f} req/s")
+            d_rate, d_lat = direct_throughput(info, conc, args.seconds)
+            a_rate, a_lat = api_throughput(bf, [pid], conc, args.seconds)
+            best = max(best, a_rate)
+            print(
+                f"select 1, 1 project, concurrency {conc:>2}: SQL API {a_rate:6.0f} req/s "
+                f"(p50 {pct(a_lat, 50):6.2f} ms, p99 {pct(a_lat, 99):6.2f} ms); direct "
+                f"{d_rate:6.0f} req/s (p50 {pct(d_lat, 50):5.2f} ms); ratio {d_rate / a_rate:.1f}x"
+            )
 
         # Many projects, round-robin: connections on the server stay bounded.
         pids = [pid]
@@ -178,15 +217,21 @@ def main() -> None:
 
         w = threading.Thread(target=watch)
         w.start()
-        rate = throughput(bf, pids, 16, args.seconds * 2)
+        rate, lat = api_throughput(bf, pids, 16, args.seconds * 2)
         stop.set()
         w.join()
         print(
-            f"throughput select 1, {len(pids)} projects round-robin, concurrency 16: "
-            f"{rate:8.0f} req/s; peak tenant backends on the server: {peak} "
-            f"(bound: workers x PGFLEET_TENANT_POOL_CAP x PGFLEET_TENANT_POOL_SIZE = "
-            f"{args.workers} x 64 x 4)"
+            f"select 1, {len(pids)} projects round-robin, concurrency 16: {rate:6.0f} req/s "
+            f"(p50 {pct(lat, 50):.2f} ms, p99 {pct(lat, 99):.2f} ms); peak tenant backends on "
+            f"the server: {peak} (bound: PGFLEET_TENANT_POOL_CAP x PGFLEET_TENANT_POOL_SIZE "
+            f"= {bound})"
         )
+        verdict = [
+            ("overhead p50 <= 2 ms", overhead <= 2.0),
+            (">= 1,000 req/s", best >= 1000),
+            ("server connections bounded", peak <= bound),
+        ]
+        print("targets: " + "; ".join(f"{k}: {'met' if ok else 'NOT met'}" for k, ok in verdict))
 
 
 if __name__ == "__main__":

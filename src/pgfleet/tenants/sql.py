@@ -535,7 +535,7 @@ class SqlGateway:
     ) -> tuple[PoolEntry[AsyncConnectionPool], psycopg.AsyncConnection[Any]]:
         entry, stale = self._pools.take(endpoint, mode, lambda: self._make_pool(endpoint, mode))
         for pool in stale:
-            self._spawn(pool.close(timeout=0))
+            self._spawn(pool.close(timeout=5))
         try:
             if entry.pool.closed:
                 # Opened on first use, on this loop; open() is idempotent.
@@ -545,7 +545,7 @@ class SqlGateway:
             self._pools.give_back(entry)
             # Retry afresh next time, without the pool's reconnection backoff.
             self._pools.discard(entry)
-            self._spawn(entry.pool.close(timeout=0))
+            self._spawn(entry.pool.close(timeout=5))
             raise RegionUnavailable(
                 f"region {endpoint.hosted_region} is unavailable: the project's server "
                 "cannot be reached",
