@@ -5,6 +5,7 @@ and the CLI's ops commands. Real servers throughout."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from psycopg import sql
 from pgfleet.api.app import create_app
 from pgfleet.auth import create_owner
 from pgfleet.platform.core import Platform
+from pgfleet.tenants.provisioning import ensure_tenant_database_provisioned
 from tests.conftest import Api, FleetUnderTest, run_psql
 
 STEPS = ["place", "roles", "database", "privileges", "activate"]
@@ -360,6 +362,34 @@ def test_second_operation_on_a_project_is_409_naming_the_running_one(api: Api, h
         release()
     assert poll(api, running)["status"] == "finished"
     assert api.post(f"/v1/projects/{pid}/resume").status_code == 200
+
+
+def test_a_repair_waits_for_the_running_operation(api: Api, held: Any, platform: Platform) -> None:
+    """ensure_tenant_database_provisioned (the reconciler's repair) takes the
+    project's lock, which the operation's executor holds: it runs after."""
+    pid = create_ok(api, "locked")["id"]
+    reached, release = held("rotate_password.apply.before")
+    r = api.post(f"/v1/projects/{pid}/rotate-password", params={"wait": "false"})
+    assert r.status_code == 202, r.text
+    op_id = r.json()["operation"]["id"]
+    reached()
+    done = threading.Event()
+
+    def repair() -> None:
+        ensure_tenant_database_provisioned(pid, "us-east-1", platform=platform)
+        done.set()
+
+    t = threading.Thread(target=repair)
+    t.start()
+    try:
+        assert not done.wait(1.0), "the repair ran while the rotation was between steps"
+    finally:
+        release()
+    t.join(timeout=30)
+    assert done.is_set()
+    assert poll(api, op_id)["status"] == "finished"
+    c = api.get(f"/v1/projects/{pid}/connection").json()
+    assert run_psql(c["uri"], "select 1").returncode == 0
 
 
 def test_cancel_a_running_provision_leaves_nothing(
@@ -796,3 +826,38 @@ def test_rotating_a_paused_project_answers_200_without_credentials(api: Api) -> 
     assert api.post(f"/v1/projects/{pid}/resume").status_code == 200
     uri = api.get(f"/v1/projects/{pid}/connection").json()["uri"]
     assert login(uri) == "ok"
+
+
+def test_reconciler_expires_credentials_an_overlap_left_behind(
+    api: Api, admin_api: Api, platform: Platform
+) -> None:
+    """An overlap window whose expiry never ran (its job lost or failed, say
+    with the region down at the time) leaves a password no credential uses:
+    the reconciler finds it and, repairing, expires it."""
+    body = create_ok(api, "leftover")
+    pid = body["id"]
+    db = body["connection"]["database"]
+    old_rw = body["connection"]["uri"]
+    r = api.post(f"/v1/projects/{pid}/rotate-password", json={"overlap_s": 3600, "role": "rw"})
+    assert r.status_code == 200, r.text
+    new_rw = r.json()["connection"]["uri"]
+    # While the window is open its expiry is pending: nothing to report.
+    assert admin_api.post("/v1/admin/reconcile").json()["findings"] == []
+    with platform.db.connection() as conn:
+        gone = conn.execute(
+            "DELETE FROM procrastinate_jobs WHERE task_name = 'pgfleet.expire_credentials' "
+            "AND args->>'tenant_id' = %s RETURNING id",
+            (pid,),
+        ).fetchall()
+    assert len(gone) == 1
+    assert login(old_rw) == "ok"
+
+    findings = admin_api.post("/v1/admin/reconcile").json()["findings"]
+    assert [(f["kind"], f["object"]) for f in findings] == [("stale_credential", f"{db}_rw")]
+    report = admin_api.post("/v1/admin/reconcile", json={"repair": True}).json()
+    assert report["findings"][0]["action"] == "expire_credentials queued"
+    expiry = wait_for_expiry(api, pid, 1)
+    assert expiry["result"]["expired"] == [f"{db}_rw"]
+    assert "password authentication failed" in login(old_rw)
+    assert login(new_rw) == "ok"
+    assert admin_api.post("/v1/admin/reconcile").json()["findings"] == []

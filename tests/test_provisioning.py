@@ -904,3 +904,13 @@ def test_server_statement_log_never_sees_cleartext_password(
     assert prov.password not in written
     assert prov.ro_password not in written
     assert wanted not in written
+
+
+def test_admin_sessions_never_wait_unbounded(platform: Platform) -> None:
+    """A DDL step queued behind a tenant's lock fails after lock_timeout (its
+    operation retries it with backoff) rather than hanging."""
+    server = next(s for s in platform.servers.all() if s.region == "us-east-1")
+    with platform.servers.admin_connection(server) as conn:
+        lock = conn.execute("SHOW lock_timeout").fetchone()
+        stmt = conn.execute("SHOW statement_timeout").fetchone()
+    assert lock == ("10s",) and stmt == ("5min",)

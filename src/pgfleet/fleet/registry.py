@@ -48,8 +48,15 @@ class ServerRecord:
             "sslmode": self.sslmode,
             "connect_timeout": max(1, round(connect_timeout)),
             "application_name": "pgfleet-admin",
+            "options": ADMIN_SESSION_OPTIONS,
         }
 
+
+# Admin work never waits on a lock or runs unbounded: a DDL step that queues
+# behind a tenant's long transaction fails with 55P03 after lock_timeout and
+# its operation retries it with backoff until the operation's deadline,
+# instead of hanging (and queueing everyone else behind its own lock request).
+ADMIN_SESSION_OPTIONS = "-c lock_timeout=10s -c statement_timeout=300s"
 
 _SELECT_SERVERS = sql.SQL(
     "SELECT id, name, region, host, port, admin_user, admin_password_enc, admin_database, "

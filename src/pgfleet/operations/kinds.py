@@ -283,6 +283,14 @@ def _update_info(p: Platform, tid: uuid.UUID, info: dict[str, Any]) -> None:
         )
 
 
+def credential_users(info: dict[str, Any], tid: uuid.UUID) -> set[str]:
+    """The login roles a project's credentials use (current and pending), and
+    those whose overlap window is still to be scheduled."""
+    users = {_current_user(info, m, tid) for m in ("rw", "ro")}
+    users |= {str(info[k]) for k in _PENDING_USER.values() if info.get(k)}
+    return users | set(info.get("expire_after_overlap", []))
+
+
 def _current_user(info: dict[str, Any], mode: str, tid: uuid.UUID) -> str:
     name = tenant_db_name(tid)
     default = rw_role_name(name) if mode == "rw" else ro_role_name(name)

@@ -12,7 +12,12 @@ It reports, and with `repair=True` fixes:
   (the same code the provision operation runs);
 - `stuck_provisioning`: a project `provisioning` with no operation running —
   converged and activated;
-- `failed_project`: a project left `failed` (reported; deleting it cleans up).
+- `failed_project`: a project left `failed` (reported; deleting it cleans up);
+- `stale_credential`: a login role of a live project that still has a
+  password although no credential uses it and no expiry is pending (an
+  overlap window whose expiry failed, say with its region down) — expired
+  by an `expire_credentials` operation. Needs a superuser admin (it reads
+  pg_authid); with a lesser admin the check is skipped.
 
 Projects with an operation in flight are left alone: their worker owns them.
 """
@@ -32,9 +37,12 @@ from psycopg.types.json import Jsonb
 
 from pgfleet.errors import RegionUnavailable
 from pgfleet.fleet.registry import ServerRecord
+from pgfleet.operations.kinds import credential_users
+from pgfleet.operations.queue import EXPIRE_TASK, schedule_expiry
 from pgfleet.platform.core import Platform
 from pgfleet.tenants.provisioning import (
     ensure_tenant_database_provisioned,
+    login_role_names,
     ro_role_name,
     rw_role_name,
     tenant_db_name,
@@ -52,6 +60,22 @@ LIVE = ("active", "paused", "provisioning", "failed", "deleting")
 def _tid(name: str) -> uuid.UUID | None:
     m = _NAME_RE.match(name)
     return uuid.UUID(m.group(1).replace("_", "-")) if m else None
+
+
+def _roles_with_passwords(conn: psycopg.Connection[Any]) -> set[str] | None:
+    """Tenant roles that have a password; None if this admin may not read
+    pg_authid (not a superuser)."""
+    try:
+        with conn.transaction():
+            return {
+                r[0]
+                for r in conn.execute(
+                    "SELECT rolname FROM pg_authid "
+                    "WHERE rolname LIKE 'tenant\\_%%' AND rolpassword IS NOT NULL"
+                )
+            }
+    except psycopg.errors.InsufficientPrivilege:
+        return None
 
 
 def _relations(p: Platform, server: ServerRecord, db: str) -> int:
@@ -99,7 +123,7 @@ def reconcile(
     # before anything of it exists on a server, so whatever the listing shows
     # already has its row when the tenants are read (no new project looks
     # like an orphan).
-    listings: list[tuple[ServerRecord, dict[str, Any], dict[str, bool]]] = []
+    listings: list[tuple[ServerRecord, dict[str, Any], dict[str, bool], set[str] | None]] = []
     for server in p.servers.all(enabled_only=True):
         try:
             with p.servers.admin_connection(server) as aconn:
@@ -117,7 +141,8 @@ def reconcile(
                         "SELECT rolname, rolcanlogin FROM pg_roles WHERE rolname LIKE 'tenant\\_%%'"
                     )
                 }
-            listings.append((server, dbs, roles))
+                passwords = _roles_with_passwords(aconn)
+            listings.append((server, dbs, roles, passwords))
         except RegionUnavailable as e:
             unreachable.append(server.name)
             add("server_unreachable", server, server.name, e.message)
@@ -125,12 +150,17 @@ def reconcile(
         tenants = {
             r["id"]: r
             for r in cur.execute(
-                "SELECT t.id, t.status, t.server_id, t.region, "
+                "SELECT t.id, t.status, t.server_id, t.region, t.connection_info, "
                 "EXISTS (SELECT 1 FROM operations o WHERE o.tenant_id = t.id "
-                "AND o.status IN ('scheduled', 'running')) AS busy FROM tenants t"
+                "AND o.status IN ('scheduled', 'running')) AS busy, "
+                "EXISTS (SELECT 1 FROM procrastinate_jobs j WHERE j.task_name = %s "
+                "AND j.status IN ('todo', 'doing') AND j.args->>'tenant_id' = t.id::text) "
+                "AS expiry_pending FROM tenants t",
+                (EXPIRE_TASK,),
             )
         }
-    for server, dbs, roles in listings:
+    expire: dict[uuid.UUID, list[str]] = {}
+    for server, dbs, roles, passwords in listings:
 
         def live_here(tid: uuid.UUID | None, server: ServerRecord = server) -> bool:
             t = tenants.get(tid) if tid else None
@@ -224,6 +254,18 @@ def reconcile(
                     )
             for kind, detail in problems:
                 converge[tid] = add(kind, server, name, detail, tenant_id=str(tid))
+            if passwords is not None and not t["expiry_pending"]:
+                in_use = credential_users(t["connection_info"] or {}, tid)
+                for role in login_role_names(name):
+                    if role in passwords and role not in in_use:
+                        expire.setdefault(tid, []).append(role)
+                        add(
+                            "stale_credential",
+                            server,
+                            role,
+                            "the role still has a password but no credential uses it",
+                            tenant_id=str(tid),
+                        )
     # Platform-side states.
     for tid, t in tenants.items():
         if t["busy"]:
@@ -253,6 +295,12 @@ def reconcile(
                         x.update(repaired=True, action="converged")
             except Exception as e:
                 f["action"] = f"converge failed: {e}"
+    if repair and expire:
+        for tid, stale in expire.items():
+            schedule_expiry(p, tid, stale, 0, key=f"reconcile:{tid}:{uuid.uuid4()}")
+            for x in findings:
+                if x["kind"] == "stale_credential" and x.get("tenant_id") == str(tid):
+                    x["action"] = "expire_credentials queued"
     report = {
         "repair": repair,
         "force": force,

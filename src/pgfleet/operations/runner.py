@@ -5,7 +5,9 @@ Rules:
 - One executor per operation: a session advisory lock on the operation,
   taken on a platform connection, decides (a second worker that gets the
   same job leaves it alone). The lock dies with the executor's connection,
-  so a killed worker never keeps it.
+  so a killed worker never keeps it. The executor also holds the project's
+  lock, the one `ensure_tenant_database_provisioned` takes, so a repair by
+  the reconciler never interleaves with an operation's steps.
 - Finished steps are skipped when an operation is resumed; the step that
   was running when a worker died runs again: steps look before they act.
 - Transient failures (a regional server or the platform DB unreachable)
@@ -38,6 +40,7 @@ from pgfleet.errors import PgfleetError, RegionUnavailable
 from pgfleet.operations.failpoints import failpoint
 from pgfleet.operations.store import NOTIFY_CHANNEL
 from pgfleet.platform.core import Platform
+from pgfleet.tenants.provisioning import tenant_lock_key
 
 log = logging.getLogger(__name__)
 
@@ -127,12 +130,20 @@ def execute_operation(platform: Platform, op_id: uuid.UUID | str, *, worker: str
         got = lconn.execute("SELECT pg_try_advisory_lock(%s)", (op_lock_key(oid),)).fetchone()
         if not (got and got[0]):
             return "busy"
+        locks = [op_lock_key(oid)]
         try:
+            # Also the project's lock, which ensure_tenant_database_provisioned
+            # (the reconciler's repair) takes: the two never interleave steps.
+            row = lconn.execute("SELECT tenant_id FROM operations WHERE id = %s", (oid,)).fetchone()
+            if row is not None and row[0] is not None:
+                lconn.execute("SELECT pg_advisory_lock(%s)", (tenant_lock_key(row[0]),))
+                locks.append(tenant_lock_key(row[0]))
             return _Execution(platform, oid, worker).run()
         finally:
-            # If the connection is gone, the lock went with it.
+            # If the connection is gone, the locks went with it.
             with contextlib.suppress(psycopg.Error):
-                lconn.execute("SELECT pg_advisory_unlock(%s)", (op_lock_key(oid),))
+                for key in reversed(locks):
+                    lconn.execute("SELECT pg_advisory_unlock(%s)", (key,))
 
 
 class _Execution:
