@@ -9,6 +9,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from decimal import Decimal
 from typing import Any
@@ -529,6 +530,94 @@ def test_statement_timeout_cannot_be_escaped(api: Api) -> None:
     run(api, pid, "alter role current_user set statement_timeout = 0")
     r, elapsed = timed(api, pid, "select pg_sleep(2)", timeout_ms=300)
     _canceled(r, elapsed, 1.5)
+
+
+def test_a_statement_that_swallows_its_cancel_is_ended(api: Api, fleet: FleetUnderTest) -> None:
+    """PL/pgSQL can catch the cancel (query_canceled) and carry on: a second
+    after the timeout its session is terminated, and the answer is still a
+    57014 in bounded time."""
+    pid = create_ok(api)["id"]
+    stubborn = (
+        "do $$ begin loop begin perform pg_sleep(30); "
+        "exception when query_canceled then null; end; end loop; end $$"
+    )
+    for mode in ("rw", "ro"):
+        r, elapsed = timed(api, pid, stubborn, timeout_ms=300, mode=mode)
+        _canceled(r, elapsed, 4.0)
+        assert "session was ended" in sql_error(r)["detail"]
+        # Nothing of it keeps running on the server, and the next call works.
+        assert scalar(api, pid, "select 1") == 1
+    with fleet.admin_conn("us-east-1") as conn:
+        left = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%query_canceled%' "
+            "AND pid <> pg_backend_pid()"
+        ).fetchone()
+    assert left == (0,)
+
+
+def test_a_truncated_write_still_happens_whole(api: Api) -> None:
+    """Rows of INSERT ... RETURNING past max_rows are read and dropped, not
+    cancelled: the answer is truncated, the write is not."""
+    pid = create_ok(api)["id"]
+    run_ok(api, pid, "create table w (n int)")
+    body = run_ok(
+        api, pid, "insert into w select g from generate_series(1, 50) g returning n", max_rows=3
+    )
+    assert body["truncated"] is True
+    assert body["rows"] == [[1], [2], [3]]
+    assert body["row_count"] == 50
+    assert scalar(api, pid, "select count(*) from w") == 50
+    body = run_ok(
+        api,
+        pid,
+        "with d as (delete from w where n > 10 returning n) select n from d order by n",
+        max_rows=1,
+    )
+    assert body["truncated"] is True and body["row_count"] == 40
+    assert scalar(api, pid, "select count(*) from w") == 10
+    # A read stops early, and says so.
+    body = run_ok(api, pid, "select g from generate_series(1, 100000) g", max_rows=5)
+    assert body["truncated"] is True and body["row_count"] == 5
+
+
+def test_busy_project_is_429_not_a_down_region(platform_factory: Any) -> None:
+    platform: Platform = platform_factory(api_workers=1, tenant_pool_size=1, connect_timeout_s=1)
+    _, token = create_owner(platform, "busy")
+    with TestClient(create_app(platform)) as client:
+        api = Api(client, token)
+        pid = create_ok(api, "busy", plan_type="pro")["id"]
+        assert client.app.state.sql.pool_size("pro") == 1  # type: ignore[attr-defined]
+        with ThreadPoolExecutor(2) as ex:
+            slow = ex.submit(run, api, pid, "select pg_sleep(2.5)")
+            time.sleep(0.5)
+            busy = run(api, pid, "select 1")
+            assert slow.result().status_code == 200
+        err = error_of(busy, 429)
+        assert err["code"] == "too_many_statements" and err["limit"] == 1, err
+        # The pool was kept: the project answers at once afterwards.
+        assert scalar(api, pid, "select 1") == 1
+
+
+def test_sql_pool_sizes_leave_the_project_half_its_connections(platform_factory: Any) -> None:
+    platform: Platform = platform_factory(api_workers=2, tenant_pool_size=4)
+    from pgfleet.tenants.sql import SqlGateway
+
+    g = SqlGateway(platform)
+    assert g.pool_size("free") == 2  # 10 connections: 5 for the API, over 2 processes
+    assert g.pool_size("pro") == 4
+    assert g.pool_size("enterprise") == 4
+
+
+def test_malformed_and_oversized_bodies_are_4xx(api: Api) -> None:
+    pid = create_ok(api, "bodies")["id"]
+    deep = b'{"query": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    r = api.post(
+        f"/v1/projects/{pid}/sql", content=deep, headers={"Content-Type": "application/json"}
+    )
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:200])
+    huge = {"query": "select $1", "params": ["x" * (5 * 1024 * 1024)]}
+    r = api.post(f"/v1/projects/{pid}/sql", json=huge)
+    assert r.status_code == 413, (r.status_code, r.text[:200])
 
 
 @pytest.mark.parametrize("timeout_ms", [15001, 60000, 0, -5])

@@ -81,6 +81,13 @@ class RegionUnavailable(PgfleetError):
     code = "region_unavailable"
 
 
+class PlatformUnavailable(PgfleetError):
+    """The platform database cannot be reached."""
+
+    status_code = 503
+    code = "platform_unavailable"
+
+
 class NoCapacity(PgfleetError):
     """No server in the region has capacity left."""
 

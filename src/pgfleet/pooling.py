@@ -26,7 +26,10 @@ def is_suspect(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> 
     a while are pinged too. Raises if it is known to be broken."""
     if conn.broken or conn.closed:
         raise psycopg.OperationalError("the pooled connection is broken")
-    readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+    # poll, not select: select() cannot take descriptors past 1023.
+    poller = select.poll()
+    poller.register(conn.pgconn.socket, select.POLLIN)
+    readable = poller.poll(0)
     return bool(readable) or time.monotonic() - _returned_at.get(conn, 0.0) > 30.0
 
 

@@ -30,6 +30,9 @@ and what is allowed.
 """
 
 
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
 def create_app(platform: Platform | None = None, settings: Settings | None = None) -> FastAPI:
     owned = platform is None
 
@@ -53,7 +56,15 @@ def create_app(platform: Platform | None = None, settings: Settings | None = Non
             if owned and app.state.platform is not None:
                 app.state.platform.close()
 
-    app = FastAPI(title="pgfleet", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="pgfleet",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        # The largest legitimate body is a SQL call: 100,000 characters and
+        # 1,000 params. Anything bigger is refused (413) before it is read.
+        max_body_size=MAX_BODY_BYTES,
+    )
     app.state.platform = platform
 
     @app.exception_handler(PgfleetError)

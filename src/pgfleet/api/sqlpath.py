@@ -13,6 +13,7 @@ FastAPI still answers those exactly as documented.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from types import SimpleNamespace
@@ -28,6 +29,7 @@ from pgfleet.tenants.sql import SqlGateway, SqlRequest, SqlResult
 SQL_ROUTE = "/v1/projects/{project_id}/sql"
 _SQL_PATH = re.compile(r"/v1/projects/([^/]+)/sql")
 _ROUTE_LABEL = SimpleNamespace(path=SQL_ROUTE)
+_ENCODE_INLINE_BYTES = 256 * 1024
 
 
 def sql_request(body: SqlIn) -> SqlRequest:
@@ -98,22 +100,23 @@ class SqlFastPath:
         if content_type is not None and content_type.split(";")[0].strip() == "application/json":
             try:
                 body = SqlIn.model_validate(json.loads(raw))
-            except (ValueError, ValidationError):
+            except (ValueError, RecursionError, ValidationError):
                 body = None  # the route answers with its own 422
         if body is None:
             await self.app(scope, _replay(raw, receive), send)
             return
         scope["route"] = _ROUTE_LABEL  # the metrics label it like the route
         gateway: SqlGateway = scope["app"].state.sql
+        big = False
         try:
             owner, row = await gateway.authenticate(bearer_token(authorization), m.group(1))
             result = await gateway.run(owner, m.group(1), sql_request(body), row)
             status, content = 200, sql_body(result)
+            big = result.approx_bytes > _ENCODE_INLINE_BYTES
         except PgfleetError as exc:
             status, content = exc.status_code, error_content(exc)
-        payload = json.dumps(
-            content, ensure_ascii=False, allow_nan=False, separators=(",", ":")
-        ).encode()
+        # A large answer is encoded in a thread, not on the event loop.
+        payload = await asyncio.to_thread(_encode, content) if big else _encode(content)
         await send(
             {
                 "type": "http.response.start",
@@ -125,6 +128,10 @@ class SqlFastPath:
             }
         )
         await send({"type": "http.response.body", "body": payload})
+
+
+def _encode(content: dict[str, Any]) -> bytes:
+    return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
 def _replay(raw: bytes, receive: Receive) -> Receive:

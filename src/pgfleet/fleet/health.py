@@ -107,6 +107,20 @@ def record(platform: Platform, checks: list[ServerHealth]) -> None:
         conn.execute("DELETE FROM server_health WHERE checked_at < now() - interval '7 days'")
 
 
+def latest_recorded(platform: Platform) -> list[ServerHealth]:
+    """The last recorded check of every enabled server (whichever process
+    made it: one per round does)."""
+    with platform.db.connection() as conn:
+        rows = conn.execute(
+            "SELECT s.name, s.region, h.ok, h.latency_ms, h.version, h.error, s.id, "
+            "h.connections_used, h.connections_max, h.databases, h.tenant_databases, "
+            "h.bytes_used FROM servers s CROSS JOIN LATERAL (SELECT * FROM server_health h "
+            "WHERE h.server_id = s.id ORDER BY h.checked_at DESC LIMIT 1) h "
+            "WHERE s.enabled ORDER BY s.id"
+        ).fetchall()
+    return [ServerHealth(*r) for r in rows]
+
+
 def fleet_health(platform: Platform) -> dict[str, Any]:
     try:
         platform.ping()

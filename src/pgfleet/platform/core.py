@@ -126,7 +126,7 @@ class Platform:
             "pgfleet_tenant_pools": [({}, float(sum(count() for count in self.pool_counters)))],
             "pgfleet_query_log_queue": [({}, float(self.query_log.pending()))],
         }
-        for h in self.last_health:
+        for h in self._recorded_health():
             lbl = {"server": h.name, "region": h.region}
             out.setdefault("pgfleet_server_up", []).append((lbl, 1.0 if h.ok else 0.0))
             if h.latency_ms is not None:
@@ -141,6 +141,16 @@ class Platform:
                 if attr is not None:
                     out.setdefault(key, []).append((lbl, float(attr)))
         return out
+
+    def _recorded_health(self) -> list[ServerHealth]:
+        """The fleet's last recorded checks; with several API processes only
+        one runs each round, so this process's own may be old or missing."""
+        from pgfleet.fleet.health import latest_recorded
+
+        try:
+            return latest_recorded(self)
+        except Exception:
+            return self.last_health
 
     def ping(self) -> None:
         with self.db.connection() as conn:

@@ -83,7 +83,8 @@ def check_mode(mode: str) -> Mode:
 class PoolEntry(Generic[P]):
     endpoint: TenantEndpoint
     pool: P
-    in_use: int = 0
+    in_use: int = 0  # requests holding or waiting for one of its connections
+    checked_out: int = 0  # connections handed out (kept by the async gateway)
 
 
 class PoolCache(Generic[P]):

@@ -26,9 +26,10 @@ import datetime as dt
 import json
 import logging
 import math
+import re
 import time
 import uuid
-from collections.abc import AsyncGenerator, Coroutine, Sequence
+from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, cast
@@ -43,7 +44,14 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from pgfleet.auth import AUTH_CHANNEL, AuthCache, authenticate_with_project_async
-from pgfleet.errors import Conflict, InvalidInput, PgfleetError, ProjectNotFound, RegionUnavailable
+from pgfleet.errors import (
+    Conflict,
+    InvalidInput,
+    PgfleetError,
+    PlatformUnavailable,
+    ProjectNotFound,
+    RegionUnavailable,
+)
 from pgfleet.monitoring.fingerprint import fingerprint
 from pgfleet.monitoring.querylog import QueryLogRecord
 from pgfleet.platform.core import Platform
@@ -58,6 +66,13 @@ MAX_QUERY_CHARS = 100_000
 MAX_PARAMS = 1000
 DEFAULT_TIMEOUT_MS = 10_000
 DEFAULT_MAX_ROWS = 1000
+
+
+class TooManyStatements(PgfleetError):
+    """The project's SQL API connections in this process are all busy."""
+
+    status_code = 429
+    code = "too_many_statements"
 
 
 class SqlError(PgfleetError):
@@ -86,6 +101,7 @@ class SqlResult:
     command: str
     mode: str
     limits: dict[str, int] = field(default_factory=dict)
+    approx_bytes: int = 0  # the rows' JSON size, for the answer's encoding
 
 
 def plan_limits(plan_type: str | None) -> dict[str, int]:
@@ -362,13 +378,16 @@ class SqlGateway:
         while True:
             try:
                 conn = await psycopg.AsyncConnection.connect(
-                    **self.platform.conninfo,
-                    application_name="pgfleet-auth-listen",
-                    autocommit=True,
-                    keepalives=1,
-                    keepalives_idle=5,
-                    keepalives_interval=2,
-                    keepalives_count=2,
+                    **{
+                        **self.platform.conninfo,
+                        "application_name": "pgfleet-auth-listen",
+                        "autocommit": True,
+                        # A silently dead link is noticed in seconds.
+                        "keepalives": 1,
+                        "keepalives_idle": 5,
+                        "keepalives_interval": 2,
+                        "keepalives_count": 2,
+                    }
                 )
                 async with conn:
                     await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(AUTH_CHANNEL)))
@@ -376,7 +395,9 @@ class SqlGateway:
                     cache.live = True
                     async for notice in conn.notifies():
                         cache.invalidate(notice.payload)
-            except (psycopg.Error, OSError) as e:
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # whatever it was, retry; the cache is off meanwhile
                 log.warning("auth cache off: %s", e.__class__.__name__)
             finally:
                 cache.live = False
@@ -391,7 +412,7 @@ class SqlGateway:
             self.platform.pool_counters.remove(self.pool_count)
         if self._listener is not None:
             self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._listener
         for task in list(self._background):
             with contextlib.suppress(Exception):
@@ -411,7 +432,14 @@ class SqlGateway:
         self, token: str | None, project_id: str
     ) -> tuple[Owner, dict[str, Any] | None]:
         """The token's owner and the project's row, in one round trip."""
-        return await authenticate_with_project_async(self.db, token, project_id, self.auth_cache)
+        try:
+            return await authenticate_with_project_async(
+                self.db, token, project_id, self.auth_cache
+            )
+        except (PoolTimeout, psycopg.OperationalError) as e:
+            raise PlatformUnavailable(
+                "the platform database cannot be reached; retry shortly"
+            ) from e
 
     async def project_row(self, owner: Owner, project_id: str) -> dict[str, Any]:
         try:
@@ -443,19 +471,46 @@ class SqlGateway:
         endpoint = self.platform.client.endpoint_from_row(project)
         started_at = dt.datetime.now(dt.UTC)
         t0 = time.perf_counter()
-        outcome = "ok"
+        outcome = "error"
         row_count: int | None = None
         try:
-            entry, conn = await self._connect(endpoint, mode)
+            entry, conn = await self._connect(endpoint, mode, project["plan_type"])
+            reusable = False
             try:
-                result = await _execute(
-                    conn, tid, req, shape, mode, timeout_ms, max_rows, limits["max_bytes"]
+                result, reusable = await _execute(
+                    conn,
+                    tid,
+                    req,
+                    shape,
+                    mode,
+                    timeout_ms,
+                    max_rows,
+                    limits["max_bytes"],
+                    lambda pid: self._terminate(endpoint, pid),
                 )
             finally:
-                await self._give_back(entry, conn)
+                await self._give_back(entry, conn, reusable)
             row_count = result.row_count
+            outcome = "ok"
+        except _TimedOut:
+            outcome = "57014"
+            raise SqlError(
+                f"statement canceled: it ran longer than timeout_ms={timeout_ms}",
+                sqlstate="57014",
+                position=None,
+                detail="it ignored the cancel request, so its session was ended",
+                hint=None,
+            ) from None
         except psycopg.Error as e:
-            outcome = e.sqlstate or "error"
+            if e.sqlstate is None or conn.broken:
+                # The server went away mid-statement (no SQLSTATE: the link broke).
+                outcome = e.sqlstate or "08006"
+                raise RegionUnavailable(
+                    f"region {endpoint.hosted_region} is unavailable: lost the connection "
+                    "to the project's server during the statement",
+                    region=endpoint.hosted_region,
+                ) from e
+            outcome = e.sqlstate
             diag = e.diag
             message = diag.message_primary or str(e)
             if outcome == "57014":
@@ -467,6 +522,9 @@ class SqlGateway:
                 detail=diag.message_detail,
                 hint=diag.message_hint,
             ) from None
+        except PgfleetError as e:
+            outcome = e.code
+            raise
         finally:
             elapsed = (time.perf_counter() - t0) * 1000
             self._record(endpoint, mode, outcome, elapsed, row_count, shape, started_at)
@@ -508,7 +566,16 @@ class SqlGateway:
             )
         )
 
-    def _make_pool(self, endpoint: TenantEndpoint, mode: Mode) -> AsyncConnectionPool:
+    def pool_size(self, plan_type: str | None) -> int:
+        """Connections one API process keeps per (project, mode): at most
+        PGFLEET_TENANT_POOL_SIZE, and all processes together at most half
+        the role's connection limit, so the project's own clients keep the
+        other half."""
+        s = self.platform.settings
+        share = get_plan(plan_type or "free").connection_limit // 2 // s.api_workers
+        return max(1, min(s.tenant_pool_size, share))
+
+    def _make_pool(self, endpoint: TenantEndpoint, mode: Mode, size: int) -> AsyncConnectionPool:
         s = self.platform.settings
         return AsyncConnectionPool(
             kwargs={
@@ -519,8 +586,10 @@ class SqlGateway:
                 "prepare_threshold": None,
             },
             min_size=0,
-            max_size=s.tenant_pool_size,
-            num_workers=1,
+            max_size=size,
+            # One worker per connection: resets (DISCARD ALL) run in the
+            # pool's workers and must not queue behind each other.
+            num_workers=size,
             timeout=s.connect_timeout_s,
             max_idle=60,
             configure=_configure,
@@ -531,18 +600,31 @@ class SqlGateway:
         )
 
     async def _connect(
-        self, endpoint: TenantEndpoint, mode: Mode
+        self, endpoint: TenantEndpoint, mode: Mode, plan_type: str | None
     ) -> tuple[PoolEntry[AsyncConnectionPool], psycopg.AsyncConnection[Any]]:
-        entry, stale = self._pools.take(endpoint, mode, lambda: self._make_pool(endpoint, mode))
+        size = self.pool_size(plan_type)
+        entry, stale = self._pools.take(
+            endpoint, mode, lambda: self._make_pool(endpoint, mode, size)
+        )
         for pool in stale:
             self._spawn(pool.close(timeout=5))
         try:
             if entry.pool.closed:
                 # Opened on first use, on this loop; open() is idempotent.
                 await entry.pool.open(wait=False)
-            return entry, await entry.pool.getconn()
+            conn = await entry.pool.getconn()
+            entry.checked_out += 1
+            return entry, conn
         except (PoolTimeout, psycopg.OperationalError) as e:
             self._pools.give_back(entry)
+            if isinstance(e, PoolTimeout) and entry.checked_out > 0:
+                # The server is there: this project's connections are all busy.
+                raise TooManyStatements(
+                    f"project {endpoint.tenant_id} already runs {entry.pool.max_size} "
+                    f"{mode} statements through the SQL API in this API process, its most "
+                    "at once; retry when one has finished",
+                    limit=entry.pool.max_size,
+                ) from None
             # Retry afresh next time, without the pool's reconnection backoff.
             self._pools.discard(entry)
             self._spawn(entry.pool.close(timeout=5))
@@ -556,19 +638,59 @@ class SqlGateway:
             raise
 
     async def _give_back(
-        self, entry: PoolEntry[AsyncConnectionPool], conn: psycopg.AsyncConnection[Any]
+        self,
+        entry: PoolEntry[AsyncConnectionPool],
+        conn: psycopg.AsyncConnection[Any],
+        reusable: bool,
     ) -> None:
         try:
+            if not reusable:
+                # A cancel may still be on its way to it: never reuse it.
+                await conn.close()
             # With a reset callback the pool resets the connection (DISCARD ALL)
             # in its own worker task: the answer does not wait for it.
             await entry.pool.putconn(conn)
         finally:
+            entry.checked_out -= 1
             self._pools.give_back(entry)
+
+    async def _terminate(self, endpoint: TenantEndpoint, backend_pid: int) -> None:
+        """End a session that ignores cancel requests (PL/pgSQL can catch
+        them), through the server's admin connection."""
+
+        def kill() -> None:
+            server = self.platform.servers.get(endpoint.server_id)
+            with self.platform.servers.admin_connection(server) as conn:
+                conn.execute("SELECT pg_terminate_backend(%s)", (backend_pid,))
+
+        await asyncio.to_thread(kill)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+class _TimedOut(Exception):
+    """The statement ignored its cancel and its session had to be ended."""
+
+
+# Statements that only read: when their rows pass the caps, the rest are not
+# read (the statement is cancelled). Anything else (INSERT ... RETURNING, a
+# data-modifying WITH) is read to its end, so a truncated answer never hides
+# a write that was rolled back.
+_READS = frozenset({"select", "values", "table", "show", "explain", "fetch"})
+_WRITES = re.compile(r"\b(insert|update|delete|merge)\b")
+TERMINATE_GRACE_S = 1.0
+_INLINE_ROWS = 500  # rows converted on the event loop; beyond, in a thread
+
+
+def _to_rows(raw: list[Any]) -> list[tuple[list[Any], int]]:
+    out = []
+    for r in raw:
+        row = [to_json(v) for v in r]
+        out.append((row, len(json.dumps(row, default=str))))
+    return out
 
 
 async def _execute(
@@ -580,53 +702,111 @@ async def _execute(
     timeout_ms: int,
     max_rows: int,
     max_bytes: int,
-) -> SqlResult:
+    terminate: Callable[[int], Coroutine[Any, Any, None]],
+) -> tuple[SqlResult, bool]:
+    """The statement's result, and whether its connection may be reused."""
     loop = asyncio.get_running_loop()
-    cancelling: list[asyncio.Task[None]] = []
+    pending: list[asyncio.Task[None]] = []
+    terminated = False
 
     def overdue() -> None:
         # From outside the session, so nothing the statement SET can stop it.
-        cancelling.append(loop.create_task(conn.cancel_safe(timeout=2)))
+        pending.append(loop.create_task(conn.cancel_safe(timeout=2)))
 
-    timer = loop.call_later(timeout_ms / 1000, overdue)
+    def stuck() -> None:
+        nonlocal terminated
+        terminated = True
+        pending.append(loop.create_task(terminate(conn.info.backend_pid)))
+
+    timers = [
+        loop.call_later(timeout_ms / 1000, overdue),
+        loop.call_later(timeout_ms / 1000 + TERMINATE_GRACE_S, stuck),
+    ]
+    first = shape.split(" ", 1)[0].rstrip(";")
+    reads = first in _READS or (first == "with" and not _WRITES.search(shape))
+    clean = False
     try:
         async with _StatementCursor(conn) as cur:
-            columns: list[dict[str, str]] = []
             rows: list[list[Any]] = []
             truncated = False
-            size = 0
+            size = seen = 0
+            batch: list[Any] = []
+
+            def take(converted: list[tuple[list[Any], int]]) -> None:
+                nonlocal truncated, size
+                for row, n in converted:
+                    if truncated:
+                        return
+                    if len(rows) >= max_rows or size + n > max_bytes:
+                        truncated = True
+                        return
+                    size += n
+                    rows.append(row)
+
             # stream() always uses the extended protocol, which runs exactly one
             # statement, and lets us stop reading at the caps.
             stream = cast(
                 AsyncGenerator[Any, None],
                 cur.stream(req.query, list(req.params), size=min(max_rows + 1, 1000)),
             )
-            async with contextlib.aclosing(stream):
-                async for raw in stream:
-                    if len(rows) >= max_rows:
-                        truncated = True
-                        break
-                    row = [to_json(v) for v in raw]
-                    size += len(json.dumps(row, default=str))
-                    if size > max_bytes:
-                        truncated = True
-                        break
-                    rows.append(row)
-            timer.cancel()
-            if cur.description is not None:
-                columns = await _type_names(conn, tenant_id, cur.description)
+            try:
+                async with contextlib.aclosing(stream):
+                    async for raw in stream:
+                        seen += 1
+                        if truncated:
+                            continue  # a write: read to its end, keep nothing
+                        if seen <= _INLINE_ROWS:
+                            take(_to_rows([raw]))
+                        else:
+                            # A large result: convert in a thread, so other
+                            # requests on this loop are not held up.
+                            batch.append(raw)
+                            if len(batch) >= _INLINE_ROWS:
+                                take(await asyncio.to_thread(_to_rows, batch))
+                                batch = []
+                        if truncated and reads:
+                            break
+                    if batch and not truncated:
+                        take(await asyncio.to_thread(_to_rows, batch))
+            except psycopg.Error:
+                if terminated:
+                    raise _TimedOut() from None
+                raise
+            for t in timers:
+                t.cancel()
+            # Wait out a cancel sent as the statement ended before the next
+            # query, so it cannot land on that one; the statement stands.
+            for task in pending:
+                with contextlib.suppress(Exception):
+                    await task
+            if terminated:
+                raise _TimedOut()
+            columns = (
+                await _type_names(conn, tenant_id, cur.description)
+                if cur.description is not None
+                else []
+            )
             final = cur.final
             command = (final.command_status or b"").decode() if final is not None else ""
             if not command:  # libpq leaves the tag empty after chunked rows
                 command = shape.split(" ", 1)[0].upper()
-            if cur.description is not None:
-                row_count = len(rows)
-            else:
+            if cur.description is None:
                 row_count = final.command_tuples or 0 if final is not None else 0
+            else:
+                row_count = len(rows) if reads else seen
+        clean = True
     finally:
-        timer.cancel()
-        # After this no cancel is pending, so the connection can be reused.
-        for task in cancelling:
-            with contextlib.suppress(Exception):
-                await task
-    return SqlResult(columns, rows, row_count, truncated, 0.0, command, mode)
+        for t in timers:
+            t.cancel()
+        settled = True
+        for task in pending:
+            try:
+                await asyncio.shield(task)
+            except Exception:
+                settled = False
+            except asyncio.CancelledError:
+                settled = False
+                raise
+    result = SqlResult(columns, rows, row_count, truncated, 0.0, command, mode)
+    result.approx_bytes = size
+    return result, clean and settled and not terminated and not conn.broken
