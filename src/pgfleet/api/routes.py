@@ -531,8 +531,18 @@ def get_connection(
         },
         404: ERRORS[404],
         409: {"model": ErrorResponse, "description": "The project is not active."},
+        413: {"description": "The body is over 4 MiB."},
         422: ERRORS[422],
-        503: {"model": ErrorResponse, "description": "The project's server is down."},
+        429: {
+            "model": ErrorResponse,
+            "description": "All of the project's SQL API connections in this API process are "
+            "busy (`too_many_statements`, with the `limit`); retry shortly.",
+        },
+        503: {
+            "model": ErrorResponse,
+            "description": "The project's server is down (`region_unavailable`, naming the "
+            "region) or the platform database is (`platform_unavailable`).",
+        },
     },
 )
 async def sql(
@@ -544,8 +554,10 @@ async def sql(
     idempotency_key: IdemHeader = None,
 ) -> JSONResponse:
     """Runs the statement on the project's server logged in as the project's
-    own role (`ro`: its read-only role), with pgfleet-enforced timeout and
-    result caps. Every call writes a query log row."""
+    own role (`ro`: its read-only role), with pgfleet-enforced timeout (a
+    statement that ignores its cancel has its session ended) and result caps
+    (a read stops at them; a write runs to its end and `row_count` counts
+    every row). Every call writes a query log row."""
     # Requests without an Idempotency-Key are served by api.sqlpath.SqlFastPath
     # before they reach this route; its code and this one share everything.
     gateway: SqlGateway = request.app.state.sql
