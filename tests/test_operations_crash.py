@@ -386,6 +386,9 @@ def test_platform_connection_killed_mid_step_resumes(
     workers.release(point)
     op = wait_op(quiet_platform, op_id, workers)
     assert op["status"] == "finished", (op, workers.logs())
+    # Its locks died with the connection: that executor stopped at the next
+    # step instead of carrying on unlocked, and the operation was resumed.
+    assert "lost its locks" in workers.logs()
     assert_provisioned_once(quiet_platform, fleet, someone, project["id"], "eu-central-1")
 
 

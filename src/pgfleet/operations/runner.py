@@ -7,7 +7,10 @@ Rules:
   same job leaves it alone). The lock dies with the executor's connection,
   so a killed worker never keeps it. The executor also holds the project's
   lock, the one `ensure_tenant_database_provisioned` takes, so a repair by
-  the reconciler never interleaves with an operation's steps.
+  the reconciler never interleaves with an operation's steps. Before each
+  step and retry the executor checks that connection is still there: if it
+  broke (a platform DB outage), the locks went with it and the executor
+  stops, leaving the operation to whoever takes them next.
 - Finished steps are skipped when an operation is resumed; the step that
   was running when a worker died runs again: steps look before they act.
 - Transient failures (a regional server or the platform DB unreachable)
@@ -138,7 +141,7 @@ def execute_operation(platform: Platform, op_id: uuid.UUID | str, *, worker: str
             if row is not None and row[0] is not None:
                 lconn.execute("SELECT pg_advisory_lock(%s)", (tenant_lock_key(row[0]),))
                 locks.append(tenant_lock_key(row[0]))
-            return _Execution(platform, oid, worker).run()
+            return _Execution(platform, oid, worker, lock_conn=lconn).run()
         finally:
             # If the connection is gone, the locks went with it.
             with contextlib.suppress(psycopg.Error):
@@ -146,12 +149,36 @@ def execute_operation(platform: Platform, op_id: uuid.UUID | str, *, worker: str
                     lconn.execute("SELECT pg_advisory_unlock(%s)", (key,))
 
 
+class _LostLocks(Exception):
+    """The connection holding the operation's locks is gone: so are they."""
+
+
 class _Execution:
-    def __init__(self, platform: Platform, op_id: uuid.UUID, worker: str) -> None:
+    def __init__(
+        self,
+        platform: Platform,
+        op_id: uuid.UUID,
+        worker: str,
+        *,
+        lock_conn: psycopg.Connection[Any] | None = None,
+    ) -> None:
         self.p = platform
         self.op_id = op_id
         self.worker = worker
         self.committed = False
+        self.lock_conn = lock_conn
+
+    def _hold_locks(self) -> None:
+        """Before each step and each retry: the locks live as long as their
+        connection, so if it is gone another executor may own the operation
+        by now, and this one must stop (steps look before they act, so at
+        most the one step running when the link broke overlaps)."""
+        if self.lock_conn is None:
+            return
+        try:
+            self.lock_conn.execute("SELECT 1")
+        except psycopg.Error as e:
+            raise _LostLocks() from e
 
     # -- platform DB access, retried while the platform DB is unreachable ----
 
@@ -329,6 +356,7 @@ class _Execution:
             for position, step in enumerate(kind.steps):
                 if position in done:
                     continue
+                self._hold_locks()
                 self._before_step(kind, position)
                 if step.final and not self.committed:
                     if not self._step_started(position, step.name, final=True):
@@ -342,6 +370,11 @@ class _Execution:
                 self._step_finished(position, ctx.state)
         except _Cancelled:
             return self._cancel(kind, ctx)
+        except _LostLocks:
+            # Left as it is: the recovery loop queues it again, and whoever
+            # takes the locks next resumes it.
+            log.warning("operation %s: lost its locks; leaving it to be resumed", self.op_id)
+            return "lost"
         except Exception as e:
             return self._fail(kind, ctx, position, e)
         self._end("finished", error=None, state=ctx.state)
@@ -389,6 +422,7 @@ class _Execution:
                 )
                 self._step_error(position, f"attempt {attempt}: {msg}", failed=False)
                 time.sleep(delay)
+                self._hold_locks()
                 delay = min(delay * 2, MAX_BACKOFF_S, max(left - delay, 0.05))
                 if self.committed:
                     self._mark_deadline_missed()
