@@ -53,6 +53,30 @@ class TenantEndpoint:
     password: str = field(repr=False)
     ro_password: str = field(repr=False)
 
+    def log_record(
+        self,
+        mode: str,
+        *,
+        elapsed_ms: float,
+        row_count: int | None,
+        outcome: str,
+        shape: str,
+        started_at: datetime,
+    ) -> QueryLogRecord:
+        """The query_logs row of one statement run here."""
+        return QueryLogRecord(
+            tenant_id=self.tenant_id,
+            region=self.region,
+            hosted_region=self.hosted_region,
+            server_id=self.server_id,
+            route=mode,
+            execution_time_ms=round(elapsed_ms, 3),
+            row_count=row_count,
+            outcome=outcome,
+            fingerprint=shape,
+            executed_at=started_at,
+        )
+
     def user_for(self, mode: Mode) -> str:
         return self.ro_user if mode == "ro" else self.user
 
@@ -334,17 +358,13 @@ def _logging_cursor(
                     else (query.decode() if isinstance(query, bytes) else query.as_string(self))
                 )
                 client.platform.query_log.log(
-                    QueryLogRecord(
-                        tenant_id=endpoint.tenant_id,
-                        region=endpoint.region,
-                        hosted_region=endpoint.hosted_region,
-                        server_id=endpoint.server_id,
-                        route=mode,
-                        execution_time_ms=round((time.perf_counter() - t0) * 1000, 3),
+                    endpoint.log_record(
+                        mode,
+                        elapsed_ms=(time.perf_counter() - t0) * 1000,
                         row_count=self.rowcount if self.rowcount >= 0 else None,
                         outcome=outcome,
-                        fingerprint=fingerprint(text),
-                        executed_at=started,
+                        shape=fingerprint(text),
+                        started_at=started,
                     )
                 )
 

@@ -53,7 +53,6 @@ from pgfleet.errors import (
     RegionUnavailable,
 )
 from pgfleet.monitoring.fingerprint import fingerprint
-from pgfleet.monitoring.querylog import QueryLogRecord
 from pgfleet.platform.core import Platform
 from pgfleet.pooling import is_suspect, mark_returned
 from pgfleet.regions import get_plan
@@ -552,17 +551,13 @@ class SqlGateway:
         metrics.queries.labels(endpoint.hosted_region, mode, outcome).inc()
         metrics.query_duration.labels(endpoint.hosted_region, mode).observe(elapsed_ms / 1000)
         self.platform.query_log.log(
-            QueryLogRecord(
-                tenant_id=endpoint.tenant_id,
-                region=endpoint.region,
-                hosted_region=endpoint.hosted_region,
-                server_id=endpoint.server_id,
-                route=mode,
-                execution_time_ms=round(elapsed_ms, 3),
+            endpoint.log_record(
+                mode,
+                elapsed_ms=elapsed_ms,
                 row_count=row_count,
                 outcome=outcome,
-                fingerprint=shape,
-                executed_at=started_at,
+                shape=shape,
+                started_at=started_at,
             )
         )
 
