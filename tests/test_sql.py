@@ -608,6 +608,25 @@ def test_sql_pool_sizes_leave_the_project_half_its_connections(platform_factory:
     assert g.pool_size("enterprise") == 4
 
 
+def test_a_plan_change_resizes_the_projects_sql_pool(platform_factory: Any) -> None:
+    platform: Platform = platform_factory(api_workers=2, tenant_pool_size=4)
+    _, token = create_owner(platform, "grows")
+    with TestClient(create_app(platform)) as client:
+        api = Api(client, token)
+        pid = create_ok(api, "grows", plan_type="free")["id"]
+        pools = client.app.state.sql._pools  # type: ignore[attr-defined]
+
+        def size() -> int:
+            run_ok(api, pid, "select 1")
+            (entry,) = [e for (t, _), e in pools._pools.items() if str(t) == pid]
+            return int(entry.pool.max_size)
+
+        assert size() == 2
+        r = api.post(f"/v1/projects/{pid}/plan", json={"plan": "pro"})
+        assert r.status_code == 200, r.text
+        assert until(lambda: size() == 4)
+
+
 def test_malformed_and_oversized_bodies_are_4xx(api: Api) -> None:
     pid = create_ok(api, "bodies")["id"]
     deep = b'{"query": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"

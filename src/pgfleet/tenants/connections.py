@@ -107,6 +107,7 @@ def check_mode(mode: str) -> Mode:
 class PoolEntry(Generic[P]):
     endpoint: TenantEndpoint
     pool: P
+    size: int = 0  # what the pool was made for (0: the client's fixed size)
     in_use: int = 0  # requests holding or waiting for one of its connections
     checked_out: int = 0  # connections handed out (kept by the async gateway)
 
@@ -123,20 +124,21 @@ class PoolCache(Generic[P]):
         self._lock = threading.Lock()
 
     def take(
-        self, endpoint: TenantEndpoint, mode: Mode, make: Callable[[], P]
+        self, endpoint: TenantEndpoint, mode: Mode, make: Callable[[], P], size: int = 0
     ) -> tuple[PoolEntry[P], list[P]]:
         """The entry for (project, mode), marked in use, and the pools to close
-        (a rotated password or a moved project, and the evicted ones)."""
+        (a rotated password, a moved project or a new pool size, and the
+        evicted ones)."""
         key = (endpoint.tenant_id, mode)
         stale: list[P] = []
         with self._lock:
             entry = self._pools.get(key)
-            if entry is not None and entry.endpoint != endpoint:
-                stale.append(entry.pool)  # password rotated or project moved
+            if entry is not None and (entry.endpoint != endpoint or entry.size != size):
+                stale.append(entry.pool)  # password rotated, project moved, plan changed
                 del self._pools[key]
                 entry = None
             if entry is None:
-                entry = PoolEntry(endpoint, make())
+                entry = PoolEntry(endpoint, make(), size=size)
                 self._pools[key] = entry
             self._pools.move_to_end(key)
             entry.in_use += 1

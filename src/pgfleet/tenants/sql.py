@@ -603,7 +603,7 @@ class SqlGateway:
     ) -> tuple[PoolEntry[AsyncConnectionPool], psycopg.AsyncConnection[Any]]:
         size = self.pool_size(plan_type)
         entry, stale = self._pools.take(
-            endpoint, mode, lambda: self._make_pool(endpoint, mode, size)
+            endpoint, mode, lambda: self._make_pool(endpoint, mode, size), size
         )
         for pool in stale:
             self._spawn(pool.close(timeout=5))
