@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -235,6 +235,21 @@ def run_psql(uri: str, query: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def wait_healthy(url: str, seconds: float, alive: Callable[[], str | None] | None = None) -> None:
+    """Until `url`/health answers 200; `alive` says why the server is gone, if it is."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if alive is not None and (why := alive()) is not None:
+            raise AssertionError(why)
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"the API at {url} did not start"
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def api_url(platform: Platform) -> Iterator[str]:
     """A real uvicorn server for `platform` on a free port, in a thread."""
@@ -249,15 +264,7 @@ def api_url(platform: Platform) -> Iterator[str]:
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the API server did not start"
-            time.sleep(0.05)
+        wait_healthy(url, 20)
         yield url
     finally:
         server.should_exit = True

@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from psycopg.conninfo import make_conninfo
 
 from pgfleet.auth import create_owner
 from pgfleet.platform.core import Platform
-from tests.conftest import FleetUnderTest
+from tests.conftest import FleetUnderTest, wait_healthy
 
 
 @pytest.fixture
@@ -50,16 +49,7 @@ def two_workers(platform: Platform, fleet: FleetUnderTest, tmp_path: Path) -> It
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the API processes did not start"
-            time.sleep(0.1)
+        wait_healthy(url, 60, lambda: None if proc.poll() is None else log.read_text())
         yield url
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
