@@ -68,6 +68,7 @@ def test_rw_connection_is_the_projects_role_on_its_server(
         user=prov.user,
         password=prov.password,
         sslmode=prov.sslmode,
+        sslrootcert=prov.sslrootcert,
     ) as direct:
         assert direct.execute("SELECT count(*) FROM items").fetchone() == (2,)
         owner_row = direct.execute(
@@ -190,4 +191,5 @@ def test_password_change_replaces_stale_pool(
             user=prov.user,
             password=prov.password,
             sslmode=prov.sslmode,
+            sslrootcert=prov.sslrootcert,
         ).close()

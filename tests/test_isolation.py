@@ -58,7 +58,7 @@ def uri_for(
     return (
         f"postgresql://{quote(user, safe='')}:{quote(password, safe='')}"
         f"@{prov.host}:{prov.port}/{quote(dbname or prov.database, safe='')}"
-        f"?sslmode={prov.sslmode}&connect_timeout=5"
+        f"?sslmode={prov.sslmode}&sslrootcert={prov.sslrootcert}&connect_timeout=5"
     )
 
 

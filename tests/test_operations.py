@@ -530,14 +530,22 @@ def orphans(fleet: FleetUnderTest) -> Iterator[dict[str, str]]:
         for key in ("empty", "data", "roles"):
             n = names[key]
             c.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(n)))
-            c.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(n + "_rw")))
+            c.execute(
+                sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'orphan-pw' IN ROLE {}").format(
+                    sql.Identifier(n + "_rw"), sql.Identifier(n)
+                )
+            )
         for key in ("empty", "data"):
             c.execute(
                 sql.SQL("CREATE DATABASE {} OWNER {}").format(
                     sql.Identifier(names[key]), sql.Identifier(names[key] + "_rw")
                 )
             )
-    with fleet.admin_conn("eu-central-1", names["data"]) as c:
+    server = fleet.server("eu-central-1")
+    login = {"user": names["data"] + "_rw", "password": "orphan-pw"}
+    with psycopg.connect(
+        **{**fleet.fleet.conninfo(server, names["data"]), **login}, autocommit=True
+    ) as c:
         c.execute("CREATE TABLE precious (x int)")
     yield names
 

@@ -24,7 +24,7 @@ from psycopg.conninfo import make_conninfo
 from pgfleet.operations.runner import execute_operation
 from pgfleet.platform.core import Platform
 from pgfleet.tenants import service
-from pgfleet.tenants.provisioning import tenant_db_name
+from pgfleet.tenants.naming import tenant_db_name
 from pgfleet.tenants.service import Owner
 from tests.conftest import FleetUnderTest, run_psql
 

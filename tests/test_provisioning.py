@@ -18,10 +18,10 @@ from psycopg import sql
 from pgfleet.errors import Conflict, ProjectNotFound
 from pgfleet.platform.core import Platform
 from pgfleet.regions import PLANS
+from pgfleet.tenants.naming import tenant_db_name
 from pgfleet.tenants.provisioning import (
     ProvisionedDatabase,
     ensure_tenant_database_provisioned,
-    tenant_db_name,
 )
 from pgfleet.tenants.service import Owner, create_project
 from tests.conftest import FleetUnderTest
@@ -76,6 +76,7 @@ def connect_as(
         user=prov.ro_user if ro else prov.user,
         password=default_password if password is None else password,
         sslmode=prov.sslmode,
+        sslrootcert=prov.sslrootcert,
         connect_timeout=5,
         autocommit=True,
     )
@@ -126,6 +127,7 @@ def login_error(
             user=user or prov.user,
             password=prov.password if password is None else password,
             sslmode=prov.sslmode,
+            sslrootcert=prov.sslrootcert,
             connect_timeout=5,
         ).close()
     except psycopg.OperationalError as e:
@@ -133,13 +135,15 @@ def login_error(
     raise AssertionError(f"{user or prov.user} logged into {dbname or prov.database}")
 
 
-def in_tenant_db(fleet: FleetUnderTest, region: str, name: str) -> psycopg.Connection[Any]:
-    """An admin (superuser) connection to the project's database."""
-    return fleet.admin_conn(region, name)
+def in_tenant_db(prov: ProvisionedDatabase) -> psycopg.Connection[Any]:
+    """A session inside the project's database as its own rw role (the catalog
+    is readable by anyone; the admin may not enter a tenant's database)."""
+    return connect_as(prov)
 
 
-def assert_gate_inert(fleet: FleetUnderTest, region: str, name: str) -> None:
+def assert_gate_inert(fleet: FleetUnderTest, region: str, prov: ProvisionedDatabase) -> None:
     """The gate role can do nothing: no login, no password, owns nothing, granted nothing."""
+    name = prov.database
     gate, rw, ro = project_roles(name)
     with fleet.admin_conn(region) as a:
         role = a.execute(
@@ -185,7 +189,7 @@ def assert_gate_inert(fleet: FleetUnderTest, region: str, name: str) -> None:
             "SELECT roleid::regrole::text FROM pg_auth_members WHERE member = %s", (oid,)
         ).fetchall()
         assert member_of == [], f"the gate inherits from {member_of}"
-    with in_tenant_db(fleet, region, name) as t:
+    with in_tenant_db(prov) as t:
         owned = t.execute(
             "SELECT 'class ' || relname FROM pg_class WHERE relowner = %(o)s "
             "UNION ALL SELECT 'schema ' || nspname FROM pg_namespace WHERE nspowner = %(o)s "
@@ -261,7 +265,7 @@ def assert_converged(fleet: FleetUnderTest, region: str, prov: ProvisionedDataba
             )
         }
         assert connectors == {rw, ro}
-    assert_gate_inert(fleet, region, name)
+    assert_gate_inert(fleet, region, prov)
     assert can_login(prov), "the provisioned credentials do not log in"
     assert can_login(prov, ro=True), "the read-only credentials do not log in"
     with connect_as(prov, ro=True) as c, pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
@@ -445,13 +449,23 @@ def test_lost_read_only_role_converges(
     with connect_as(prov) as c:
         c.execute("CREATE TABLE kept (x int); INSERT INTO kept VALUES (7)")
     ro = sql.Identifier(prov.ro_user)
-    # DROP OWNED revokes what was granted to the role (in that database and on
-    # shared objects), so the role itself can then go.
-    with psycopg.connect(
-        **fleet.fleet.conninfo(fleet.server("us-east-1"), prov.database), autocommit=True
-    ) as in_db:
-        in_db.execute(sql.SQL("DROP OWNED BY {}").format(ro))
+    # What was granted to the role goes first (by rw inside the database, by the
+    # admin on the database itself), so the role itself can then go.
+    with connect_as(prov) as in_db:
+        in_db.execute(
+            sql.SQL(
+                "REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {0}; "
+                "REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {0}; "
+                "REVOKE ALL ON SCHEMA public FROM {0}; "
+                "ALTER DEFAULT PRIVILEGES REVOKE ALL ON TABLES FROM {0}; "
+                "ALTER DEFAULT PRIVILEGES REVOKE ALL ON SEQUENCES FROM {0}; "
+                "ALTER DEFAULT PRIVILEGES REVOKE ALL ON SCHEMAS FROM {0}"
+            ).format(ro)
+        )
     with fleet.admin_conn("us-east-1") as a:
+        a.execute(
+            sql.SQL("REVOKE ALL ON DATABASE {} FROM {}").format(sql.Identifier(prov.database), ro)
+        )
         a.execute(sql.SQL("DROP ROLE {}").format(ro))
     assert prov.ro_user not in fleet.roles("us-east-1")
     again = ensure_tenant_database_provisioned(row["id"], "us-east-1", platform=platform)
@@ -586,13 +600,15 @@ def test_table_owned_by_gate_role_is_reassigned_to_rw(
     )
     with connect_as(prov) as c:
         c.execute("CREATE TABLE t (x int); INSERT INTO t VALUES (1)")
-    with in_tenant_db(fleet, "us-east-1", prov.database) as t:
-        t.execute(sql.SQL("ALTER TABLE t OWNER TO {}").format(sql.Identifier(prov.database)))
+    with in_tenant_db(prov) as t:  # rw is a member of the gate: it may give it its table
+        gate = sql.Identifier(prov.database)
+        t.execute(sql.SQL("GRANT CREATE ON SCHEMA public TO {}").format(gate))
+        t.execute(sql.SQL("ALTER TABLE t OWNER TO {}").format(gate))
     # The hole: ro, a member of the gate, writes what the gate owns.
     assert ro_can_write(prov, "INSERT INTO t VALUES (99)"), "the sabotage did not take"
 
     again = ensure_tenant_database_provisioned(row["id"], "us-east-1", platform=platform)
-    with in_tenant_db(fleet, "us-east-1", prov.database) as t:
+    with in_tenant_db(again) as t:
         owner_of = t.execute(
             "SELECT pg_get_userbyid(relowner)::text FROM pg_class WHERE oid = 'public.t'::regclass"
         ).fetchone()
@@ -617,14 +633,14 @@ def test_schema_owned_by_gate_role_is_reassigned_and_readable_by_ro(
         platform, owner[0], name="gate schema", region="us-east-1", plan_type="free"
     )
     gate = sql.Identifier(prov.database)
-    with in_tenant_db(fleet, "us-east-1", prov.database) as t:
+    with in_tenant_db(prov) as t:
         t.execute(sql.SQL("CREATE SCHEMA gated AUTHORIZATION {}").format(gate))
         t.execute(sql.SQL("SET ROLE {}").format(gate))
         t.execute("CREATE TABLE gated.g (x int); INSERT INTO gated.g VALUES (2)")
     assert ro_can_write(prov, "INSERT INTO gated.g VALUES (99)"), "the sabotage did not take"
 
     again = ensure_tenant_database_provisioned(row["id"], "us-east-1", platform=platform)
-    with in_tenant_db(fleet, "us-east-1", prov.database) as t:
+    with in_tenant_db(again) as t:
         owners = t.execute(
             "SELECT pg_get_userbyid(relowner)::text FROM pg_class "
             "WHERE oid = 'gated.g'::regclass "
@@ -649,7 +665,7 @@ def test_privileges_granted_to_gate_role_are_revoked(
     )
     with connect_as(prov) as c:
         c.execute("CREATE TABLE t (x int)")
-    with in_tenant_db(fleet, "ap-southeast-1", prov.database) as t:
+    with in_tenant_db(prov) as t:
         t.execute(
             sql.SQL("GRANT INSERT, UPDATE, DELETE ON t TO {}").format(sql.Identifier(prov.database))
         )
@@ -674,7 +690,14 @@ def test_project_from_the_two_role_scheme_converges(
         a.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(old, old))
         a.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(old))
         a.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}, {}").format(old, old, old_ro))
-    with in_tenant_db(fleet, "eu-central-1", name) as t:
+    with psycopg.connect(
+        **{
+            **fleet.fleet.conninfo(fleet.server("eu-central-1"), name),
+            "user": gate,
+            "password": "old-pw",
+        },
+        autocommit=True,
+    ) as t:  # the old scheme's login role, named like the database
         t.execute(sql.SQL("SET ROLE {}").format(old))
         t.execute(
             sql.SQL(
@@ -758,8 +781,8 @@ def test_gate_role_owns_and_is_granted_nothing(
     again = ensure_tenant_database_provisioned(row["id"], "eu-central-1", platform=platform)
     assert_converged(fleet, "eu-central-1", again)
     gate = prov.database
-    assert_gate_inert(fleet, "eu-central-1", gate)
-    with in_tenant_db(fleet, "eu-central-1", gate) as t:
+    assert_gate_inert(fleet, "eu-central-1", again)
+    with in_tenant_db(again) as t:
         rights = t.execute(
             "SELECT has_table_privilege(%(g)s, 'public.plain', 'SELECT'), "
             "has_table_privilege(%(g)s, 'app.items', 'INSERT'), "

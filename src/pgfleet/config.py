@@ -32,7 +32,12 @@ class ServerSpec(BaseModel):
     admin_user: str = "postgres"
     admin_password: SecretStr = Field(default=SecretStr(""), repr=False)
     admin_database: str = "postgres"
-    sslmode: SSLModes = "prefer"
+    # verify-full is the only mode that stops a man in the middle; anything
+    # weaker is allowed (for servers without TLS) but warned about at start.
+    sslmode: SSLModes = "verify-full"
+    # The CA file to verify the server by (libpq's default when unset:
+    # ~/.postgresql/root.crt).
+    sslrootcert: str | None = None
     capacity: int = Field(default=500, ge=1)
     primary: bool = False
 
@@ -166,6 +171,10 @@ class Settings(BaseSettings):
             raise ValueError("PGFLEET_SECRET_KEYS must be set in production")
         return self
 
+    def weak_tls_servers(self) -> list[ServerSpec]:
+        """External servers whose sslmode does not verify the server's identity."""
+        return [s for s in self.external_servers() if s.sslmode != "verify-full"]
+
     def external_servers(self) -> list[ServerSpec]:
         """Servers from pgfleet.toml plus those named by the seed's env vars."""
         out = list(self.servers)
@@ -186,7 +195,8 @@ class Settings(BaseSettings):
                     port=int(env("POSTGRES_PORT", "5432")),
                     admin_user=env("POSTGRES_ADMIN_USER", "postgres"),
                     admin_password=SecretStr(env("POSTGRES_ADMIN_PASSWORD", "")),
-                    sslmode=env("POSTGRES_SSLMODE", "prefer"),
+                    sslmode=env("POSTGRES_SSLMODE", "verify-full"),
+                    sslrootcert=env("POSTGRES_SSLROOTCERT", "") or None,
                     primary=True,
                 )
             )

@@ -57,7 +57,14 @@ class ConnectionOut(BaseModel):
     database: str
     user: str
     password: str
-    sslmode: str
+    sslmode: str = Field(
+        description="verify-full for every server pgfleet runs: the client checks the "
+        "server's certificate against `sslrootcert` and its name against `host`."
+    )
+    sslrootcert: str | None = Field(
+        description="Path (on the pgfleet host) of the CA that signed the server's "
+        "certificate; download it from `GET /ca.crt` to connect from elsewhere."
+    )
     uri: str = Field(description="A libpq connection URI; psql accepts it as is.")
     region: str
     hosted_region: str
@@ -173,6 +180,7 @@ class ServerOut(BaseModel):
     host: str
     port: int
     sslmode: str
+    sslrootcert: str | None
     capacity: int
     tenants: int
     is_primary: bool

@@ -5,7 +5,10 @@ Layout of the data directory:
     fleet.json                  the servers and their ports (fixed at creation)
     secrets/<server>.password   admin password per server (0600)
     servers/<server>/data       PGDATA
+    servers/<server>/tls/       the server's certificate and key (0600)
     servers/<server>/postgres.log
+    tls/ca.crt, tls/ca.key      the fleet CA (the key 0600); clients verify
+                                servers with sslmode=verify-full against ca.crt
 
 initdb refuses to run as root, so when pgfleet runs as root every server
 command runs as an unprivileged system user (created if missing).
@@ -32,10 +35,16 @@ from pgfleet.config import Settings
 from pgfleet.crypto import generate_password, write_private
 from pgfleet.errors import FleetError
 from pgfleet.fleet.binaries import PgBinaries, find_binaries
+from pgfleet.fleet.tls import FleetCA
 
 ADMIN_USER = "pgfleet_admin"
+# A role with no privilege at all, which the reconciler uses to look inside a
+# database that has no live project (it never enters one as the admin).
+PROBE_USER = "pgfleet_probe"
 PLATFORM_DB = "pgfleet"
 LOOPBACK = "127.0.0.1"
+# The names a server certificate is issued for (what clients connect to).
+TLS_HOSTS = [LOOPBACK, "localhost"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,13 @@ class EmbeddedFleet:
     def password_file(self, name: str) -> Path:
         return self.home / "secrets" / f"{name}.password"
 
+    @property
+    def ca(self) -> FleetCA:
+        return FleetCA(self.home / "tls")
+
+    def tls_dir(self, name: str) -> Path:
+        return self.server_dir(name) / "tls"
+
     def servers(self) -> list[EmbeddedServer]:
         """The fleet as recorded; new regions from settings are appended with new ports."""
         recorded = self._load()
@@ -125,7 +141,8 @@ class EmbeddedFleet:
             "user": ADMIN_USER,
             "password": self.admin_password(server.name),
             "dbname": dbname,
-            "sslmode": "disable",
+            "sslmode": "verify-full",
+            "sslrootcert": str(self.ca.cert_path),
             "connect_timeout": 5,
         }
 
@@ -207,6 +224,7 @@ class EmbeddedFleet:
         os.chmod(self.home, 0o711)  # noqa: S103 - traverse only
         (self.home / "servers").mkdir(exist_ok=True)
         os.chmod(self.home / "servers", 0o711)  # noqa: S103
+        self.ca.ensure()
         for s in servers:
             if not (self.data_dir(s.name) / "PG_VERSION").exists():
                 self._initdb(s)
@@ -249,9 +267,43 @@ class EmbeddedFleet:
         with conf.open("a") as f:
             f.write("\ninclude_if_exists = 'pgfleet.conf'\n")
 
+    def ensure_certificate(self, s: EmbeddedServer) -> bool:
+        """The server's certificate from the fleet CA (issued or renewed when
+        needed); True if new files were written (a running server then needs
+        a reload)."""
+        renewed_ca = self.ca.ensure()
+        tls = self.tls_dir(s.name)
+        tls.mkdir(parents=True, exist_ok=True)
+        owner = self._os_user() if self._as_root() else None
+        if owner is not None:
+            os.chown(tls, *owner)
+        os.chmod(tls, 0o700)
+        issued = self.ca.issue_server(
+            s.name, TLS_HOSTS, tls / "server.crt", tls / "server.key", owner=owner
+        )
+        return issued.renewed or renewed_ca
+
+    def renew_certificates(self) -> list[str]:
+        """Renew what is about to expire and reload the running servers that
+        got a new certificate (PostgreSQL rereads its TLS files on reload).
+        Returns the servers renewed."""
+        renewed = []
+        for s in self.servers():
+            if not (self.data_dir(s.name) / "PG_VERSION").exists():
+                continue
+            if self.ensure_certificate(s):
+                renewed.append(s.name)
+                if self.is_running(s):
+                    self._run(
+                        [self.bins.path("pg_ctl"), "reload", "-D", str(self.data_dir(s.name))]
+                    )
+        return renewed
+
     def _write_config(self, s: EmbeddedServer) -> None:
         data = self.data_dir(s.name)
         durable = "on" if self.settings.fsync else "off"
+        self.ensure_certificate(s)
+        tls = self.tls_dir(s.name)
         settings = {
             "listen_addresses": f"'{LOOPBACK}'",
             "port": str(s.port),
@@ -265,25 +317,31 @@ class EmbeddedFleet:
             "fsync": durable,
             "synchronous_commit": durable,
             "full_page_writes": durable,
-            "log_min_messages": "warning",
+            # TLS only (pg_hba has nothing but hostssl lines).
+            "ssl": "on",
+            "ssl_cert_file": f"'{tls / 'server.crt'}'",
+            "ssl_key_file": f"'{tls / 'server.key'}'",
+            "ssl_min_protocol_version": "'TLSv1.2'",
+            # Tenants' statement text never reaches the log: a password literal
+            # a tenant types (ALTER ROLE ... PASSWORD) stays out of it even when
+            # the statement fails. Errors and warnings (whose text can quote the
+            # statement) are not logged; LOG, FATAL and PANIC are.
+            "log_min_messages": "log",
+            "log_min_error_statement": "panic",
+            "log_statement": "none",
+            "log_min_duration_statement": "-1",
+            "log_min_duration_sample": "-1",
+            "log_duration": "off",
+            "log_parameter_max_length": "0",
+            "log_parameter_max_length_on_error": "0",
             "log_connections": "off",
+            "log_disconnections": "off",
         }
         body = "# Managed by pgfleet; rewritten at every start.\n" + "".join(
             f"{k} = {v}\n" for k, v in settings.items()
         )
         (data / "pgfleet.conf").write_text(body)
-        # A project's login roles are members of a NOLOGIN role named like its
-        # database, so `samerole` admits them to that database and to no
-        # other. The admin reaches everything. Loopback only, always SCRAM.
-        hba = (
-            "# Managed by pgfleet; rewritten at every start.\n"
-            f"host  all          {ADMIN_USER}  127.0.0.1/32  scram-sha-256\n"
-            f"host  replication  {ADMIN_USER}  127.0.0.1/32  scram-sha-256\n"
-            "host  samerole     all            127.0.0.1/32  scram-sha-256\n"
-            "host  all          all            0.0.0.0/0     reject\n"
-            "local all          all                          reject\n"
-        )
-        (data / "pg_hba.conf").write_text(hba)
+        (data / "pg_hba.conf").write_text(hba_conf(s.kind))
         if self._as_root():
             uid, gid = self._os_user()
             for p in (data / "pgfleet.conf", data / "pg_hba.conf"):
@@ -390,6 +448,36 @@ class EmbeddedFleet:
                         psycopg.sql.Identifier(PLATFORM_DB)
                     )
                 )
+
+
+def hba_conf(kind: Literal["platform", "regional"]) -> str:
+    """pg_hba.conf of an embedded server: TLS and SCRAM only, loopback only.
+
+    On a regional server the admin (a superuser) may only enter the
+    `postgres` database: no session of it can ever run inside a tenant's
+    database, where the tenant controls what names resolve to. A project's
+    login roles are members of a NOLOGIN role named like its database, so
+    `samerole` admits them to that database and to no other (superusers are
+    not members for samerole). The probe role has no privilege; it can enter
+    only a database it was granted CONNECT on.
+    """
+    head = "# Managed by pgfleet; rewritten at every start.\n"
+    if kind == "platform":
+        return head + (
+            f"hostssl all          {ADMIN_USER}  127.0.0.1/32  scram-sha-256\n"
+            f"hostssl replication  {ADMIN_USER}  127.0.0.1/32  scram-sha-256\n"
+            "host    all          all            0.0.0.0/0     reject\n"
+            "local   all          all                          reject\n"
+        )
+    return head + (
+        f"hostssl postgres     {ADMIN_USER}  127.0.0.1/32  scram-sha-256\n"
+        f"hostssl replication  {ADMIN_USER}  127.0.0.1/32  scram-sha-256\n"
+        f"host    all          {ADMIN_USER}  0.0.0.0/0     reject\n"
+        f"hostssl all          {PROBE_USER}  127.0.0.1/32  scram-sha-256\n"
+        "hostssl samerole     all            127.0.0.1/32  scram-sha-256\n"
+        "host    all          all            0.0.0.0/0     reject\n"
+        "local   all          all                          reject\n"
+    )
 
 
 def _port_free(port: int) -> bool:

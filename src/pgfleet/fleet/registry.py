@@ -1,6 +1,21 @@
 """The server registry: every regional server lives in the platform DB's
 `servers` table (admin password encrypted); pgfleet keeps one small admin
-connection pool per server."""
+connection pool per server.
+
+Sessions pgfleet opens on a regional server, and the one rule they follow:
+no privileged session ever resolves a name a tenant controls.
+- `admin_connection`: the admin, in the server's admin database
+  (`postgres`) only, never in a tenant's database. Nothing a tenant owns
+  lives there.
+- `tenant_session`: inside a project's database, logged in as the project's
+  own login role: whatever the tenant planted there runs with the tenant's
+  own privileges and gains it nothing.
+- `probe_session`: inside a database that has no live project, as a role
+  with no privilege at all (the reconciler counts what it holds).
+Every one pins `search_path` to `pg_catalog, pg_temp` in its startup packet
+(which overrides what ALTER ROLE/DATABASE ... SET put there) and bounds its
+lock waits and statements.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +31,8 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from pgfleet.config import ServerSpec, Settings
-from pgfleet.crypto import SecretBox
-from pgfleet.errors import NotFound, RegionUnavailable
+from pgfleet.crypto import SecretBox, generate_password
+from pgfleet.errors import NotFound, PgfleetError, RegionUnavailable
 from pgfleet.pooling import check_pooled, mark_returned
 from pgfleet.regions import ServerLoad
 
@@ -37,30 +52,57 @@ class ServerRecord:
     enabled: bool
     embedded: bool
     admin_password: str = field(repr=False)
+    sslrootcert: str | None = None
+    probe_password: str | None = field(default=None, repr=False)
 
-    def admin_conninfo(self, connect_timeout: float, dbname: str | None = None) -> dict[str, Any]:
+    def tls(self) -> dict[str, Any]:
+        """How to reach the server over TLS (sslmode, and the CA to verify it by)."""
+        out: dict[str, Any] = {"sslmode": self.sslmode}
+        if self.sslrootcert:
+            out["sslrootcert"] = self.sslrootcert
+        return out
+
+    def admin_conninfo(self, connect_timeout: float) -> dict[str, Any]:
+        """The admin, in the admin database: the only place it ever logs in."""
         return {
             "host": self.host,
             "port": self.port,
             "user": self.admin_user,
             "password": self.admin_password,
-            "dbname": dbname or self.admin_database,
-            "sslmode": self.sslmode,
+            "dbname": self.admin_database,
+            **self.tls(),
             "connect_timeout": max(1, round(connect_timeout)),
             "application_name": "pgfleet-admin",
-            "options": ADMIN_SESSION_OPTIONS,
+            "options": PLATFORM_SESSION_OPTIONS,
         }
 
 
-# Admin work never waits on a lock or runs unbounded: a DDL step that queues
-# behind a tenant's long transaction fails with 55P03 after lock_timeout and
-# its operation retries it with backoff until the operation's deadline,
-# instead of hanging (and queueing everyone else behind its own lock request).
-ADMIN_SESSION_OPTIONS = "-c lock_timeout=10s -c statement_timeout=300s"
+# Every session pgfleet opens on a regional server resolves names in
+# pg_catalog only (pg_temp last, where nothing of a tenant's can be), and
+# never waits on a lock or runs unbounded: a DDL step that queues behind a
+# tenant's long transaction fails with 55P03 after lock_timeout and its
+# operation retries it with backoff until the operation's deadline, instead
+# of hanging (and queueing everyone else behind its own lock request).
+# Options in the startup packet win over ALTER ROLE/DATABASE ... SET.
+PLATFORM_SESSION_OPTIONS = (
+    "-c search_path=pg_catalog,pg_temp -c lock_timeout=10s -c statement_timeout=300s "
+    "-c idle_in_transaction_session_timeout=300s -c default_transaction_read_only=off"
+)
+# The role with no privilege that looks inside databases without a live project.
+PROBE_ROLE = "pgfleet_probe"
+
+
+class CredentialsRejected(PgfleetError):
+    """The server refused the project's stored credentials."""
+
+    status_code = 409
+    code = "credentials_rejected"
+
 
 _SELECT_SERVERS = sql.SQL(
     "SELECT id, name, region, host, port, admin_user, admin_password_enc, admin_database, "
-    "sslmode, capacity, is_primary, enabled, embedded FROM servers"
+    "sslmode, sslrootcert, probe_password_enc, capacity, is_primary, enabled, embedded "
+    "FROM servers"
 )
 
 
@@ -78,14 +120,17 @@ def sync_servers(
             conn.execute(
                 """
                 INSERT INTO servers (name, region, host, port, admin_user, admin_password_enc,
-                                     admin_database, sslmode, capacity, is_primary, enabled,
-                                     embedded)
-                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, true, %s)
+                                     admin_database, sslmode, sslrootcert, probe_password_enc,
+                                     capacity, is_primary, enabled, embedded)
+                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, true, %s)
                 ON CONFLICT (name) DO UPDATE SET
                   region = EXCLUDED.region, host = EXCLUDED.host, port = EXCLUDED.port,
                   admin_user = EXCLUDED.admin_user,
                   admin_password_enc = EXCLUDED.admin_password_enc,
                   admin_database = EXCLUDED.admin_database, sslmode = EXCLUDED.sslmode,
+                  sslrootcert = EXCLUDED.sslrootcert,
+                  probe_password_enc = coalesce(servers.probe_password_enc,
+                                                EXCLUDED.probe_password_enc),
                   capacity = EXCLUDED.capacity, is_primary = EXCLUDED.is_primary,
                   enabled = true, embedded = EXCLUDED.embedded, updated_at = now()
                 """,
@@ -98,10 +143,28 @@ def sync_servers(
                     box.encrypt(spec.admin_password.get_secret_value()),
                     spec.admin_database,
                     spec.sslmode,
+                    spec.sslrootcert,
+                    box.encrypt(generate_password()),
                     spec.capacity,
                     spec.primary,
                     embedded,
                 ),
+            )
+            # What projects on this server were handed (host, port, TLS)
+            # follows the server's record.
+            conn.execute(
+                """
+                UPDATE tenants t SET connection_info = t.connection_info
+                  || jsonb_build_object('host', s.host, 'port', s.port, 'sslmode', s.sslmode,
+                                        'sslrootcert', s.sslrootcert)
+                FROM servers s
+                WHERE s.name = %s AND t.server_id = s.id AND t.connection_info IS NOT NULL
+                  AND (t.connection_info->>'host' IS DISTINCT FROM s.host
+                       OR (t.connection_info->>'port')::int IS DISTINCT FROM s.port
+                       OR t.connection_info->>'sslmode' IS DISTINCT FROM s.sslmode
+                       OR t.connection_info->>'sslrootcert' IS DISTINCT FROM s.sslrootcert)
+                """,
+                (spec.name,),
             )
         conn.execute(
             "UPDATE servers SET enabled = false, updated_at = now() "
@@ -122,7 +185,12 @@ class ServerRegistry:
 
     def _row_to_record(self, row: dict[str, Any]) -> ServerRecord:
         enc = row.pop("admin_password_enc")
-        return ServerRecord(**row, admin_password=self.box.decrypt(enc))
+        probe = row.pop("probe_password_enc")
+        return ServerRecord(
+            **row,
+            admin_password=self.box.decrypt(enc),
+            probe_password=self.box.decrypt(probe) if probe else None,
+        )
 
     def all(self, *, enabled_only: bool = False) -> list[ServerRecord]:
         with self.platform.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
@@ -233,23 +301,68 @@ class ServerRegistry:
         else:
             cm.__exit__(None, None, None)
 
-    @contextmanager
-    def direct_admin_connection(
-        self, server: ServerRecord, dbname: str
-    ) -> Iterator[psycopg.Connection[Any]]:
-        """An unpooled autocommit admin connection to one database of `server`."""
+    def _connect(self, server: ServerRecord, conninfo: dict[str, Any]) -> psycopg.Connection[Any]:
         try:
-            conn = psycopg.connect(
-                **server.admin_conninfo(self.settings.connect_timeout_s, dbname), autocommit=True
-            )
+            return psycopg.connect(**conninfo, autocommit=True)
         except psycopg.OperationalError as e:
+            state = e.sqlstate or ""
+            if state.startswith("28"):  # invalid authorization: not transient
+                raise CredentialsRejected(
+                    f"server {server.name} refused the stored credentials of "
+                    f"{conninfo['user']}; the reconciler repairs changed passwords",
+                    server=server.name,
+                    user=conninfo["user"],
+                ) from None
             raise RegionUnavailable(
-                f"region {server.region} is unavailable: lost the connection to "
-                f"server {server.name}",
+                f"region {server.region} is unavailable: cannot open a session on "
+                f"server {server.name}"
+                + (" (the role's connection limit is reached)" if state == "53300" else ""),
                 region=server.region,
                 server=server.name,
             ) from e
-        with conn:
+
+    @contextmanager
+    def tenant_session(
+        self, server: ServerRecord, database: str, user: str, password: str, *, act_as: str
+    ) -> Iterator[psycopg.Connection[Any]]:
+        """An unpooled autocommit session inside a project's database, logged
+        in as the project's login role `user` and acting as `act_as` (its main
+        role; an alternate login role is a member of it). Names are resolved
+        in pg_catalog only."""
+        conninfo = {
+            "host": server.host,
+            "port": server.port,
+            "dbname": database,
+            "user": user,
+            "password": password,
+            **server.tls(),
+            "connect_timeout": max(1, round(self.settings.connect_timeout_s)),
+            "application_name": "pgfleet-maintenance",
+            "options": f"{PLATFORM_SESSION_OPTIONS} -c role={act_as}",
+        }
+        with self._connect(server, conninfo) as conn:
+            yield conn
+
+    @contextmanager
+    def probe_session(
+        self, server: ServerRecord, database: str
+    ) -> Iterator[psycopg.Connection[Any]]:
+        """An unpooled session inside `database` as the probe role, which has
+        no privilege, owns nothing and is a member of nothing."""
+        if not server.probe_password:
+            raise CredentialsRejected(f"server {server.name} has no probe role password yet")
+        conninfo = {
+            "host": server.host,
+            "port": server.port,
+            "dbname": database,
+            "user": PROBE_ROLE,
+            "password": server.probe_password,
+            **server.tls(),
+            "connect_timeout": max(1, round(self.settings.connect_timeout_s)),
+            "application_name": "pgfleet-probe",
+            "options": PLATFORM_SESSION_OPTIONS,
+        }
+        with self._connect(server, conninfo) as conn:
             yield conn
 
     def close(self) -> None:

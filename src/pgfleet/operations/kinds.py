@@ -9,6 +9,7 @@ any server sees them, so a resumed step uses the same ones.
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,20 +24,22 @@ from pgfleet.operations.failpoints import failpoint
 from pgfleet.operations.runner import OpContext, OperationKind, Step, register
 from pgfleet.platform.core import Platform
 from pgfleet.regions import Placement, PlacementPolicy, choose_server, get_plan
+from pgfleet.tenants.naming import (
+    alt_role_name,
+    login_role_names,
+    main_role_name,
+    ro_role_name,
+    rw_role_name,
+    tenant_db_name,
+)
 from pgfleet.tenants.provisioning import (
     activate,
-    alt_role_name,
     converge_target_on_server,
     drop_on_server,
     ensure_alternate,
-    login_role_names,
-    main_role_name,
     prepare_provision,
-    ro_role_name,
     role_exists,
-    rw_role_name,
     scram_verifier,
-    tenant_db_name,
 )
 
 # ---------------------------------------------------------------- helpers
@@ -338,22 +341,14 @@ def _rotate_apply(ctx: OpContext) -> None:
             user = str(info[_PENDING_USER[mode]])
             password = p.secrets.decrypt(pending)
             if user.endswith("_alt"):
-                settings = {"statement_timeout": f"{plan.statement_timeout_ms}ms"}
-                if mode == "ro":
-                    settings["default_transaction_read_only"] = "on"
                 ensure_alternate(
                     conn,
                     main_role_name(user),
                     password,
                     connection_limit=plan.connection_limit,
-                    settings=settings,
+                    statement_timeout_ms=plan.statement_timeout_ms,
                     login=row["status"] != "paused",
                     actions=[],
-                )
-                conn.execute(
-                    sql.SQL("GRANT {} TO {}").format(
-                        sql.Identifier(tenant_db_name(ctx.tenant_id)), sql.Identifier(user)
-                    )
                 )
             else:
                 conn.execute(
@@ -513,6 +508,16 @@ def _resume_allow(ctx: OpContext) -> None:
     _alter_login_roles(ctx.platform, ctx.tenant_id, sql.SQL("LOGIN"))
 
 
+def _resume_privileges(ctx: OpContext) -> None:
+    """What a paused project's convergence left for later (its roles could
+    not log in): the privileges inside its database, as its own role."""
+    t = prepare_provision(ctx.platform, ctx.tenant_id)
+    t = replace(t, status="active")
+    ctx.state.setdefault("actions", []).extend(
+        converge_target_on_server(ctx.platform, t, "privileges")
+    )
+
+
 def _resume_mark(ctx: OpContext) -> None:
     _set_status(ctx.platform, ctx.tenant_id, "active", ", paused_at = NULL")
 
@@ -525,7 +530,11 @@ RESUME = register(
     OperationKind(
         name="resume",
         description="accept connections again",
-        steps=(Step("allow_logins", _resume_allow), Step("mark", _resume_mark)),
+        steps=(
+            Step("allow_logins", _resume_allow),
+            Step("privileges", _resume_privileges),
+            Step("mark", _resume_mark),
+        ),
         on_failure=_resume_undo,
         on_cancel=_resume_undo,
     )

@@ -10,6 +10,14 @@ It reports, and with `repair=True` fixes:
   `wrong_login`: an active or paused project whose database, roles, owner,
   grants or login state are not what they should be — converged again
   (the same code the provision operation runs);
+- `role_attributes`, `role_limits`, `role_settings`, `role_membership`: a
+  project's role with an attribute no tenant role may have (SUPERUSER,
+  CREATEROLE, CREATEDB, REPLICATION, BYPASSRLS, NOINHERIT), another
+  connection limit than its plan's, per-role settings other than pgfleet's
+  (a tenant's `ALTER ROLE current_user SET statement_timeout = 0` among
+  them), or memberships other than its project's own — converged again;
+- `password_changed`: a login role whose password is not the one pgfleet
+  holds (a tenant may change its own) — converged again, which sets it back;
 - `stuck_provisioning`: a project `provisioning` with no operation running —
   converged and activated;
 - `failed_project`: a project left `failed` (reported; deleting it cleans up);
@@ -24,8 +32,10 @@ Projects with an operation in flight are left alone: their worker owns them.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import logging
-import re
 import time
 import uuid
 from typing import Any
@@ -35,42 +45,43 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from pgfleet.errors import RegionUnavailable
-from pgfleet.fleet.registry import ServerRecord
+from pgfleet.errors import PgfleetError, RegionUnavailable
+from pgfleet.fleet.registry import PROBE_ROLE, ServerRecord
 from pgfleet.operations.kinds import credential_users
 from pgfleet.operations.queue import EXPIRE_TASK, schedule_expiry
 from pgfleet.platform.core import Platform
-from pgfleet.tenants.provisioning import (
-    ensure_tenant_database_provisioned,
+from pgfleet.regions import get_plan
+from pgfleet.tenants.naming import (
+    ROLE_RE,
     login_role_names,
     ro_role_name,
     rw_role_name,
     tenant_db_name,
+    tenant_id_of,
+)
+from pgfleet.tenants.provisioning import ensure_tenant_database_provisioned, scram_verifier
+from pgfleet.tenants.roles import (
+    RoleState,
+    existing_alternates,
+    read_role_states,
+    role_findings,
+    wanted_roles,
 )
 
 log = logging.getLogger(__name__)
 
-_NAME_RE = re.compile(r"^tenant_([0-9a-f]{8}_[0-9a-f]{4}_[0-9a-f]{4}_[0-9a-f]{4}_[0-9a-f]{12})$")
-_ROLE_RE = re.compile(
-    r"^(tenant_[0-9a-f]{8}_[0-9a-f]{4}_[0-9a-f]{4}_[0-9a-f]{4}_[0-9a-f]{12})(_rw|_ro)?(_alt)?$"
-)
 LIVE = ("active", "paused", "provisioning", "failed", "deleting")
 
 
-def _tid(name: str) -> uuid.UUID | None:
-    m = _NAME_RE.match(name)
-    return uuid.UUID(m.group(1).replace("_", "-")) if m else None
-
-
-def _roles_with_passwords(conn: psycopg.Connection[Any]) -> set[str] | None:
-    """Tenant roles that have a password; None if this admin may not read
-    pg_authid (not a superuser)."""
+def _role_passwords(conn: psycopg.Connection[Any]) -> dict[str, str] | None:
+    """Tenant roles that have a password, with their SCRAM verifiers; None if
+    this admin may not read pg_authid (not a superuser)."""
     try:
         with conn.transaction():
             return {
-                r[0]
+                r[0]: r[1]
                 for r in conn.execute(
-                    "SELECT rolname FROM pg_authid "
+                    "SELECT rolname, rolpassword FROM pg_catalog.pg_authid "
                     "WHERE rolname LIKE 'tenant\\_%%' AND rolpassword IS NOT NULL"
                 )
             }
@@ -78,15 +89,92 @@ def _roles_with_passwords(conn: psycopg.Connection[Any]) -> set[str] | None:
         return None
 
 
-def _relations(p: Platform, server: ServerRecord, db: str) -> int:
-    with p.servers.direct_admin_connection(server, db) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast') "
-            "AND n.nspname NOT LIKE 'pg\\_temp%%' AND n.nspname NOT LIKE 'pg\\_toast\\_temp%%' "
-            "AND c.relkind IN ('r', 'p', 'm', 'S', 'v', 'f')"
-        ).fetchone()
-    return int(row[0]) if row else 0
+def verifier_matches(verifier: str, password: str) -> bool:
+    """Whether a SCRAM-SHA-256 verifier (`SCRAM-SHA-256$<iterations>:<salt>$
+    <StoredKey>:<ServerKey>`, RFC 5802 / RFC 7677) was made from
+    `password`. pgfleet's passwords are printable ASCII, which SASLprep
+    leaves as they are."""
+    try:
+        method, rest = verifier.split("$", 1)
+        iter_salt, keys = rest.split("$", 1)
+        iterations, salt = iter_salt.split(":", 1)
+        stored_key, server_key = keys.split(":", 1)
+        if method != "SCRAM-SHA-256":
+            return False
+        salted = hashlib.pbkdf2_hmac(
+            "sha256", password.encode(), base64.b64decode(salt), int(iterations)
+        )
+    except ValueError:
+        return False
+    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+    server = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
+    return hmac.compare_digest(
+        base64.b64encode(hashlib.sha256(client_key).digest()).decode(), stored_key
+    ) and hmac.compare_digest(base64.b64encode(server).decode(), server_key)
+
+
+def _relations(p: Platform, server: ServerRecord, db: str) -> int | None:
+    """How many relations a database without a live project holds, counted
+    by the probe role (no privilege at all), never by the admin: a tenant's
+    objects may still be in there. None if it cannot be looked into."""
+    if not server.probe_password:
+        return None
+    ident, probe = sql.Identifier(db), sql.Identifier(PROBE_ROLE)
+    with p.servers.admin_connection(server) as aconn:
+        verifier = scram_verifier(aconn, PROBE_ROLE, server.probe_password)
+        attrs = sql.SQL(
+            "LOGIN NOSUPERUSER NOINHERIT NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS "
+            "CONNECTION LIMIT 4 PASSWORD {}"
+        ).format(sql.Literal(verifier))
+        if aconn.execute(
+            "SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = %s", (PROBE_ROLE,)
+        ).fetchone():
+            aconn.execute(sql.SQL("ALTER ROLE {} {}").format(probe, attrs))
+        else:
+            aconn.execute(sql.SQL("CREATE ROLE {} {}").format(probe, attrs))
+        aconn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(ident, probe))
+    try:
+        with p.servers.probe_session(server, db) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_catalog.pg_class c "
+                "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast') "
+                "AND n.nspname NOT LIKE 'pg\\_temp%%' "
+                "AND n.nspname NOT LIKE 'pg\\_toast\\_temp%%' "
+                "AND c.relkind IN ('r', 'p', 'm', 'S', 'v', 'f')"
+            ).fetchone()
+        return int(row[0]) if row else 0
+    except (PgfleetError, psycopg.Error) as e:
+        log.warning("reconciler: cannot look into database %s on %s: %s", db, server.name, e)
+        return None
+    finally:
+        with p.servers.admin_connection(server) as aconn:
+            aconn.execute(sql.SQL("REVOKE CONNECT ON DATABASE {} FROM {}").format(ident, probe))
+
+
+def _password_findings(
+    p: Platform, info: dict[str, Any], tid: uuid.UUID, passwords: dict[str, str]
+) -> list[tuple[str, str]]:
+    """A login role in use whose password is not the one pgfleet holds."""
+    out = []
+    name = tenant_db_name(tid)
+    for user_key, enc_key, default in (
+        ("user", "password_enc", rw_role_name(name)),
+        ("ro_user", "ro_password_enc", ro_role_name(name)),
+    ):
+        if not info.get(enc_key):
+            continue
+        user = str(info.get(user_key) or default)
+        verifier = passwords.get(user)
+        if verifier is None or not verifier_matches(verifier, p.secrets.decrypt(info[enc_key])):
+            out.append(
+                (
+                    "password_changed",
+                    f"role {user}'s password is not the one pgfleet holds "
+                    "(changed from inside the project?)",
+                )
+            )
+    return out
 
 
 def reconcile(
@@ -123,7 +211,9 @@ def reconcile(
     # before anything of it exists on a server, so whatever the listing shows
     # already has its row when the tenants are read (no new project looks
     # like an orphan).
-    listings: list[tuple[ServerRecord, dict[str, Any], dict[str, bool], set[str] | None]] = []
+    listings: list[
+        tuple[ServerRecord, dict[str, Any], dict[str, RoleState], dict[str, str] | None]
+    ] = []
     for server in p.servers.all(enabled_only=True):
         try:
             with p.servers.admin_connection(server) as aconn:
@@ -135,14 +225,9 @@ def reconcile(
                         "WHERE datname LIKE 'tenant\\_%%'"
                     )
                 }
-                roles = {
-                    r[0]: bool(r[1])
-                    for r in aconn.execute(
-                        "SELECT rolname, rolcanlogin FROM pg_roles WHERE rolname LIKE 'tenant\\_%%'"
-                    )
-                }
-                passwords = _roles_with_passwords(aconn)
-            listings.append((server, dbs, roles, passwords))
+                states = read_role_states(aconn)
+                passwords = _role_passwords(aconn)
+            listings.append((server, dbs, states, passwords))
         except RegionUnavailable as e:
             unreachable.append(server.name)
             add("server_unreachable", server, server.name, e.message)
@@ -150,7 +235,7 @@ def reconcile(
         tenants = {
             r["id"]: r
             for r in cur.execute(
-                "SELECT t.id, t.status, t.server_id, t.region, t.connection_info, "
+                "SELECT t.id, t.status, t.server_id, t.region, t.plan_type, t.connection_info, "
                 "EXISTS (SELECT 1 FROM operations o WHERE o.tenant_id = t.id "
                 "AND o.status IN ('scheduled', 'running')) AS busy, "
                 "EXISTS (SELECT 1 FROM procrastinate_jobs j WHERE j.task_name = %s "
@@ -160,7 +245,7 @@ def reconcile(
             )
         }
     expire: dict[uuid.UUID, list[str]] = {}
-    for server, dbs, roles, passwords in listings:
+    for server, dbs, states, passwords in listings:
 
         def live_here(tid: uuid.UUID | None, server: ServerRecord = server) -> bool:
             t = tenants.get(tid) if tid else None
@@ -168,23 +253,30 @@ def reconcile(
 
         # Databases with no live project.
         for db in sorted(dbs):
-            tid = _tid(db)
+            tid = tenant_id_of(db)
             if tid is None or live_here(tid):
                 continue
             relations = _relations(p, server, db)
             why = "no project" if tid not in tenants else f"project is {tenants[tid]['status']}"
             if tenants.get(tid) and tenants[tid]["status"] in LIVE:
                 why = "project is placed on another server"
+            holds = (
+                "could not be looked into"
+                if relations is None
+                else f"holds {relations} relation(s)"
+            )
             f = add(
                 "orphan_database",
                 server,
                 db,
-                f"{why}; holds {relations} relation(s)",
+                f"{why}; {holds}",
                 tenant_id=str(tid) if tid else None,
                 relations=relations,
             )
             if repair:
-                if relations and not force:
+                if relations is None and not force:
+                    f["action"] = "kept: it could not be looked into; repair with force to drop it"
+                elif relations and not force:
                     f["action"] = "kept: it holds data; repair with force to drop it"
                 else:
                     with p.servers.admin_connection(server) as aconn:
@@ -199,12 +291,12 @@ def reconcile(
             f["object"] for f in findings if f["kind"] == "orphan_database" and f["repaired"]
         }
         groups: dict[str, list[str]] = {}
-        for role in roles:
-            m = _ROLE_RE.match(role)
+        for role in states:
+            m = ROLE_RE.match(role)
             if m:
                 groups.setdefault(m.group(1), []).append(role)
         for base, members in sorted(groups.items()):
-            tid = _tid(base)
+            tid = tenant_id_of(base)
             if live_here(tid) or (base in dbs and base not in dropped):
                 continue
             f = add(
@@ -242,20 +334,34 @@ def reconcile(
                     problems.append(("public_connect", "PUBLIC may connect to the database"))
             want_login = t["status"] == "active"
             for role in (name, rw_role_name(name), ro_role_name(name)):
-                if role not in roles:
+                if role not in states:
                     problems.append(("missing_role", f"role {role} is missing"))
-                elif role != name and roles[role] != want_login:
+                elif role != name and states[role].can_login != want_login:
                     problems.append(
                         (
                             "wrong_login",
-                            f"role {role} {'can' if roles[role] else 'cannot'} log in "
-                            f"but the project is {t['status']}",
+                            f"role {role} {'can' if states[role].can_login else 'cannot'} "
+                            f"log in but the project is {t['status']}",
                         )
                     )
+            plan = get_plan(t["plan_type"] or "free")
+            info = t["connection_info"] or {}
+            wanted = wanted_roles(
+                name,
+                login=want_login,
+                connection_limit=plan.connection_limit,
+                statement_timeout_ms=plan.statement_timeout_ms,
+                alternates=existing_alternates(name, states),
+            )
+            trusted = frozenset({server.admin_user})
+            for kind, _role, detail in role_findings(wanted, states, trusted=trusted):
+                problems.append((kind, detail))
+            if passwords is not None:
+                problems += _password_findings(p, info, tid, passwords)
             for kind, detail in problems:
                 converge[tid] = add(kind, server, name, detail, tenant_id=str(tid))
             if passwords is not None and not t["expiry_pending"]:
-                in_use = credential_users(t["connection_info"] or {}, tid)
+                in_use = credential_users(info, tid)
                 for role in login_role_names(name):
                     if role in passwords and role not in in_use:
                         expire.setdefault(tid, []).append(role)

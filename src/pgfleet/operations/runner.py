@@ -43,7 +43,7 @@ from pgfleet.errors import PgfleetError, RegionUnavailable
 from pgfleet.operations.failpoints import failpoint
 from pgfleet.operations.store import NOTIFY_CHANNEL
 from pgfleet.platform.core import Platform
-from pgfleet.tenants.provisioning import tenant_lock_key
+from pgfleet.tenants.naming import tenant_lock_key
 
 log = logging.getLogger(__name__)
 

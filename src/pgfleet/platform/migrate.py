@@ -26,8 +26,23 @@ def _url(conninfo: dict[str, Any]) -> URL:
         host=conninfo.get("host"),
         port=int(conninfo["port"]) if conninfo.get("port") else None,
         database=conninfo.get("dbname"),
-        query={"sslmode": str(conninfo.get("sslmode", "prefer"))},
+        query={
+            k: str(conninfo[k])
+            for k in ("sslmode", "sslrootcert", "sslcert", "sslkey")
+            if conninfo.get(k)
+        },
     )
+
+
+def head() -> str:
+    """The newest revision the migrations define."""
+    from alembic.script import ScriptDirectory
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    rev = ScriptDirectory.from_config(cfg).get_current_head()
+    assert rev is not None
+    return rev
 
 
 def upgrade(conninfo: dict[str, Any], revision: str = "head") -> None:

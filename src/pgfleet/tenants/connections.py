@@ -50,6 +50,7 @@ class TenantEndpoint:
     user: str
     sslmode: str
     ro_user: str
+    sslrootcert: str | None
     password: str = field(repr=False)
     ro_password: str = field(repr=False)
 
@@ -91,6 +92,7 @@ class TenantEndpoint:
             "user": self.user_for(mode),
             "password": self.password_for(mode),
             "sslmode": self.sslmode,
+            **({"sslrootcert": self.sslrootcert} if self.sslrootcert else {}),
             "connect_timeout": max(1, round(connect_timeout)),
             "application_name": f"pgfleet-{mode}",
         }
@@ -236,6 +238,7 @@ class DatabasePlatformClient:
             user=info["user"],
             sslmode=info["sslmode"],
             ro_user=info["ro_user"],
+            sslrootcert=info.get("sslrootcert"),
             password=password,
             ro_password=ro_password,
         )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,15 +23,27 @@ from pgfleet.fleet.registry import ServerRecord
 from pgfleet.operations.failpoints import failpoint
 from pgfleet.platform.core import Platform, default_platform
 from pgfleet.regions import PlacementPolicy, Plan, choose_server, get_plan, get_region
+from pgfleet.tenants.naming import (
+    alt_role_name,
+    login_role_names,
+    main_role_name,
+    project_roles,
+    ro_role_name,
+    rw_role_name,
+    tenant_db_name,
+    tenant_lock_key,
+)
+from pgfleet.tenants.roles import (
+    WantedRole,
+    existing_alternates,
+    read_role_states,
+    role_settings,
+    wanted_roles,
+)
 
 # PostgreSQL marks a database whose DROP was interrupted with this datconnlimit
 # (DATCONNLIMIT_INVALID_DB); it can only be dropped.
 INVALID_DB_CONNLIMIT = -2
-
-
-def tenant_db_name(tenant_id: uuid.UUID | str) -> str:
-    """The seed's naming: `tenant_<uuid with _>`; the project's roles derive from it."""
-    return "tenant_" + str(uuid.UUID(str(tenant_id))).replace("-", "_")
 
 
 @dataclass(frozen=True)
@@ -47,36 +58,10 @@ class ProvisionedDatabase:
     user: str
     sslmode: str
     password: str = field(repr=False)
+    sslrootcert: str | None = None
     ro_user: str = ""
     ro_password: str = field(default="", repr=False)
     actions: tuple[str, ...] = ()
-
-
-def rw_role_name(name: str) -> str:
-    return f"{name}_rw"
-
-
-def ro_role_name(name: str) -> str:
-    return f"{name}_ro"
-
-
-def alt_role_name(login_role: str) -> str:
-    """The alternate of a login role (`..._rw_alt` for `..._rw`): a password
-    rotation with an overlap window moves the credential to the alternate,
-    so the old user and password keep working until the window ends. The
-    alternate is a member of its main role and acts as it (`SET role`), so
-    what it creates belongs to the main role."""
-    return f"{login_role}_alt"
-
-
-def main_role_name(login_role: str) -> str:
-    return login_role.removesuffix("_alt")
-
-
-def login_role_names(name: str) -> list[str]:
-    """Every login role a project may have, alternates first."""
-    rw, ro = rw_role_name(name), ro_role_name(name)
-    return [alt_role_name(ro), alt_role_name(rw), ro, rw]
 
 
 def scram_verifier(conn: psycopg.Connection[Any], role: str, password: str) -> str:
@@ -90,32 +75,26 @@ def _ensure_login_role(
     password: str | None,
     *,
     connection_limit: int,
-    settings: dict[str, str],
-    login: bool = True,
+    login: bool | None = True,
     actions: list[str],
 ) -> None:
     """`password=None` leaves the role's password as it is (a main role whose
-    project now logs in through its alternate)."""
-    role = sql.Identifier(name)
+    project now logs in through its alternate); `login=None` leaves LOGIN as
+    it is (an alternate whose overlap window has not ended)."""
     secret = (
         sql.SQL("PASSWORD {}").format(sql.Literal(scram_verifier(conn, name, password)))
         if password is not None
         else sql.SQL("")
     )
     attrs = sql.SQL(
-        "{} NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS {} CONNECTION LIMIT {}"
+        "{} NOSUPERUSER INHERIT NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS {} "
+        "CONNECTION LIMIT {}"
     ).format(
-        sql.SQL("LOGIN" if login else "NOLOGIN"),
+        sql.SQL("" if login is None else "LOGIN" if login else "NOLOGIN"),
         secret,
         sql.Literal(connection_limit),
     )
     _create_or_alter_role(conn, name, attrs, actions)
-    for key, value in settings.items():
-        conn.execute(
-            sql.SQL("ALTER ROLE {} SET {} = {}").format(
-                role, sql.Identifier(key), sql.Literal(value)
-            )
-        )
 
 
 def role_exists(conn: psycopg.Connection[Any], role: str) -> bool:
@@ -135,53 +114,6 @@ def _create_or_alter_role(
         except psycopg.errors.DuplicateObject:
             pass  # created concurrently; converge below
     conn.execute(sql.SQL("ALTER ROLE {} {}").format(role, attrs))
-
-
-def converge_on_server(
-    conn: psycopg.Connection[Any],
-    *,
-    name: str,
-    password: str,
-    ro_password: str,
-    connection_limit: int,
-    statement_timeout_ms: int,
-    connect_tenant_db: Callable[[], AbstractContextManager[psycopg.Connection[Any]]],
-    login: bool = True,
-    rw_user: str | None = None,
-    ro_user: str | None = None,
-) -> list[str]:
-    """Make the project's roles and database exist as they should on this server.
-
-    Three roles per project:
-    - `tenant_<u>`: NOLOGIN, owns and is granted nothing; it only names the
-      database, so the pg_hba rule `samerole` admits its members to the
-      database `tenant_<u>` and to no other;
-    - `tenant_<u>_rw`: the login role that owns the database;
-    - `tenant_<u>_ro`: a login role that reads what `_rw` owns, now and later,
-      and can change nothing.
-
-    `conn` is an autocommit admin connection; `connect_tenant_db` opens an
-    admin connection to the project's database. `login=False` (a paused
-    project) keeps both login roles NOLOGIN. Returns what it changed. The
-    three parts are also the steps of the provision operation.
-    """
-    actions: list[str] = []
-    converge_roles(
-        conn,
-        name,
-        password=password,
-        ro_password=ro_password,
-        connection_limit=connection_limit,
-        statement_timeout_ms=statement_timeout_ms,
-        login=login,
-        rw_user=rw_user,
-        ro_user=ro_user,
-        actions=actions,
-    )
-    converge_database(conn, name, actions)
-    with connect_tenant_db() as tconn:
-        converge_privileges(tconn, name)
-    return actions
 
 
 def converge_roles(
@@ -209,7 +141,7 @@ def converge_roles(
             password=password,
             ro_password=ro_password,
             connection_limit=connection_limit,
-            timeout=f"{statement_timeout_ms}ms",
+            statement_timeout_ms=statement_timeout_ms,
             login=login,
             rw_user=rw_user or rw_role_name(name),
             ro_user=ro_user or ro_role_name(name),
@@ -306,20 +238,25 @@ def refill_spares(conn: psycopg.Connection[Any], target: int) -> int:
 
 
 def converge_privileges(tconn: psycopg.Connection[Any], name: str) -> None:
-    """Inside the project's database (admin connection `tconn`): the gate owns
-    nothing, and `_ro` reads what `_rw` owns, now and later."""
+    """Inside the project's database, in a session logged in as the project's
+    own `_rw` role (never as an admin: what the tenant planted there runs
+    with the tenant's privileges only): the gate owns nothing, and `_ro`
+    reads what `_rw` owns, now and later. The session resolves names in
+    pg_catalog only; what this reads is schema-qualified anyway."""
     gate, rw, ro = (sql.Identifier(n) for n in (name, rw_role_name(name), ro_role_name(name)))
     with tconn.transaction():
         # The gate must own nothing and hold no privilege, or its members would
         # inherit them: hand what it owns to _rw, then drop its grants and
-        # default privileges. First, so the schema list below sees the result.
+        # default privileges (_rw may: it is a member of the gate). First, so
+        # the schema list below sees the result.
         tconn.execute(sql.SQL("REASSIGN OWNED BY {} TO {}").format(gate, rw))
         tconn.execute(sql.SQL("DROP OWNED BY {}").format(gate))
         schemas = [
             r[0]
             for r in tconn.execute(
-                "SELECT nspname FROM pg_namespace WHERE nspowner = %s::regrole "
-                "OR nspname = 'public'",
+                "SELECT n.nspname FROM pg_catalog.pg_namespace n "
+                "WHERE n.nspowner OPERATOR(pg_catalog.=) %s::pg_catalog.regrole "
+                "OR n.nspname OPERATOR(pg_catalog.=) 'public'",
                 (rw_role_name(name),),
             )
         ]
@@ -351,55 +288,100 @@ def _converge_roles(
     password: str,
     ro_password: str,
     connection_limit: int,
-    timeout: str,
+    statement_timeout_ms: int,
     login: bool = True,
     rw_user: str,
     ro_user: str,
     actions: list[str],
 ) -> None:
-    gate = sql.Identifier(name)
+    states = read_role_states(conn, project_roles(name))
     _create_or_alter_role(
         conn,
         name,
         sql.SQL(
-            "NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS PASSWORD NULL"
+            "NOLOGIN NOSUPERUSER INHERIT NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS "
+            "PASSWORD NULL"
         ),
         actions,
     )
-    for main, user, secret, extra in (
-        (rw_role_name(name), rw_user, password, {}),
-        (ro_role_name(name), ro_user, ro_password, {"default_transaction_read_only": "on"}),
+    for main, user, secret in (
+        (rw_role_name(name), rw_user, password),
+        (ro_role_name(name), ro_user, ro_password),
     ):
-        settings = {"statement_timeout": timeout, **extra}
         _ensure_login_role(
             conn,
             main,
             secret if user == main else None,
             connection_limit=connection_limit,
-            settings=settings,
             login=login,
             actions=actions,
         )
-        conn.execute(sql.SQL("GRANT {} TO {}").format(gate, sql.Identifier(main)))
+        alt = alt_role_name(main)
         if user != main:
             ensure_alternate(
                 conn,
                 main,
                 secret,
                 connection_limit=connection_limit,
-                settings=settings,
+                statement_timeout_ms=statement_timeout_ms,
                 login=login,
                 actions=actions,
             )
-            conn.execute(sql.SQL("GRANT {} TO {}").format(gate, sql.Identifier(user)))
-    # Members of the gate other than the project's login roles are removed.
-    for (extra_member,) in conn.execute(
-        "SELECT pg_get_userbyid(m.member) FROM pg_auth_members m "
-        "WHERE m.roleid = %s::regrole AND pg_get_userbyid(m.member) <> ALL(%s)",
-        (name, login_role_names(name)),
-    ).fetchall():
-        conn.execute(sql.SQL("REVOKE {} FROM {}").format(gate, sql.Identifier(extra_member)))
-        actions.append(f"remove {extra_member} from the gate role")
+        elif alt in states:  # not in use: its attributes and limit, its login as it is
+            _ensure_login_role(
+                conn, alt, None, connection_limit=connection_limit, login=None, actions=actions
+            )
+    alternates = existing_alternates(name, states) | {
+        u for u in (rw_user, ro_user) if u.endswith("_alt")
+    }
+    wanted = wanted_roles(
+        name,
+        login=login,
+        connection_limit=connection_limit,
+        statement_timeout_ms=statement_timeout_ms,
+        alternates=alternates,
+    )
+    _converge_settings_and_members(conn, name, wanted, actions)
+
+
+def _converge_settings_and_members(
+    conn: psycopg.Connection[Any], name: str, wanted: dict[str, WantedRole], actions: list[str]
+) -> None:
+    """Per-role settings exactly pgfleet's, memberships exactly the project's
+    own (the server's admin aside). Looks before it acts: an ALTER only for
+    what differs."""
+    states = read_role_states(conn, list(wanted))
+    admin = conn.info.user
+    for role, want in wanted.items():
+        have = states.get(role)
+        if have is None:
+            continue
+        ident = sql.Identifier(role)
+        for db in have.database_settings:
+            conn.execute(
+                sql.SQL("ALTER ROLE {} IN DATABASE {} RESET ALL").format(ident, sql.Identifier(db))
+            )
+            actions.append(f"reset settings of {role} in database {db}")
+        if have.settings != want.settings:
+            if have.settings:
+                conn.execute(sql.SQL("ALTER ROLE {} RESET ALL").format(ident))
+                if set(have.settings) - set(want.settings):
+                    actions.append(f"reset settings of {role}")
+            for pair in want.settings:
+                key, _, value = pair.partition("=")
+                conn.execute(
+                    sql.SQL("ALTER ROLE {} SET {} = {}").format(
+                        ident, sql.Identifier(key), sql.Literal(value)
+                    )
+                )
+        for group in sorted(want.member_of - have.member_of):
+            conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(group), ident))
+        for group in sorted(have.member_of - want.member_of):
+            conn.execute(sql.SQL("REVOKE {} FROM {}").format(sql.Identifier(group), ident))
+            actions.append(f"remove {role} from {group}")
+        for member in sorted(have.members - want.members - {admin}):
+            conn.execute(sql.SQL("REVOKE {} FROM {}").format(ident, sql.Identifier(member)))
+            actions.append(f"remove {member} from {role}")
 
 
 def ensure_alternate(
@@ -408,7 +390,7 @@ def ensure_alternate(
     password: str,
     *,
     connection_limit: int,
-    settings: dict[str, str],
+    statement_timeout_ms: int,
     login: bool,
     actions: list[str],
 ) -> str:
@@ -416,15 +398,19 @@ def ensure_alternate(
     `main` and of the gate, acting as `main` from login on."""
     alt = alt_role_name(main)
     _ensure_login_role(
-        conn,
-        alt,
-        password,
-        connection_limit=connection_limit,
-        settings={**settings, "role": main},
-        login=login,
-        actions=actions,
+        conn, alt, password, connection_limit=connection_limit, login=login, actions=actions
     )
-    conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(main), sql.Identifier(alt)))
+    name = main_role_name(main).removesuffix("_rw").removesuffix("_ro")
+    gate = sql.Identifier(name)
+    for group in (sql.Identifier(main), gate):
+        conn.execute(sql.SQL("GRANT {} TO {}").format(group, sql.Identifier(alt)))
+    ident = sql.Identifier(alt)
+    for key, value in role_settings(alt, statement_timeout_ms, name=name).items():
+        conn.execute(
+            sql.SQL("ALTER ROLE {} SET {} = {}").format(
+                ident, sql.Identifier(key), sql.Literal(value)
+            )
+        )
     return alt
 
 
@@ -440,11 +426,6 @@ def drop_on_server(conn: psycopg.Connection[Any], *, name: str) -> list[str]:
             conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
             actions.append(f"drop role {role}")
     return actions
-
-
-def tenant_lock_key(tenant_id: uuid.UUID) -> int:
-    """The advisory lock that serialises provisioning work on one project."""
-    return int.from_bytes(tenant_id.bytes[:8], "big", signed=True)
 
 
 @dataclass(frozen=True)
@@ -567,7 +548,12 @@ def converge_target_on_server(p: Platform, t: ProvisionTarget, part: str) -> lis
     """One part ("roles", "database", "privileges") of converging `t` on its server."""
     actions: list[str] = []
     if part == "privileges":
-        with p.servers.direct_admin_connection(t.server, t.name) as tconn:
+        if not t.login:
+            # A paused project's roles cannot log in; resuming runs this part.
+            return ["privileges deferred: the project is paused"]
+        with p.servers.tenant_session(
+            t.server, t.name, t.rw_user, t.password, act_as=rw_role_name(t.name)
+        ) as tconn:
             converge_privileges(tconn, t.name)
         return actions
     with p.servers.admin_connection(t.server) as aconn:
@@ -604,6 +590,7 @@ def activate(p: Platform, t: ProvisionTarget, actions: tuple[str, ...] = ()) -> 
         database=t.name,
         user=t.rw_user,
         sslmode=t.server.sslmode,
+        sslrootcert=t.server.sslrootcert,
         password=t.password,
         ro_user=t.ro_user,
         ro_password=t.ro_password,
@@ -662,6 +649,7 @@ def connection_info(
         "database": result.database,
         "user": result.user,
         "sslmode": server.sslmode,
+        "sslrootcert": server.sslrootcert,
         "server": server.name,
         "server_id": server.id,
         "hosted_region": server.region,

@@ -214,6 +214,7 @@ def provisioned(
         database=ep.database,
         user=ep.user,
         sslmode=ep.sslmode,
+        sslrootcert=ep.sslrootcert,
         password=ep.password,
         ro_user=ep.ro_user,
         ro_password=ep.ro_password,
@@ -396,18 +397,22 @@ class ConnectionDetails:
     user: str
     password: str
     sslmode: str
+    sslrootcert: str | None
     region: str
     hosted_region: str
 
     @property
     def uri(self) -> str:
-        from urllib.parse import quote
+        from urllib.parse import quote, urlencode
 
-        uri = (
+        query = {"sslmode": self.sslmode}
+        if self.sslrootcert:
+            query["sslrootcert"] = self.sslrootcert
+        return (
             f"postgresql://{quote(self.user, safe='')}:{quote(self.password, safe='')}"
-            f"@{self.host}:{self.port}/{quote(self.database, safe='')}?sslmode={self.sslmode}"
+            f"@{self.host}:{self.port}/{quote(self.database, safe='')}?"
+            + urlencode(query, safe="/")
         )
-        return uri
 
 
 def connection_details(
@@ -424,6 +429,7 @@ def connection_details(
         user=ep.user_for(m),
         password=ep.password_for(m),
         sslmode=ep.sslmode,
+        sslrootcert=ep.sslrootcert,
         region=ep.region,
         hosted_region=ep.hosted_region,
     )

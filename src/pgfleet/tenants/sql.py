@@ -288,7 +288,7 @@ async def _type_names(
     for c in description:
         key = (tenant_id, c.type_code)
         if c.type_display.isdigit() and key not in _TYPE_NAMES:
-            cur = await conn.execute("SELECT format_type(%s, NULL)", (c.type_code,))
+            cur = await conn.execute("SELECT pg_catalog.format_type(%s, NULL)", (c.type_code,))
             row = await cur.fetchone()
             if len(_TYPE_NAMES) > 50_000:
                 _TYPE_NAMES.clear()
@@ -660,7 +660,13 @@ class SqlGateway:
         def kill() -> None:
             server = self.platform.servers.get(endpoint.server_id)
             with self.platform.servers.admin_connection(server) as conn:
-                conn.execute("SELECT pg_terminate_backend(%s)", (backend_pid,))
+                # Only a session of this project's own roles, whatever the pid.
+                conn.execute(
+                    "SELECT pg_catalog.pg_terminate_backend(a.pid) "
+                    "FROM pg_catalog.pg_stat_activity a "
+                    "WHERE a.pid = %s AND a.datname = %s",
+                    (backend_pid, endpoint.database),
+                )
 
         await asyncio.to_thread(kill)
 
