@@ -28,7 +28,7 @@ from rich.text import Text
 from pgfleet.config import Settings, get_settings
 from pgfleet.crypto import write_private
 from pgfleet.errors import PgfleetError
-from pgfleet.platform.core import platform_conninfo
+from pgfleet.platform.core import platform_conninfo, warn_weak_tls
 
 app = typer.Typer(
     help="pgfleet: multi-region PostgreSQL databases for your projects.",
@@ -172,13 +172,21 @@ def up(
     from pgfleet.platform.core import Platform
 
     s = _settings()
+    for warning in warn_weak_tls(s):
+        err.print(Text.assemble(("warning:", "bold yellow"), " ", warning), highlight=False)
     try:
         if s.embedded:
             with out.status("starting the embedded PostgreSQL servers..."):
-                servers = EmbeddedFleet(s).up()
+                fleet = EmbeddedFleet(s)
+                servers = fleet.up()
             for srv in servers:
                 where = srv.region or "platform DB"
                 out.print(f"  [green]up[/] {srv.name:<18} {where:<16} 127.0.0.1:{srv.port}")
+            out.print(
+                f"  TLS: servers verified with sslmode=verify-full against {fleet.ca.cert_path}",
+                soft_wrap=True,
+                highlight=False,
+            )
         with out.status("migrating the platform DB..."), Platform(s) as platform:
             platform.migrate()
             platform.sync_servers()
@@ -245,6 +253,7 @@ def _start_detached(s: Settings, url: str) -> None:
 def _serve(s: Settings) -> None:
     import uvicorn
 
+    warn_weak_tls(s)
     from pgfleet.api.app import create_app
 
     if s.api_workers > 1:
@@ -1212,6 +1221,7 @@ def worker_cmd(
     from pgfleet.platform.core import Platform
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    warn_weak_tls(_settings())
     with Platform(_settings()) as platform:
         w = Worker(platform, concurrency=concurrency)
         out.print(f"worker {w.name} running (concurrency {w.concurrency})")

@@ -76,6 +76,26 @@ def health(platform: PlatformDep) -> JSONResponse:
     return JSONResponse(body, status_code=503 if body["status"] == "down" else 200)
 
 
+@health_router.get(
+    "/ca.crt",
+    tags=["health"],
+    summary="The CA that signed the database servers' certificates",
+    response_class=PlainTextResponse,
+    responses={
+        200: {"content": {"application/x-pem-file": {}}},
+        404: ERRORS[404],
+    },
+)
+def ca_certificate(platform: PlatformDep) -> PlainTextResponse:
+    """PEM. Connection strings carry `sslmode=verify-full&sslrootcert=<path>`
+    with the path on the pgfleet host; elsewhere, save this file and point
+    `sslrootcert` at it. Needs no token: a CA certificate is public."""
+    pem = platform.ca_bundle()
+    if not pem:
+        raise NotFound("no CA is configured for the servers (see sslrootcert in pgfleet.toml)")
+    return PlainTextResponse(pem, media_type="application/x-pem-file")
+
+
 @v1.get("/regions", tags=["regions"], summary="The region catalog")
 def list_regions(platform: PlatformDep, owner: OwnerDep) -> list[RegionOut]:
     """All six regions; `active` ones have servers, `metadata-only` ones are

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -39,6 +40,19 @@ def run_once(platform: Platform) -> list[ServerHealth] | None:
             lock_conn.commit()
 
 
+def renew_certificates(platform: Platform) -> list[str]:
+    """Renew the embedded servers' TLS certificates that are about to expire
+    (and the CA with them); servers that got one are reloaded."""
+    if not platform.settings.embedded:
+        return []
+    from pgfleet.fleet.embedded import EmbeddedFleet
+
+    renewed = EmbeddedFleet(platform.settings).renew_certificates()
+    if renewed:
+        log.warning("renewed the TLS certificates of %s", ", ".join(renewed))
+    return renewed
+
+
 class BackgroundLoop:
     def __init__(self, platform: Platform) -> None:
         self.platform = platform
@@ -50,11 +64,18 @@ class BackgroundLoop:
         return self
 
     def _run(self) -> None:
+        last_renewal = 0.0
         while True:
             try:
                 run_once(self.platform)
             except Exception:
                 log.exception("background round failed; will retry")
+            if time.monotonic() - last_renewal > 3600:
+                last_renewal = time.monotonic()
+                try:
+                    renew_certificates(self.platform)
+                except Exception:
+                    log.exception("renewing the TLS certificates failed; will retry")
             if self._stop.wait(self.platform.settings.health_interval_s):
                 return
 

@@ -6,7 +6,9 @@ its own Platform on the one platform DB.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from psycopg.conninfo import conninfo_to_dict
@@ -27,6 +29,8 @@ from pgfleet.regions import get_regional_host
 if TYPE_CHECKING:
     from pgfleet.operations.runtime import OperationsRuntime
 
+log = logging.getLogger(__name__)
+
 
 def platform_conninfo(settings: Settings) -> dict[str, Any]:
     if settings.platform_dsn is not None:
@@ -39,6 +43,21 @@ def platform_conninfo(settings: Settings) -> dict[str, Any]:
     if not fleet.password_file("platform").exists():
         raise ConfigError(f"no embedded fleet in {settings.home_abs}; run `pgfleet up` first")
     return fleet.platform_conninfo()
+
+
+def warn_weak_tls(settings: Settings) -> list[str]:
+    """A warning for each external server reached without verifying who it
+    is (anything weaker than sslmode=verify-full); logged, and returned for
+    the CLI to print."""
+    out = [
+        f"server {s.name} ({s.region}) uses sslmode={s.sslmode}: its identity is not "
+        "verified, so a man in the middle could read the passwords pgfleet sends; "
+        "use sslmode=verify-full with sslrootcert"
+        for s in settings.weak_tls_servers()
+    ]
+    for message in out:
+        log.warning(message)
+    return out
 
 
 def configured_servers(settings: Settings) -> list[tuple[ServerSpec, bool]]:
@@ -106,6 +125,20 @@ class Platform:
 
             self._ops = OperationsRuntime(self)
         return self._ops
+
+    def ca_bundle(self) -> str:
+        """The CA certificates the servers' certificates are verified by (PEM)."""
+        paths: list[str] = []
+        for s in self.servers.all(enabled_only=True):
+            if s.sslrootcert and s.sslrootcert not in paths:
+                paths.append(s.sslrootcert)
+        out = []
+        for path in paths:
+            try:
+                out.append(Path(path).read_text())
+            except OSError:
+                log.warning("the CA file %s of a server cannot be read", path)
+        return "".join(out)
 
     def migrate(self) -> None:
         migrate.upgrade(self.conninfo)
