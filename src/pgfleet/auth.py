@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from psycopg.rows import dict_row
-from psycopg_pool import AsyncConnectionPool
 
 from pgfleet.crypto import TOKEN_PREFIX, generate_api_token, hash_api_token
 from pgfleet.errors import NotAuthenticated, NotFound
 from pgfleet.platform.core import Platform
+from pgfleet.platform.db import AsyncPlatformDB
 from pgfleet.tenants.service import Owner, validate_name
 
 
@@ -237,7 +237,7 @@ class AuthCache:
 
 
 async def authenticate_with_project_async(
-    db: AsyncConnectionPool,
+    db: AsyncPlatformDB,
     token: str | None,
     project_id: str,
     cache: AuthCache | None = None,

@@ -210,14 +210,49 @@ def up(
         _serve(s)
 
 
+def _process_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, from /proc), or
+    None if there is no such live process. A zombie (killed, not yet reaped)
+    counts as gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):  # zombie or dead
+        return None
+    return fields[19]  # starttime, field 22 of stat(5)
+
+
+def _write_pid_file(s: Settings, pid: int) -> None:
+    """The API's pid and its start time: a pid alone may be reused by
+    another process after the API died."""
+    f = _pid_file(s)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    write_private(f, json.dumps({"pid": pid, "started": _process_start(pid)}) + "\n")
+
+
 def _api_pid(s: Settings) -> int | None:
+    """The pid of the running API started from this data directory, or None."""
     f = _pid_file(s)
     if not f.exists():
         return None
-    pid = int(f.read_text().strip() or 0)
     try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
+        raw = json.loads(f.read_text())
+        pid, started = int(raw["pid"]), raw.get("started")
+    except (ValueError, KeyError, TypeError):
+        f.unlink(missing_ok=True)
+        return None
+    alive = _process_start(pid)
+    if Path("/proc/self/stat").exists():
+        ok = alive is not None and (started is None or alive == started)
+    else:  # no /proc: the best a signal 0 can tell
+        try:
+            os.kill(pid, 0)
+            ok = True
+        except (ProcessLookupError, PermissionError):
+            ok = False
+    if not ok:
         f.unlink(missing_ok=True)
         return None
     return pid
@@ -236,7 +271,7 @@ def _start_detached(s: Settings, url: str) -> None:
         start_new_session=True,
         env=os.environ.copy(),
     )
-    _pid_file(s).write_text(f"{proc.pid}\n")
+    _write_pid_file(s, proc.pid)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -251,6 +286,27 @@ def _start_detached(s: Settings, url: str) -> None:
 
 
 def _serve(s: Settings) -> None:
+    """Serve the API in this process (and its uvicorn workers). The pid file
+    lets `pgfleet down` stop it from another terminal."""
+    running = _api_pid(s)
+    if running is not None and running != os.getpid():
+        fail(
+            f"an API from {s.home_abs} is already running (pid {running}); `pgfleet down` stops it"
+        )
+    _write_pid_file(s, os.getpid())
+    try:
+        _run_uvicorn(s)
+    finally:
+        if _api_pid(s) == os.getpid():
+            _pid_file(s).unlink(missing_ok=True)
+
+
+# SIGTERM or Ctrl-C: requests still open after this many seconds are dropped,
+# so the API stops within a few seconds whatever the platform DB is doing.
+GRACEFUL_SHUTDOWN_S = 3
+
+
+def _run_uvicorn(s: Settings) -> None:
     import uvicorn
 
     warn_weak_tls(s)
@@ -273,6 +329,7 @@ def _serve(s: Settings) -> None:
             workers=s.api_workers,
             log_level="warning",
             access_log=False,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         )
         return
     uvicorn.run(
@@ -281,6 +338,7 @@ def _serve(s: Settings) -> None:
         port=s.api_port,
         log_level="warning",
         access_log=False,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
 
 
@@ -293,20 +351,23 @@ def serve() -> None:
 
 @app.command()
 def down() -> None:
-    """Stop the API (if `up --detach` started it) and every embedded server.
-    Data stays in the data directory."""
+    """Stop the API (whether `up --detach` or `up` in another terminal runs
+    it) and every embedded server. Data stays in the data directory."""
     from pgfleet.fleet.embedded import EmbeddedFleet
 
     s = _settings()
     pid = _api_pid(s)
     if pid is not None:
         os.kill(pid, signal.SIGTERM)
-        for _ in range(100):
-            if _api_pid(s) is None:
-                break
+        deadline = time.monotonic() + GRACEFUL_SHUTDOWN_S + 12
+        while _api_pid(s) is not None and time.monotonic() < deadline:
             time.sleep(0.1)
+        if _api_pid(s) is not None:
+            os.kill(pid, signal.SIGKILL)
+            out.print(f"  [red]killed[/] API (pid {pid}): it did not stop on SIGTERM")
+        else:
+            out.print(f"  [yellow]stopped[/] API (pid {pid})")
         _pid_file(s).unlink(missing_ok=True)
-        out.print("  [yellow]stopped[/] API")
     if s.embedded:
         fleet = EmbeddedFleet(s)
         try:
@@ -393,7 +454,7 @@ def _print_operations_summary(s: Settings) -> None:
     try:
         conninfo = platform_conninfo(s)
         with psycopg.connect(**{**conninfo, "connect_timeout": 3}, autocommit=True) as conn:
-            ops = deadline_summary(conn)
+            ops = deadline_summary(conn, alive_within_s=s.worker_stalled_s)
     except (psycopg.Error, PgfleetError):
         out.print("operations: platform DB not reachable")
         return

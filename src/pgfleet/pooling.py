@@ -5,7 +5,8 @@ from __future__ import annotations
 import select
 import time
 import weakref
-from typing import Any
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 import psycopg
 from psycopg_pool import ConnectionPool
@@ -37,3 +38,11 @@ def check_pooled(conn: psycopg.Connection[Any]) -> None:
     """Pool check without a round trip on the hot path (see is_suspect)."""
     if is_suspect(conn):
         ConnectionPool.check_connection(conn)
+
+
+class ConnectionSource(Protocol):
+    """Anything that lends connections (a psycopg pool, the platform DB)."""
+
+    def connection(
+        self, timeout: float | None = None
+    ) -> AbstractContextManager[psycopg.Connection[Any]]: ...

@@ -126,9 +126,14 @@ def fleet_health(platform: Platform) -> dict[str, Any]:
         platform.ping()
         checks = check_all(platform)
     except Exception:
-        return {"status": "down", "platform_db": {"ok": False}, "regions": {}}
+        return {
+            "status": "down",
+            "reasons": ["the platform database cannot be reached"],
+            "platform_db": {"ok": False},
+            "regions": {},
+        }
     regions: dict[str, Any] = {}
-    degraded = False
+    reasons: list[str] = []
     for r in REGIONS:
         mine = [c for c in checks if c.region == r.id]
         if not mine:
@@ -137,7 +142,8 @@ def fleet_health(platform: Platform) -> dict[str, Any]:
             status = "ok"
         else:
             status = "degraded"
-            degraded = True
+            down = ", ".join(c.name for c in mine if not c.ok)
+            reasons.append(f"region {r.id}: server {down} cannot be reached")
         regions[r.id] = {
             "status": status,
             "servers": [
@@ -153,10 +159,26 @@ def fleet_health(platform: Platform) -> dict[str, Any]:
         }
     from pgfleet.operations.store import deadline_summary
 
-    with platform.db.connection() as conn:
-        ops = deadline_summary(conn)
+    try:
+        with platform.db.connection() as conn:
+            ops = deadline_summary(conn, alive_within_s=platform.settings.worker_stalled_s)
+    except Exception:
+        return {
+            "status": "down",
+            "reasons": ["the platform database cannot be reached"],
+            "platform_db": {"ok": False},
+            "regions": {},
+        }
+    if ops["past_deadline"]:
+        reasons.append(f"{ops['past_deadline']} operation(s) past their deadline")
+    if ops["workers"] == 0:
+        reasons.append(
+            "no operations worker is alive: operations wait until one runs "
+            "(an API process starts one; `pgfleet worker` adds more)"
+        )
     return {
-        "status": "degraded" if degraded or ops["past_deadline"] else "ok",
+        "status": "degraded" if reasons else "ok",
+        "reasons": reasons,
         "platform_db": {"ok": True},
         "regions": regions,
         "operations": {

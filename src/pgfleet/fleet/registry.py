@@ -32,8 +32,8 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from pgfleet.config import ServerSpec, Settings
 from pgfleet.crypto import SecretBox, generate_password
-from pgfleet.errors import NotFound, PgfleetError, RegionUnavailable
-from pgfleet.pooling import check_pooled, mark_returned
+from pgfleet.errors import ConnectionLimitReached, NotFound, PgfleetError, RegionUnavailable
+from pgfleet.pooling import ConnectionSource, check_pooled, mark_returned
 from pgfleet.regions import ServerLoad
 
 
@@ -176,7 +176,7 @@ def sync_servers(
 class ServerRegistry:
     """Reads servers from the platform DB and hands out admin connections."""
 
-    def __init__(self, settings: Settings, box: SecretBox, platform: ConnectionPool) -> None:
+    def __init__(self, settings: Settings, box: SecretBox, platform: ConnectionSource) -> None:
         self.settings = settings
         self.box = box
         self.platform = platform
@@ -301,25 +301,43 @@ class ServerRegistry:
         else:
             cm.__exit__(None, None, None)
 
+    def why_refused(self, server: ServerRecord, role: str) -> PgfleetError:
+        """Why `role` could not log in to `server`, from the catalog (libpq
+        gives no SQLSTATE for a failed connection, and the message text is
+        the server's, maybe translated): the server unreachable, the role
+        at its connection limit, or its credentials refused."""
+        try:
+            with self.admin_connection(server) as conn:
+                row = conn.execute(
+                    "SELECT r.rolcanlogin, r.rolconnlimit, "
+                    "(SELECT count(*) FROM pg_catalog.pg_stat_activity a "
+                    " WHERE a.usename = r.rolname) FROM pg_catalog.pg_roles r "
+                    "WHERE r.rolname = %s",
+                    (role,),
+                ).fetchone()
+        except RegionUnavailable as e:
+            return e
+        if row is not None and row[0] and 0 <= row[1] <= row[2]:
+            return ConnectionLimitReached(
+                f"role {role} already has {row[2]} connections open on server {server.name}, "
+                f"its limit of {row[1]}",
+                limit=row[1],
+                role=role,
+            )
+        state = "does not exist" if row is None else "may not log in" if not row[0] else ""
+        return CredentialsRejected(
+            f"server {server.name} refused the stored credentials of {role}"
+            + (f" (the role {state})" if state else "")
+            + "; the reconciler repairs what differs",
+            server=server.name,
+            user=role,
+        )
+
     def _connect(self, server: ServerRecord, conninfo: dict[str, Any]) -> psycopg.Connection[Any]:
         try:
             return psycopg.connect(**conninfo, autocommit=True)
         except psycopg.OperationalError as e:
-            state = e.sqlstate or ""
-            if state.startswith("28"):  # invalid authorization: not transient
-                raise CredentialsRejected(
-                    f"server {server.name} refused the stored credentials of "
-                    f"{conninfo['user']}; the reconciler repairs changed passwords",
-                    server=server.name,
-                    user=conninfo["user"],
-                ) from None
-            raise RegionUnavailable(
-                f"region {server.region} is unavailable: cannot open a session on "
-                f"server {server.name}"
-                + (" (the role's connection limit is reached)" if state == "53300" else ""),
-                region=server.region,
-                server=server.name,
-            ) from e
+            raise self.why_refused(server, str(conninfo["user"])) from e
 
     @contextmanager
     def tenant_session(

@@ -10,6 +10,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from pgfleet.errors import PlatformUnavailable
 from pgfleet.fleet.health import ServerHealth, check_all, record
 from pgfleet.monitoring.querylog import apply_retention, ensure_partition
 from pgfleet.platform.core import Platform
@@ -65,9 +66,17 @@ class BackgroundLoop:
 
     def _run(self) -> None:
         last_renewal = 0.0
+        failing = False
         while True:
             try:
                 run_once(self.platform)
+                if failing:
+                    log.warning("background rounds run again")
+                failing = False
+            except PlatformUnavailable:
+                if not failing:  # once per outage
+                    log.warning("background round skipped: the platform DB is unreachable")
+                failing = True
             except Exception:
                 log.exception("background round failed; will retry")
             if time.monotonic() - last_renewal > 3600:

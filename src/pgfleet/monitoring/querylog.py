@@ -20,9 +20,10 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg_pool import ConnectionPool
 
+from pgfleet.errors import PlatformUnavailable
 from pgfleet.monitoring import histogram
+from pgfleet.pooling import ConnectionSource
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ def write_batch(conn: psycopg.Connection[Any], records: list[QueryLogRecord]) ->
 
 class QueryLogWriter:
     def __init__(
-        self, pool: ConnectionPool, *, flush_interval_s: float = 0.2, max_batch: int = 5000
+        self, pool: ConnectionSource, *, flush_interval_s: float = 0.2, max_batch: int = 5000
     ) -> None:
         self.pool = pool
         self.flush_interval_s = flush_interval_s
@@ -189,9 +190,17 @@ class QueryLogWriter:
                 self._thread.start()
 
     def _run(self) -> None:
+        failing = False
         while not self._stop.wait(self.flush_interval_s):
             try:
                 self.flush()
+                if failing:
+                    log.warning("query logs are written again")
+                failing = False
+            except (psycopg.Error, PlatformUnavailable) as e:
+                if not failing:  # once per outage, not five times a second
+                    log.warning("query logs kept in memory until the platform DB answers: %s", e)
+                failing = True
             except Exception:
                 log.exception("query log flush failed; will retry")
 
@@ -219,7 +228,7 @@ class QueryLogWriter:
                         self._days.add(day)
                 write_batch(conn, batch)
             self.written += len(batch)
-        except psycopg.Error:
+        except (psycopg.Error, PlatformUnavailable):
             # The platform DB is unreachable: keep the rows for the next try,
             # but never grow without bound.
             self.retried += len(batch)
@@ -234,5 +243,5 @@ class QueryLogWriter:
             self._thread.join(timeout=5)
         try:
             self.flush()
-        except psycopg.Error:
+        except (psycopg.Error, PlatformUnavailable):
             log.warning("query logs not written at shutdown: platform DB unreachable")

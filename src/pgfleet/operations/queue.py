@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -26,6 +27,7 @@ import psycopg
 from procrastinate import exceptions as pexc
 from psycopg_pool import PoolTimeout
 
+from pgfleet.errors import PlatformUnavailable
 from pgfleet.operations import kinds as _kinds  # noqa: F401  (registers the kinds)
 from pgfleet.operations.runner import execute_operation
 from pgfleet.platform.core import Platform
@@ -81,7 +83,16 @@ def build_app(connector: procrastinate.BaseConnector) -> procrastinate.App:
     from pgfleet.errors import Conflict
 
     app = procrastinate.App(connector=connector)
-    app.task(name=TASK_NAME, queue=QUEUE, pass_context=True)(_run_operation_job)
+    app.task(
+        name=TASK_NAME,
+        queue=QUEUE,
+        pass_context=True,
+        # The platform DB away when the job starts: try again shortly (the
+        # operation itself keeps its state in the platform DB).
+        retry=procrastinate.RetryStrategy(
+            max_attempts=10_000, wait=1, retry_exceptions={PlatformUnavailable}
+        ),
+    )(_run_operation_job)
     app.task(
         name=EXPIRE_TASK,
         queue=QUEUE,
@@ -90,7 +101,12 @@ def build_app(connector: procrastinate.BaseConnector) -> procrastinate.App:
         retry=procrastinate.RetryStrategy(
             max_attempts=10_000,
             wait=1,
-            retry_exceptions={Conflict, psycopg.OperationalError, PoolTimeout},
+            retry_exceptions={
+                Conflict,
+                PlatformUnavailable,
+                psycopg.OperationalError,
+                PoolTimeout,
+            },
         ),
     )(_expire_job)
     return app
@@ -147,6 +163,36 @@ LIMIT 100
 """
 
 
+class _OutageNoise(logging.Filter):
+    """procrastinate logs every failed heartbeat, poll and listen with a
+    traceback, several a second while the platform DB is away; the worker
+    says it once itself (see Worker._main)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        while exc is not None:
+            if isinstance(exc, (psycopg.OperationalError, PoolTimeout, PlatformUnavailable)):
+                return False
+            exc = exc.__cause__ or exc.__context__
+        return True
+
+
+def quiet_outage_noise(worker_name: str | None = None) -> None:
+    """Keep the log to one line per change of state during an outage: our
+    own components report it; psycopg_pool's per-attempt warnings and
+    procrastinate's per-poll tracebacks are dropped."""
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+    noise = _OutageNoise()
+    names = list(logging.Logger.manager.loggerDict)
+    if worker_name is not None:  # procrastinate logs jobs on a child named after the worker
+        names.append(f"procrastinate.worker.{worker_name}")
+    for name in names:
+        if name == "procrastinate" or name.startswith("procrastinate."):
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, _OutageNoise) for f in logger.filters):
+                logger.addFilter(noise)
+
+
 class Worker:
     """A procrastinate worker running pgfleet operations, with its recovery loop.
 
@@ -168,6 +214,7 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._last_reconcile = time.monotonic()
+        quiet_outage_noise(self.name)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -184,21 +231,76 @@ class Worker:
         self._thread.start()
         self._ready.wait(timeout=30)
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def request_stop(self) -> None:
         if self._loop is not None and self._stop is not None:
             with contextlib.suppress(RuntimeError):  # the loop already ended
                 self._loop.call_soon_threadsafe(self._stop.set)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.request_stop()
         if self._thread is not None:
             self._thread.join(timeout)
 
     async def _main(self, install_signal_handlers: bool) -> None:
-        s = self.platform.settings
+        """Run the worker, and run it again whenever it stops by itself (the
+        platform DB went away under it): it waits until the database answers,
+        then starts afresh (new connections, no backoff left over)."""
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        if install_signal_handlers:
+            # Ours, not procrastinate's: a signal must stop this loop too, not
+            # only the current run of the worker (which would then be restarted).
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._loop.add_signal_handler(sig, self._stop.set)
+        failing = False
+        delay = 0.2
+        while not self._stop.is_set():
+            why: BaseException | str
+            if await self._platform_answers():
+                try:
+                    if await self._run_worker():
+                        return  # asked to stop
+                    why = "it stopped by itself"
+                except Exception as e:
+                    why = e
+            else:
+                why = "the platform DB is unreachable"
+            self._ready.set()  # alive, and will start when it can: nobody waits on it
+            if not failing:
+                log.warning(
+                    "worker %s is not running (%s); starting again when it can", self.name, why
+                )
+            failing = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _platform_answers(self) -> bool:
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                **{**self.platform.conninfo, "connect_timeout": 2}
+            )
+            await conn.close()
+            self.platform.breaker.answered()
+            return True
+        except psycopg.Error as e:
+            self.platform.breaker.trip(e)
+            return False
+
+    async def _run_worker(self) -> bool:
+        """One run of the procrastinate worker; True when it ended because
+        it was asked to stop."""
+        assert self._stop is not None
+        s = self.platform.settings
         connector = procrastinate.PsycopgConnector(
-            kwargs={**self.platform.conninfo, "application_name": "pgfleet-worker-queue"},
+            kwargs={
+                **self.platform.conninfo,
+                "application_name": "pgfleet-worker-queue",
+                "connect_timeout": 2,
+            },
             min_size=1,
             max_size=max(2, self.concurrency + 2),
+            timeout=5,
         )
         app = build_app(connector)
         async with app.open_async():
@@ -208,7 +310,7 @@ class Worker:
                     name=self.name,
                     concurrency=self.concurrency,
                     additional_context={"platform": self.platform},
-                    install_signal_handlers=install_signal_handlers,
+                    install_signal_handlers=False,
                     update_heartbeat_interval=s.worker_heartbeat_s,
                     stalled_worker_timeout=s.worker_stalled_s,
                     fetch_job_polling_interval=max(s.worker_heartbeat_s, 1.0),
@@ -217,26 +319,44 @@ class Worker:
                 )
             )
             recovery = asyncio.create_task(self._recovery_loop(app))
-            self._ready.set()
+            if not self._ready.is_set():
+                self._ready.set()
+            else:
+                log.warning("worker %s is running again", self.name)
             stopper = asyncio.create_task(self._stop.wait())
             await asyncio.wait({worker, stopper}, return_when=asyncio.FIRST_COMPLETED)
             recovery.cancel()
             stopper.cancel()
             if not worker.done():
                 worker.cancel()
+            failure: BaseException | None = None
             for t in (worker, recovery, stopper):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
+                try:
                     await t
+                except (asyncio.CancelledError, Exception) as e:
+                    if t is worker and not isinstance(e, asyncio.CancelledError):
+                        failure = e
+            if self._stop.is_set():
+                return True
+            if failure is not None:
+                raise failure
+            return False
 
     # -- recovery ---------------------------------------------------------------
 
     async def _recovery_loop(self, app: procrastinate.App) -> None:
         s = self.platform.settings
+        failing = False
         while True:
             try:
                 await self.recover_once(app)
+                failing = False
             except asyncio.CancelledError:
                 raise
+            except (PlatformUnavailable, psycopg.Error, pexc.ConnectorException) as e:
+                if not failing:
+                    log.warning("worker %s: recovery pass failed: %s", self.name, e)
+                failing = True
             except Exception:
                 log.exception("worker %s: recovery pass failed", self.name)
             await asyncio.sleep(s.worker_heartbeat_s)

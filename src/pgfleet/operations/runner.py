@@ -39,7 +39,12 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import PoolTimeout
 
-from pgfleet.errors import PgfleetError, RegionUnavailable
+from pgfleet.errors import (
+    ConnectionLimitReached,
+    PgfleetError,
+    PlatformUnavailable,
+    RegionUnavailable,
+)
 from pgfleet.operations.failpoints import failpoint
 from pgfleet.operations.store import NOTIFY_CHANNEL
 from pgfleet.platform.core import Platform
@@ -50,6 +55,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 TRANSIENT: tuple[type[BaseException], ...] = (
     RegionUnavailable,
+    ConnectionLimitReached,  # a tenant's own connections fill its role's limit
+    PlatformUnavailable,
     psycopg.OperationalError,
     PoolTimeout,
 )
@@ -189,7 +196,7 @@ class _Execution:
             try:
                 with self.p.db.connection() as conn:
                     return fn(conn)
-            except (psycopg.OperationalError, PoolTimeout) as e:
+            except (PlatformUnavailable, psycopg.OperationalError, PoolTimeout) as e:
                 if time.monotonic() > give_up:
                     raise
                 log.warning("operation %s: platform DB unreachable (%s); retrying", self.op_id, e)

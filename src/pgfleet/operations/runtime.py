@@ -39,26 +39,40 @@ class _Listener:
         self._listening.wait(timeout=5)
 
     def _run(self) -> None:
+        lost = False
+        delay = 0.2
         while not self._closed.is_set():
             try:
                 with psycopg.connect(
-                    **self.platform.conninfo,
-                    autocommit=True,
-                    application_name="pgfleet-ops-listener",
+                    **{
+                        **self.platform.conninfo,
+                        "autocommit": True,
+                        "application_name": "pgfleet-ops-listener",
+                        "connect_timeout": 2,
+                    }
                 ) as conn:
                     conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    if lost:
+                        log.warning("operations listener is listening again")
+                        self.platform.breaker.answered()
+                    lost, delay = False, 0.2
                     self._listening.set()
                     self._wake_all()  # anything that ended while we were away
                     while not self._closed.is_set():
                         for n in conn.notifies(timeout=0.5):
                             self._wake(n.payload)
-            except psycopg.Error as e:
+            except Exception as e:  # whatever it was, listen again; waiters poll meanwhile
                 if self._closed.is_set():
                     return
-                log.warning("operations listener lost its connection (%s); reconnecting", e)
+                if not lost:  # once per outage
+                    log.warning("operations listener lost its connection (%s); reconnecting", e)
+                    if isinstance(e, psycopg.OperationalError):
+                        self.platform.breaker.trip(e)
+                lost = True
                 self._listening.set()
                 self._wake_all()
-                time.sleep(0.5)
+                self._closed.wait(delay)
+                delay = min(delay * 2, 2.0)
 
     def _wake(self, op_id: str) -> None:
         with self._lock:
@@ -150,8 +164,11 @@ class OperationsRuntime:
             listener.unregister(key, ev)
 
     def close(self) -> None:
+        # All asked to stop at once; each gets its graceful time, not the sum.
         for w in self.workers:
-            w.stop()
+            w.request_stop()
+        for w in self.workers:
+            w.stop(timeout=self.platform.settings.worker_shutdown_s + 2)
         self.workers.clear()
         if self._listener is not None:
             self._listener.close()

@@ -164,8 +164,9 @@ def list_audit(
         ).fetchall()
 
 
-def deadline_summary(conn: psycopg.Connection[Any]) -> dict[str, Any]:
-    """Unfinished operations and those past their deadline (for /health, status)."""
+def deadline_summary(conn: psycopg.Connection[Any], alive_within_s: float = 60.0) -> dict[str, Any]:
+    """Unfinished operations, those past their deadline, and the workers whose
+    heartbeat is at most `alive_within_s` old (for /health, status)."""
     with conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute(
             "SELECT count(*) FILTER (WHERE status = 'scheduled') AS scheduled, "
@@ -181,7 +182,8 @@ def deadline_summary(conn: psycopg.Connection[Any]) -> dict[str, Any]:
         ).fetchall()
         workers = cur.execute(
             "SELECT count(*) AS n FROM procrastinate_workers "
-            "WHERE last_heartbeat > now() - interval '1 minute'"
+            "WHERE last_heartbeat > now() - make_interval(secs => %s)",
+            (alive_within_s,),
         ).fetchone()
         row["workers"] = workers["n"] if workers else 0
     return row

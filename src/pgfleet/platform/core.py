@@ -23,6 +23,7 @@ from pgfleet.fleet.registry import ServerRegistry, sync_servers
 from pgfleet.monitoring.metrics import Metrics
 from pgfleet.monitoring.querylog import QueryLogWriter
 from pgfleet.platform import migrate
+from pgfleet.platform.db import Breaker, PlatformDB
 from pgfleet.pooling import check_pooled, mark_returned
 from pgfleet.regions import get_regional_host
 
@@ -93,18 +94,25 @@ class Platform:
         self.settings = settings
         self.conninfo = conninfo if conninfo is not None else platform_conninfo(settings)
         self.secrets = SecretBox.from_settings(settings)
-        self.db = ConnectionPool(
-            # Autocommit: a read is one round trip; multi-statement changes
-            # use explicit `with conn.transaction()`.
-            kwargs={**self.conninfo, "application_name": "pgfleet", "autocommit": True},
-            min_size=1,
-            max_size=16,
-            timeout=settings.connect_timeout_s * 2,
-            check=check_pooled,
-            reset=mark_returned,
-            name="platform",
-            open=True,
-        )
+        # Shared by every pool of this process on the platform DB: while it is
+        # away, callers get PlatformUnavailable at once (see platform/db.py).
+        self.breaker = Breaker()
+
+        def make_pool() -> ConnectionPool:
+            return ConnectionPool(
+                # Autocommit: a read is one round trip; multi-statement changes
+                # use explicit `with conn.transaction()`.
+                kwargs={**self.conninfo, "application_name": "pgfleet", "autocommit": True},
+                min_size=1,
+                max_size=16,
+                timeout=settings.connect_timeout_s,
+                check=check_pooled,
+                reset=mark_returned,
+                name="platform",
+                open=True,
+            )
+
+        self.db = PlatformDB(self.conninfo, breaker=self.breaker, make_pool=make_pool)
         self.servers = ServerRegistry(settings, self.secrets, self.db)
         self.query_log = QueryLogWriter(self.db)
         self.metrics = Metrics()
