@@ -59,8 +59,19 @@ def _free_port_block(n: int) -> int:
 
 
 def make_settings(home: Path, port_base: int, **overrides: Any) -> Settings:
+    # Tests make requests faster than any person; the rate-limit tests set
+    # their own limits.
+    limits = {
+        "rate_limit_per_s": 100_000,
+        "rate_limit_sql_per_s": 100_000,
+        "rate_limit_auth_failures_per_min": 100_000,
+    }
     return Settings(
-        home=home, port_base=port_base, fsync=False, api_port=port_base + 50, **overrides
+        home=home,
+        port_base=port_base,
+        fsync=False,
+        api_port=port_base + 50,
+        **{**limits, **overrides},
     )
 
 

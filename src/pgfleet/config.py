@@ -103,13 +103,19 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(default=4, ge=1, le=64)
     worker_heartbeat_s: float = Field(default=2.0, gt=0)
     worker_stalled_s: float = Field(default=10.0, gt=0)
-    worker_shutdown_s: float = Field(default=10.0, gt=0)
+    # How long a stopping worker lets running steps finish; a step still
+    # running then is resumed by another worker (steps look before they act).
+    worker_shutdown_s: float = Field(default=3.0, gt=0)
     operation_deadline_s: float = Field(default=120.0, gt=0)
     operation_wait_s: float = Field(default=60.0, gt=0)
     reconcile_interval_s: float = Field(default=600.0, gt=0)
     # Databases each regional server keeps ready for new projects (0: none).
     spare_databases: int = Field(default=2, ge=0, le=1000)
     idempotency_retention_h: int = Field(default=24, ge=1)
+    # Rate limits, for all API processes of a host together (see api/ratelimit.py).
+    rate_limit_auth_failures_per_min: float = Field(default=30, gt=0)
+    rate_limit_per_s: float = Field(default=100, gt=0)
+    rate_limit_sql_per_s: float = Field(default=2000, gt=0)
     # Web console: how long a sign-in lasts.
     session_ttl_s: int = Field(default=8 * 3600, ge=60)
     # Monitoring

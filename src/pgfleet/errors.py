@@ -81,6 +81,13 @@ class RegionUnavailable(PgfleetError):
     code = "region_unavailable"
 
 
+class ConnectionLimitReached(PgfleetError):
+    """The project's role has as many connections open as its plan allows."""
+
+    status_code = 429
+    code = "connection_limit_reached"
+
+
 class PlatformUnavailable(PgfleetError):
     """The platform database cannot be reached."""
 
@@ -93,6 +100,24 @@ class NoCapacity(PgfleetError):
 
     status_code = 503
     code = "no_capacity"
+
+
+class BodyTooLarge(PgfleetError):
+    """The request body is over 4 MiB, the most any call takes."""
+
+    status_code = 413
+    code = "body_too_large"
+
+
+class RateLimited(PgfleetError):
+    """Too many requests; retry after the time in Retry-After."""
+
+    status_code = 429
+    code = "rate_limited"
+
+
+class InternalError(PgfleetError):
+    """Something went wrong inside pgfleet; it is in the API's log."""
 
 
 class FleetError(PgfleetError):

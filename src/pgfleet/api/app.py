@@ -3,23 +3,33 @@ only here."""
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pgfleet import __version__
+from pgfleet.api.ratelimit import RateLimit, RateLimits
 from pgfleet.api.routes import health_router, v1
-from pgfleet.api.sqlpath import SqlFastPath
+from pgfleet.api.sqlpath import MAX_BODY_BYTES, SqlFastPath
 from pgfleet.config import Settings, get_settings
-from pgfleet.errors import PgfleetError, error_content
+from pgfleet.errors import BodyTooLarge, InternalError, PgfleetError, error_content
 from pgfleet.monitoring.background import BackgroundLoop
+from pgfleet.operations.queue import quiet_outage_noise
 from pgfleet.platform.core import Platform
 from pgfleet.tenants.sql import SqlGateway
+from pgfleet.web.routes import console_error_page, wants_page
+
+log = logging.getLogger(__name__)
 
 DESCRIPTION = """\
 pgfleet runs PostgreSQL databases for projects in several regions.
@@ -30,11 +40,9 @@ and what is allowed.
 """
 
 
-MAX_BODY_BYTES = 4 * 1024 * 1024
-
-
 def create_app(platform: Platform | None = None, settings: Settings | None = None) -> FastAPI:
     owned = platform is None
+    quiet_outage_noise()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -45,6 +53,7 @@ def create_app(platform: Platform | None = None, settings: Settings | None = Non
                 loop = BackgroundLoop(app.state.platform).start()
             # Embedded workers also pick up operations left over from before a restart.
             app.state.platform.ops.start_workers()
+        app.state.limits = RateLimits(app.state.platform.settings)
         app.state.sql = SqlGateway(app.state.platform)
         await app.state.sql.open()
         try:
@@ -61,14 +70,13 @@ def create_app(platform: Platform | None = None, settings: Settings | None = Non
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
-        # The largest legitimate body is a SQL call: 100,000 characters and
-        # 1,000 params. Anything bigger is refused (413) before it is read.
-        max_body_size=MAX_BODY_BYTES,
     )
     app.state.platform = platform
 
     @app.exception_handler(PgfleetError)
-    async def _domain_error(request: Request, exc: PgfleetError) -> JSONResponse:
+    async def _domain_error(request: Request, exc: PgfleetError) -> Response:
+        if wants_page(request.url.path, request.headers.get("accept", "")):
+            return console_error_page(exc)
         return JSONResponse(error_content(exc), status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
@@ -76,13 +84,58 @@ def create_app(platform: Platform | None = None, settings: Settings | None = Non
         parts = []
         fields = []
         for err in exc.errors():
+            if err.get("type") == "json_invalid":
+                where = err.get("loc", ("body", 0))[-1]
+                why = (err.get("ctx") or {}).get("error", "")
+                parts.append(
+                    f"the body is not valid JSON (at character {where}"
+                    + (f": {why}" if why else "")
+                    + ")"
+                )
+                fields.append("body")
+                continue
             loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
             fields.append(loc)
-            parts.append(f"{loc}: {err.get('msg')}")
+            parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
         return JSONResponse(
             {"error": {"code": "invalid_input", "message": "; ".join(parts), "fields": fields}},
             status_code=422,
         )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """Starlette's own errors (no such route, wrong method, a body that
+        cannot be read) in the same envelope as every other error."""
+        code, message = HTTP_ERRORS.get(exc.status_code, ("http_error", str(exc.detail)))
+        status = exc.status_code
+        if status == 400:  # a body that is not JSON at all (not even UTF-8)
+            status, code = 422, "invalid_input"
+            message = "the body is not valid JSON (it must be UTF-8 JSON)"
+        elif exc.status_code == 404:
+            message = f"no such path: {request.url.path} (the API is described at /docs)"
+        elif exc.status_code == 405:
+            allowed = allowed_methods(request)
+            message = (
+                f"{request.method} is not allowed on {request.url.path}; "
+                f"allowed: {', '.join(allowed)}"
+            )
+            # Every method of the path, not only those of the route that matched.
+            exc.headers = {**(exc.headers or {}), "Allow": ", ".join(allowed)}
+        elif isinstance(exc.detail, str) and exc.status_code not in HTTP_ERRORS:
+            message = exc.detail
+        err = PgfleetError(message)
+        err.status_code, err.code = status, code
+        if wants_page(request.url.path, request.headers.get("accept", "")):
+            return console_error_page(err, headers=exc.headers)
+        return JSONResponse(error_content(err), status_code=status, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+        err = InternalError()
+        if wants_page(request.url.path, request.headers.get("accept", "")):
+            return console_error_page(err)
+        return JSONResponse(error_content(err), status_code=500)
 
     app.include_router(health_router)
     app.include_router(v1)
@@ -92,8 +145,123 @@ def create_app(platform: Platform | None = None, settings: Settings | None = Non
     # Middleware added later wraps what was added before: the metrics see the
     # SQL fast path's requests too.
     app.add_middleware(SqlFastPath)
+    app.add_middleware(RateLimit)
     app.add_middleware(MetricsMiddleware)
+    app.add_middleware(BodyLimit)
+    app.add_middleware(SecurityHeaders)
     return app
+
+
+class BodyLimit:
+    """Bodies over MAX_BODY_BYTES are refused with 413 in the error envelope,
+    before they are read whole (by Content-Length, or as they arrive)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.refusal = json.dumps(error_content(BodyTooLarge())).encode()
+
+    async def _refuse(self, send: Send) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(self.refusal)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": self.refusal})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > MAX_BODY_BYTES:
+                await self._refuse(send)
+                return
+        seen = 0
+        too_large = False
+        started = False
+
+        async def counting() -> Message:
+            nonlocal seen, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > MAX_BODY_BYTES:
+                    too_large = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded(message: Message) -> None:
+            nonlocal started
+            if too_large:
+                return  # the app's answer to a cut-off body is replaced below
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting, guarded)
+        except Exception:
+            if not too_large:
+                raise
+        if too_large and not started:
+            await self._refuse(send)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in request.app.routes:
+        if isinstance(route, APIRoute) and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods or set()
+    return sorted(methods)
+
+
+HTTP_ERRORS = {
+    400: ("bad_request", "the request could not be read"),
+    404: ("not_found", "not found"),
+    405: ("method_not_allowed", "method not allowed"),
+    413: ("body_too_large", BodyTooLarge.__doc__ or ""),
+}
+
+# The console's pages run only their own script and style, load nothing from
+# elsewhere and cannot be framed. /docs (Swagger UI) gets the framing rule only.
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; font-src 'self'; form-action 'self'; frame-ancestors 'none'; "
+    "base-uri 'none'"
+)
+_COMMON_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+]
+_DOCS = ("/docs", "/redoc")
+
+
+class SecurityHeaders:
+    """Headers every answer carries (plain ASGI: a few tuples per response)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.csp = [(b"content-security-policy", CSP.encode())]
+        self.docs_csp = [(b"content-security-policy", b"frame-ancestors 'none'")]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        extra = _COMMON_HEADERS + (self.docs_csp if scope["path"].startswith(_DOCS) else self.csp)
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *extra]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 class MetricsMiddleware:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from pgfleet.auth import authenticate
-from pgfleet.errors import Forbidden
+from pgfleet.errors import Forbidden, InvalidInput
 from pgfleet.platform.core import Platform
 from pgfleet.tenants.service import Owner
 
@@ -40,3 +41,40 @@ def get_admin(owner: OwnerDep) -> Owner:
 
 
 AdminDep = Annotated[Owner, Depends(get_admin)]
+
+
+_QUERY_NAMES: dict[int, frozenset[str]] = {}
+
+
+def _query_names(route: APIRoute) -> frozenset[str]:
+    """The query parameters a route and its dependencies take (by route
+    object: routes are made once, at start)."""
+    known = _QUERY_NAMES.get(id(route))
+    if known is not None:
+        return known
+    names: set[str] = set()
+    todo = [route.dependant]
+    while todo:
+        dependant = todo.pop()
+        names |= {p.alias for p in dependant.query_params}
+        todo.extend(dependant.dependencies)
+    _QUERY_NAMES[id(route)] = frozenset(names)
+    return _QUERY_NAMES[id(route)]
+
+
+async def known_query_parameters(request: Request) -> None:
+    """A query parameter the route does not take is an error that names it
+    (a typo such as `?regoin=` would otherwise be ignored in silence)."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute) or not request.query_params:
+        return
+    unknown = sorted(set(request.query_params) - _query_names(route))
+    if unknown:
+        allowed = sorted(_query_names(route))
+        raise InvalidInput(
+            f"unknown query parameter{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(repr(u) for u in unknown)}; "
+            + (f"this route takes: {', '.join(allowed)}" if allowed else "this route takes none"),
+            field="query",
+            unknown=unknown,
+        )

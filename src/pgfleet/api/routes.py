@@ -12,9 +12,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials
 
 from pgfleet import auth
-from pgfleet.api.deps import AdminDep, OwnerDep, PlatformDep, bearer
+from pgfleet.api.deps import AdminDep, OwnerDep, PlatformDep, bearer, known_query_parameters
 from pgfleet.api.idempotency import run_idempotent
 from pgfleet.api.schemas import (
+    REGION_SCHEMA,
+    WINDOW_PATTERN,
     AuditEntry,
     AuditList,
     ConnectionOut,
@@ -56,18 +58,50 @@ from pgfleet.tenants.sql import SqlGateway
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "Missing, invalid or revoked token."},
+    403: {"model": ErrorResponse, "description": "This token may not do that (admins only)."},
     404: {"model": ErrorResponse, "description": "Not found (or not yours)."},
     422: {
         "model": ErrorResponse,
-        "description": "Invalid input; the message says what is allowed.",
+        "description": "Invalid input (an unknown parameter or field among it); the message "
+        "says what is allowed.",
+    },
+    429: {
+        "model": ErrorResponse,
+        "description": "Over a rate limit (Retry-After says when to retry), or too many "
+        "failed authentications from this address.",
+    },
+    503: {
+        "model": ErrorResponse,
+        "description": "The platform database (`platform_unavailable`) or a region's server "
+        "(`region_unavailable`) cannot be reached; retry shortly.",
     },
 }
+# Error answers of routes whose own answer is not JSON (FastAPI would
+# document them in the route's media type).
+JSON_ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
 
-health_router = APIRouter()
-v1 = APIRouter(prefix="/v1", responses={401: ERRORS[401]})
+
+def json_errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {c: {"description": ERRORS[c]["description"], "content": JSON_ERROR} for c in codes}
 
 
-@health_router.get("/health", tags=["health"], summary="Platform DB and regional servers")
+# Every route can answer these.
+COMMON: dict[int | str, dict[str, Any]] = {k: ERRORS[k] for k in (422, 429, 503)}
+
+health_router = APIRouter(dependencies=[Depends(known_query_parameters)])
+v1 = APIRouter(
+    prefix="/v1",
+    responses={401: ERRORS[401], **COMMON},
+    dependencies=[Depends(known_query_parameters)],
+)
+
+
+@health_router.get(
+    "/health",
+    tags=["health"],
+    summary="Platform DB and regional servers",
+    responses={**COMMON, 503: {"description": "The platform database cannot be reached."}},
+)
 def health(platform: PlatformDep) -> JSONResponse:
     """`ok` when everything answers; `degraded` when a regional server is down
     (its region shows `degraded`, the rest keep working); 503 `down` when the
@@ -83,7 +117,7 @@ def health(platform: PlatformDep) -> JSONResponse:
     response_class=PlainTextResponse,
     responses={
         200: {"content": {"application/x-pem-file": {}}},
-        404: ERRORS[404],
+        **json_errors(404, 422, 429, 503),
     },
 )
 def ca_certificate(platform: PlatformDep) -> PlainTextResponse:
@@ -129,6 +163,7 @@ IdemHeader = Annotated[
         alias="Idempotency-Key",
         description="Repeat a POST safely: the same key and request return the first "
         "result and create nothing new (1-255 visible ASCII characters).",
+        json_schema_extra={"minLength": 1, "maxLength": 255, "pattern": r"^[!-~]+$"},
     ),
 ]
 OPERATION_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -230,7 +265,11 @@ def list_projects(
     platform: PlatformDep,
     owner: OwnerDep,
     region: Annotated[
-        str | None, Query(description="Only projects that asked for this region")
+        str | None,
+        Query(
+            description="Only projects that asked for this region",
+            json_schema_extra=REGION_SCHEMA,
+        ),
     ] = None,
     include_deleted: bool = False,
 ) -> ProjectList:
@@ -726,7 +765,11 @@ def list_servers(platform: PlatformDep, admin: AdminDep) -> list[ServerOut]:
 
 
 WindowQ = Annotated[
-    str, Query(description="How far back: a number and m, h or d (e.g. 30m, 24h, 7d; max 31d).")
+    str,
+    Query(
+        description="How far back: a number and m, h or d (e.g. 30m, 24h, 7d; max 31d).",
+        json_schema_extra={"pattern": WINDOW_PATTERN},
+    ),
 ]
 
 
@@ -798,6 +841,7 @@ def costs(platform: PlatformDep, admin: AdminDep) -> dict[str, Any]:
 
 @health_router.get(
     "/metrics",
+    responses=json_errors(401, 403, 422, 429, 503),
     tags=["monitoring"],
     summary="Prometheus metrics (admin token)",
     response_class=PlainTextResponse,
@@ -858,7 +902,12 @@ def admin_reconcile(
     )
 
 
-@v1.get("/admin/reconcile", tags=["admin"], summary="The last reconciler run")
+@v1.get(
+    "/admin/reconcile",
+    tags=["admin"],
+    summary="The last reconciler run",
+    responses={404: {"model": ErrorResponse, "description": "The reconciler has not run yet."}},
+)
 def admin_last_reconcile(platform: PlatformDep, admin: AdminDep) -> dict[str, Any]:
     run = last_run(platform)
     if run is None:

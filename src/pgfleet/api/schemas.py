@@ -6,9 +6,29 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from pgfleet.regions import DEFAULT_REGION, PLAN_IDS, REGION_IDS, REGIONS_BY_ID
+from pgfleet.regions import DEFAULT_REGION, PLAN_IDS, PLANS, REGION_IDS, REGIONS_BY_ID
+
+# What the document promises about inputs that pgfleet validates itself (so
+# its errors can say what is allowed): documented here, checked in the
+# services. `display-name` is 1-100 characters of text, with no control,
+# format (bidi overrides), private-use or unassigned characters.
+NAME_SCHEMA: dict[str, Any] = {"minLength": 1, "maxLength": 100, "format": "display-name"}
+REGION_SCHEMA: dict[str, Any] = {"enum": list(REGION_IDS)}
+PLAN_SCHEMA: dict[str, Any] = {"enum": list(PLAN_IDS)}
+SUBDOMAIN_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
+# 1m to 31d.
+WINDOW_PATTERN = (
+    r"^(?:(?:[1-9]|[12][0-9]|3[01])d|(?:[1-9][0-9]?|[1-6][0-9]{2}|7[0-3][0-9]|74[0-4])h|"
+    r"(?:[1-9][0-9]{0,3}|[1-3][0-9]{4}|4[0-3][0-9]{3}|44[0-5][0-9]{2}|446[0-3][0-9]|44640)m)$"
+)
+
+
+class Input(BaseModel):
+    """A request body: a field pgfleet does not know is an error, named."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class ErrorBody(BaseModel):
@@ -29,24 +49,30 @@ class RegionOut(BaseModel):
     default: bool
 
 
-class ProjectCreate(BaseModel):
+class ProjectCreate(Input):
     name: str = Field(
         description="Display name: 1-100 characters, no control characters. Any text, "
         "quotes and unicode included; it never reaches SQL as text.",
         examples=["shop"],
+        json_schema_extra=NAME_SCHEMA,
     )
     region: str = Field(
         default=DEFAULT_REGION,
         description=f"Requested region, one of: {', '.join(REGION_IDS)}.",
         examples=["eu-central-1"],
+        json_schema_extra=REGION_SCHEMA,
     )
     plan_type: str = Field(
-        default="free", description=f"Plan, one of: {', '.join(PLAN_IDS)}.", examples=["free"]
+        default="free",
+        description=f"Plan, one of: {', '.join(PLAN_IDS)}.",
+        examples=["free"],
+        json_schema_extra=PLAN_SCHEMA,
     )
     subdomain: str | None = Field(
         default=None,
         description="DNS label (lowercase letters, digits, hyphens). Derived from the name "
         "when omitted.",
+        json_schema_extra={"pattern": SUBDOMAIN_PATTERN},
     )
 
 
@@ -133,8 +159,8 @@ class ProjectList(BaseModel):
     projects: list[ProjectOut]
 
 
-class OwnerCreate(BaseModel):
-    name: str
+class OwnerCreate(Input):
+    name: str = Field(description="The owner's display name.", json_schema_extra=NAME_SCHEMA)
     is_admin: bool = False
 
 
@@ -154,8 +180,10 @@ class OwnerRow(OwnerOut):
     projects: int
 
 
-class TokenCreate(BaseModel):
-    name: str = "cli"
+class TokenCreate(Input):
+    name: str = Field(
+        default="cli", description="A label for the token.", json_schema_extra=NAME_SCHEMA
+    )
 
 
 class TokenCreated(BaseModel):
@@ -188,19 +216,32 @@ class ServerOut(BaseModel):
     embedded: bool
 
 
-class SqlIn(BaseModel):
-    query: str = Field(description="One SQL statement. Use $1, $2... for params.")
+class SqlIn(Input):
+    query: str = Field(
+        description="One SQL statement (at most 100,000 characters). Use $1, $2... for params.",
+        json_schema_extra={"minLength": 1, "maxLength": 100_000, "pattern": r"\S"},
+    )
     params: list[str | int | float | bool | None] = Field(
-        default_factory=list, description="Values for $1, $2...; sent as parameters, never as text."
+        default_factory=list,
+        description="Values for $1, $2... (at most 1,000); sent as parameters, never as text.",
+        json_schema_extra={"maxItems": 1000},
     )
     mode: Literal["rw", "ro"] = Field(
         default="rw", description="rw: the project's role; ro: its read-only role."
     )
     timeout_ms: int | None = Field(
-        default=None, description="Statement timeout (default 10 s, capped by the plan)."
+        default=None,
+        description="Statement timeout (default 10 s), at most the plan's: "
+        + ", ".join(f"{p.id} {p.statement_timeout_ms:,}" for p in PLANS)
+        + ".",
+        json_schema_extra={"minimum": 1},
     )
     max_rows: int | None = Field(
-        default=None, description="Rows to return (default 1000, capped by the plan)."
+        default=None,
+        description="Rows to return (default 1000), at most the plan's: "
+        + ", ".join(f"{p.id} {p.max_result_rows:,}" for p in PLANS)
+        + ".",
+        json_schema_extra={"minimum": 1},
     )
 
 
@@ -284,7 +325,7 @@ class ProjectWithOperation(BaseModel):
     )
 
 
-class RotateIn(BaseModel):
+class RotateIn(Input):
     role: Literal["all", "rw", "ro"] = Field(
         default="all", description="Which login role gets a new password."
     )
@@ -293,11 +334,12 @@ class RotateIn(BaseModel):
         description="Keep the old credentials working this many seconds (0 to 604800). "
         "The new ones then use the project's other login role (the user name changes "
         "between `..._rw` and `..._rw_alt`).",
+        json_schema_extra={"minimum": 0, "maximum": 604800},
     )
 
 
-class PlanIn(BaseModel):
-    plan: str = Field(description="free, pro or enterprise.")
+class PlanIn(Input):
+    plan: str = Field(description="free, pro or enterprise.", json_schema_extra=PLAN_SCHEMA)
 
 
 class AuditEntry(BaseModel):
@@ -314,6 +356,6 @@ class AuditList(BaseModel):
     entries: list[AuditEntry]
 
 
-class ReconcileIn(BaseModel):
+class ReconcileIn(Input):
     repair: bool = Field(default=False, description="Fix what is found, not only report it.")
     force: bool = Field(default=False, description="Also drop orphan databases that hold data.")

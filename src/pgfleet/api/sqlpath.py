@@ -23,11 +23,14 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pgfleet.api.schemas import SqlIn
-from pgfleet.errors import PgfleetError, error_content
+from pgfleet.errors import BodyTooLarge, PgfleetError, error_content
 from pgfleet.tenants.sql import SqlGateway, SqlRequest, SqlResult
 
 SQL_ROUTE = "/v1/projects/{project_id}/sql"
 _SQL_PATH = re.compile(r"/v1/projects/([^/]+)/sql")
+# The largest legitimate body is a SQL call: 100,000 characters and 1,000
+# params. Anything bigger is refused (413) before it is all read.
+MAX_BODY_BYTES = 4 * 1024 * 1024
 _ROUTE_LABEL = SimpleNamespace(path=SQL_ROUTE)
 _ENCODE_INLINE_BYTES = 256 * 1024
 
@@ -88,11 +91,16 @@ class SqlFastPath:
                 await self.app(scope, receive, send)
                 return
         chunks = []
+        size = 0
         while True:
             message = await receive()
             if message["type"] != "http.request":  # the client went away
                 return
             chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > MAX_BODY_BYTES:
+                await _send_json(send, 413, error_content(BodyTooLarge()))
+                return
             if not message.get("more_body", False):
                 break
         raw = b"".join(chunks)
@@ -117,17 +125,25 @@ class SqlFastPath:
             status, content = exc.status_code, error_content(exc)
         # A large answer is encoded in a thread, not on the event loop.
         payload = await asyncio.to_thread(_encode, content) if big else _encode(content)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(payload)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": payload})
+        await _send_payload(send, status, payload)
+
+
+async def _send_json(send: Send, status: int, content: dict[str, Any]) -> None:
+    await _send_payload(send, status, _encode(content))
+
+
+async def _send_payload(send: Send, status: int, payload: bytes) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
 
 
 def _encode(content: dict[str, Any]) -> bytes:

@@ -23,6 +23,7 @@ _TOKEN = re.compile(
     re.VERBOSE | re.DOTALL,
 )
 _COMMENT_PART = re.compile(r"/\*|\*/")
+_ROLE_STATEMENT = re.compile(r"(?:.*; ?)?\s*(?:create|alter) (?:role|user|group) ")
 
 MAX_FINGERPRINT = 1000
 _CACHED_CHARS = 2000
@@ -53,6 +54,10 @@ def fingerprint(query: str) -> str:
 def _fingerprint(query: str) -> str:
     out: list[str] = []
     pos = 0
+    # In a role statement, whatever comes after the word PASSWORD up to the
+    # next space is a secret, quoted or not (`PASSWORD hunter2`, a typo, is
+    # still one).
+    redact = ""  # "next": the secret comes next; "in": inside it
     while pos < len(query):
         m = _TOKEN.match(query, pos)
         if m is None:  # pragma: no cover - `other` matches any character
@@ -62,6 +67,14 @@ def _fingerprint(query: str) -> str:
         if kind == "block_comment":
             pos = _skip_block_comment(query, pos)
             kind = "space"
+        blank = kind in ("line_comment", "space")
+        if redact and not blank and m.group() != ";":
+            if redact == "next":
+                out.append("?")
+            redact = "in"
+            continue
+        if redact == "in" or m.group() == ";":
+            redact = ""
         if kind in ("line_comment", "space"):
             if out and out[-1] != " ":
                 out.append(" ")
@@ -69,6 +82,8 @@ def _fingerprint(query: str) -> str:
             out.append("?")
         elif kind == "word":
             out.append(m.group().lower())
+            if out[-1] == "password" and _ROLE_STATEMENT.match("".join(out)):
+                redact = "next"
         else:
             out.append(m.group())
     text = "".join(out).strip()

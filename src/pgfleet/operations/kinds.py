@@ -505,7 +505,10 @@ PAUSE = register(
 
 
 def _resume_allow(ctx: OpContext) -> None:
-    _alter_login_roles(ctx.platform, ctx.tenant_id, sql.SQL("LOGIN"))
+    """The roles as an active project's: LOGIN, and whatever else drifted
+    while it was paused (a password its tenant changed, say) put back."""
+    t = replace(prepare_provision(ctx.platform, ctx.tenant_id), status="active")
+    ctx.state.setdefault("actions", []).extend(converge_target_on_server(ctx.platform, t, "roles"))
 
 
 def _resume_privileges(ctx: OpContext) -> None:

@@ -22,10 +22,18 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from pgfleet.errors import Conflict, InvalidInput, ProjectNotFound, RegionUnavailable
+from pgfleet.errors import (
+    Conflict,
+    ConnectionLimitReached,
+    InvalidInput,
+    PgfleetError,
+    ProjectNotFound,
+    RegionUnavailable,
+)
 from pgfleet.monitoring.fingerprint import fingerprint
 from pgfleet.monitoring.querylog import QueryLogRecord
 from pgfleet.pooling import check_pooled, mark_returned
+from pgfleet.regions import get_plan
 
 if TYPE_CHECKING:
     from pgfleet.platform.core import Platform
@@ -97,6 +105,34 @@ class TenantEndpoint:
             "application_name": f"pgfleet-{mode}",
         }
         return ci
+
+
+def refusal(
+    platform: Platform, endpoint: TenantEndpoint, mode: Mode, plan_type: str | None
+) -> PgfleetError:
+    """What to tell a caller whose connection to the project could not be
+    made: its role at the plan's connection limit (429), or its region
+    unreachable (503). Asks the server's catalog; only on that failure path."""
+    unreachable = RegionUnavailable(
+        f"region {endpoint.hosted_region} is unavailable: the project's server cannot be reached",
+        region=endpoint.hosted_region,
+    )
+    try:
+        why = platform.servers.why_refused(
+            platform.servers.get(endpoint.server_id), endpoint.user_for(mode)
+        )
+    except PgfleetError:
+        return unreachable
+    if isinstance(why, ConnectionLimitReached):
+        plan = get_plan(plan_type or "free")
+        return ConnectionLimitReached(
+            f"project {endpoint.tenant_id}'s {mode} role already has {plan.connection_limit} "
+            f"connections open, the most its {plan.id} plan allows (direct connections count "
+            "too); close some, or move to a larger plan",
+            limit=plan.connection_limit,
+            plan=plan.id,
+        )
+    return unreachable
 
 
 def check_mode(mode: str) -> Mode:
@@ -243,6 +279,16 @@ class DatabasePlatformClient:
             ro_password=ro_password,
         )
 
+    def _plan_of(self, tenant_id: uuid.UUID) -> str | None:
+        try:
+            with self.platform.db.connection() as conn:
+                row = conn.execute(
+                    "SELECT plan_type FROM tenants WHERE id = %s", (tenant_id,)
+                ).fetchone()
+        except PgfleetError:
+            return None
+        return row[0] if row else None
+
     def _make_pool(self, endpoint: TenantEndpoint, mode: Mode) -> ConnectionPool:
         settings = self.platform.settings
         return ConnectionPool(
@@ -293,11 +339,7 @@ class DatabasePlatformClient:
                 # Retry afresh next time, without the pool's backoff.
                 self._pools.discard(entry)
                 entry.pool.close(timeout=0)
-                raise RegionUnavailable(
-                    f"region {endpoint.hosted_region} is unavailable: the project's server "
-                    "cannot be reached",
-                    region=endpoint.hosted_region,
-                ) from e
+                raise refusal(self.platform, endpoint, m, self._plan_of(endpoint.tenant_id)) from e
             if log_queries:
                 conn.cursor_factory = _logging_cursor(self, endpoint, m)
             try:

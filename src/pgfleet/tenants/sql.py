@@ -52,15 +52,22 @@ from pgfleet.errors import (
     Conflict,
     InvalidInput,
     PgfleetError,
-    PlatformUnavailable,
     ProjectNotFound,
     RegionUnavailable,
 )
 from pgfleet.monitoring.fingerprint import fingerprint
 from pgfleet.platform.core import Platform
+from pgfleet.platform.db import AsyncPlatformDB
 from pgfleet.pooling import is_suspect, mark_returned
 from pgfleet.regions import get_plan
-from pgfleet.tenants.connections import Mode, PoolCache, PoolEntry, TenantEndpoint, check_mode
+from pgfleet.tenants.connections import (
+    Mode,
+    PoolCache,
+    PoolEntry,
+    TenantEndpoint,
+    check_mode,
+    refusal,
+)
 from pgfleet.tenants.service import Owner
 
 log = logging.getLogger(__name__)
@@ -350,7 +357,7 @@ class SqlGateway:
 
     def __init__(self, platform: Platform) -> None:
         self.platform = platform
-        self._db: AsyncConnectionPool | None = None
+        self._db: AsyncPlatformDB | None = None
         self._pools: PoolCache[AsyncConnectionPool] = PoolCache(
             lambda: platform.settings.tenant_pool_cap_per_process
         )
@@ -361,23 +368,34 @@ class SqlGateway:
 
     async def open(self) -> None:
         s = self.platform.settings
-        self._db = AsyncConnectionPool(
-            kwargs={**self.platform.conninfo, "application_name": "pgfleet", "autocommit": True},
-            min_size=1,
-            max_size=16,
-            timeout=s.connect_timeout_s * 2,
-            check=_check_pooled,
-            reset=_mark_returned,
-            name="platform-sql",
-            open=False,
+
+        def make_pool() -> AsyncConnectionPool:
+            return AsyncConnectionPool(
+                kwargs={
+                    **self.platform.conninfo,
+                    "application_name": "pgfleet",
+                    "autocommit": True,
+                },
+                min_size=1,
+                max_size=16,
+                timeout=s.connect_timeout_s,
+                check=_check_pooled,
+                reset=_mark_returned,
+                name="platform-sql",
+                open=False,
+            )
+
+        self._db = AsyncPlatformDB(
+            self.platform.conninfo, breaker=self.platform.breaker, make_pool=make_pool
         )
-        await self._db.open(wait=False)
+        await self._db.open()
         self.platform.pool_counters.append(self.pool_count)
         self._listener = asyncio.get_running_loop().create_task(self._listen())
 
     async def _listen(self) -> None:
         """Keep a LISTEN on the auth channel; the cache is live only while it is."""
         cache = self.auth_cache
+        failing = False
         while True:
             try:
                 conn = await psycopg.AsyncConnection.connect(
@@ -385,6 +403,7 @@ class SqlGateway:
                         **self.platform.conninfo,
                         "application_name": "pgfleet-auth-listen",
                         "autocommit": True,
+                        "connect_timeout": 2,
                         # A silently dead link is noticed in seconds.
                         "keepalives": 1,
                         "keepalives_idle": 5,
@@ -394,6 +413,9 @@ class SqlGateway:
                 )
                 async with conn:
                     await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(AUTH_CHANNEL)))
+                    if failing:
+                        log.warning("auth cache on again")
+                    failing = False
                     cache.clear()
                     cache.live = True
                     async for notice in conn.notifies():
@@ -401,7 +423,9 @@ class SqlGateway:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # whatever it was, retry; the cache is off meanwhile
-                log.warning("auth cache off: %s", e.__class__.__name__)
+                if not failing:  # once per state change, not once a second
+                    log.warning("auth cache off: %s", e.__class__.__name__)
+                failing = True
             finally:
                 cache.live = False
                 cache.clear()
@@ -426,7 +450,7 @@ class SqlGateway:
             await self._db.close(timeout=1)
 
     @property
-    def db(self) -> AsyncConnectionPool:
+    def db(self) -> AsyncPlatformDB:
         if self._db is None:
             raise RuntimeError("the SQL gateway is not open")
         return self._db
@@ -435,14 +459,7 @@ class SqlGateway:
         self, token: str | None, project_id: str
     ) -> tuple[Owner, dict[str, Any] | None]:
         """The token's owner and the project's row, in one round trip."""
-        try:
-            return await authenticate_with_project_async(
-                self.db, token, project_id, self.auth_cache
-            )
-        except (PoolTimeout, psycopg.OperationalError) as e:
-            raise PlatformUnavailable(
-                "the platform database cannot be reached; retry shortly"
-            ) from e
+        return await authenticate_with_project_async(self.db, token, project_id, self.auth_cache)
 
     async def project_row(self, owner: Owner, project_id: str) -> dict[str, Any]:
         try:
@@ -627,11 +644,7 @@ class SqlGateway:
             # Retry afresh next time, without the pool's reconnection backoff.
             self._pools.discard(entry)
             self._spawn(entry.pool.close(timeout=5))
-            raise RegionUnavailable(
-                f"region {endpoint.hosted_region} is unavailable: the project's server "
-                "cannot be reached",
-                region=endpoint.hosted_region,
-            ) from e
+            raise await asyncio.to_thread(refusal, self.platform, endpoint, mode, plan_type) from e
         except BaseException:
             self._pools.give_back(entry)
             raise

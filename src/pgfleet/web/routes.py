@@ -4,7 +4,7 @@ same ones the REST API calls) and renders a template."""
 from __future__ import annotations
 
 import hmac
-import secrets
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -78,6 +78,40 @@ def render(
     return HTMLResponse(html, status_code=status, headers={"Cache-Control": "no-store"})
 
 
+# Paths that answer JSON; everything else is the console's, which answers HTML.
+API_PREFIXES = (
+    "/v1/",
+    "/health",
+    "/metrics",
+    "/ca.crt",
+    "/sql",
+    "/openapi.json",
+    "/docs",
+    "/redoc",
+)
+
+
+def wants_page(path: str, accept: str) -> bool:
+    """Whether an error on `path` is shown as a console page (a browser
+    asking for one of the console's paths) rather than the JSON envelope."""
+    return (
+        not path.startswith(API_PREFIXES) and not path.endswith(".json") and "text/html" in accept
+    )
+
+
+def console_error_page(exc: PgfleetError, headers: Mapping[str, str] | None = None) -> HTMLResponse:
+    """What the console shows for an error it did not handle itself (the
+    platform DB away, say): the message, as a page, with its status."""
+    title = {503: "Unavailable", 404: "Not found", 429: "Slow down"}.get(
+        exc.status_code, "Not done"
+    )
+    html = templates.get_template("error.html").render(me=None, title=title, message=exc.message)
+    headers = {"Cache-Control": "no-store", **(headers or {})}
+    if exc.status_code == 503:
+        headers["Retry-After"] = "5"
+    return HTMLResponse(html, status_code=exc.status_code, headers=headers)
+
+
 def install(app: FastAPI) -> None:
     """Add the console to the FastAPI app."""
     from fastapi.staticfiles import StaticFiles
@@ -127,10 +161,15 @@ def index(request: Request) -> Response:
 PRE_CSRF = "pgfleet_signin_csrf"
 
 
+SIGNIN_CSRF_TTL_S = 3600
+
+
 def _signin_form(request: Request, next: str, error: str | None, status: int = 200) -> HTMLResponse:
     """The sign-in form, with its own CSRF token (a cookie and the same value
-    in the form), so another site cannot sign a browser in to its account."""
-    token = secrets.token_urlsafe(24)
+    in the form), so another site cannot sign a browser in to its account.
+    The token is made and signed by the server (a Fernet token over a
+    nonce), so a pair an attacker makes up is refused too."""
+    token = sess.signin_csrf_token(_platform(request))
     r = render(
         request,
         "signin.html",
@@ -143,7 +182,7 @@ def _signin_form(request: Request, next: str, error: str | None, status: int = 2
     r.set_cookie(
         PRE_CSRF,
         token,
-        max_age=3600,
+        max_age=SIGNIN_CSRF_TTL_S,
         httponly=True,
         samesite="strict",
         secure=request.url.scheme == "https",
@@ -170,7 +209,12 @@ def signin(
 ) -> Response:
     p = _platform(request)
     expected = request.cookies.get(PRE_CSRF, "")
-    if not (csrf and expected and hmac.compare_digest(csrf, expected)):
+    if not (
+        csrf
+        and expected
+        and hmac.compare_digest(csrf, expected)
+        and sess.signin_csrf_valid(p, csrf, SIGNIN_CSRF_TTL_S)
+    ):
         raise _CsrfFailed
     try:
         owner, token_id = auth.authenticate_token(p, token.strip())
@@ -306,7 +350,7 @@ def database(request: Request, s: SessionDep, pid: str, op: str | None = None) -
             try:
                 c = service.connection_details(p, s.owner, project["id"], mode)
                 secret = ":" + quote(c.password, safe="") + "@"
-                conns[mode] = {"uri": c.uri, "masked": c.uri.replace(secret, ":********@")}
+                conns[mode] = {"masked": c.uri.replace(secret, ":********@")}
             except PgfleetError:
                 pass
     perf = stats.project_performance(p, project["id"], "24h")
@@ -322,6 +366,23 @@ def database(request: Request, s: SessionDep, pid: str, op: str | None = None) -
         pending=pending,
         flash=request.query_params.get("flash"),
     )
+
+
+@router.post("/databases/{pid}/connection")
+def reveal_connection(
+    request: Request,
+    s: SessionDep,
+    pid: str,
+    csrf: Annotated[str, Form()] = "",
+    mode: Annotated[str, Form()] = "rw",
+) -> JSONResponse:
+    """A connection string with its password, for the reveal and copy
+    buttons: only on request (a POST with the session's CSRF token), never
+    in a page, never cached."""
+    _check_csrf(s, csrf)
+    project = _project_or_404(request, s, pid)
+    c = service.connection_details(_platform(request), s.owner, project["id"], mode)
+    return JSONResponse({"uri": c.uri}, headers={"Cache-Control": "no-store"})
 
 
 @router.get("/databases/{pid}/operations/{op_id}.json")

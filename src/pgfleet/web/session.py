@@ -76,5 +76,19 @@ def current(platform: Platform, request: Request) -> Session | None:
     return Session(Owner(row[0], row[1], row[2]), token_id, csrf)
 
 
+_SIGNIN_PURPOSE = "signin-csrf:"
+
+
+def signin_csrf_token(platform: Platform) -> str:
+    """A CSRF token for the sign-in form, signed (and encrypted) with the
+    platform's secret keys, so only this server can have made it."""
+    return platform.secrets.encrypt(_SIGNIN_PURPOSE + secrets.token_urlsafe(18))
+
+
+def signin_csrf_valid(platform: Platform, token: str, ttl_s: int) -> bool:
+    opened = platform.secrets.open_fresh(token, ttl_s)
+    return opened is not None and opened.startswith(_SIGNIN_PURPOSE)
+
+
 def csrf_ok(session: Session, submitted: str | None) -> bool:
     return bool(submitted) and hmac.compare_digest(session.csrf, submitted or "")

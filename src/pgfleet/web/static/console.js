@@ -2,21 +2,52 @@
 // Everything works without it, a little less conveniently.
 "use strict";
 
+// The page never holds a password: revealing or copying one asks the server
+// for it (a POST with the session's CSRF token), and it is kept nowhere.
+async function fetchSecret(input) {
+  const csrf = document.querySelector('meta[name="csrf"]').content;
+  const body = new URLSearchParams({ csrf, mode: input.dataset.mode });
+  const r = await fetch(input.dataset.reveal, {
+    method: "POST",
+    body,
+    credentials: "same-origin",
+    cache: "no-store",
+  });
+  if (!r.ok) throw new Error(`HTTP ${r.status}`);
+  return (await r.json()).uri;
+}
+
 document.addEventListener("click", async (ev) => {
   const btn = ev.target.closest("button.reveal, button.copy");
   if (!btn) return;
   const input = document.getElementById(btn.dataset.target);
   if (btn.classList.contains("reveal")) {
     const shown = btn.getAttribute("aria-pressed") === "true";
-    input.value = shown ? input.dataset.masked : input.dataset.secret;
+    if (shown) {
+      input.value = input.dataset.masked;
+    } else {
+      try {
+        input.value = await fetchSecret(input);
+      } catch (e) {
+        btn.textContent = "Failed: reload";
+        return;
+      }
+    }
     btn.setAttribute("aria-pressed", String(!shown));
     btn.textContent = shown ? "Reveal" : "Hide";
   } else {
+    let secret;
     try {
-      await navigator.clipboard.writeText(input.dataset.secret);
+      secret = await fetchSecret(input);
+    } catch (e) {
+      btn.textContent = "Failed: reload";
+      return;
+    }
+    try {
+      await navigator.clipboard.writeText(secret);
       btn.textContent = "Copied";
     } catch (e) {
-      input.value = input.dataset.secret;
+      input.value = secret;
       input.select();
       btn.textContent = "Press Ctrl+C";
     }
