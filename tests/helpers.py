@@ -1,13 +1,160 @@
-"""Helpers the test files share (fixtures stay in conftest.py)."""
+"""Helpers the test files share (fixtures stay in conftest.py): the fleet
+under test, an API client bound to a token, psql, and the API calls most
+tests make."""
 
 from __future__ import annotations
 
+import itertools
+import os
+import shutil
+import socket
+import subprocess
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
+from fastapi.testclient import TestClient
+from psycopg import sql
 
-from tests.conftest import Api
+from pgfleet.config import Settings
+from pgfleet.fleet.embedded import EmbeddedFleet, EmbeddedServer
+from pgfleet.platform.core import Platform
+from pgfleet.tenants.connections import DatabasePlatformClient
+
+
+def free_port_block(n: int) -> int:
+    """A base port with n consecutive free ports after it."""
+    start = 41000 + (os.getpid() * 97) % 15000
+    for base in itertools.chain(range(start, 60000, 61), range(41000, start, 61)):
+        if base <= 54330 and base + n >= 54320:
+            continue  # leave pgfleet's default ports to a developer's own fleet
+        ok = True
+        for p in range(base, base + n):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", p))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError("no free port block")
+
+
+def make_settings(home: Path, port_base: int, **overrides: Any) -> Settings:
+    # Tests make requests faster than any person; the rate-limit tests set
+    # their own limits.
+    limits = {
+        "rate_limit_per_s": 100_000,
+        "rate_limit_sql_per_s": 100_000,
+        "rate_limit_auth_failures_per_min": 100_000,
+    }
+    return Settings(
+        home=home,
+        port_base=port_base,
+        fsync=False,
+        api_port=port_base + 50,
+        **{**limits, **overrides},
+    )
+
+
+class FleetUnderTest:
+    """The suite's embedded fleet, with helpers to look at its servers."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.fleet = EmbeddedFleet(settings)
+
+    def server(self, region: str) -> EmbeddedServer:
+        return next(s for s in self.fleet.regional_servers() if s.region == region)
+
+    def admin_conn(self, region: str | None, dbname: str = "postgres") -> psycopg.Connection[Any]:
+        srv = self.fleet.platform_server() if region is None else self.server(region)
+        return psycopg.connect(**self.fleet.conninfo(srv, dbname), autocommit=True)
+
+    def databases(self, region: str) -> set[str]:
+        with self.admin_conn(region) as c:
+            return {
+                r[0]
+                for r in c.execute(
+                    "SELECT datname FROM pg_database WHERE datname LIKE 'tenant\\_%'"
+                )
+            }
+
+    def roles(self, region: str) -> set[str]:
+        with self.admin_conn(region) as c:
+            return {
+                r[0]
+                for r in c.execute("SELECT rolname FROM pg_roles WHERE rolname LIKE 'tenant\\_%'")
+            }
+
+    def regions(self) -> list[str]:
+        return [s.region for s in self.fleet.regional_servers() if s.region]
+
+    def wipe_tenants(self) -> None:
+        for region in self.regions():
+            if not self.fleet.is_running(self.server(region)):
+                self.fleet.start(self.server(region))
+            with self.admin_conn(region) as c:
+                for db in self.databases(region):
+                    c.execute(
+                        sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                            sql.Identifier(db)
+                        )
+                    )
+                for role in self.roles(region):
+                    c.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+class Api:
+    """A TestClient bound to one token."""
+
+    def __init__(self, client: TestClient, token: str) -> None:
+        self.client = client
+        self.token = token
+
+    def __getattr__(self, method: str) -> Any:
+        def call(path: str, **kw: Any) -> Any:
+            headers = {"Authorization": f"Bearer {self.token}", **kw.pop("headers", {})}
+            return getattr(self.client, method)(path, headers=headers, **kw)
+
+        return call
+
+
+def psql_path() -> str:
+    from pgfleet.fleet.binaries import find_binaries
+
+    candidate = find_binaries().bindir / "psql"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("psql")
+    assert found, "psql is needed by the tests"
+    return found
+
+
+def run_psql(uri: str, query: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    return subprocess.run(
+        [psql_path(), uri, "-XAtqc", query], capture_output=True, text=True, env=env, timeout=30
+    )
+
+
+def wait_healthy(url: str, seconds: float, alive: Callable[[], str | None] | None = None) -> None:
+    """Until `url`/health answers 200; `alive` says why the server is gone, if it is."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if alive is not None and (why := alive()) is not None:
+            raise AssertionError(why)
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"the API at {url} did not start"
+        time.sleep(0.05)
 
 
 def create(api: Api, name: str = "shop", **kw: Any) -> Any:
@@ -26,8 +173,12 @@ def create_ok(api: Api, name: str = "shop", **kw: Any) -> dict[str, Any]:
 
 
 def error_of(r: Any, status: int) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    err: dict[str, Any] = r.json()["error"]
+    """The error of an answer that must have `status`, in the one envelope."""
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert set(body) == {"error"}, body
+    err: dict[str, Any] = body["error"]
+    assert err["code"] and err["message"], err
     return err
 
 
@@ -55,3 +206,8 @@ def finished(api: Api, r: Any) -> dict[str, Any]:
 def connect(connection: dict[str, Any], **kw: Any) -> psycopg.Connection[Any]:
     """A session with the credentials an API answer handed out."""
     return psycopg.connect(connection["uri"], autocommit=True, connect_timeout=5, **kw)
+
+
+def tenant_client(platform: Platform) -> DatabasePlatformClient:
+    """The seed's DatabasePlatformClient of a platform."""
+    return DatabasePlatformClient.of(platform)

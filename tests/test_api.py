@@ -10,9 +10,10 @@ from fastapi.testclient import TestClient
 from psycopg import sql
 
 from pgfleet.auth import create_owner
+from pgfleet.operations.runtime import OperationsRuntime
 from pgfleet.platform.core import Platform
-from pgfleet.tenants.service import Owner
-from tests.conftest import Api, FleetUnderTest, run_psql
+from pgfleet.platform.owners import Owner
+from tests.helpers import Api, FleetUnderTest, run_psql
 
 ALL_REGIONS = (
     "us-east-1",
@@ -553,7 +554,9 @@ def test_openapi_describes_the_api(client: TestClient) -> None:
 
 
 def test_health_without_token(client: TestClient, platform: Platform) -> None:
-    platform.ops.start_workers()  # an API process runs one; without any, health is degraded
+    OperationsRuntime.of(
+        platform
+    ).start_workers()  # an API process runs one; without any, health is degraded
     r = client.get("/health")
     assert r.status_code == 200, r.text
     body = r.json()

@@ -19,7 +19,7 @@ from psycopg.conninfo import make_conninfo
 
 from pgfleet.auth import create_owner
 from pgfleet.platform.core import Platform
-from tests.conftest import FleetUnderTest, wait_healthy
+from tests.helpers import FleetUnderTest, wait_healthy
 
 
 @pytest.fixture

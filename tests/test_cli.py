@@ -15,8 +15,8 @@ from typer.testing import CliRunner, Result
 from pgfleet.auth import create_owner
 from pgfleet.cli import app
 from pgfleet.platform.core import Platform
-from pgfleet.tenants.service import Owner
-from tests.conftest import FleetUnderTest, run_psql
+from pgfleet.platform.owners import Owner
+from tests.helpers import FleetUnderTest, run_psql
 
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 URI_RE = re.compile(r"postgresql://\S+")

@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from pgfleet.tenants.service import Owner
-from tests.conftest import FleetUnderTest, run_psql
+from pgfleet.platform.owners import Owner
+from tests.helpers import FleetUnderTest, run_psql
 from tests.test_cli import URI_RE, UUID_RE, Cli
 
 pytestmark = pytest.mark.usefixtures("cli_env")

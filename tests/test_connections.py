@@ -15,16 +15,17 @@ import pytest
 from pgfleet.auth import create_owner
 from pgfleet.errors import InvalidInput, ProjectNotFound
 from pgfleet.platform.core import Platform
+from pgfleet.platform.owners import Owner
 from pgfleet.tenants.provisioning import ProvisionedDatabase, ensure_tenant_database_provisioned
-from pgfleet.tenants.service import Owner, create_project, delete_project
-from tests.conftest import FleetUnderTest
+from pgfleet.tenants.service import create_project, delete_project
+from tests.helpers import FleetUnderTest, tenant_client
 
 
 def make_project(
     platform: Platform, owner: Owner, region: str, name: str = "app", plan: str = "free"
 ) -> tuple[uuid.UUID, ProvisionedDatabase]:
     row, prov = create_project(platform, owner, name=name, region=region, plan_type=plan)
-    return row["id"], prov
+    return row.id, prov
 
 
 def whoami(conn: psycopg.Connection[Any]) -> tuple[str, str, int]:
@@ -50,7 +51,7 @@ def test_rw_connection_is_the_projects_role_on_its_server(
     platform: Platform, owner: tuple[Owner, str], fleet: FleetUnderTest
 ) -> None:
     tid, prov = make_project(platform, owner[0], "eu-central-1")
-    with platform.client.get_tenant_connection(tid, "rw") as conn:
+    with tenant_client(platform).get_tenant_connection(tid, "rw") as conn:
         user, db, port = whoami(conn)
         assert (user, db) == (prov.user, prov.database)
         assert port == fleet.server("eu-central-1").port
@@ -82,13 +83,13 @@ def test_ro_connection_reads_but_cannot_write(
 ) -> None:
     tid, prov = make_project(platform, owner[0], "ap-southeast-1")
     # Tables (and schemas) the project creates later are readable too.
-    with platform.client.get_tenant_connection(tid, "rw") as conn:
+    with tenant_client(platform).get_tenant_connection(tid, "rw") as conn:
         conn.execute("CREATE TABLE notes (id serial, body text)")
         conn.execute("INSERT INTO notes (body) VALUES ('hello')")
         conn.execute(
             "CREATE SCHEMA app; CREATE TABLE app.cfg (k text); INSERT INTO app.cfg VALUES ('a')"
         )
-    with platform.client.get_tenant_connection(tid, "ro") as conn:
+    with tenant_client(platform).get_tenant_connection(tid, "ro") as conn:
         user, db, port = whoami(conn)
         assert (user, db) == (prov.ro_user, prov.database)
         assert port == fleet.server("ap-southeast-1").port
@@ -98,43 +99,52 @@ def test_ro_connection_reads_but_cannot_write(
             conn.execute("INSERT INTO notes (body) VALUES ('nope')")
     # A new transaction on a ro connection is read-only as well.
     with (
-        platform.client.get_tenant_connection(tid, "ro") as conn,
+        tenant_client(platform).get_tenant_connection(tid, "ro") as conn,
         pytest.raises(psycopg.errors.ReadOnlySqlTransaction),
     ):
         conn.execute("CREATE TABLE more (x int)")
     # Switching the transaction back to read-write does not give it writes.
-    with platform.client.get_tenant_connection(tid, "ro") as conn:
+    with tenant_client(platform).get_tenant_connection(tid, "ro") as conn:
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("SET TRANSACTION READ WRITE; INSERT INTO notes (body) VALUES ('sneak')")
         conn.rollback()
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("SET TRANSACTION READ WRITE; SELECT nextval('notes_id_seq')")
-    with platform.client.get_tenant_connection(tid, "rw") as conn:
+    with tenant_client(platform).get_tenant_connection(tid, "rw") as conn:
         assert conn.execute("SELECT count(*) FROM notes").fetchone() == (1,)
 
 
 def test_unknown_mode_is_invalid_input(platform: Platform, owner: tuple[Owner, str]) -> None:
     tid, _ = make_project(platform, owner[0], "us-east-1")
     for mode in ("rx", "RW", "", "write"):
-        with pytest.raises(InvalidInput), platform.client.get_tenant_connection(tid, mode):
+        with (
+            pytest.raises(InvalidInput),
+            tenant_client(platform).get_tenant_connection(tid, mode),
+        ):
             pytest.fail("a connection was handed out for an unknown mode")
 
 
 def test_unknown_project_is_not_found(platform: Platform) -> None:
     for tid in (str(uuid.uuid4()), "not-a-uuid", ""):
-        with pytest.raises(ProjectNotFound), platform.client.get_tenant_connection(tid):
+        with (
+            pytest.raises(ProjectNotFound),
+            tenant_client(platform).get_tenant_connection(tid),
+        ):
             pytest.fail("a connection was handed out for an unknown project")
 
 
 def test_deleted_project_is_not_found(platform: Platform, owner: tuple[Owner, str]) -> None:
     tid, _ = make_project(platform, owner[0], "eu-central-1")
-    with platform.client.get_tenant_connection(tid) as conn:
+    with tenant_client(platform).get_tenant_connection(tid) as conn:
         conn.execute("SELECT 1")
-    assert platform.client.pool_count() == 1
+    assert tenant_client(platform).pool_count() == 1
     delete_project(platform, owner[0], str(tid))
-    assert platform.client.pool_count() == 0, "the deleted project's pool was kept"
+    assert tenant_client(platform).pool_count() == 0, "the deleted project's pool was kept"
     for mode in ("rw", "ro"):
-        with pytest.raises(ProjectNotFound), platform.client.get_tenant_connection(tid, mode):
+        with (
+            pytest.raises(ProjectNotFound),
+            tenant_client(platform).get_tenant_connection(tid, mode),
+        ):
             pytest.fail("a connection was handed out for a deleted project")
 
 
@@ -146,10 +156,10 @@ def test_pools_are_bounded(platform_factory: Any, fleet: FleetUnderTest) -> None
     roles = [prov.user for _, prov in projects]
     for _ in range(2):
         for tid, prov in projects:
-            with platform.client.get_tenant_connection(tid) as conn:
+            with tenant_client(platform).get_tenant_connection(tid) as conn:
                 assert whoami(conn)[0] == prov.user
-            assert platform.client.pool_count() <= cap
-    assert platform.client.pool_count() <= cap
+            assert tenant_client(platform).pool_count() <= cap
+    assert tenant_client(platform).pool_count() <= cap
     # Closed pools' backends go away; give the server a moment to reap them.
     deadline = time.monotonic() + 5
     while (n := tenant_backends(fleet, "us-east-1", roles)) > cap * size:
@@ -162,9 +172,9 @@ def test_password_change_replaces_stale_pool(
     platform: Platform, owner: tuple[Owner, str], fleet: FleetUnderTest
 ) -> None:
     tid, prov = make_project(platform, owner[0], "eu-central-1")
-    with platform.client.get_tenant_connection(tid) as conn:
+    with tenant_client(platform).get_tenant_connection(tid) as conn:
         old_pid = conn.execute("SELECT pg_backend_pid()").fetchone()
-    with platform.client.get_tenant_connection(tid, "ro") as conn:
+    with tenant_client(platform).get_tenant_connection(tid, "ro") as conn:
         conn.execute("SELECT 1")
     new_password = "rotated-" + secrets.token_urlsafe(16)
     ensure_tenant_database_provisioned(
@@ -179,10 +189,10 @@ def test_password_change_replaces_stale_pool(
             (prov.user,),
         )
     for mode, user in (("rw", prov.user), ("ro", prov.ro_user)):
-        with platform.client.get_tenant_connection(tid, mode) as conn:
+        with tenant_client(platform).get_tenant_connection(tid, mode) as conn:
             assert whoami(conn)[0] == user
             assert conn.execute("SELECT pg_backend_pid()").fetchone() != old_pid
-    assert platform.client.endpoint(tid).password == new_password
+    assert tenant_client(platform).endpoint(tid).password == new_password
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
         psycopg.connect(
             host=prov.host,

@@ -16,8 +16,8 @@ from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_play
 
 from pgfleet.auth import create_owner
 from pgfleet.platform.core import Platform
-from pgfleet.tenants.service import Owner
-from tests.conftest import FleetUnderTest, run_psql
+from pgfleet.platform.owners import Owner
+from tests.helpers import FleetUnderTest, run_psql
 
 SHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 

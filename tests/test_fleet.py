@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from pgfleet.platform.core import Platform
-from pgfleet.tenants.service import Owner, create_project
-from tests.conftest import FleetUnderTest, _free_port_block, run_psql
+from pgfleet.platform.owners import Owner
+from pgfleet.tenants.service import create_project
+from tests.helpers import FleetUnderTest, free_port_block, run_psql, tenant_client
 
 
 def test_servers_listen_on_loopback_with_scram_and_logical_wal(fleet: FleetUnderTest) -> None:
@@ -69,7 +70,7 @@ def test_up_again_reuses_and_restart_keeps_data(
     project, db = create_project(
         platform, owner[0], name="keep", region="ap-southeast-1", plan_type="free"
     )
-    with platform.client.get_tenant_connection(project["id"]) as conn:
+    with tenant_client(platform).get_tenant_connection(project.id) as conn:
         conn.execute("CREATE TABLE kept (v text)")
         conn.execute("INSERT INTO kept VALUES ('still here')")
         conn.commit()
@@ -90,7 +91,7 @@ def test_up_again_reuses_and_restart_keeps_data(
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "still here"
     # The platform's pools recover on their own after the restart.
-    with platform.client.get_tenant_connection(project["id"], "ro") as conn:
+    with tenant_client(platform).get_tenant_connection(project.id, "ro") as conn:
         assert conn.execute("SELECT v FROM kept").fetchone() == ("still here",)
 
 
@@ -98,7 +99,7 @@ def test_up_again_reuses_and_restart_keeps_data(
 def cli_env() -> Iterator[dict[str, str]]:
     home = Path(tempfile.mkdtemp(prefix="pgfleet-cli-"))
     os.chmod(home, 0o755)
-    base = _free_port_block(60)
+    base = free_port_block(60)
     env = {
         k: v
         for k, v in os.environ.items()

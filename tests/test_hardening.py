@@ -20,9 +20,9 @@ from fastapi.testclient import TestClient
 
 from pgfleet.api.app import CSP, create_app
 from pgfleet.auth import create_owner
+from pgfleet.monitoring.querylog import QueryLogWriter
 from pgfleet.platform.core import Platform
-from tests.conftest import Api, FleetUnderTest, run_psql
-from tests.helpers import connect, create_ok, error_of
+from tests.helpers import Api, FleetUnderTest, connect, create_ok, error_of, run_psql
 
 
 def envelope(r: httpx.Response, status: int) -> dict[str, Any]:
@@ -192,7 +192,7 @@ def test_a_password_a_tenant_types_reaches_no_log(
         assert res.returncode != 0
     with connect(project["connection"]) as c, pytest.raises(psycopg.Error):
         c.execute(f"DO $$ BEGIN RAISE EXCEPTION '%', '{secret}'; END $$")
-    platform.query_log.flush()
+    QueryLogWriter.of(platform).flush()
     logs = list(fleet.settings.home_abs.glob("servers/*/postgres.log"))
     assert logs, "no server logs found"
     for log in logs:

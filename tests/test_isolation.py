@@ -16,9 +16,10 @@ import psycopg
 import pytest
 
 from pgfleet.platform.core import Platform
+from pgfleet.platform.owners import Owner
 from pgfleet.tenants.provisioning import ProvisionedDatabase
-from pgfleet.tenants.service import Owner, create_project, delete_project
-from tests.conftest import Api, FleetUnderTest, run_psql
+from pgfleet.tenants.service import create_project, delete_project
+from tests.helpers import Api, FleetUnderTest, run_psql
 
 # What a login refused for lack of access may say; anything else (server
 # down, timeout, bad password) is not the isolation being tested.
@@ -277,8 +278,8 @@ def test_delete_removes_database_role_and_access(
     # An open session of the project does not stop the delete; it is ended.
     session = psycopg.connect(uri_for(a), autocommit=True)
     try:
-        out = delete_project(platform, owner[0], str(row_a["id"]))
-        assert out["status"] == "deleted"
+        out = delete_project(platform, owner[0], str(row_a.id))
+        assert out.status == "deleted"
         assert a.database not in fleet.databases("eu-central-1")
         assert {a.user, a.ro_user, gate_of(a)} & fleet.roles("eu-central-1") == set()
         with pytest.raises(psycopg.OperationalError):
@@ -287,7 +288,7 @@ def test_delete_removes_database_role_and_access(
         session.close()
     assert_refused(uri_for(a), GONE)
     assert_refused(uri_for(a, ro=True), GONE)
-    status, deleted_at, info = tenant_row(platform, row_a["id"])
+    status, deleted_at, info = tenant_row(platform, row_a.id)
     assert status == "deleted"
     assert deleted_at is not None
     assert info is None

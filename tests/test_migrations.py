@@ -15,7 +15,7 @@ from psycopg import sql
 from pgfleet.monitoring.seed import REGION_DISTRIBUTION as SEED_REGION_DISTRIBUTION
 from pgfleet.monitoring.seed import REGIONAL_PERFORMANCE as SEED_REGIONAL_PERFORMANCE
 from pgfleet.platform import migrate
-from tests.conftest import FleetUnderTest
+from tests.helpers import FleetUnderTest
 
 SEED_COLUMNS = {
     # name: (data_type, default)

@@ -30,6 +30,7 @@ from pgfleet.monitoring.costs import Prices, estimate
 from pgfleet.monitoring.fingerprint import fingerprint
 from pgfleet.monitoring.querylog import (
     QueryLogRecord,
+    QueryLogWriter,
     apply_retention,
     ensure_partition,
     partition_name,
@@ -38,7 +39,7 @@ from pgfleet.monitoring.querylog import (
 from pgfleet.monitoring.seed import REGION_DISTRIBUTION as SEED_REGION_DISTRIBUTION
 from pgfleet.monitoring.seed import REGIONAL_PERFORMANCE as SEED_REGIONAL_PERFORMANCE
 from pgfleet.platform.core import Platform
-from tests.conftest import Api, FleetUnderTest
+from tests.helpers import Api, FleetUnderTest
 
 ACTIVE_REGIONS = ("us-east-1", "eu-central-1", "ap-southeast-1")
 ALL_REGIONS = (
@@ -421,8 +422,8 @@ def test_query_logs_live_in_day_partitions(platform: Platform) -> None:
     now = datetime.now(UTC)
     days = {"today": now, "d3": now - timedelta(days=3), "d20": now - timedelta(days=20)}
     for name, at in days.items():
-        platform.query_log.log(rec(tid, "us-east-1", "rw", 1.0, at=at, fp=name))
-    assert platform.query_log.flush() == 3
+        QueryLogWriter.of(platform).log(rec(tid, "us-east-1", "rw", 1.0, at=at, fp=name))
+    assert QueryLogWriter.of(platform).flush() == 3
     where = _where(platform)
     for name, at in days.items():
         assert where[name] == partition_name(at.date()) == f"query_logs_p{at:%Y%m%d}"
@@ -448,8 +449,8 @@ def test_query_logs_live_in_day_partitions(platform: Platform) -> None:
     assert where["d5"] == where["d30"] == "query_logs_default"
     assert partition_name((now + timedelta(days=1)).date()) in _partitions(platform)
     # The writer copes with a day whose rows sit in the default partition.
-    platform.query_log.log(rec(tid, "us-east-1", "rw", 1.0, at=d5, fp="d5-late"))
-    platform.query_log.flush()
+    QueryLogWriter.of(platform).log(rec(tid, "us-east-1", "rw", 1.0, at=d5, fp="d5-late"))
+    QueryLogWriter.of(platform).flush()
     assert _where(platform)["d5-late"] == "query_logs_default"
 
 
@@ -459,8 +460,8 @@ def test_retention_drops_old_partitions_and_trims(platform: Platform) -> None:
     d3 = now - timedelta(days=3)
     d20 = now - timedelta(days=20)
     for fp, at in (("today", now), ("d3", d3), ("d20", d20)):
-        platform.query_log.log(rec(tid, "us-east-1", "rw", 1.0, at=at, fp=fp))
-    platform.query_log.flush()
+        QueryLogWriter.of(platform).log(rec(tid, "us-east-1", "rw", 1.0, at=at, fp=fp))
+    QueryLogWriter.of(platform).flush()
     with platform.db.connection() as conn:
         for fp, days in (("d5", 5), ("d30", 30)):
             conn.execute(
@@ -529,7 +530,7 @@ def test_seed_queries_agree_with_the_api(api: Api, admin_api: Api, platform: Pla
         extra += [rec(p["id"], p["region"], "rw", 10.0 * (i + 1), hosted=hosted) for _ in range(3)]
         extra.append(rec(p["id"], p["region"], "ro", 1000.0, hosted=hosted, at=old))
     write(platform, extra)
-    platform.query_log.flush()
+    QueryLogWriter.of(platform).flush()
 
     with platform.db.connection() as conn:
         dist = conn.execute(SEED_REGION_DISTRIBUTION).fetchall()
@@ -724,7 +725,7 @@ def test_project_stats(api: Api, admin_api: Api, client: TestClient, platform: P
     r = api.post(f"/v1/projects/{pid}/sql", json={"query": "select 1/0"})
     assert r.status_code == 400
     sql_ok(api, other, "select 1")
-    platform.query_log.flush()
+    QueryLogWriter.of(platform).flush()
 
     body = get_ok(api, f"/v1/projects/{pid}/stats")
     assert body["project_id"] == pid and body["window"] == "24h"
@@ -1021,7 +1022,7 @@ def test_cli_monitoring(api: Api, admin_api: Api, api_url: str, platform: Platfo
     for _ in range(3):
         sql_ok(api, p["id"], "select 1")
     sql_ok(api, p["id"], "select 1", mode="ro")
-    platform.query_log.flush()
+    QueryLogWriter.of(platform).flush()
     run_once(platform)
     token = admin_api.token
 

@@ -18,9 +18,10 @@ from psycopg import sql
 
 from pgfleet.api.app import create_app
 from pgfleet.auth import create_owner
+from pgfleet.operations.runtime import OperationsRuntime
 from pgfleet.platform.core import Platform
 from pgfleet.tenants.provisioning import ensure_tenant_database_provisioned
-from tests.conftest import Api, FleetUnderTest, run_psql
+from tests.helpers import Api, FleetUnderTest, run_psql
 
 STEPS = ["place", "roles", "database", "privileges", "activate"]
 
@@ -485,7 +486,7 @@ def test_operation_past_its_deadline_shows_in_health(
         assert health["operations"]["past_deadline"] == 1
         assert [m["id"] for m in health["operations"]["missed"]] == [op_id]
         # A worker that finally picks it up fails it for its deadline and undoes it.
-        p.ops.start_workers(1)
+        OperationsRuntime.of(p).start_workers(1)
         op = poll(api, op_id)
         assert op["status"] == "failed"
         assert "deadline" in op["error"]
@@ -550,6 +551,19 @@ def orphans(fleet: FleetUnderTest) -> Iterator[dict[str, str]]:
     yield names
 
 
+def repaired(admin_api: Api, body: dict[str, Any]) -> dict[str, Any]:
+    """A repair is a `reconcile` operation: 202 at once, its report in its
+    result once it finished."""
+    started = admin_api.post("/v1/admin/reconcile", json=body)
+    assert started.status_code in (200, 202), started.text
+    op = started.json()
+    assert op["type"] == "reconcile" and op["project_id"] is None
+    done = poll(admin_api, op["id"])
+    assert done["status"] == "finished", done
+    report: dict[str, Any] = done["result"]["report"]
+    return report
+
+
 def test_reconciler_reports_and_repairs_without_losing_data(
     api: Api, admin_api: Api, fleet: FleetUnderTest, orphans: dict[str, str]
 ) -> None:
@@ -579,7 +593,7 @@ def test_reconciler_reports_and_repairs_without_losing_data(
     assert all(not f["repaired"] for f in report["findings"])
     assert orphans["empty"] in fleet.databases("eu-central-1")  # report only
 
-    report = admin_api.post("/v1/admin/reconcile", json={"repair": True}).json()
+    report = repaired(admin_api, {"repair": True})
     by_obj = {f["object"]: f for f in report["findings"]}
     assert by_obj[orphans["empty"]]["repaired"] is True
     assert by_obj[orphans["data"]]["repaired"] is False
@@ -598,7 +612,7 @@ def test_reconciler_reports_and_repairs_without_losing_data(
         ).fetchone()
     assert owner == (f"{bdb}_rw",)
 
-    report = admin_api.post("/v1/admin/reconcile", json={"repair": True, "force": True}).json()
+    report = repaired(admin_api, {"repair": True, "force": True})
     assert orphans["data"] not in fleet.databases("eu-central-1")
     assert {f["kind"] for f in report["findings"]} <= {"orphan_database", "orphan_roles"}
     report = admin_api.post("/v1/admin/reconcile").json()
@@ -709,7 +723,7 @@ def test_provision_claims_a_spare_database_and_it_is_refilled(
 ) -> None:
     p = platform_factory(spare_databases=2)
     _, token = create_owner(p, "fred")
-    p.ops.start_workers(1)
+    OperationsRuntime.of(p).start_workers(1)
     end = time.monotonic() + 30
     while len(spares(fleet, "eu-central-1")) < 2:
         assert time.monotonic() < end, "spares were not made"
@@ -862,7 +876,7 @@ def test_reconciler_expires_credentials_an_overlap_left_behind(
 
     findings = admin_api.post("/v1/admin/reconcile").json()["findings"]
     assert [(f["kind"], f["object"]) for f in findings] == [("stale_credential", f"{db}_rw")]
-    report = admin_api.post("/v1/admin/reconcile", json={"repair": True}).json()
+    report = repaired(admin_api, {"repair": True})
     assert report["findings"][0]["action"] == "expire_credentials queued"
     expiry = wait_for_expiry(api, pid, 1)
     assert expiry["result"]["expired"] == [f"{db}_rw"]

@@ -22,11 +22,12 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from pgfleet.operations.runner import execute_operation
+from pgfleet.operations.runtime import OperationsRuntime
 from pgfleet.platform.core import Platform
+from pgfleet.platform.owners import Owner
 from pgfleet.tenants import service
 from pgfleet.tenants.naming import tenant_db_name
-from pgfleet.tenants.service import Owner
-from tests.conftest import FleetUnderTest, run_psql
+from tests.helpers import FleetUnderTest, run_psql
 
 FAST = {"embedded_workers": 0, "worker_heartbeat_s": 0.3, "worker_stalled_s": 1.5}
 
@@ -120,7 +121,7 @@ def someone(quiet_platform: Platform) -> Owner:
 
 
 def wait_op(platform: Platform, op_id: uuid.UUID, workers: Workers, timeout: float = 60) -> Any:
-    op = platform.ops.wait(op_id, timeout)
+    op = OperationsRuntime.of(platform).wait(op_id, timeout)
     assert op["status"] in ("finished", "failed", "cancelled"), (op, workers.logs())
     return op
 
@@ -152,7 +153,7 @@ def assert_provisioned_once(
         ).fetchone()
         assert members == (2,)
     project = service.get_project(platform, owner, tid)
-    assert project["status"] == "active"
+    assert project.status == "active"
     for mode in ("rw", "ro"):
         uri = service.connection_details(platform, owner, tid, mode).uri
         res = run_psql(uri, "select current_user")
@@ -208,7 +209,7 @@ def test_provision_survives_sigkill(
         "activate",
     ]
     assert all(s["status"] == "finished" for s in op["steps"])
-    assert_provisioned_once(quiet_platform, fleet, someone, project["id"], "eu-central-1")
+    assert_provisioned_once(quiet_platform, fleet, someone, project.id, "eu-central-1")
 
 
 # ---------------------------------------------------------------- delete
@@ -236,10 +237,10 @@ def test_delete_survives_sigkill(
         quiet_platform, someone, name="doomed", region="ap-southeast-1", plan_type="free"
     )
     assert wait_op(quiet_platform, op_id, workers)["status"] == "finished"
-    uri = service.connection_details(quiet_platform, someone, project["id"]).uri
+    uri = service.connection_details(quiet_platform, someone, project.id).uri
     workers.kill(steady)
 
-    op_id = service.start_delete_project(quiet_platform, someone, project["id"])
+    op_id = service.start_delete_project(quiet_platform, someone, project.id)
     first = workers.start(point)
     workers.reached(point)
     workers.kill(first)
@@ -247,9 +248,9 @@ def test_delete_survives_sigkill(
     op = wait_op(quiet_platform, op_id, workers)
     assert op["status"] == "finished", (op, workers.logs())
     assert op["attempts"] == 2
-    row = service.get_project(quiet_platform, someone, project["id"], include_deleted=True)
-    assert row["status"] == "deleted"
-    assert row["deleted_at"] is not None
+    row = service.get_project(quiet_platform, someone, project.id, include_deleted=True)
+    assert row.status == "deleted"
+    assert row.deleted_at is not None
     assert_nothing_left(fleet)
     assert run_psql(uri, "select 1").returncode != 0
 
@@ -277,7 +278,7 @@ def test_rotate_survives_sigkill(
         quiet_platform, someone, name="keys", region="us-east-1", plan_type="free"
     )
     assert wait_op(quiet_platform, op_id, workers)["status"] == "finished"
-    tid = project["id"]
+    tid = project.id
     old = {m: service.connection_details(quiet_platform, someone, tid, m).uri for m in ("rw", "ro")}
     workers.kill(steady)
 
@@ -331,7 +332,7 @@ def test_two_workers_racing_run_an_operation_once(
         ).fetchall()
     assert op == ("finished", 1)
     assert all(a == 1 for _, a in steps), steps
-    assert_provisioned_once(quiet_platform, fleet, someone, project["id"], "eu-central-1")
+    assert_provisioned_once(quiet_platform, fleet, someone, project.id, "eu-central-1")
 
 
 def test_two_worker_processes_share_the_queue(
@@ -389,14 +390,14 @@ def test_platform_connection_killed_mid_step_resumes(
     # Its locks died with the connection: that executor stopped at the next
     # step instead of carrying on unlocked, and the operation was resumed.
     assert "lost its locks" in workers.logs()
-    assert_provisioned_once(quiet_platform, fleet, someone, project["id"], "eu-central-1")
+    assert_provisioned_once(quiet_platform, fleet, someone, project.id, "eu-central-1")
 
 
 def test_region_down_retries_then_fails_after_deadline(
     platform_factory: Any, fleet: FleetUnderTest, held: Any
 ) -> None:
     from pgfleet.auth import create_owner
-    from pgfleet.operations.reconcile import reconcile
+    from pgfleet.tenants.reconcile import reconcile
 
     p: Platform = platform_factory(operation_deadline_s=4.0)
     owner = create_owner(p, "unlucky")[0]
@@ -409,7 +410,7 @@ def test_region_down_retries_then_fails_after_deadline(
     fleet.fleet.stop(server)
     try:
         release()
-        op = p.ops.wait(op_id, 30)
+        op = OperationsRuntime.of(p).wait(op_id, 30)
     finally:
         fleet.fleet.start(server)
     assert op["status"] == "failed", op
@@ -419,12 +420,12 @@ def test_region_down_retries_then_fails_after_deadline(
     failed_step = [s for s in op["steps"] if s["status"] == "failed"]
     assert [s["name"] for s in failed_step] == ["roles"], op["steps"]
     assert failed_step[0]["attempts"] >= 2, op["steps"]
-    row = service.get_project(p, owner, project["id"], include_deleted=True)
+    row = service.get_project(p, owner, project.id, include_deleted=True)
     # Undoing needed the server too: the project is left `failed` for the reconciler.
-    assert row["status"] == "failed"
+    assert row.status == "failed"
     report = reconcile(p, repair=True)
     assert any(f["kind"] == "failed_project" for f in report["findings"]), report
-    service.delete_project(p, owner, project["id"])
+    service.delete_project(p, owner, project.id)
     assert_nothing_left(fleet)
 
 
@@ -445,12 +446,12 @@ def test_region_back_in_time_succeeds(
     release()
     time.sleep(1.5)
     fleet.fleet.start(server)
-    op = p.ops.wait(op_id, 30)
+    op = OperationsRuntime.of(p).wait(op_id, 30)
     assert op["status"] == "finished", op
     # The roles step waited for the server (retrying its connection) and went on.
     roles = next(s for s in op["steps"] if s["name"] == "roles")
     assert roles["duration_ms"] >= 1000, op["steps"]
-    assert_provisioned_once(p, fleet, owner, project["id"], "ap-southeast-1")
+    assert_provisioned_once(p, fleet, owner, project.id, "ap-southeast-1")
 
 
 def test_killed_worker_is_noticed_without_any_other_activity(
@@ -489,25 +490,22 @@ def test_past_the_point_of_no_return_an_operation_only_goes_forward(
         p, owner, name="gone-ish", region="eu-central-1", plan_type="free"
     )
     reached, release = held("delete.drop_database.before")
-    op_id = service.start_delete_project(p, owner, project["id"])
+    op_id = service.start_delete_project(p, owner, project.id)
     reached()
     server = fleet.server("eu-central-1")
     fleet.fleet.stop(server)
     try:
         release()
         time.sleep(4.0)
-        op = p.ops.wait(op_id, 0.1)
+        op = OperationsRuntime.of(p).wait(op_id, 0.1)
         assert op["status"] == "running", op
         assert op["deadline_missed"] is True
-        assert (
-            service.get_project(p, owner, project["id"], include_deleted=True)["status"]
-            == "deleting"
-        )
+        assert service.get_project(p, owner, project.id, include_deleted=True).status == "deleting"
     finally:
         fleet.fleet.start(server)
-    op = p.ops.wait(op_id, 60)
+    op = OperationsRuntime.of(p).wait(op_id, 60)
     assert op["status"] == "finished", op
-    assert service.get_project(p, owner, project["id"], include_deleted=True)["status"] == "deleted"
+    assert service.get_project(p, owner, project.id, include_deleted=True).status == "deleted"
     assert_nothing_left(fleet)
 
 
@@ -521,7 +519,7 @@ def test_rotation_interrupted_in_apply_goes_forward(
     project, _ = service.create_project(
         p, owner, name="rot", region="ap-southeast-1", plan_type="free"
     )
-    tid = project["id"]
+    tid = project.id
     old = service.connection_details(p, owner, tid, "rw").uri
     reached, release = held("rotate_password.apply.before")
     op_id = service.rotate_password(p, owner, tid)
@@ -539,7 +537,7 @@ def test_rotation_interrupted_in_apply_goes_forward(
             cancel_operation(p, owner, str(op_id))
     finally:
         fleet.fleet.start(server)
-    op = p.ops.wait(op_id, 60)
+    op = OperationsRuntime.of(p).wait(op_id, 60)
     assert op["status"] == "finished", op
     assert op["deadline_missed"] is True
     for mode in ("rw", "ro"):

@@ -27,7 +27,7 @@ import pytest
 
 from pgfleet.config import Settings
 from pgfleet.fleet.embedded import EmbeddedFleet
-from tests.conftest import _free_port_block, wait_healthy
+from tests.helpers import free_port_block, wait_healthy
 
 OUTAGE_S = 20  # long enough for psycopg's reconnection backoff to reach 16 s
 
@@ -36,7 +36,7 @@ class CliFleet:
     def __init__(self) -> None:
         self.home = Path(tempfile.mkdtemp(prefix="pgfleet-outage-"))
         os.chmod(self.home, 0o755)
-        base = _free_port_block(60)
+        base = free_port_block(60)
         self.env = {
             k: v
             for k, v in os.environ.items()

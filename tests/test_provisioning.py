@@ -17,14 +17,15 @@ from psycopg import sql
 
 from pgfleet.errors import Conflict, ProjectNotFound
 from pgfleet.platform.core import Platform
+from pgfleet.platform.owners import Owner
 from pgfleet.regions import PLANS
 from pgfleet.tenants.naming import tenant_db_name
 from pgfleet.tenants.provisioning import (
     ProvisionedDatabase,
     ensure_tenant_database_provisioned,
 )
-from pgfleet.tenants.service import Owner, create_project
-from tests.conftest import FleetUnderTest
+from pgfleet.tenants.service import create_project
+from tests.helpers import FleetUnderTest, tenant_client
 
 TENANT_NAME_RE = re.compile(r"^tenant_[0-9a-f]{8}(_[0-9a-f]{4}){3}_[0-9a-f]{12}(_rw|_ro)?$")
 HBA_REJECTS = "pg_hba.conf rejects connection"
@@ -281,11 +282,11 @@ def test_create_project_places_database_on_requested_region_only(
     row, prov = create_project(
         platform, owner[0], name="shop", region="ap-southeast-1", plan_type="free"
     )
-    assert prov.database == tenant_db_name(row["id"])
+    assert prov.database == tenant_db_name(row.id)
     assert TENANT_NAME_RE.match(prov.database)
-    assert row["status"] == "active"
-    assert row["region"] == "ap-southeast-1"
-    assert row["hosted_region"] == "ap-southeast-1"
+    assert row.status == "active"
+    assert row.region == "ap-southeast-1"
+    assert row.hosted_region == "ap-southeast-1"
     assert prov.hosted_region == "ap-southeast-1"
     assert_converged(fleet, "ap-southeast-1", prov)
 
@@ -307,8 +308,8 @@ def test_ensure_again_converges_and_keeps_password(
         platform, owner[0], name="again", region="eu-central-1", plan_type="free"
     )
     before = object_oids(fleet, "eu-central-1", first.database)
-    second = ensure_tenant_database_provisioned(row["id"], "eu-central-1", platform=platform)
-    third = ensure_tenant_database_provisioned(row["id"], "eu-central-1", platform=platform)
+    second = ensure_tenant_database_provisioned(row.id, "eu-central-1", platform=platform)
+    third = ensure_tenant_database_provisioned(row.id, "eu-central-1", platform=platform)
     for again in (second, third):
         assert again.password == first.password
         assert again.database == first.database
@@ -374,7 +375,7 @@ def test_role_without_database_after_create_converges(
     )
     with fleet.admin_conn("us-east-1") as a:
         a.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(prov.database)))
-    again = ensure_tenant_database_provisioned(row["id"], "us-east-1", platform=platform)
+    again = ensure_tenant_database_provisioned(row.id, "us-east-1", platform=platform)
     assert again.password == prov.password
     assert_converged(fleet, "us-east-1", again)
 
@@ -406,7 +407,7 @@ def test_wrong_role_password_converges(
             a.execute(sql.SQL("ALTER ROLE {} PASSWORD 'x'").format(sql.Identifier(role)))
     assert not can_login(prov), "the sabotage did not take"
     assert not can_login(prov, ro=True), "the sabotage did not take"
-    again = ensure_tenant_database_provisioned(row["id"], "ap-southeast-1", platform=platform)
+    again = ensure_tenant_database_provisioned(row.id, "ap-southeast-1", platform=platform)
     assert again.password == prov.password
     assert again.ro_password == prov.ro_password
     assert can_login(prov)
@@ -430,7 +431,7 @@ def test_role_with_wrong_attributes_converges(
                     "CONNECTION LIMIT 1"
                 ).format(sql.Identifier(role))
             )
-    again = ensure_tenant_database_provisioned(row["id"], "eu-central-1", platform=platform)
+    again = ensure_tenant_database_provisioned(row.id, "eu-central-1", platform=platform)
     assert_converged(fleet, "eu-central-1", again)
     with fleet.admin_conn("eu-central-1") as a:
         for role in (prov.user, prov.ro_user):
@@ -468,7 +469,7 @@ def test_lost_read_only_role_converges(
         )
         a.execute(sql.SQL("DROP ROLE {}").format(ro))
     assert prov.ro_user not in fleet.roles("us-east-1")
-    again = ensure_tenant_database_provisioned(row["id"], "us-east-1", platform=platform)
+    again = ensure_tenant_database_provisioned(row.id, "us-east-1", platform=platform)
     assert again.ro_password == prov.ro_password
     assert_converged(fleet, "us-east-1", again)
     with connect_as(again, ro=True) as c:
@@ -490,7 +491,7 @@ def test_database_owned_by_another_role_converges(
                 sql.Identifier(prov.database), sql.Identifier(squatter)
             )
         )
-    again = ensure_tenant_database_provisioned(row["id"], "eu-central-1", platform=platform)
+    again = ensure_tenant_database_provisioned(row.id, "eu-central-1", platform=platform)
     assert_converged(fleet, "eu-central-1", again)
 
 
@@ -507,7 +508,7 @@ def test_half_dropped_database_converges(
         a.execute("UPDATE pg_database SET datconnlimit = -2 WHERE datname = %s", (prov.database,))
     with pytest.raises(psycopg.OperationalError):
         connect_as(prov).close()
-    again = ensure_tenant_database_provisioned(row["id"], "us-east-1", platform=platform)
+    again = ensure_tenant_database_provisioned(row.id, "us-east-1", platform=platform)
     assert_converged(fleet, "us-east-1", again)
     with connect_as(again) as c:
         assert c.execute("SELECT to_regclass('leftover')").fetchone() == (None,)
@@ -546,7 +547,7 @@ def test_dropped_gate_role_shuts_logins_out_until_converged(
     # Without the gate, the right passwords no longer get past pg_hba.
     assert HBA_REJECTS in login_error(prov)
     assert HBA_REJECTS in login_error(prov, user=prov.ro_user, password=prov.ro_password)
-    again = ensure_tenant_database_provisioned(row["id"], "eu-central-1", platform=platform)
+    again = ensure_tenant_database_provisioned(row.id, "eu-central-1", platform=platform)
     assert (again.password, again.ro_password) == (prov.password, prov.ro_password)
     assert_converged(fleet, "eu-central-1", again)
     with connect_as(again, ro=True) as c:
@@ -570,7 +571,7 @@ def test_gate_role_given_login_and_password_converges(
     # privilege stops the login now).
     before = login_error(prov, user=gate, password="gate-pw")
     assert "permission denied for database" in before, before
-    again = ensure_tenant_database_provisioned(row["id"], "ap-southeast-1", platform=platform)
+    again = ensure_tenant_database_provisioned(row.id, "ap-southeast-1", platform=platform)
     assert_converged(fleet, "ap-southeast-1", again)  # NOLOGIN, no password, no attributes
     after = login_error(prov, user=gate, password="gate-pw")
     assert "password authentication failed" in after, after
@@ -607,7 +608,7 @@ def test_table_owned_by_gate_role_is_reassigned_to_rw(
     # The hole: ro, a member of the gate, writes what the gate owns.
     assert ro_can_write(prov, "INSERT INTO t VALUES (99)"), "the sabotage did not take"
 
-    again = ensure_tenant_database_provisioned(row["id"], "us-east-1", platform=platform)
+    again = ensure_tenant_database_provisioned(row.id, "us-east-1", platform=platform)
     with in_tenant_db(again) as t:
         owner_of = t.execute(
             "SELECT pg_get_userbyid(relowner)::text FROM pg_class WHERE oid = 'public.t'::regclass"
@@ -639,7 +640,7 @@ def test_schema_owned_by_gate_role_is_reassigned_and_readable_by_ro(
         t.execute("CREATE TABLE gated.g (x int); INSERT INTO gated.g VALUES (2)")
     assert ro_can_write(prov, "INSERT INTO gated.g VALUES (99)"), "the sabotage did not take"
 
-    again = ensure_tenant_database_provisioned(row["id"], "us-east-1", platform=platform)
+    again = ensure_tenant_database_provisioned(row.id, "us-east-1", platform=platform)
     with in_tenant_db(again) as t:
         owners = t.execute(
             "SELECT pg_get_userbyid(relowner)::text FROM pg_class "
@@ -670,7 +671,7 @@ def test_privileges_granted_to_gate_role_are_revoked(
             sql.SQL("GRANT INSERT, UPDATE, DELETE ON t TO {}").format(sql.Identifier(prov.database))
         )
     assert ro_can_write(prov, "INSERT INTO t VALUES (99)"), "the sabotage did not take"
-    again = ensure_tenant_database_provisioned(row["id"], "ap-southeast-1", platform=platform)
+    again = ensure_tenant_database_provisioned(row.id, "ap-southeast-1", platform=platform)
     assert not ro_can_write(again, "INSERT INTO t VALUES (100)")
     assert_converged(fleet, "ap-southeast-1", again)
 
@@ -725,14 +726,14 @@ def test_desired_password_is_applied(
     )
     wanted = "N3w-" + secrets.token_urlsafe(18) + "'\";$"
     again = ensure_tenant_database_provisioned(
-        row["id"], "eu-central-1", desired_password=wanted, platform=platform
+        row.id, "eu-central-1", desired_password=wanted, platform=platform
     )
     assert again.password == wanted
     assert can_login(again)
     assert not can_login(prov), "the old password still works"
-    assert platform.client.endpoint(row["id"]).password == wanted
+    assert tenant_client(platform).endpoint(row.id).password == wanted
     # A later call without a desired password keeps the stored one.
-    later = ensure_tenant_database_provisioned(row["id"], "eu-central-1", platform=platform)
+    later = ensure_tenant_database_provisioned(row.id, "eu-central-1", platform=platform)
     assert later.password == wanted
     assert_converged(fleet, "eu-central-1", later)
 
@@ -778,7 +779,7 @@ def test_gate_role_owns_and_is_granted_nothing(
             "CREATE TYPE mood AS ENUM ('ok'); CREATE SEQUENCE s; "
             "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1'"
         )
-    again = ensure_tenant_database_provisioned(row["id"], "eu-central-1", platform=platform)
+    again = ensure_tenant_database_provisioned(row.id, "eu-central-1", platform=platform)
     assert_converged(fleet, "eu-central-1", again)
     gate = prov.database
     assert_gate_inert(fleet, "eu-central-1", again)
@@ -800,7 +801,7 @@ def test_connection_info_holds_no_cleartext_password(
     project, prov = create_project(
         platform, owner[0], name="secret", region="eu-central-1", plan_type="free"
     )
-    row = tenant_row(platform, project["id"])
+    row = tenant_row(platform, project.id)
     info = row["connection_info"]
     assert info["password_enc"]
     assert "password" not in info
@@ -820,11 +821,11 @@ def test_metadata_only_region_is_hosted_in_default_region(
     project, prov = create_project(
         platform, owner[0], name="west", region="us-west-1", plan_type="pro"
     )
-    assert project["region"] == "us-west-1"
-    assert project["hosted_region"] == "us-east-1"
+    assert project.region == "us-west-1"
+    assert project.hosted_region == "us-east-1"
     assert prov.region == "us-west-1"
     assert prov.hosted_region == "us-east-1"
-    row = tenant_row(platform, project["id"])
+    row = tenant_row(platform, project.id)
     assert (row["region"], row["hosted_region"]) == ("us-west-1", "us-east-1")
     assert row["connection_info"]["hosted_region"] == "us-east-1"
     assert "metadata-only" in row["placement_reason"]
@@ -842,8 +843,8 @@ def test_hybrid_placement(platform_factory: Any, fleet: FleetUnderTest) -> None:
     pro, pro_db = create_project(
         platform, who, name="pro one", region="eu-central-1", plan_type="pro"
     )
-    assert (free["region"], free["hosted_region"]) == ("eu-central-1", "us-east-1")
-    assert (pro["region"], pro["hosted_region"]) == ("eu-central-1", "eu-central-1")
+    assert (free.region, free.hosted_region) == ("eu-central-1", "us-east-1")
+    assert (pro.region, pro.hosted_region) == ("eu-central-1", "eu-central-1")
     assert_converged(fleet, "us-east-1", free_db)
     assert_converged(fleet, "eu-central-1", pro_db)
 
@@ -861,8 +862,8 @@ def test_single_placement(platform_factory: Any, fleet: FleetUnderTest) -> None:
         project, prov = create_project(
             platform, who, name=f"{region} {plan}", region=region, plan_type=plan
         )
-        assert project["region"] == region
-        assert project["hosted_region"] == "us-east-1"
+        assert project.region == region
+        assert project.hosted_region == "us-east-1"
         assert_converged(fleet, "us-east-1", prov)
 
 
@@ -873,8 +874,8 @@ def test_hostile_name_is_stored_verbatim_and_never_reaches_servers(
     project, prov = create_project(
         platform, owner[0], name=name, region="eu-central-1", plan_type="free"
     )
-    assert project["name"] == name
-    assert tenant_row(platform, project["id"])["name"] == name
+    assert project.name == name
+    assert tenant_row(platform, project.id)["name"] == name
     assert_converged(fleet, "eu-central-1", prov)
     fragments = ("Robert", "DROP", "Zoë", "ünïcødé", "日本語", "🐘", "🚀")
     for region in fleet.regions():
@@ -911,7 +912,7 @@ def test_server_statement_log_never_sees_cleartext_password(
         )
         wanted = "Visible-" + secrets.token_hex(12)
         ensure_tenant_database_provisioned(
-            row["id"], region, desired_password=wanted, platform=platform
+            row.id, region, desired_password=wanted, platform=platform
         )
     finally:
         with fleet.admin_conn(region) as a:

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from tests.conftest import Api, FleetUnderTest, run_psql
+from tests.helpers import Api, FleetUnderTest, run_psql
 
 
 def test_create_project_in_region(api: Api, fleet: FleetUnderTest) -> None:

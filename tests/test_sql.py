@@ -23,8 +23,9 @@ from pgfleet.api.app import create_app
 from pgfleet.auth import create_owner
 from pgfleet.cli import app as cli_app
 from pgfleet.fleet.embedded import EmbeddedServer
+from pgfleet.monitoring.querylog import QueryLogWriter
 from pgfleet.platform.core import Platform
-from tests.conftest import Api, FleetUnderTest
+from tests.helpers import Api, FleetUnderTest, tenant_client
 
 # ---- helpers -------------------------------------------------------------------
 
@@ -955,7 +956,7 @@ def test_query_logs(api: Api, platform: Platform) -> None:
     sql_error(run(api, pid, "select 1/0"))
     sql_error(run(api, pid, LITERAL_CAST))
     sql_error(run(api, pid, "select s from t where s = $1 and 1/0 = 1", SECRET))
-    platform.query_log.flush()
+    QueryLogWriter.of(platform).flush()
 
     rows = platform_rows(
         platform,
@@ -998,7 +999,7 @@ def test_query_log_fingerprints_and_outcomes(api: Api, platform: Platform) -> No
     run_ok(api, pid, "select s from t where id in (1, 2, 3)", mode="ro")
     run_ok(api, pid, "select g from generate_series(1, 5) g")
     sql_error(run(api, pid, "select 1/0"))
-    platform.query_log.flush()
+    QueryLogWriter.of(platform).flush()
     got = platform_rows(
         platform,
         "SELECT route, row_count, outcome, fingerprint FROM query_logs ORDER BY executed_at, id",
@@ -1020,7 +1021,7 @@ def test_metadata_only_region_logs_requested_and_hosting_region(
     assert p["region"] == "us-west-1" and p["hosted_region"] == "us-east-1"
     run_ok(api, p["id"], "select 1")
     run_ok(api, p["id"], "select 2", mode="ro")
-    platform.query_log.flush()
+    QueryLogWriter.of(platform).flush()
     rows = platform_rows(
         platform,
         "SELECT region, hosted_region, route FROM query_logs WHERE tenant_id = %s ORDER BY route",
@@ -1033,7 +1034,7 @@ def test_get_tenant_connection_logs_only_when_asked(api: Api, platform: Platform
     pid = create_ok(api, region="ap-southeast-1")["id"]
 
     def logged() -> list[tuple[Any, ...]]:
-        platform.query_log.flush()
+        QueryLogWriter.of(platform).flush()
         return platform_rows(
             platform,
             "SELECT region, hosted_region, route, outcome, row_count, fingerprint "
@@ -1041,13 +1042,13 @@ def test_get_tenant_connection_logs_only_when_asked(api: Api, platform: Platform
             pid,
         )
 
-    with platform.client.get_tenant_connection(pid) as conn:
+    with tenant_client(platform).get_tenant_connection(pid) as conn:
         conn.execute("create table t (id int)")
         conn.execute("insert into t values (%s)", (1,))
         conn.commit()
     assert logged() == []
 
-    with platform.client.get_tenant_connection(pid, log_queries=True) as conn:
+    with tenant_client(platform).get_tenant_connection(pid, log_queries=True) as conn:
         conn.execute("insert into t values (%s), (%s)", (2, int(NUMBER)))
         with conn.cursor() as cur:
             cur.execute("select id from t where id > %s", (0,))
@@ -1056,12 +1057,12 @@ def test_get_tenant_connection_logs_only_when_asked(api: Api, platform: Platform
         with pytest.raises(Exception):  # noqa: B017 - any psycopg error
             conn.execute("select 1/0")
         conn.rollback()
-    with platform.client.get_tenant_connection(pid, "ro", log_queries=True) as conn:
+    with tenant_client(platform).get_tenant_connection(pid, "ro", log_queries=True) as conn:
         assert conn.execute("select count(*) from t").fetchone() == (3,)
     # Without log_queries again (the pooled connection must not keep logging).
-    with platform.client.get_tenant_connection(pid) as conn:
+    with tenant_client(platform).get_tenant_connection(pid) as conn:
         conn.execute("select 42")
-    with platform.client.get_tenant_connection(pid, "ro") as conn:
+    with tenant_client(platform).get_tenant_connection(pid, "ro") as conn:
         conn.execute("select 43")
 
     rows = logged()

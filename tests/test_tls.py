@@ -22,8 +22,7 @@ from pgfleet.config import ServerSpec
 from pgfleet.fleet import tls
 from pgfleet.fleet.tls import FleetCA
 from pgfleet.platform.core import Platform, warn_weak_tls
-from tests.conftest import Api, FleetUnderTest, run_psql
-from tests.helpers import create_ok
+from tests.helpers import Api, FleetUnderTest, create_ok, run_psql, tenant_client
 
 SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 
@@ -96,7 +95,7 @@ def test_pgfleets_own_connections_are_tls(
     api: Api, platform: Platform, fleet: FleetUnderTest
 ) -> None:
     create_ok(api, "own", region="us-east-1")
-    with platform.client.get_tenant_connection(
+    with tenant_client(platform).get_tenant_connection(
         api.get("/v1/projects").json()["projects"][0]["id"]
     ) as tc:
         tc.execute("select 1")

@@ -29,11 +29,11 @@ from psycopg import sql
 
 from pgfleet.fleet.health import check_all
 from pgfleet.fleet.registry import PROBE_ROLE
-from pgfleet.operations.reconcile import reconcile
 from pgfleet.platform.core import Platform
-from pgfleet.tenants.provisioning import ensure_tenant_database_provisioned, refill_spares
-from tests.conftest import Api, FleetUnderTest
-from tests.helpers import connect, create_ok, finished
+from pgfleet.tenants.provisioning import ensure_tenant_database_provisioned
+from pgfleet.tenants.reconcile import reconcile
+from pgfleet.tenants.spares import refill_spares
+from tests.helpers import Api, FleetUnderTest, connect, create_ok, finished, tenant_client
 
 REGION = "eu-central-1"
 SCHEMAS = ("evil", "pgfleet_admin", "pgfleet_probe", "public")
@@ -323,7 +323,7 @@ def _spares(t: Trojaned, api: Api, admin_api: Api, platform: Platform) -> None:
 
 
 def _statistics(t: Trojaned, api: Api, admin_api: Api, platform: Platform) -> None:
-    checks = check_all(platform)
+    checks = check_all(platform.servers.all(enabled_only=True))
     assert all(c.ok for c in checks)
     for path in ("/v1/admin/stats/regions", "/v1/admin/stats/performance", "/health"):
         assert admin_api.get(path).status_code == 200
@@ -340,7 +340,7 @@ def _sql_api(t: Trojaned, api: Api, admin_api: Api, platform: Platform) -> None:
 
 
 def _client_connection(t: Trojaned, api: Api, admin_api: Api, platform: Platform) -> None:
-    with platform.client.get_tenant_connection(t.project["id"]) as conn:
+    with tenant_client(platform).get_tenant_connection(t.project["id"]) as conn:
         conn.execute("SELECT 1")
 
 

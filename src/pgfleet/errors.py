@@ -1,4 +1,6 @@
-"""One exception tree for the whole product; mapped to HTTP in one place (api.app)."""
+"""One exception tree for the whole product, and the one function that turns
+an error into an HTTP answer (`to_http`), which the API, the SQL fast path
+and the console all use."""
 
 from __future__ import annotations
 
@@ -88,6 +90,50 @@ class ConnectionLimitReached(PgfleetError):
     code = "connection_limit_reached"
 
 
+class CredentialsRejected(PgfleetError):
+    """The server refused the project's stored credentials."""
+
+    status_code = 409
+    code = "credentials_rejected"
+
+
+class TooManyStatements(PgfleetError):
+    """The project's SQL API connections in this process are all busy."""
+
+    status_code = 429
+    code = "too_many_statements"
+
+
+class SqlError(PgfleetError):
+    """The statement failed."""
+
+    status_code = 400
+    code = "sql_error"
+
+
+class IdempotencyKeyReused(InvalidInput):
+    """The Idempotency-Key was used with a different request."""
+
+    code = "idempotency_key_reused"
+
+
+class DeadlineExceeded(PgfleetError):
+    """The operation did not finish before its deadline."""
+
+    status_code = 504
+    code = "deadline_exceeded"
+
+
+class OperationFailed(PgfleetError):
+    """The operation failed (or was cancelled); it carries the status and code
+    of what made it fail (a region that stayed down is 503, not 500)."""
+
+    def __init__(self, message: str, *, status_code: int, code: str, **details: object) -> None:
+        self.status_code = status_code
+        self.code = code
+        super().__init__(message, **details)
+
+
 class PlatformUnavailable(PgfleetError):
     """The platform database cannot be reached."""
 
@@ -135,3 +181,12 @@ class ConfigError(PgfleetError):
 def error_content(exc: PgfleetError) -> dict[str, object]:
     """The JSON body every API error has: {"error": {"code", "message", ...}}."""
     return {"error": {"code": exc.code, "message": exc.message, **exc.details}}
+
+
+def to_http(exc: PgfleetError) -> tuple[int, dict[str, object], dict[str, str]]:
+    """(status, JSON body, headers) of the answer an error gets."""
+    headers: dict[str, str] = {}
+    if exc.status_code in (429, 503):
+        retry = exc.details.get("retry_after_s", 1 if exc.status_code == 429 else 5)
+        headers["Retry-After"] = str(retry)
+    return exc.status_code, error_content(exc), headers

@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
@@ -17,17 +17,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pgfleet import __version__
+from pgfleet import __version__, domains
+from pgfleet.api.deps import known_query_parameters
 from pgfleet.api.ratelimit import RateLimit, RateLimits
 from pgfleet.api.routes import health_router, v1
+from pgfleet.api.routes.common import COMMON, ERRORS
 from pgfleet.api.sqlpath import MAX_BODY_BYTES, SqlFastPath
 from pgfleet.config import Settings, get_settings
-from pgfleet.errors import BodyTooLarge, InternalError, PgfleetError, error_content
+from pgfleet.errors import BodyTooLarge, InternalError, PgfleetError, to_http
 from pgfleet.monitoring.background import BackgroundLoop
-from pgfleet.operations.queue import quiet_outage_noise
+from pgfleet.operations.runtime import OperationsRuntime
+from pgfleet.operations.worker import quiet_outage_noise
 from pgfleet.platform.core import Platform
 from pgfleet.tenants.sql import SqlGateway
 from pgfleet.web.routes import console_error_page, wants_page
+from pgfleet.web.routes import install as install_console
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +45,23 @@ and what is allowed.
 
 
 def create_app(platform: Platform | None = None, settings: Settings | None = None) -> FastAPI:
+    """The API and console. With a `platform` (tests) the app uses it as it
+    is; without, its lifespan builds one from settings, runs the background
+    loop and the embedded workers, and closes it at the end."""
     owned = platform is None
     quiet_outage_noise()
+    if platform is not None:
+        domains.attach(platform)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loop: BackgroundLoop | None = None
         if app.state.platform is None:
-            app.state.platform = Platform(settings or get_settings())
+            app.state.platform = domains.attach(Platform(settings or get_settings()))
             if app.state.platform.settings.background_tasks:
                 loop = BackgroundLoop(app.state.platform).start()
             # Embedded workers also pick up operations left over from before a restart.
-            app.state.platform.ops.start_workers()
+            OperationsRuntime.of(app.state.platform).start_workers()
         app.state.limits = RateLimits(app.state.platform.settings)
         app.state.sql = SqlGateway(app.state.platform)
         await app.state.sql.open()
@@ -77,7 +86,8 @@ def create_app(platform: Platform | None = None, settings: Settings | None = Non
     async def _domain_error(request: Request, exc: PgfleetError) -> Response:
         if wants_page(request.url.path, request.headers.get("accept", "")):
             return console_error_page(exc)
-        return JSONResponse(error_content(exc), status_code=exc.status_code)
+        status, body, headers = to_http(exc)
+        return JSONResponse(body, status_code=status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -127,7 +137,8 @@ def create_app(platform: Platform | None = None, settings: Settings | None = Non
         err.status_code, err.code = status, code
         if wants_page(request.url.path, request.headers.get("accept", "")):
             return console_error_page(err, headers=exc.headers)
-        return JSONResponse(error_content(err), status_code=status, headers=exc.headers)
+        status, body, headers = to_http(err)
+        return JSONResponse(body, status_code=status, headers={**headers, **(exc.headers or {})})
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
@@ -135,12 +146,13 @@ def create_app(platform: Platform | None = None, settings: Settings | None = Non
         err = InternalError()
         if wants_page(request.url.path, request.headers.get("accept", "")):
             return console_error_page(err)
-        return JSONResponse(error_content(err), status_code=500)
+        status, body, headers = to_http(err)
+        return JSONResponse(body, status_code=status, headers=headers)
 
     app.include_router(health_router)
-    app.include_router(v1)
-    from pgfleet.web.routes import install as install_console
-
+    app.include_router(
+        v1, responses={401: ERRORS[401], **COMMON}, dependencies=[Depends(known_query_parameters)]
+    )
     install_console(app)
     # Middleware added later wraps what was added before: the metrics see the
     # SQL fast path's requests too.
@@ -158,7 +170,7 @@ class BodyLimit:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.refusal = json.dumps(error_content(BodyTooLarge())).encode()
+        self.refusal = json.dumps(to_http(BodyTooLarge())[1]).encode()
 
     async def _refuse(self, send: Send) -> None:
         await send(

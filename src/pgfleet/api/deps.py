@@ -11,7 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pgfleet.auth import authenticate
 from pgfleet.errors import Forbidden, InvalidInput
 from pgfleet.platform.core import Platform
-from pgfleet.tenants.service import Owner
+from pgfleet.platform.owners import Owner
 
 bearer = HTTPBearer(auto_error=False, description="An API token: `pgf_...`")
 

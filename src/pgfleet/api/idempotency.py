@@ -24,7 +24,7 @@ from psycopg.types.json import Jsonb
 
 from pgfleet.errors import Conflict, InvalidInput
 from pgfleet.platform.core import Platform
-from pgfleet.tenants.service import Owner
+from pgfleet.platform.owners import Owner
 
 HEADER = "Idempotency-Key"
 KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")

@@ -29,7 +29,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pgfleet.config import Settings
-from pgfleet.errors import RateLimited, error_content
+from pgfleet.errors import RateLimited, to_http
 from pgfleet.web.routes import console_error_page, wants_page
 
 
@@ -165,7 +165,7 @@ async def _refuse(scope: Scope, send: Send, wait: float, message: str) -> None:
         body = bytes(page.body)
         headers.append((b"content-type", b"text/html; charset=utf-8"))
     else:
-        body = json.dumps(error_content(err)).encode()
+        body = json.dumps(to_http(err)[1]).encode()
         headers.append((b"content-type", b"application/json"))
     headers.append((b"content-length", str(len(body)).encode()))
     start: dict[str, Any] = {"type": "http.response.start", "status": 429, "headers": headers}

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pgfleet.regions import DEFAULT_REGION, PLAN_IDS, PLANS, REGION_IDS, REGIONS_BY_ID
+from pgfleet.tenants.store import Tenant
 
 # What the document promises about inputs that pgfleet validates itself (so
 # its errors can say what is allowed): documented here, checked in the
@@ -119,12 +120,12 @@ class ProjectOut(BaseModel):
     deleted_at: datetime | None
 
     @classmethod
-    def from_row(cls, row: dict[str, Any]) -> ProjectOut:
-        region = REGIONS_BY_ID.get(row["region"] or "")
-        hosted = REGIONS_BY_ID.get(row["hosted_region"] or "")
+    def from_row(cls, row: Tenant) -> ProjectOut:
+        region = REGIONS_BY_ID.get(row.region or "")
+        hosted = REGIONS_BY_ID.get(row.hosted_region or "")
         return cls(
             **{
-                k: row[k]
+                k: getattr(row, k)
                 for k in (
                     "id",
                     "name",

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pgfleet.api.schemas import SqlIn
-from pgfleet.errors import BodyTooLarge, PgfleetError, error_content
+from pgfleet.errors import BodyTooLarge, PgfleetError, to_http
 from pgfleet.tenants.sql import SqlGateway, SqlRequest, SqlResult
 
 SQL_ROUTE = "/v1/projects/{project_id}/sql"
@@ -99,7 +99,8 @@ class SqlFastPath:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > MAX_BODY_BYTES:
-                await _send_json(send, 413, error_content(BodyTooLarge()))
+                status, refusal, _ = to_http(BodyTooLarge())
+                await _send_json(send, status, refusal)
                 return
             if not message.get("more_body", False):
                 break
@@ -116,23 +117,26 @@ class SqlFastPath:
         scope["route"] = _ROUTE_LABEL  # the metrics label it like the route
         gateway: SqlGateway = scope["app"].state.sql
         big = False
+        headers: dict[str, str] = {}
         try:
             owner, row = await gateway.authenticate(bearer_token(authorization), m.group(1))
             result = await gateway.run(owner, m.group(1), sql_request(body), row)
             status, content = 200, sql_body(result)
             big = result.approx_bytes > _ENCODE_INLINE_BYTES
         except PgfleetError as exc:
-            status, content = exc.status_code, error_content(exc)
+            status, content, headers = to_http(exc)
         # A large answer is encoded in a thread, not on the event loop.
         payload = await asyncio.to_thread(_encode, content) if big else _encode(content)
-        await _send_payload(send, status, payload)
+        await _send_payload(send, status, payload, headers)
 
 
 async def _send_json(send: Send, status: int, content: dict[str, Any]) -> None:
     await _send_payload(send, status, _encode(content))
 
 
-async def _send_payload(send: Send, status: int, payload: bytes) -> None:
+async def _send_payload(
+    send: Send, status: int, payload: bytes, headers: dict[str, str] | None = None
+) -> None:
     await send(
         {
             "type": "http.response.start",
@@ -140,6 +144,7 @@ async def _send_payload(send: Send, status: int, payload: bytes) -> None:
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(payload)).encode()),
+                *((k.lower().encode(), v.encode()) for k, v in (headers or {}).items()),
             ],
         }
     )

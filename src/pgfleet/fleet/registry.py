@@ -150,22 +150,6 @@ def sync_servers(
                     embedded,
                 ),
             )
-            # What projects on this server were handed (host, port, TLS)
-            # follows the server's record.
-            conn.execute(
-                """
-                UPDATE tenants t SET connection_info = t.connection_info
-                  || jsonb_build_object('host', s.host, 'port', s.port, 'sslmode', s.sslmode,
-                                        'sslrootcert', s.sslrootcert)
-                FROM servers s
-                WHERE s.name = %s AND t.server_id = s.id AND t.connection_info IS NOT NULL
-                  AND (t.connection_info->>'host' IS DISTINCT FROM s.host
-                       OR (t.connection_info->>'port')::int IS DISTINCT FROM s.port
-                       OR t.connection_info->>'sslmode' IS DISTINCT FROM s.sslmode
-                       OR t.connection_info->>'sslrootcert' IS DISTINCT FROM s.sslrootcert)
-                """,
-                (spec.name,),
-            )
         conn.execute(
             "UPDATE servers SET enabled = false, updated_at = now() "
             "WHERE enabled AND NOT (name = ANY(%s))",

@@ -11,7 +11,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pgfleet.errors import PlatformUnavailable
-from pgfleet.fleet.health import ServerHealth, check_all, record
+from pgfleet.fleet.health import ServerHealth, check_all
+from pgfleet.monitoring.health import record
 from pgfleet.monitoring.querylog import apply_retention, ensure_partition
 from pgfleet.platform.core import Platform
 
@@ -27,9 +28,8 @@ def run_once(platform: Platform) -> list[ServerHealth] | None:
         if not got or not got[0]:
             return None
         try:
-            checks = check_all(platform)
+            checks = check_all(platform.servers.all(enabled_only=True))
             record(platform, checks)
-            platform.last_health = checks
             with platform.db.connection() as conn:
                 today = datetime.now(UTC).date()
                 for d in (today, today + timedelta(days=1), today + timedelta(days=2)):

@@ -23,6 +23,7 @@ from psycopg import sql
 
 from pgfleet.errors import PlatformUnavailable
 from pgfleet.monitoring import histogram
+from pgfleet.platform.core import Platform
 from pgfleet.pooling import ConnectionSource
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,20 @@ def write_batch(conn: psycopg.Connection[Any], records: list[QueryLogRecord]) ->
 
 
 class QueryLogWriter:
+    """Writes query_logs rows in batches from a thread, so a statement never
+    waits for its log. One per Platform: `QueryLogWriter.of(platform)`."""
+
+    @classmethod
+    def of(cls, platform: Platform) -> QueryLogWriter:
+        def make() -> QueryLogWriter:
+            writer = cls(platform.db)
+            platform.metrics.add_state(
+                lambda: {"pgfleet_query_log_queue": [({}, float(writer.pending()))]}
+            )
+            return writer
+
+        return platform.component("query_log", make, close=cls.close)
+
     def __init__(
         self, pool: ConnectionSource, *, flush_interval_s: float = 0.2, max_batch: int = 5000
     ) -> None:

@@ -31,7 +31,6 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import psycopg
@@ -41,14 +40,16 @@ from psycopg_pool import PoolTimeout
 
 from pgfleet.errors import (
     ConnectionLimitReached,
+    DeadlineExceeded,
     PgfleetError,
     PlatformUnavailable,
     RegionUnavailable,
 )
 from pgfleet.operations.failpoints import failpoint
+from pgfleet.operations.locks import op_lock_key, resource_lock_key
+from pgfleet.operations.registry import REGISTRY, OpContext, OperationKind, Step
 from pgfleet.operations.store import NOTIFY_CHANNEL
 from pgfleet.platform.core import Platform
-from pgfleet.tenants.naming import tenant_lock_key
 
 log = logging.getLogger(__name__)
 
@@ -61,71 +62,6 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     PoolTimeout,
 )
 MAX_BACKOFF_S = 5.0
-
-
-class DeadlineExceeded(PgfleetError):
-    """The operation did not finish before its deadline."""
-
-    status_code = 504
-    code = "deadline_exceeded"
-
-
-@dataclass
-class OpContext:
-    platform: Platform
-    op: dict[str, Any]
-    state: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def tenant_id(self) -> uuid.UUID:
-        tid = self.op["tenant_id"]
-        assert tid is not None
-        return uuid.UUID(str(tid))
-
-    @property
-    def params(self) -> dict[str, Any]:
-        p: dict[str, Any] = self.op["params"] or {}
-        return p
-
-
-@dataclass(frozen=True)
-class Step:
-    name: str
-    run: Callable[[OpContext], None]
-    # From the start of this step on, the operation can no longer be cancelled.
-    final: bool = False
-
-
-@dataclass(frozen=True)
-class OperationKind:
-    name: str
-    steps: tuple[Step, ...]
-    description: str
-    on_failure: Callable[[OpContext, str], None] | None = None
-    on_cancel: Callable[[OpContext], None] | None = None
-
-    def cancellable_before(self, position: int) -> bool:
-        """May the operation still be cancelled before step `position` runs?"""
-        return not any(s.final for s in self.steps[:position])
-
-    def step_position(self, name: str | None) -> int | None:
-        for i, s in enumerate(self.steps):
-            if s.name == name:
-                return i
-        return None
-
-
-KINDS: dict[str, OperationKind] = {}
-
-
-def register(kind: OperationKind) -> OperationKind:
-    KINDS[kind.name] = kind
-    return kind
-
-
-def op_lock_key(op_id: uuid.UUID) -> int:
-    # Distinct from the tenant locks (which use the first 8 bytes).
-    return int.from_bytes(op_id.bytes[8:], "big", signed=True)
 
 
 class _Cancelled(Exception):
@@ -142,12 +78,12 @@ def execute_operation(platform: Platform, op_id: uuid.UUID | str, *, worker: str
             return "busy"
         locks = [op_lock_key(oid)]
         try:
-            # Also the project's lock, which ensure_tenant_database_provisioned
-            # (the reconciler's repair) takes: the two never interleave steps.
+            # Also its resource's lock, which domain code that changes the
+            # resource outside an operation takes: the two never interleave.
             row = lconn.execute("SELECT tenant_id FROM operations WHERE id = %s", (oid,)).fetchone()
             if row is not None and row[0] is not None:
-                lconn.execute("SELECT pg_advisory_lock(%s)", (tenant_lock_key(row[0]),))
-                locks.append(tenant_lock_key(row[0]))
+                lconn.execute("SELECT pg_advisory_lock(%s)", (resource_lock_key(row[0]),))
+                locks.append(resource_lock_key(row[0]))
             return _Execution(platform, oid, worker, lock_conn=lconn).run()
         finally:
             # If the connection is gone, the locks went with it.
@@ -350,7 +286,7 @@ class _Execution:
                     )[0]
                 )
             )
-        kind = KINDS[op["type"]]
+        kind = REGISTRY.kinds[op["type"]]
         ctx = OpContext(self.p, op, dict(op["result"] or {}))
         done, started = self._step_positions()
         # Past the point of no return (a final step has started, in this run

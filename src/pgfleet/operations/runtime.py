@@ -1,7 +1,8 @@
 """What one control-plane process needs to run operations: the dispatcher
 that defers jobs, a waiter that learns when operations end (LISTEN on the
 platform DB, with polling as a fallback), and the embedded workers an API
-process runs itself (`PGFLEET_EMBEDDED_WORKERS`)."""
+process runs itself (`PGFLEET_EMBEDDED_WORKERS`). One per Platform:
+`OperationsRuntime.of(platform)`."""
 
 from __future__ import annotations
 
@@ -10,15 +11,15 @@ import logging
 import threading
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import psycopg
 
+from pgfleet.operations.dispatch import Dispatcher
 from pgfleet.operations.store import NOTIFY_CHANNEL, get_operation
-
-if TYPE_CHECKING:
-    from pgfleet.operations.queue import Dispatcher, Worker
-    from pgfleet.platform.core import Platform
+from pgfleet.operations.worker import Worker
+from pgfleet.platform.core import Platform
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,11 @@ class _Listener:
 
 
 class OperationsRuntime:
+    @classmethod
+    def of(cls, platform: Platform) -> OperationsRuntime:
+        """The platform's runtime (made on first use, closed with it)."""
+        return platform.component("operations", lambda: cls(platform), close=cls.close)
+
     def __init__(self, platform: Platform) -> None:
         self.platform = platform
         self._lock = threading.Lock()
@@ -117,15 +123,11 @@ class OperationsRuntime:
     def dispatcher(self) -> Dispatcher:
         with self._lock:
             if self._dispatcher is None:
-                from pgfleet.operations.queue import Dispatcher
-
                 self._dispatcher = Dispatcher(self.platform)
             return self._dispatcher
 
     def start_workers(self, n: int | None = None) -> None:
         """Start the embedded workers (once per process)."""
-        from pgfleet.operations.queue import Worker
-
         count = self.platform.settings.embedded_workers if n is None else n
         with self._lock:
             if self.workers:
@@ -137,10 +139,22 @@ class OperationsRuntime:
                 self.workers.append(w)
 
     def submit(self, op_id: uuid.UUID) -> None:
-        """Queue a committed operation for the workers."""
+        """Queue a committed operation for the workers (an API process that
+        has not started its embedded workers yet starts them)."""
         if self.autostart and self.platform.settings.embedded_workers > 0 and not self.workers:
             self.start_workers()
         self.dispatcher.defer(op_id)
+
+    def defer(self, op_id: uuid.UUID) -> None:
+        """Queue a committed operation, starting no worker (from a job)."""
+        self.dispatcher.defer(op_id)
+
+    def defer_job(self, name: str, *, after_s: float, key: str, **kwargs: Any) -> str:
+        """Queue a domain's job to run `after_s` seconds from now, once per
+        `key`. Returns when it is due (ISO 8601)."""
+        due = datetime.now(UTC) + timedelta(seconds=after_s)
+        self.dispatcher.defer_job(name, at=due, key=key, **kwargs)
+        return due.isoformat()
 
     def wait(self, op_id: uuid.UUID | str, timeout: float) -> dict[str, Any]:
         """The operation once it has ended, or as it is when `timeout` runs out."""

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
 
-from pgfleet.errors import Conflict, OperationNotFound, PgfleetError
-from pgfleet.operations import kinds as _kinds  # noqa: F401  (registers the kinds)
-from pgfleet.operations.runner import KINDS
+from pgfleet.errors import Conflict, OperationFailed, OperationNotFound
+from pgfleet.operations.registry import REGISTRY
+from pgfleet.operations.runtime import OperationsRuntime
 from pgfleet.operations.store import (
     NOTIFY_CHANNEL,
     audit,
@@ -20,30 +20,28 @@ from pgfleet.operations.store import (
     list_operations,
 )
 from pgfleet.platform.core import Platform
-
-if TYPE_CHECKING:
-    from pgfleet.tenants.service import Owner
+from pgfleet.platform.owners import Owner
 
 
-class OperationFailed(PgfleetError):
-    """The operation failed."""
-
-    def __init__(self, op: dict[str, Any]) -> None:
-        result = op.get("result") or {}
-        if op["status"] == "cancelled":
-            self.status_code, self.code = 409, "operation_cancelled"
-        else:
-            self.status_code = int(result.get("error_status", 500))
-            self.code = str(result.get("error_code", "operation_failed"))
-        super().__init__(
-            f"{op['type']} operation {op['id']} {op['status']}: {op['error'] or 'no error text'}",
-            operation_id=str(op["id"]),
-            **({"region": result["error_region"]} if result.get("error_region") else {}),
-        )
+def operation_failed(op: dict[str, Any]) -> OperationFailed:
+    """The error an operation that failed or was cancelled answers with."""
+    result = op.get("result") or {}
+    if op["status"] == "cancelled":
+        status, code = 409, "operation_cancelled"
+    else:
+        status = int(result.get("error_status", 500))
+        code = str(result.get("error_code", "operation_failed"))
+    return OperationFailed(
+        f"{op['type']} operation {op['id']} {op['status']}: {op['error'] or 'no error text'}",
+        status_code=status,
+        code=code,
+        operation_id=str(op["id"]),
+        **({"region": result["error_region"]} if result.get("error_region") else {}),
+    )
 
 
 def actor_of(owner: Owner) -> str:
-    return f"{'admin ' if owner.is_admin else ''}{owner.name}"
+    return owner.actor
 
 
 def start_operation(
@@ -61,7 +59,7 @@ def start_operation(
 ) -> uuid.UUID:
     """Record intent (optional `prepare`, the operation, an audit row) in one
     transaction, then queue the operation."""
-    if type not in KINDS:
+    if type not in REGISTRY.kinds:
         raise ValueError(f"unknown operation type {type!r}")
     with platform.db.connection() as conn, conn.transaction():
         if prepare is not None:
@@ -84,7 +82,7 @@ def start_operation(
             operation_id=op_id,
             details={**(params or {}), **(details or {})},
         )
-    platform.ops.submit(op_id)
+    OperationsRuntime.of(platform).submit(op_id)
     return op_id
 
 
@@ -120,7 +118,7 @@ def cancel_operation(platform: Platform, owner: Owner, op_id: str) -> dict[str, 
     it did, unless the operation is past its point of no return (409).
     """
     op = visible_operation(platform, owner, op_id)
-    kind = KINDS[op["type"]]
+    kind = REGISTRY.kinds[op["type"]]
     job_to_cancel = None
     with platform.db.connection() as conn, conn.transaction():
         with conn.cursor(row_factory=dict_row) as cur:
@@ -149,13 +147,8 @@ def cancel_operation(platform: Platform, owner: Owner, op_id: str) -> dict[str, 
                 "WHERE id = %s",
                 (op["id"],),
             )
-            if row["type"] == "provision" and row["tenant_id"] is not None:
-                conn.execute(
-                    "UPDATE tenants SET status = 'deleted', deleted_at = now(), "
-                    "error = 'provisioning was cancelled before it started', "
-                    "connection_info = NULL, updated_at = now() WHERE id = %s",
-                    (row["tenant_id"],),
-                )
+            if kind.on_cancel_unstarted is not None and row["tenant_id"] is not None:
+                kind.on_cancel_unstarted(conn, row["tenant_id"])
             conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(op["id"])))
             job_to_cancel = row["job_id"]
         else:
@@ -182,5 +175,19 @@ def cancel_operation(platform: Platform, owner: Owner, op_id: str) -> dict[str, 
             details={"type": row["type"], "status_before": status},
         )
     if job_to_cancel is not None:
-        platform.ops.dispatcher.cancel_job(job_to_cancel)
+        OperationsRuntime.of(platform).dispatcher.cancel_job(job_to_cancel)
     return visible_operation(platform, owner, op["id"])
+
+
+def wait(platform: Platform, op_id: uuid.UUID) -> dict[str, Any]:
+    """The operation once it ended, or as it is after PGFLEET_OPERATION_WAIT_S."""
+    return OperationsRuntime.of(platform).wait(op_id, platform.settings.operation_wait_s)
+
+
+def wait_or_raise(platform: Platform, op_id: uuid.UUID) -> dict[str, Any]:
+    """Wait for an operation (up to the configured wait); raise its error if
+    it failed or was cancelled."""
+    op = wait(platform, op_id)
+    if op["status"] in ("failed", "cancelled"):
+        raise operation_failed(op)
+    return op

@@ -1,4 +1,10 @@
-"""The Platform: everything a control-plane process needs, built from settings.
+"""The Platform: the lean context every control-plane process builds from
+settings: the platform DB's pools (with the outage breaker), the secret box,
+the server registry and the metrics registry. The domains and the engine
+keep their per-process parts (the tenant client, the SQL gateway's pools,
+the query-log writer, the operations runtime) as its components
+(`component()`), made on first use and closed with it; the Platform itself
+knows none of them.
 
 Nothing here is process state that matters: every API or worker process builds
 its own Platform on the one platform DB.
@@ -7,9 +13,10 @@ its own Platform on the one platform DB.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar, cast
 
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
@@ -18,19 +25,15 @@ from pgfleet.config import ServerSpec, Settings
 from pgfleet.crypto import SecretBox
 from pgfleet.errors import ConfigError
 from pgfleet.fleet.embedded import ADMIN_USER, LOOPBACK, EmbeddedFleet
-from pgfleet.fleet.health import ServerHealth
 from pgfleet.fleet.registry import ServerRegistry, sync_servers
-from pgfleet.monitoring.metrics import Metrics
-from pgfleet.monitoring.querylog import QueryLogWriter
 from pgfleet.platform import migrate
 from pgfleet.platform.db import Breaker, PlatformDB
+from pgfleet.platform.metrics import Metrics
 from pgfleet.pooling import check_pooled, mark_returned
 from pgfleet.regions import get_regional_host
 
-if TYPE_CHECKING:
-    from pgfleet.operations.runtime import OperationsRuntime
-
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def platform_conninfo(settings: Settings) -> dict[str, Any]:
@@ -114,25 +117,31 @@ class Platform:
 
         self.db = PlatformDB(self.conninfo, breaker=self.breaker, make_pool=make_pool)
         self.servers = ServerRegistry(settings, self.secrets, self.db)
-        self.query_log = QueryLogWriter(self.db)
         self.metrics = Metrics()
-        self.last_health: list[ServerHealth] = []
+        # Open per-project pools, counted by their owners (the tenant client,
+        # the SQL gateways).
+        self.pool_counters: list[Callable[[], int]] = []
         self.metrics.add_state(self._gauges)
-        from pgfleet.tenants.connections import DatabasePlatformClient
+        self._components: dict[str, Any] = {}
+        self._closers: list[Callable[[], None]] = []
+        self._lock = threading.RLock()
 
-        self.client = DatabasePlatformClient(self)
-        # Open per-project pools, by their owners (the client, SQL gateways).
-        self.pool_counters: list[Callable[[], int]] = [self.client.pool_count]
-        self._ops: OperationsRuntime | None = None
-
-    @property
-    def ops(self) -> OperationsRuntime:
-        """Operations: dispatch, waiting, embedded workers (made on first use)."""
-        if self._ops is None:
-            from pgfleet.operations.runtime import OperationsRuntime
-
-            self._ops = OperationsRuntime(self)
-        return self._ops
+    def component(
+        self, key: str, make: Callable[[], T], *, close: Callable[[T], None] | None = None
+    ) -> T:
+        """The part `key` of this process (made by `make` on first use;
+        `close` runs when the platform closes, newest first)."""
+        found = self._components.get(key)
+        if found is None:
+            with self._lock:
+                found = self._components.get(key)
+                if found is None:
+                    made = make()
+                    self._components[key] = made
+                    if close is not None:
+                        self._closers.append(lambda: close(made))
+                    return made
+        return cast(T, found)
 
     def ca_bundle(self) -> str:
         """The CA certificates the servers' certificates are verified by (PEM)."""
@@ -164,45 +173,23 @@ class Platform:
         return get_regional_host(region, hosts, default=self.settings.default_region)
 
     def _gauges(self) -> dict[str, list[tuple[dict[str, str], float]]]:
-        out: dict[str, list[tuple[dict[str, str], float]]] = {
+        return {
             "pgfleet_tenant_pools": [({}, float(sum(count() for count in self.pool_counters)))],
-            "pgfleet_query_log_queue": [({}, float(self.query_log.pending()))],
         }
-        for h in self._recorded_health():
-            lbl = {"server": h.name, "region": h.region}
-            out.setdefault("pgfleet_server_up", []).append((lbl, 1.0 if h.ok else 0.0))
-            if h.latency_ms is not None:
-                out.setdefault("pgfleet_server_latency_seconds", []).append(
-                    (lbl, h.latency_ms / 1000)
-                )
-            for key, attr in (
-                ("pgfleet_server_connections", h.connections_used),
-                ("pgfleet_server_max_connections", h.connections_max),
-                ("pgfleet_server_databases", h.tenant_databases),
-            ):
-                if attr is not None:
-                    out.setdefault(key, []).append((lbl, float(attr)))
-        return out
-
-    def _recorded_health(self) -> list[ServerHealth]:
-        """The fleet's last recorded checks; with several API processes only
-        one runs each round, so this process's own may be old or missing."""
-        from pgfleet.fleet.health import latest_recorded
-
-        try:
-            return latest_recorded(self)
-        except Exception:
-            return self.last_health
 
     def ping(self) -> None:
         with self.db.connection() as conn:
             conn.execute("SELECT 1")
 
     def close(self) -> None:
-        if self._ops is not None:
-            self._ops.close()
-        self.query_log.close()
-        self.client.close()
+        with self._lock:
+            closers, self._closers = self._closers, []
+            self._components.clear()
+        for close in reversed(closers):
+            try:
+                close()
+            except Exception:
+                log.exception("closing a component failed")
         self.servers.close()
         self.db.close()
 

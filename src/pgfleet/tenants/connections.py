@@ -16,10 +16,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import psycopg
-from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from pgfleet.errors import (
@@ -31,13 +30,11 @@ from pgfleet.errors import (
     RegionUnavailable,
 )
 from pgfleet.monitoring.fingerprint import fingerprint
-from pgfleet.monitoring.querylog import QueryLogRecord
+from pgfleet.monitoring.querylog import QueryLogRecord, QueryLogWriter
+from pgfleet.platform.core import Platform
 from pgfleet.pooling import check_pooled, mark_returned
 from pgfleet.regions import get_plan
-
-if TYPE_CHECKING:
-    from pgfleet.platform.core import Platform
-
+from pgfleet.tenants import store
 
 Mode = Literal["rw", "ro"]
 MODES: tuple[Mode, ...] = ("rw", "ro")
@@ -217,7 +214,17 @@ class PoolCache(Generic[P]):
 
 
 class DatabasePlatformClient:
-    """The seed's DatabasePlatformClient, routing by region."""
+    """The seed's DatabasePlatformClient, routing by region. One per
+    Platform: `DatabasePlatformClient.of(platform)`."""
+
+    @classmethod
+    def of(cls, platform: Platform) -> DatabasePlatformClient:
+        def make() -> DatabasePlatformClient:
+            client = cls(platform)
+            platform.pool_counters.append(client.pool_count)
+            return client
+
+        return platform.component("tenant_client", make, close=cls.close)
 
     def __init__(self, platform: Platform) -> None:
         self.platform = platform
@@ -236,13 +243,18 @@ class DatabasePlatformClient:
             tid = uuid.UUID(str(tenant_id))
         except ValueError:
             raise ProjectNotFound(f"project {tenant_id} does not exist") from None
-        with self.platform.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            row = cur.execute(
-                "SELECT id, region, status, connection_info FROM tenants WHERE id = %s", (tid,)
-            ).fetchone()
-        if row is None or row["status"] == "deleted":
+        with self.platform.db.connection() as conn:
+            row = store.get(conn, tid)
+        if row is None or row.status == "deleted":
             raise ProjectNotFound(f"project {tid} does not exist")
-        return self.endpoint_from_row(row)
+        return self.endpoint_from_row(
+            {
+                "id": row.id,
+                "region": row.region,
+                "status": row.status,
+                "connection_info": row.connection_info,
+            }
+        )
 
     def endpoint_from_row(self, row: dict[str, Any]) -> TenantEndpoint:
         """The endpoint of a tenants row (id, region, status, connection_info)."""
@@ -282,12 +294,9 @@ class DatabasePlatformClient:
     def _plan_of(self, tenant_id: uuid.UUID) -> str | None:
         try:
             with self.platform.db.connection() as conn:
-                row = conn.execute(
-                    "SELECT plan_type FROM tenants WHERE id = %s", (tenant_id,)
-                ).fetchone()
+                return store.plan_of(conn, tenant_id)
         except PgfleetError:
             return None
-        return row[0] if row else None
 
     def _make_pool(self, endpoint: TenantEndpoint, mode: Mode) -> ConnectionPool:
         settings = self.platform.settings
@@ -404,7 +413,7 @@ def _logging_cursor(
                     if isinstance(query, str)
                     else (query.decode() if isinstance(query, bytes) else query.as_string(self))
                 )
-                client.platform.query_log.log(
+                QueryLogWriter.of(client.platform).log(
                     endpoint.log_record(
                         mode,
                         elapsed_ms=(time.perf_counter() - t0) * 1000,

@@ -4,7 +4,7 @@ same ones the REST API calls) and renders a template."""
 from __future__ import annotations
 
 import hmac
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -15,14 +15,22 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from pgfleet import auth
-from pgfleet.errors import Conflict, InvalidInput, NotAuthenticated, NotFound, PgfleetError
+from pgfleet.errors import (
+    Conflict,
+    InvalidInput,
+    NotAuthenticated,
+    NotFound,
+    PgfleetError,
+    SqlError,
+)
 from pgfleet.monitoring import stats
 from pgfleet.monitoring.service import advisor_report, cost_report
 from pgfleet.operations import service as ops_service
 from pgfleet.platform.core import Platform
 from pgfleet.regions import PLANS, REGIONS, REGIONS_BY_ID
 from pgfleet.tenants import service
-from pgfleet.tenants.sql import SqlError, SqlGateway, SqlRequest
+from pgfleet.tenants.sql import SqlGateway, SqlRequest
+from pgfleet.tenants.store import Tenant
 from pgfleet.web import session as sess
 
 HERE = Path(__file__).parent
@@ -240,12 +248,12 @@ def signout(request: Request, s: SessionDep, csrf: Annotated[str, Form()] = "") 
 
 # ---- databases -----------------------------------------------------------------
 
-SORTS = {
-    "created": lambda p: (p["created_at"] is None, p["created_at"]),
-    "name": lambda p: p["name"].lower(),
-    "region": lambda p: p["region"],
-    "status": lambda p: p["status"],
-    "plan": lambda p: p["plan_type"] or "",
+SORTS: dict[str, Callable[[Tenant], Any]] = {
+    "created": lambda p: (p.created_at is None, p.created_at),
+    "name": lambda p: p.name.lower(),
+    "region": lambda p: p.region or "",
+    "status": lambda p: p.status,
+    "plan": lambda p: p.plan_type or "",
 }
 
 
@@ -257,11 +265,11 @@ def databases(request: Request, s: SessionDep, q: str = "", sort: str = "created
         rows = [
             r
             for r in rows
-            if needle in r["name"].casefold()
-            or needle in (r["region"] or "")
-            or needle in str(r["id"])
+            if needle in r.name.casefold()
+            or needle in (r.region or "")
+            or needle in str(r.id)
         ]
-    key = SORTS.get(sort.lstrip("-"), SORTS["created"])
+    key = SORTS.get(sort.lstrip("-")) or SORTS["created"]
     rows.sort(key=key, reverse=sort == "created" or sort.startswith("-"))
     return render(request, "databases.html", s, projects=rows, q=q, sort=sort)
 
@@ -322,14 +330,14 @@ def create_database(
             errors={"form": e.message},
             **_region_notes(request),
         )
-    return RedirectResponse(f"/databases/{project['id']}?op={op_id}", status_code=303)
+    return RedirectResponse(f"/databases/{project.id}?op={op_id}", status_code=303)
 
 
 class _NoSuchDatabase(Exception):
     """Not this owner's database (or none at all): the 404 page."""
 
 
-def _project_or_404(request: Request, s: sess.Session, pid: str) -> dict[str, Any]:
+def _project_or_404(request: Request, s: sess.Session, pid: str) -> Tenant:
     try:
         return service.get_project(_platform(request), s.owner, pid)
     except NotFound:
@@ -340,20 +348,20 @@ def _project_or_404(request: Request, s: sess.Session, pid: str) -> dict[str, An
 def database(request: Request, s: SessionDep, pid: str, op: str | None = None) -> Response:
     p = _platform(request)
     project = _project_or_404(request, s, pid)
-    ops = ops_service.project_operations(p, project["id"], limit=10)
+    ops = ops_service.project_operations(p, project.id, limit=10)
     detailed = []
     for o in ops[:5]:
         detailed.append(ops_service.visible_operation(p, s.owner, o["id"]))
     conns: dict[str, Any] = {}
-    if project["status"] in ("active", "paused"):
+    if project.status in ("active", "paused"):
         for mode in ("rw", "ro"):
             try:
-                c = service.connection_details(p, s.owner, project["id"], mode)
+                c = service.connection_details(p, s.owner, project.id, mode)
                 secret = ":" + quote(c.password, safe="") + "@"
                 conns[mode] = {"masked": c.uri.replace(secret, ":********@")}
             except PgfleetError:
                 pass
-    perf = stats.project_performance(p, project["id"], "24h")
+    perf = stats.project_performance(p, project.id, "24h")
     pending = next((o for o in ops if o["status"] in ("scheduled", "running")), None)
     return render(
         request,
@@ -381,7 +389,7 @@ def reveal_connection(
     in a page, never cached."""
     _check_csrf(s, csrf)
     project = _project_or_404(request, s, pid)
-    c = service.connection_details(_platform(request), s.owner, project["id"], mode)
+    c = service.connection_details(_platform(request), s.owner, project.id, mode)
     return JSONResponse({"uri": c.uri}, headers={"Cache-Control": "no-store"})
 
 
@@ -405,7 +413,7 @@ def _action(
     _check_csrf(s, csrf)
     project = _project_or_404(request, s, pid)
     try:
-        op_id = start(project["id"])
+        op_id = start(project.id)
     except PgfleetError as e:
         return render(
             request,
@@ -469,7 +477,7 @@ def delete(
 ) -> Response:
     _check_csrf(s, csrf)
     project = _project_or_404(request, s, pid)
-    if confirm != project["name"]:
+    if confirm != project.name:
         return render(
             request,
             "error.html",
@@ -479,7 +487,7 @@ def delete(
             message="To delete, type the database's name exactly as shown.",
             back=f"/databases/{pid}",
         )
-    op_id = service.start_delete_project(_platform(request), s.owner, project["id"])
+    op_id = service.start_delete_project(_platform(request), s.owner, project.id)
     service.wait_or_raise(_platform(request), op_id)
     return RedirectResponse("/databases?flash=deleted", status_code=303)
 
@@ -498,9 +506,9 @@ async def sql(
     gateway: SqlGateway = request.app.state.sql
     result = error = None
     try:
-        row = await gateway.project_row(s.owner, str(project["id"]))
+        row = await gateway.project_row(s.owner, str(project.id))
         req = SqlRequest(query=query, params=[], mode=mode)
-        result = await gateway.run(s.owner, str(project["id"]), req, row)
+        result = await gateway.run(s.owner, str(project.id), req, row)
     except SqlError as e:
         error = {"message": e.message, **e.details}
     except PgfleetError as e:

@@ -21,7 +21,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from pgfleet.platform.core import Platform
-from pgfleet.tenants.service import Owner
+from pgfleet.platform.owners import Owner
 
 COOKIE = "pgfleet_session"
 

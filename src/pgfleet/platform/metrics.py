@@ -19,11 +19,25 @@ from prometheus_client.registry import Collector
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
-class _StateCollector(Collector):
-    """Gauges read at scrape time."""
+State = dict[str, list[tuple[dict[str, str], float]]]
 
-    def __init__(self, read: Callable[[], dict[str, list[tuple[dict[str, str], float]]]]) -> None:
-        self.read = read
+
+class _StateCollector(Collector):
+    """Gauges read at scrape time, from every reader the platform's parts
+    registered (a reader that fails is skipped)."""
+
+    def __init__(self) -> None:
+        self.readers: list[Callable[[], State]] = []
+
+    def read(self) -> State:
+        state: State = {}
+        for read in list(self.readers):
+            try:
+                for name, values in read().items():
+                    state.setdefault(name, []).extend(values)
+            except Exception:  # noqa: S112 - a scrape never fails for one part
+                continue
+        return state
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         state = self.read()
@@ -50,7 +64,8 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self._state: list[_StateCollector] = []
+        self._state = _StateCollector()
+        self.registry.register(self._state)
         self.http_requests = Counter(
             "pgfleet_http_requests",
             "API requests",
@@ -91,16 +106,13 @@ class Metrics:
             registry=self.registry,
         )
 
-    def add_state(self, read: Callable[[], dict[str, list[tuple[dict[str, str], float]]]]) -> None:
-        collector = _StateCollector(read)
-        self._state.append(collector)
-        self.registry.register(collector)
+    def add_state(self, read: Callable[[], State]) -> None:
+        self._state.readers.append(read)
 
     def render(self) -> bytes:
         if not os.environ.get(MULTIPROC_ENV):
             return generate_latest(self.registry)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        for collector in self._state:
-            registry.register(collector)
+        registry.register(self._state)
         return generate_latest(registry)

@@ -1,12 +1,8 @@
-"""The job queue (procrastinate on the platform DB) and the workers.
-
-An operation row is the source of truth; its procrastinate job only says
-"run operation X". Deferring happens after the row is committed, so a
-process that dies in between leaves a `scheduled` operation without a job:
-every worker's recovery loop finds those and defers them again. The same
-loop hands jobs of dead workers (no heartbeat) back to the queue, marks
-operations past their deadline, and runs the reconciler now and then.
-"""
+"""Operations workers: a procrastinate worker running operation jobs and the
+domains' jobs, with its recovery loop (dead workers' jobs back to the
+queue, operations whose job was lost queued again, deadlines marked, the
+domains' periodic work), supervised so that it starts again by itself
+after the platform DB went away under it."""
 
 from __future__ import annotations
 
@@ -19,8 +15,6 @@ import socket
 import threading
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import procrastinate
 import psycopg
@@ -28,129 +22,11 @@ from procrastinate import exceptions as pexc
 from psycopg_pool import PoolTimeout
 
 from pgfleet.errors import PlatformUnavailable
-from pgfleet.operations import kinds as _kinds  # noqa: F401  (registers the kinds)
-from pgfleet.operations.runner import execute_operation
+from pgfleet.operations.dispatch import QUEUE, Dispatcher, build_app
+from pgfleet.operations.registry import REGISTRY
 from pgfleet.platform.core import Platform
 
 log = logging.getLogger(__name__)
-
-TASK_NAME = "pgfleet.run_operation"
-QUEUE = "operations"
-
-
-def _run_operation_job(context: procrastinate.JobContext, operation_id: str) -> str:
-    platform: Platform = context.additional_context["platform"]
-    name = context.worker_name or "worker"
-    return execute_operation(platform, operation_id, worker=name)
-
-
-EXPIRE_TASK = "pgfleet.expire_credentials"
-
-
-def _expire_job(context: procrastinate.JobContext, tenant_id: str, roles: list[str]) -> str:
-    """The overlap window of a rotation ended: start the operation that
-    expires the old credentials (retried while the project is busy)."""
-    from pgfleet.operations.store import audit, insert_operation
-
-    platform: Platform = context.additional_context["platform"]
-    tid = uuid.UUID(tenant_id)
-    with platform.db.connection() as conn, conn.transaction():
-        row = conn.execute("SELECT status, owner_id FROM tenants WHERE id = %s", (tid,)).fetchone()
-        if row is None or row[0] in ("deleted", "deleting"):
-            return "project gone"
-        op_id = insert_operation(
-            conn,
-            type="expire_credentials",
-            tenant_id=tid,
-            owner_id=row[1],
-            actor="pgfleet",
-            params={"roles": roles},
-            deadline_s=platform.settings.operation_deadline_s,
-        )
-        audit(
-            conn,
-            actor="pgfleet",
-            action="project.expire_credentials",
-            tenant_id=tid,
-            operation_id=op_id,
-            details={"roles": roles, "reason": "rotation overlap window ended"},
-        )
-    platform.ops.dispatcher.defer(op_id)
-    return str(op_id)
-
-
-def build_app(connector: procrastinate.BaseConnector) -> procrastinate.App:
-    from pgfleet.errors import Conflict
-
-    app = procrastinate.App(connector=connector)
-    app.task(
-        name=TASK_NAME,
-        queue=QUEUE,
-        pass_context=True,
-        # The platform DB away when the job starts: try again shortly (the
-        # operation itself keeps its state in the platform DB).
-        retry=procrastinate.RetryStrategy(
-            max_attempts=10_000, wait=1, retry_exceptions={PlatformUnavailable}
-        ),
-    )(_run_operation_job)
-    app.task(
-        name=EXPIRE_TASK,
-        queue=QUEUE,
-        pass_context=True,
-        # A busy project (409) or an unreachable platform DB is tried again shortly.
-        retry=procrastinate.RetryStrategy(
-            max_attempts=10_000,
-            wait=1,
-            retry_exceptions={
-                Conflict,
-                PlatformUnavailable,
-                psycopg.OperationalError,
-                PoolTimeout,
-            },
-        ),
-    )(_expire_job)
-    return app
-
-
-def schedule_expiry(
-    platform: Platform, tenant_id: uuid.UUID, roles: list[str], after_s: int, *, key: str
-) -> str:
-    """Queue the end of an overlap window; returns when it is due (ISO 8601)."""
-    due = datetime.now(UTC) + timedelta(seconds=after_s)
-    task = platform.ops.dispatcher.app.tasks[EXPIRE_TASK]
-    with contextlib.suppress(pexc.AlreadyEnqueued):
-        task.configure(schedule_at=due, queueing_lock=f"expire:{key}").defer(
-            tenant_id=str(tenant_id), roles=list[Any](roles)
-        )
-    return due.isoformat()
-
-
-class Dispatcher:
-    """Defers operation jobs from a synchronous process (API, CLI), through
-    the Platform's own connection pool."""
-
-    def __init__(self, platform: Platform) -> None:
-        self.platform = platform
-        self.app = build_app(procrastinate.SyncPsycopgConnector())
-        self.app.open(platform.db)
-
-    def defer(self, op_id: uuid.UUID) -> int | None:
-        task = self.app.tasks[TASK_NAME]
-        try:
-            job_id = task.configure(queueing_lock=f"op:{op_id}").defer(operation_id=str(op_id))
-        except pexc.AlreadyEnqueued:
-            return None  # a job for it is already waiting
-        with self.platform.db.connection() as conn:
-            conn.execute("UPDATE operations SET job_id = %s WHERE id = %s", (job_id, op_id))
-        return job_id
-
-    def cancel_job(self, job_id: int) -> None:
-        with contextlib.suppress(pexc.ProcrastinateException):
-            self.app.job_manager.cancel_job_by_id(job_id, abort=False)
-
-    def close(self) -> None:
-        self.app.close()
-
 
 _SWEEP_SQL = """
 SELECT o.id FROM operations o
@@ -205,15 +81,17 @@ class Worker:
     ) -> None:
         s = platform.settings
         self.platform = platform
-        # Operations started from inside a worker never start more workers.
-        platform.ops.autostart = False
         self.concurrency = concurrency or s.worker_concurrency
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
-        self._last_reconcile = time.monotonic()
+        # When each periodic job last ran (they all wait one interval first).
+        self._last_run = {
+            p.name: 0.0 if p.at_start else time.monotonic() for p in REGISTRY.periodic.values()
+        }
+        self._dispatcher: Dispatcher | None = None
         quiet_outage_noise(self.name)
 
     # -- lifecycle -------------------------------------------------------------
@@ -374,11 +252,14 @@ class Worker:
             except pexc.ProcrastinateException as e:
                 log.warning("could not requeue job %s: %s", job.id, e)
         await asyncio.to_thread(self._sweep)
-        if s.spare_databases:
-            await asyncio.to_thread(self._refill)
-        if time.monotonic() - self._last_reconcile > s.reconcile_interval_s:
-            self._last_reconcile = time.monotonic()
-            await asyncio.to_thread(self._reconcile)
+        for periodic in REGISTRY.periodic.values():
+            last = self._last_run.setdefault(periodic.name, 0.0)
+            if time.monotonic() - last >= periodic.interval(s):
+                self._last_run[periodic.name] = time.monotonic()
+                try:
+                    await asyncio.to_thread(periodic.run, self.platform)
+                except (PlatformUnavailable, psycopg.Error) as e:
+                    log.debug("periodic %s did not run: %s", periodic.name, e)
 
     def _sweep(self) -> None:
         p = self.platform
@@ -392,21 +273,10 @@ class Worker:
             )
         for op_id in lost:
             log.warning("operation %s has no live job; deferring it again", op_id)
-            p.ops.dispatcher.defer(op_id)
+            self.dispatcher.defer(op_id)
 
-    def _refill(self) -> None:
-        from pgfleet.errors import RegionUnavailable
-        from pgfleet.tenants.provisioning import refill_spares
-
-        p = self.platform
-        for server in p.servers.all(enabled_only=True):
-            try:
-                with p.servers.admin_connection(server) as conn:
-                    refill_spares(conn, p.settings.spare_databases)
-            except (RegionUnavailable, psycopg.Error) as e:
-                log.debug("spares for %s not refilled: %s", server.name, e)
-
-    def _reconcile(self) -> None:
-        from pgfleet.operations.reconcile import reconcile
-
-        reconcile(self.platform, repair=False, record=True)
+    @property
+    def dispatcher(self) -> Dispatcher:
+        if self._dispatcher is None:
+            self._dispatcher = Dispatcher(self.platform)
+        return self._dispatcher

@@ -47,10 +47,11 @@ from psycopg.types.json import Jsonb
 
 from pgfleet.errors import PgfleetError, RegionUnavailable
 from pgfleet.fleet.registry import PROBE_ROLE, ServerRecord
-from pgfleet.operations.kinds import credential_users
-from pgfleet.operations.queue import EXPIRE_TASK, schedule_expiry
+from pgfleet.operations.registry import REGISTRY, OpContext, OperationKind, Step, register
 from pgfleet.platform.core import Platform
 from pgfleet.regions import get_plan
+from pgfleet.tenants import store
+from pgfleet.tenants.kinds.credentials import EXPIRE_TASK, credential_users, schedule_expiry
 from pgfleet.tenants.naming import (
     ROLE_RE,
     login_role_names,
@@ -59,7 +60,7 @@ from pgfleet.tenants.naming import (
     tenant_db_name,
     tenant_id_of,
 )
-from pgfleet.tenants.provisioning import ensure_tenant_database_provisioned, scram_verifier
+from pgfleet.tenants.provisioning import ensure_tenant_database_provisioned
 from pgfleet.tenants.roles import (
     RoleState,
     existing_alternates,
@@ -67,10 +68,11 @@ from pgfleet.tenants.roles import (
     role_findings,
     wanted_roles,
 )
+from pgfleet.tenants.server import scram_verifier
 
 log = logging.getLogger(__name__)
 
-LIVE = ("active", "paused", "provisioning", "failed", "deleting")
+LIVE = store.LIVE
 
 
 def _role_passwords(conn: psycopg.Connection[Any]) -> dict[str, str] | None:
@@ -231,19 +233,8 @@ def reconcile(
         except RegionUnavailable as e:
             unreachable.append(server.name)
             add("server_unreachable", server, server.name, e.message)
-    with p.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-        tenants = {
-            r["id"]: r
-            for r in cur.execute(
-                "SELECT t.id, t.status, t.server_id, t.region, t.plan_type, t.connection_info, "
-                "EXISTS (SELECT 1 FROM operations o WHERE o.tenant_id = t.id "
-                "AND o.status IN ('scheduled', 'running')) AS busy, "
-                "EXISTS (SELECT 1 FROM procrastinate_jobs j WHERE j.task_name = %s "
-                "AND j.status IN ('todo', 'doing') AND j.args->>'tenant_id' = t.id::text) "
-                "AS expiry_pending FROM tenants t",
-                (EXPIRE_TASK,),
-            )
-        }
+    with p.db.connection() as conn:
+        tenants = {r["id"]: r for r in store.all_for_reconcile(conn, EXPIRE_TASK)}
     expire: dict[uuid.UUID, list[str]] = {}
     for server, dbs, states, passwords in listings:
 
@@ -433,3 +424,33 @@ def last_run(platform: Platform) -> dict[str, Any] | None:
             "SELECT id, at, actor, repair, force, duration_ms, findings FROM reconcile_runs "
             "ORDER BY id DESC LIMIT 1"
         ).fetchone()
+
+
+@REGISTRY.every("reconcile_report", lambda s: s.reconcile_interval_s, at_start=False)
+def periodic_report(platform: Platform) -> None:
+    """The workers' periodic run: report only (repairs are asked for)."""
+    reconcile(platform, repair=False, record=True)
+
+
+def _reconcile_step(ctx: OpContext) -> None:
+    """Compare and repair, all of it (repairs converge, so running it again
+    after a crash is harmless); the report is the operation's result."""
+    report = reconcile(
+        ctx.platform,
+        repair=True,
+        force=bool(ctx.params.get("force")),
+        record=True,
+        actor=str(ctx.op.get("actor") or "reconciler"),
+    )
+    ctx.state["report"] = report
+    repaired = sum(1 for f in report["findings"] if f["repaired"])
+    ctx.state["summary"] = f"{len(report['findings'])} finding(s), {repaired} repaired"
+
+
+RECONCILE = register(
+    OperationKind(
+        name="reconcile",
+        description="compare the platform DB with every server and repair what differs",
+        steps=(Step("repair", _reconcile_step),),
+    )
+)

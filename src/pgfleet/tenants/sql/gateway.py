@@ -24,43 +24,36 @@ one process per core.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import datetime as dt
-import json
 import logging
-import math
-import re
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
-from decimal import Decimal
-from typing import Any, cast
+from collections.abc import Coroutine
+from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.abc import PQGen
-from psycopg.generators import fetch
-from psycopg.pq import ExecStatus
-from psycopg.pq.abc import PGresult
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from pgfleet.auth import AUTH_CHANNEL, AuthCache, authenticate_with_project_async
 from pgfleet.errors import (
     Conflict,
-    InvalidInput,
     PgfleetError,
     ProjectNotFound,
     RegionUnavailable,
+    SqlError,
+    TooManyStatements,
 )
 from pgfleet.monitoring.fingerprint import fingerprint
+from pgfleet.monitoring.querylog import QueryLogWriter
 from pgfleet.platform.core import Platform
 from pgfleet.platform.db import AsyncPlatformDB
+from pgfleet.platform.owners import Owner
 from pgfleet.pooling import is_suspect, mark_returned
 from pgfleet.regions import get_plan
 from pgfleet.tenants.connections import (
+    DatabasePlatformClient,
     Mode,
     PoolCache,
     PoolEntry,
@@ -68,247 +61,18 @@ from pgfleet.tenants.connections import (
     check_mode,
     refusal,
 )
-from pgfleet.tenants.service import Owner
+from pgfleet.tenants.sql.auth import AUTH_CHANNEL, AuthCache, authenticate_with_project_async
+from pgfleet.tenants.sql.execute import TimedOut, execute
+from pgfleet.tenants.sql.limits import (
+    SqlRequest,
+    SqlResult,
+    check_request,
+    plan_limits,
+    refuse_unsupported,
+)
+from pgfleet.tenants.sql.values import configure_loaders
 
 log = logging.getLogger(__name__)
-
-MAX_QUERY_CHARS = 100_000
-MAX_PARAMS = 1000
-DEFAULT_TIMEOUT_MS = 10_000
-DEFAULT_MAX_ROWS = 1000
-
-
-class TooManyStatements(PgfleetError):
-    """The project's SQL API connections in this process are all busy."""
-
-    status_code = 429
-    code = "too_many_statements"
-
-
-class SqlError(PgfleetError):
-    """The statement failed."""
-
-    status_code = 400
-    code = "sql_error"
-
-
-@dataclass(frozen=True)
-class SqlRequest:
-    query: str
-    params: Sequence[Any] = ()
-    mode: str = "rw"
-    timeout_ms: int | None = None
-    max_rows: int | None = None
-
-
-@dataclass
-class SqlResult:
-    columns: list[dict[str, str]]
-    rows: list[list[Any]]
-    row_count: int
-    truncated: bool
-    duration_ms: float
-    command: str
-    mode: str
-    limits: dict[str, int] = field(default_factory=dict)
-    approx_bytes: int = 0  # the rows' JSON size, for the answer's encoding
-
-
-def plan_limits(plan_type: str | None) -> dict[str, int]:
-    plan = get_plan(plan_type or "free")
-    return {
-        "max_timeout_ms": plan.statement_timeout_ms,
-        "max_rows": plan.max_result_rows,
-        "max_bytes": plan.max_result_bytes,
-    }
-
-
-def _check(req: SqlRequest, limits: dict[str, int]) -> tuple[int, int]:
-    if not req.query.strip():
-        raise InvalidInput("query must not be empty", field="query")
-    if len(req.query) > MAX_QUERY_CHARS:
-        raise InvalidInput(
-            f"query is {len(req.query)} characters; at most {MAX_QUERY_CHARS} are allowed",
-            field="query",
-        )
-    if len(req.params) > MAX_PARAMS:
-        raise InvalidInput(f"at most {MAX_PARAMS} params are allowed", field="params")
-    for p in req.params:
-        if isinstance(p, dict | list):
-            raise InvalidInput(
-                "params must be strings, numbers, booleans or null "
-                "(pass JSON as a string and cast it: $1::jsonb)",
-                field="params",
-            )
-    timeout = req.timeout_ms if req.timeout_ms is not None else DEFAULT_TIMEOUT_MS
-    timeout = min(timeout, limits["max_timeout_ms"]) if req.timeout_ms is None else timeout
-    if not 1 <= timeout <= limits["max_timeout_ms"]:
-        raise InvalidInput(
-            f"timeout_ms must be between 1 and {limits['max_timeout_ms']} on this plan",
-            field="timeout_ms",
-        )
-    rows = req.max_rows if req.max_rows is not None else min(DEFAULT_MAX_ROWS, limits["max_rows"])
-    if not 0 <= rows <= limits["max_rows"]:
-        raise InvalidInput(
-            f"max_rows must be between 0 and {limits['max_rows']} on this plan",
-            field="max_rows",
-        )
-    return timeout, rows
-
-
-def to_json(value: Any) -> Any:
-    """A JSON value that round-trips: numerics as strings, timestamps ISO 8601,
-    bytea base64, NULL as null."""
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    if isinstance(value, float):
-        if math.isfinite(value):
-            return value
-        # PostgreSQL's own spellings, which it reads back.
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    if isinstance(value, Decimal):
-        return str(value)
-    if isinstance(value, dt.datetime | dt.date | dt.time):
-        return value.isoformat()
-    if isinstance(value, dt.timedelta):
-        return _iso_duration(value)
-    if isinstance(value, bytes | bytearray | memoryview):
-        return base64.b64encode(bytes(value)).decode()
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    if isinstance(value, list | tuple):
-        return [to_json(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): to_json(v) for k, v in value.items()}
-    return str(value)
-    return str(value)
-
-
-def _iso_duration(td: dt.timedelta) -> str:
-    seconds = td.total_seconds()
-    sign = "-" if seconds < 0 else ""
-    seconds = abs(seconds)
-    days, rem = divmod(seconds, 86400)
-    hours, rem = divmod(rem, 3600)
-    minutes, secs = divmod(rem, 60)
-    return f"{sign}P{int(days)}DT{int(hours)}H{int(minutes)}M{secs:g}S"
-
-
-class _StatementCursor(psycopg.AsyncRawCursor[Any]):
-    """stream() for any one statement: rows are read in chunks (so caps stop
-    the read early), and statements without rows (INSERT, DDL) are fine and
-    keep their command tag. Overrides psycopg's private stream step; tested
-    against the psycopg versions pyproject allows."""
-
-    final: PGresult | None = None
-
-    def _stream_fetchone_gen(self, first: bool) -> PQGen[PGresult | None]:
-        res: PGresult | None = yield from fetch(self._pgconn)
-        if res is None:
-            return None
-        status = res.status
-        if status in (ExecStatus.SINGLE_TUPLE, ExecStatus.TUPLES_CHUNK):
-            self.pgresult = res
-            self._tx.set_pgresult(res, set_loaders=first)
-            if first:
-                self._make_row = self._make_row_maker()
-            return res
-        if status in (ExecStatus.TUPLES_OK, ExecStatus.COMMAND_OK):
-            self.final = res
-            if self.pgresult is None:
-                self.pgresult = res
-            while res:
-                res = yield from fetch(self._pgconn)
-            return None
-        return self._raise_for_result(res)
-
-
-# Statements that need a session of their own: each SQL API call is one
-# statement in its own transaction, and results come back as rows.
-_UNSUPPORTED = {
-    "begin": "transaction control",
-    "start": "transaction control",
-    "commit": "transaction control",
-    "end": "transaction control",
-    "rollback": "transaction control",
-    "abort": "transaction control",
-    "savepoint": "transaction control",
-    "release": "transaction control",
-    "copy": "COPY",
-}
-
-
-def _refuse_unsupported(shape: str) -> None:
-    first = shape.split(" ", 1)[0].rstrip(";")
-    what = _UNSUPPORTED.get(first)
-    if what is not None:
-        raise InvalidInput(
-            f"{what} ({first.upper()}) is not available through the SQL API: every call is "
-            "one statement in its own transaction; use the connection string for sessions "
-            "and COPY",
-            field="query",
-        )
-
-
-class _TextFallbackMixin:
-    """Load a value with psycopg's loader, or keep PostgreSQL's text when
-    Python cannot hold it (infinity, years past 9999, BC dates)."""
-
-    def load(self, data: Any) -> Any:
-        try:
-            return super().load(data)  # type: ignore[misc]
-        except (psycopg.DataError, ValueError, OverflowError):
-            return bytes(data).decode()
-
-
-class _TextLoader(psycopg.adapt.Loader):
-    def load(self, data: Any) -> str:
-        return bytes(data).decode()
-
-
-def _loaders() -> list[tuple[str, type[psycopg.adapt.Loader]]]:
-    from psycopg.types import datetime as pgdt
-
-    out: list[tuple[str, type[psycopg.adapt.Loader]]] = [
-        # An interval has months, days and time; Python's timedelta has only
-        # days, so '1 year' would come back as 365 days. Keep the server's text.
-        ("interval", _TextLoader),
-    ]
-    for name, base in (
-        ("date", pgdt.DateLoader),
-        ("timestamp", pgdt.TimestampLoader),
-        ("timestamptz", pgdt.TimestamptzLoader),
-    ):
-        out.append((name, type(f"Safe{base.__name__}", (_TextFallbackMixin, base), {})))
-    return out
-
-
-_SQL_LOADERS = _loaders()
-_TYPE_NAMES: dict[tuple[uuid.UUID, int], str] = {}
-
-
-async def _type_names(
-    conn: psycopg.AsyncConnection[Any], tenant_id: uuid.UUID, description: Sequence[Any]
-) -> list[dict[str, str]]:
-    """Column names and types. Types psycopg does not know (enums, domains,
-    extensions: it shows their OID) are named by the server, cached per project."""
-    for c in description:
-        key = (tenant_id, c.type_code)
-        if c.type_display.isdigit() and key not in _TYPE_NAMES:
-            cur = await conn.execute("SELECT pg_catalog.format_type(%s, NULL)", (c.type_code,))
-            row = await cur.fetchone()
-            if len(_TYPE_NAMES) > 50_000:
-                _TYPE_NAMES.clear()
-            _TYPE_NAMES[key] = row[0] if row else c.type_display
-    return [
-        {
-            "name": c.name,
-            "type": _TYPE_NAMES.get((tenant_id, c.type_code), c.type_display)
-            if c.type_display.isdigit()
-            else c.type_display,
-        }
-        for c in description
-    ]
 
 
 def visible_project(owner: Owner, project_id: str, row: dict[str, Any] | None) -> dict[str, Any]:
@@ -326,11 +90,6 @@ def visible_project(owner: Owner, project_id: str, row: dict[str, Any] | None) -
             status=row["status"],
         )
     return row
-
-
-async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
-    for name, loader in _SQL_LOADERS:
-        conn.adapters.register_loader(name, loader)
 
 
 async def _reset(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -484,11 +243,11 @@ class SqlGateway:
         project = visible_project(owner, project_id, project_row)
         mode = check_mode(req.mode)
         limits = plan_limits(project["plan_type"])
-        timeout_ms, max_rows = _check(req, limits)
+        timeout_ms, max_rows = check_request(req, limits)
         shape = fingerprint(req.query)
-        _refuse_unsupported(shape)
+        refuse_unsupported(shape)
         tid = project["id"]
-        endpoint = self.platform.client.endpoint_from_row(project)
+        endpoint = DatabasePlatformClient.of(self.platform).endpoint_from_row(project)
         started_at = dt.datetime.now(dt.UTC)
         t0 = time.perf_counter()
         outcome = "error"
@@ -497,7 +256,7 @@ class SqlGateway:
             entry, conn = await self._connect(endpoint, mode, project["plan_type"])
             reusable = False
             try:
-                result, reusable = await _execute(
+                result, reusable = await execute(
                     conn,
                     tid,
                     req,
@@ -512,7 +271,7 @@ class SqlGateway:
                 await self._give_back(entry, conn, reusable)
             row_count = result.row_count
             outcome = "ok"
-        except _TimedOut:
+        except TimedOut:
             outcome = "57014"
             raise SqlError(
                 f"statement canceled: it ran longer than timeout_ms={timeout_ms}",
@@ -571,7 +330,7 @@ class SqlGateway:
         metrics = self.platform.metrics
         metrics.queries.labels(endpoint.hosted_region, mode, outcome).inc()
         metrics.query_duration.labels(endpoint.hosted_region, mode).observe(elapsed_ms / 1000)
-        self.platform.query_log.log(
+        QueryLogWriter.of(self.platform).log(
             endpoint.log_record(
                 mode,
                 elapsed_ms=elapsed_ms,
@@ -608,7 +367,7 @@ class SqlGateway:
             num_workers=size,
             timeout=s.connect_timeout_s,
             max_idle=60,
-            configure=_configure,
+            configure=configure_loaders,
             check=_check_pooled,
             reset=_reset,
             name=f"{endpoint.database}-{mode}-sql",
@@ -687,144 +446,3 @@ class SqlGateway:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-
-class _TimedOut(Exception):
-    """The statement ignored its cancel and its session had to be ended."""
-
-
-# Statements that only read: when their rows pass the caps, the rest are not
-# read (the statement is cancelled). Anything else (INSERT ... RETURNING, a
-# data-modifying WITH) is read to its end, so a truncated answer never hides
-# a write that was rolled back.
-_READS = frozenset({"select", "values", "table", "show", "explain", "fetch"})
-_WRITES = re.compile(r"\b(insert|update|delete|merge)\b")
-TERMINATE_GRACE_S = 1.0
-_INLINE_ROWS = 500  # rows converted on the event loop; beyond, in a thread
-
-
-def _to_rows(raw: list[Any]) -> list[tuple[list[Any], int]]:
-    out = []
-    for r in raw:
-        row = [to_json(v) for v in r]
-        out.append((row, len(json.dumps(row, default=str))))
-    return out
-
-
-async def _execute(
-    conn: psycopg.AsyncConnection[Any],
-    tenant_id: uuid.UUID,
-    req: SqlRequest,
-    shape: str,
-    mode: str,
-    timeout_ms: int,
-    max_rows: int,
-    max_bytes: int,
-    terminate: Callable[[int], Coroutine[Any, Any, None]],
-) -> tuple[SqlResult, bool]:
-    """The statement's result, and whether its connection may be reused."""
-    loop = asyncio.get_running_loop()
-    pending: list[asyncio.Task[None]] = []
-    terminated = False
-
-    def overdue() -> None:
-        # From outside the session, so nothing the statement SET can stop it.
-        pending.append(loop.create_task(conn.cancel_safe(timeout=2)))
-
-    def stuck() -> None:
-        nonlocal terminated
-        terminated = True
-        pending.append(loop.create_task(terminate(conn.info.backend_pid)))
-
-    timers = [
-        loop.call_later(timeout_ms / 1000, overdue),
-        loop.call_later(timeout_ms / 1000 + TERMINATE_GRACE_S, stuck),
-    ]
-    first = shape.split(" ", 1)[0].rstrip(";")
-    reads = first in _READS or (first == "with" and not _WRITES.search(shape))
-    clean = False
-    try:
-        async with _StatementCursor(conn) as cur:
-            rows: list[list[Any]] = []
-            truncated = False
-            size = seen = 0
-            batch: list[Any] = []
-
-            def take(converted: list[tuple[list[Any], int]]) -> None:
-                nonlocal truncated, size
-                for row, n in converted:
-                    if truncated:
-                        return
-                    if len(rows) >= max_rows or size + n > max_bytes:
-                        truncated = True
-                        return
-                    size += n
-                    rows.append(row)
-
-            # stream() always uses the extended protocol, which runs exactly one
-            # statement, and lets us stop reading at the caps.
-            stream = cast(
-                AsyncGenerator[Any, None],
-                cur.stream(req.query, list(req.params), size=min(max_rows + 1, 1000)),
-            )
-            try:
-                async with contextlib.aclosing(stream):
-                    async for raw in stream:
-                        seen += 1
-                        if truncated:
-                            continue  # a write: read to its end, keep nothing
-                        if seen <= _INLINE_ROWS:
-                            take(_to_rows([raw]))
-                        else:
-                            # A large result: convert in a thread, so other
-                            # requests on this loop are not held up.
-                            batch.append(raw)
-                            if len(batch) >= _INLINE_ROWS:
-                                take(await asyncio.to_thread(_to_rows, batch))
-                                batch = []
-                        if truncated and reads:
-                            break
-                    if batch and not truncated:
-                        take(await asyncio.to_thread(_to_rows, batch))
-            except psycopg.Error:
-                if terminated:
-                    raise _TimedOut() from None
-                raise
-            for t in timers:
-                t.cancel()
-            # Wait out a cancel sent as the statement ended before the next
-            # query, so it cannot land on that one; the statement stands.
-            for task in pending:
-                with contextlib.suppress(Exception):
-                    await task
-            if terminated:
-                raise _TimedOut()
-            columns = (
-                await _type_names(conn, tenant_id, cur.description)
-                if cur.description is not None
-                else []
-            )
-            final = cur.final
-            command = (final.command_status or b"").decode() if final is not None else ""
-            if not command:  # libpq leaves the tag empty after chunked rows
-                command = shape.split(" ", 1)[0].upper()
-            if cur.description is None:
-                row_count = final.command_tuples or 0 if final is not None else 0
-            else:
-                row_count = len(rows) if reads else seen
-        clean = True
-    finally:
-        for t in timers:
-            t.cancel()
-        settled = True
-        for task in pending:
-            try:
-                await asyncio.shield(task)
-            except Exception:
-                settled = False
-            except asyncio.CancelledError:
-                settled = False
-                raise
-    result = SqlResult(columns, rows, row_count, truncated, 0.0, command, mode)
-    result.approx_bytes = size
-    return result, clean and settled and not terminated and not conn.broken

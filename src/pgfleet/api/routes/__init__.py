@@ -1,0 +1,23 @@
+"""The REST API's routes, one module per domain. `health_router` holds what
+lives outside /v1 (/health, /ca.crt, /metrics); `v1` everything under /v1.
+Each route parses, calls one service function and formats."""
+
+from fastapi import APIRouter
+
+from pgfleet.api.routes import (
+    accounts,
+    admin,
+    catalog,
+    health,
+    monitoring,
+    operations,
+    projects,
+    sql,
+)
+
+health_router = health.router
+v1 = APIRouter(prefix="/v1")
+for module in (catalog, projects, operations, sql, accounts, admin, monitoring):
+    v1.include_router(module.router)
+
+__all__ = ["health_router", "v1"]

@@ -1,0 +1,108 @@
+"""Who you are, your tokens, and owners (admin)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+
+from pgfleet import auth
+from pgfleet.api.deps import AdminDep, OwnerDep, PlatformDep
+from pgfleet.api.idempotency import run_idempotent
+from pgfleet.api.routes.common import (
+    ERRORS,
+    IdemHeader,
+)
+from pgfleet.api.schemas import (
+    OwnerCreate,
+    OwnerCreated,
+    OwnerOut,
+    OwnerRow,
+    TokenCreate,
+    TokenCreated,
+    TokenOut,
+)
+
+router = APIRouter()
+
+
+@router.get("/me", tags=["auth"], summary="Who this token belongs to")
+def me(owner: OwnerDep) -> OwnerOut:
+    return OwnerOut(id=owner.id, name=owner.name, is_admin=owner.is_admin)
+
+
+@router.post(
+    "/tokens",
+    tags=["auth"],
+    status_code=201,
+    summary="Create an API token",
+    response_model=TokenCreated,
+)
+def create_token(
+    body: TokenCreate, platform: PlatformDep, owner: OwnerDep, idempotency_key: IdemHeader = None
+) -> JSONResponse:
+    def produce() -> tuple[int, Any]:
+        tid, token = auth.create_token(platform, owner, body.name)
+        return 201, TokenCreated(id=tid, name=body.name, token=token)
+
+    return run_idempotent(
+        platform,
+        owner,
+        idempotency_key,
+        method="POST",
+        path="/v1/tokens",
+        body=body,
+        produce=produce,
+    )
+
+
+@router.get("/tokens", tags=["auth"], summary="Your API tokens (never the secrets)")
+def list_tokens(platform: PlatformDep, owner: OwnerDep) -> list[TokenOut]:
+    return [TokenOut(**r) for r in auth.list_tokens(platform, owner)]
+
+
+@router.delete(
+    "/tokens/{token_id}",
+    tags=["auth"],
+    status_code=204,
+    summary="Revoke a token",
+    responses={404: ERRORS[404]},
+)
+def revoke_token(token_id: str, platform: PlatformDep, owner: OwnerDep) -> Response:
+    auth.revoke_token(platform, owner, token_id)
+    return Response(status_code=204)
+
+
+@router.post(
+    "/admin/owners",
+    tags=["admin"],
+    status_code=201,
+    summary="Create an owner",
+    response_model=OwnerCreated,
+)
+def create_owner(
+    body: OwnerCreate, platform: PlatformDep, admin: AdminDep, idempotency_key: IdemHeader = None
+) -> JSONResponse:
+    """Creates an owner (a person or team) and its first token, shown once."""
+
+    def produce() -> tuple[int, Any]:
+        owner, token = auth.create_owner(platform, body.name, is_admin=body.is_admin)
+        return 201, OwnerCreated(
+            owner=OwnerOut(id=owner.id, name=owner.name, is_admin=owner.is_admin), token=token
+        )
+
+    return run_idempotent(
+        platform,
+        admin,
+        idempotency_key,
+        method="POST",
+        path="/v1/admin/owners",
+        body=body,
+        produce=produce,
+    )
+
+
+@router.get("/admin/owners", tags=["admin"], summary="All owners")
+def list_owners(platform: PlatformDep, admin: AdminDep) -> list[OwnerRow]:
+    return [OwnerRow(**r) for r in auth.list_owners(platform)]

@@ -1,0 +1,167 @@
+"""What every command shares: the Typer apps, the consoles, the options,
+the REST client, and the files in the data directory."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from pgfleet.config import Settings, get_settings
+
+app = typer.Typer(
+    help="pgfleet: multi-region PostgreSQL databases for your projects.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+regions_app = typer.Typer(help="The region catalog.", no_args_is_help=True)
+projects_app = typer.Typer(help="Create, list, show and delete projects.", no_args_is_help=True)
+tokens_app = typer.Typer(help="Your API tokens.", no_args_is_help=True)
+owners_app = typer.Typer(help="Owners (admin only).", no_args_is_help=True)
+app.add_typer(regions_app, name="regions")
+app.add_typer(projects_app, name="projects")
+app.add_typer(tokens_app, name="tokens")
+app.add_typer(owners_app, name="owners")
+ops_app = typer.Typer(
+    help="Operations: what pgfleet is doing or did to your projects.", no_args_is_help=True
+)
+app.add_typer(ops_app, name="ops")
+stats_app = typer.Typer(help="Fleet statistics (admin).", no_args_is_help=True)
+app.add_typer(stats_app, name="stats")
+
+out = Console()
+err = Console(stderr=True)
+
+UrlOpt = Annotated[
+    str | None,
+    typer.Option("--url", envvar="PGFLEET_URL", help="API URL (default: from the data dir)"),
+]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        envvar="PGFLEET_TOKEN",
+        help="API token (default: the data dir's admin token)",
+        show_default=False,
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the raw JSON response.")]
+WaitOpt = Annotated[
+    bool,
+    typer.Option(
+        "--wait/--no-wait",
+        help="Wait for the operation to end, or return at once with its id "
+        "(follow it with `pgfleet ops watch ID`).",
+    ),
+]
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False)
+    raise typer.Exit(code)
+
+
+def load_settings() -> Settings:
+    try:
+        return get_settings()
+    except Exception as e:  # pydantic ValidationError: show it plainly
+        fail(f"invalid settings: {e}")
+
+
+# ---- files in the data directory -------------------------------------------
+
+
+def api_file(s: Settings) -> Path:
+    return s.home_abs / "api.json"
+
+
+def token_file(s: Settings) -> Path:
+    return s.home_abs / "admin-token"
+
+
+def pid_file(s: Settings) -> Path:
+    return s.home_abs / "api.pid"
+
+
+# ---- the REST client -------------------------------------------------------
+
+
+class Client:
+    def __init__(self, url: str | None, token: str | None) -> None:
+        s = load_settings()
+        if url is None:
+            f = api_file(s)
+            url = (
+                json.loads(f.read_text())["url"]
+                if f.exists()
+                else f"http://{s.api_host}:{s.api_port}"
+            )
+        if token is None and token_file(s).exists():
+            token = token_file(s).read_text().strip()
+        if not token:
+            fail(
+                "no API token: pass --token, set PGFLEET_TOKEN, or run `pgfleet up` "
+                "to create the admin token"
+            )
+        self.url = url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {token}"}
+
+    def call(self, method: str, path: str, **kw: Any) -> Any:
+        try:
+            with httpx.Client(base_url=self.url, timeout=60, headers=self.headers) as http:
+                r = http.request(method, path, **kw)
+        except httpx.TransportError:
+            fail(f"cannot reach the pgfleet API at {self.url}; is it running (`pgfleet up`)?")
+        if r.status_code >= 400:
+            try:
+                msg = r.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                msg = r.text[:500]
+            fail(f"{msg} (HTTP {r.status_code})")
+        return r.json() if r.content else None
+
+
+def add_row(table: Table, *cells: object) -> None:
+    """Add a row whose cells are shown as plain text, never as Rich markup."""
+    table.add_row(*[c if isinstance(c, Text) else Text(str(c)) for c in cells])
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def human_bytes(n: int | None) -> str:
+    if not n:
+        return "-"
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}"
+        size /= 1024
+    return f"{size:.0f} PB"
+
+
+def print_audit(data: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        return print_json(data)
+    t = Table(title="Audit log")
+    for col in ("at", "actor", "action", "project", "operation", "details"):
+        t.add_column(col)
+    for e in data["entries"]:
+        add_row(
+            t,
+            e["at"][:19],
+            e["actor"],
+            e["action"],
+            e["project_id"] or "-",
+            e["operation_id"] or "-",
+            json.dumps(e["details"], ensure_ascii=False),
+        )
+    out.print(t)

@@ -1,0 +1,379 @@
+"""Managing the embedded fleet and the API process directly: up, down,
+status, serve, worker.
+
+The API (FastAPI, uvicorn) and the operations worker (procrastinate, the
+domains) are imported inside `serve` and `worker` only: every other command
+of the CLI is a small REST client and should start in a fraction of that
+time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import httpx
+import psycopg
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from pgfleet.auth import ensure_admin_token
+from pgfleet.cli.common import (
+    add_row,
+    api_file,
+    app,
+    err,
+    fail,
+    human_bytes,
+    load_settings,
+    out,
+    pid_file,
+    token_file,
+)
+from pgfleet.config import Settings
+from pgfleet.crypto import write_private
+from pgfleet.errors import PgfleetError
+from pgfleet.fleet.embedded import ADMIN_USER, EmbeddedFleet
+from pgfleet.fleet.health import check_server
+from pgfleet.fleet.registry import ServerRecord
+from pgfleet.operations.store import deadline_summary
+from pgfleet.platform.core import Platform, platform_conninfo, warn_weak_tls
+from pgfleet.platform.metrics import MULTIPROC_ENV
+from pgfleet.tenants import store as tenant_store
+
+# ---- fleet management ------------------------------------------------------
+
+
+@app.command()
+def up(
+    detach: Annotated[
+        bool,
+        typer.Option(
+            "--detach/--foreground",
+            help="Run the API in the background (stop it with "
+            "`pgfleet down`) or in this terminal (Ctrl-C stops it).",
+        ),
+    ] = False,
+) -> None:
+    """Start the embedded fleet (platform + one server per active region),
+    migrate the platform DB and serve the API and console."""
+    s = load_settings()
+    for warning in warn_weak_tls(s):
+        err.print(Text.assemble(("warning:", "bold yellow"), " ", warning), highlight=False)
+    try:
+        if s.embedded:
+            with out.status("starting the embedded PostgreSQL servers..."):
+                fleet = EmbeddedFleet(s)
+                servers = fleet.up()
+            for srv in servers:
+                where = srv.region or "platform DB"
+                out.print(f"  [green]up[/] {srv.name:<18} {where:<16} 127.0.0.1:{srv.port}")
+            out.print(
+                f"  TLS: servers verified with sslmode=verify-full against {fleet.ca.cert_path}",
+                soft_wrap=True,
+                highlight=False,
+            )
+        with out.status("migrating the platform DB..."), Platform(s) as platform:
+            platform.migrate()
+            platform.sync_servers()
+            with platform.db.connection() as conn:
+                tenant_store.follow_servers(conn)
+            tf = token_file(s)
+            existing = tf.read_text().strip() if tf.exists() else None
+            new_token = ensure_admin_token(platform, existing)
+            if new_token:
+                write_private(tf, new_token + "\n")
+    except PgfleetError as e:
+        fail(e.message)
+    url = f"http://{s.api_host}:{s.api_port}"
+    write_private(api_file(s), json.dumps({"url": url}) + "\n")
+    token = token_file(s).read_text().strip()
+    if detach:
+        _start_detached(s, url)
+    out.print(f"\npgfleet API: [bold]{url}[/]   (OpenAPI: {url}/docs)", soft_wrap=True)
+    out.print(f"web console: [bold]{url}/[/]   (sign in with the admin token)", soft_wrap=True)
+    out.print(f"admin token: [bold]{token}[/]  (also in {token_file(s)})", soft_wrap=True)
+    if not detach:
+        out.print("Ctrl-C stops the API; `pgfleet down` stops the servers too.\n")
+        _serve(s)
+
+
+def _process_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, from /proc), or
+    None if there is no such live process. A zombie (killed, not yet reaped)
+    counts as gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):  # zombie or dead
+        return None
+    return fields[19]  # starttime, field 22 of stat(5)
+
+
+def _write_pid_file(s: Settings, pid: int) -> None:
+    """The API's pid and its start time: a pid alone may be reused by
+    another process after the API died."""
+    f = pid_file(s)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    write_private(f, json.dumps({"pid": pid, "started": _process_start(pid)}) + "\n")
+
+
+def _api_pid(s: Settings) -> int | None:
+    """The pid of the running API started from this data directory, or None."""
+    f = pid_file(s)
+    if not f.exists():
+        return None
+    try:
+        raw = json.loads(f.read_text())
+        pid, started = int(raw["pid"]), raw.get("started")
+    except (ValueError, KeyError, TypeError):
+        f.unlink(missing_ok=True)
+        return None
+    alive = _process_start(pid)
+    if Path("/proc/self/stat").exists():
+        ok = alive is not None and (started is None or alive == started)
+    else:  # no /proc: the best a signal 0 can tell
+        try:
+            os.kill(pid, 0)
+            ok = True
+        except (ProcessLookupError, PermissionError):
+            ok = False
+    if not ok:
+        f.unlink(missing_ok=True)
+        return None
+    return pid
+
+
+def _start_detached(s: Settings, url: str) -> None:
+    if _api_pid(s) is not None:
+        out.print("  API already running")
+        return
+    log = (s.home_abs / "api.log").open("ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pgfleet.cli", "serve"],
+        stdout=log,
+        stderr=log,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        env=os.environ.copy(),
+    )
+    _write_pid_file(s, proc.pid)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            fail(f"the API exited at start; see {s.home_abs / 'api.log'}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code < 500:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    fail(f"the API did not answer within 30 s; see {s.home_abs / 'api.log'}")
+
+
+def _serve(s: Settings) -> None:
+    """Serve the API in this process (and its uvicorn workers). The pid file
+    lets `pgfleet down` stop it from another terminal."""
+    running = _api_pid(s)
+    if running is not None and running != os.getpid():
+        fail(
+            f"an API from {s.home_abs} is already running (pid {running}); `pgfleet down` stops it"
+        )
+    _write_pid_file(s, os.getpid())
+    try:
+        _run_uvicorn(s)
+    finally:
+        if _api_pid(s) == os.getpid():
+            pid_file(s).unlink(missing_ok=True)
+
+
+# SIGTERM or Ctrl-C: requests still open after this many seconds are dropped,
+# so the API stops within a few seconds whatever the platform DB is doing.
+GRACEFUL_SHUTDOWN_S = 3
+
+
+def _run_uvicorn(s: Settings) -> None:
+    import uvicorn
+
+    warn_weak_tls(s)
+    from pgfleet.api.app import create_app
+
+    if s.api_workers > 1:
+        # Each worker process builds its own app (and Platform) from settings;
+        # their metrics meet in one directory, emptied at each start.
+        metrics_dir = s.home_abs / "metrics"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True)
+        os.environ[MULTIPROC_ENV] = str(metrics_dir)
+        uvicorn.run(
+            "pgfleet.api.app:create_app",
+            factory=True,
+            host=s.api_host,
+            port=s.api_port,
+            workers=s.api_workers,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        )
+        return
+    uvicorn.run(
+        create_app(settings=s),
+        host=s.api_host,
+        port=s.api_port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )
+
+
+@app.command()
+def serve() -> None:
+    """Serve the API and console on PGFLEET_API_HOST:PGFLEET_API_PORT (no fleet
+    management; `up` does both)."""
+    _serve(load_settings())
+
+
+@app.command()
+def down() -> None:
+    """Stop the API (whether `up --detach` or `up` in another terminal runs
+    it) and every embedded server. Data stays in the data directory."""
+    s = load_settings()
+    pid = _api_pid(s)
+    if pid is not None:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + GRACEFUL_SHUTDOWN_S + 12
+        while _api_pid(s) is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _api_pid(s) is not None:
+            os.kill(pid, signal.SIGKILL)
+            out.print(f"  [red]killed[/] API (pid {pid}): it did not stop on SIGTERM")
+        else:
+            out.print(f"  [yellow]stopped[/] API (pid {pid})")
+        pid_file(s).unlink(missing_ok=True)
+    if s.embedded:
+        fleet = EmbeddedFleet(s)
+        try:
+            for st in fleet.states():
+                if st.running:
+                    fleet.stop(st.server)
+                    out.print(f"  [yellow]stopped[/] {st.server.name}")
+        except PgfleetError as e:
+            fail(e.message)
+    out.print("pgfleet is down; data is kept in " + str(s.home_abs))
+
+
+@app.command()
+def status() -> None:
+    """Each embedded server (region, port, up/down, round trip, connections
+    used/max, tenant databases, disk used) and the API."""
+    s = load_settings()
+    if not s.embedded:
+        out.print("external servers are configured; see `GET /health` for their state")
+        return
+    states = EmbeddedFleet(s).states()
+    if not states:
+        fail(f"no embedded fleet in {s.home_abs}; run `pgfleet up`")
+    fleet = EmbeddedFleet(s)
+    t = Table(title=f"pgfleet servers ({s.home_abs})")
+    for col in ("server", "region", "port", "state"):
+        t.add_column(col, no_wrap=True)
+    for col in ("latency", "connections", "dbs", "size"):
+        t.add_column(col)
+    for st in states:
+        state = Text("up", "green") if st.running else Text("down", "red")
+        cells: list[object] = ["-", "-", "-", "-"]
+        if st.running:
+            h = check_server(
+                ServerRecord(
+                    id=0,
+                    name=st.server.name,
+                    region=st.server.region or "platform",
+                    host="127.0.0.1",
+                    port=st.server.port,
+                    admin_user=ADMIN_USER,
+                    admin_database="pgfleet" if st.server.kind == "platform" else "postgres",
+                    sslmode="verify-full",
+                    sslrootcert=str(fleet.ca.cert_path),
+                    capacity=0,
+                    is_primary=True,
+                    enabled=True,
+                    embedded=True,
+                    admin_password=fleet.admin_password(st.server.name),
+                )
+            )
+            if h.ok:
+                cells = [
+                    f"{h.latency_ms} ms",
+                    f"{h.connections_used}/{h.connections_max}",
+                    h.tenant_databases,
+                    human_bytes(h.bytes_used),
+                ]
+            else:
+                state = Text("not answering", "red")
+        add_row(
+            t,
+            st.server.name,
+            st.server.region or "(platform DB)",
+            str(st.server.port),
+            state,
+            *cells,
+        )
+    out.print(t)
+    _print_operations_summary(s)
+    pid = _api_pid(s)
+    url = json.loads(api_file(s).read_text())["url"] if api_file(s).exists() else "-"
+    out.print(f"API: {url} " + (f"(pid {pid})" if pid else "(not started by `up --detach`)"))
+
+
+def _print_operations_summary(s: Settings) -> None:
+    """Operations waiting, running, and past their deadline, from the platform DB."""
+    try:
+        conninfo = platform_conninfo(s)
+        with psycopg.connect(**{**conninfo, "connect_timeout": 3}, autocommit=True) as conn:
+            ops = deadline_summary(conn, alive_within_s=s.worker_stalled_s)
+    except (psycopg.Error, PgfleetError):
+        out.print("operations: platform DB not reachable")
+        return
+    line = (
+        f"operations: {ops['scheduled']} scheduled, {ops['running']} running, "
+        f"{ops['workers']} live worker(s)"
+    )
+    if ops["past_deadline"]:
+        out.print(Text(f"{line}, {ops['past_deadline']} PAST THEIR DEADLINE:", "red"))
+        for m in ops["missed"]:
+            out.print(
+                f"  {m['id']} {m['type']} ({m['status']}, step {m['current_step'] or '-'}) "
+                f"deadline {m['deadline']:%Y-%m-%d %H:%M:%S}"
+            )
+    else:
+        out.print(line)
+
+
+@app.command("worker")
+def worker_cmd(
+    concurrency: Annotated[
+        int | None, typer.Option(help="Operations run at once (default PGFLEET_WORKER_CONCURRENCY)")
+    ] = None,
+) -> None:
+    """Run an operations worker in the foreground (any number can run beside
+    the API's embedded ones; Ctrl-C stops it after its running steps)."""
+    from pgfleet import domains  # the domains' kinds and jobs (see the module's docstring)
+    from pgfleet.operations.worker import Worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    warn_weak_tls(load_settings())
+    with domains.attach(Platform(load_settings())) as platform:
+        w = Worker(platform, concurrency=concurrency)
+        out.print(f"worker {w.name} running (concurrency {w.concurrency})")
+        w.run()

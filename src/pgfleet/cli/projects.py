@@ -1,0 +1,276 @@
+"""Projects: create, list, show, delete, the lifecycle, connection strings."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from pgfleet.cli.common import (
+    Client,
+    JsonOpt,
+    TokenOpt,
+    UrlOpt,
+    WaitOpt,
+    add_row,
+    fail,
+    out,
+    print_audit,
+    print_json,
+    projects_app,
+)
+
+# ---- projects --------------------------------------------------------------
+
+
+def _project_table(p: dict[str, Any]) -> Table:
+    t = Table(show_header=False, box=None)
+    t.add_column(style="bold")
+    t.add_column()
+    region = f"{p['region_flag'] or ''} {p['region']}".strip()
+    hosted = f"{p['hosted_region_flag'] or ''} {p['hosted_region'] or '-'}".strip()
+    rows = [
+        ("id", p["id"]),
+        ("name", p["name"]),
+        ("subdomain", p["subdomain"] or "-"),
+        ("region", region),
+        ("hosted in", hosted),
+        ("server", p["server"] or "-"),
+        ("placement", p["placement_reason"] or "-"),
+        ("plan", p["plan_type"] or "-"),
+        ("status", p["status"]),
+        ("created", p["created_at"] or "-"),
+    ]
+    if p.get("error"):
+        rows.append(("error", p["error"]))
+    if p.get("deleted_at"):
+        rows.append(("deleted", p["deleted_at"]))
+    for k, v in rows:
+        add_row(t, k, str(v))
+    return t
+
+
+@projects_app.command("create")
+def projects_create(
+    name: Annotated[str, typer.Option(help="Project name")],
+    region: Annotated[str, typer.Option(help="Requested region id")] = "us-east-1",
+    plan: Annotated[str, typer.Option(help="Plan: free, pro, enterprise")] = "free",
+    subdomain: Annotated[str | None, typer.Option(help="DNS label; derived if omitted")] = None,
+    wait: WaitOpt = True,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a project and its database; prints the connection string."""
+    body = {"name": name, "region": region, "plan_type": plan, "subdomain": subdomain}
+    data = Client(url, token).call(
+        "POST", "/v1/projects", json=body, params={"wait": str(wait).lower()}
+    )
+    if as_json:
+        return print_json(data)
+    if "project" in data:  # 202: still provisioning
+        out.print(_project_table(data["project"]))
+        _print_started(data["operation"])
+        return
+    out.print(_project_table(data))
+    out.print()
+    out.print(
+        Text.assemble(("connection: ", "bold"), data["connection"]["uri"]),
+        soft_wrap=True,
+        highlight=False,
+    )
+
+
+@projects_app.command("list")
+def projects_list(
+    region: Annotated[str | None, typer.Option(help="Only this requested region")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Include deleted projects")] = False,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Your projects (an admin token sees all)."""
+    params: dict[str, Any] = {"include_deleted": all_}
+    if region:
+        params["region"] = region
+    data = Client(url, token).call("GET", "/v1/projects", params=params)
+    if as_json:
+        return print_json(data)
+    t = Table(title="Projects")
+    for col in ("id", "name", "region", "hosted in", "plan", "status", "created"):
+        t.add_column(col)
+    for p in data["projects"]:
+        hosted = p["hosted_region"] or "-"
+        add_row(
+            t,
+            p["id"],
+            p["name"],
+            f"{p['region_flag'] or ''} {p['region']}",
+            hosted,
+            p["plan_type"] or "-",
+            p["status"],
+            (p["created_at"] or "")[:19],
+        )
+    out.print(t)
+
+
+@projects_app.command("show")
+def projects_show(
+    project_id: str, url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
+) -> None:
+    """One project: requested and hosting region, server, plan, status."""
+    data = Client(url, token).call("GET", f"/v1/projects/{project_id}")
+    if as_json:
+        return print_json(data)
+    out.print(_project_table(data))
+
+
+@projects_app.command("delete")
+def projects_delete(
+    project_id: str,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation")] = False,
+    wait: WaitOpt = True,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Delete a project: drops its database and role."""
+    if not yes and sys.stdin.isatty():
+        typer.confirm(
+            f"Drop the database of project {project_id}? This cannot be undone", abort=True
+        )
+    data = Client(url, token).call(
+        "DELETE", f"/v1/projects/{project_id}", params={"wait": str(wait).lower()}
+    )
+    _print_started(data["operation"], data["project"])
+
+
+def _print_started(op: dict[str, Any], project: dict[str, Any] | None = None) -> None:
+    if project is not None:
+        out.print(f"project {project['id']} is {project['status']}")
+    out.print(f"operation {op['id']} ({op['type']}) is {op['status']}")
+    if op["status"] in ("scheduled", "running"):
+        out.print(f"follow it with: pgfleet ops watch {op['id']}")
+    elif op["status"] == "failed":
+        fail(f"operation {op['id']} failed: {op['error']}")
+
+
+def _lifecycle(
+    path: str, url: str | None, token: str | None, wait: bool, as_json: bool, body: Any = None
+) -> dict[str, Any]:
+    data: dict[str, Any] = Client(url, token).call(
+        "POST", path, json=body, params={"wait": str(wait).lower()}
+    )
+    if as_json:
+        print_json(data)
+    else:
+        _print_started(data["operation"], data["project"])
+    return data
+
+
+@projects_app.command("rotate-password")
+def projects_rotate(
+    project_id: str,
+    role: Annotated[str, typer.Option(help="all, rw or ro")] = "all",
+    overlap: Annotated[
+        int,
+        typer.Option(
+            help="Seconds the old credentials keep working (the new ones then use the "
+            "project's other login role)"
+        ),
+    ] = 0,
+    wait: WaitOpt = True,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """New passwords for the project's login roles; the old ones stop working
+    at once, or after --overlap seconds."""
+    data = _lifecycle(
+        f"/v1/projects/{project_id}/rotate-password",
+        url,
+        token,
+        wait,
+        as_json,
+        {"role": role, "overlap_s": overlap},
+    )
+    if not as_json and data.get("connection"):
+        out.print(
+            Text.assemble(("connection: ", "bold"), data["connection"]["uri"]),
+            soft_wrap=True,
+            highlight=False,
+        )
+
+
+@projects_app.command("pause")
+def projects_pause(
+    project_id: str,
+    wait: WaitOpt = True,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Refuse new connections and end open ones; data is kept."""
+    _lifecycle(f"/v1/projects/{project_id}/pause", url, token, wait, as_json)
+
+
+@projects_app.command("resume")
+def projects_resume(
+    project_id: str,
+    wait: WaitOpt = True,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Accept connections again."""
+    _lifecycle(f"/v1/projects/{project_id}/resume", url, token, wait, as_json)
+
+
+@projects_app.command("plan")
+def projects_plan(
+    project_id: str,
+    plan: Annotated[str, typer.Argument(help="free, pro or enterprise")],
+    wait: WaitOpt = True,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Change the project's plan (limits applied at once; says if it would move)."""
+    data = _lifecycle(f"/v1/projects/{project_id}/plan", url, token, wait, as_json, {"plan": plan})
+    placement = ((data["operation"].get("result") or {}).get("placement")) or {}
+    if not as_json and placement:
+        out.print(f"placement: {placement['note']}")
+
+
+@projects_app.command("audit")
+def projects_audit(
+    project_id: str,
+    limit: Annotated[int, typer.Option(help="How many entries")] = 50,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Who did what to the project, newest first."""
+    data = Client(url, token).call(
+        "GET", f"/v1/projects/{project_id}/audit", params={"limit": limit}
+    )
+    print_audit(data, as_json)
+
+
+@projects_app.command("connection")
+def projects_connection(
+    project_id: str,
+    mode: Annotated[str, typer.Option(help="rw or ro")] = "rw",
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print the project's connection string (rw or ro)."""
+    data = Client(url, token).call(
+        "GET", f"/v1/projects/{project_id}/connection", params={"mode": mode}
+    )
+    if as_json:
+        return print_json(data)
+    sys.stdout.write(data["uri"] + "\n")

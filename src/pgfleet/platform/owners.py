@@ -1,0 +1,18 @@
+"""Who is asking: an owner (a person or a team) holding an API token."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Owner:
+    id: uuid.UUID
+    name: str
+    is_admin: bool
+
+    @property
+    def actor(self) -> str:
+        """How the owner is named in operations and the audit log."""
+        return f"{'admin ' if self.is_admin else ''}{self.name}"

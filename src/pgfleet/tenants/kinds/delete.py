@@ -1,0 +1,86 @@
+"""`delete`: block, drop_database (point of no return), drop_roles, finish.
+The row stays, `deleted`, for the record."""
+
+from __future__ import annotations
+
+from typing import cast
+
+from psycopg import sql
+
+from pgfleet.operations.failpoints import failpoint
+from pgfleet.operations.registry import OpContext, OperationKind, Step, register
+from pgfleet.tenants import store
+from pgfleet.tenants.kinds.common import reached, server_of, set_status, tenant
+from pgfleet.tenants.naming import login_role_names, tenant_db_name
+from pgfleet.tenants.server import role_exists
+
+
+def _block(ctx: OpContext) -> None:
+    set_status(ctx.platform, ctx.tenant_id, "deleting")
+
+
+def _drop_database(ctx: OpContext) -> None:
+    p = ctx.platform
+    server = server_of(p, tenant(p, ctx.tenant_id))
+    if server is None:
+        return
+    name = tenant_db_name(ctx.tenant_id)
+    with p.servers.admin_connection(server) as conn:
+        if conn.execute(
+            "SELECT 1 FROM pg_catalog.pg_database WHERE datname = %s", (name,)
+        ).fetchone():
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+            ctx.state.setdefault("actions", []).append("drop database")
+
+
+def _drop_roles(ctx: OpContext) -> None:
+    p = ctx.platform
+    server = server_of(p, tenant(p, ctx.tenant_id))
+    if server is None:
+        return
+    name = tenant_db_name(ctx.tenant_id)
+    with p.servers.admin_connection(server) as conn:
+        for i, role in enumerate((*login_role_names(name), name)):
+            if role_exists(conn, role):
+                conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+                ctx.state.setdefault("actions", []).append(f"drop role {role}")
+            if i == 0:
+                failpoint("delete.drop_roles.mid")
+
+
+def _finish(ctx: OpContext) -> None:
+    set_status(ctx.platform, ctx.tenant_id, "deleted", paused=False, deleted=True)
+
+
+def _restore(ctx: OpContext, reason: str | None = None) -> None:
+    # Recorded with the operation when it was asked for: durable from the start.
+    previous = ctx.params.get("previous_status")
+    if previous in store.STATUSES:
+        set_status(ctx.platform, ctx.tenant_id, cast(store.Status, previous))
+
+
+def _failed(ctx: OpContext, reason: str) -> None:
+    # Once the drop has started (now or before a crash) the database may be
+    # gone: the project cannot go back to what it was.
+    if reached(ctx, 1):
+        set_status(ctx.platform, ctx.tenant_id, "failed", error=f"delete failed: {reason}"[:500])
+    else:
+        _restore(ctx)
+
+
+DELETE = register(
+    OperationKind(
+        name="delete",
+        description="drop the project's database and roles; the row stays for the audit",
+        steps=(
+            Step("block", _block),
+            Step("drop_database", _drop_database, final=True),
+            Step("drop_roles", _drop_roles),
+            Step("finish", _finish),
+        ),
+        on_failure=_failed,
+        on_cancel=_restore,
+    )
+)

@@ -1,0 +1,90 @@
+"""`provision`: place, roles, database, privileges, activate."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+
+from pgfleet.operations.registry import OpContext, OperationKind, Step, register
+from pgfleet.tenants import store
+from pgfleet.tenants.kinds.common import server_of, set_status, tenant
+from pgfleet.tenants.naming import tenant_db_name
+from pgfleet.tenants.provisioning import activate, converge_target_on_server, prepare_provision
+from pgfleet.tenants.server import drop_on_server
+
+
+def _place(ctx: OpContext) -> None:
+    t = prepare_provision(ctx.platform, ctx.tenant_id)
+    ctx.state.update(server=t.server.name, hosted_region=t.server.region, actions=[])
+
+
+def _part(part: str) -> Callable[[OpContext], None]:
+    def run(ctx: OpContext) -> None:
+        t = prepare_provision(ctx.platform, ctx.tenant_id)
+        ctx.state.setdefault("actions", []).extend(converge_target_on_server(ctx.platform, t, part))
+
+    return run
+
+
+def _activate(ctx: OpContext) -> None:
+    p = ctx.platform
+    t = prepare_provision(p, ctx.tenant_id)
+    activate(p, t, tuple(ctx.state.get("actions", ())))
+    p.metrics.provisions.labels(t.server.region, "ok").inc()
+    # From the request (the operation's creation) to credentials that work.
+    took = datetime.now(UTC) - ctx.op["created_at"]
+    p.metrics.provision_duration.labels(t.server.region).observe(took.total_seconds())
+
+
+def _undo(ctx: OpContext, reason: str = "cancelled") -> None:
+    """Drop whatever the steps made; the tenant row keeps the story. If the
+    server cannot be reached to clean up, the project stays `failed` for the
+    reconciler."""
+    p = ctx.platform
+    row = tenant(p, ctx.tenant_id)
+    server = server_of(p, row)
+    try:
+        if server is not None:
+            with p.servers.admin_connection(server) as conn:
+                drop_on_server(conn, name=tenant_db_name(ctx.tenant_id))
+    except Exception:
+        set_status(p, ctx.tenant_id, "failed", error=reason[:500])
+        raise
+    set_status(p, ctx.tenant_id, "deleted", error=reason[:500], deleted=True)
+    hosted = server.region if server is not None else row.hosted_region or ""
+    p.metrics.provisions.labels(hosted, "failed").inc()
+
+
+def _cancelled_unstarted(conn: psycopg.Connection[Any], tenant_id: uuid.UUID) -> None:
+    """A provision cancelled before it started: nothing exists on a server,
+    the project is deleted at once."""
+    store.transition(
+        conn,
+        tenant_id,
+        "deleted",
+        error="provisioning was cancelled before it started",
+        deleted=True,
+    )
+
+
+PROVISION = register(
+    OperationKind(
+        name="provision",
+        description="create the project's roles and database on its regional server",
+        steps=(
+            Step("place", _place),
+            Step("roles", _part("roles")),
+            Step("database", _part("database")),
+            Step("privileges", _part("privileges")),
+            # Once credentials are handed out the database is never undone.
+            Step("activate", _activate, final=True),
+        ),
+        on_failure=lambda ctx, reason: _undo(ctx, f"provisioning failed: {reason}"),
+        on_cancel=lambda ctx: _undo(ctx, "provisioning was cancelled"),
+        on_cancel_unstarted=_cancelled_unstarted,
+    )
+)

@@ -1,0 +1,349 @@
+"""What pgfleet does on a project's regional server: its roles, its
+database and the privileges inside it, converged from any state (every
+function looks before it acts), and dropped.
+
+Sessions: the admin in the server's admin database for roles and the
+database; the project's own rw role inside its database for privileges
+(see fleet/registry.py for why never the admin there).
+
+Three roles per project:
+- `tenant_<u>`: NOLOGIN, owns and is granted nothing; it only names the
+  database, so the pg_hba rule `samerole` admits its members to the
+  database `tenant_<u>` and to no other;
+- `tenant_<u>_rw`: the login role that owns the database;
+- `tenant_<u>_ro`: a login role that reads what `_rw` owns, now and later,
+  and can change nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from pgfleet.operations.failpoints import failpoint
+from pgfleet.tenants.naming import (
+    alt_role_name,
+    login_role_names,
+    main_role_name,
+    project_roles,
+    ro_role_name,
+    rw_role_name,
+)
+from pgfleet.tenants.roles import (
+    WantedRole,
+    existing_alternates,
+    read_role_states,
+    role_settings,
+    wanted_roles,
+)
+from pgfleet.tenants.spares import INVALID_DB_CONNLIMIT, claim_spare
+
+
+def scram_verifier(conn: psycopg.Connection[Any], role: str, password: str) -> str:
+    """What the server stores: a SCRAM verifier, never the cleartext."""
+    return conn.pgconn.encrypt_password(password.encode(), role.encode(), b"scram-sha-256").decode()
+
+
+def role_exists(conn: psycopg.Connection[Any], role: str) -> bool:
+    return conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() is not None
+
+
+def _create_or_alter_role(
+    conn: psycopg.Connection[Any], name: str, attrs: sql.Composable, actions: list[str]
+) -> None:
+    role = sql.Identifier(name)
+    if not role_exists(conn, name):
+        try:
+            with conn.transaction():  # a savepoint inside the caller's transaction
+                conn.execute(sql.SQL("CREATE ROLE {} {}").format(role, attrs))
+            actions.append(f"create role {name}")
+            return
+        except psycopg.errors.DuplicateObject:
+            pass  # created concurrently; converge below
+    conn.execute(sql.SQL("ALTER ROLE {} {}").format(role, attrs))
+
+
+def _ensure_login_role(
+    conn: psycopg.Connection[Any],
+    name: str,
+    password: str | None,
+    *,
+    connection_limit: int,
+    login: bool | None = True,
+    actions: list[str],
+) -> None:
+    """`password=None` leaves the role's password as it is (a main role whose
+    project now logs in through its alternate); `login=None` leaves LOGIN as
+    it is (an alternate whose overlap window has not ended)."""
+    secret = (
+        sql.SQL("PASSWORD {}").format(sql.Literal(scram_verifier(conn, name, password)))
+        if password is not None
+        else sql.SQL("")
+    )
+    attrs = sql.SQL(
+        "{} NOSUPERUSER INHERIT NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS {} "
+        "CONNECTION LIMIT {}"
+    ).format(
+        sql.SQL("" if login is None else "LOGIN" if login else "NOLOGIN"),
+        secret,
+        sql.Literal(connection_limit),
+    )
+    _create_or_alter_role(conn, name, attrs, actions)
+
+
+def converge_roles(
+    conn: psycopg.Connection[Any],
+    name: str,
+    *,
+    password: str,
+    ro_password: str,
+    connection_limit: int,
+    statement_timeout_ms: int,
+    login: bool = True,
+    rw_user: str | None = None,
+    ro_user: str | None = None,
+    actions: list[str],
+) -> None:
+    """The roles, in one transaction (each DDL commit waits for a WAL flush).
+
+    `rw_user`/`ro_user` are the login roles the project's credentials use
+    now (the main ones unless a rotation moved them to the alternates); the
+    passwords go to those."""
+    with conn.transaction():
+        _converge_roles(
+            conn,
+            name,
+            password=password,
+            ro_password=ro_password,
+            connection_limit=connection_limit,
+            statement_timeout_ms=statement_timeout_ms,
+            login=login,
+            rw_user=rw_user or rw_role_name(name),
+            ro_user=ro_user or ro_role_name(name),
+            actions=actions,
+        )
+
+
+def _converge_roles(
+    conn: psycopg.Connection[Any],
+    name: str,
+    *,
+    password: str,
+    ro_password: str,
+    connection_limit: int,
+    statement_timeout_ms: int,
+    login: bool = True,
+    rw_user: str,
+    ro_user: str,
+    actions: list[str],
+) -> None:
+    states = read_role_states(conn, project_roles(name))
+    _create_or_alter_role(
+        conn,
+        name,
+        sql.SQL(
+            "NOLOGIN NOSUPERUSER INHERIT NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS "
+            "PASSWORD NULL"
+        ),
+        actions,
+    )
+    for main, user, secret in (
+        (rw_role_name(name), rw_user, password),
+        (ro_role_name(name), ro_user, ro_password),
+    ):
+        _ensure_login_role(
+            conn,
+            main,
+            secret if user == main else None,
+            connection_limit=connection_limit,
+            login=login,
+            actions=actions,
+        )
+        alt = alt_role_name(main)
+        if user != main:
+            ensure_alternate(
+                conn,
+                main,
+                secret,
+                connection_limit=connection_limit,
+                statement_timeout_ms=statement_timeout_ms,
+                login=login,
+                actions=actions,
+            )
+        elif alt in states:  # not in use: its attributes and limit, its login as it is
+            _ensure_login_role(
+                conn, alt, None, connection_limit=connection_limit, login=None, actions=actions
+            )
+    alternates = existing_alternates(name, states) | {
+        u for u in (rw_user, ro_user) if u.endswith("_alt")
+    }
+    wanted = wanted_roles(
+        name,
+        login=login,
+        connection_limit=connection_limit,
+        statement_timeout_ms=statement_timeout_ms,
+        alternates=alternates,
+    )
+    _converge_settings_and_members(conn, name, wanted, actions)
+
+
+def _converge_settings_and_members(
+    conn: psycopg.Connection[Any], name: str, wanted: dict[str, WantedRole], actions: list[str]
+) -> None:
+    """Per-role settings exactly pgfleet's, memberships exactly the project's
+    own (the server's admin aside). Looks before it acts: an ALTER only for
+    what differs."""
+    states = read_role_states(conn, list(wanted))
+    admin = conn.info.user
+    for role, want in wanted.items():
+        have = states.get(role)
+        if have is None:
+            continue
+        ident = sql.Identifier(role)
+        for db in have.database_settings:
+            conn.execute(
+                sql.SQL("ALTER ROLE {} IN DATABASE {} RESET ALL").format(ident, sql.Identifier(db))
+            )
+            actions.append(f"reset settings of {role} in database {db}")
+        if have.settings != want.settings:
+            if have.settings:
+                conn.execute(sql.SQL("ALTER ROLE {} RESET ALL").format(ident))
+                if set(have.settings) - set(want.settings):
+                    actions.append(f"reset settings of {role}")
+            for pair in want.settings:
+                key, _, value = pair.partition("=")
+                conn.execute(
+                    sql.SQL("ALTER ROLE {} SET {} = {}").format(
+                        ident, sql.Identifier(key), sql.Literal(value)
+                    )
+                )
+        for group in sorted(want.member_of - have.member_of):
+            conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(group), ident))
+        for group in sorted(have.member_of - want.member_of):
+            conn.execute(sql.SQL("REVOKE {} FROM {}").format(sql.Identifier(group), ident))
+            actions.append(f"remove {role} from {group}")
+        for member in sorted(have.members - want.members - {admin}):
+            conn.execute(sql.SQL("REVOKE {} FROM {}").format(ident, sql.Identifier(member)))
+            actions.append(f"remove {member} from {role}")
+
+
+def ensure_alternate(
+    conn: psycopg.Connection[Any],
+    main: str,
+    password: str,
+    *,
+    connection_limit: int,
+    statement_timeout_ms: int,
+    login: bool,
+    actions: list[str],
+) -> str:
+    """The alternate login role of `main`, with `password`: a member of
+    `main` and of the gate, acting as `main` from login on."""
+    alt = alt_role_name(main)
+    _ensure_login_role(
+        conn, alt, password, connection_limit=connection_limit, login=login, actions=actions
+    )
+    name = main_role_name(main).removesuffix("_rw").removesuffix("_ro")
+    gate = sql.Identifier(name)
+    for group in (sql.Identifier(main), gate):
+        conn.execute(sql.SQL("GRANT {} TO {}").format(group, sql.Identifier(alt)))
+    ident = sql.Identifier(alt)
+    for key, value in role_settings(alt, statement_timeout_ms, name=name).items():
+        conn.execute(
+            sql.SQL("ALTER ROLE {} SET {} = {}").format(
+                ident, sql.Identifier(key), sql.Literal(value)
+            )
+        )
+    return alt
+
+
+def converge_database(conn: psycopg.Connection[Any], name: str, actions: list[str]) -> None:
+    """The database, owned by `_rw`, reachable only by the project's login roles."""
+    gate, rw, ro = (sql.Identifier(n) for n in (name, rw_role_name(name), ro_role_name(name)))
+    db = conn.execute(
+        "SELECT pg_get_userbyid(datdba), datconnlimit FROM pg_database WHERE datname = %s",
+        (name,),
+    ).fetchone()
+    if db is not None and db[1] == INVALID_DB_CONNLIMIT:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(gate))
+        actions.append("drop invalid database")
+        db = None
+    if db is None and claim_spare(conn, name):
+        actions.append("claim spare database")
+        failpoint("provision.database.created")
+        db = (None, None)  # owned by the admin: the owner is set below
+    if db is None:
+        try:
+            conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(gate, rw))
+            actions.append("create database")
+            failpoint("provision.database.created")
+        except psycopg.errors.DuplicateDatabase:
+            db = (None, None)
+    with conn.transaction():
+        if db is not None and db[0] != rw_role_name(name):
+            conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(gate, rw))
+            actions.append("set database owner")
+        # Only the project's login roles may connect.
+        conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC, {}").format(gate, gate))
+        conn.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(gate, rw))
+        conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(gate, ro))
+
+
+def converge_privileges(tconn: psycopg.Connection[Any], name: str) -> None:
+    """Inside the project's database, in a session logged in as the project's
+    own `_rw` role (never as an admin: what the tenant planted there runs
+    with the tenant's privileges only): the gate owns nothing, and `_ro`
+    reads what `_rw` owns, now and later. The session resolves names in
+    pg_catalog only; what this reads is schema-qualified anyway."""
+    gate, rw, ro = (sql.Identifier(n) for n in (name, rw_role_name(name), ro_role_name(name)))
+    with tconn.transaction():
+        # The gate must own nothing and hold no privilege, or its members would
+        # inherit them: hand what it owns to _rw, then drop its grants and
+        # default privileges (_rw may: it is a member of the gate). First, so
+        # the schema list below sees the result.
+        tconn.execute(sql.SQL("REASSIGN OWNED BY {} TO {}").format(gate, rw))
+        tconn.execute(sql.SQL("DROP OWNED BY {}").format(gate))
+        schemas = [
+            r[0]
+            for r in tconn.execute(
+                "SELECT n.nspname FROM pg_catalog.pg_namespace n "
+                "WHERE n.nspowner OPERATOR(pg_catalog.=) %s::pg_catalog.regrole "
+                "OR n.nspname OPERATOR(pg_catalog.=) 'public'",
+                (rw_role_name(name),),
+            )
+        ]
+        stmts: list[sql.Composable] = [
+            sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} GRANT SELECT ON TABLES TO {}").format(
+                rw, ro
+            ),
+            sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} GRANT SELECT ON SEQUENCES TO {}").format(
+                rw, ro
+            ),
+            sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} GRANT USAGE ON SCHEMAS TO {}").format(
+                rw, ro
+            ),
+        ]
+        for schema in schemas:
+            nsp = sql.Identifier(schema)
+            stmts += [
+                sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(nsp, ro),
+                sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA {} TO {}").format(nsp, ro),
+                sql.SQL("GRANT SELECT ON ALL SEQUENCES IN SCHEMA {} TO {}").format(nsp, ro),
+            ]
+        tconn.execute(sql.SQL("; ").join(stmts))
+
+
+def drop_on_server(conn: psycopg.Connection[Any], *, name: str) -> list[str]:
+    """Drop the project's database and roles; harmless if any is already gone."""
+    actions: list[str] = []
+    ident = sql.Identifier(name)
+    if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
+        actions.append("drop database")
+    for role in (*login_role_names(name), name):
+        if role_exists(conn, role):
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+            actions.append(f"drop role {role}")
+    return actions

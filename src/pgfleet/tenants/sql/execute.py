@@ -1,0 +1,166 @@
+"""Running one statement on a session of the project's role: a timer that
+cancels it from outside at the call's timeout (and ends the session a
+second later if the statement swallowed the cancel), rows streamed and
+converted until the caps, a write always read to its end."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import uuid
+from collections.abc import AsyncGenerator, Callable, Coroutine
+from typing import Any, cast
+
+import psycopg
+
+from pgfleet.tenants.sql.limits import SqlRequest, SqlResult
+from pgfleet.tenants.sql.values import StatementCursor, to_json, type_names
+
+
+class TimedOut(Exception):
+    """The statement ignored its cancel and its session had to be ended."""
+
+
+# Statements that only read: when their rows pass the caps, the rest are not
+# read (the statement is cancelled). Anything else (INSERT ... RETURNING, a
+# data-modifying WITH) is read to its end, so a truncated answer never hides
+# a write that was rolled back.
+_READS = frozenset({"select", "values", "table", "show", "explain", "fetch"})
+
+
+_WRITES = re.compile(r"\b(insert|update|delete|merge)\b")
+
+
+TERMINATE_GRACE_S = 1.0
+
+
+_INLINE_ROWS = 500  # rows converted on the event loop; beyond, in a thread
+
+
+def _to_rows(raw: list[Any]) -> list[tuple[list[Any], int]]:
+    out = []
+    for r in raw:
+        row = [to_json(v) for v in r]
+        out.append((row, len(json.dumps(row, default=str))))
+    return out
+
+
+async def execute(
+    conn: psycopg.AsyncConnection[Any],
+    tenant_id: uuid.UUID,
+    req: SqlRequest,
+    shape: str,
+    mode: str,
+    timeout_ms: int,
+    max_rows: int,
+    max_bytes: int,
+    terminate: Callable[[int], Coroutine[Any, Any, None]],
+) -> tuple[SqlResult, bool]:
+    """The statement's result, and whether its connection may be reused."""
+    loop = asyncio.get_running_loop()
+    pending: list[asyncio.Task[None]] = []
+    terminated = False
+
+    def overdue() -> None:
+        # From outside the session, so nothing the statement SET can stop it.
+        pending.append(loop.create_task(conn.cancel_safe(timeout=2)))
+
+    def stuck() -> None:
+        nonlocal terminated
+        terminated = True
+        pending.append(loop.create_task(terminate(conn.info.backend_pid)))
+
+    timers = [
+        loop.call_later(timeout_ms / 1000, overdue),
+        loop.call_later(timeout_ms / 1000 + TERMINATE_GRACE_S, stuck),
+    ]
+    first = shape.split(" ", 1)[0].rstrip(";")
+    reads = first in _READS or (first == "with" and not _WRITES.search(shape))
+    clean = False
+    try:
+        async with StatementCursor(conn) as cur:
+            rows: list[list[Any]] = []
+            truncated = False
+            size = seen = 0
+            batch: list[Any] = []
+
+            def take(converted: list[tuple[list[Any], int]]) -> None:
+                nonlocal truncated, size
+                for row, n in converted:
+                    if truncated:
+                        return
+                    if len(rows) >= max_rows or size + n > max_bytes:
+                        truncated = True
+                        return
+                    size += n
+                    rows.append(row)
+
+            # stream() always uses the extended protocol, which runs exactly one
+            # statement, and lets us stop reading at the caps.
+            stream = cast(
+                AsyncGenerator[Any, None],
+                cur.stream(req.query, list(req.params), size=min(max_rows + 1, 1000)),
+            )
+            try:
+                async with contextlib.aclosing(stream):
+                    async for raw in stream:
+                        seen += 1
+                        if truncated:
+                            continue  # a write: read to its end, keep nothing
+                        if seen <= _INLINE_ROWS:
+                            take(_to_rows([raw]))
+                        else:
+                            # A large result: convert in a thread, so other
+                            # requests on this loop are not held up.
+                            batch.append(raw)
+                            if len(batch) >= _INLINE_ROWS:
+                                take(await asyncio.to_thread(_to_rows, batch))
+                                batch = []
+                        if truncated and reads:
+                            break
+                    if batch and not truncated:
+                        take(await asyncio.to_thread(_to_rows, batch))
+            except psycopg.Error:
+                if terminated:
+                    raise TimedOut() from None
+                raise
+            for t in timers:
+                t.cancel()
+            # Wait out a cancel sent as the statement ended before the next
+            # query, so it cannot land on that one; the statement stands.
+            for task in pending:
+                with contextlib.suppress(Exception):
+                    await task
+            if terminated:
+                raise TimedOut()
+            columns = (
+                await type_names(conn, tenant_id, cur.description)
+                if cur.description is not None
+                else []
+            )
+            final = cur.final
+            command = (final.command_status or b"").decode() if final is not None else ""
+            if not command:  # libpq leaves the tag empty after chunked rows
+                command = shape.split(" ", 1)[0].upper()
+            if cur.description is None:
+                row_count = final.command_tuples or 0 if final is not None else 0
+            else:
+                row_count = len(rows) if reads else seen
+        clean = True
+    finally:
+        for t in timers:
+            t.cancel()
+        settled = True
+        for task in pending:
+            try:
+                await asyncio.shield(task)
+            except Exception:
+                settled = False
+            except asyncio.CancelledError:
+                settled = False
+                raise
+    result = SqlResult(columns, rows, row_count, truncated, 0.0, command, mode)
+    result.approx_bytes = size
+    return result, clean and settled and not terminated and not conn.broken
