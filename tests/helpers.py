@@ -5,12 +5,13 @@ tests make."""
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,9 @@ import httpx
 import psycopg
 from fastapi.testclient import TestClient
 from psycopg import sql
+from typer.testing import CliRunner, Result
 
+from pgfleet.cli import app as cli_app
 from pgfleet.config import Settings
 from pgfleet.fleet.embedded import EmbeddedFleet, EmbeddedServer
 from pgfleet.platform.core import Platform
@@ -158,8 +161,6 @@ def wait_healthy(url: str, seconds: float, alive: Callable[[], str | None] | Non
 
 
 def create(api: Api, name: str = "shop", **kw: Any) -> Any:
-    kw.setdefault("region", "us-east-1")
-    kw.setdefault("plan_type", "free")
     params = kw.pop("params", None)
     headers = kw.pop("headers", {})
     return api.post("/v1/projects", json={"name": name, **kw}, params=params, headers=headers)
@@ -172,9 +173,11 @@ def create_ok(api: Api, name: str = "shop", **kw: Any) -> dict[str, Any]:
     return body
 
 
-def error_of(r: Any, status: int) -> dict[str, Any]:
-    """The error of an answer that must have `status`, in the one envelope."""
-    assert r.status_code == status, (r.status_code, r.text)
+def error_of(r: Any, status: int | None = None) -> dict[str, Any]:
+    """The error of an answer (that must have `status`, when given) in the one
+    envelope."""
+    if status is not None:
+        assert r.status_code == status, (r.status_code, r.text)
     body = r.json()
     assert set(body) == {"error"}, body
     err: dict[str, Any] = body["error"]
@@ -211,3 +214,107 @@ def connect(connection: dict[str, Any], **kw: Any) -> psycopg.Connection[Any]:
 def tenant_client(platform: Platform) -> DatabasePlatformClient:
     """The seed's DatabasePlatformClient of a platform."""
     return DatabasePlatformClient.of(platform)
+
+
+def run(api: Api, pid: str, query: str, *params: Any, **kw: Any) -> httpx.Response:
+    body: dict[str, Any] = {"query": query, **kw}
+    if params:
+        body["params"] = list(params)
+    r: httpx.Response = api.post(f"/v1/projects/{pid}/sql", json=body)
+    return r
+
+
+def run_ok(api: Api, pid: str, query: str, *params: Any, **kw: Any) -> dict[str, Any]:
+    r = run(api, pid, query, *params, **kw)
+    assert r.status_code == 200, (query, r.status_code, r.text)
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def sql_error(r: httpx.Response) -> dict[str, Any]:
+    err = error_of(r, 400)
+    assert err["code"] == "sql_error", err
+    return err
+
+
+def scalar(api: Api, pid: str, query: str, *params: Any, **kw: Any) -> Any:
+    body = run_ok(api, pid, query, *params, **kw)
+    assert len(body["rows"]) == 1 and len(body["rows"][0]) == 1, body
+    return body["rows"][0][0]
+
+
+def until(check: Any, seconds: float = 2.0) -> Any:
+    """Poll `check` until it returns something truthy (a change notice is
+    asynchronous: it arrives just after the commit)."""
+    end = time.monotonic() + seconds
+    while True:
+        result = check()
+        if result or time.monotonic() > end:
+            return result
+        time.sleep(0.01)
+
+
+def percentile_cont(values: Sequence[float], q: float) -> float:
+    """PostgreSQL's percentile_cont: linear interpolation between ranks."""
+    v = sorted(values)
+    pos = q * (len(v) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (pos - lo) * (v[hi] - v[lo])
+
+
+def rows_of(platform: Platform, query: str, *params: Any) -> list[tuple[Any, ...]]:
+    with platform.db.connection() as conn:
+        return conn.execute(query, params).fetchall()
+
+
+def sql_ok(api: Api, pid: str, query: str, **kw: Any) -> dict[str, Any]:
+    r = api.post(f"/v1/projects/{pid}/sql", json={"query": query, **kw})
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def get_ok(api: Api, path: str, **params: Any) -> Any:
+    r = api.get(path, params=params)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def invoke(url: str, token: str, *args: str) -> Result:
+    return CliRunner().invoke(
+        cli_app, [*args, "--url", url, "--token", token], env={"COLUMNS": "250"}
+    )
+
+
+def ok(url: str, token: str, *args: str) -> str:
+    res = invoke(url, token, *args)
+    assert res.exit_code == 0, (args, res.output, res.exception)
+    return res.stdout
+
+
+def login(uri: str) -> str:
+    res = run_psql(uri, "select 1")
+    return "ok" if res.returncode == 0 else res.stderr
+
+
+def repaired(admin_api: Api, body: dict[str, Any]) -> dict[str, Any]:
+    """A repair is a `reconcile` operation: 202 at once, its report in its
+    result once it finished."""
+    started = admin_api.post("/v1/admin/reconcile", json=body)
+    assert started.status_code in (200, 202), started.text
+    op = started.json()
+    assert op["type"] == "reconcile" and op["project_id"] is None
+    done = poll(admin_api, op["id"])
+    assert done["status"] == "finished", done
+    report: dict[str, Any] = done["result"]["report"]
+    return report
+
+
+MISSING_ID = "00000000-0000-4000-8000-000000000000"
+
+
+def restart(fleet: FleetUnderTest, server: EmbeddedServer) -> None:
+    """Start a server this test stopped, so later tests have the whole fleet."""
+    fleet.fleet.start(server)
+    assert fleet.fleet.is_running(server)

@@ -1,0 +1,254 @@
+"""The SQL API's errors and its auth path on the real fleet: SQLSTATEs, down
+servers, deleted, foreign and paused projects, the auth cache and the
+connection bound across many projects."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from pgfleet.api.app import create_app
+from pgfleet.auth import create_owner
+from pgfleet.fleet.embedded import EmbeddedServer
+from pgfleet.platform.core import Platform
+from tests.helpers import (
+    Api,
+    FleetUnderTest,
+    create_ok,
+    error_of,
+    restart,
+    run,
+    run_ok,
+    scalar,
+    sql_error,
+    until,
+)
+
+
+@contextmanager
+def server_down(fleet: FleetUnderTest, region: str) -> Iterator[EmbeddedServer]:
+    server = fleet.server(region)
+    fleet.fleet.stop(server)
+    try:
+        assert not fleet.fleet.is_running(server)
+        yield server
+    finally:
+        restart(fleet, server)
+
+
+def test_statement_errors_are_400_with_sqlstate(api: Api) -> None:
+    pid = create_ok(api)["id"]
+    err = sql_error(run(api, pid, "select 1 from where"))
+    assert err["sqlstate"] == "42601"
+    assert err["position"] == len("select 1 from ") + 1
+    assert "syntax error" in err["message"]
+
+    q = "select '🐘日本' as x from missing_table"
+    err = sql_error(run(api, pid, q))
+    assert err["sqlstate"] == "42P01"
+    assert "missing_table" in err["message"]
+    assert err["position"] == q.index("missing_table") + 1  # characters, 1-based
+
+    err = sql_error(run(api, pid, "select 1/0"))
+    assert err["sqlstate"] == "22012"
+
+    run_ok(api, pid, "create table u (id int primary key)")
+    run_ok(api, pid, "insert into u values (1)")
+    err = sql_error(run(api, pid, "insert into u values (1)"))
+    assert err["sqlstate"] == "23505"
+    assert err["detail"] and "(id)=(1)" in err["detail"], err
+
+    err = sql_error(run(api, pid, "select 'abc'::int"))
+    assert err["sqlstate"] == "22P02"
+    err = sql_error(run(api, pid, "selec 1"))
+    assert err["sqlstate"] == "42601" and err["position"] == 1
+    # The project keeps working after its errors.
+    assert scalar(api, pid, "select count(*) from u") == 1
+
+
+def test_empty_query_is_422(api: Api) -> None:
+    pid = create_ok(api)["id"]
+    error_of(run(api, pid, "   "), 422)
+    error_of(api.post(f"/v1/projects/{pid}/sql", json={"query": "select 1", "mode": "rx"}), 422)
+
+
+def test_down_server_is_503_naming_the_region(api: Api, fleet: FleetUnderTest) -> None:
+    pid = create_ok(api, region="eu-central-1")["id"]
+    with server_down(fleet, "eu-central-1"):
+        err = error_of(run(api, pid, "select 1"), 503)
+        assert "eu-central-1" in err["message"], err
+        assert err["code"] == "region_unavailable"
+    assert scalar(api, pid, "select 1") == 1
+
+
+def test_down_server_after_use_is_503(api: Api, fleet: FleetUnderTest) -> None:
+    """A project that already ran SQL (so its pool holds connections) also
+    gets 503 naming the region when its server goes down, not a 400."""
+    pid = create_ok(api, region="eu-central-1")["id"]
+    assert scalar(api, pid, "select 1") == 1
+    assert scalar(api, pid, "select 1", mode="ro") == 1
+    with server_down(fleet, "eu-central-1"):
+        for mode in ("rw", "ro"):
+            err = error_of(run(api, pid, "select 1", mode=mode), 503)
+            assert "eu-central-1" in err["message"], err
+    assert scalar(api, pid, "select 1") == 1
+
+
+def test_deleted_foreign_and_paused_projects(
+    api: Api, client: TestClient, platform: Platform
+) -> None:
+    gone = create_ok(api, "gone")["id"]
+    r = api.delete(f"/v1/projects/{gone}")
+    assert r.status_code == 200, r.text
+    error_of(run(api, gone, "select 1"), 404)
+
+    error_of(run(api, str(uuid.uuid4()), "select 1"), 404)
+    error_of(run(api, "not-a-uuid", "select 1"), 404)
+
+    mine = create_ok(api, "mine")["id"]
+    _, bob_token = create_owner(platform, "bob")
+    bob = Api(client, bob_token)
+    err = error_of(run(bob, mine, "select 1"), 404)
+    assert err["code"] == "project_not_found"
+
+    with platform.db.connection() as conn:
+        conn.execute("UPDATE tenants SET status = 'paused' WHERE id = %s", (mine,))
+    err = error_of(run(api, mine, "select 1"), 409)
+    assert "paused" in err["message"], err
+
+
+def test_auth_cache_serves_repeats_and_follows_every_change(
+    api: Api, client: TestClient, platform: Platform
+) -> None:
+    """The SQL API keeps (token, project) lookups for a few seconds; a
+    revoked token, a paused project and a rotated password take effect as
+    soon as their change notice arrives."""
+    cache = client.app.state.sql.auth_cache  # type: ignore[attr-defined]
+    assert until(lambda: cache.live), "the LISTEN for change notices never came up"
+    pid = create_ok(api, "cached")["id"]
+    r = api.post("/v1/tokens", json={"name": "short-lived"})
+    assert r.status_code == 201, r.text
+    token = r.json()
+    other = Api(client, token["token"])
+    run_ok(other, pid, "select 1")
+    hits = cache.hits
+    run_ok(other, pid, "select 1")
+    assert cache.hits == hits + 1, "the repeat lookup did not come from the cache"
+
+    assert api.delete(f"/v1/tokens/{token['id']}").status_code in (200, 204)
+    refused = until(lambda: run(other, pid, "select 1").status_code == 401)
+    assert refused, "a revoked token kept working from the cache"
+
+    # A change made by another process (here: straight in the platform DB).
+    run_ok(api, pid, "select 1")
+    run_ok(api, pid, "select 1")
+    with platform.db.connection() as conn:
+        conn.execute("UPDATE tenants SET status = 'paused' WHERE id = %s", (pid,))
+    assert until(lambda: run(api, pid, "select 1").status_code == 409)
+    with platform.db.connection() as conn:
+        conn.execute("UPDATE tenants SET status = 'active' WHERE id = %s", (pid,))
+    assert until(lambda: run(api, pid, "select 1").status_code == 200)
+
+
+def test_auth_cache_is_off_while_its_listen_connection_is_down(
+    api: Api, client: TestClient, platform: Platform
+) -> None:
+    gateway = client.app.state.sql  # type: ignore[attr-defined]
+    cache = gateway.auth_cache
+    assert until(lambda: cache.live)
+    gateway.listen_retry_s = 3.0  # so the test sees the time without notices
+    pid = create_ok(api, "listen")["id"]
+    run_ok(api, pid, "select 1")
+    with platform.db.connection() as conn:
+        killed = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = 'pgfleet-auth-listen'"
+        ).fetchall()
+    assert killed, "no listen connection found"
+    assert until(lambda: not cache.live), "the cache stayed on without its notices"
+    assert len(cache) == 0
+    hits = cache.hits
+    run_ok(api, pid, "select 1")
+    run_ok(api, pid, "select 1")
+    # Served, but not from the cache: nothing would tell it about changes.
+    assert not cache.live and cache.hits == hits
+    assert until(lambda: cache.live, 5.0), "the listen connection did not come back"
+
+
+def test_sql_requests_the_fast_path_hands_to_the_route(api: Api) -> None:
+    """Bodies that do not validate, or are not JSON, get FastAPI's own answers."""
+    pid = create_ok(api, "fallback")["id"]
+    r = api.post(f"/v1/projects/{pid}/sql", json={"query": 5})
+    err = error_of(r, 422)
+    assert err["fields"] == ["query"], err
+    r = api.post(f"/v1/projects/{pid}/sql", json={"query": "select 1", "mode": "rx"})
+    assert error_of(r, 422)["fields"] == ["mode"]
+    r = api.post(
+        f"/v1/projects/{pid}/sql",
+        content=b"{not json",
+        headers={"Content-Type": "application/json"},
+    )
+    assert r.status_code == 422, r.text
+    r = api.post(
+        f"/v1/projects/{pid}/sql",
+        content=b'{"query": "select 1"}',
+        headers={"Content-Type": "text/plain"},
+    )
+    assert r.status_code in (415, 422), r.text
+    # Without a token, or with another scheme: the same 401 as every route.
+    r = api.client.post(f"/v1/projects/{pid}/sql", json={"query": "select 1"})
+    assert error_of(r, 401)["code"] == "not_authenticated"
+    r = api.client.post(
+        f"/v1/projects/{pid}/sql",
+        json={"query": "select 1"},
+        headers={"Authorization": f"Basic {api.token}"},
+    )
+    assert error_of(r, 401)["code"] == "not_authenticated"
+    # An Idempotency-Key takes the route: the second call answers from the first.
+    key = {"Idempotency-Key": f"k-{uuid.uuid4()}"}
+    run_ok(api, pid, "create table once (n int)")
+    first = api.post(
+        f"/v1/projects/{pid}/sql", json={"query": "insert into once values (1)"}, headers=key
+    )
+    again = api.post(
+        f"/v1/projects/{pid}/sql", json={"query": "insert into once values (1)"}, headers=key
+    )
+    assert first.status_code == again.status_code == 200, (first.text, again.text)
+    assert first.json() == again.json()
+    assert scalar(api, pid, "select count(*) from once") == 1
+
+
+def test_sql_api_connections_stay_bounded_across_many_projects(
+    platform_factory: Any, fleet: FleetUnderTest
+) -> None:
+    """With more projects than the pool cap, the least recently used idle
+    pools close: the server never sees more than cap x size connections."""
+    cap, size = 2, 1
+    platform: Platform = platform_factory(tenant_pool_cap=cap, tenant_pool_size=size, api_workers=1)
+    _, token = create_owner(platform, "many")
+    with TestClient(create_app(platform)) as client:
+        api = Api(client, token)
+        pids = [create_ok(api, f"p{i}")["id"] for i in range(5)]
+        users = [api.get(f"/v1/projects/{p}/connection").json()["user"] for p in pids]
+        for _ in range(2):
+            for pid in pids:
+                assert scalar(api, pid, "select current_user") in users
+                assert len(client.app.state.sql._pools) <= cap  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 5
+        while (n := backends(fleet, users)) > cap * size:
+            assert time.monotonic() < deadline, f"{n} tenant backends, more than {cap * size}"
+            time.sleep(0.05)
+
+
+def backends(fleet: FleetUnderTest, users: list[str]) -> int:
+    with fleet.admin_conn("us-east-1") as a:
+        row = a.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = ANY(%s)", (users,)
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
