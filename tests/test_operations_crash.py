@@ -122,7 +122,7 @@ def someone(quiet_platform: Platform) -> Owner:
 
 def wait_op(platform: Platform, op_id: uuid.UUID, workers: Workers, timeout: float = 60) -> Any:
     op = OperationsRuntime.of(platform).wait(op_id, timeout)
-    assert op["status"] in ("finished", "failed", "cancelled"), (op, workers.logs())
+    assert op.status in ("finished", "failed", "cancelled"), (op, workers.logs())
     return op
 
 
@@ -199,16 +199,16 @@ def test_provision_survives_sigkill(
     workers.kill(first)
     workers.start()
     op = wait_op(quiet_platform, op_id, workers)
-    assert op["status"] == "finished", (op, workers.logs())
-    assert op["attempts"] == 2
-    assert [s["name"] for s in op["steps"]] == [
+    assert op.status == "finished", (op, workers.logs())
+    assert op.attempts == 2
+    assert [s.name for s in op.steps] == [
         "place",
         "roles",
         "database",
         "privileges",
         "activate",
     ]
-    assert all(s["status"] == "finished" for s in op["steps"])
+    assert all(s.status == "finished" for s in op.steps)
     assert_provisioned_once(quiet_platform, fleet, someone, project.id, "eu-central-1")
 
 
@@ -236,7 +236,7 @@ def test_delete_survives_sigkill(
     project, op_id = service.start_create_project(
         quiet_platform, someone, name="doomed", region="ap-southeast-1", plan_type="free"
     )
-    assert wait_op(quiet_platform, op_id, workers)["status"] == "finished"
+    assert wait_op(quiet_platform, op_id, workers).status == "finished"
     uri = service.connection_details(quiet_platform, someone, project.id).uri
     workers.kill(steady)
 
@@ -246,8 +246,8 @@ def test_delete_survives_sigkill(
     workers.kill(first)
     workers.start()
     op = wait_op(quiet_platform, op_id, workers)
-    assert op["status"] == "finished", (op, workers.logs())
-    assert op["attempts"] == 2
+    assert op.status == "finished", (op, workers.logs())
+    assert op.attempts == 2
     row = service.get_project(quiet_platform, someone, project.id, include_deleted=True)
     assert row.status == "deleted"
     assert row.deleted_at is not None
@@ -277,7 +277,7 @@ def test_rotate_survives_sigkill(
     project, op_id = service.start_create_project(
         quiet_platform, someone, name="keys", region="us-east-1", plan_type="free"
     )
-    assert wait_op(quiet_platform, op_id, workers)["status"] == "finished"
+    assert wait_op(quiet_platform, op_id, workers).status == "finished"
     tid = project.id
     old = {m: service.connection_details(quiet_platform, someone, tid, m).uri for m in ("rw", "ro")}
     workers.kill(steady)
@@ -288,7 +288,7 @@ def test_rotate_survives_sigkill(
     workers.kill(first)
     workers.start()
     op = wait_op(quiet_platform, op_id, workers)
-    assert op["status"] == "finished", (op, workers.logs())
+    assert op.status == "finished", (op, workers.logs())
     for mode in ("rw", "ro"):
         new = service.connection_details(quiet_platform, someone, tid, mode).uri
         assert new != old[mode]
@@ -361,9 +361,9 @@ def test_two_worker_processes_share_the_queue(
         for i in range(6)
     ]
     ops = [wait_op(quiet_platform, op_id, workers) for _, op_id in started]
-    assert [o["status"] for o in ops] == ["finished"] * 6
-    assert all(o["attempts"] == 1 for o in ops)
-    assert len({o["worker"] for o in ops}) == 2, "both workers should have taken some"
+    assert [o.status for o in ops] == ["finished"] * 6
+    assert all(o.attempts == 1 for o in ops)
+    assert len({o.worker for o in ops}) == 2, "both workers should have taken some"
     assert len(fleet.databases("us-east-1")) == 6
 
 
@@ -386,7 +386,7 @@ def test_platform_connection_killed_mid_step_resumes(
     assert killed is not None and killed[0] >= 1
     workers.release(point)
     op = wait_op(quiet_platform, op_id, workers)
-    assert op["status"] == "finished", (op, workers.logs())
+    assert op.status == "finished", (op, workers.logs())
     # Its locks died with the connection: that executor stopped at the next
     # step instead of carrying on unlocked, and the operation was resumed.
     assert "lost its locks" in workers.logs()
@@ -413,13 +413,13 @@ def test_region_down_retries_then_fails_after_deadline(
         op = OperationsRuntime.of(p).wait(op_id, 30)
     finally:
         fleet.fleet.start(server)
-    assert op["status"] == "failed", op
-    assert "eu-central-1" in op["error"]
-    assert "deadline" in op["error"]
-    assert op["deadline_missed"] is True
-    failed_step = [s for s in op["steps"] if s["status"] == "failed"]
-    assert [s["name"] for s in failed_step] == ["roles"], op["steps"]
-    assert failed_step[0]["attempts"] >= 2, op["steps"]
+    assert op.status == "failed", op
+    assert "eu-central-1" in op.error
+    assert "deadline" in op.error
+    assert op.deadline_missed is True
+    failed_step = [s for s in op.steps if s.status == "failed"]
+    assert [s.name for s in failed_step] == ["roles"], op.steps
+    assert failed_step[0].attempts >= 2, op.steps
     row = service.get_project(p, owner, project.id, include_deleted=True)
     # Undoing needed the server too: the project is left `failed` for the reconciler.
     assert row.status == "failed"
@@ -447,10 +447,10 @@ def test_region_back_in_time_succeeds(
     time.sleep(1.5)
     fleet.fleet.start(server)
     op = OperationsRuntime.of(p).wait(op_id, 30)
-    assert op["status"] == "finished", op
+    assert op.status == "finished", op
     # The roles step waited for the server (retrying its connection) and went on.
-    roles = next(s for s in op["steps"] if s["name"] == "roles")
-    assert roles["duration_ms"] >= 1000, op["steps"]
+    roles = next(s for s in op.steps if s.name == "roles")
+    assert roles.duration_ms >= 1000, op.steps
     assert_provisioned_once(p, fleet, owner, project.id, "ap-southeast-1")
 
 
@@ -473,7 +473,7 @@ def test_killed_worker_is_noticed_without_any_other_activity(
         ).fetchone()
     assert job == ("doing",)
     workers.start()
-    assert wait_op(quiet_platform, op_id, workers)["status"] == "finished"
+    assert wait_op(quiet_platform, op_id, workers).status == "finished"
 
 
 def test_past_the_point_of_no_return_an_operation_only_goes_forward(
@@ -498,13 +498,13 @@ def test_past_the_point_of_no_return_an_operation_only_goes_forward(
         release()
         time.sleep(4.0)
         op = OperationsRuntime.of(p).wait(op_id, 0.1)
-        assert op["status"] == "running", op
-        assert op["deadline_missed"] is True
+        assert op.status == "running", op
+        assert op.deadline_missed is True
         assert service.get_project(p, owner, project.id, include_deleted=True).status == "deleting"
     finally:
         fleet.fleet.start(server)
     op = OperationsRuntime.of(p).wait(op_id, 60)
-    assert op["status"] == "finished", op
+    assert op.status == "finished", op
     assert service.get_project(p, owner, project.id, include_deleted=True).status == "deleted"
     assert_nothing_left(fleet)
 
@@ -538,8 +538,8 @@ def test_rotation_interrupted_in_apply_goes_forward(
     finally:
         fleet.fleet.start(server)
     op = OperationsRuntime.of(p).wait(op_id, 60)
-    assert op["status"] == "finished", op
-    assert op["deadline_missed"] is True
+    assert op.status == "finished", op
+    assert op.deadline_missed is True
     for mode in ("rw", "ro"):
         uri = service.connection_details(p, owner, tid, mode).uri
         assert run_psql(uri, "select 1").returncode == 0, mode

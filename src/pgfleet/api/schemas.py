@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pgfleet.operations.store import Operation
 from pgfleet.regions import DEFAULT_REGION, PLAN_IDS, PLANS, REGION_IDS, REGIONS_BY_ID
 from pgfleet.tenants.store import Tenant
 
@@ -279,7 +280,8 @@ class StepOut(BaseModel):
 class OperationOut(BaseModel):
     id: uuid.UUID
     type: str = Field(
-        description="provision, delete, rotate_password, pause, resume or change_plan."
+        description="The operation's kind: provision, delete, rotate_password, "
+        "expire_credentials, pause, resume, change_plan or reconcile."
     )
     status: Literal["scheduled", "running", "finished", "failed", "cancelled"]
     project_id: uuid.UUID | None
@@ -303,12 +305,27 @@ class OperationOut(BaseModel):
     duration_ms: float | None
 
     @classmethod
-    def from_row(cls, row: dict[str, Any]) -> OperationOut:
-        result = {k: v for k, v in (row.get("result") or {}).items() if not k.startswith("error_")}
+    def from_row(cls, op: Operation) -> OperationOut:
+        result = {k: v for k, v in (op.result or {}).items() if not k.startswith("error_")}
         return cls(
-            **{k: v for k, v in row.items() if k in cls.model_fields and k != "result"},
-            project_id=row["tenant_id"],
+            id=op.id,
+            type=op.type,
+            status=op.status,
+            project_id=op.tenant_id,
+            current_step=op.current_step,
+            steps=[StepOut.model_validate(s, from_attributes=True) for s in op.steps],
+            attempts=op.attempts,
+            error=op.error,
             result=result or None,
+            params=op.params,
+            actor=op.actor,
+            cancel_requested=op.cancel_requested,
+            deadline=op.deadline,
+            deadline_missed=op.deadline_missed,
+            created_at=op.created_at,
+            started_at=op.started_at,
+            finished_at=op.finished_at,
+            duration_ms=op.duration_ms,
         )
 
 

@@ -204,10 +204,13 @@ GRACEFUL_SHUTDOWN_S = 3
 
 
 def _run_uvicorn(s: Settings) -> None:
+    # The server stack (uvicorn, FastAPI, the app) is imported only by the
+    # commands that serve, so client commands and --help start fast.
     import uvicorn
 
-    warn_weak_tls(s)
     from pgfleet.api.app import create_app
+
+    warn_weak_tls(s)
 
     if s.api_workers > 1:
         # Each worker process builds its own app (and Platform) from settings;
@@ -368,7 +371,9 @@ def worker_cmd(
 ) -> None:
     """Run an operations worker in the foreground (any number can run beside
     the API's embedded ones; Ctrl-C stops it after its running steps)."""
-    from pgfleet import domains  # the domains' kinds and jobs (see the module's docstring)
+    # Imported here for the same reason as the server stack in _run_uvicorn;
+    # `domains` registers the domains' kinds and jobs (see its docstring).
+    from pgfleet import domains
     from pgfleet.operations.worker import Worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pgfleet.errors import PlatformUnavailable
+from pgfleet.fleet.embedded import EmbeddedFleet
 from pgfleet.fleet.health import ServerHealth, check_all
 from pgfleet.monitoring.health import record
 from pgfleet.monitoring.querylog import apply_retention, ensure_partition
@@ -46,8 +47,6 @@ def renew_certificates(platform: Platform) -> list[str]:
     (and the CA with them); servers that got one are reloaded."""
     if not platform.settings.embedded:
         return []
-    from pgfleet.fleet.embedded import EmbeddedFleet
-
     renewed = EmbeddedFleet(platform.settings).renew_certificates()
     if renewed:
         log.warning("renewed the TLS certificates of %s", ", ".join(renewed))

@@ -150,9 +150,7 @@ def record_if_stale(platform: Platform, checks: list[ServerHealth], min_age_s: f
     stale = [
         c
         for c in checks
-        if c.server_id not in latest
-        or latest[c.server_id][0] != c.ok
-        or not latest[c.server_id][1]
+        if c.server_id not in latest or latest[c.server_id][0] != c.ok or not latest[c.server_id][1]
     ]
     if stale:
         record(platform, stale)

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
+from pgfleet.operations.store import Operation
+
 if TYPE_CHECKING:
     from pgfleet.config import Settings
     from pgfleet.platform.core import Platform
@@ -27,15 +29,15 @@ class OpContext:
     operation sees it too)."""
 
     platform: Platform
-    op: dict[str, Any]
+    op: Operation
     state: dict[str, Any] = field(default_factory=dict)
 
     @property
     def resource_id(self) -> uuid.UUID:
         """What the operation works on (a project, for the tenants domain)."""
-        rid = self.op["tenant_id"]
+        rid = self.op.tenant_id
         assert rid is not None, "this operation works on no resource"
-        return uuid.UUID(str(rid))
+        return rid
 
     @property
     def tenant_id(self) -> uuid.UUID:
@@ -43,8 +45,7 @@ class OpContext:
 
     @property
     def params(self) -> dict[str, Any]:
-        p: dict[str, Any] = self.op["params"] or {}
-        return p
+        return self.op.params or {}
 
 
 @dataclass(frozen=True)

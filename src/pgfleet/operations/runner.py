@@ -34,7 +34,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import psycopg
-from psycopg.rows import dict_row
+from psycopg import sql
+from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import PoolTimeout
 
@@ -48,7 +49,7 @@ from pgfleet.errors import (
 from pgfleet.operations.failpoints import failpoint
 from pgfleet.operations.locks import op_lock_key, resource_lock_key
 from pgfleet.operations.registry import REGISTRY, OpContext, OperationKind, Step
-from pgfleet.operations.store import NOTIFY_CHANNEL
+from pgfleet.operations.store import NOTIFY_CHANNEL, OPERATION_COLUMNS, Operation
 from pgfleet.platform.core import Platform
 
 log = logging.getLogger(__name__)
@@ -139,18 +140,16 @@ class _Execution:
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
-    def _claim(self) -> dict[str, Any] | None:
-        def q(conn: psycopg.Connection[Any]) -> dict[str, Any] | None:
-            with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+    def _claim(self) -> Operation | None:
+        def q(conn: psycopg.Connection[Any]) -> Operation | None:
+            with conn.transaction(), conn.cursor(row_factory=class_row(Operation)) as cur:
                 _async_commit(conn)
-                return cur.execute(
+                query = sql.SQL(
                     "UPDATE operations SET status = 'running', attempts = attempts + 1, "
                     "started_at = coalesce(started_at, now()), worker = %s, updated_at = now() "
-                    "WHERE id = %s AND status IN ('scheduled', 'running') "
-                    "RETURNING id, tenant_id, owner_id, type, params, result, deadline, "
-                    "cancel_requested, status, created_at",
-                    (self.worker, self.op_id),
-                ).fetchone()
+                    "WHERE id = %s AND status IN ('scheduled', 'running') RETURNING {}"
+                ).format(OPERATION_COLUMNS)
+                return cur.execute(query, (self.worker, self.op_id)).fetchone()
 
         return self._pdb(q)
 
@@ -286,8 +285,8 @@ class _Execution:
                     )[0]
                 )
             )
-        kind = REGISTRY.kinds[op["type"]]
-        ctx = OpContext(self.p, op, dict(op["result"] or {}))
+        kind = REGISTRY.kinds[op.type]
+        ctx = OpContext(self.p, op, dict(op.result or {}))
         done, started = self._step_positions()
         # Past the point of no return (a final step has started, in this run
         # or before a crash) an operation only goes forward: no cancel, and

@@ -17,13 +17,11 @@ from typing import Any
 import psycopg
 
 from pgfleet.operations.dispatch import Dispatcher
-from pgfleet.operations.store import NOTIFY_CHANNEL, get_operation
+from pgfleet.operations.store import NOTIFY_CHANNEL, Operation, get_operation
 from pgfleet.operations.worker import Worker
 from pgfleet.platform.core import Platform
 
 log = logging.getLogger(__name__)
-
-ENDED = ("finished", "failed", "cancelled")
 
 
 class _Listener:
@@ -156,7 +154,7 @@ class OperationsRuntime:
         self.dispatcher.defer_job(name, at=due, key=key, **kwargs)
         return due.isoformat()
 
-    def wait(self, op_id: uuid.UUID | str, timeout: float) -> dict[str, Any]:
+    def wait(self, op_id: uuid.UUID | str, timeout: float) -> Operation:
         """The operation once it has ended, or as it is when `timeout` runs out."""
         key = str(op_id)
         with self._lock:
@@ -170,7 +168,7 @@ class OperationsRuntime:
                 with self.platform.db.connection() as conn:
                     op = get_operation(conn, key)
                 left = end - time.monotonic()
-                if op["status"] in ENDED or left <= 0:
+                if op.ended or left <= 0:
                     return op
                 ev.wait(min(left, 1.0))
                 ev.clear()

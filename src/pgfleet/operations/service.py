@@ -14,6 +14,7 @@ from pgfleet.operations.registry import REGISTRY
 from pgfleet.operations.runtime import OperationsRuntime
 from pgfleet.operations.store import (
     NOTIFY_CHANNEL,
+    Operation,
     audit,
     get_operation,
     insert_operation,
@@ -23,19 +24,19 @@ from pgfleet.platform.core import Platform
 from pgfleet.platform.owners import Owner
 
 
-def operation_failed(op: dict[str, Any]) -> OperationFailed:
+def operation_failed(op: Operation) -> OperationFailed:
     """The error an operation that failed or was cancelled answers with."""
-    result = op.get("result") or {}
-    if op["status"] == "cancelled":
+    result = op.result or {}
+    if op.status == "cancelled":
         status, code = 409, "operation_cancelled"
     else:
         status = int(result.get("error_status", 500))
         code = str(result.get("error_code", "operation_failed"))
     return OperationFailed(
-        f"{op['type']} operation {op['id']} {op['status']}: {op['error'] or 'no error text'}",
+        f"{op.type} operation {op.id} {op.status}: {op.error or 'no error text'}",
         status_code=status,
         code=code,
-        operation_id=str(op["id"]),
+        operation_id=str(op.id),
         **({"region": result["error_region"]} if result.get("error_region") else {}),
     )
 
@@ -86,31 +87,31 @@ def start_operation(
     return op_id
 
 
-def visible_operation(platform: Platform, owner: Owner, op_id: str | uuid.UUID) -> dict[str, Any]:
+def visible_operation(platform: Platform, owner: Owner, op_id: str | uuid.UUID) -> Operation:
     with platform.db.connection() as conn:
         op = get_operation(conn, op_id)
-    if not owner.is_admin and op["owner_id"] != owner.id:
+    if not owner.is_admin and op.owner_id != owner.id:
         raise OperationNotFound(f"operation {op_id} not found")
     return op
 
 
 def project_operations(
     platform: Platform, tenant_id: uuid.UUID, *, limit: int = 50
-) -> list[dict[str, Any]]:
+) -> list[Operation]:
     with platform.db.connection() as conn:
         return list_operations(conn, tenant_id=tenant_id, limit=limit)
 
 
 def owner_operations(
     platform: Platform, owner: Owner, *, status: str | None = None, limit: int = 50
-) -> list[dict[str, Any]]:
+) -> list[Operation]:
     with platform.db.connection() as conn:
         return list_operations(
             conn, owner_id=None if owner.is_admin else owner.id, status=status, limit=limit
         )
 
 
-def cancel_operation(platform: Platform, owner: Owner, op_id: str) -> dict[str, Any]:
+def cancel_operation(platform: Platform, owner: Owner, op_id: str) -> Operation:
     """Cancel a scheduled or running operation.
 
     A scheduled one that has not started ends at once. A running one is
@@ -118,24 +119,24 @@ def cancel_operation(platform: Platform, owner: Owner, op_id: str) -> dict[str, 
     it did, unless the operation is past its point of no return (409).
     """
     op = visible_operation(platform, owner, op_id)
-    kind = REGISTRY.kinds[op["type"]]
+    kind = REGISTRY.kinds[op.type]
     job_to_cancel = None
     with platform.db.connection() as conn, conn.transaction():
         with conn.cursor(row_factory=dict_row) as cur:
             row = cur.execute(
                 "SELECT status, current_step, job_id, tenant_id, type FROM operations "
                 "WHERE id = %s FOR UPDATE",
-                (op["id"],),
+                (op.id,),
             ).fetchone()
             assert row is not None
             started = cur.execute(
                 "SELECT max(position) AS p FROM operation_steps WHERE operation_id = %s",
-                (op["id"],),
+                (op.id,),
             ).fetchone()
         status = row["status"]
         if status not in ("scheduled", "running"):
             raise Conflict(
-                f"operation {op['id']} is already {status}; only scheduled or running "
+                f"operation {op.id} is already {status}; only scheduled or running "
                 "operations can be cancelled",
                 status=status,
             )
@@ -145,25 +146,25 @@ def cancel_operation(platform: Platform, owner: Owner, op_id: str) -> dict[str, 
                 "UPDATE operations SET status = 'cancelled', cancel_requested = true, "
                 "finished_at = now(), updated_at = now(), error = 'cancelled before it started' "
                 "WHERE id = %s",
-                (op["id"],),
+                (op.id,),
             )
             if kind.on_cancel_unstarted is not None and row["tenant_id"] is not None:
                 kind.on_cancel_unstarted(conn, row["tenant_id"])
-            conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(op["id"])))
+            conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(op.id)))
             job_to_cancel = row["job_id"]
         else:
             position = last if last is not None else 0
             if not kind.cancellable_before(position + 1):
                 final = next(s.name for s in kind.steps if s.final)
                 raise Conflict(
-                    f"operation {op['id']} has started step {final!r}, its point of no "
+                    f"operation {op.id} has started step {final!r}, its point of no "
                     "return; it can no longer be cancelled",
                     status=status,
                     current_step=row["current_step"],
                 )
             conn.execute(
                 "UPDATE operations SET cancel_requested = true, updated_at = now() WHERE id = %s",
-                (op["id"],),
+                (op.id,),
             )
         audit(
             conn,
@@ -171,23 +172,23 @@ def cancel_operation(platform: Platform, owner: Owner, op_id: str) -> dict[str, 
             owner_id=owner.id,
             action="operation.cancel",
             tenant_id=row["tenant_id"],
-            operation_id=op["id"],
+            operation_id=op.id,
             details={"type": row["type"], "status_before": status},
         )
     if job_to_cancel is not None:
         OperationsRuntime.of(platform).dispatcher.cancel_job(job_to_cancel)
-    return visible_operation(platform, owner, op["id"])
+    return visible_operation(platform, owner, op.id)
 
 
-def wait(platform: Platform, op_id: uuid.UUID) -> dict[str, Any]:
+def wait(platform: Platform, op_id: uuid.UUID) -> Operation:
     """The operation once it ended, or as it is after PGFLEET_OPERATION_WAIT_S."""
     return OperationsRuntime.of(platform).wait(op_id, platform.settings.operation_wait_s)
 
 
-def wait_or_raise(platform: Platform, op_id: uuid.UUID) -> dict[str, Any]:
+def wait_or_raise(platform: Platform, op_id: uuid.UUID) -> Operation:
     """Wait for an operation (up to the configured wait); raise its error if
     it failed or was cancelled."""
     op = wait(platform, op_id)
-    if op["status"] in ("failed", "cancelled"):
+    if op.status in ("failed", "cancelled"):
         raise operation_failed(op)
     return op

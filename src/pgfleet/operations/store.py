@@ -2,27 +2,80 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.rows import dict_row
+from psycopg.rows import class_row, dict_row
 from psycopg.types.json import Jsonb
 
 from pgfleet.errors import Conflict, OperationNotFound
 
 STATUSES = ("scheduled", "running", "finished", "failed", "cancelled")
 UNFINISHED = ("scheduled", "running")
+ENDED = ("finished", "failed", "cancelled")
 NOTIFY_CHANNEL = "pgfleet_operations"
 
-_OP_COLUMNS = sql.SQL(
-    "o.id, o.tenant_id, o.owner_id, o.type, o.status, o.params, o.result, o.current_step, "
-    "o.attempts, o.error, o.actor, o.worker, o.cancel_requested, o.deadline, "
-    "o.deadline_missed, o.created_at, o.started_at, o.finished_at"
+# The columns of an Operation, in the order of its fields.
+OPERATION_COLUMNS = sql.SQL(
+    "id, tenant_id, owner_id, type, status, params, result, current_step, "
+    "attempts, error, actor, worker, cancel_requested, deadline, "
+    "deadline_missed, created_at, started_at, finished_at"
 )
-_SELECT_OPS = sql.SQL("SELECT {} FROM operations o").format(_OP_COLUMNS)
+_SELECT_OPS = sql.SQL("SELECT {} FROM operations o").format(OPERATION_COLUMNS)
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One step of an operation, as `operation_steps` holds it."""
+
+    position: int
+    name: str
+    status: str
+    attempts: int
+    error: str | None
+    started_at: datetime
+    finished_at: datetime | None
+    duration_ms: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """One row of `operations` (with its steps, when read one at a time)."""
+
+    id: uuid.UUID
+    tenant_id: uuid.UUID | None
+    owner_id: uuid.UUID | None
+    type: str
+    status: str
+    params: dict[str, Any]
+    result: dict[str, Any] | None
+    current_step: str | None
+    attempts: int
+    error: str | None
+    actor: str | None
+    worker: str | None
+    cancel_requested: bool
+    deadline: datetime
+    deadline_missed: bool
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    steps: tuple[Step, ...] = ()
+
+    @property
+    def ended(self) -> bool:
+        return self.status in ENDED
+
+    @property
+    def duration_ms(self) -> float | None:
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return round((self.finished_at - self.started_at).total_seconds() * 1000, 1)
 
 
 def insert_operation(
@@ -101,30 +154,23 @@ def audit(
     )
 
 
-def get_operation(conn: psycopg.Connection[Any], op_id: uuid.UUID | str) -> dict[str, Any]:
+def get_operation(conn: psycopg.Connection[Any], op_id: uuid.UUID | str) -> Operation:
     try:
         oid = uuid.UUID(str(op_id))
     except ValueError:
         raise OperationNotFound(f"operation {op_id} not found") from None
-    with conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(sql.SQL("{} WHERE o.id = %s").format(_SELECT_OPS), (oid,)).fetchone()
-        if row is None:
-            raise OperationNotFound(f"operation {op_id} not found")
-        row["steps"] = cur.execute(
+    with conn.cursor(row_factory=class_row(Operation)) as cur:
+        op = cur.execute(sql.SQL("{} WHERE id = %s").format(_SELECT_OPS), (oid,)).fetchone()
+    if op is None:
+        raise OperationNotFound(f"operation {op_id} not found")
+    with conn.cursor(row_factory=class_row(Step)) as steps:
+        steps.execute(
             "SELECT position, name, status, attempts, error, started_at, finished_at, "
             "round(extract(epoch FROM finished_at - started_at) * 1000, 1)::float8 AS duration_ms "
             "FROM operation_steps WHERE operation_id = %s ORDER BY position",
             (oid,),
-        ).fetchall()
-    return _with_duration(row)
-
-
-def _with_duration(row: dict[str, Any]) -> dict[str, Any]:
-    start, end = row.get("started_at"), row.get("finished_at")
-    row["duration_ms"] = (
-        round((end - start).total_seconds() * 1000, 1) if start is not None and end else None
-    )
-    return row
+        )
+        return dataclasses.replace(op, steps=tuple(steps.fetchall()))
 
 
 def list_operations(
@@ -134,7 +180,7 @@ def list_operations(
     owner_id: uuid.UUID | None = None,
     status: str | None = None,
     limit: int = 50,
-) -> list[dict[str, Any]]:
+) -> list[Operation]:
     clauses: list[sql.Composable] = [sql.SQL("true")]
     params: list[Any] = []
     for column, value in (("tenant_id", tenant_id), ("owner_id", owner_id), ("status", status)):
@@ -144,9 +190,8 @@ def list_operations(
     query = sql.SQL("{} WHERE {} ORDER BY o.created_at DESC, o.id LIMIT %s").format(
         _SELECT_OPS, sql.SQL(" AND ").join(clauses)
     )
-    with conn.cursor(row_factory=dict_row) as cur:
-        rows = cur.execute(query, (*params, limit)).fetchall()
-    return [_with_duration(r) for r in rows]
+    with conn.cursor(row_factory=class_row(Operation)) as cur:
+        return cur.execute(query, (*params, limit)).fetchall()
 
 
 def list_audit(

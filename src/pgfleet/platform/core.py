@@ -21,7 +21,7 @@ from typing import Any, TypeVar, cast
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
-from pgfleet.config import ServerSpec, Settings
+from pgfleet.config import ServerSpec, Settings, get_settings
 from pgfleet.crypto import SecretBox
 from pgfleet.errors import ConfigError
 from pgfleet.fleet.embedded import ADMIN_USER, LOOPBACK, EmbeddedFleet
@@ -208,7 +208,5 @@ def default_platform() -> Platform:
     module-level functions)."""
     global _default
     if _default is None:
-        from pgfleet.config import get_settings
-
         _default = Platform(get_settings())
     return _default

@@ -12,6 +12,7 @@ from typing import Any
 import sqlalchemy
 from alembic import command
 from alembic.config import Config
+from alembic.script import ScriptDirectory
 from sqlalchemy.engine import URL
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -36,8 +37,6 @@ def _url(conninfo: dict[str, Any]) -> URL:
 
 def head() -> str:
     """The newest revision the migrations define."""
-    from alembic.script import ScriptDirectory
-
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     rev = ScriptDirectory.from_config(cfg).get_current_head()

@@ -440,7 +440,7 @@ def _reconcile_step(ctx: OpContext) -> None:
         repair=True,
         force=bool(ctx.params.get("force")),
         record=True,
-        actor=str(ctx.op.get("actor") or "reconciler"),
+        actor=ctx.op.actor or "reconciler",
     )
     ctx.state["report"] = report
     repaired = sum(1 for f in report["findings"] if f["repaired"])

@@ -12,6 +12,7 @@ import logging
 import uuid
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import psycopg
 
@@ -20,6 +21,7 @@ from pgfleet.monitoring.health import known_down
 from pgfleet.names import derive_subdomain, validate_name, validate_subdomain
 from pgfleet.operations import service as ops_service
 from pgfleet.operations.service import start_operation
+from pgfleet.operations.store import Operation
 from pgfleet.platform.core import Platform
 from pgfleet.platform.owners import Owner
 from pgfleet.regions import PlacementPolicy, choose_server, get_plan, get_region
@@ -128,7 +130,7 @@ def start_create_project(
     return get_project(platform, owner, tid), op_id
 
 
-def provisioned(platform: Platform, project: Tenant, op: dict[str, Any]) -> ProvisionedDatabase:
+def provisioned(platform: Platform, project: Tenant, op: Operation) -> ProvisionedDatabase:
     """The credentials of a project whose provision operation finished."""
     ep = DatabasePlatformClient.of(platform).endpoint(project.id)
     return ProvisionedDatabase(
@@ -145,7 +147,7 @@ def provisioned(platform: Platform, project: Tenant, op: dict[str, Any]) -> Prov
         password=ep.password,
         ro_user=ep.ro_user,
         ro_password=ep.ro_password,
-        actions=tuple((op.get("result") or {}).get("actions", ())),
+        actions=tuple((op.result or {}).get("actions", ())),
     )
 
 
@@ -164,7 +166,7 @@ def create_project(
         platform, owner, name=name, region=region, plan_type=plan_type, subdomain=subdomain
     )
     op = ops_service.wait(platform, op_id)
-    if op["status"] != "finished":
+    if op.status != "finished":
         raise ops_service.operation_failed(op)
     project = get_project(platform, owner, project.id)
     return project, provisioned(platform, project, op)
@@ -211,8 +213,8 @@ def _lifecycle(
 def delete_project(platform: Platform, owner: Owner, project_id: str | uuid.UUID) -> Tenant:
     """Delete and wait: the project row, `deleted`, once its database is gone."""
     op_id = start_delete_project(platform, owner, project_id)
-    op = ops_service.wait_or_raise(platform, op_id)
-    return get_project(platform, owner, op["tenant_id"], include_deleted=True)
+    ops_service.wait_or_raise(platform, op_id)
+    return get_project(platform, owner, project_id, include_deleted=True)
 
 
 def start_delete_project(
@@ -318,8 +320,6 @@ class ConnectionDetails:
 
     @property
     def uri(self) -> str:
-        from urllib.parse import quote, urlencode
-
         query = {"sslmode": self.sslmode}
         if self.sslrootcert:
             query["sslrootcert"] = self.sslrootcert

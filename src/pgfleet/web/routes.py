@@ -12,6 +12,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, FastAPI, Form, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from pgfleet import auth
@@ -22,6 +23,7 @@ from pgfleet.errors import (
     NotFound,
     PgfleetError,
     SqlError,
+    to_http,
 )
 from pgfleet.monitoring import stats
 from pgfleet.monitoring.service import advisor_report, cost_report
@@ -109,20 +111,17 @@ def wants_page(path: str, accept: str) -> bool:
 
 def console_error_page(exc: PgfleetError, headers: Mapping[str, str] | None = None) -> HTMLResponse:
     """What the console shows for an error it did not handle itself (the
-    platform DB away, say): the message, as a page, with its status."""
-    title = {503: "Unavailable", 404: "Not found", 429: "Slow down"}.get(
-        exc.status_code, "Not done"
-    )
+    platform DB away, say): the message, as a page, with the status and
+    headers the API would answer with."""
+    status, _, mapped = to_http(exc)
+    title = {503: "Unavailable", 404: "Not found", 429: "Slow down"}.get(status, "Not done")
     html = templates.get_template("error.html").render(me=None, title=title, message=exc.message)
-    headers = {"Cache-Control": "no-store", **(headers or {})}
-    if exc.status_code == 503:
-        headers["Retry-After"] = "5"
-    return HTMLResponse(html, status_code=exc.status_code, headers=headers)
+    headers = {"Cache-Control": "no-store", **mapped, **(headers or {})}
+    return HTMLResponse(html, status_code=status, headers=headers)
 
 
 def install(app: FastAPI) -> None:
     """Add the console to the FastAPI app."""
-    from fastapi.staticfiles import StaticFiles
 
     @app.exception_handler(_SignIn)
     async def to_signin(request: Request, exc: _SignIn) -> Response:
@@ -265,9 +264,7 @@ def databases(request: Request, s: SessionDep, q: str = "", sort: str = "created
         rows = [
             r
             for r in rows
-            if needle in r.name.casefold()
-            or needle in (r.region or "")
-            or needle in str(r.id)
+            if needle in r.name.casefold() or needle in (r.region or "") or needle in str(r.id)
         ]
     key = SORTS.get(sort.lstrip("-")) or SORTS["created"]
     rows.sort(key=key, reverse=sort == "created" or sort.startswith("-"))
@@ -351,7 +348,7 @@ def database(request: Request, s: SessionDep, pid: str, op: str | None = None) -
     ops = ops_service.project_operations(p, project.id, limit=10)
     detailed = []
     for o in ops[:5]:
-        detailed.append(ops_service.visible_operation(p, s.owner, o["id"]))
+        detailed.append(ops_service.visible_operation(p, s.owner, o.id))
     conns: dict[str, Any] = {}
     if project.status in ("active", "paused"):
         for mode in ("rw", "ro"):
@@ -362,7 +359,7 @@ def database(request: Request, s: SessionDep, pid: str, op: str | None = None) -
             except PgfleetError:
                 pass
     perf = stats.project_performance(p, project.id, "24h")
-    pending = next((o for o in ops if o["status"] in ("scheduled", "running")), None)
+    pending = next((o for o in ops if not o.ended), None)
     return render(
         request,
         "database.html",
@@ -399,10 +396,10 @@ def operation_json(request: Request, s: SessionDep, pid: str, op_id: str) -> JSO
     op = ops_service.visible_operation(_platform(request), s.owner, op_id)
     return JSONResponse(
         {
-            "status": op["status"],
-            "current_step": op["current_step"],
-            "error": op["error"],
-            "steps": [{"name": x["name"], "status": x["status"]} for x in op["steps"]],
+            "status": op.status,
+            "current_step": op.current_step,
+            "error": op.error,
+            "steps": [{"name": x.name, "status": x.status} for x in op.steps],
         }
     )
 

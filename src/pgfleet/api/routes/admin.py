@@ -91,7 +91,7 @@ def admin_reconcile(
             else:
                 with platform.db.connection() as conn:
                     op = get_operation(conn, op_id)
-            status = 200 if op["status"] in ("finished", "failed", "cancelled") else 202
+            status = 200 if op.status in ("finished", "failed", "cancelled") else 202
             return status, OperationOut.from_row(op)
         with platform.db.connection() as conn:
             audit(

@@ -92,17 +92,18 @@ def project_and_op(
     else:
         with platform.db.connection() as conn:
             op = get_operation(conn, op_id)
-    project = service.get_project(platform, owner, op["tenant_id"], include_deleted=True)
+    assert op.tenant_id is not None, "a project's operation names its project"
+    project = service.get_project(platform, owner, op.tenant_id, include_deleted=True)
     shown = None
     # Credentials are shown for an active project (a paused one's cannot log in).
-    if credentials and op["status"] == "finished" and project.status == "active":
+    if credentials and op.status == "finished" and project.status == "active":
         shown = conn_out(service.connection_details(platform, owner, project.id, "rw"))
     body = ProjectWithOperation(
         project=ProjectOut.from_row(project),
         operation=OperationOut.from_row(op),
         connection=shown,
     )
-    return (200 if op["status"] == "finished" else 202), body
+    return (200 if op.status == "finished" else 202), body
 
 
 def lifecycle_route(

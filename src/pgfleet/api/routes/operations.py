@@ -116,7 +116,7 @@ def cancel_operation(
 
     def produce() -> tuple[int, Any]:
         op = ops_service.cancel_operation(platform, owner, operation_id)
-        return (200 if op["status"] == "cancelled" else 202), OperationOut.from_row(op)
+        return (200 if op.status == "cancelled" else 202), OperationOut.from_row(op)
 
     return run_idempotent(
         platform,

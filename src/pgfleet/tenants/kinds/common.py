@@ -77,6 +77,6 @@ def reached(ctx: OpContext, position: int) -> bool:
     with ctx.platform.db.connection() as conn:
         row = conn.execute(
             "SELECT 1 FROM operation_steps WHERE operation_id = %s AND position >= %s LIMIT 1",
-            (ctx.op["id"], position),
+            (ctx.op.id, position),
         ).fetchone()
     return row is not None

@@ -192,7 +192,7 @@ def _rotate_schedule_expiry(ctx: OpContext) -> None:
     if not roles:
         return
     overlap = int(ctx.params.get("overlap_s") or 0)
-    at = schedule_expiry(p, ctx.tenant_id, roles, overlap, key=str(ctx.op["id"]))
+    at = schedule_expiry(p, ctx.tenant_id, roles, overlap, key=str(ctx.op.id))
     info.pop("expire_after_overlap", None)
     _update_info(p, ctx.tenant_id, info)
     ctx.state["expire"] = roles

@@ -163,7 +163,7 @@ def _plan_record(ctx: OpContext) -> None:
 def _plan_undo(ctx: OpContext, reason: str | None = None) -> None:
     previous = ctx.params.get("previous_plan")
     if previous:
-        undo = OpContext(ctx.platform, {**ctx.op, "params": {"plan": previous}})
+        undo = OpContext(ctx.platform, replace(ctx.op, params={"plan": previous}))
         _plan_limits(undo)
 
 

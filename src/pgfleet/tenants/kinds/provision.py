@@ -36,7 +36,7 @@ def _activate(ctx: OpContext) -> None:
     activate(p, t, tuple(ctx.state.get("actions", ())))
     p.metrics.provisions.labels(t.server.region, "ok").inc()
     # From the request (the operation's creation) to credentials that work.
-    took = datetime.now(UTC) - ctx.op["created_at"]
+    took = datetime.now(UTC) - ctx.op.created_at
     p.metrics.provision_duration.labels(t.server.region).observe(took.total_seconds())
 
 

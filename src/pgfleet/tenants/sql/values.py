@@ -19,6 +19,7 @@ from psycopg.abc import PQGen
 from psycopg.generators import fetch
 from psycopg.pq import ExecStatus
 from psycopg.pq.abc import PGresult
+from psycopg.types import datetime as pgdt
 
 
 def to_json(value: Any) -> Any:
@@ -105,8 +106,6 @@ class _TextLoader(psycopg.adapt.Loader):
 
 
 def _loaders() -> list[tuple[str, type[psycopg.adapt.Loader]]]:
-    from psycopg.types import datetime as pgdt
-
     out: list[tuple[str, type[psycopg.adapt.Loader]]] = [
         # An interval has months, days and time; Python's timedelta has only
         # days, so '1 year' would come back as 365 days. Keep the server's text.
