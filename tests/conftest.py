@@ -7,16 +7,13 @@ import gc
 import itertools
 import os
 import shutil
-import socket
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from psycopg import sql
 
@@ -25,7 +22,7 @@ from pgfleet.auth import create_owner
 from pgfleet.platform import migrate
 from pgfleet.platform.core import Platform
 from pgfleet.platform.owners import Owner
-from tests.helpers import Api, FleetUnderTest, free_port_block, make_settings, wait_healthy
+from tests.helpers import Api, FleetUnderTest, free_port_block, make_settings, serve
 
 # The seed's host variables would switch pgfleet to external servers.
 for _var in ("POSTGRES_HOST_US_EAST", "POSTGRES_HOST_EU", "POSTGRES_HOST_APAC", "PGFLEET_CONFIG"):
@@ -128,23 +125,8 @@ def admin_api(client: TestClient, admin: tuple[Owner, str]) -> Api:
 @pytest.fixture
 def api_url(platform: Platform) -> Iterator[str]:
     """A real uvicorn server for `platform` on a free port, in a thread."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        create_app(platform), host="127.0.0.1", port=port, log_level="warning", access_log=False
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, 20)
+    with serve(platform) as url:
         yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
 
 
 @pytest.fixture

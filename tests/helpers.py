@@ -10,17 +10,21 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
+import uvicorn
 from fastapi.testclient import TestClient
 from psycopg import sql
 from typer.testing import CliRunner, Result
 
+from pgfleet.api.app import create_app, proxy_options
 from pgfleet.cli import app as cli_app
 from pgfleet.config import Settings
 from pgfleet.fleet.embedded import EmbeddedFleet, EmbeddedServer
@@ -318,3 +322,31 @@ def restart(fleet: FleetUnderTest, server: EmbeddedServer) -> None:
     """Start a server this test stopped, so later tests have the whole fleet."""
     fleet.fleet.start(server)
     assert fleet.fleet.is_running(server)
+
+
+@contextmanager
+def serve(platform: Platform) -> Iterator[str]:
+    """A real uvicorn server for `platform` on a free port, in a thread, with
+    the options `pgfleet up` gives it; yields its URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        create_app(platform),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+        **proxy_options(platform.settings),
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, 20)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()

@@ -8,6 +8,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from pgfleet.api.app import create_app
+from pgfleet.auth import create_owner
 from pgfleet.operations.runtime import OperationsRuntime
 from pgfleet.platform.core import Platform
 from tests.helpers import MISSING_ID, Api, FleetUnderTest, create, create_ok, error_of, run_psql
@@ -427,3 +429,27 @@ def test_region_down_is_503_and_leaves_nothing(
     assert res.returncode == 0, res.stderr
     after = create_ok(api, "after", region="eu-central-1")
     assert after["connection"]["database"] in fleet.databases("eu-central-1")
+
+
+def test_an_owner_has_at_most_its_quota_of_projects(
+    platform_factory: Any, fleet: FleetUnderTest
+) -> None:
+    """A quota bounds what one owner can make (and so what one owner can do
+    to a server); deleting frees a place; admins have none."""
+    platform: Platform = platform_factory(max_projects_per_owner=2)
+    _, token = create_owner(platform, "bounded")
+    _, admin_token = create_owner(platform, "root", is_admin=True)
+    with TestClient(create_app(platform)) as client:
+        api, admin = Api(client, token), Api(client, admin_token)
+        first = create_ok(api, "one", region="us-east-1")["id"]
+        create_ok(api, "two", region="us-east-1")
+        before = fleet.databases("us-east-1")
+        r = create(api, "three", region="us-east-1")
+        err = error_of(r, 403)
+        assert err["code"] == "quota_exceeded" and "at most 2" in err["message"], err
+        assert fleet.databases("us-east-1") == before
+        assert len(api.get("/v1/projects").json()["projects"]) == 2
+        assert api.delete(f"/v1/projects/{first}").status_code == 200
+        create_ok(api, "three", region="us-east-1")
+        for i in range(3):
+            create_ok(admin, f"admin-{i}", region="us-east-1")

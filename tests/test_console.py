@@ -404,3 +404,23 @@ def test_pages_run_under_the_content_security_policy(
     page.goto("/regions")
     expect(page.get_by_role("heading", name=re.compile("Regions"))).to_be_visible()
     assert violations == [], violations
+
+
+def test_sign_out_ends_the_session_on_the_server(api_url: str, owner: tuple[Owner, str]) -> None:
+    """A copy of the session cookie taken before signing out (a shared
+    machine, a stolen cookie) no longer opens the console."""
+    with httpx.Client(base_url=api_url) as http:
+        form = http.get("/signin")
+        m = re.search(r'name="csrf" value="([^"]+)"', form.text)
+        assert m is not None
+        r = http.post("/signin", data={"token": owner[1], "next": "/databases", "csrf": m.group(1)})
+        assert r.status_code == 303, r.text
+        copy = r.cookies["pgfleet_session"]
+        page = http.get("/databases")
+        assert page.status_code == 200
+        csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
+        assert csrf is not None
+        assert http.post("/signout", data={"csrf": csrf.group(1)}).status_code == 303
+    with httpx.Client(base_url=api_url, cookies={"pgfleet_session": copy}) as stolen:
+        r = stolen.get("/databases")
+        assert r.status_code == 303 and "/signin" in r.headers["location"], r.status_code

@@ -45,10 +45,10 @@ def test_servers_listen_on_loopback_with_scram_and_logical_wal(fleet: FleetUnder
         assert {r[0] for r in hba if r[3] != "reject"} == {"hostssl"}
         if region is None:  # the platform server: nobody but the admin
             assert {r[2][0] for r in hba if r[3] != "reject"} == {"pgfleet_admin"}
-        else:  # a regional server: the admin in `postgres` only, tenants by samerole
+        else:  # regional: the admin in `postgres` and `template1` only, tenants by samerole
             assert ("hostssl", ["samerole"], ["all"], "scram-sha-256") in hba
             admin = [r[1] for r in hba if r[2] == ["pgfleet_admin"] and r[3] != "reject"]
-            assert admin == [["postgres"], ["replication"]]
+            assert admin == [["postgres", "template1"], ["replication"]]
 
 
 def test_secrets_are_private_and_servers_run_unprivileged(fleet: FleetUnderTest) -> None:

@@ -22,7 +22,7 @@ from pgfleet.api.app import CSP, create_app
 from pgfleet.auth import create_owner
 from pgfleet.monitoring.querylog import QueryLogWriter
 from pgfleet.platform.core import Platform
-from tests.helpers import Api, FleetUnderTest, connect, create_ok, error_of, run_psql
+from tests.helpers import Api, FleetUnderTest, connect, create_ok, error_of, run_psql, serve
 
 
 def envelope(r: httpx.Response, status: int) -> dict[str, Any]:
@@ -151,6 +151,49 @@ def test_requests_are_limited_per_token_sql_separately(
     assert client.get("/v1/regions", headers=auth).status_code == 200
 
 
+@pytest.mark.parametrize("trusted", ["", "127.0.0.1"])
+def test_x_forwarded_for_counts_only_from_a_trusted_proxy(
+    platform_factory: Any, trusted: str
+) -> None:
+    """Behind no proxy (the default) a client cannot name the address its
+    failed tokens are counted against; behind a trusted one, the address the
+    proxy reports is the one counted."""
+    platform = platform_factory(
+        api_workers=1, rate_limit_auth_failures_per_min=4, trusted_proxies=trusted
+    )
+    with serve(platform) as url:
+        codes = [
+            httpx.get(
+                f"{url}/v1/me",
+                headers={"Authorization": "Bearer pgf_wrong", "X-Forwarded-For": f"10.0.0.{i}"},
+            ).status_code
+            for i in range(6)
+        ]
+    if trusted:
+        assert codes == [401] * 6, codes  # six clients, one failure each
+    else:
+        assert codes[:4] == [401] * 4 and codes[4:] == [429, 429], codes
+
+
+def test_a_spelling_of_the_token_or_a_made_up_cookie_gets_no_fresh_bucket(
+    limited: tuple[TestClient, str],
+) -> None:
+    client, token = limited
+    # The same token however its header is spelt, each request with another
+    # made-up session cookie (before and after the token): one bucket.
+    spellings = [f"Bearer {token}", f"bearer {token}", f"BEARER {token} ", f"Bearer {token}\t"]
+    codes = []
+    for i in range(16):
+        client.cookies.clear()
+        headers = {
+            "Authorization": spellings[i % len(spellings)],
+            "Cookie": f"xpgfleet_session=a{i}; pgfleet_session=made-up-{i}; pgfleet_session_x=b",
+        }
+        codes.append(client.get("/v1/regions", headers=headers).status_code)
+    assert set(codes) <= {200, 429} and codes.count(200) <= 11, codes
+    assert codes[-1] == 429, codes
+
+
 # ---- the role's connection limit -------------------------------------------------
 
 
@@ -234,6 +277,30 @@ def test_every_error_has_the_envelope(client: TestClient, api: Api) -> None:
     # The console answers its own paths with pages, not JSON.
     page = client.get("/databases/no-such-page/at/all", headers={"Accept": "text/html"})
     assert page.status_code == 404 and "text/html" in page.headers["content-type"]
+
+
+def test_text_postgresql_cannot_store_is_422_naming_it(api: Api) -> None:
+    """JSON can carry a lone surrogate (no character, not encodable) and NUL
+    (which PostgreSQL text cannot hold): each is the request's fault, named,
+    and nothing is created."""
+    pid = create_ok(api, "texts")["id"]
+    sql_path = f"/v1/projects/{pid}/sql"
+    cases = [
+        (sql_path, b'{"query": "select \'\\ud800\'"}', "lone surrogate"),
+        (sql_path, b'{"query": "select $1", "params": ["a\\udfffb"]}', "lone surrogate"),
+        (sql_path, b'{"query": "select $1", "params": ["a\\u0000b"]}', "NUL"),
+        (sql_path, b'{"query": "select 1\\u0000"}', "NUL"),
+        ("/v1/projects", b'{"name": "shop\\ud83d"}', "surrogate"),
+        ("/v1/tokens", b'{"name": "t\\u0000"}', ""),
+    ]
+    for path, body, words in cases:
+        r = api.post(path, content=body, headers={"Content-Type": "application/json"})
+        err = envelope(r, 422)
+        assert err["code"] == "invalid_input" and words in err["message"], (body, err)
+    assert [p["id"] for p in api.get("/v1/projects").json()["projects"]] == [pid]
+    # The session the SQL API keeps for the project is fine afterwards.
+    ok = api.post(sql_path, json={"query": "select $1::text", "params": ["fine"]})
+    assert ok.status_code == 200 and ok.json()["rows"] == [["fine"]], ok.text
 
 
 def test_errors_under_load_keep_the_envelope(api: Api) -> None:

@@ -42,6 +42,9 @@ from tests.helpers import percentile_cont
         ),
         ("select '2024-01-01'::date, b'101', x'ff', n'nat'", "select ?::date, ?, ?, ?"),
         ("select 'unterminated secret", "select ?"),
+        # Tags and identifiers past ASCII are PostgreSQL's identifiers too.
+        ("select $täg$ it's secret $täg$, ünï_2 from t", "select ?, ünï_2 from t"),
+        ("select $日本$ secret $日本$ where x1 = 7", "select ? where x1 = ?"),
     ],
 )
 def test_fingerprint(query: str, expected: str) -> None:

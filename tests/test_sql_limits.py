@@ -243,3 +243,28 @@ def test_byte_cap_truncates(api: Api) -> None:
     assert all(len(r[1]) == 1_000_000 for r in body["rows"])
     assert len(json.dumps(body["rows"])) <= 5 * 1024 * 1024
     assert body["row_count"] == len(body["rows"])
+
+
+def test_a_row_far_over_the_byte_cap_is_not_loaded(api: Api) -> None:
+    """A value of tens of megabytes is not turned into Python and JSON only
+    to be dropped: its row ends the answer, truncated; a write returning
+    such rows still happens whole."""
+    pid = create_ok(api, plan_type="free")["id"]  # 5 MB of rows
+    body = run_ok(
+        api,
+        pid,
+        "select g, case when g = 2 then repeat('x', 20000000) else 'small' end "
+        "from generate_series(1, 3) g",
+    )
+    assert body["truncated"] is True
+    assert body["rows"] == [[1, "small"]]
+    body = run_ok(api, pid, "select decode(repeat('ab', 12000000), 'hex')")
+    assert body["truncated"] is True and body["rows"] == []
+    run_ok(api, pid, "create table big (x text)")
+    body = run_ok(
+        api,
+        pid,
+        "insert into big select repeat('y', 20000000) from generate_series(1, 2) returning x",
+    )
+    assert body["truncated"] is True and body["rows"] == []
+    assert scalar(api, pid, "select sum(length(x)) from big") == 40000000

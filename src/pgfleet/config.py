@@ -89,6 +89,10 @@ class Settings(BaseSettings):
     api_port: int = Field(default=8470, ge=1, le=65535)
     # API processes: one per CPU (at most 4), since one Python process uses one core.
     api_workers: int = Field(default_factory=lambda: _default_api_workers(), ge=1, le=64)
+    # Addresses of reverse proxies whose X-Forwarded-For / X-Forwarded-Proto
+    # are believed (comma separated; "*" for any). Empty: none, so no client
+    # can choose the address its rate limits are counted by.
+    trusted_proxies: str = ""
     # Fernet keys, newest first (comma separated in env). Empty: a key file
     # generated into the data directory (development only).
     secret_keys: Annotated[list[SecretStr], NoDecode] = Field(default=[], repr=False)
@@ -109,6 +113,8 @@ class Settings(BaseSettings):
     operation_deadline_s: float = Field(default=120.0, gt=0)
     operation_wait_s: float = Field(default=60.0, gt=0)
     reconcile_interval_s: float = Field(default=600.0, gt=0)
+    # Projects (not deleted) an owner may have; admins have no limit (0: none).
+    max_projects_per_owner: int = Field(default=100, ge=0)
     # Databases each regional server keeps ready for new projects (0: none).
     spare_databases: int = Field(default=2, ge=0, le=1000)
     idempotency_retention_h: int = Field(default=24, ge=1)

@@ -50,6 +50,13 @@ class Forbidden(PgfleetError):
     code = "forbidden"
 
 
+class QuotaExceeded(PgfleetError):
+    """An owner is at its limit of projects."""
+
+    status_code = 403
+    code = "quota_exceeded"
+
+
 class NotFound(PgfleetError):
     """Not found."""
 

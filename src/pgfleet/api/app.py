@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -42,6 +43,17 @@ Every `/v1` call needs `Authorization: Bearer pgf_...`. Errors have the shape
 `{"error": {"code": ..., "message": ...}}`; the message says what was wrong
 and what is allowed.
 """
+
+
+def proxy_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's options for X-Forwarded-*: uvicorn believes them from
+    127.0.0.1 unless told otherwise; pgfleet only from the proxies
+    PGFLEET_TRUSTED_PROXIES names (none by default), so no client picks the
+    address its rate limits count against."""
+    proxies = settings.trusted_proxies.strip()
+    if not proxies:
+        return {"proxy_headers": False}
+    return {"proxy_headers": True, "forwarded_allow_ips": proxies}
 
 
 def create_app(platform: Platform | None = None, settings: Settings | None = None) -> FastAPI:

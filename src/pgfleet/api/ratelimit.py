@@ -8,6 +8,10 @@
 - Requests, per credential (API token, console session; the client address
   when there is none): `rate_limit_per_s` for the management API and the
   console, `rate_limit_sql_per_s` for the SQL API, with a burst of twice that.
+  The credential is read as authentication reads it (the token of a Bearer
+  header in any case, the session cookie by its exact name); a request that
+  carries both a token and a session is charged to both, so a second,
+  made-up credential never gets a request past the limit of the real one.
 
 Every answer over a limit is 429 with `Retry-After` (seconds) in the usual
 error envelope. The limits are for all API processes of a host together:
@@ -26,11 +30,14 @@ import time
 from collections import OrderedDict
 from typing import Any
 
+from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pgfleet.api.sqlpath import bearer_token
 from pgfleet.config import Settings
 from pgfleet.errors import RateLimited, to_http
 from pgfleet.web.routes import console_error_page, wants_page
+from pgfleet.web.session import COOKIE
 
 
 class RateLimiter:
@@ -73,7 +80,6 @@ class RateLimiter:
 
 
 _SQL_PATH = re.compile(r"/v1/projects/[^/]+/sql|/sql")
-_SESSION = b"pgfleet_session="
 
 
 class RateLimits:
@@ -89,18 +95,23 @@ class RateLimits:
         self.sql = RateLimiter(sql, max(1.0, 2 * sql))
 
 
-def _credential(scope: Scope) -> tuple[str | None, bool]:
-    """(the request's credential, whether it carries one at all)."""
+def _credentials(scope: Scope) -> tuple[list[str], bool]:
+    """(the request's credentials as limiter keys, whether it carries one)."""
+    keys: list[str] = []
     for name, value in scope["headers"]:
         if name == b"authorization":
-            return "t:" + value.decode("latin-1"), True
-        if name == b"cookie" and _SESSION in value:
-            start = value.index(_SESSION) + len(_SESSION)
-            end = value.find(b";", start)
-            return "s:" + value[start : end if end >= 0 else None].decode("latin-1"), True
+            text = value.decode("latin-1")
+            token = bearer_token(text)
+            keys.append("t:" + (token if token is not None else text.strip()))
+        elif name == b"cookie":
+            session = cookie_parser(value.decode("latin-1")).get(COOKIE)
+            if session:
+                keys.append("s:" + session)
+    if keys:
+        return keys, True
     if scope["method"] == "POST" and scope["path"] == "/signin":
-        return None, True  # a token typed into the sign-in form
-    return None, False
+        return keys, True  # a token typed into the sign-in form
+    return keys, False
 
 
 class RateLimit:
@@ -119,7 +130,7 @@ class RateLimit:
             return
         client = scope.get("client")
         address = client[0] if client else "unknown"
-        credential, carries = _credential(scope)
+        credentials, carries = _credentials(scope)
         if carries:
             wait = limits.auth_failures.peek(address)
             if wait > 0:
@@ -132,7 +143,7 @@ class RateLimit:
                 )
                 return
         limiter = limits.sql if _SQL_PATH.fullmatch(scope["path"]) else limits.api
-        wait = limiter.take(credential or "a:" + address)
+        wait = max(limiter.take(key) for key in credentials or ["a:" + address])
         if wait > 0:
             rate = limiter.rate * scope["app"].state.platform.settings.api_workers
             await _refuse(

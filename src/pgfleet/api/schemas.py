@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pgfleet.operations.store import Operation
 from pgfleet.regions import DEFAULT_REGION, PLAN_IDS, PLANS, REGION_IDS, REGIONS_BY_ID
@@ -27,10 +27,40 @@ WINDOW_PATTERN = (
 )
 
 
+def storable_text(value: Any) -> Any:
+    """`value`, if every string in it is text PostgreSQL can store: JSON may
+    carry a lone surrogate (`"\\ud800"`), which is no character and cannot
+    be encoded, and NUL (`"\\u0000"`), which PostgreSQL text cannot hold."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError("contains NUL (\\u0000), which PostgreSQL text cannot hold")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(
+                f"contains a lone surrogate (\\u{ord(value[e.start]):04x}), which is no "
+                "character; send valid Unicode text"
+            ) from None
+    elif isinstance(value, list | tuple):
+        for item in value:
+            storable_text(item)
+    elif isinstance(value, dict):
+        for k, item in value.items():
+            storable_text(k)
+            storable_text(item)
+    return value
+
+
 class Input(BaseModel):
-    """A request body: a field pgfleet does not know is an error, named."""
+    """A request body: a field pgfleet does not know is an error, named; every
+    string in it is text PostgreSQL can store."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _storable(cls, value: Any) -> Any:
+        return storable_text(value)
 
 
 class ErrorBody(BaseModel):

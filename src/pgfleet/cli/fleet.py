@@ -208,7 +208,7 @@ def _run_uvicorn(s: Settings) -> None:
     # commands that serve, so client commands and --help start fast.
     import uvicorn
 
-    from pgfleet.api.app import create_app
+    from pgfleet.api.app import create_app, proxy_options
 
     warn_weak_tls(s)
 
@@ -228,6 +228,7 @@ def _run_uvicorn(s: Settings) -> None:
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+            **proxy_options(s),
         )
         return
     uvicorn.run(
@@ -237,6 +238,7 @@ def _run_uvicorn(s: Settings) -> None:
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        **proxy_options(s),
     )
 
 

@@ -315,7 +315,10 @@ class EmbeddedFleet:
             "max_replication_slots": "10",
             "shared_buffers": "64MB",
             "fsync": durable,
-            "synchronous_commit": durable,
+            # Even without fsync (tests, benches), a commit writes its WAL to
+            # the OS before it returns: a killed postmaster loses nothing
+            # committed (only the machine failing could).
+            "synchronous_commit": "on",
             "full_page_writes": durable,
             # TLS only (pg_hba has nothing but hostssl lines).
             "ssl": "on",
@@ -454,7 +457,8 @@ def hba_conf(kind: Literal["platform", "regional"]) -> str:
     """pg_hba.conf of an embedded server: TLS and SCRAM only, loopback only.
 
     On a regional server the admin (a superuser) may only enter the
-    `postgres` database: no session of it can ever run inside a tenant's
+    `postgres` database (and `template1`, which new databases copy and no
+    tenant can enter): no session of it can ever run inside a tenant's
     database, where the tenant controls what names resolve to. A project's
     login roles are members of a NOLOGIN role named like its database, so
     `samerole` admits them to that database and to no other (superusers are
@@ -470,7 +474,7 @@ def hba_conf(kind: Literal["platform", "regional"]) -> str:
             "local   all          all                          reject\n"
         )
     return head + (
-        f"hostssl postgres     {ADMIN_USER}  127.0.0.1/32  scram-sha-256\n"
+        f"hostssl postgres,template1 {ADMIN_USER} 127.0.0.1/32 scram-sha-256\n"
         f"hostssl replication  {ADMIN_USER}  127.0.0.1/32  scram-sha-256\n"
         f"host    all          {ADMIN_USER}  0.0.0.0/0     reject\n"
         f"hostssl all          {PROBE_USER}  127.0.0.1/32  scram-sha-256\n"

@@ -15,12 +15,19 @@ no privileged session ever resolves a name a tenant controls.
 Every one pins `search_path` to `pg_catalog, pg_temp` in its startup packet
 (which overrides what ALTER ROLE/DATABASE ... SET put there) and bounds its
 lock waits and statements.
+
+A session doing work on a project's objects names the project's roles
+(`evict=`): when one of their sessions blocks it (a tenant's open
+transaction holding a lock on its own role, database or tables), that
+session is ended, so a tenant can delay work on its own project by a second
+at most and never hold an admin connection.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,8 +95,67 @@ PLATFORM_SESSION_OPTIONS = (
     "-c search_path=pg_catalog,pg_temp -c lock_timeout=10s -c statement_timeout=300s "
     "-c idle_in_transaction_session_timeout=300s -c default_transaction_read_only=off"
 )
+# How long a session doing work on a project's objects waits behind one of
+# the project's own sessions before that session is ended, and how often it
+# looks again while it is still blocked.
+EVICT_AFTER_S = 1.0
+EVICT_EVERY_S = 0.5
 # The role with no privilege that looks inside databases without a live project.
 PROBE_ROLE = "pgfleet_probe"
+
+
+log = logging.getLogger(__name__)
+
+
+class _Evictor:
+    """While `pid` runs, ends the sessions of `roles` that block it (the
+    project's own sessions: a tenant can only delay work on its own project).
+    It looks only once `pid` has been busy for EVICT_AFTER_S, from a
+    connection of its own, so quick work costs nothing but a thread."""
+
+    def __init__(self, connect: Any, server: ServerRecord, pid: int, roles: Sequence[str]) -> None:
+        self.connect, self.server, self.pid, self.roles = connect, server, pid, list(roles)
+        self.ended = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"evict-{pid}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        if self._stop.wait(EVICT_AFTER_S):
+            return
+        conn: psycopg.Connection[Any] | None = None
+        try:
+            while not self._stop.is_set():
+                try:
+                    if conn is None or conn.closed:
+                        conn = self.connect()
+                    rows = conn.execute(
+                        "SELECT a.pid, a.usename, pg_catalog.pg_terminate_backend(a.pid) "
+                        "FROM pg_catalog.pg_stat_activity a "
+                        "WHERE a.pid = ANY(pg_catalog.pg_blocking_pids(%s)) "
+                        "AND a.usename = ANY(%s)",
+                        (self.pid, self.roles),
+                    ).fetchall()
+                except (psycopg.Error, PgfleetError) as e:
+                    log.debug("server %s: cannot look for blockers: %s", self.server.name, e)
+                    rows = []
+                for pid, user, _ in rows:
+                    self.ended += 1
+                    log.warning(
+                        "server %s: ended session %s of %s: it blocked pgfleet's work on "
+                        "its project",
+                        self.server.name,
+                        pid,
+                        user,
+                    )
+                self._stop.wait(EVICT_EVERY_S)
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 class CredentialsRejected(PgfleetError):
@@ -251,8 +317,12 @@ class ServerRegistry:
         pool.close(timeout=0)
 
     @contextmanager
-    def admin_connection(self, server: ServerRecord) -> Iterator[psycopg.Connection[Any]]:
-        """An autocommit superuser connection to `server`, or RegionUnavailable."""
+    def admin_connection(
+        self, server: ServerRecord, *, evict: Sequence[str] = ()
+    ) -> Iterator[psycopg.Connection[Any]]:
+        """An autocommit superuser connection to `server`, or RegionUnavailable.
+        Sessions of the roles in `evict` that block it are ended (see the
+        module's docstring)."""
         pool = self._pool_for(server)
         try:
             cm = pool.connection()
@@ -267,9 +337,13 @@ class ServerRegistry:
                 server=server.name,
                 reached=False,
             ) from e
+        evictor = self._evictor(server, conn, evict)
         try:
             yield conn
         except psycopg.OperationalError as e:
+            if evictor is not None:
+                evictor.stop()
+                evictor = None
             cm.__exit__(type(e), e, e.__traceback__)
             if not conn.broken:
                 raise
@@ -280,10 +354,23 @@ class ServerRegistry:
                 server=server.name,
             ) from e
         except BaseException as e:
+            if evictor is not None:
+                evictor.stop()
+                evictor = None
             cm.__exit__(type(e), e, e.__traceback__)
             raise
         else:
+            if evictor is not None:
+                evictor.stop()
             cm.__exit__(None, None, None)
+
+    def _evictor(
+        self, server: ServerRecord, conn: psycopg.Connection[Any], roles: Sequence[str]
+    ) -> _Evictor | None:
+        if not roles:
+            return None
+        conninfo = {**server.admin_conninfo(self.settings.connect_timeout_s), "autocommit": True}
+        return _Evictor(lambda: psycopg.connect(**conninfo), server, conn.info.backend_pid, roles)
 
     def why_refused(self, server: ServerRecord, role: str) -> PgfleetError:
         """Why `role` could not log in to `server`, from the catalog (libpq
@@ -325,12 +412,20 @@ class ServerRegistry:
 
     @contextmanager
     def tenant_session(
-        self, server: ServerRecord, database: str, user: str, password: str, *, act_as: str
+        self,
+        server: ServerRecord,
+        database: str,
+        user: str,
+        password: str,
+        *,
+        act_as: str,
+        evict: Sequence[str] = (),
     ) -> Iterator[psycopg.Connection[Any]]:
         """An unpooled autocommit session inside a project's database, logged
         in as the project's login role `user` and acting as `act_as` (its main
         role; an alternate login role is a member of it). Names are resolved
-        in pg_catalog only."""
+        in pg_catalog only. Other sessions of the roles in `evict` that block
+        it are ended."""
         conninfo = {
             "host": server.host,
             "port": server.port,
@@ -341,6 +436,24 @@ class ServerRegistry:
             "connect_timeout": max(1, round(self.settings.connect_timeout_s)),
             "application_name": "pgfleet-maintenance",
             "options": f"{PLATFORM_SESSION_OPTIONS} -c role={act_as}",
+        }
+        with self._connect(server, conninfo) as conn:
+            evictor = self._evictor(server, conn, evict)
+            try:
+                yield conn
+            finally:
+                if evictor is not None:
+                    evictor.stop()
+
+    @contextmanager
+    def template_session(self, server: ServerRecord) -> Iterator[psycopg.Connection[Any]]:
+        """An unpooled admin session in `template1`, the database every new
+        one copies. No tenant can enter it (pg_hba admits a project's roles to
+        their own database only), so nothing in it is a tenant's."""
+        conninfo = {
+            **server.admin_conninfo(self.settings.connect_timeout_s),
+            "dbname": "template1",
+            "application_name": "pgfleet-template",
         }
         with self._connect(server, conninfo) as conn:
             yield conn

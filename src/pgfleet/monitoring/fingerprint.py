@@ -6,20 +6,25 @@ from __future__ import annotations
 import functools
 import re
 
+# PostgreSQL's identifier characters: ASCII letters, underscore, and every
+# character past ASCII (digits and `$` after the first). Dollar-quote tags
+# follow the same rules without `$`, so `$täg$ ... $täg$` is one literal.
+_START = "A-Za-z_\u0080-\U0010ffff"
+_PART = _START + "0-9"
 _TOKEN = re.compile(
     r"""
     (?P<line_comment>--[^\n]*)
   | (?P<block_comment>/\*)
-  | (?P<dollar>\$(?P<tag>[A-Za-z_][A-Za-z_0-9]*|)\$.*?(?:\$(?P=tag)\$|\Z))
+  | (?P<dollar>\$(?P<tag>[START][PART]*|)\$.*?(?:\$(?P=tag)\$|\Z))
   | (?P<estring>[Ee]'(?:[^'\\]|\\.|'')*(?:'|\Z))
   | (?P<string>[BbXxNnUu]?&?'(?:[^']|'')*(?:'|\Z))
   | (?P<qident>"(?:[^"]|"")*(?:"|\Z))
   | (?P<param>\$\d+|%s|%\([^)]*\)s)
-  | (?P<number>(?<![A-Za-z_0-9])(?:\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?))
-  | (?P<word>[A-Za-z_][A-Za-z_0-9$]*)
+  | (?P<number>(?<![PART])(?:[0-9]+\.?[0-9]*(?:[eE][-+]?[0-9]+)?|\.[0-9]+(?:[eE][-+]?[0-9]+)?))
+  | (?P<word>[START][PART$]*)
   | (?P<space>\s+)
   | (?P<other>.)
-    """,
+    """.replace("START", _START).replace("PART", _PART),
     re.VERBOSE | re.DOTALL,
 )
 _COMMENT_PART = re.compile(r"/\*|\*/")

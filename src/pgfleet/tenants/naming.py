@@ -63,6 +63,11 @@ def tenant_id_of(name: str) -> uuid.UUID | None:
     return uuid.UUID(m.group(1).replace("_", "-")) if m else None
 
 
+def project_roles_of(tenant_id: uuid.UUID) -> list[str]:
+    """Every role project `tenant_id` may have."""
+    return project_roles(tenant_db_name(tenant_id))
+
+
 def project_roles(name: str) -> list[str]:
     """Every role a project may have: the gate, the login roles, the alternates."""
     return [name, *login_role_names(name)]

@@ -20,8 +20,9 @@ from pgfleet.operations.locks import resource_lock_key
 from pgfleet.platform.core import Platform, default_platform
 from pgfleet.regions import PlacementPolicy, Plan, choose_server, get_plan, get_region
 from pgfleet.tenants import store
-from pgfleet.tenants.naming import ro_role_name, rw_role_name, tenant_db_name
+from pgfleet.tenants.naming import project_roles, ro_role_name, rw_role_name, tenant_db_name
 from pgfleet.tenants.server import converge_database, converge_privileges, converge_roles
+from pgfleet.tenants.template import ensure_template
 
 
 @dataclass(frozen=True)
@@ -156,11 +157,16 @@ def converge_target_on_server(p: Platform, t: ProvisionTarget, part: str) -> lis
             # A paused project's roles cannot log in; resuming runs this part.
             return ["privileges deferred: the project is paused"]
         with p.servers.tenant_session(
-            t.server, t.name, t.rw_user, t.password, act_as=rw_role_name(t.name)
+            t.server,
+            t.name,
+            t.rw_user,
+            t.password,
+            act_as=rw_role_name(t.name),
+            evict=project_roles(t.name),
         ) as tconn:
             converge_privileges(tconn, t.name)
         return actions
-    with p.servers.admin_connection(t.server) as aconn:
+    with p.servers.admin_connection(t.server, evict=project_roles(t.name)) as aconn:
         if part == "roles":
             converge_roles(
                 aconn,
@@ -175,6 +181,8 @@ def converge_target_on_server(p: Platform, t: ProvisionTarget, part: str) -> lis
                 actions=actions,
             )
         elif part == "database":
+            if ensure_template(p, t.server, aconn):
+                actions.append("template1: large objects made by the database owner only")
             converge_database(aconn, t.name, actions)
         else:
             raise ValueError(f"unknown part {part!r}")

@@ -68,7 +68,7 @@ from pgfleet.tenants.roles import (
     role_findings,
     wanted_roles,
 )
-from pgfleet.tenants.server import scram_verifier
+from pgfleet.tenants.server import drop_database, scram_verifier
 
 log = logging.getLogger(__name__)
 
@@ -223,8 +223,8 @@ def reconcile(
                     r[0]: r[1:]
                     for r in aconn.execute(
                         "SELECT datname, pg_get_userbyid(datdba), "
-                        "coalesce(datacl::text[], '{}') FROM pg_database "
-                        "WHERE datname LIKE 'tenant\\_%%'"
+                        "coalesce(datacl::text[], '{}'), datistemplate, datallowconn, "
+                        "datconnlimit FROM pg_database WHERE datname LIKE 'tenant\\_%%'"
                     )
                 }
                 states = read_role_states(aconn)
@@ -271,11 +271,7 @@ def reconcile(
                     f["action"] = "kept: it holds data; repair with force to drop it"
                 else:
                     with p.servers.admin_connection(server) as aconn:
-                        aconn.execute(
-                            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                                sql.Identifier(db)
-                            )
-                        )
+                        drop_database(aconn, db)
                     f.update(repaired=True, action="dropped")
         # Roles with no database and no live project.
         dropped = {
@@ -299,7 +295,7 @@ def reconcile(
             )
             if repair:
                 try:
-                    with p.servers.admin_connection(server) as aconn:
+                    with p.servers.admin_connection(server, evict=members) as aconn:
                         for role in sorted(members, key=len, reverse=True):
                             aconn.execute(
                                 sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role))
@@ -318,9 +314,17 @@ def reconcile(
                     ("missing_database", f"project is {t['status']} but has no database")
                 )
             else:
-                owner, acl = dbs[name]
+                owner, acl, template, allow_conn, conn_limit = dbs[name]
                 if owner != rw_role_name(name):
                     problems.append(("wrong_owner", f"database owned by {owner}"))
+                if template or not allow_conn or conn_limit != -1:
+                    problems.append(
+                        (
+                            "database_attributes",
+                            f"database is_template={template}, allow_connections={allow_conn}, "
+                            f"connection_limit={conn_limit} (want false, true, -1)",
+                        )
+                    )
                 if any(a.startswith("=") and "c" in a.split("/")[0] for a in acl):
                     problems.append(("public_connect", "PUBLIC may connect to the database"))
             want_login = t["status"] == "active"

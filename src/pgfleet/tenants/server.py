@@ -285,10 +285,59 @@ def converge_database(conn: psycopg.Connection[Any], name: str, actions: list[st
         if db is not None and db[0] != rw_role_name(name):
             conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(gate, rw))
             actions.append("set database owner")
+        # What the owner may change about its database but pgfleet needs as
+        # it made it: a template cannot be dropped (delete would fail), and no
+        # connections or a limit would keep pgfleet's own sessions out.
+        wrong = database_attribute_problems(conn, name)
+        if wrong:
+            conn.execute(
+                sql.SQL(
+                    "ALTER DATABASE {} IS_TEMPLATE false ALLOW_CONNECTIONS true CONNECTION LIMIT -1"
+                ).format(gate)
+            )
+            actions.append("reset database attributes: " + ", ".join(wrong))
         # Only the project's login roles may connect.
         conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC, {}").format(gate, gate))
         conn.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(gate, rw))
         conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(gate, ro))
+
+
+def database_attribute_problems(conn: psycopg.Connection[Any], name: str) -> list[str]:
+    """The attributes of database `name` its owner changed from what pgfleet
+    made (not a template, connections allowed, no connection limit)."""
+    row = conn.execute(
+        "SELECT datistemplate, datallowconn, datconnlimit FROM pg_catalog.pg_database "
+        "WHERE datname = %s",
+        (name,),
+    ).fetchone()
+    if row is None:
+        return []
+    wrong = []
+    if row[0]:
+        wrong.append("is a template")
+    if not row[1]:
+        wrong.append("refuses connections")
+    if row[2] not in (-1, INVALID_DB_CONNLIMIT):
+        wrong.append(f"connection limit {row[2]}")
+    return wrong
+
+
+def drop_database(conn: psycopg.Connection[Any], name: str) -> bool:
+    """Drop database `name`, its sessions ended, even if its owner made it a
+    template (DROP refuses templates). False if there was none."""
+    if not conn.execute(
+        "SELECT 1 FROM pg_catalog.pg_database WHERE datname = %s", (name,)
+    ).fetchone():
+        return False
+    ident = sql.Identifier(name)
+    # (A database a DROP left invalid refuses ALTER, but DROP refuses a
+    # template, so an invalid one never is.)
+    if conn.execute(
+        "SELECT datistemplate FROM pg_catalog.pg_database WHERE datname = %s", (name,)
+    ).fetchone() == (True,):
+        conn.execute(sql.SQL("ALTER DATABASE {} IS_TEMPLATE false").format(ident))
+    conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
+    return True
 
 
 def converge_privileges(tconn: psycopg.Connection[Any], name: str) -> None:
@@ -338,9 +387,7 @@ def converge_privileges(tconn: psycopg.Connection[Any], name: str) -> None:
 def drop_on_server(conn: psycopg.Connection[Any], *, name: str) -> list[str]:
     """Drop the project's database and roles; harmless if any is already gone."""
     actions: list[str] = []
-    ident = sql.Identifier(name)
-    if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
+    if drop_database(conn, name):
         actions.append("drop database")
     for role in (*login_role_names(name), name):
         if role_exists(conn, role):

@@ -16,7 +16,13 @@ from urllib.parse import quote, urlencode
 
 import psycopg
 
-from pgfleet.errors import Conflict, InvalidInput, ProjectNotFound, RegionUnavailable
+from pgfleet.errors import (
+    Conflict,
+    InvalidInput,
+    ProjectNotFound,
+    QuotaExceeded,
+    RegionUnavailable,
+)
 from pgfleet.monitoring.health import known_down
 from pgfleet.names import derive_subdomain, validate_name, validate_subdomain
 from pgfleet.operations import service as ops_service
@@ -103,6 +109,17 @@ def start_create_project(
         )
 
     def insert_tenant(conn: psycopg.Connection[Any]) -> None:
+        quota = platform.settings.max_projects_per_owner
+        if quota and not owner.is_admin:
+            have = store.count_live_of_owner(conn, owner.id)
+            if have >= quota:
+                raise QuotaExceeded(
+                    f"you have {have} projects (deleting ones included); at most {quota} "
+                    "per owner are allowed: delete one first, or ask an admin to raise "
+                    "PGFLEET_MAX_PROJECTS_PER_OWNER",
+                    projects=have,
+                    quota=quota,
+                )
         store.insert(
             conn,
             tenant_id=tid,

@@ -18,6 +18,7 @@ from psycopg import sql
 from pgfleet.errors import RegionUnavailable
 from pgfleet.operations.registry import REGISTRY
 from pgfleet.platform.core import Platform
+from pgfleet.tenants.template import ensure_template
 
 log = logging.getLogger(__name__)
 # PostgreSQL marks a database whose DROP was interrupted with this datconnlimit
@@ -91,6 +92,7 @@ def refill_all(platform: Platform) -> None:
     for server in platform.servers.all(enabled_only=True):
         try:
             with platform.servers.admin_connection(server) as conn:
+                ensure_template(platform, server, conn)
                 refill_spares(conn, target)
         except (RegionUnavailable, psycopg.Error) as e:
             log.debug("spares for %s not refilled: %s", server.name, e)

@@ -176,6 +176,23 @@ def insert(
         raise Conflict(f"subdomain {subdomain!r} is already taken", field="subdomain") from None
 
 
+_OWNER_LOCK_CLASS = 0x6F776E72  # "ownr"
+
+
+def count_live_of_owner(conn: psycopg.Connection[Any], owner_id: uuid.UUID) -> int:
+    """The owner's projects that are not deleted, counted under a lock that
+    serialises this count per owner until the caller's transaction ends (so
+    two creates at once cannot both pass a quota)."""
+    # The two-key form: a lock space of its own (`owner` as the class id).
+    conn.execute(
+        "SELECT pg_advisory_xact_lock(%s::int4, hashtext(%s))", (_OWNER_LOCK_CLASS, str(owner_id))
+    )
+    row = conn.execute(
+        "SELECT count(*) FROM tenants WHERE owner_id = %s AND status <> 'deleted'", (owner_id,)
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
 def transition(
     conn: psycopg.Connection[Any],
     tenant_id: uuid.UUID,

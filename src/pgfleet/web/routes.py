@@ -241,7 +241,7 @@ def signin(
 def signout(request: Request, s: SessionDep, csrf: Annotated[str, Form()] = "") -> Response:
     _check_csrf(s, csrf)
     r = RedirectResponse("/signin", status_code=303)
-    sess.clear(r)
+    sess.end(_platform(request), s, r)
     return r
 
 

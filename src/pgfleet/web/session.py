@@ -2,10 +2,12 @@
 
 The session cookie is a Fernet token (encrypted and signed with the
 platform's secret keys, so it can be neither read nor forged) holding the
-owner, the API token's id and the session's CSRF secret; it expires after
-`PGFLEET_SESSION_TTL_S`. It is HttpOnly and SameSite=Strict. Every request
-checks that the token it came from is still valid (not revoked), so
-revoking the token ends its console sessions too. Every form carries the
+session's id, the owner, the API token's id and the session's CSRF secret;
+it expires after `PGFLEET_SESSION_TTL_S`. It is HttpOnly and
+SameSite=Strict. Every request checks that the session is still open (a row
+in `console_sessions`: signing out ends it on the server, so a copy of the
+cookie stops working too) and that the token it came from is still valid
+(revoking the token ends its console sessions). Every form carries the
 session's CSRF token; a POST without it, or with another, is 403.
 """
 
@@ -31,12 +33,25 @@ class Session:
     owner: Owner
     token_id: uuid.UUID
     csrf: str
+    id: uuid.UUID
 
 
 def issue(
     platform: Platform, response: Response, owner: Owner, token_id: uuid.UUID, *, secure: bool
 ) -> None:
-    payload = json.dumps({"o": str(owner.id), "t": str(token_id), "c": secrets.token_urlsafe(24)})
+    sid = uuid.uuid4()
+    ttl = platform.settings.session_ttl_s
+    with platform.db.connection() as conn, conn.transaction():
+        # Sessions a day past their end go as new ones start.
+        conn.execute("DELETE FROM console_sessions WHERE expires_at < now() - interval '1 day'")
+        conn.execute(
+            "INSERT INTO console_sessions (id, owner_id, token_id, expires_at) "
+            "VALUES (%s, %s, %s, now() + make_interval(secs => %s))",
+            (sid, owner.id, token_id, ttl),
+        )
+    payload = json.dumps(
+        {"s": str(sid), "o": str(owner.id), "t": str(token_id), "c": secrets.token_urlsafe(24)}
+    )
     response.set_cookie(
         COOKIE,
         platform.secrets.encrypt(payload),
@@ -46,6 +61,16 @@ def issue(
         secure=secure,
         path="/",
     )
+
+
+def end(platform: Platform, session: Session, response: Response) -> None:
+    """Sign out: the session ends on the server, and the cookie goes."""
+    with platform.db.connection() as conn:
+        conn.execute(
+            "UPDATE console_sessions SET ended_at = now() WHERE id = %s AND ended_at IS NULL",
+            (session.id,),
+        )
+    clear(response)
 
 
 def clear(response: Response) -> None:
@@ -62,18 +87,21 @@ def current(platform: Platform, request: Request) -> Session | None:
         return None
     try:
         data = json.loads(opened)
-        owner_id, token_id, csrf = uuid.UUID(data["o"]), uuid.UUID(data["t"]), str(data["c"])
+        sid, owner_id = uuid.UUID(data["s"]), uuid.UUID(data["o"])
+        token_id, csrf = uuid.UUID(data["t"]), str(data["c"])
     except (ValueError, KeyError, TypeError):
         return None
     with platform.db.connection() as conn:
         row = conn.execute(
-            "SELECT o.id, o.name, o.is_admin FROM api_tokens t JOIN owners o ON o.id = t.owner_id "
-            "WHERE t.id = %s AND o.id = %s AND t.revoked_at IS NULL",
-            (token_id, owner_id),
+            "SELECT o.id, o.name, o.is_admin FROM console_sessions s "
+            "JOIN api_tokens t ON t.id = s.token_id JOIN owners o ON o.id = t.owner_id "
+            "WHERE s.id = %s AND s.ended_at IS NULL AND s.expires_at > now() "
+            "AND t.id = %s AND o.id = %s AND t.revoked_at IS NULL",
+            (sid, token_id, owner_id),
         ).fetchone()
     if row is None:
         return None
-    return Session(Owner(row[0], row[1], row[2]), token_id, csrf)
+    return Session(Owner(row[0], row[1], row[2]), token_id, csrf, sid)
 
 
 _SIGNIN_PURPOSE = "signin-csrf:"

@@ -4,7 +4,10 @@ its status (through the store's transitions), its login roles."""
 from __future__ import annotations
 
 import uuid
+from contextlib import AbstractContextManager
+from typing import Any
 
+import psycopg
 from psycopg import sql
 
 from pgfleet.fleet.registry import ServerRecord
@@ -12,7 +15,7 @@ from pgfleet.operations.registry import OpContext
 from pgfleet.platform.core import Platform
 from pgfleet.tenants import store
 from pgfleet.tenants.connections import DatabasePlatformClient
-from pgfleet.tenants.naming import login_role_names, tenant_db_name
+from pgfleet.tenants.naming import login_role_names, project_roles_of, tenant_db_name
 from pgfleet.tenants.server import role_exists
 
 
@@ -42,6 +45,14 @@ def set_status(
     return old
 
 
+def project_admin(
+    p: Platform, server: ServerRecord, tid: uuid.UUID
+) -> AbstractContextManager[psycopg.Connection[Any]]:
+    """An admin connection for work on project `tid`'s objects: a session of
+    the project's own roles that blocks it is ended (see the registry)."""
+    return p.servers.admin_connection(server, evict=project_roles_of(tid))
+
+
 def login_roles(tid: uuid.UUID) -> list[str]:
     return login_role_names(tenant_db_name(tid))
 
@@ -50,7 +61,7 @@ def alter_login_roles(p: Platform, tid: uuid.UUID, clause: sql.Composable) -> No
     server = server_of(p, tenant(p, tid))
     if server is None:
         return
-    with p.servers.admin_connection(server) as conn, conn.transaction():
+    with project_admin(p, server, tid) as conn, conn.transaction():
         for role in login_roles(tid):
             if role_exists(conn, role):
                 conn.execute(sql.SQL("ALTER ROLE {} {}").format(sql.Identifier(role), clause))
@@ -60,7 +71,7 @@ def end_sessions(p: Platform, tid: uuid.UUID, roles: list[str]) -> int:
     server = server_of(p, tenant(p, tid))
     if server is None:
         return 0
-    with p.servers.admin_connection(server) as conn:
+    with project_admin(p, server, tid) as conn:
         ended = conn.execute(
             "SELECT count(pg_catalog.pg_terminate_backend(pid)) "
             "FROM pg_catalog.pg_stat_activity "

@@ -18,7 +18,14 @@ from pgfleet.platform.core import Platform
 from pgfleet.regions import get_plan
 from pgfleet.tenants import store
 from pgfleet.tenants.connections import DatabasePlatformClient
-from pgfleet.tenants.kinds.common import login_roles, reached, server_of, tenant
+from pgfleet.tenants.kinds.common import (
+    end_sessions,
+    login_roles,
+    project_admin,
+    reached,
+    server_of,
+    tenant,
+)
 from pgfleet.tenants.naming import (
     alt_role_name,
     main_role_name,
@@ -131,7 +138,8 @@ def _rotate_apply(ctx: OpContext) -> None:
     assert server is not None
     info = row.info
     plan = get_plan(row.plan_type or "free")
-    with p.servers.admin_connection(server) as conn, conn.transaction():
+    targets: list[str] = []
+    with project_admin(p, server, ctx.tenant_id) as conn, conn.transaction():
         # Every pending password, including one a failed rotation left
         # behind: `store` then stores them all, so what is stored is always
         # what the server has.
@@ -140,6 +148,7 @@ def _rotate_apply(ctx: OpContext) -> None:
             if not pending:
                 continue  # already stored by a previous run of `store`
             user = str(info[_PENDING_USER[mode]])
+            targets.append(user)
             password = p.secrets.decrypt(pending)
             if user.endswith("_alt"):
                 ensure_alternate(
@@ -157,6 +166,14 @@ def _rotate_apply(ctx: OpContext) -> None:
                         sql.Identifier(user), sql.Literal(scram_verifier(conn, user, password))
                     )
                 )
+    # Sessions of a role that just got a new password logged in with an old
+    # one (nobody has the new one yet: it is handed out after `store`): they
+    # end, so a leaked password stops working now, not at the next login, and
+    # a session opened with it cannot set a password of its own choosing. With
+    # an overlap window the target is the other role of the pair, whose old
+    # password already expired; the current credential's sessions go on.
+    if targets:
+        ctx.state["sessions_ended"] = end_sessions(p, ctx.tenant_id, targets)
 
 
 def _rotate_store(ctx: OpContext) -> None:
@@ -245,7 +262,7 @@ def _expire(ctx: OpContext) -> None:
     info = row.info
     in_use = {_current_user(info, m, ctx.tenant_id) for m in ("rw", "ro")}
     expired = []
-    with p.servers.admin_connection(server) as conn, conn.transaction():
+    with project_admin(p, server, ctx.tenant_id) as conn, conn.transaction():
         for role in ctx.params.get("roles", []):
             if role in in_use or role not in login_roles(ctx.tenant_id):
                 continue
@@ -255,6 +272,9 @@ def _expire(ctx: OpContext) -> None:
                     sql.SQL("ALTER ROLE {} {}").format(sql.Identifier(role), sql.SQL(clause))
                 )
                 expired.append(role)
+    # Their sessions logged in with the password that just went.
+    if expired:
+        ctx.state["sessions_ended"] = end_sessions(p, ctx.tenant_id, expired)
     ctx.state["expired"] = expired
 
 

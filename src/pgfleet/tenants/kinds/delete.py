@@ -3,6 +3,7 @@ The row stays, `deleted`, for the record."""
 
 from __future__ import annotations
 
+import logging
 from typing import cast
 
 from psycopg import sql
@@ -10,9 +11,20 @@ from psycopg import sql
 from pgfleet.operations.failpoints import failpoint
 from pgfleet.operations.registry import OpContext, OperationKind, Step, register
 from pgfleet.tenants import store
-from pgfleet.tenants.kinds.common import reached, server_of, set_status, tenant
+from pgfleet.tenants.kinds.common import (
+    alter_login_roles,
+    end_sessions,
+    login_roles,
+    project_admin,
+    reached,
+    server_of,
+    set_status,
+    tenant,
+)
 from pgfleet.tenants.naming import login_role_names, tenant_db_name
-from pgfleet.tenants.server import role_exists
+from pgfleet.tenants.server import drop_database, role_exists
+
+log = logging.getLogger(__name__)
 
 
 def _block(ctx: OpContext) -> None:
@@ -25,13 +37,8 @@ def _drop_database(ctx: OpContext) -> None:
     if server is None:
         return
     name = tenant_db_name(ctx.tenant_id)
-    with p.servers.admin_connection(server) as conn:
-        if conn.execute(
-            "SELECT 1 FROM pg_catalog.pg_database WHERE datname = %s", (name,)
-        ).fetchone():
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
+    with project_admin(p, server, ctx.tenant_id) as conn:
+        if drop_database(conn, name):
             ctx.state.setdefault("actions", []).append("drop database")
 
 
@@ -41,7 +48,7 @@ def _drop_roles(ctx: OpContext) -> None:
     if server is None:
         return
     name = tenant_db_name(ctx.tenant_id)
-    with p.servers.admin_connection(server) as conn:
+    with project_admin(p, server, ctx.tenant_id) as conn:
         for i, role in enumerate((*login_role_names(name), name)):
             if role_exists(conn, role):
                 conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
@@ -66,6 +73,16 @@ def _failed(ctx: OpContext, reason: str) -> None:
     # gone: the project cannot go back to what it was.
     if reached(ctx, 1):
         set_status(ctx.platform, ctx.tenant_id, "failed", error=f"delete failed: {reason}"[:500])
+        # A project being deleted must not stay reachable: its credentials
+        # stop working even though what is left could not be dropped (the
+        # reconciler reports it; deleting again finishes the job).
+        try:
+            alter_login_roles(ctx.platform, ctx.tenant_id, sql.SQL("NOLOGIN"))
+            end_sessions(ctx.platform, ctx.tenant_id, login_roles(ctx.tenant_id))
+        except Exception as e:  # the server may be what failed; the reconciler follows up
+            log.warning(
+                "delete of %s failed and its roles could not be locked: %s", ctx.tenant_id, e
+            )
     else:
         _restore(ctx)
 

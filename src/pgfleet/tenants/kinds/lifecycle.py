@@ -16,6 +16,7 @@ from pgfleet.tenants.kinds.common import (
     alter_login_roles,
     end_sessions,
     login_roles,
+    project_admin,
     server_of,
     set_status,
     tenant,
@@ -106,7 +107,7 @@ def _plan_limits(ctx: OpContext) -> None:
     if server is None:
         return
     timeout = f"{plan.statement_timeout_ms}ms"
-    with p.servers.admin_connection(server) as conn, conn.transaction():
+    with project_admin(p, server, ctx.tenant_id) as conn, conn.transaction():
         for role in login_roles(ctx.tenant_id):
             if role_exists(conn, role):
                 ident = sql.Identifier(role)

@@ -11,7 +11,7 @@ import psycopg
 
 from pgfleet.operations.registry import OpContext, OperationKind, Step, register
 from pgfleet.tenants import store
-from pgfleet.tenants.kinds.common import server_of, set_status, tenant
+from pgfleet.tenants.kinds.common import project_admin, server_of, set_status, tenant
 from pgfleet.tenants.naming import tenant_db_name
 from pgfleet.tenants.provisioning import activate, converge_target_on_server, prepare_provision
 from pgfleet.tenants.server import drop_on_server
@@ -49,7 +49,7 @@ def _undo(ctx: OpContext, reason: str = "cancelled") -> None:
     server = server_of(p, row)
     try:
         if server is not None:
-            with p.servers.admin_connection(server) as conn:
+            with project_admin(p, server, ctx.tenant_id) as conn:
                 drop_on_server(conn, name=tenant_db_name(ctx.tenant_id))
     except Exception:
         set_status(p, ctx.tenant_id, "failed", error=reason[:500])

@@ -16,7 +16,7 @@ from typing import Any, cast
 import psycopg
 
 from pgfleet.tenants.sql.limits import SqlRequest, SqlResult
-from pgfleet.tenants.sql.values import StatementCursor, to_json, type_names
+from pgfleet.tenants.sql.values import Oversized, StatementCursor, to_json, type_names
 
 
 class TimedOut(Exception):
@@ -97,11 +97,19 @@ async def execute(
                     size += n
                     rows.append(row)
 
-            # stream() always uses the extended protocol, which runs exactly one
-            # statement, and lets us stop reading at the caps.
+            # rows() always uses the extended protocol, which runs exactly one
+            # statement, and lets us stop reading at the caps. A row whose raw
+            # text is over twice the byte cap is not even loaded: its JSON
+            # (at least half its raw size, a bytea's base64 being the
+            # smallest) cannot fit.
             stream = cast(
                 AsyncGenerator[Any, None],
-                cur.stream(req.query, list(req.params), size=min(max_rows + 1, 1000)),
+                cur.rows(
+                    req.query,
+                    list(req.params),
+                    size=min(max_rows + 1, 1000),
+                    max_raw_row=2 * max_bytes,
+                ),
             )
             try:
                 async with contextlib.aclosing(stream):
@@ -109,7 +117,12 @@ async def execute(
                         seen += 1
                         if truncated:
                             continue  # a write: read to its end, keep nothing
-                        if seen <= _INLINE_ROWS:
+                        if isinstance(raw, Oversized):
+                            if batch:
+                                take(await asyncio.to_thread(_to_rows, batch))
+                                batch = []
+                            truncated = True
+                        elif seen <= _INLINE_ROWS:
                             take(_to_rows([raw]))
                         else:
                             # A large result: convert in a thread, so other

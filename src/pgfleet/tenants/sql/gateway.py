@@ -39,6 +39,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from pgfleet.errors import (
     Conflict,
+    InvalidInput,
     PgfleetError,
     ProjectNotFound,
     RegionUnavailable,
@@ -73,6 +74,8 @@ from pgfleet.tenants.sql.limits import (
 from pgfleet.tenants.sql.values import configure_loaders
 
 log = logging.getLogger(__name__)
+# How long knocking on a server known to be unreachable may take.
+PROBE_S = 0.5
 
 
 def visible_project(owner: Owner, project_id: str, row: dict[str, Any] | None) -> dict[str, Any]:
@@ -121,6 +124,10 @@ class SqlGateway:
             lambda: platform.settings.tenant_pool_cap_per_process
         )
         self._background: set[asyncio.Task[Any]] = set()
+        # Servers the last connection attempt found unreachable: the next
+        # request knocks (a TCP connect, PROBE_S at most) before it waits out
+        # a connect timeout and a diagnosis again.
+        self._unreachable: set[int] = set()
         self.auth_cache = AuthCache()
         self._listener: asyncio.Task[None] | None = None
         self.listen_retry_s = 1.0
@@ -281,6 +288,11 @@ class SqlGateway:
                 hint=None,
             ) from None
         except psycopg.Error as e:
+            if e.sqlstate is None and not conn.broken:
+                # psycopg refused it before sending (a value PostgreSQL cannot
+                # take): the request's fault, and the session is fine.
+                outcome = "invalid_input"
+                raise InvalidInput(f"the statement was not sent: {e}", field="params") from None
             if e.sqlstate is None or conn.broken:
                 # The server went away mid-statement (no SQLSTATE: the link broke).
                 outcome = e.sqlstate or "08006"
@@ -374,9 +386,30 @@ class SqlGateway:
             open=False,
         )
 
+    async def _knock(self, endpoint: TenantEndpoint) -> bool:
+        """Does the project's server accept a TCP connection at all?"""
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(endpoint.host, endpoint.port), timeout=PROBE_S
+            )
+        except (OSError, TimeoutError):
+            return False
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
+
     async def _connect(
         self, endpoint: TenantEndpoint, mode: Mode, plan_type: str | None
     ) -> tuple[PoolEntry[AsyncConnectionPool], psycopg.AsyncConnection[Any]]:
+        if endpoint.server_id in self._unreachable:
+            if not await self._knock(endpoint):
+                raise RegionUnavailable(
+                    f"region {endpoint.hosted_region} is unavailable: the project's server "
+                    "cannot be reached",
+                    region=endpoint.hosted_region,
+                )
+            self._unreachable.discard(endpoint.server_id)
         size = self.pool_size(plan_type)
         entry, stale = self._pools.take(
             endpoint, mode, lambda: self._make_pool(endpoint, mode, size), size
@@ -403,7 +436,10 @@ class SqlGateway:
             # Retry afresh next time, without the pool's reconnection backoff.
             self._pools.discard(entry)
             self._spawn(entry.pool.close(timeout=5))
-            raise await asyncio.to_thread(refusal, self.platform, endpoint, mode, plan_type) from e
+            why = await asyncio.to_thread(refusal, self.platform, endpoint, mode, plan_type)
+            if isinstance(why, RegionUnavailable):
+                self._unreachable.add(endpoint.server_id)
+            raise why from e
         except BaseException:
             self._pools.give_back(entry)
             raise

@@ -7,17 +7,22 @@ allows."""
 from __future__ import annotations
 
 import base64
+import contextlib
+import ctypes
 import datetime as dt
+import glob
+import importlib
 import math
+import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from psycopg.abc import PQGen
 from psycopg.generators import fetch
-from psycopg.pq import ExecStatus
+from psycopg.pq import ExecStatus, TransactionStatus
 from psycopg.pq.abc import PGresult
 from psycopg.types import datetime as pgdt
 
@@ -60,6 +65,45 @@ def _iso_duration(td: dt.timedelta) -> str:
     return f"{sign}P{int(days)}DT{int(hours)}H{int(minutes)}M{secs:g}S"
 
 
+def _libpq_getlength() -> Callable[[int, int, int], int] | None:
+    """libpq's PQgetlength, from the libpq psycopg itself uses: a value's
+    length without copying it (psycopg's PGresult only hands out copies).
+    None where that libpq cannot be found; rows are then not size-checked
+    before they are loaded."""
+    try:
+        impl = psycopg.pq.__impl__
+        if impl == "binary":
+            # The wheel bundles its own libpq; opening the same file again
+            # returns the library already loaded.
+            binary = importlib.import_module("psycopg_binary")
+            libs = os.path.join(os.path.dirname(str(binary.__file__)), "..", "psycopg_binary.libs")
+            found = glob.glob(os.path.join(libs, "libpq-*.so*"))
+            if len(found) != 1:
+                return None
+            lib = ctypes.CDLL(found[0])
+        elif impl == "python":
+            lib = importlib.import_module("psycopg.pq._pq_ctypes").pq
+        else:
+            return None
+        # A function object of our own (indexing, unlike attribute access,
+        # does not return the one psycopg configured).
+        fn = lib["PQgetlength"]
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        fn.restype = ctypes.c_int
+        return fn
+    except (ImportError, OSError, AttributeError):
+        return None
+
+
+_GETLENGTH = _libpq_getlength()
+
+
+class Oversized(NamedTuple):
+    """A row `rows()` did not load: its raw text alone is over the limit."""
+
+    raw_bytes: int
+
+
 class StatementCursor(psycopg.AsyncRawCursor[Any]):
     """stream() for any one statement: rows are read in chunks (so caps stop
     the read early), and statements without rows (INSERT, DDL) are fine and
@@ -67,6 +111,42 @@ class StatementCursor(psycopg.AsyncRawCursor[Any]):
     against the psycopg versions pyproject allows."""
 
     final: PGresult | None = None
+
+    async def rows(
+        self, query: Any, params: Sequence[Any], *, size: int, max_raw_row: int
+    ) -> AsyncIterator[Any]:
+        """psycopg's stream(), except that a row whose raw text is over
+        `max_raw_row` bytes is not loaded: Oversized stands in for it. libpq
+        holds the row already (a row arrives whole); decoding it and turning
+        it into JSON would take two or three times that again, for a row the
+        caps would drop anyway."""
+        async with self._conn.lock:
+            first = True
+            try:
+                await self._conn.wait(self._stream_send_gen(query, params, size=size))
+                while res := await self._conn.wait(self._stream_fetchone_gen(first)):
+                    # Only variable-length columns can be large.
+                    varlen = [c for c in range(res.nfields) if res.fsize(c) < 0]
+                    length = _GETLENGTH if varlen else None
+                    ptr: int = getattr(res, "pgresult_ptr", None) or 0
+                    for pos in range(res.ntuples):
+                        if length is not None and ptr:
+                            raw = sum(length(ptr, pos, c) for c in varlen)
+                            if raw > max_raw_row:
+                                yield Oversized(raw)
+                                continue
+                        yield self._tx.load_row(pos, self._make_row)
+                    first = False
+            finally:
+                # As psycopg's stream(): a statement left running (the caller
+                # stopped reading) is cancelled and what arrived is drained.
+                if self._pgconn.transaction_status == TransactionStatus.ACTIVE:
+                    await self._conn.cancel_safe(timeout=5)
+                    with contextlib.suppress(Exception):
+                        while await self._conn.wait(self._stream_fetchone_gen(first=False)):
+                            pass
+                    with contextlib.suppress(Exception):
+                        await self._conn.wait(self._stream_fetchone_gen(first=False))
 
     def _stream_fetchone_gen(self, first: bool) -> PQGen[PGresult | None]:
         res: PGresult | None = yield from fetch(self._pgconn)
