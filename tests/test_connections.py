@@ -203,3 +203,30 @@ def test_password_change_replaces_stale_pool(
             sslmode=prov.sslmode,
             sslrootcert=prov.sslrootcert,
         ).close()
+
+
+def test_pools_recover_at_once_when_every_backend_was_ended(
+    platform: Platform, fleet: FleetUnderTest
+) -> None:
+    """Someone ends every platform backend (an operator, a failover): the
+    next caller gets a working connection within one check backoff, not a
+    pool timeout while the pool finds its dead connections one by one."""
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:  # grow the pool to several idle connections
+        for _ in range(6):
+            stack.enter_context(platform.db.connection())
+    assert platform.db.pool.get_stats()["pool_size"] >= 6
+    with fleet.admin_conn(None) as c:
+        ended = c.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = %s AND application_name = 'pgfleet' AND pid <> pg_backend_pid()",
+            (platform.conninfo["dbname"],),
+        ).fetchone()
+    assert ended is not None and ended[0] >= 6
+    time.sleep(0.2)  # the FATALs reach the idle sockets
+    # psycopg_pool alone waits 1 s, then 2 s, ... between failed checks: it
+    # would give up here after the 1 s and 2 s waits.
+    with platform.db.connection(timeout=2.5) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert not platform.breaker.down

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import select
+import threading
 import time
 import weakref
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 import psycopg
-from psycopg_pool import ConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
+
+log = logging.getLogger(__name__)
 
 _returned_at: weakref.WeakKeyDictionary[
     psycopg.Connection[Any] | psycopg.AsyncConnection[Any], float
@@ -38,6 +43,89 @@ def check_pooled(conn: psycopg.Connection[Any]) -> None:
     """Pool check without a round trip on the hot path (see is_suspect)."""
     if is_suspect(conn):
         ConnectionPool.check_connection(conn)
+
+
+class _Sweep:
+    """The check of a pool that, once it finds one idle connection dead,
+    has the pool check all its idle connections at once in the background.
+
+    When one is dead the others usually are too (the server restarted, or
+    someone ended every backend), and psycopg_pool alone would find them
+    one per attempt, waiting 1 s, 2 s, 4 s... in between: a caller then
+    times out on a pool full of corpses while the server is fine."""
+
+    def __init__(self) -> None:
+        self.pool: ConnectionPool | None = None
+        self._lock = threading.Lock()
+        self._running = False
+
+    def __call__(self, conn: psycopg.Connection[Any]) -> None:
+        try:
+            check_pooled(conn)
+        except Exception:
+            self._start()
+            raise
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._running or self.pool is None:
+                return
+            self._running = True
+        threading.Thread(target=self._run, name="pool-sweep", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            if self.pool is not None and not self.pool.closed:
+                self.pool.check()
+        except Exception as e:  # the pool closed under us: nothing to sweep
+            log.debug("pool sweep stopped: %s", e)
+        finally:
+            with self._lock:
+                self._running = False
+
+
+def swept_pool(*, open: bool = True, **kwargs: Any) -> ConnectionPool:
+    """A ConnectionPool checked by check_pooled that sweeps out all its dead
+    connections as soon as it meets one (see _Sweep)."""
+    sweep = _Sweep()
+    pool: ConnectionPool = ConnectionPool(check=sweep, open=False, **kwargs)
+    sweep.pool = pool
+    if open:
+        pool.open()
+    return pool
+
+
+class _AsyncSweep:
+    """_Sweep for an AsyncConnectionPool."""
+
+    def __init__(self) -> None:
+        self.pool: AsyncConnectionPool | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def __call__(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        try:
+            if is_suspect(conn):
+                await AsyncConnectionPool.check_connection(conn)
+        except Exception:
+            if self.pool is not None and (self._task is None or self._task.done()):
+                self._task = asyncio.get_running_loop().create_task(self._run(self.pool))
+            raise
+
+    @staticmethod
+    async def _run(pool: AsyncConnectionPool) -> None:
+        try:
+            if not pool.closed:
+                await pool.check()
+        except Exception as e:
+            log.debug("pool sweep stopped: %s", e)
+
+
+def swept_async_pool(**kwargs: Any) -> AsyncConnectionPool:
+    """The async twin of swept_pool; the pool is returned unopened."""
+    sweep = _AsyncSweep()
+    pool: AsyncConnectionPool = AsyncConnectionPool(check=sweep, open=False, **kwargs)
+    sweep.pool = pool
+    return pool
 
 
 class ConnectionSource(Protocol):

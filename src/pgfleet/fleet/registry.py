@@ -40,7 +40,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from pgfleet.config import ServerSpec, Settings
 from pgfleet.crypto import SecretBox, generate_password
 from pgfleet.errors import ConnectionLimitReached, NotFound, PgfleetError, RegionUnavailable
-from pgfleet.pooling import ConnectionSource, check_pooled, mark_returned
+from pgfleet.pooling import ConnectionSource, mark_returned, swept_pool
 from pgfleet.regions import ServerLoad
 
 
@@ -291,7 +291,7 @@ class ServerRegistry:
                 return entry[1]
             if entry is not None:
                 entry[1].close(timeout=1)
-            pool = ConnectionPool(
+            pool = swept_pool(
                 kwargs={
                     **server.admin_conninfo(self.settings.connect_timeout_s),
                     "autocommit": True,
@@ -301,7 +301,6 @@ class ServerRegistry:
                 num_workers=1,
                 timeout=self.settings.connect_timeout_s,
                 max_idle=300,
-                check=check_pooled,
                 reset=mark_returned,
                 name=f"admin-{server.name}",
                 open=True,

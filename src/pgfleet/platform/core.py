@@ -29,7 +29,7 @@ from pgfleet.fleet.registry import ServerRegistry, sync_servers
 from pgfleet.platform import migrate
 from pgfleet.platform.db import Breaker, PlatformDB
 from pgfleet.platform.metrics import Metrics
-from pgfleet.pooling import check_pooled, mark_returned
+from pgfleet.pooling import mark_returned, swept_pool
 from pgfleet.regions import get_regional_host
 
 log = logging.getLogger(__name__)
@@ -102,14 +102,13 @@ class Platform:
         self.breaker = Breaker()
 
         def make_pool() -> ConnectionPool:
-            return ConnectionPool(
+            return swept_pool(
                 # Autocommit: a read is one round trip; multi-statement changes
                 # use explicit `with conn.transaction()`.
                 kwargs={**self.conninfo, "application_name": "pgfleet", "autocommit": True},
                 min_size=1,
                 max_size=16,
                 timeout=settings.connect_timeout_s,
-                check=check_pooled,
                 reset=mark_returned,
                 name="platform",
                 open=True,

@@ -32,7 +32,7 @@ from pgfleet.errors import (
 from pgfleet.monitoring.fingerprint import fingerprint
 from pgfleet.monitoring.querylog import QueryLogRecord, QueryLogWriter
 from pgfleet.platform.core import Platform
-from pgfleet.pooling import check_pooled, mark_returned
+from pgfleet.pooling import mark_returned, swept_pool
 from pgfleet.regions import get_plan
 from pgfleet.tenants import store
 
@@ -300,7 +300,7 @@ class DatabasePlatformClient:
 
     def _make_pool(self, endpoint: TenantEndpoint, mode: Mode) -> ConnectionPool:
         settings = self.platform.settings
-        return ConnectionPool(
+        return swept_pool(
             # No server-side prepared statements: DISCARD ALL drops them.
             kwargs={
                 **endpoint.conninfo(mode, settings.connect_timeout_s),
@@ -312,7 +312,6 @@ class DatabasePlatformClient:
             timeout=settings.connect_timeout_s,
             max_idle=60,
             configure=_make_read_only if mode == "ro" else None,
-            check=check_pooled,
             reset=_reset_session,
             name=f"{endpoint.database}-{mode}",
             open=True,

@@ -51,7 +51,7 @@ from pgfleet.monitoring.querylog import QueryLogWriter
 from pgfleet.platform.core import Platform
 from pgfleet.platform.db import AsyncPlatformDB
 from pgfleet.platform.owners import Owner
-from pgfleet.pooling import is_suspect, mark_returned
+from pgfleet.pooling import mark_returned, swept_async_pool
 from pgfleet.regions import get_plan
 from pgfleet.tenants.connections import (
     DatabasePlatformClient,
@@ -102,11 +102,6 @@ async def _reset(conn: psycopg.AsyncConnection[Any]) -> None:
     mark_returned(conn)
 
 
-async def _check_pooled(conn: psycopg.AsyncConnection[Any]) -> None:
-    if is_suspect(conn):
-        await AsyncConnectionPool.check_connection(conn)
-
-
 async def _mark_returned(conn: psycopg.AsyncConnection[Any]) -> None:
     mark_returned(conn)
 
@@ -136,7 +131,7 @@ class SqlGateway:
         s = self.platform.settings
 
         def make_pool() -> AsyncConnectionPool:
-            return AsyncConnectionPool(
+            return swept_async_pool(
                 kwargs={
                     **self.platform.conninfo,
                     "application_name": "pgfleet",
@@ -145,10 +140,8 @@ class SqlGateway:
                 min_size=1,
                 max_size=16,
                 timeout=s.connect_timeout_s,
-                check=_check_pooled,
                 reset=_mark_returned,
                 name="platform-sql",
-                open=False,
             )
 
         self._db = AsyncPlatformDB(
@@ -364,7 +357,7 @@ class SqlGateway:
 
     def _make_pool(self, endpoint: TenantEndpoint, mode: Mode, size: int) -> AsyncConnectionPool:
         s = self.platform.settings
-        return AsyncConnectionPool(
+        return swept_async_pool(
             kwargs={
                 **endpoint.conninfo(mode, s.connect_timeout_s),
                 # Each call is its own transaction; no server-side prepared
@@ -380,10 +373,8 @@ class SqlGateway:
             timeout=s.connect_timeout_s,
             max_idle=60,
             configure=configure_loaders,
-            check=_check_pooled,
             reset=_reset,
             name=f"{endpoint.database}-{mode}-sql",
-            open=False,
         )
 
     async def _knock(self, endpoint: TenantEndpoint) -> bool:
