@@ -80,6 +80,7 @@ def provision_one(http: httpx.Client, i: int) -> float:
         user=c["user"],
         password=c["password"],
         sslmode=c["sslmode"],
+        sslrootcert=c.get("sslrootcert"),
     ) as conn:
         conn.execute("select 1")
     return elapsed_ms(t0)

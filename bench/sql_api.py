@@ -163,6 +163,7 @@ def main() -> None:
             "user": c["user"],
             "password": c["password"],
             "sslmode": c["sslmode"],
+            "sslrootcert": c.get("sslrootcert"),
         }
         direct(info, 200)  # warm-up
         through_api(bf.url, bf.token, pid, 200)
