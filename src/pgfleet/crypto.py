@@ -5,7 +5,9 @@ generated with mode 0600 into the data directory."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import os
 import secrets
 from pathlib import Path
@@ -73,7 +75,70 @@ class SecretBox:
 
 
 def generate_password() -> str:
+    """192 random bits, URL-safe base64: what every password pgfleet makes is."""
     return secrets.token_urlsafe(24)
+
+
+# PBKDF2's iterations make each guess at a password cost more, which is what
+# protects a password a person chose (few bits of entropy) if its verifier
+# leaks. A password pgfleet made has 192 random bits: nobody searches that
+# space, at one iteration or at 4,096. The iterations then only cost every
+# login: the client derives the key again each time (about 6 ms at 4,096 on
+# this class of machine, the larger part of a login over loopback). So
+# machine-made passwords get verifiers of MACHINE_SCRAM_ITERATIONS; a password
+# a person chose keeps PostgreSQL's default of 4,096. PostgreSQL 15 accepts
+# any count in a stored verifier (16 adds `scram_iterations` to choose it).
+MACHINE_SCRAM_ITERATIONS = 16
+PERSON_SCRAM_ITERATIONS = 4096
+
+
+def is_machine_made(password: str) -> bool:
+    """Whether `password` has the shape generate_password gives (32
+    characters of URL-safe base64). Shape is not provenance: callers that
+    know a person chose the password say so."""
+    return len(password) == 32 and all(c.isascii() and (c.isalnum() or c in "-_") for c in password)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def scram_sha256_verifier(password: str, iterations: int, salt: bytes | None = None) -> str:
+    """A SCRAM-SHA-256 verifier as PostgreSQL stores it (RFC 5802 / 7677):
+    `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`. Only for
+    printable ASCII passwords, which SASLprep leaves as they are."""
+    if not (password.isascii() and password.isprintable()):
+        raise ValueError("only printable ASCII passwords are derived here")
+    salt = salt if salt is not None else secrets.token_bytes(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+    server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
+    stored_key = hashlib.sha256(client_key).digest()
+    return f"SCRAM-SHA-256${iterations}:{_b64(salt)}${_b64(stored_key)}:{_b64(server_key)}"
+
+
+def scram_iterations(verifier: str) -> int | None:
+    """The iteration count of a SCRAM-SHA-256 verifier, None if it is not one."""
+    try:
+        method, rest = verifier.split("$", 1)
+        return int(rest.split(":", 1)[0]) if method == "SCRAM-SHA-256" else None
+    except ValueError:
+        return None
+
+
+def verifier_matches(verifier: str, password: str) -> bool:
+    """Whether a SCRAM-SHA-256 verifier was made from `password` (printable
+    ASCII, which SASLprep leaves as it is), whatever its iteration count."""
+    try:
+        method, rest = verifier.split("$", 1)
+        iter_salt, keys = rest.split("$", 1)
+        iterations, salt = iter_salt.split(":", 1)
+        if method != "SCRAM-SHA-256":
+            return False
+        expected = scram_sha256_verifier(password, int(iterations), base64.b64decode(salt))
+    except ValueError:
+        return False
+    return hmac.compare_digest(expected.rsplit("$", 1)[1], keys)
 
 
 def generate_api_token() -> str:

@@ -32,9 +32,6 @@ Projects with an operation in flight are left alone: their worker owns them.
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import logging
 import time
 import uuid
@@ -45,6 +42,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from pgfleet.crypto import verifier_matches
 from pgfleet.errors import PgfleetError, RegionUnavailable
 from pgfleet.fleet.registry import PROBE_ROLE, ServerRecord
 from pgfleet.operations.registry import REGISTRY, OpContext, OperationKind, Step, register
@@ -89,30 +87,6 @@ def _role_passwords(conn: psycopg.Connection[Any]) -> dict[str, str] | None:
             }
     except psycopg.errors.InsufficientPrivilege:
         return None
-
-
-def verifier_matches(verifier: str, password: str) -> bool:
-    """Whether a SCRAM-SHA-256 verifier (`SCRAM-SHA-256$<iterations>:<salt>$
-    <StoredKey>:<ServerKey>`, RFC 5802 / RFC 7677) was made from
-    `password`. pgfleet's passwords are printable ASCII, which SASLprep
-    leaves as they are."""
-    try:
-        method, rest = verifier.split("$", 1)
-        iter_salt, keys = rest.split("$", 1)
-        iterations, salt = iter_salt.split(":", 1)
-        stored_key, server_key = keys.split(":", 1)
-        if method != "SCRAM-SHA-256":
-            return False
-        salted = hashlib.pbkdf2_hmac(
-            "sha256", password.encode(), base64.b64decode(salt), int(iterations)
-        )
-    except ValueError:
-        return False
-    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
-    server = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
-    return hmac.compare_digest(
-        base64.b64encode(hashlib.sha256(client_key).digest()).decode(), stored_key
-    ) and hmac.compare_digest(base64.b64encode(server).decode(), server_key)
 
 
 def _relations(p: Platform, server: ServerRecord, db: str) -> int | None:

@@ -186,6 +186,8 @@ def _rotate_store(ctx: OpContext) -> None:
             new_user = str(info.pop(_PENDING_USER[mode]))
             info[_CURRENT[mode]] = info.pop(_PENDING[mode])
             info[_USER[mode]] = new_user
+            if mode == "rw":
+                info.pop("password_chosen", None)  # pgfleet made the new one
             if old_user != new_user and old_user not in expire:
                 expire.append(old_user)
     # Kept with the credentials, in the same write, so a crash before the

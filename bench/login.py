@@ -1,0 +1,102 @@
+"""Login benchmark: what the SCRAM iteration count costs a connection.
+
+Creates one project through the API (embedded fleet, TLS as `pgfleet up`
+runs it), then logs in as its rw role again and again (connect, close),
+alternating blocks with the role's verifier as pgfleet makes it
+(crypto.MACHINE_SCRAM_ITERATIONS) and as PostgreSQL's default would
+(4,096 iterations, libpq's encrypt_password), same password, same run.
+Also prints the client's own key derivation (PBKDF2) at both counts.
+
+    .venv/bin/python bench/login.py [--n 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+from psycopg import sql
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import bench_fleet, elapsed_ms, pct, summary
+
+from pgfleet.config import Settings
+from pgfleet.crypto import MACHINE_SCRAM_ITERATIONS, PERSON_SCRAM_ITERATIONS, scram_sha256_verifier
+from pgfleet.fleet.embedded import EmbeddedFleet
+
+REGION = "us-east-1"
+BLOCK = 25
+
+
+def login_ms(c: dict[str, Any]) -> float:
+    t0 = time.perf_counter()
+    psycopg.connect(
+        host=c["host"],
+        port=c["port"],
+        dbname=c["database"],
+        user=c["user"],
+        password=c["password"],
+        sslmode=c["sslmode"],
+        sslrootcert=c.get("sslrootcert"),
+    ).close()
+    return elapsed_ms(t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=300, help="logins per verifier (default 300)")
+    args = ap.parse_args()
+    with bench_fleet(regions=REGION) as bf:
+        headers = {"Authorization": f"Bearer {bf.token}"}
+        with httpx.Client(base_url=bf.url, headers=headers, timeout=60) as http:
+            r = http.post("/v1/projects", json={"name": "login", "region": REGION})
+            r.raise_for_status()
+            c = r.json()["connection"]
+        fleet = EmbeddedFleet(Settings(home=bf.home, embedded_regions=[REGION]))
+        srv = next(s for s in fleet.regional_servers() if s.region == REGION)
+        with psycopg.connect(**fleet.conninfo(srv), autocommit=True) as admin:
+            libpq = admin.pgconn.encrypt_password(
+                c["password"].encode(), c["user"].encode(), b"scram-sha-256"
+            ).decode()
+            verifiers = {
+                f"{MACHINE_SCRAM_ITERATIONS} iterations (pgfleet's)": scram_sha256_verifier(
+                    c["password"], MACHINE_SCRAM_ITERATIONS
+                ),
+                f"{PERSON_SCRAM_ITERATIONS} iterations (PostgreSQL's)": libpq,
+            }
+            times: dict[str, list[float]] = {k: [] for k in verifiers}
+            for _ in range(3):
+                login_ms(c)  # warm-up
+            while min(len(v) for v in times.values()) < args.n:
+                for label, verifier in verifiers.items():
+                    admin.execute(
+                        sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                            sql.Identifier(c["user"]), sql.Literal(verifier)
+                        )
+                    )
+                    times[label] += [login_ms(c) for _ in range(BLOCK)]
+    print(f"embedded fleet, loopback TLS; {args.n} logins each, alternating blocks of {BLOCK}")
+    for label, ms in times.items():
+        print(summary(f"login, verifier at {label}", ms))
+    fast, slow = (pct(ms, 50) for ms in times.values())
+    saved = slow - fast
+    print(
+        f"ratio p50 4,096 / {MACHINE_SCRAM_ITERATIONS}: {slow / fast:.2f}x ({saved:.2f} ms saved)"
+    )
+    salt = os.urandom(16)
+    for n in (MACHINE_SCRAM_ITERATIONS, PERSON_SCRAM_ITERATIONS):
+        t0 = time.perf_counter()
+        for _ in range(50):
+            hashlib.pbkdf2_hmac("sha256", b"x" * 32, salt, n)
+        print(f"PBKDF2-HMAC-SHA256 at {n:>4} iterations: {elapsed_ms(t0) / 50:.3f} ms (one side)")
+
+
+if __name__ == "__main__":
+    main()
