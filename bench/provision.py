@@ -8,8 +8,9 @@ provision operation, a worker runs it, the API waits for it (wait=true).
 Baseline in the same run, on the same server: a bare
 CREATE ROLE + CREATE DATABASE + REVOKE over a warm admin connection.
 
-The measured creates find spare databases ready (the API's worker makes
-n + 20 of them first, as it would keep them between bursts). Then, on a
+The measured creates find prepared spares ready (the API's worker makes
+n + 20 of them first, as it would keep them between bursts); `--no-spares`
+measures the slow path (every create makes its roles and database). Then, on a
 second fleet without spares, the queue latency (operation created -> a
 worker started it, from the operations' own timestamps) and the whole
 operation with 1, 2 and 4 worker processes (`pgfleet worker --concurrency 1`
@@ -41,6 +42,7 @@ from _common import BenchFleet, bench_fleet, elapsed_ms, pct, summary
 
 from pgfleet.config import Settings
 from pgfleet.fleet.embedded import EmbeddedFleet
+from pgfleet.tenants.spares import ready_count
 
 REGION = "us-east-1"
 
@@ -91,10 +93,7 @@ def wait_for_spares(bf: BenchFleet, count: int) -> None:
     srv = next(s for s in fleet.regional_servers() if s.region == REGION)
     with psycopg.connect(**fleet.conninfo(srv), autocommit=True) as conn:
         while True:
-            row = conn.execute(
-                "SELECT count(*) FROM pg_database WHERE datname LIKE 'pgfleet\\_spare\\_%'"
-            ).fetchone()
-            if row and row[0] >= count:
+            if ready_count(conn) >= count:
                 return
             time.sleep(0.5)
 
@@ -148,15 +147,16 @@ def main() -> None:
     ap.add_argument(
         "--queue-n", type=int, default=40, help="projects per queue-latency run (default 40)"
     )
+    ap.add_argument("--no-spares", action="store_true", help="measure the slow path")
+    ap.add_argument("--no-queue", action="store_true", help="skip the queue-latency runs")
     args = ap.parse_args()
-    spares = args.n + 20
+    spares = 0 if args.no_spares else args.n + 20
     with bench_fleet(regions=REGION, extra_env={"PGFLEET_SPARE_DATABASES": str(spares)}) as bf:
         print(f"embedded fleet in {bf.home} (fsync on); API {bf.url}")
         t_fill = time.perf_counter()
         wait_for_spares(bf, spares)
-        print(
-            f"{spares} spare databases made by the worker in {time.perf_counter() - t_fill:.1f} s"
-        )
+        took = time.perf_counter() - t_fill
+        print(f"{spares} prepared spares made by the worker in {took:.1f} s")
         base = baseline(bf, min(args.n, 100))
         headers = {"Authorization": f"Bearer {bf.token}"}
         with httpx.Client(base_url=bf.url, headers=headers, timeout=60) as http:
@@ -184,6 +184,8 @@ def main() -> None:
     ok = pct(times, 50) <= 100 and pct(times, 99) <= 300 and rate >= 20
     print("targets (p50<=100ms, p99<=300ms, >=20/s):", "met" if ok else "NOT met")
 
+    if args.no_queue:
+        return
     # Queue latency: the API runs no worker; 1, 2, 4 worker processes do.
     # No spare databases here: every operation creates its database.
     with bench_fleet(

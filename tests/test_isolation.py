@@ -19,6 +19,7 @@ from pgfleet.platform.core import Platform
 from pgfleet.platform.owners import Owner
 from pgfleet.tenants.provisioning import ProvisionedDatabase
 from pgfleet.tenants.service import create_project, delete_project
+from pgfleet.tenants.spares import CLAIMED, refill_spares
 from tests.helpers import Api, FleetUnderTest, run_psql
 
 # What a login refused for lack of access may say; anything else (server
@@ -75,12 +76,27 @@ def assert_accepted(uri: str, user: str, dbname: str) -> None:
     assert res.stdout.strip() == f"{user} {dbname}"
 
 
+@pytest.fixture(params=["prepared", "slow"])
+def platform(request: pytest.FixtureRequest, platform_factory: Any) -> Platform:
+    """Every test here runs twice: on projects claimed from prepared spares,
+    and on projects made the slow way."""
+    if request.param == "slow":
+        p: Platform = platform_factory(spare_databases=0)
+        return p
+    p = platform_factory(spare_databases=4)
+    for server in p.servers.all(enabled_only=True):
+        refill_spares(p, server, 4)
+    return p
+
+
 def two_projects(
     platform: Platform, owner: Owner, region: str = "us-east-1"
 ) -> tuple[tuple[dict[str, Any], ProvisionedDatabase], tuple[dict[str, Any], ProvisionedDatabase]]:
     a = create_project(platform, owner, name="project a", region=region, plan_type="free")
     b = create_project(platform, owner, name="project b", region=region, plan_type="free")
     assert a[1].port == b[1].port, "both projects should share one server"
+    for _, prov in (a, b):
+        assert (CLAIMED in prov.actions) == bool(platform.settings.spare_databases), prov.actions
     return a, b
 
 

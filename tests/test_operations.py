@@ -5,6 +5,7 @@ and the CLI's ops commands. Real servers throughout."""
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from pgfleet.api.app import create_app
 from pgfleet.auth import create_owner
 from pgfleet.operations.runtime import OperationsRuntime
 from pgfleet.platform.core import Platform
+from pgfleet.tenants.spares import CLAIMED, READY, drop_spares
 from tests.helpers import (
     Api,
     FleetUnderTest,
@@ -46,7 +48,7 @@ def test_create_returns_its_finished_operation_with_steps(api: Api) -> None:
     assert op["duration_ms"] > 0
     assert op["created_at"] <= op["started_at"] <= op["finished_at"]
     assert op["actor"] == "alice"
-    assert {"create database", "claim spare database"} & set(op["result"]["actions"])
+    assert {"create database", CLAIMED} & set(op["result"]["actions"])
 
     again = api.get(f"/v1/operations/{op['id']}").json()
     assert again["id"] == op["id"] and again["status"] == "finished"
@@ -268,16 +270,19 @@ def test_reconciler_reports_and_repairs_without_losing_data(
 
 
 def spares(fleet: FleetUnderTest, region: str) -> set[str]:
+    """The prepared spares ready on `region`'s server."""
     with fleet.admin_conn(region) as c:
         return {
             r[0]
             for r in c.execute(
-                "SELECT datname FROM pg_database WHERE datname LIKE 'pgfleet\\_spare\\_%'"
+                "SELECT d.datname FROM pg_database d JOIN pg_shdescription s ON s.objoid = d.oid "
+                "WHERE d.datname LIKE 'pgfleet\\_spare\\_%%' AND s.description = %s",
+                (READY,),
             )
         }
 
 
-def test_provision_claims_a_spare_database_and_it_is_refilled(
+def test_provision_claims_a_prepared_spare_and_it_is_refilled(
     platform_factory: Any, fleet: FleetUnderTest
 ) -> None:
     p = platform_factory(spare_databases=2)
@@ -292,7 +297,7 @@ def test_provision_claims_a_spare_database_and_it_is_refilled(
         api = Api(c, token)
         body = create_ok(api, "quick", region="eu-central-1")
         db = body["connection"]["database"]
-        assert "claim spare database" in body["operation"]["result"]["actions"]
+        assert body["operation"]["result"]["actions"] == [CLAIMED]
         assert len(before - spares(fleet, "eu-central-1")) == 1  # one was renamed
         # It is an ordinary project database: owned by _rw, closed to PUBLIC,
         # reachable with the project's credentials only.
@@ -304,16 +309,20 @@ def test_provision_claims_a_spare_database_and_it_is_refilled(
         assert owner == f"{db}_rw"
         assert acl is not None and "=Tc/" not in acl and not acl.startswith("{=")
         assert login(body["connection"]["uri"]) == "ok"
+        assert login(body["connection"]["uri"].replace(body["connection"]["user"], f"{db}_ro"))
         other = create_ok(api, "neighbour", region="eu-central-1")["connection"]
         # The neighbour's own credentials, aimed at this database: refused.
         foreign = other["uri"].replace(f"/{other['database']}?", f"/{db}?")
         assert other["user"] in foreign and f"/{db}?" in foreign
         assert "pg_hba.conf rejects connection" in login(foreign)
-        # The workers make a new spare.
+        # The workers make new spares.
         end = time.monotonic() + 30
         while len(spares(fleet, "eu-central-1")) < 2:
             assert time.monotonic() < end, "spares were not refilled"
             time.sleep(0.1)
+        metrics = p.metrics.render().decode()  # what /metrics serves
+        assert re.search(r'pgfleet_spares_claimed_total\{region="eu-central-1"\} [1-9]', metrics)
+        assert re.search(r'pgfleet_spares_made_total\{region="eu-central-1"\} [1-9]', metrics)
 
 
 def test_provision_without_spares_creates_the_database(platform_factory: Any) -> None:
@@ -321,13 +330,9 @@ def test_provision_without_spares_creates_the_database(platform_factory: Any) ->
     _, token = create_owner(p, "gina")
     with TestClient(create_app(p)) as c:
         api = Api(c, token)
-        with p.servers.admin_connection(p.servers.all(enabled_only=True)[0]) as a:
-            for (name,) in a.execute(
-                "SELECT datname FROM pg_database WHERE datname LIKE 'pgfleet\\_spare\\_%'"
-            ).fetchall():
-                a.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(name)))
-        region = p.servers.all(enabled_only=True)[0].region
-        body = create_ok(api, "slow", region=region)
+        server = p.servers.all(enabled_only=True)[0]
+        drop_spares(p, server)
+        body = create_ok(api, "slow", region=server.region)
         assert "create database" in body["operation"]["result"]["actions"]
 
 

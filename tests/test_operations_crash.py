@@ -27,6 +27,7 @@ from pgfleet.platform.core import Platform
 from pgfleet.platform.owners import Owner
 from pgfleet.tenants import service
 from pgfleet.tenants.naming import tenant_db_name
+from pgfleet.tenants.spares import CLAIMED, refill_spares
 from tests.helpers import FleetUnderTest, run_psql
 
 FAST = {"embedded_workers": 0, "worker_heartbeat_s": 0.3, "worker_stalled_s": 1.5}
@@ -41,7 +42,7 @@ class Workers:
         self.folder = folder
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, failpoints: str = "") -> subprocess.Popen[bytes]:
+    def start(self, failpoints: str = "", spares: int = 0) -> subprocess.Popen[bytes]:
         s = self.fleet.settings
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PGFLEET_", "PG"))}
         env.update(
@@ -53,6 +54,9 @@ class Workers:
             PGFLEET_WORKER_STALLED_S=str(FAST["worker_stalled_s"]),
             PGFLEET_OPERATION_DEADLINE_S=str(self.platform.settings.operation_deadline_s),
             PGFLEET_FAILPOINTS=failpoints,
+            # No prepared spares unless asked: the slow path's steps are what
+            # most of these tests kill.
+            PGFLEET_SPARE_DATABASES=str(spares),
             PGFLEET_FAILPOINT_DIR=str(self.folder),
         )
         with (self.folder / f"worker-{len(self.procs)}.log").open("wb") as log:
@@ -212,6 +216,45 @@ def test_provision_survives_sigkill(
     assert_provisioned_once(quiet_platform, fleet, someone, project.id, "eu-central-1")
 
 
+CLAIM_POINTS = [
+    "provision.roles.before",
+    "provision.roles.claimed",  # inside the step: the spare is the project's, unrecorded
+    "provision.roles.after",
+    "provision.database.after",
+    "provision.privileges.after",
+]
+
+
+@pytest.mark.parametrize("point", CLAIM_POINTS)
+def test_provision_from_a_prepared_spare_survives_sigkill(
+    point: str,
+    quiet_platform: Platform,
+    workers: Workers,
+    someone: Owner,
+    fleet: FleetUnderTest,
+) -> None:
+    server = next(s for s in quiet_platform.servers.all() if s.region == "eu-central-1")
+    refill_spares(quiet_platform, server, 1)
+    project, op_id = service.start_create_project(
+        quiet_platform, someone, name="crash", region="eu-central-1", plan_type="free"
+    )
+    first = workers.start(point, spares=1)
+    workers.reached(point)
+    workers.kill(first)
+    workers.start(spares=1)
+    op = wait_op(quiet_platform, op_id, workers)
+    assert op.status == "finished", (op, workers.logs())
+    assert op.attempts == 2
+    assert all(s.status == "finished" for s in op.steps)
+    # Killed after the claim committed but before the roles step was recorded
+    # (`claimed`, `roles.after`), the retry finds the project's roles and
+    # converges them the slow way; killed later, the retry skips what the
+    # claim already did.
+    claimed = CLAIMED in (op.result or {}).get("actions", [])
+    assert claimed == (point not in ("provision.roles.claimed", "provision.roles.after")), op
+    assert_provisioned_once(quiet_platform, fleet, someone, project.id, "eu-central-1")
+
+
 # ---------------------------------------------------------------- delete
 
 DELETE_POINTS = [
@@ -361,7 +404,7 @@ def test_two_worker_processes_share_the_queue(
         for i in range(6)
     ]
     ops = [wait_op(quiet_platform, op_id, workers) for _, op_id in started]
-    assert [o.status for o in ops] == ["finished"] * 6
+    assert [o.status for o in ops] == ["finished"] * 6, ([o.error for o in ops], workers.logs()[-3000:])
     assert all(o.attempts == 1 for o in ops)
     assert len({o.worker for o in ops}) == 2, "both workers should have taken some"
     assert len(fleet.databases("us-east-1")) == 6

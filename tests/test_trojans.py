@@ -32,7 +32,7 @@ from pgfleet.fleet.registry import PROBE_ROLE
 from pgfleet.platform.core import Platform
 from pgfleet.tenants.provisioning import ensure_tenant_database_provisioned
 from pgfleet.tenants.reconcile import reconcile
-from pgfleet.tenants.spares import refill_spares
+from pgfleet.tenants.spares import CLAIMED, refill_spares
 from tests.helpers import Api, FleetUnderTest, connect, create_ok, finished, tenant_client
 
 REGION = "eu-central-1"
@@ -317,9 +317,9 @@ def _plan_change(t: Trojaned, api: Api, admin_api: Api, platform: Platform) -> N
 
 def _spares(t: Trojaned, api: Api, admin_api: Api, platform: Platform) -> None:
     server = next(s for s in platform.servers.all() if s.region == REGION)
-    with platform.servers.admin_connection(server) as conn:
-        refill_spares(conn, 3)
-    create_ok(api, "after the spares", region=REGION)
+    refill_spares(platform, server, 3)
+    body = create_ok(api, "after the spares", region=REGION)
+    assert body["operation"]["result"]["actions"] == [CLAIMED]
 
 
 def _statistics(t: Trojaned, api: Api, admin_api: Api, platform: Platform) -> None:

@@ -92,6 +92,18 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.spares_made = Counter(
+            "pgfleet_spares_made",
+            "Prepared spare projects made ahead by the workers",
+            ["region"],
+            registry=self.registry,
+        )
+        self.spares_claimed = Counter(
+            "pgfleet_spares_claimed",
+            "Creates that claimed a prepared spare (the rest took the slow path)",
+            ["region"],
+            registry=self.registry,
+        )
         self.queries = Counter(
             "pgfleet_queries",
             "Statements run through pgfleet",

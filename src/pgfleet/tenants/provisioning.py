@@ -13,15 +13,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import psycopg
+
 from pgfleet.crypto import generate_password
 from pgfleet.errors import Conflict, ProjectNotFound
 from pgfleet.fleet.registry import ServerRecord
+from pgfleet.operations.failpoints import failpoint
 from pgfleet.operations.locks import resource_lock_key
 from pgfleet.platform.core import Platform, default_platform
 from pgfleet.regions import PlacementPolicy, Plan, choose_server, get_plan, get_region
 from pgfleet.tenants import store
 from pgfleet.tenants.naming import project_roles, ro_role_name, rw_role_name, tenant_db_name
 from pgfleet.tenants.server import converge_database, converge_privileges, converge_roles
+from pgfleet.tenants.spares import CLAIMED, claim_prepared
 from pgfleet.tenants.template import ensure_template
 
 
@@ -58,6 +62,9 @@ class ProvisionTarget:
     ro_password: str = field(repr=False)
     rw_user: str = ""
     ro_user: str = ""
+    # A person chose the rw password (the seed's desired_password): its
+    # verifier keeps PostgreSQL's 4,096 iterations.
+    password_chosen: bool = False
 
     @property
     def login(self) -> bool:
@@ -123,6 +130,7 @@ def prepare_provision(
         changed = False
         if desired_password is not None:
             info["password_enc"] = p.secrets.encrypt(desired_password)
+            info["password_chosen"] = True
             changed = True
         for key in ("password_enc", "ro_password_enc"):
             if not info.get(key):
@@ -146,6 +154,7 @@ def _target(p: Platform, row: store.Tenant, info: dict[str, Any]) -> ProvisionTa
         ro_password=p.secrets.decrypt(info["ro_password_enc"]),
         rw_user=info.get("user") or rw_role_name(tenant_db_name(row.id)),
         ro_user=info.get("ro_user") or ro_role_name(tenant_db_name(row.id)),
+        password_chosen=bool(info.get("password_chosen")),
     )
 
 
@@ -168,6 +177,8 @@ def converge_target_on_server(p: Platform, t: ProvisionTarget, part: str) -> lis
         return actions
     with p.servers.admin_connection(t.server, evict=project_roles(t.name)) as aconn:
         if part == "roles":
+            if _claim(p, t, aconn):
+                return [CLAIMED]
             converge_roles(
                 aconn,
                 t.name,
@@ -178,6 +189,7 @@ def converge_target_on_server(p: Platform, t: ProvisionTarget, part: str) -> lis
                 login=t.login,
                 rw_user=t.rw_user,
                 ro_user=t.ro_user,
+                password_chosen=t.password_chosen,
                 actions=actions,
             )
         elif part == "database":
@@ -187,6 +199,27 @@ def converge_target_on_server(p: Platform, t: ProvisionTarget, part: str) -> lis
         else:
             raise ValueError(f"unknown part {part!r}")
     return actions
+
+
+def _claim(p: Platform, t: ProvisionTarget, aconn: psycopg.Connection[Any]) -> bool:
+    """A new project takes a prepared spare when its server has one ready:
+    roles, database and privileges in one transaction (see spares.py)."""
+    fresh = t.login and (t.rw_user, t.ro_user) == (rw_role_name(t.name), ro_role_name(t.name))
+    if not (p.settings.spare_databases and fresh):
+        return False
+    if not claim_prepared(
+        aconn,
+        t.name,
+        password=t.password,
+        ro_password=t.ro_password,
+        connection_limit=t.plan.connection_limit,
+        statement_timeout_ms=t.plan.statement_timeout_ms,
+        password_chosen=t.password_chosen,
+    ):
+        return False
+    p.metrics.spares_claimed.labels(t.server.region).inc()
+    failpoint("provision.roles.claimed")
+    return True
 
 
 def activate(p: Platform, t: ProvisionTarget, actions: tuple[str, ...] = ()) -> ProvisionedDatabase:
@@ -209,6 +242,8 @@ def activate(p: Platform, t: ProvisionTarget, actions: tuple[str, ...] = ()) -> 
         actions=actions,
     )
     info = connection_info(result, t.server, p.secrets.encrypt)
+    if t.password_chosen:
+        info["password_chosen"] = True
     with p.db.connection() as pconn:
         store.activate(pconn, t.tenant_id, info, t.server.region)
     return result
@@ -238,6 +273,8 @@ def ensure_tenant_database_provisioned(
             target = prepare_provision(p, tid, region, desired_password)
             actions: list[str] = []
             for part in ("roles", "database", "privileges"):
+                if CLAIMED in actions:
+                    break  # a prepared spare: everything is in place
                 actions += converge_target_on_server(p, target, part)
             return activate(p, target, tuple(actions))
         finally:

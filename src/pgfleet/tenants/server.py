@@ -22,6 +22,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from pgfleet.crypto import MACHINE_SCRAM_ITERATIONS, is_machine_made, scram_sha256_verifier
 from pgfleet.operations.failpoints import failpoint
 from pgfleet.tenants.naming import (
     alt_role_name,
@@ -38,11 +39,21 @@ from pgfleet.tenants.roles import (
     role_settings,
     wanted_roles,
 )
-from pgfleet.tenants.spares import INVALID_DB_CONNLIMIT, claim_spare
+
+# PostgreSQL marks a database whose DROP was interrupted with this datconnlimit
+# (DATCONNLIMIT_INVALID_DB); it can only be dropped.
+INVALID_DB_CONNLIMIT = -2
 
 
-def scram_verifier(conn: psycopg.Connection[Any], role: str, password: str) -> str:
-    """What the server stores: a SCRAM verifier, never the cleartext."""
+def scram_verifier(
+    conn: psycopg.Connection[Any], role: str, password: str, *, chosen: bool = False
+) -> str:
+    """What the server stores: a SCRAM verifier, never the cleartext. A
+    password pgfleet made gets few PBKDF2 iterations (its 192 random bits
+    are the protection; see crypto.MACHINE_SCRAM_ITERATIONS), one a person
+    `chosen` PostgreSQL's 4,096."""
+    if not chosen and is_machine_made(password):
+        return scram_sha256_verifier(password, MACHINE_SCRAM_ITERATIONS)
     return conn.pgconn.encrypt_password(password.encode(), role.encode(), b"scram-sha-256").decode()
 
 
@@ -72,13 +83,16 @@ def _ensure_login_role(
     *,
     connection_limit: int,
     login: bool | None = True,
+    chosen: bool = False,
     actions: list[str],
 ) -> None:
     """`password=None` leaves the role's password as it is (a main role whose
     project now logs in through its alternate); `login=None` leaves LOGIN as
     it is (an alternate whose overlap window has not ended)."""
     secret = (
-        sql.SQL("PASSWORD {}").format(sql.Literal(scram_verifier(conn, name, password)))
+        sql.SQL("PASSWORD {}").format(
+            sql.Literal(scram_verifier(conn, name, password, chosen=chosen))
+        )
         if password is not None
         else sql.SQL("")
     )
@@ -104,6 +118,7 @@ def converge_roles(
     login: bool = True,
     rw_user: str | None = None,
     ro_user: str | None = None,
+    password_chosen: bool = False,
     actions: list[str],
 ) -> None:
     """The roles, in one transaction (each DDL commit waits for a WAL flush).
@@ -122,6 +137,7 @@ def converge_roles(
             login=login,
             rw_user=rw_user or rw_role_name(name),
             ro_user=ro_user or ro_role_name(name),
+            password_chosen=password_chosen,
             actions=actions,
         )
 
@@ -137,6 +153,7 @@ def _converge_roles(
     login: bool = True,
     rw_user: str,
     ro_user: str,
+    password_chosen: bool = False,
     actions: list[str],
 ) -> None:
     states = read_role_states(conn, project_roles(name))
@@ -149,9 +166,9 @@ def _converge_roles(
         ),
         actions,
     )
-    for main, user, secret in (
-        (rw_role_name(name), rw_user, password),
-        (ro_role_name(name), ro_user, ro_password),
+    for main, user, secret, chosen in (
+        (rw_role_name(name), rw_user, password, password_chosen),
+        (ro_role_name(name), ro_user, ro_password, False),
     ):
         _ensure_login_role(
             conn,
@@ -159,6 +176,7 @@ def _converge_roles(
             secret if user == main else None,
             connection_limit=connection_limit,
             login=login,
+            chosen=chosen,
             actions=actions,
         )
         alt = alt_role_name(main)
@@ -170,6 +188,7 @@ def _converge_roles(
                 connection_limit=connection_limit,
                 statement_timeout_ms=statement_timeout_ms,
                 login=login,
+                chosen=chosen,
                 actions=actions,
             )
         elif alt in states:  # not in use: its attributes and limit, its login as it is
@@ -237,13 +256,20 @@ def ensure_alternate(
     connection_limit: int,
     statement_timeout_ms: int,
     login: bool,
+    chosen: bool = False,
     actions: list[str],
 ) -> str:
     """The alternate login role of `main`, with `password`: a member of
     `main` and of the gate, acting as `main` from login on."""
     alt = alt_role_name(main)
     _ensure_login_role(
-        conn, alt, password, connection_limit=connection_limit, login=login, actions=actions
+        conn,
+        alt,
+        password,
+        connection_limit=connection_limit,
+        login=login,
+        chosen=chosen,
+        actions=actions,
     )
     name = main_role_name(main).removesuffix("_rw").removesuffix("_ro")
     gate = sql.Identifier(name)
@@ -270,10 +296,6 @@ def converge_database(conn: psycopg.Connection[Any], name: str, actions: list[st
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(gate))
         actions.append("drop invalid database")
         db = None
-    if db is None and claim_spare(conn, name):
-        actions.append("claim spare database")
-        failpoint("provision.database.created")
-        db = (None, None)  # owned by the admin: the owner is set below
     if db is None:
         try:
             conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(gate, rw))

@@ -1,9 +1,29 @@
-"""Spare databases: CREATE DATABASE copies a template and waits for its files
-and WAL to reach the disk, most of a provision's time. Each server keeps a
-few empty databases ready (`pgfleet_spare_*`, made by the workers off the
-request path); provisioning renames one, which is a catalog change. Nobody
-can log in to a spare (pg_hba admits a tenant role only to its own
-database), and it gets the project's owner and ACL right after.
+"""Prepared spares: whole projects-to-be, made ahead on every server.
+
+A spare is everything a new project's server side is, under an opaque
+placeholder name `pgfleet_spare_<hex>`: the gate role, the `_rw` role that
+owns the database and the `_ro` role (both NOLOGIN, no password), the
+database with CONNECT revoked from PUBLIC, and inside it the default
+privileges that let `_ro` read what `_rw` makes. Nobody can use one: no
+role of it can log in, and pg_hba admits a role only to the database named
+like its gate.
+
+Claiming one for a project is one short transaction on the server, in the
+admin database (`claim_prepared`): rename the database and the three roles
+to the project's names, give the login roles their passwords and the
+plan's limits, allow login. Role OIDs do not change with a rename, so the
+ownership, grants and default privileges made ahead are the project's.
+The result is the same catalog state provisioning makes the slow way
+(tests compare the two), so nothing downstream knows the difference.
+
+The workers keep PGFLEET_SPARE_DATABASES ready per server (`refill_all`,
+off the request path). Making one runs the slow path's own steps: its
+in-database part in a session logged in as the spare's own `_rw` role,
+with a one-time password that is never stored and is removed, with LOGIN,
+before the spare is marked ready (a database comment). A spare that was not
+finished (a crash while it was made) is never claimed and is dropped by
+the next refill. When none is ready a create takes the slow path; it never
+fails for want of a spare.
 """
 
 from __future__ import annotations
@@ -15,84 +35,206 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from pgfleet.crypto import generate_password
 from pgfleet.errors import RegionUnavailable
+from pgfleet.fleet.registry import ServerRecord
 from pgfleet.operations.registry import REGISTRY
 from pgfleet.platform.core import Platform
+from pgfleet.tenants.naming import ro_role_name, rw_role_name
+from pgfleet.tenants.roles import role_settings
+from pgfleet.tenants.server import (
+    converge_database,
+    converge_privileges,
+    converge_roles,
+    drop_on_server,
+    scram_verifier,
+)
 from pgfleet.tenants.template import ensure_template
 
 log = logging.getLogger(__name__)
-# PostgreSQL marks a database whose DROP was interrupted with this datconnlimit
-# (DATCONNLIMIT_INVALID_DB); it can only be dropped.
-INVALID_DB_CONNLIMIT = -2
 
 SPARE_PREFIX = "pgfleet_spare_"
-
+READY = "pgfleet: prepared spare, ready"
+CLAIMED = "claim prepared spare"
 
 _SPARE_LOCK = 0x7370617265  # "spare": one refiller per server at a time
+_LIKE = SPARE_PREFIX.replace("_", "\\_") + "%"
 
 
-def claim_spare(conn: psycopg.Connection[Any], name: str) -> bool:
-    """Rename a spare database to `name`, if the server has one.
-
-    CREATE DATABASE copies a template and waits for its files and WAL to
-    reach the disk: most of a provision's time. Spares are made ahead of time
-    by the workers (`refill_spares`), off the request path; renaming one is a
-    catalog change. Nobody can log in to a spare (pg_hba admits a tenant role
-    only to its own database), and it gets the project's owner and ACL right
-    after, in the same step."""
-    spares = conn.execute(
-        "SELECT datname FROM pg_database WHERE datname LIKE %s AND datallowconn "
-        "AND datconnlimit <> %s ORDER BY datname LIMIT 4",
-        (SPARE_PREFIX.replace("_", "\\_") + "%", INVALID_DB_CONNLIMIT),
+def _spares(conn: psycopg.Connection[Any], *, ready: bool, limit: int = 1000) -> list[str]:
+    rows = conn.execute(
+        "SELECT d.datname FROM pg_catalog.pg_database d "
+        "LEFT JOIN pg_catalog.pg_shdescription c ON c.objoid = d.oid "
+        "AND c.classoid = 'pg_catalog.pg_database'::pg_catalog.regclass "
+        "WHERE d.datname LIKE %s "
+        "AND (c.description IS NOT DISTINCT FROM %s) = %s "
+        "ORDER BY d.datname LIMIT %s",
+        (_LIKE, READY, ready, limit),
     ).fetchall()
-    for (spare,) in spares:
+    return [r[0] for r in rows]
+
+
+def _spare_roles(conn: psycopg.Connection[Any]) -> list[str]:
+    """Roles of spares whose database is gone (a crash between the two)."""
+    rows = conn.execute(
+        "SELECT rolname FROM pg_catalog.pg_roles WHERE rolname LIKE %s "
+        "AND pg_catalog.regexp_replace(rolname, '_(rw|ro)$', '') NOT IN "
+        "(SELECT datname FROM pg_catalog.pg_database)",
+        (_LIKE,),
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def ready_count(conn: psycopg.Connection[Any]) -> int:
+    return len(_spares(conn, ready=True))
+
+
+def claim_prepared(
+    conn: psycopg.Connection[Any],
+    name: str,
+    *,
+    password: str,
+    ro_password: str,
+    connection_limit: int,
+    statement_timeout_ms: int,
+    password_chosen: bool = False,
+) -> bool:
+    """Make a ready spare project `name`, in one transaction. False if the
+    server has none ready, or if anything of `name` exists already (then the
+    slow path converges what is there)."""
+    for spare in _spares(conn, ready=True, limit=8):
         try:
-            conn.execute(
-                sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
-                    sql.Identifier(spare), sql.Identifier(name)
-                )
-            )
+            with conn.transaction():
+                got = conn.execute(
+                    "SELECT pg_catalog.pg_try_advisory_xact_lock(pg_catalog.hashtext(%s))",
+                    (spare,),
+                ).fetchone()
+                if not (got and got[0]):
+                    continue  # another worker is claiming it
+                _rename(conn, spare, name)
+                for role, secret, chosen in (
+                    (rw_role_name(name), password, password_chosen),
+                    (ro_role_name(name), ro_password, False),
+                ):
+                    ident = sql.Identifier(role)
+                    conn.execute(
+                        sql.SQL("ALTER ROLE {} LOGIN PASSWORD {} CONNECTION LIMIT {}").format(
+                            ident,
+                            sql.Literal(scram_verifier(conn, role, secret, chosen=chosen)),
+                            sql.Literal(connection_limit),
+                        )
+                    )
+                    conn.execute(
+                        sql.SQL("ALTER ROLE {} SET statement_timeout = {}").format(
+                            ident,
+                            sql.Literal(
+                                role_settings(role, statement_timeout_ms, name=name)[
+                                    "statement_timeout"
+                                ]
+                            ),
+                        )
+                    )
+                conn.execute(sql.SQL("COMMENT ON DATABASE {} IS NULL").format(sql.Identifier(name)))
             return True
-        except (
-            psycopg.errors.InvalidCatalogName,  # another worker took it
-            psycopg.errors.ObjectInUse,  # someone is connected to it
-            psycopg.errors.DuplicateDatabase,  # `name` appeared meanwhile
-        ):
-            continue
+        except (psycopg.errors.InvalidCatalogName, psycopg.errors.UndefinedObject):
+            continue  # claimed by another worker meanwhile
+        except psycopg.errors.ObjectInUse:
+            continue  # a refiller is still in it
+        except (psycopg.errors.DuplicateDatabase, psycopg.errors.DuplicateObject):
+            return False  # `name` exists in part: the slow path converges it
     return False
 
 
-def refill_spares(conn: psycopg.Connection[Any], target: int) -> int:
-    """Bring the server's spare databases up to `target`; returns how many
-    were made. One refiller per server at a time (advisory lock)."""
-    got = conn.execute("SELECT pg_try_advisory_lock(%s)", (_SPARE_LOCK,)).fetchone()
-    if not (got and got[0]):
-        return 0
+def _rename(conn: psycopg.Connection[Any], spare: str, name: str) -> None:
+    conn.execute(
+        sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+            sql.Identifier(spare), sql.Identifier(name)
+        )
+    )
+    for old, new in (
+        (spare, name),
+        (rw_role_name(spare), rw_role_name(name)),
+        (ro_role_name(spare), ro_role_name(name)),
+    ):
+        conn.execute(
+            sql.SQL("ALTER ROLE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new))
+        )
+
+
+def prepare_spare(p: Platform, server: ServerRecord, conn: psycopg.Connection[Any]) -> str:
+    """Make one spare on `server` with the slow path's own steps (`conn` is
+    an admin session in the admin database); returns its name."""
+    spare = SPARE_PREFIX + uuid.uuid4().hex
+    password = generate_password()  # for the in-database step only; never stored
+    actions: list[str] = []
+    converge_roles(
+        conn,
+        spare,
+        password=password,
+        ro_password=generate_password(),
+        connection_limit=2,
+        statement_timeout_ms=60_000,
+        actions=actions,
+    )
+    conn.execute(
+        sql.SQL("ALTER ROLE {} NOLOGIN PASSWORD NULL").format(sql.Identifier(ro_role_name(spare)))
+    )
+    converge_database(conn, spare, actions)
+    rw = rw_role_name(spare)
+    with p.servers.tenant_session(server, spare, rw, password, act_as=rw) as tconn:
+        converge_privileges(tconn, spare)
+    with conn.transaction():
+        conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN PASSWORD NULL").format(sql.Identifier(rw)))
+        conn.execute(
+            sql.SQL("COMMENT ON DATABASE {} IS {}").format(
+                sql.Identifier(spare), sql.Literal(READY)
+            )
+        )
+    return spare
+
+
+def refill_spares(p: Platform, server: ServerRecord, target: int) -> int:
+    """Bring `server`'s ready spares up to `target`, first dropping any a
+    crash left unfinished; returns how many were made. One refiller per
+    server at a time (advisory lock)."""
     made = 0
-    try:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_database WHERE datname LIKE %s",
-            (SPARE_PREFIX.replace("_", "\\_") + "%",),
-        ).fetchone()
-        for _ in range(target - (int(row[0]) if row else 0)):
-            spare = SPARE_PREFIX + uuid.uuid4().hex
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(spare)))
-            made += 1
-    finally:
-        conn.execute("SELECT pg_advisory_unlock(%s)", (_SPARE_LOCK,))
+    with p.servers.admin_connection(server) as conn:
+        got = conn.execute("SELECT pg_try_advisory_lock(%s)", (_SPARE_LOCK,)).fetchone()
+        if not (got and got[0]):
+            return 0
+        try:
+            for spare in _spares(conn, ready=False):
+                drop_on_server(conn, name=spare)
+                log.info("dropped unfinished spare %s on %s", spare, server.name)
+            for role in _spare_roles(conn):
+                conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+            ensure_template(p, server, conn)
+            for _ in range(target - ready_count(conn)):
+                prepare_spare(p, server, conn)
+                made += 1
+                p.metrics.spares_made.labels(server.region).inc()
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (_SPARE_LOCK,))
     return made
+
+
+def drop_spares(p: Platform, server: ServerRecord) -> int:
+    """Drop every spare on `server` (a server leaving service)."""
+    with p.servers.admin_connection(server) as conn:
+        spares = _spares(conn, ready=True) + _spares(conn, ready=False)
+        for spare in spares:
+            drop_on_server(conn, name=spare)
+    return len(spares)
 
 
 @REGISTRY.every("refill_spares", lambda s: s.worker_heartbeat_s)
 def refill_all(platform: Platform) -> None:
-    """Every server's spares back up to PGFLEET_SPARE_DATABASES."""
+    """Every server's prepared spares back up to PGFLEET_SPARE_DATABASES."""
     target = platform.settings.spare_databases
     if not target:
         return
     for server in platform.servers.all(enabled_only=True):
         try:
-            with platform.servers.admin_connection(server) as conn:
-                ensure_template(platform, server, conn)
-                refill_spares(conn, target)
+            refill_spares(platform, server, target)
         except (RegionUnavailable, psycopg.Error) as e:
             log.debug("spares for %s not refilled: %s", server.name, e)

@@ -15,6 +15,7 @@ from pgfleet.tenants.kinds.common import project_admin, server_of, set_status, t
 from pgfleet.tenants.naming import tenant_db_name
 from pgfleet.tenants.provisioning import activate, converge_target_on_server, prepare_provision
 from pgfleet.tenants.server import drop_on_server
+from pgfleet.tenants.spares import CLAIMED
 
 
 def _place(ctx: OpContext) -> None:
@@ -24,6 +25,8 @@ def _place(ctx: OpContext) -> None:
 
 def _part(part: str) -> Callable[[OpContext], None]:
     def run(ctx: OpContext) -> None:
+        if CLAIMED in ctx.state.get("actions", ()):
+            return  # the roles step claimed a prepared spare: all is in place
         t = prepare_provision(ctx.platform, ctx.tenant_id)
         ctx.state.setdefault("actions", []).extend(converge_target_on_server(ctx.platform, t, part))
 
