@@ -404,7 +404,10 @@ def test_two_worker_processes_share_the_queue(
         for i in range(6)
     ]
     ops = [wait_op(quiet_platform, op_id, workers) for _, op_id in started]
-    assert [o.status for o in ops] == ["finished"] * 6, ([o.error for o in ops], workers.logs()[-3000:])
+    assert [o.status for o in ops] == ["finished"] * 6, (
+        [o.error for o in ops],
+        workers.logs()[-3000:],
+    )
     assert all(o.attempts == 1 for o in ops)
     assert len({o.worker for o in ops}) == 2, "both workers should have taken some"
     assert len(fleet.databases("us-east-1")) == 6
