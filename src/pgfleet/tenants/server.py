@@ -76,6 +76,37 @@ def _create_or_alter_role(
     conn.execute(sql.SQL("ALTER ROLE {} {}").format(role, attrs))
 
 
+def login_role_attributes(
+    conn: psycopg.Connection[Any],
+    name: str,
+    password: str | None,
+    *,
+    connection_limit: int,
+    login: bool | None = True,
+    chosen: bool = False,
+) -> sql.Composable:
+    """What CREATE/ALTER ROLE gives a project's login role: no attribute
+    beyond LOGIN, the plan's limit, and the password's SCRAM verifier.
+    `password=None` leaves the role's password as it is (a main role whose
+    project now logs in through its alternate); `login=None` leaves LOGIN as
+    it is (an alternate whose overlap window has not ended)."""
+    secret = (
+        sql.SQL("PASSWORD {}").format(
+            sql.Literal(scram_verifier(conn, name, password, chosen=chosen))
+        )
+        if password is not None
+        else sql.SQL("")
+    )
+    return sql.SQL(
+        "{} NOSUPERUSER INHERIT NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS {} "
+        "CONNECTION LIMIT {}"
+    ).format(
+        sql.SQL("" if login is None else "LOGIN" if login else "NOLOGIN"),
+        secret,
+        sql.Literal(connection_limit),
+    )
+
+
 def _ensure_login_role(
     conn: psycopg.Connection[Any],
     name: str,
@@ -86,23 +117,8 @@ def _ensure_login_role(
     chosen: bool = False,
     actions: list[str],
 ) -> None:
-    """`password=None` leaves the role's password as it is (a main role whose
-    project now logs in through its alternate); `login=None` leaves LOGIN as
-    it is (an alternate whose overlap window has not ended)."""
-    secret = (
-        sql.SQL("PASSWORD {}").format(
-            sql.Literal(scram_verifier(conn, name, password, chosen=chosen))
-        )
-        if password is not None
-        else sql.SQL("")
-    )
-    attrs = sql.SQL(
-        "{} NOSUPERUSER INHERIT NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS {} "
-        "CONNECTION LIMIT {}"
-    ).format(
-        sql.SQL("" if login is None else "LOGIN" if login else "NOLOGIN"),
-        secret,
-        sql.Literal(connection_limit),
+    attrs = login_role_attributes(
+        conn, name, password, connection_limit=connection_limit, login=login, chosen=chosen
     )
     _create_or_alter_role(conn, name, attrs, actions)
 

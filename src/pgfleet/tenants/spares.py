@@ -47,7 +47,7 @@ from pgfleet.tenants.server import (
     converge_privileges,
     converge_roles,
     drop_on_server,
-    scram_verifier,
+    login_role_attributes,
 )
 from pgfleet.tenants.template import ensure_template
 
@@ -61,15 +61,16 @@ _SPARE_LOCK = 0x7370617265  # "spare": one refiller per server at a time
 _LIKE = SPARE_PREFIX.replace("_", "\\_") + "%"
 
 
-def _spares(conn: psycopg.Connection[Any], *, ready: bool, limit: int = 1000) -> list[str]:
+def _spares(conn: psycopg.Connection[Any], *, ready: bool | None, limit: int = 1000) -> list[str]:
+    """The server's spares: the ready ones, the unfinished ones, or (None) all."""
     rows = conn.execute(
         "SELECT d.datname FROM pg_catalog.pg_database d "
         "LEFT JOIN pg_catalog.pg_shdescription c ON c.objoid = d.oid "
         "AND c.classoid = 'pg_catalog.pg_database'::pg_catalog.regclass "
         "WHERE d.datname LIKE %s "
-        "AND (c.description IS NOT DISTINCT FROM %s) = %s "
+        "AND (%s::bool IS NULL OR (c.description IS NOT DISTINCT FROM %s) = %s) "
         "ORDER BY d.datname LIMIT %s",
-        (_LIKE, READY, ready, limit),
+        (_LIKE, ready, READY, ready, limit),
     ).fetchall()
     return [r[0] for r in rows]
 
@@ -117,13 +118,10 @@ def claim_prepared(
                     (ro_role_name(name), ro_password, False),
                 ):
                     ident = sql.Identifier(role)
-                    conn.execute(
-                        sql.SQL("ALTER ROLE {} LOGIN PASSWORD {} CONNECTION LIMIT {}").format(
-                            ident,
-                            sql.Literal(scram_verifier(conn, role, secret, chosen=chosen)),
-                            sql.Literal(connection_limit),
-                        )
+                    attrs = login_role_attributes(
+                        conn, role, secret, connection_limit=connection_limit, chosen=chosen
                     )
+                    conn.execute(sql.SQL("ALTER ROLE {} {}").format(ident, attrs))
                     conn.execute(
                         sql.SQL("ALTER ROLE {} SET statement_timeout = {}").format(
                             ident,
@@ -176,15 +174,15 @@ def prepare_spare(p: Platform, server: ServerRecord, conn: psycopg.Connection[An
         statement_timeout_ms=60_000,
         actions=actions,
     )
-    conn.execute(
-        sql.SQL("ALTER ROLE {} NOLOGIN PASSWORD NULL").format(sql.Identifier(ro_role_name(spare)))
-    )
     converge_database(conn, spare, actions)
     rw = rw_role_name(spare)
     with p.servers.tenant_session(server, spare, rw, password, act_as=rw) as tconn:
         converge_privileges(tconn, spare)
-    with conn.transaction():
-        conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN PASSWORD NULL").format(sql.Identifier(rw)))
+    with conn.transaction():  # unusable from here on, then ready
+        for role in (rw, ro_role_name(spare)):
+            conn.execute(
+                sql.SQL("ALTER ROLE {} NOLOGIN PASSWORD NULL").format(sql.Identifier(role))
+            )
         conn.execute(
             sql.SQL("COMMENT ON DATABASE {} IS {}").format(
                 sql.Identifier(spare), sql.Literal(READY)
@@ -221,7 +219,7 @@ def refill_spares(p: Platform, server: ServerRecord, target: int) -> int:
 def drop_spares(p: Platform, server: ServerRecord) -> int:
     """Drop every spare on `server` (a server leaving service)."""
     with p.servers.admin_connection(server) as conn:
-        spares = _spares(conn, ready=True) + _spares(conn, ready=False)
+        spares = _spares(conn, ready=None)
         for spare in spares:
             drop_on_server(conn, name=spare)
     return len(spares)
