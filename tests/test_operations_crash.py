@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from psycopg.conninfo import make_conninfo
 
@@ -28,7 +29,7 @@ from pgfleet.platform.owners import Owner
 from pgfleet.tenants import service
 from pgfleet.tenants.naming import tenant_db_name
 from pgfleet.tenants.spares import CLAIMED, refill_spares
-from tests.helpers import FleetUnderTest, run_psql
+from tests.helpers import FleetUnderTest, free_port_block, run_psql
 
 FAST = {"embedded_workers": 0, "worker_heartbeat_s": 0.3, "worker_stalled_s": 1.5}
 
@@ -590,3 +591,78 @@ def test_rotation_interrupted_in_apply_goes_forward(
         uri = service.connection_details(p, owner, tid, mode).uri
         assert run_psql(uri, "select 1").returncode == 0, mode
     assert "password authentication failed" in run_psql(old, "select 1").stderr
+
+
+# ---------------------------------------------------------------- inline
+
+
+@pytest.mark.parametrize("point", ["provision.roles.claimed", "provision.activate.before"])
+def test_a_create_the_api_ran_itself_survives_the_api_killed_mid_way(
+    point: str,
+    quiet_platform: Platform,
+    workers: Workers,
+    fleet: FleetUnderTest,
+    tmp_path: Path,
+) -> None:
+    """An API process with embedded workers runs the operations it starts
+    itself (no queue). Killed mid-way, it leaves the operation to the
+    workers' recovery loop, like a dead worker: the create finishes once,
+    from where it stopped."""
+    from pgfleet.auth import create_owner
+
+    owner, token = create_owner(quiet_platform, "inline")
+    server = next(s for s in quiet_platform.servers.all() if s.region == "eu-central-1")
+    refill_spares(quiet_platform, server, 1)
+    port = free_port_block(1)
+    s = fleet.settings
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PGFLEET_", "PG"))}
+    env.update(
+        PGFLEET_HOME=str(s.home),
+        PGFLEET_PORT_BASE=str(s.port_base),
+        PGFLEET_FSYNC="false",
+        PGFLEET_PLATFORM_DSN=make_conninfo(**quiet_platform.conninfo),
+        PGFLEET_API_PORT=str(port),
+        PGFLEET_API_WORKERS="1",
+        PGFLEET_EMBEDDED_WORKERS="1",
+        PGFLEET_BACKGROUND_TASKS="false",
+        PGFLEET_SPARE_DATABASES="1",
+        PGFLEET_FAILPOINTS=point,
+        PGFLEET_FAILPOINT_DIR=str(tmp_path),
+    )
+    with (tmp_path / "worker-api.log").open("wb") as log:
+        api = subprocess.Popen(
+            [sys.executable, "-m", "pgfleet.cli", "serve"], env=env, stdout=log, stderr=log
+        )
+    workers.procs.append(api)
+    url = f"http://127.0.0.1:{port}"
+    end = time.monotonic() + 30
+    while True:
+        try:
+            httpx.get(f"{url}/health", timeout=1)
+            break
+        except httpx.HTTPError:
+            assert time.monotonic() < end and api.poll() is None, workers.logs()
+            time.sleep(0.1)
+    r = httpx.post(
+        f"{url}/v1/projects?wait=false",
+        json={"name": "inline", "region": "eu-central-1", "plan_type": "free"},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+    )
+    assert r.status_code == 202, r.text
+    op_id = uuid.UUID(r.json()["operation"]["id"])
+    project_id = uuid.UUID(r.json()["project"]["id"])
+    workers.reached(point)
+    with quiet_platform.db.connection() as conn:
+        row = conn.execute(
+            "SELECT worker, job_id FROM operations WHERE id = %s", (op_id,)
+        ).fetchone()
+    assert row is not None and str(row[0]).endswith("-inline"), row  # run by the API itself
+    assert row[1] is None  # never queued
+    workers.kill(api)
+    workers.start(spares=1)
+    op = wait_op(quiet_platform, op_id, workers)
+    assert op.status == "finished", (op, workers.logs())
+    assert op.attempts == 2
+    assert not str(op.worker).endswith("-inline")  # a worker finished it
+    assert_provisioned_once(quiet_platform, fleet, owner, project_id, "eu-central-1")

@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     # Operations and workers
     embedded_workers: int = Field(default=1, ge=0, le=16)
     worker_concurrency: int = Field(default=4, ge=1, le=64)
+    # A process with embedded workers runs the operations it starts itself,
+    # at once (up to worker_concurrency at a time), instead of queueing them.
+    inline_operations: bool = True
     worker_heartbeat_s: float = Field(default=2.0, gt=0)
     worker_stalled_s: float = Field(default=10.0, gt=0)
     # How long a stopping worker lets running steps finish; a step still

@@ -69,81 +69,104 @@ class _Cancelled(Exception):
     pass
 
 
-def execute_operation(platform: Platform, op_id: uuid.UUID | str, *, worker: str) -> str:
+def execute_operation(
+    platform: Platform,
+    op_id: uuid.UUID | str,
+    *,
+    worker: str,
+    hand_off: Callable[[], bool] | None = None,
+) -> str:
     """Run (or resume) one operation to its end. Returns its final status,
-    or "busy" if another executor holds it."""
+    "busy" if another executor holds it, "lost" if this one lost its locks,
+    or "handed_off" when `hand_off` is given and the operation stopped short
+    for a worker to finish (see _Execution)."""
     oid = uuid.UUID(str(op_id))
     with platform.db.connection() as lconn:
-        got = lconn.execute("SELECT pg_try_advisory_lock(%s)", (op_lock_key(oid),)).fetchone()
+        got = lconn.execute(
+            "SELECT pg_try_advisory_lock(%s), (SELECT tenant_id FROM operations WHERE id = %s)",
+            (op_lock_key(oid), oid),
+        ).fetchone()
         if not (got and got[0]):
             return "busy"
         locks = [op_lock_key(oid)]
         try:
             # Also its resource's lock, which domain code that changes the
             # resource outside an operation takes: the two never interleave.
-            row = lconn.execute("SELECT tenant_id FROM operations WHERE id = %s", (oid,)).fetchone()
-            if row is not None and row[0] is not None:
-                lconn.execute("SELECT pg_advisory_lock(%s)", (resource_lock_key(row[0]),))
-                locks.append(resource_lock_key(row[0]))
-            return _Execution(platform, oid, worker, lock_conn=lconn).run()
+            if got[1] is not None:
+                lconn.execute("SELECT pg_advisory_lock(%s)", (resource_lock_key(got[1]),))
+                locks.append(resource_lock_key(got[1]))
+            # Progress records need no WAL flush (see _Execution); the
+            # records that do flush say so.
+            lconn.execute("SET synchronous_commit TO off")
+            return _Execution(platform, oid, worker, lock_conn=lconn, hand_off=hand_off).run()
         finally:
             # If the connection is gone, the locks went with it.
             with contextlib.suppress(psycopg.Error):
                 for key in reversed(locks):
                     lconn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+                lconn.execute("RESET synchronous_commit")
 
 
 class _LostLocks(Exception):
     """The connection holding the operation's locks is gone: so are they."""
 
 
+class _HandOff(Exception):
+    """An inline executor stops short; a worker finishes the operation."""
+
+
 class _Execution:
+    """One run of an operation, on the connection that holds its locks.
+
+    Every record of progress goes through that connection: if it broke (a
+    platform DB outage), the locks went with it, another executor may own
+    the operation by now, and this one stops at once (steps look before
+    they act, so at most the step running when the link broke overlaps).
+    A step's end and the next one's start cost one statement each, without
+    a WAL flush: if the platform DB crashes and loses the last of them, the
+    steps run again, and steps converge. What steps write about the resource
+    itself stays durable, and so do the start of a final step and the
+    operation's end.
+
+    With `hand_off` (the API process running an operation it just recorded,
+    so that a caller who waits does not pay for the queue), the execution
+    stops where a worker would have to wait: at a transient failure that it
+    would retry with backoff, or when `hand_off()` says so (the process is
+    shutting down). It leaves the operation `running` for a worker to
+    resume; nothing is lost if the process dies instead.
+    """
+
     def __init__(
         self,
         platform: Platform,
         op_id: uuid.UUID,
         worker: str,
         *,
-        lock_conn: psycopg.Connection[Any] | None = None,
+        lock_conn: psycopg.Connection[Any],
+        hand_off: Callable[[], bool] | None = None,
     ) -> None:
         self.p = platform
         self.op_id = op_id
         self.worker = worker
         self.committed = False
         self.lock_conn = lock_conn
+        self.hand_off = hand_off
+        # A step that finished but whose end is recorded with the next
+        # step's start (or the operation's end).
+        self.unrecorded: int | None = None
 
-    def _hold_locks(self) -> None:
-        """Before each step and each retry: the locks live as long as their
-        connection, so if it is gone another executor may own the operation
-        by now, and this one must stop (steps look before they act, so at
-        most the one step running when the link broke overlaps)."""
-        if self.lock_conn is None:
-            return
+    def _q(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
+        """Run a record on the lock connection; if it broke, the locks are lost."""
         try:
-            self.lock_conn.execute("SELECT 1")
+            return fn(self.lock_conn)
         except psycopg.Error as e:
-            raise _LostLocks() from e
-
-    # -- platform DB access, retried while the platform DB is unreachable ----
-
-    def _pdb(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
-        delay = 0.05
-        give_up = time.monotonic() + max(30.0, self.p.settings.operation_deadline_s)
-        while True:
-            try:
-                with self.p.db.connection() as conn:
-                    return fn(conn)
-            except (PlatformUnavailable, psycopg.OperationalError, PoolTimeout) as e:
-                if time.monotonic() > give_up:
-                    raise
-                log.warning("operation %s: platform DB unreachable (%s); retrying", self.op_id, e)
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
+            if self.lock_conn.closed or self.lock_conn.broken:
+                raise _LostLocks() from e
+            raise
 
     def _claim(self) -> Operation | None:
         def q(conn: psycopg.Connection[Any]) -> Operation | None:
-            with conn.transaction(), conn.cursor(row_factory=class_row(Operation)) as cur:
-                _async_commit(conn)
+            with conn.cursor(row_factory=class_row(Operation)) as cur:
                 query = sql.SQL(
                     "UPDATE operations SET status = 'running', attempts = attempts + 1, "
                     "started_at = coalesce(started_at, now()), worker = %s, updated_at = now() "
@@ -151,7 +174,7 @@ class _Execution:
                 ).format(OPERATION_COLUMNS)
                 return cur.execute(query, (self.worker, self.op_id)).fetchone()
 
-        return self._pdb(q)
+        return self._q(q)
 
     def _flags(self) -> tuple[bool, float]:
         """(cancel requested, seconds left before the deadline)."""
@@ -165,39 +188,52 @@ class _Execution:
             assert row is not None
             return bool(row[0]), float(row[1])
 
-        return self._pdb(q)
+        return self._q(q)
+
+    def _boundary(self, state: dict[str, Any]) -> tuple[bool, float]:
+        """Between two steps: record the one that finished (with the state it
+        left) and read the flags, in one statement."""
+        prev, self.unrecorded = self.unrecorded, None
+
+        def q(conn: psycopg.Connection[Any]) -> tuple[bool, float]:
+            row = conn.execute(
+                "WITH fin AS (UPDATE operation_steps SET status = 'finished', "
+                "finished_at = now() WHERE operation_id = %(id)s AND position = %(prev)s::int "
+                "RETURNING 1) "
+                "UPDATE operations SET result = CASE WHEN %(prev)s::int IS NULL THEN result "
+                "ELSE %(state)s END, updated_at = now() WHERE id = %(id)s "
+                "RETURNING cancel_requested, extract(epoch FROM deadline - now())::float8",
+                {"id": self.op_id, "prev": prev, "state": Jsonb(state)},
+            ).fetchone()
+            assert row is not None
+            return bool(row[0]), float(row[1])
+
+        return self._q(q)
 
     def _step_started(self, position: int, name: str, *, final: bool = False) -> bool:
         """Record the start of a step. A final step starts only if no cancel
         was asked for, decided under the operation's row lock (the cancel
-        API takes the same lock), so a cancel never slips past it."""
+        API takes the same lock), so a cancel never slips past it; its start
+        is flushed, since from then on the operation only goes forward."""
+        stmt = (
+            "WITH op AS (UPDATE operations SET current_step = %(name)s, updated_at = now() "
+            "WHERE id = %(id)s AND (NOT %(final)s OR NOT cancel_requested) RETURNING id) "
+            "INSERT INTO operation_steps (operation_id, position, name, status) "
+            "SELECT id, %(pos)s, %(name)s, 'running' FROM op "
+            "ON CONFLICT (operation_id, position) DO UPDATE "
+            "SET status = 'running', attempts = operation_steps.attempts + 1, "
+            "error = NULL, started_at = now(), finished_at = NULL RETURNING 1"
+        )
+        args = {"id": self.op_id, "pos": position, "name": name, "final": final}
 
         def q(conn: psycopg.Connection[Any]) -> bool:
+            if not final:
+                return conn.execute(stmt, args).fetchone() is not None
             with conn.transaction():
-                if final:
-                    ok = conn.execute(
-                        "UPDATE operations SET current_step = %s, updated_at = now() "
-                        "WHERE id = %s AND NOT cancel_requested RETURNING 1",
-                        (name, self.op_id),
-                    ).fetchone()
-                    if ok is None:
-                        return False
-                else:
-                    _async_commit(conn)
-                conn.execute(
-                    "INSERT INTO operation_steps (operation_id, position, name, status) "
-                    "VALUES (%s, %s, %s, 'running') ON CONFLICT (operation_id, position) DO UPDATE "
-                    "SET status = 'running', attempts = operation_steps.attempts + 1, "
-                    "error = NULL, started_at = now(), finished_at = NULL",
-                    (self.op_id, position, name),
-                )
-                conn.execute(
-                    "UPDATE operations SET current_step = %s, updated_at = now() WHERE id = %s",
-                    (name, self.op_id),
-                )
-            return True
+                _durable(conn)
+                return conn.execute(stmt, args).fetchone() is not None
 
-        return self._pdb(q)
+        return self._q(q)
 
     def _step_error(self, position: int, error: str, *, failed: bool) -> None:
         def q(conn: psycopg.Connection[Any]) -> None:
@@ -216,23 +252,7 @@ class _Execution:
                 ),
             )
 
-        self._pdb(q)
-
-    def _step_finished(self, position: int, state: dict[str, Any]) -> None:
-        def q(conn: psycopg.Connection[Any]) -> None:
-            with conn.transaction():
-                _async_commit(conn)
-                conn.execute(
-                    "UPDATE operation_steps SET status = 'finished', finished_at = now() "
-                    "WHERE operation_id = %s AND position = %s",
-                    (self.op_id, position),
-                )
-                conn.execute(
-                    "UPDATE operations SET result = %s, updated_at = now() WHERE id = %s",
-                    (Jsonb(state), self.op_id),
-                )
-
-        self._pdb(q)
+        self._q(q)
 
     def _mark_deadline_missed(self) -> None:
         def q(conn: psycopg.Connection[Any]) -> None:
@@ -242,21 +262,35 @@ class _Execution:
                 (self.op_id,),
             )
 
-        self._pdb(q)
+        self._q(q)
 
     def _end(self, status: str, *, error: str | None, state: dict[str, Any]) -> None:
+        """The operation's end (with its last step's), flushed, and notified."""
+        prev, self.unrecorded = self.unrecorded, None
+
         def q(conn: psycopg.Connection[Any]) -> None:
             with conn.transaction():
+                _durable(conn)
                 conn.execute(
-                    "UPDATE operations SET status = %s, error = %s, result = %s, "
-                    "current_step = NULL, finished_at = now(), updated_at = now(), "
-                    "deadline_missed = deadline_missed OR deadline < now() "
-                    "WHERE id = %s AND status = 'running'",
-                    (status, error, Jsonb(state), self.op_id),
+                    "WITH fin AS (UPDATE operation_steps SET status = 'finished', "
+                    "finished_at = now() WHERE operation_id = %(id)s "
+                    "AND position = %(prev)s::int RETURNING 1) "
+                    "UPDATE operations SET status = %(status)s, error = %(error)s, "
+                    "result = %(state)s, current_step = NULL, finished_at = now(), "
+                    "updated_at = now(), deadline_missed = deadline_missed OR deadline < now() "
+                    "WHERE id = %(id)s AND status = 'running' "
+                    "RETURNING pg_notify(%(channel)s, %(id)s::text)",
+                    {
+                        "id": self.op_id,
+                        "prev": prev,
+                        "status": status,
+                        "error": error,
+                        "state": Jsonb(state),
+                        "channel": NOTIFY_CHANNEL,
+                    },
                 )
-                conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(self.op_id)))
 
-        self._pdb(q)
+        self._q(q)
 
     def _step_positions(self) -> tuple[set[int], set[int]]:
         """(finished steps, started steps) of this operation so far."""
@@ -268,23 +302,28 @@ class _Execution:
             ).fetchall()
             return {p for p, st in rows if st == "finished"}, {p for p, _ in rows}
 
-        return self._pdb(q)
+        return self._q(q)
 
     # -- the run ---------------------------------------------------------------
 
     def run(self) -> str:
+        try:
+            return self._run()
+        except _LostLocks:
+            # Left as it is: the recovery loop queues it again, and whoever
+            # takes the locks next resumes it.
+            log.warning("operation %s: lost its locks; leaving it to be resumed", self.op_id)
+            return "lost"
+
+    def _run(self) -> str:
         op = self._claim()
         if op is None:
-            return self._pdb(
-                lambda c: str(
-                    (
-                        c.execute(
-                            "SELECT status FROM operations WHERE id = %s", (self.op_id,)
-                        ).fetchone()
-                        or ("missing",)
-                    )[0]
-                )
+            row = self._q(
+                lambda c: c.execute(
+                    "SELECT status FROM operations WHERE id = %s", (self.op_id,)
+                ).fetchone()
             )
+            return str((row or ("missing",))[0])
         kind = REGISTRY.kinds[op.type]
         ctx = OpContext(self.p, op, dict(op.result or {}))
         done, started = self._step_positions()
@@ -298,8 +337,10 @@ class _Execution:
             for position, step in enumerate(kind.steps):
                 if position in done:
                     continue
-                self._hold_locks()
-                self._before_step(kind, position)
+                cancel, left = self._boundary(ctx.state)
+                if self.hand_off is not None and self.hand_off():
+                    raise _HandOff
+                self._before_step(kind, position, cancel, left)
                 if step.final and not self.committed:
                     if not self._step_started(position, step.name, final=True):
                         raise _Cancelled
@@ -309,24 +350,25 @@ class _Execution:
                 failpoint(f"{kind.name}.{step.name}.before")
                 self._run_step(kind, position, step, ctx)
                 failpoint(f"{kind.name}.{step.name}.after")
-                self._step_finished(position, ctx.state)
+                self.unrecorded = position
         except _Cancelled:
             return self._cancel(kind, ctx)
+        except _HandOff:
+            if self.unrecorded is not None:
+                self._boundary(ctx.state)
+            log.info("operation %s: handed to the workers", self.op_id)
+            return "handed_off"
         except _LostLocks:
-            # Left as it is: the recovery loop queues it again, and whoever
-            # takes the locks next resumes it.
-            log.warning("operation %s: lost its locks; leaving it to be resumed", self.op_id)
-            return "lost"
+            raise
         except Exception as e:
             return self._fail(kind, ctx, position, e)
         self._end("finished", error=None, state=ctx.state)
         log.info("operation %s (%s) finished", self.op_id, kind.name)
         return "finished"
 
-    def _before_step(self, kind: OperationKind, position: int) -> None:
+    def _before_step(self, kind: OperationKind, position: int, cancel: bool, left: float) -> None:
         if self.committed:
             return
-        cancel, left = self._flags()
         if cancel and kind.cancellable_before(position):
             raise _Cancelled
         if left <= 0:
@@ -345,6 +387,10 @@ class _Execution:
             except TRANSIENT as e:
                 cancel, left = self._flags()
                 msg = _describe(e)
+                if self.hand_off is not None:
+                    # A worker retries it with backoff; not this caller.
+                    self._step_error(position, f"attempt {attempt}: {msg}", failed=False)
+                    raise _HandOff from e
                 if self.committed:
                     left = float("inf")  # forward only: keep trying
                 elif cancel:
@@ -364,7 +410,6 @@ class _Execution:
                 )
                 self._step_error(position, f"attempt {attempt}: {msg}", failed=False)
                 time.sleep(delay)
-                self._hold_locks()
                 delay = min(delay * 2, MAX_BACKOFF_S, max(left - delay, 0.05))
                 if self.committed:
                     self._mark_deadline_missed()
@@ -411,12 +456,10 @@ class _Execution:
         return "failed"
 
 
-def _async_commit(conn: psycopg.Connection[Any]) -> None:
-    """Progress records need no WAL flush: if the platform DB crashes and
-    loses the last of them, the steps run again, and steps converge. What
-    steps write about the project itself (passwords, status) stays durable,
-    and so does the operation's end."""
-    conn.execute("SET LOCAL synchronous_commit TO off")
+def _durable(conn: psycopg.Connection[Any]) -> None:
+    """This transaction's commit waits for its WAL flush (the lock
+    connection's session commits without, for progress records)."""
+    conn.execute("SET LOCAL synchronous_commit TO on")
 
 
 def _describe(e: BaseException) -> str:

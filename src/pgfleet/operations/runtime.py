@@ -2,21 +2,33 @@
 that defers jobs, a waiter that learns when operations end (LISTEN on the
 platform DB, with polling as a fallback), and the embedded workers an API
 process runs itself (`PGFLEET_EMBEDDED_WORKERS`). One per Platform:
-`OperationsRuntime.of(platform)`."""
+`OperationsRuntime.of(platform)`.
+
+A process that runs embedded workers also runs the operations it starts
+itself, at once, in a few threads of its own (`PGFLEET_INLINE_OPERATIONS`):
+a caller who waits for a create does not pay for the queue (deferring the
+job, a worker noticing it, the worker's notification back). It is the same
+execution a worker does (the operation's locks, its recorded steps), so a
+process that dies mid-way leaves the operation to the workers' recovery
+loop like a dead worker does. An inline execution never sleeps on a retry:
+at the first transient failure it hands the operation to the queue."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
 
 from pgfleet.operations.dispatch import Dispatcher
+from pgfleet.operations.runner import execute_operation
 from pgfleet.operations.store import NOTIFY_CHANNEL, Operation, get_operation
 from pgfleet.operations.worker import Worker
 from pgfleet.platform.core import Platform
@@ -116,6 +128,10 @@ class OperationsRuntime:
         self._listener: _Listener | None = None
         self.workers: list[Worker] = []
         self.autostart = True
+        self._inline: ThreadPoolExecutor | None = None
+        self._inline_slots = threading.Semaphore(max(1, platform.settings.worker_concurrency))
+        self._running_here: dict[str, Future[str]] = {}
+        self._closing = threading.Event()
 
     @property
     def dispatcher(self) -> Dispatcher:
@@ -137,11 +153,56 @@ class OperationsRuntime:
                 self.workers.append(w)
 
     def submit(self, op_id: uuid.UUID) -> None:
-        """Queue a committed operation for the workers (an API process that
-        has not started its embedded workers yet starts them)."""
-        if self.autostart and self.platform.settings.embedded_workers > 0 and not self.workers:
+        """Run a committed operation: here at once when this process runs
+        embedded workers and has a free inline slot, else through the queue
+        (an API process that has not started its embedded workers yet starts
+        them)."""
+        s = self.platform.settings
+        if self.autostart and s.embedded_workers > 0 and not self.workers:
             self.start_workers()
+        if (
+            s.embedded_workers > 0
+            and s.inline_operations
+            and not self._closing.is_set()
+            and self._inline_slots.acquire(blocking=False)
+        ):
+            with self._lock:
+                if self._inline is None:
+                    self._inline = ThreadPoolExecutor(
+                        max_workers=max(1, s.worker_concurrency), thread_name_prefix="ops-inline"
+                    )
+                key = str(op_id)
+                self._running_here[key] = self._inline.submit(self._run_here, op_id)
+            return
         self.dispatcher.defer(op_id)
+
+    def _run_here(self, op_id: uuid.UUID) -> str:
+        try:
+            status = execute_operation(
+                self.platform,
+                op_id,
+                worker=f"{self.name}-inline",
+                hand_off=self._closing.is_set,
+            )
+            if status in ("handed_off", "lost"):
+                # A lost one is found by the recovery loop anyway; a
+                # platform DB that is away makes this fail, and that is fine.
+                with contextlib.suppress(Exception):
+                    self.dispatcher.defer(op_id)
+            return status
+        except Exception:
+            log.exception("operation %s: inline execution failed; queueing it", op_id)
+            with contextlib.suppress(Exception):
+                self.dispatcher.defer(op_id)
+            return "handed_off"
+        finally:
+            self._inline_slots.release()
+            with self._lock:
+                self._running_here.pop(str(op_id), None)
+
+    @property
+    def name(self) -> str:
+        return self.workers[0].name if self.workers else f"pid{os.getpid()}"
 
     def defer(self, op_id: uuid.UUID) -> None:
         """Queue a committed operation, starting no worker (from a job)."""
@@ -157,6 +218,17 @@ class OperationsRuntime:
     def wait(self, op_id: uuid.UUID | str, timeout: float) -> Operation:
         """The operation once it has ended, or as it is when `timeout` runs out."""
         key = str(op_id)
+        end = time.monotonic() + timeout
+        with self._lock:
+            here = self._running_here.get(key)
+        if here is not None:
+            # Running in this process: its end is the future's (no
+            # notification round trip); a hand-off continues below.
+            with contextlib.suppress(TimeoutError):
+                if here.result(timeout) not in ("handed_off", "lost", "busy"):
+                    with self.platform.db.connection() as conn:
+                        return get_operation(conn, key)
+            timeout = max(0.0, end - time.monotonic())
         with self._lock:
             if self._listener is None:
                 self._listener = _Listener(self.platform)
@@ -176,6 +248,12 @@ class OperationsRuntime:
             listener.unregister(key, ev)
 
     def close(self) -> None:
+        # Inline executions hand their operations to the queue at their next
+        # step boundary.
+        self._closing.set()
+        if self._inline is not None:
+            self._inline.shutdown(wait=True)
+            self._inline = None
         # All asked to stop at once; each gets its graceful time, not the sum.
         for w in self.workers:
             w.request_stop()

@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 import uuid
+from typing import Any
 
 import procrastinate
 import psycopg
@@ -23,6 +24,7 @@ from psycopg_pool import PoolTimeout
 
 from pgfleet.errors import PlatformUnavailable
 from pgfleet.operations.dispatch import QUEUE, Dispatcher, build_app
+from pgfleet.operations.locks import op_lock_key
 from pgfleet.operations.registry import REGISTRY
 from pgfleet.platform.core import Platform
 
@@ -271,6 +273,9 @@ class Worker:
                 "UPDATE operations SET deadline_missed = true WHERE status IN "
                 "('scheduled', 'running') AND deadline < now() AND NOT deadline_missed"
             )
+            # An operation with no job may still have an executor (an API
+            # process running it inline): its lock says so.
+            lost = [op_id for op_id in lost if not _executor_holds(conn, op_id)]
         for op_id in lost:
             log.warning("operation %s has no live job; deferring it again", op_id)
             self.dispatcher.defer(op_id)
@@ -280,3 +285,11 @@ class Worker:
         if self._dispatcher is None:
             self._dispatcher = Dispatcher(self.platform)
         return self._dispatcher
+
+
+def _executor_holds(conn: psycopg.Connection[Any], op_id: uuid.UUID) -> bool:
+    row = conn.execute("SELECT pg_try_advisory_lock(%s)", (op_lock_key(op_id),)).fetchone()
+    if row and row[0]:
+        conn.execute("SELECT pg_advisory_unlock(%s)", (op_lock_key(op_id),))
+        return False
+    return True
