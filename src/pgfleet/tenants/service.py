@@ -16,6 +16,7 @@ from urllib.parse import quote, urlencode
 
 import psycopg
 
+from pgfleet.crypto import generate_password
 from pgfleet.errors import (
     Conflict,
     InvalidInput,
@@ -131,6 +132,12 @@ def start_create_project(
             server_id=placement.server_id,
             hosted_region=placement.hosted_region,
             placement_reason=placement.reason,
+            # Its passwords, encrypted, before any server sees them: the
+            # provision operation's first step then only reads.
+            connection_info={
+                key: platform.secrets.encrypt(generate_password())
+                for key in ("password_enc", "ro_password_enc")
+            },
         )
 
     op_id = start_operation(

@@ -150,6 +150,7 @@ def insert(
     server_id: int,
     hosted_region: str,
     placement_reason: str,
+    connection_info: dict[str, Any] | None = None,
 ) -> None:
     """A new project's row, `provisioning`; a taken subdomain is 409."""
     try:
@@ -157,8 +158,8 @@ def insert(
             conn.execute(
                 """
                 INSERT INTO tenants (id, name, subdomain, region, plan_type, status, owner_id,
-                                     server_id, hosted_region, placement_reason)
-                VALUES (%s, %s, %s, %s, %s, 'provisioning', %s, %s, %s, %s)
+                                     server_id, hosted_region, placement_reason, connection_info)
+                VALUES (%s, %s, %s, %s, %s, 'provisioning', %s, %s, %s, %s, %s)
                 """,
                 (
                     tenant_id,
@@ -170,6 +171,7 @@ def insert(
                     server_id,
                     hosted_region,
                     placement_reason,
+                    Jsonb(connection_info or {}),
                 ),
             )
     except psycopg.errors.UniqueViolation:
