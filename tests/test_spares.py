@@ -3,11 +3,15 @@ and once claimed the same as a project made the slow way."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
+from pgfleet import domains
 from pgfleet.auth import create_owner
+from pgfleet.fleet.health import check_all
 from pgfleet.fleet.registry import ServerRecord
+from pgfleet.monitoring.health import record
 from pgfleet.platform.core import Platform
 from pgfleet.tenants.naming import project_roles, tenant_db_name
 from pgfleet.tenants.provisioning import ProvisionedDatabase
@@ -18,7 +22,10 @@ from pgfleet.tenants.spares import (
     SPARE_PREFIX,
     claim_prepared,
     drop_spares,
+    ready_count,
+    refill_all,
     refill_spares,
+    spare_target,
 )
 from tests.helpers import FleetUnderTest
 from tests.tenantdb import assert_gate_inert, can_login, connect_as, in_tenant_db
@@ -180,3 +187,37 @@ def test_an_unfinished_spare_is_never_claimed_and_the_next_refill_drops_it(
             (dead, f"{dead}_rw", f"{SPARE_PREFIX}orphan_rw"),
         ).fetchall()
     assert left == []
+
+
+def test_each_server_keeps_its_own_number_of_spares_and_metrics_show_it(
+    platform_factory: Any, fleet: FleetUnderTest
+) -> None:
+    """PGFLEET_SPARE_DATABASES_BY_SERVER sizes one server's pool over the
+    default; /metrics shows each server's target and what its last health
+    check found ready (with the made/claimed counters: whether the refill
+    keeps up)."""
+    p: Platform = platform_factory(spare_databases=0)
+    server = server_in(p, REGION)
+    others = [s for s in p.servers.all(enabled_only=True) if s.id != server.id]
+    for s in [server, *others]:
+        drop_spares(p, s)
+    p = platform_factory(spare_databases=0, spare_databases_by_server={server.name: 2})
+    assert spare_target(p.settings, server) == 2
+    assert all(spare_target(p.settings, s) == 0 for s in others)
+    domains.attach(p)
+    refill_all(p)
+    with fleet.admin_conn(REGION) as a:
+        assert ready_count(a) == 2
+    # A pass stops making spares at its deadline (a worker asked to stop
+    # is never held up by a long refill).
+    assert refill_spares(p, server, 5, until=time.monotonic()) == 0
+    for s in others:
+        with p.servers.admin_connection(s) as a:
+            assert ready_count(a) == 0
+    record(p, check_all(p.servers.all(enabled_only=True)))
+    text = p.metrics.render().decode()
+    assert f'pgfleet_spares_ready{{region="{REGION}",server="{server.name}"}} 2.0' in text, text
+    assert f'pgfleet_spares_target{{region="{REGION}",server="{server.name}"}} 2.0' in text
+    for s in others:
+        assert f'pgfleet_spares_ready{{region="{s.region}",server="{s.name}"}} 0.0' in text
+    assert 'pgfleet_spares_made_total{region="' + REGION + '"} 2.0' in text

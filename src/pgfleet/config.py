@@ -120,6 +120,10 @@ class Settings(BaseSettings):
     max_projects_per_owner: int = Field(default=100, ge=0)
     # Databases each regional server keeps ready for new projects (0: none).
     spare_databases: int = Field(default=2, ge=0, le=1000)
+    # Per server, by name, over spare_databases (JSON: {"us-east-1-a": 20}).
+    spare_databases_by_server: dict[str, Annotated[int, Field(ge=0, le=1000)]] = Field(
+        default_factory=dict
+    )
     idempotency_retention_h: int = Field(default=24, ge=1)
     # Rate limits, for all API processes of a host together (see api/ratelimit.py).
     rate_limit_auth_failures_per_min: float = Field(default=30, gt=0)

@@ -17,6 +17,7 @@ LOADED = (kinds, reconcile, spares)
 
 
 def attach(platform: Platform) -> Platform:
-    """The domains' parts of a platform: server health in /metrics."""
+    """The domains' parts of a platform: server health and spares in /metrics."""
     health.install_gauges(platform)
+    spares.install_gauges(platform)
     return platform

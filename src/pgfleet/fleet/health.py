@@ -25,6 +25,7 @@ class ServerHealth:
     databases: int | None = None
     tenant_databases: int | None = None
     bytes_used: int | None = None
+    spares_ready: int | None = None
 
 
 def check_server(server: ServerRecord, timeout_s: float = 2.0) -> ServerHealth:
@@ -43,7 +44,12 @@ def check_server(server: ServerRecord, timeout_s: float = 2.0) -> ServerHealth:
                        (SELECT count(*) FROM pg_database WHERE NOT datistemplate),
                        (SELECT count(*) FROM pg_database WHERE datname LIKE 'tenant\\_%'),
                        (SELECT sum(pg_database_size(oid)) FROM pg_database
-                        WHERE datconnlimit <> -2)::bigint
+                        WHERE datconnlimit <> -2)::bigint,
+                       -- prepared spares, as tenants/spares.py marks them ready
+                       (SELECT count(*) FROM pg_database
+                        WHERE datname LIKE 'pgfleet\\_spare\\_%'
+                          AND shobj_description(oid, 'pg_database')
+                              = 'pgfleet: prepared spare, ready')
                 """
             ).fetchone()
         assert row is not None
@@ -60,6 +66,7 @@ def check_server(server: ServerRecord, timeout_s: float = 2.0) -> ServerHealth:
             row[3],
             row[4],
             row[5],
+            row[6],
         )
     except psycopg.Error as e:
         # Only the class of failure: messages can carry hosts and user names.

@@ -20,7 +20,7 @@ def record(platform: Platform, checks: list[ServerHealth]) -> None:
             cur.executemany(
                 "INSERT INTO server_health (server_id, ok, latency_ms, version, "
                 "connections_used, connections_max, databases, tenant_databases, bytes_used, "
-                "error) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                "spares_ready, error) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 [
                     (
                         c.server_id,
@@ -32,6 +32,7 @@ def record(platform: Platform, checks: list[ServerHealth]) -> None:
                         c.databases,
                         c.tenant_databases,
                         c.bytes_used,
+                        c.spares_ready,
                         c.error,
                     )
                     for c in checks
@@ -47,7 +48,8 @@ def latest_recorded(platform: Platform) -> list[ServerHealth]:
         rows = conn.execute(
             "SELECT s.name, s.region, h.ok, h.latency_ms, h.version, h.error, s.id, "
             "h.connections_used, h.connections_max, h.databases, h.tenant_databases, "
-            "h.bytes_used FROM servers s CROSS JOIN LATERAL (SELECT * FROM server_health h "
+            "h.bytes_used, h.spares_ready FROM servers s "
+            "CROSS JOIN LATERAL (SELECT * FROM server_health h "
             "WHERE h.server_id = s.id ORDER BY h.checked_at DESC LIMIT 1) h "
             "WHERE s.enabled ORDER BY s.id"
         ).fetchall()
@@ -186,6 +188,7 @@ def install_gauges(platform: Platform) -> None:
                 ("pgfleet_server_connections", h.connections_used),
                 ("pgfleet_server_max_connections", h.connections_max),
                 ("pgfleet_server_databases", h.tenant_databases),
+                ("pgfleet_spares_ready", h.spares_ready),
             ):
                 if attr is not None:
                     out.setdefault(key, []).append((lbl, float(attr)))

@@ -47,6 +47,8 @@ class _StateCollector(Collector):
             "pgfleet_server_connections": "Client connections on the server",
             "pgfleet_server_max_connections": "max_connections of the server",
             "pgfleet_server_databases": "Tenant databases on the server",
+            "pgfleet_spares_ready": "Prepared spares ready on the server (last health check)",
+            "pgfleet_spares_target": "Prepared spares the server keeps ready",
             "pgfleet_tenant_pools": "Open per-project connection pools in this process",
             "pgfleet_query_log_queue": "Query log rows waiting to be written",
         }

@@ -25,7 +25,7 @@ from pgfleet.regions import PlacementPolicy, Plan, choose_server, get_plan, get_
 from pgfleet.tenants import store
 from pgfleet.tenants.naming import project_roles, ro_role_name, rw_role_name, tenant_db_name
 from pgfleet.tenants.server import converge_database, converge_privileges, converge_roles
-from pgfleet.tenants.spares import CLAIMED, claim_prepared
+from pgfleet.tenants.spares import CLAIMED, claim_prepared, spare_target
 from pgfleet.tenants.template import ensure_template
 
 
@@ -205,7 +205,7 @@ def _claim(p: Platform, t: ProvisionTarget, aconn: psycopg.Connection[Any]) -> b
     """A new project takes a prepared spare when its server has one ready:
     roles, database and privileges in one transaction (see spares.py)."""
     fresh = t.login and (t.rw_user, t.ro_user) == (rw_role_name(t.name), ro_role_name(t.name))
-    if not (p.settings.spare_databases and fresh):
+    if not (spare_target(p.settings, t.server) and fresh):
         return False
     if not claim_prepared(
         aconn,

@@ -29,12 +29,15 @@ fails for want of a spare.
 from __future__ import annotations
 
 import logging
+import random
+import time
 import uuid
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
+from pgfleet.config import Settings
 from pgfleet.crypto import generate_password
 from pgfleet.errors import RegionUnavailable
 from pgfleet.fleet.registry import ServerRecord
@@ -191,10 +194,20 @@ def prepare_spare(p: Platform, server: ServerRecord, conn: psycopg.Connection[An
     return spare
 
 
-def refill_spares(p: Platform, server: ServerRecord, target: int) -> int:
+def spare_target(settings: Settings, server: ServerRecord) -> int:
+    """How many ready spares `server` keeps: its own size if configured
+    (PGFLEET_SPARE_DATABASES_BY_SERVER), else PGFLEET_SPARE_DATABASES."""
+    return settings.spare_databases_by_server.get(server.name, settings.spare_databases)
+
+
+def refill_spares(
+    p: Platform, server: ServerRecord, target: int, *, until: float | None = None
+) -> int:
     """Bring `server`'s ready spares up to `target`, first dropping any a
     crash left unfinished; returns how many were made. One refiller per
-    server at a time (advisory lock)."""
+    server at a time (advisory lock). With `until` (a time.monotonic()
+    value) it stops making spares then, and the next pass goes on: a worker
+    asked to stop is never held up by a long refill."""
     made = 0
     with p.servers.admin_connection(server) as conn:
         got = conn.execute("SELECT pg_try_advisory_lock(%s)", (_SPARE_LOCK,)).fetchone()
@@ -208,6 +221,8 @@ def refill_spares(p: Platform, server: ServerRecord, target: int) -> int:
                 conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
             ensure_template(p, server, conn)
             for _ in range(target - ready_count(conn)):
+                if until is not None and time.monotonic() >= until:
+                    break
                 prepare_spare(p, server, conn)
                 made += 1
                 p.metrics.spares_made.labels(server.region).inc()
@@ -227,12 +242,36 @@ def drop_spares(p: Platform, server: ServerRecord) -> int:
 
 @REGISTRY.every("refill_spares", lambda s: s.worker_heartbeat_s)
 def refill_all(platform: Platform) -> None:
-    """Every server's prepared spares back up to PGFLEET_SPARE_DATABASES."""
-    target = platform.settings.spare_databases
-    if not target:
-        return
-    for server in platform.servers.all(enabled_only=True):
+    """Every server's prepared spares back up to its target, a pass at a
+    time: each pass lasts about one heartbeat and visits the servers in a
+    random order, so no server always waits behind another."""
+    s = platform.settings
+    until = time.monotonic() + max(1.0, s.worker_heartbeat_s)
+    servers = [(spare_target(s, srv), srv) for srv in platform.servers.all(enabled_only=True)]
+    random.shuffle(servers)
+    for target, server in servers:
+        if not target:
+            continue
         try:
-            refill_spares(platform, server, target)
+            refill_spares(platform, server, target, until=until)
         except (RegionUnavailable, psycopg.Error) as e:
             log.debug("spares for %s not refilled: %s", server.name, e)
+
+
+def install_gauges(platform: Platform) -> None:
+    """Each server's spare target in /metrics, beside the ready count its
+    health checks record (pgfleet_spares_ready) and the counters of spares
+    made and claimed: together, whether the refill keeps up."""
+
+    def read() -> dict[str, list[tuple[dict[str, str], float]]]:
+        return {
+            "pgfleet_spares_target": [
+                (
+                    {"server": srv.name, "region": srv.region},
+                    float(spare_target(platform.settings, srv)),
+                )
+                for srv in platform.servers.all(enabled_only=True)
+            ]
+        }
+
+    platform.metrics.add_state(read)
