@@ -130,10 +130,9 @@ class _Execution:
 
     With `hand_off` (the API process running an operation it just recorded,
     so that a caller who waits does not pay for the queue), the execution
-    stops where a worker would have to wait: at a transient failure that it
-    would retry with backoff, or when `hand_off()` says so (the process is
-    shutting down). It leaves the operation `running` for a worker to
-    resume; nothing is lost if the process dies instead.
+    stops at the next step boundary or retry once `hand_off()` says so (the
+    process is shutting down), leaving the operation `running` for a worker
+    to resume; nothing is lost if the process dies instead.
     """
 
     def __init__(
@@ -387,10 +386,6 @@ class _Execution:
             except TRANSIENT as e:
                 cancel, left = self._flags()
                 msg = _describe(e)
-                if self.hand_off is not None:
-                    # A worker retries it with backoff; not this caller.
-                    self._step_error(position, f"attempt {attempt}: {msg}", failed=False)
-                    raise _HandOff from e
                 if self.committed:
                     left = float("inf")  # forward only: keep trying
                 elif cancel:
@@ -410,6 +405,8 @@ class _Execution:
                 )
                 self._step_error(position, f"attempt {attempt}: {msg}", failed=False)
                 time.sleep(delay)
+                if self.hand_off is not None and self.hand_off():
+                    raise _HandOff from e
                 delay = min(delay * 2, MAX_BACKOFF_S, max(left - delay, 0.05))
                 if self.committed:
                     self._mark_deadline_missed()

@@ -10,8 +10,10 @@ a caller who waits for a create does not pay for the queue (deferring the
 job, a worker noticing it, the worker's notification back). It is the same
 execution a worker does (the operation's locks, its recorded steps), so a
 process that dies mid-way leaves the operation to the workers' recovery
-loop like a dead worker does. An inline execution never sleeps on a retry:
-at the first transient failure it hands the operation to the queue."""
+loop like a dead worker does. An inline execution retries like a worker
+(the threads are few: beyond them operations go to the queue); a process
+shutting down hands its inline operations to the queue at their next step
+boundary or retry."""
 
 from __future__ import annotations
 
