@@ -64,3 +64,32 @@ if [ "${1:-}" = "--with-browser" ] && { ! command -v chromium >/dev/null 2>&1 ||
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium fonts-noto-color-emoji >/dev/null
 fi
+
+# Node.js and the HTTP driver tests' packages (tests/driver: the Neon
+# serverless driver, pinned, and node-postgres as the reference), for `make
+# test` too. Debian's nodejs has no npm of its own; NodeSource's has one.
+if [ "${1:-}" = "--with-browser" ]; then
+  want=""
+  command -v node >/dev/null 2>&1 || want="nodejs"
+  command -v npm >/dev/null 2>&1 || want="$want npm"
+  if [ -n "$want" ]; then
+    SUDO=""
+    if [ "$(id -u)" != 0 ]; then
+      if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+        SUDO="sudo -n"
+      else
+        echo "bootstrap: the driver tests need Node.js: run 'sudo apt-get install$want'" >&2
+        exit 1
+      fi
+    fi
+    echo "bootstrap: installing$want with apt-get (for the HTTP driver tests)"
+    $SUDO apt-get update -qq
+    # shellcheck disable=SC2086  # one word per package
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $want >/dev/null
+  fi
+  if [ ! -f tests/driver/node_modules/.package-lock.json ] ||
+    [ tests/driver/package-lock.json -nt tests/driver/node_modules/.package-lock.json ]; then
+    echo "bootstrap: installing the HTTP driver tests' npm packages"
+    (cd tests/driver && npm ci --no-audit --no-fund --loglevel=error)
+  fi
+fi

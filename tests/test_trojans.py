@@ -18,6 +18,7 @@ role on any server has an attribute or membership beyond its project's.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -339,6 +340,27 @@ def _sql_api(t: Trojaned, api: Api, admin_api: Api, platform: Platform) -> None:
         assert r.status_code == 200, r.text
 
 
+def _http_driver(t: Trojaned, api: Api, admin_api: Api, platform: Platform) -> None:
+    """POST /sql, as the Neon serverless driver posts: the login is checked
+    on the server's `postgres` database, the statements run as the tenant."""
+    ro = api.get(f"/v1/projects/{t.project['id']}/connection", params={"mode": "ro"}).json()
+    for c in (t.project["connection"], ro):
+        cs = f"postgresql://{c['user']}:{c['password']}@{c['host']}:{c['port']}/{c['database']}"
+        for body in (
+            {"query": "select count(*) from pg_class where oid = $1", "params": ["1259"]},
+            {"queries": [{"query": "select count(*) from pg_roles", "params": []}]},
+        ):
+            r = api.client.post(
+                "/sql",
+                content=json.dumps(body),
+                headers={
+                    "Neon-Connection-String": cs,
+                    "Neon-Batch-Isolation-Level": "Serializable",
+                },
+            )
+            assert r.status_code == 200, r.text
+
+
 def _client_connection(t: Trojaned, api: Api, admin_api: Api, platform: Platform) -> None:
     with tenant_client(platform).get_tenant_connection(t.project["id"]) as conn:
         conn.execute("SELECT 1")
@@ -368,6 +390,7 @@ PATHS: dict[str, Callable[[Trojaned, Api, Api, Platform], None]] = {
     "spares": _spares,
     "statistics": _statistics,
     "sql-api": _sql_api,
+    "http-driver": _http_driver,
     "client-connection": _client_connection,
     "orphan-probe": _orphan_probe,
 }

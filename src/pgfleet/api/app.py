@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pgfleet import __version__, domains
 from pgfleet.api.deps import known_query_parameters
 from pgfleet.api.ratelimit import RateLimit, RateLimits
-from pgfleet.api.routes import health_router, v1
+from pgfleet.api.routes import driver_router, health_router, v1
 from pgfleet.api.routes.common import COMMON, ERRORS
 from pgfleet.api.sqlpath import MAX_BODY_BYTES, SqlFastPath
 from pgfleet.config import Settings, get_settings
@@ -162,6 +162,7 @@ def create_app(platform: Platform | None = None, settings: Settings | None = Non
         return JSONResponse(body, status_code=status, headers=headers)
 
     app.include_router(health_router)
+    app.include_router(driver_router)
     app.include_router(
         v1, responses={401: ERRORS[401], **COMMON}, dependencies=[Depends(known_query_parameters)]
     )

@@ -22,6 +22,7 @@ arithmetic per request, on the event loop.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -99,7 +100,10 @@ def _credentials(scope: Scope) -> tuple[list[str], bool]:
     """(the request's credentials as limiter keys, whether it carries one)."""
     keys: list[str] = []
     for name, value in scope["headers"]:
-        if name == b"authorization":
+        if name == b"neon-connection-string":
+            # The HTTP driver's credentials: keyed by a digest, never the text.
+            keys.append("n:" + hashlib.sha256(value).hexdigest())
+        elif name == b"authorization":
             text = value.decode("latin-1")
             token = bearer_token(text)
             keys.append("t:" + (token if token is not None else text.strip()))

@@ -1,5 +1,6 @@
-"""POST /v1/projects/{id}/sql: the request and answer shapes, and the fast
-path that serves it.
+"""POST /v1/projects/{id}/sql and POST /sql (the HTTP protocol of the Neon
+serverless driver): the request and answer shapes, and the fast path that
+serves them.
 
 The SQL API is the one endpoint called at thousands of requests a second, so
 `SqlFastPath` (plain ASGI, inside the app's error and metrics middleware)
@@ -25,6 +26,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pgfleet.api.schemas import SqlIn
 from pgfleet.errors import BodyTooLarge, PgfleetError, to_http
 from pgfleet.tenants.sql import SqlGateway, SqlRequest, SqlResult
+from pgfleet.tenants.sql.driver import DriverError, parse_call
+from pgfleet.tenants.sql.driver_runner import serve
+
+DRIVER_ROUTE = "/sql"
+_DRIVER_LABEL = SimpleNamespace(path=DRIVER_ROUTE)
 
 SQL_ROUTE = "/v1/projects/{project_id}/sql"
 _SQL_PATH = re.compile(r"/v1/projects/([^/]+)/sql")
@@ -69,6 +75,32 @@ def bearer_token(authorization: str | None) -> str | None:
     return token.strip()
 
 
+async def serve_driver(
+    state: Any, headers: dict[str, str], raw: bytes, address: str
+) -> tuple[int, bytes]:
+    """(status, body) of a POST /sql: 200 with the driver's result, 400 with
+    PostgreSQL's error fields (what the driver turns into its NeonDbError),
+    or another status with pgfleet's error envelope (a region down: 503).
+    A failed login counts towards the address's sign-in failures."""
+    gateway: SqlGateway = state.sql
+    size = 0
+    try:
+        content, size = await serve(gateway, parse_call(headers, raw))
+        status = 200
+    except DriverError as e:
+        status, content = e.status, e.body()
+        if e.fields.get("code") == "28P01" and getattr(state, "limits", None) is not None:
+            state.limits.auth_failures.take(address)
+    except PgfleetError as exc:
+        status, content, _ = to_http(exc)
+        if status == 400:  # only a 400 is read as an error body by the driver
+            content = DriverError(exc.message, code=exc.code).body()
+    # A large answer is encoded in a thread, not on the event loop.
+    if size > _ENCODE_INLINE_BYTES:
+        return status, await asyncio.to_thread(_encode, content)
+    return status, _encode(content)
+
+
 class SqlFastPath:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -76,6 +108,9 @@ class SqlFastPath:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
             await self.app(scope, receive, send)
+            return
+        if scope["path"] == DRIVER_ROUTE:
+            await self._driver(scope, receive, send)
             return
         m = _SQL_PATH.fullmatch(scope["path"])
         if m is None:
@@ -90,21 +125,9 @@ class SqlFastPath:
             elif name == b"idempotency-key":
                 await self.app(scope, receive, send)
                 return
-        chunks = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > MAX_BODY_BYTES:
-                status, refusal, _ = to_http(BodyTooLarge())
-                await _send_json(send, status, refusal)
-                return
-            if not message.get("more_body", False):
-                break
-        raw = b"".join(chunks)
+        raw = await _read_body(receive, send)
+        if raw is None:
+            return
         body: SqlIn | None = None
         if content_type is not None and content_type.split(";")[0].strip() == "application/json":
             try:
@@ -128,6 +151,37 @@ class SqlFastPath:
         # A large answer is encoded in a thread, not on the event loop.
         payload = await asyncio.to_thread(_encode, content) if big else _encode(content)
         await _send_payload(send, status, payload, headers)
+
+    async def _driver(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw = await _read_body(receive, send)
+        if raw is None:
+            return
+        scope["route"] = _DRIVER_LABEL
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        client = scope.get("client")
+        status, payload = await serve_driver(
+            scope["app"].state, headers, raw, client[0] if client else "unknown"
+        )
+        await _send_payload(send, status, payload)
+
+
+async def _read_body(receive: Receive, send: Send) -> bytes | None:
+    """The whole body, or None when the client went away or it was too
+    large (then refused with 413 here)."""
+    chunks = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client went away
+            return None
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > MAX_BODY_BYTES:
+            status, refusal, _ = to_http(BodyTooLarge())
+            await _send_json(send, status, refusal)
+            return None
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 async def _send_json(send: Send, status: int, content: dict[str, Any]) -> None:

@@ -1,4 +1,5 @@
-"""The SQL API route (the fast path in api/sqlpath.py serves most calls before it)."""
+"""The SQL API route, and the HTTP driver's (the fast path in api/sqlpath.py
+serves most calls before them, with the same code)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Annotated
 from anyio import from_thread
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
 
 from pgfleet.api.deps import PlatformDep, bearer
@@ -21,10 +22,12 @@ from pgfleet.api.schemas import (
     SqlIn,
     SqlOut,
 )
-from pgfleet.api.sqlpath import sql_body, sql_request
+from pgfleet.api.sqlpath import serve_driver, sql_body, sql_request
 from pgfleet.tenants.sql import SqlGateway
 
 router = APIRouter()
+# Outside /v1: the path the Neon serverless driver posts to.
+driver_router = APIRouter()
 
 
 @router.post(
@@ -92,3 +95,91 @@ async def sql(
         return await run_in_threadpool(keyed)
     owner, row = await gateway.authenticate(token, project_id)
     return JSONResponse(sql_body(await gateway.run(owner, project_id, req, row)))
+
+
+_DRIVER_BODY = {
+    "content": {
+        "application/json": {
+            "schema": {
+                "oneOf": [
+                    {
+                        "type": "object",
+                        "required": ["query"],
+                        "properties": {
+                            "query": {"type": "string"},
+                            "params": {"type": "array", "items": {"type": ["string", "null"]}},
+                        },
+                    },
+                    {
+                        "type": "object",
+                        "required": ["queries"],
+                        "properties": {
+                            "queries": {
+                                "type": "array",
+                                "maxItems": 100,
+                                "items": {"type": "object", "required": ["query"]},
+                            }
+                        },
+                    },
+                ]
+            }
+        }
+    },
+    "required": True,
+}
+
+
+@driver_router.post(
+    "/sql",
+    tags=["sql"],
+    summary="Serverless driver endpoint (the Neon HTTP protocol)",
+    openapi_extra={
+        "requestBody": _DRIVER_BODY,
+        "parameters": [
+            {
+                "name": "Neon-Connection-String",
+                "in": "header",
+                "required": True,
+                "description": "The project's connection string (rw or ro credentials); "
+                "its database names the project.",
+                "schema": {"type": "string"},
+            },
+            *(
+                {"name": name, "in": "header", "required": False, "schema": {"type": "string"}}
+                for name in (
+                    "Neon-Batch-Isolation-Level",
+                    "Neon-Batch-Read-Only",
+                    "Neon-Batch-Deferrable",
+                    "Neon-Array-Mode",
+                    "Neon-Raw-Text-Output",
+                )
+            ),
+        ],
+    },
+    responses={
+        200: {
+            "description": "`{fields, rows, command, rowCount, rowAsArray}`, or "
+            "`{results: [...]}` for a transaction; values are PostgreSQL's text.",
+        },
+        400: {
+            "description": "The statement, the transaction or the login failed: `message` "
+            "and PostgreSQL's fields (`code`, `detail`, `hint`, `position`, ...), which the "
+            "driver turns into its NeonDbError. A failed login is always 28P01.",
+        },
+        413: {"description": "The body is over 4 MiB."},
+        429: {"description": "Over the rate limit, or too many failed logins."},
+        503: {"model": ErrorResponse, "description": "The project's server is down."},
+    },
+)
+async def driver_sql(request: Request) -> Response:
+    """What `@neondatabase/serverless`'s `neon()` and `transaction()` post, so
+    an edge or serverless app uses that driver against pgfleet by pointing
+    `neonConfig.fetchEndpoint` here. The password is checked as PostgreSQL
+    checks it; statements run as the project's own role with the SQL API's
+    timeout, caps and query log (a result over the caps is an error here,
+    and a write whose result would be cut is rolled back). See the README's
+    "Serverless and edge apps"."""
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    client = request.client.host if request.client else "unknown"
+    status, payload = await serve_driver(request.app.state, headers, await request.body(), client)
+    return Response(payload, status_code=status, media_type="application/json")

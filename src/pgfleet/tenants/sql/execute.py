@@ -16,7 +16,13 @@ from typing import Any, cast
 import psycopg
 
 from pgfleet.tenants.sql.limits import SqlRequest, SqlResult
-from pgfleet.tenants.sql.values import Oversized, StatementCursor, to_json, type_names
+from pgfleet.tenants.sql.values import (
+    Oversized,
+    StatementCursor,
+    fields_of,
+    to_json,
+    type_names,
+)
 
 
 class TimedOut(Exception):
@@ -47,6 +53,25 @@ def _to_rows(raw: list[Any]) -> list[tuple[list[Any], int]]:
     return out
 
 
+def _text_rows(raw: list[Any]) -> list[tuple[list[Any], int]]:
+    """Rows already as text (the HTTP driver's): their size, about as JSON."""
+    return [(r, sum(4 if v is None else len(v) + 3 for v in r) + 2) for r in raw]
+
+
+def is_read(shape: str) -> bool:
+    """Does a statement of this shape only read?"""
+    first = shape.split(" ", 1)[0].rstrip(";")
+    return first in _READS or (first == "with" and not _WRITES.search(shape))
+
+
+def is_write(shape: str) -> bool:
+    """A statement that changes rows (and may run in a transaction block)."""
+    first = shape.split(" ", 1)[0].rstrip(";")
+    return first in ("insert", "update", "delete", "merge") or (
+        first == "with" and _WRITES.search(shape) is not None
+    )
+
+
 async def execute(
     conn: psycopg.AsyncConnection[Any],
     tenant_id: uuid.UUID,
@@ -57,8 +82,12 @@ async def execute(
     max_rows: int,
     max_bytes: int,
     terminate: Callable[[int], Coroutine[Any, Any, None]],
+    *,
+    text: bool = False,
 ) -> tuple[SqlResult, bool]:
-    """The statement's result, and whether its connection may be reused."""
+    """The statement's result, and whether its connection may be reused.
+    With `text`, values are PostgreSQL's text and `columns` the HTTP
+    driver's field descriptions."""
     loop = asyncio.get_running_loop()
     pending: list[asyncio.Task[None]] = []
     terminated = False
@@ -76,8 +105,8 @@ async def execute(
         loop.call_later(timeout_ms / 1000, overdue),
         loop.call_later(timeout_ms / 1000 + TERMINATE_GRACE_S, stuck),
     ]
-    first = shape.split(" ", 1)[0].rstrip(";")
-    reads = first in _READS or (first == "with" and not _WRITES.search(shape))
+    reads = is_read(shape)
+    convert = _text_rows if text else _to_rows
     clean = False
     try:
         async with StatementCursor(conn) as cur:
@@ -109,6 +138,7 @@ async def execute(
                     list(req.params),
                     size=min(max_rows + 1, 1000),
                     max_raw_row=2 * max_bytes,
+                    text=text,
                 ),
             )
             try:
@@ -119,22 +149,22 @@ async def execute(
                             continue  # a write: read to its end, keep nothing
                         if isinstance(raw, Oversized):
                             if batch:
-                                take(await asyncio.to_thread(_to_rows, batch))
+                                take(await asyncio.to_thread(convert, batch))
                                 batch = []
                             truncated = True
                         elif seen <= _INLINE_ROWS:
-                            take(_to_rows([raw]))
+                            take(convert([raw]))
                         else:
                             # A large result: convert in a thread, so other
                             # requests on this loop are not held up.
                             batch.append(raw)
                             if len(batch) >= _INLINE_ROWS:
-                                take(await asyncio.to_thread(_to_rows, batch))
+                                take(await asyncio.to_thread(convert, batch))
                                 batch = []
                         if truncated and reads:
                             break
                     if batch and not truncated:
-                        take(await asyncio.to_thread(_to_rows, batch))
+                        take(await asyncio.to_thread(convert, batch))
             except psycopg.Error:
                 if terminated:
                     raise TimedOut() from None
@@ -148,11 +178,12 @@ async def execute(
                     await task
             if terminated:
                 raise TimedOut()
-            columns = (
-                await type_names(conn, tenant_id, cur.description)
-                if cur.description is not None
-                else []
-            )
+            if text:
+                columns: list[dict[str, Any]] = fields_of(cur.pgresult)
+            elif cur.description is not None:
+                columns = await type_names(conn, tenant_id, cur.description)
+            else:
+                columns = []
             final = cur.final
             command = (final.command_status or b"").decode() if final is not None else ""
             if not command:  # libpq leaves the tag empty after chunked rows

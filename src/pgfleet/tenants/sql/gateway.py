@@ -29,7 +29,8 @@ import datetime as dt
 import logging
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -106,6 +107,12 @@ async def _mark_returned(conn: psycopg.AsyncConnection[Any]) -> None:
     mark_returned(conn)
 
 
+@dataclass
+class Session:
+    conn: psycopg.AsyncConnection[Any]
+    reusable: bool = False
+
+
 class SqlGateway:
     """The SQL API, on the event loop. One per API process and event loop
     (the app's lifespan opens and closes it): a platform DB pool for the
@@ -124,6 +131,8 @@ class SqlGateway:
         # a connect timeout and a diagnosis again.
         self._unreachable: set[int] = set()
         self.auth_cache = AuthCache()
+        # The HTTP driver's verified logins, dropped on the same notices.
+        self.driver_cache = AuthCache()
         self._listener: asyncio.Task[None] | None = None
         self.listen_retry_s = 1.0
 
@@ -152,8 +161,8 @@ class SqlGateway:
         self._listener = asyncio.get_running_loop().create_task(self._listen())
 
     async def _listen(self) -> None:
-        """Keep a LISTEN on the auth channel; the cache is live only while it is."""
-        cache = self.auth_cache
+        """Keep a LISTEN on the auth channel; the caches are live only while it is."""
+        caches = (self.auth_cache, self.driver_cache)
         failing = False
         while True:
             try:
@@ -175,10 +184,12 @@ class SqlGateway:
                     if failing:
                         log.warning("auth cache on again")
                     failing = False
-                    cache.clear()
-                    cache.live = True
+                    for cache in caches:
+                        cache.clear()
+                        cache.live = True
                     async for notice in conn.notifies():
-                        cache.invalidate(notice.payload)
+                        for cache in caches:
+                            cache.invalidate(notice.payload)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # whatever it was, retry; the cache is off meanwhile
@@ -186,8 +197,9 @@ class SqlGateway:
                     log.warning("auth cache off: %s", e.__class__.__name__)
                 failing = True
             finally:
-                cache.live = False
-                cache.clear()
+                for cache in caches:
+                    cache.live = False
+                    cache.clear()
             await asyncio.sleep(self.listen_retry_s)
 
     def pool_count(self) -> int:
@@ -265,7 +277,7 @@ class SqlGateway:
                     timeout_ms,
                     max_rows,
                     limits["max_bytes"],
-                    lambda pid: self._terminate(endpoint, pid),
+                    lambda pid: self.terminate(endpoint, pid),
                 )
             finally:
                 await self._give_back(entry, conn, reusable)
@@ -311,7 +323,7 @@ class SqlGateway:
             raise
         finally:
             elapsed = (time.perf_counter() - t0) * 1000
-            self._record(endpoint, mode, outcome, elapsed, row_count, shape, started_at)
+            self.record(endpoint, mode, outcome, elapsed, row_count, shape, started_at)
         result.duration_ms = round(elapsed, 3)
         result.limits = {
             "timeout_ms": timeout_ms,
@@ -322,7 +334,21 @@ class SqlGateway:
         }
         return result
 
-    def _record(
+    @contextlib.asynccontextmanager
+    async def session(
+        self, endpoint: TenantEndpoint, mode: Mode, plan_type: str | None
+    ) -> AsyncIterator[Session]:
+        """A pooled connection of the project's `mode` role, for several
+        statements (the HTTP driver's transaction); it goes back to its pool
+        reset, or is closed unless `reusable` was set."""
+        entry, conn = await self._connect(endpoint, mode, plan_type)
+        held = Session(conn)
+        try:
+            yield held
+        finally:
+            await self._give_back(entry, conn, held.reusable)
+
+    def record(
         self,
         endpoint: TenantEndpoint,
         mode: str,
@@ -452,7 +478,7 @@ class SqlGateway:
             entry.checked_out -= 1
             self._pools.give_back(entry)
 
-    async def _terminate(self, endpoint: TenantEndpoint, backend_pid: int) -> None:
+    async def terminate(self, endpoint: TenantEndpoint, backend_pid: int) -> None:
         """End a session that ignores cancel requests (PL/pgSQL can catch
         them), through the server's admin connection."""
 

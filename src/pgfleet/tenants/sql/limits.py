@@ -33,7 +33,7 @@ class SqlRequest:
 
 @dataclass
 class SqlResult:
-    columns: list[dict[str, str]]
+    columns: list[dict[str, Any]]
     rows: list[list[Any]]
     row_count: int
     truncated: bool

@@ -113,13 +113,21 @@ class StatementCursor(psycopg.AsyncRawCursor[Any]):
     final: PGresult | None = None
 
     async def rows(
-        self, query: Any, params: Sequence[Any], *, size: int, max_raw_row: int
+        self,
+        query: Any,
+        params: Sequence[Any],
+        *,
+        size: int,
+        max_raw_row: int,
+        text: bool = False,
     ) -> AsyncIterator[Any]:
         """psycopg's stream(), except that a row whose raw text is over
         `max_raw_row` bytes is not loaded: Oversized stands in for it. libpq
         holds the row already (a row arrives whole); decoding it and turning
         it into JSON would take two or three times that again, for a row the
-        caps would drop anyway."""
+        caps would drop anyway. With `text`, a row is PostgreSQL's own text
+        of each value (None for NULL), as it came."""
+        encoding = self._conn.info.encoding
         async with self._conn.lock:
             first = True
             try:
@@ -135,6 +143,12 @@ class StatementCursor(psycopg.AsyncRawCursor[Any]):
                             if raw > max_raw_row:
                                 yield Oversized(raw)
                                 continue
+                        if text:
+                            yield [
+                                None if (v := res.get_value(pos, c)) is None else v.decode(encoding)
+                                for c in range(res.nfields)
+                            ]
+                            continue
                         yield self._tx.load_row(pos, self._make_row)
                     first = False
             finally:
@@ -227,6 +241,24 @@ async def type_names(
             else c.type_display,
         }
         for c in description
+    ]
+
+
+def fields_of(res: Any) -> list[dict[str, Any]]:
+    """The HTTP driver's field descriptions (node-postgres's), from a libpq result."""
+    if res is None:
+        return []
+    return [
+        {
+            "name": (res.fname(i) or b"").decode(),
+            "dataTypeID": res.ftype(i),
+            "tableID": res.ftable(i),
+            "columnID": res.ftablecol(i),
+            "dataTypeSize": res.fsize(i),
+            "dataTypeModifier": res.fmod(i),
+            "format": "text",
+        }
+        for i in range(res.nfields)
     ]
 
 
