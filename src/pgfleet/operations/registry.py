@@ -31,6 +31,9 @@ class OpContext:
     platform: Platform
     op: Operation
     state: dict[str, Any] = field(default_factory=dict)
+    # What steps of this one run share and do not keep (a resumed operation
+    # starts with it empty): values read once, such as a project's target.
+    scratch: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def resource_id(self) -> uuid.UUID:

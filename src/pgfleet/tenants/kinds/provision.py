@@ -13,13 +13,28 @@ from pgfleet.operations.registry import OpContext, OperationKind, Step, register
 from pgfleet.tenants import store
 from pgfleet.tenants.kinds.common import project_admin, server_of, set_status, tenant
 from pgfleet.tenants.naming import tenant_db_name
-from pgfleet.tenants.provisioning import activate, converge_target_on_server, prepare_provision
+from pgfleet.tenants.provisioning import (
+    ProvisionTarget,
+    activate,
+    converge_target_on_server,
+    prepare_provision,
+)
 from pgfleet.tenants.server import drop_on_server
 from pgfleet.tenants.spares import CLAIMED
 
 
+def _target(ctx: OpContext) -> ProvisionTarget:
+    """The project's target, read once per run: nothing else changes the
+    project while its operation runs (one operation per project)."""
+    t = ctx.scratch.get("target")
+    if t is None:
+        t = ctx.scratch["target"] = prepare_provision(ctx.platform, ctx.tenant_id)
+    assert isinstance(t, ProvisionTarget)
+    return t
+
+
 def _place(ctx: OpContext) -> None:
-    t = prepare_provision(ctx.platform, ctx.tenant_id)
+    t = _target(ctx)
     ctx.state.update(server=t.server.name, hosted_region=t.server.region, actions=[])
 
 
@@ -27,7 +42,7 @@ def _part(part: str) -> Callable[[OpContext], None]:
     def run(ctx: OpContext) -> None:
         if CLAIMED in ctx.state.get("actions", ()):
             return  # the roles step claimed a prepared spare: all is in place
-        t = prepare_provision(ctx.platform, ctx.tenant_id)
+        t = _target(ctx)
         ctx.state.setdefault("actions", []).extend(converge_target_on_server(ctx.platform, t, part))
 
     return run
@@ -35,7 +50,7 @@ def _part(part: str) -> Callable[[OpContext], None]:
 
 def _activate(ctx: OpContext) -> None:
     p = ctx.platform
-    t = prepare_provision(p, ctx.tenant_id)
+    t = _target(ctx)
     activate(p, t, tuple(ctx.state.get("actions", ())))
     p.metrics.provisions.labels(t.server.region, "ok").inc()
     # From the request (the operation's creation) to credentials that work.
