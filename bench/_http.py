@@ -48,6 +48,16 @@ def post_json(path: str, token: str, body: dict[str, Any]) -> bytes:
     ).encode() + data
 
 
+def post_driver(connection_string: str, body: dict[str, Any]) -> bytes:
+    """POST /sql as the Neon serverless driver sends it (JSON as text/plain)."""
+    data = json.dumps(body).encode()
+    return (
+        f"POST /sql HTTP/1.1\r\nHost: bench\r\nNeon-Connection-String: {connection_string}\r\n"
+        "Neon-Raw-Text-Output: true\r\nNeon-Array-Mode: true\r\n"
+        f"Content-Type: text/plain;charset=UTF-8\r\nContent-Length: {len(data)}\r\n\r\n"
+    ).encode() + data
+
+
 async def run_load(
     url: str, request_for: Callable[[int], bytes], concurrency: int, seconds: float
 ) -> tuple[int, float, list[float]]:

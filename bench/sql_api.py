@@ -1,8 +1,9 @@
 """SQL API benchmark.
 
-`select 1` and a small indexed lookup through POST /v1/projects/{id}/sql
-versus a direct psycopg connection to the same server as the same role, in
-the same run: p50/p99 latency, the overhead, req/s at concurrency 1, 16 and
+`select 1` and a small indexed lookup through POST /v1/projects/{id}/sql,
+through POST /sql (the Neon serverless driver's HTTP protocol, as the driver
+sends it), and over a direct psycopg connection to the same server as the
+same role, in the same run: p50/p99 latency, the overhead, req/s at concurrency 1, 16 and
 64 (direct: as many psycopg connections), and the same `select 1`
 round-robin across many projects while watching that the server's
 connections stay bounded.
@@ -14,7 +15,8 @@ CPU by default); requests come from a lean keep-alive HTTP client
 (bench/_http.py) in this process, sharing the machine's cores with the API
 and the servers.
 
-Targets (2-core machine): overhead p50 <= 2 ms, >= 1,000 req/s.
+Targets (2-core machine): overhead p50 <= 2 ms, >= 1,000 req/s; the HTTP
+driver path within 10% of the SQL API (p50 and req/s at concurrency 16).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import BenchFleet, bench_fleet, elapsed_ms, pct, summary
-from _http import Conn, post_json, run_load
+from _http import Conn, post_driver, post_json, run_load
 
 from pgfleet.config import Settings
 from pgfleet.fleet.embedded import EmbeddedFleet
@@ -80,6 +82,34 @@ def through_api(url: str, token: str, pid: str, n: int) -> tuple[list[float], li
         return ones, lookups
 
     return asyncio.run(go())
+
+
+def through_driver(url: str, cs: str, n: int) -> tuple[list[float], list[float]]:
+    one = post_driver(cs, {"query": "select 1", "params": []})
+    lookups_req = [post_driver(cs, {"query": LOOKUP, "params": [str(i + 1)]}) for i in range(100)]
+
+    async def go() -> tuple[list[float], list[float]]:
+        ones, lookups = [], []
+        conn = await Conn.open(url)
+        try:
+            for i in range(n):
+                for req, into in ((one, ones), (lookups_req[i % 100], lookups)):
+                    t0 = time.perf_counter()
+                    status, body = await conn.send(req)
+                    into.append(elapsed_ms(t0))
+                    if status != 200:
+                        raise SystemExit(f"HTTP {status}: {body[:500]!r}")
+        finally:
+            conn.close()
+        return ones, lookups
+
+    return asyncio.run(go())
+
+
+def driver_throughput(bf: BenchFleet, cs: str, concurrency: int, seconds: float) -> float:
+    req = post_driver(cs, {"query": "select 1", "params": []})
+    n, elapsed, _ = asyncio.run(run_load(bf.url, lambda i: req, concurrency, seconds))
+    return n / elapsed
 
 
 def direct_throughput(
@@ -165,14 +195,21 @@ def main() -> None:
             "sslmode": c["sslmode"],
             "sslrootcert": c.get("sslrootcert"),
         }
+        cs = f"postgresql://{c['user']}:{c['password']}@{c['host']}:{c['port']}/{c['database']}"
         direct(info, 200)  # warm-up
         through_api(bf.url, bf.token, pid, 200)
+        through_driver(bf.url, cs, 200)
         d_one, d_lookup = direct(info, args.requests)
         a_one, a_lookup = through_api(bf.url, bf.token, pid, args.requests)
+        n_one, n_lookup = through_driver(bf.url, cs, args.requests)
         print(summary("direct psycopg: select 1", d_one))
         print(summary("SQL API: select 1", a_one))
+        print(summary("HTTP driver (/sql): select 1", n_one))
         print(summary("direct psycopg: indexed lookup", d_lookup))
         print(summary("SQL API: indexed lookup", a_lookup))
+        print(summary("HTTP driver (/sql): indexed lookup", n_lookup))
+        driver_ratio = max(pct(n_one, 50) / pct(a_one, 50), pct(n_lookup, 50) / pct(a_lookup, 50))
+        print(f"HTTP driver p50 / SQL API p50 (worse of the two): {driver_ratio:.2f}x")
         overhead = pct(a_one, 50) - pct(d_one, 50)
         print(
             f"overhead p50 select 1: {overhead:.2f} ms "
@@ -193,6 +230,13 @@ def main() -> None:
                 f"(p50 {pct(a_lat, 50):6.2f} ms, p99 {pct(a_lat, 99):6.2f} ms); direct "
                 f"{d_rate:6.0f} req/s (p50 {pct(d_lat, 50):5.2f} ms); ratio {d_rate / a_rate:.1f}x"
             )
+
+        a16 = api_throughput(bf, [pid], 16, args.seconds)[0]
+        n16 = driver_throughput(bf, cs, 16, args.seconds)
+        print(
+            f"select 1, concurrency 16: HTTP driver {n16:6.0f} req/s vs SQL API {a16:6.0f} "
+            f"req/s (ratio {n16 / a16:.2f})"
+        )
 
         # Many projects, round-robin: connections on the server stay bounded.
         pids = [pid]
@@ -231,6 +275,7 @@ def main() -> None:
             ("overhead p50 <= 2 ms", overhead <= 2.0),
             (">= 1,000 req/s", best >= 1000),
             ("server connections bounded", peak <= bound),
+            ("HTTP driver within 10% of the SQL API", driver_ratio <= 1.1 and n16 >= 0.9 * a16),
         ]
         print("targets: " + "; ".join(f"{k}: {'met' if ok else 'NOT met'}" for k, ok in verdict))
 
