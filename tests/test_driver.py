@@ -4,11 +4,17 @@ real driver runs against it in test_driver_node.py."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import time
+import uuid
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 
+from pgfleet.api.app import create_app
+from pgfleet.auth import create_owner
 from pgfleet.platform.core import Platform
 from tests.helpers import Api, connect, create_ok, finished
 
@@ -269,3 +275,159 @@ def test_every_statement_is_logged_with_its_route(
             )
         }
     assert {"rw", "ro"} <= routes
+
+
+# ---- what an attacker tried (each failed before its fix) --------------------------
+
+
+def test_text_postgresql_cannot_hold_is_refused_and_logging_goes_on(
+    api: Api, project: Any, platform: Platform
+) -> None:
+    cs = conn_string(project["connection"])
+    for body in (
+        {"query": "select 1 \u0000", "params": []},
+        {"query": "select 1 as \ud800", "params": []},
+        {"query": "select $1::text", "params": ["a\u0000b"]},
+    ):
+        r = post(api, cs, json.dumps(body))
+        assert r.status_code == 400 and r.json()["code"] == "22021", r.text
+    # A record PostgreSQL cannot store never holds up the query log.
+    from pgfleet.monitoring.querylog import QueryLogRecord, QueryLogWriter, storable
+
+    assert storable("a\u0000b\ud800") == "a\\0b\\ud800"
+    writer = QueryLogWriter.of(platform)
+    writer.log(
+        QueryLogRecord(
+            uuid.UUID(project["id"]),
+            REGION,
+            REGION,
+            1,
+            "rw",
+            1.0,
+            1,
+            "ok",
+            "select \u0000 \ud800",
+            dt.datetime.now(dt.UTC),
+        )
+    )
+    post(api, cs, {"query": "SELECT 'after'", "params": []})
+    writer.flush()
+    assert writer.pending() == 0
+    with platform.db.connection() as conn:
+        shapes = {
+            r[0]
+            for r in conn.execute(
+                "SELECT fingerprint FROM query_logs WHERE tenant_id = %s", (project["id"],)
+            )
+        }
+    assert "select \\0 \\ud800" in shapes and any("after" in s or "?" in s for s in shapes)
+
+
+def test_transaction_control_is_refused_however_it_is_spelled(api: Api, project: Any) -> None:
+    cs = conn_string(project["connection"])
+    for query in (";COMMIT", " ; ;BEGIN", ";copy items to stdout", "/* x */ ROLLBACK"):
+        r = post(api, cs, {"query": query, "params": []})
+        assert r.status_code == 400 and r.json()["code"] == "0A000", (query, r.text)
+        r = api.post(f"/v1/projects/{project['id']}/sql", json={"query": query})
+        assert r.status_code == 422, (query, r.text)
+    r = post(
+        api,
+        cs,
+        {
+            "queries": [
+                {"query": "INSERT INTO items VALUES (20, 'a')", "params": []},
+                {"query": ";COMMIT", "params": []},
+                {"query": "INSERT INTO items VALUES (1, 'dup')", "params": []},
+            ]
+        },
+    )
+    assert r.status_code == 400 and r.json()["code"] == "0A000", r.text
+    with connect(project["connection"]) as c:
+        assert c.execute("SELECT count(*) FROM items").fetchone() == (2,)
+
+
+def test_a_result_over_the_caps_changes_nothing_whatever_the_statement(
+    api: Api, project: Any
+) -> None:
+    with connect(project["connection"]) as c:
+        c.execute("CREATE TABLE big (g int)")
+        c.execute(
+            "CREATE FUNCTION ins(x int) RETURNS int LANGUAGE sql "
+            "AS 'INSERT INTO big VALUES (x) RETURNING x'"
+        )
+    cs = conn_string(project["connection"])
+    for query in (
+        "SELECT ins(g) FROM generate_series(1, 6000) g",
+        ";INSERT INTO big SELECT g FROM generate_series(1, 6000) g RETURNING *",
+    ):
+        r = post(api, cs, {"query": query, "params": []})
+        assert r.status_code == 400 and r.json()["code"] == "54000", (query, r.text)
+    with connect(project["connection"]) as c:
+        assert c.execute("SELECT count(*) FROM big").fetchone() == (0,)
+    # What cannot run in a transaction block still runs.
+    assert post(api, cs, {"query": "VACUUM big", "params": []}).status_code == 200
+
+
+def test_ro_credentials_cannot_make_a_transaction_read_write(api: Api, project: Any) -> None:
+    ro = ro_connection(api, project)
+    cs = conn_string(ro)
+    for queries in (
+        ["SET TRANSACTION READ WRITE", "ALTER ROLE current_user SET work_mem = '1GB'"],
+        ["SET TRANSACTION READ WRITE", "ALTER ROLE current_user PASSWORD 'hijacked'"],
+    ):
+        r = post(api, cs, {"queries": [{"query": q, "params": []} for q in queries]})
+        assert r.status_code == 400 and r.json()["code"] in ("25001", "25006"), r.text
+    with connect(ro) as c:
+        assert c.execute("SHOW work_mem").fetchone() != ("1GB",)
+    assert post(api, cs, {"query": "SELECT 1", "params": []}).status_code == 200
+
+
+def test_failed_logins_lock_out_that_database_only(platform_factory: Any) -> None:
+    platform: Platform = platform_factory(api_workers=1, rate_limit_auth_failures_per_min=6)
+    _, token = create_owner(platform, "limited")
+    with TestClient(create_app(platform)) as client:
+        api = Api(client, token)
+        mine = create_ok(api, "target", region=REGION)["connection"]
+        other = create_ok(api, "bystander", region=REGION)["connection"]
+        bad = conn_string(mine, password="wrong")
+        codes = [post(api, bad, {"query": "SELECT 1", "params": []}).status_code for _ in range(8)]
+        assert codes[:6] == [400] * 6 and codes[6:] == [429, 429], codes
+        r = post(api, conn_string(mine), {"query": "SELECT 1", "params": []})
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        # Another project's app behind the same address goes on, and the
+        # address's API token still works.
+        ok = post(api, conn_string(other), {"query": "SELECT 1", "params": []})
+        assert ok.status_code == 200, ok.text
+        assert api.get("/v1/me").status_code == 200
+
+
+def test_a_transaction_shares_one_timeout(
+    api: Api, project: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pgfleet.tenants.sql import driver_runner
+
+    monkeypatch.setattr(driver_runner, "DEFAULT_TIMEOUT_MS", 1500)
+    cs = conn_string(project["connection"])
+    sleep = {"query": "SELECT pg_sleep(0.6)", "params": []}
+    assert post(api, cs, {"queries": [sleep, sleep]}).status_code == 200
+    r = post(api, cs, {"queries": [sleep, sleep, sleep]})
+    assert r.status_code == 400 and r.json()["code"] == "57014", r.text
+    assert "statement timeout" in r.json()["message"]
+
+
+def test_the_end_of_an_overlap_window_is_seen_at_once(api: Api, project: Any) -> None:
+    """The old credentials, remembered as verified, stop working as soon as
+    the window's expiry has run (its change notice drops them)."""
+    cs = conn_string(project["connection"])
+    r = api.post(f"/v1/projects/{project['id']}/rotate-password", json={"overlap_s": 1})
+    finished(api, r)
+    assert post(api, cs, {"query": "SELECT 1", "params": []}).status_code == 200  # remembered
+    end = time.monotonic() + 30
+    while not any(
+        o["type"] == "expire_credentials" and o["status"] == "finished"
+        for o in api.get(f"/v1/projects/{project['id']}/operations").json()["operations"]
+    ):
+        assert time.monotonic() < end, "the overlap window never ended"
+        time.sleep(0.1)
+    r = post(api, cs, {"query": "SELECT 1", "params": []})
+    assert r.status_code == 400 and r.json()["code"] == "28P01", r.text

@@ -30,6 +30,7 @@ import threading
 import time
 from collections import OrderedDict
 from typing import Any
+from urllib.parse import urlsplit
 
 from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -99,11 +100,17 @@ class RateLimits:
 def _credentials(scope: Scope) -> tuple[list[str], bool]:
     """(the request's credentials as limiter keys, whether it carries one)."""
     keys: list[str] = []
+    carries = False
     for name, value in scope["headers"]:
         if name == b"neon-connection-string":
-            # The HTTP driver's credentials: keyed by a digest, never the text.
-            keys.append("n:" + hashlib.sha256(value).hexdigest())
+            # The HTTP driver's login, as user@database (what it logs in as,
+            # whatever the host or options beside it), by a digest. Its failed
+            # logins are counted by database (api/sqlpath.py), not here: one
+            # tenant's failures must not lock out another's app behind the
+            # same address.
+            keys.append("n:" + hashlib.sha256(_driver_login(value)).hexdigest())
         elif name == b"authorization":
+            carries = True
             text = value.decode("latin-1")
             token = bearer_token(text)
             keys.append("t:" + (token if token is not None else text.strip()))
@@ -111,11 +118,20 @@ def _credentials(scope: Scope) -> tuple[list[str], bool]:
             session = cookie_parser(value.decode("latin-1")).get(COOKIE)
             if session:
                 keys.append("s:" + session)
+                carries = True
     if keys:
-        return keys, True
+        return keys, carries
     if scope["method"] == "POST" and scope["path"] == "/signin":
         return keys, True  # a token typed into the sign-in form
     return keys, False
+
+
+def _driver_login(header: bytes) -> bytes:
+    try:
+        url = urlsplit(header.decode("latin-1").strip())
+        return f"{url.username}@{url.path}".encode()
+    except ValueError:
+        return header
 
 
 class RateLimit:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 from types import SimpleNamespace
 from typing import Any
@@ -24,7 +25,7 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pgfleet.api.schemas import SqlIn
-from pgfleet.errors import BodyTooLarge, PgfleetError, to_http
+from pgfleet.errors import BodyTooLarge, PgfleetError, RateLimited, to_http
 from pgfleet.tenants.sql import SqlGateway, SqlRequest, SqlResult
 from pgfleet.tenants.sql.driver import DriverError, parse_call
 from pgfleet.tenants.sql.driver_runner import serve
@@ -77,28 +78,41 @@ def bearer_token(authorization: str | None) -> str | None:
 
 async def serve_driver(
     state: Any, headers: dict[str, str], raw: bytes, address: str
-) -> tuple[int, bytes]:
-    """(status, body) of a POST /sql: 200 with the driver's result, 400 with
-    PostgreSQL's error fields (what the driver turns into its NeonDbError),
-    or another status with pgfleet's error envelope (a region down: 503).
-    A failed login counts towards the address's sign-in failures."""
+) -> tuple[int, bytes, dict[str, str]]:
+    """(status, body, headers) of a POST /sql: 200 with the driver's result,
+    400 with PostgreSQL's error fields (what the driver turns into its
+    NeonDbError), or another status with pgfleet's error envelope (a region
+    down: 503). Failed logins are counted per address and database: past
+    the limit, that database's logins from that address get 429 for a while
+    (another project's app behind the same address is not held up)."""
     gateway: SqlGateway = state.sql
+    limits = getattr(state, "limits", None)
     size = 0
+    extra: dict[str, str] = {}
+    failures = ""
     try:
-        content, size = await serve(gateway, parse_call(headers, raw))
+        call = parse_call(headers, raw)
+        failures = f"{address}|{call.credentials.database}"
+        if limits is not None and (wait := limits.auth_failures.peek(failures)) > 0:
+            raise RateLimited(
+                f"too many failed logins to {call.credentials.database} from {address}; "
+                f"try again in {math.ceil(wait)} s",
+                retry_after_s=max(1, math.ceil(wait)),
+            )
+        content, size = await serve(gateway, call)
         status = 200
     except DriverError as e:
         status, content = e.status, e.body()
-        if e.fields.get("code") == "28P01" and getattr(state, "limits", None) is not None:
-            state.limits.auth_failures.take(address)
+        if e.fields.get("code") == "28P01" and limits is not None and failures:
+            limits.auth_failures.take(failures)
     except PgfleetError as exc:
-        status, content, _ = to_http(exc)
+        status, content, extra = to_http(exc)
         if status == 400:  # only a 400 is read as an error body by the driver
             content = DriverError(exc.message, code=exc.code).body()
     # A large answer is encoded in a thread, not on the event loop.
     if size > _ENCODE_INLINE_BYTES:
-        return status, await asyncio.to_thread(_encode, content)
-    return status, _encode(content)
+        return status, await asyncio.to_thread(_encode, content), extra
+    return status, _encode(content), extra
 
 
 class SqlFastPath:
@@ -159,10 +173,10 @@ class SqlFastPath:
         scope["route"] = _DRIVER_LABEL
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         client = scope.get("client")
-        status, payload = await serve_driver(
+        status, payload, extra = await serve_driver(
             scope["app"].state, headers, raw, client[0] if client else "unknown"
         )
-        await _send_payload(send, status, payload)
+        await _send_payload(send, status, payload, extra)
 
 
 async def _read_body(receive: Receive, send: Send) -> bytes | None:

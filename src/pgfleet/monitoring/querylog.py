@@ -9,6 +9,7 @@ values are never logged: only a fingerprint of the statement's shape.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -27,6 +28,18 @@ from pgfleet.platform.core import Platform
 from pgfleet.pooling import ConnectionSource
 
 log = logging.getLogger(__name__)
+
+
+def storable(text: str) -> str:
+    """`text` as PostgreSQL can store it: NUL and lone surrogates (which a
+    client's JSON can carry into a statement) escaped."""
+    if "\x00" not in text:
+        try:
+            text.encode("utf-8")
+            return text
+        except UnicodeEncodeError:
+            pass
+    return text.replace("\x00", "\\0").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass(frozen=True)
@@ -192,6 +205,9 @@ class QueryLogWriter:
         return self._queue.qsize()
 
     def log(self, record: QueryLogRecord) -> None:
+        fp = storable(record.fingerprint)
+        if fp is not record.fingerprint:
+            record = dataclasses.replace(record, fingerprint=fp)
         self._queue.put_nowait(record)
         if self._thread is None:
             self._start()
@@ -241,7 +257,13 @@ class QueryLogWriter:
                 for day in {r.executed_at.astimezone(UTC).date() for r in batch} - self._days:
                     if ensure_partition(conn, day):
                         self._days.add(day)
-                write_batch(conn, batch)
+                try:
+                    write_batch(conn, batch)
+                except psycopg.DataError:
+                    # A row the table refuses must not hold up every other
+                    # (nor come back forever): write them one by one.
+                    self._write_each(conn, batch)
+                    return
             self.written += len(batch)
         except (psycopg.Error, PlatformUnavailable):
             # The platform DB is unreachable: keep the rows for the next try,
@@ -251,6 +273,14 @@ class QueryLogWriter:
                 for r in batch:
                     self._queue.put_nowait(r)
             raise
+
+    def _write_each(self, conn: psycopg.Connection[Any], batch: list[QueryLogRecord]) -> None:
+        for r in batch:
+            try:
+                write_batch(conn, [r])
+                self.written += 1
+            except psycopg.DataError as e:
+                log.warning("a query log row was dropped: %s", e.__class__.__name__)
 
     def close(self) -> None:
         self._stop.set()

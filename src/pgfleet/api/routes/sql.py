@@ -181,5 +181,7 @@ async def driver_sql(request: Request) -> Response:
     "Serverless and edge apps"."""
     headers = {k.lower(): v for k, v in request.headers.items()}
     client = request.client.host if request.client else "unknown"
-    status, payload = await serve_driver(request.app.state, headers, await request.body(), client)
-    return Response(payload, status_code=status, media_type="application/json")
+    status, payload, extra = await serve_driver(
+        request.app.state, headers, await request.body(), client
+    )
+    return Response(payload, status_code=status, media_type="application/json", headers=extra)

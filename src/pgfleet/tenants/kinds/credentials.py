@@ -34,6 +34,7 @@ from pgfleet.tenants.naming import (
     tenant_db_name,
 )
 from pgfleet.tenants.server import ensure_alternate, role_exists, scram_verifier
+from pgfleet.tenants.sql.auth import AUTH_CHANNEL
 
 # The job's name is kept as it was, so expiries queued before an upgrade run.
 EXPIRE_TASK = "pgfleet.expire_credentials"
@@ -277,6 +278,10 @@ def _expire(ctx: OpContext) -> None:
     # Their sessions logged in with the password that just went.
     if expired:
         ctx.state["sessions_ended"] = end_sessions(p, ctx.tenant_id, expired)
+        # The project's row does not change, so say it: logins the API
+        # processes remember as verified (the HTTP driver's) are dropped.
+        with p.db.connection() as pconn:
+            pconn.execute("SELECT pg_notify(%s, %s)", (AUTH_CHANNEL, f"t:{ctx.tenant_id}"))
     ctx.state["expired"] = expired
 
 

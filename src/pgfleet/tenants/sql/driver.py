@@ -200,6 +200,22 @@ def _flag(headers: Mapping[str, str], name: str) -> bool | None:
     return value == "true"
 
 
+def _text(value: str, where: str) -> str:
+    """`value` if PostgreSQL can take it as text: no NUL, no lone surrogate."""
+    if "\x00" in value:
+        raise DriverError(
+            f'{where}: invalid byte sequence for encoding "UTF8": 0x00 (text cannot hold NUL)',
+            code="22021",
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DriverError(
+            f"{where}: a lone surrogate (\\ud800-\\udfff) is not a character", code="22021"
+        ) from None
+    return value
+
+
 def _request(item: Any, where: str) -> SqlRequest:
     if not isinstance(item, dict) or not isinstance(item.get("query"), str):
         raise DriverError(f"{where} must be an object with a string query", code="08P01")
@@ -216,18 +232,20 @@ def _request(item: Any, where: str) -> SqlRequest:
     if len(params) > MAX_PARAMS:
         raise DriverError(f"{where}: at most {MAX_PARAMS} params are allowed", code="54000")
     out: list[str | None] = []
-    for p in params:
+    for i, p in enumerate(params):
         # The driver sends strings or null; other JSON values are taken as
         # their text, as PostgreSQL would read them.
-        if p is None or isinstance(p, str):
-            out.append(p)
+        if p is None:
+            out.append(None)
+        elif isinstance(p, str):
+            out.append(_text(p, f"{where}.params[{i}]"))
         elif isinstance(p, bool):
             out.append("true" if p else "false")
         elif isinstance(p, int | float):
             out.append(json.dumps(p))
         else:
-            out.append(json.dumps(p, separators=(",", ":")))
-    return SqlRequest(query=item["query"], params=out)
+            out.append(_text(json.dumps(p, separators=(",", ":")), f"{where}.params[{i}]"))
+    return SqlRequest(query=_text(item["query"], f"{where}.query"), params=out)
 
 
 def parse_call(headers: Mapping[str, str], raw: bytes) -> DriverCall:

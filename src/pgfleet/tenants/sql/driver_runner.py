@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import re
 import time
 import uuid
 from typing import Any
 
 import psycopg
+from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 
 from pgfleet.crypto import verifier_matches
@@ -28,11 +30,12 @@ from pgfleet.tenants.sql.driver import (
     result_body,
     row_count,
 )
-from pgfleet.tenants.sql.execute import TimedOut, execute, is_write
+from pgfleet.tenants.sql.execute import TimedOut, execute
 from pgfleet.tenants.sql.gateway import Session, SqlGateway
 from pgfleet.tenants.sql.limits import (
     DEFAULT_TIMEOUT_MS,
     SqlRequest,
+    first_word,
     plan_limits,
     refuse_unsupported,
 )
@@ -124,10 +127,11 @@ class _Call:
             self.shapes.append(shape)
 
     async def statement(
-        self, held: Session, req: SqlRequest, shape: str, max_bytes: int
+        self, held: Session, req: SqlRequest, shape: str, max_bytes: int, timeout_ms: int
     ) -> tuple[dict[str, Any], int]:
         """(the driver's result, about how many bytes it holds; -1 if it went
-        over the caps: `max_bytes`, what is left of the call's byte cap)."""
+        over the caps: `max_bytes` and `timeout_ms`, what is left of the
+        call's byte cap and time)."""
         started_at = dt.datetime.now(dt.UTC)
         t0 = time.perf_counter()
         outcome = "error"
@@ -139,7 +143,7 @@ class _Call:
                 req,
                 shape,
                 self.mode,
-                self.timeout_ms,
+                timeout_ms,
                 self.max_rows,
                 max_bytes,
                 lambda pid: self.gateway.terminate(self.endpoint, pid),
@@ -155,6 +159,10 @@ class _Call:
                 code="57014",
             ) from None
         except psycopg.Error as e:
+            if e.sqlstate is None and not held.conn.broken:
+                # psycopg refused it before sending: the request's fault.
+                outcome = "invalid_input"
+                raise DriverError(f"the statement was not sent: {e}", code="22023") from None
             outcome = e.sqlstate or "08006"
             if e.sqlstate is None or held.conn.broken:
                 raise RegionUnavailable(
@@ -162,7 +170,13 @@ class _Call:
                     "to the project's server during the statement",
                     region=self.endpoint.hosted_region,
                 ) from e
-            raise from_postgres(e) from None
+            err = from_postgres(e)
+            if e.sqlstate == "57014":
+                err.message = (
+                    f"canceling statement due to statement timeout ({self.timeout_ms} ms for "
+                    "the call, the plan's)"
+                )
+            raise err from None
         finally:
             elapsed = (time.perf_counter() - t0) * 1000
             self.gateway.record(
@@ -180,6 +194,20 @@ class _Call:
             code="54000",
             hint="select fewer rows (LIMIT) or columns",
         )
+
+
+# Commands PostgreSQL runs only outside a transaction block (or that manage
+# transactions themselves, as a procedure may): a single query of these is
+# not wrapped in one.
+_OUTSIDE = frozenset({"vacuum", "cluster", "reindex", "checkpoint", "call"})
+_OUTSIDE_SHAPES = re.compile(
+    r"^(create|drop|alter) (database|tablespace|subscription)\b|\bconcurrently\b|^alter system\b"
+)
+
+
+def runs_outside_transactions(shape: str) -> bool:
+    s = shape.lstrip("; \t\r\n")
+    return first_word(s) in _OUTSIDE or _OUTSIDE_SHAPES.search(s) is not None
 
 
 def _count(result: Any) -> int | None:
@@ -203,15 +231,15 @@ async def serve(gateway: SqlGateway, call: DriverCall) -> tuple[dict[str, Any], 
 async def _single(
     run: _Call, held: Session, req: SqlRequest, shape: str
 ) -> tuple[dict[str, Any], int]:
-    # A write whose result would be cut runs in a transaction that is rolled
-    # back: the protocol cannot say "truncated", and a failed call must not
-    # have changed anything. Other statements run as they are (VACUUM and
-    # the like cannot run in a transaction block).
-    wrap = is_write(shape)
+    # A statement runs in a transaction that is rolled back when its result
+    # is over the caps: the protocol cannot say "truncated", and a call that
+    # failed must not have changed anything (a SELECT may write through a
+    # function). Only what cannot run in a transaction block runs without.
+    wrap = not runs_outside_transactions(shape)
     if wrap:
         await held.conn.execute("BEGIN")
     try:
-        body, size = await run.statement(held, req, shape, run.max_bytes)
+        body, size = await run.statement(held, req, shape, run.max_bytes, run.timeout_ms)
     except BaseException:
         if wrap:
             await _rollback(held)
@@ -228,16 +256,32 @@ async def _single(
 
 
 async def _batch(run: _Call, held: Session, call: DriverCall) -> tuple[dict[str, Any], int]:
-    """One transaction; the plan's byte cap holds for all its results together."""
+    """One transaction; the plan's timeout and byte cap hold for all its
+    statements together."""
     assert call.batch is not None
     results = []
     left = run.max_bytes
+    deadline = time.monotonic() + run.timeout_ms / 1000
     await held.conn.execute(call.batch.begin(run.mode))
     try:
+        if run.mode == "ro" or call.batch.read_only:
+            # Take the snapshot now: from then on no statement of the batch
+            # can switch it to read-write (SET TRANSACTION READ WRITE must
+            # come before any query).
+            await held.conn.execute("SELECT 1")
         for req, shape in zip(call.queries, run.shapes, strict=True):
-            body, size = await run.statement(held, req, shape, left)
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms < 1:
+                raise DriverError(
+                    f"canceling statement due to statement timeout ({run.timeout_ms} ms for "
+                    "the call, the plan's)",
+                    code="57014",
+                )
+            body, size = await run.statement(held, req, shape, left, remaining_ms)
             if size < 0:
                 raise run.too_large()
+            if held.conn.info.transaction_status != TransactionStatus.INTRANS:
+                raise DriverError("a statement ended the transaction before its end", code="25000")
             left -= size
             results.append(body)
     except BaseException:

@@ -15,7 +15,7 @@ from typing import Any, cast
 
 import psycopg
 
-from pgfleet.tenants.sql.limits import SqlRequest, SqlResult
+from pgfleet.tenants.sql.limits import SqlRequest, SqlResult, first_word
 from pgfleet.tenants.sql.values import (
     Oversized,
     StatementCursor,
@@ -60,13 +60,13 @@ def _text_rows(raw: list[Any]) -> list[tuple[list[Any], int]]:
 
 def is_read(shape: str) -> bool:
     """Does a statement of this shape only read?"""
-    first = shape.split(" ", 1)[0].rstrip(";")
+    first = first_word(shape)
     return first in _READS or (first == "with" and not _WRITES.search(shape))
 
 
 def is_write(shape: str) -> bool:
     """A statement that changes rows (and may run in a transaction block)."""
-    first = shape.split(" ", 1)[0].rstrip(";")
+    first = first_word(shape)
     return first in ("insert", "update", "delete", "merge") or (
         first == "with" and _WRITES.search(shape) is not None
     )
@@ -187,7 +187,7 @@ async def execute(
             final = cur.final
             command = (final.command_status or b"").decode() if final is not None else ""
             if not command:  # libpq leaves the tag empty after chunked rows
-                command = shape.split(" ", 1)[0].upper()
+                command = first_word(shape).upper()
             if cur.description is None:
                 row_count = final.command_tuples or 0 if final is not None else 0
             else:

@@ -101,8 +101,14 @@ _UNSUPPORTED = {
 }
 
 
+def first_word(shape: str) -> str:
+    """A statement's command word, past empty statements (`;COMMIT` is a
+    COMMIT: PostgreSQL skips the empty one before it)."""
+    return shape.lstrip("; \t\r\n").split(" ", 1)[0].rstrip(";")
+
+
 def refuse_unsupported(shape: str) -> None:
-    first = shape.split(" ", 1)[0].rstrip(";")
+    first = first_word(shape)
     what = _UNSUPPORTED.get(first)
     if what is not None:
         raise InvalidInput(
