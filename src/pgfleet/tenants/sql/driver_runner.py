@@ -11,7 +11,8 @@ import uuid
 from typing import Any
 
 import psycopg
-from psycopg.pq import TransactionStatus
+from psycopg.generators import execute as execute_gen
+from psycopg.pq import ExecStatus, TransactionStatus
 from psycopg.rows import dict_row
 
 from pgfleet.crypto import verifier_matches
@@ -210,6 +211,14 @@ def runs_outside_transactions(shape: str) -> bool:
     return first_word(s) in _OUTSIDE or _OUTSIDE_SHAPES.search(s) is not None
 
 
+def plain_read(shape: str) -> bool:
+    """A read that calls nothing (no parenthesis at all: no function, no
+    subquery): it cannot write, so it needs no transaction of its own to be
+    undone. (Only what the tenant itself defined could: a view over a
+    function, an operator of its own.)"""
+    return first_word(shape) in ("select", "table", "values", "show") and "(" not in shape
+
+
 def _count(result: Any) -> int | None:
     count = row_count(result.command)
     if count is None and result.command.split(" ", 1)[0] in ("SELECT", "FETCH"):
@@ -234,10 +243,11 @@ async def _single(
     # A statement runs in a transaction that is rolled back when its result
     # is over the caps: the protocol cannot say "truncated", and a call that
     # failed must not have changed anything (a SELECT may write through a
-    # function). Only what cannot run in a transaction block runs without.
-    wrap = not runs_outside_transactions(shape)
+    # function). Not in one: what cannot run in a transaction block, and a
+    # plain read, which has nothing to undo (and saves two round trips).
+    wrap = not (runs_outside_transactions(shape) or plain_read(shape))
     if wrap:
-        await held.conn.execute("BEGIN")
+        await command(held.conn, b"BEGIN")
     try:
         body, size = await run.statement(held, req, shape, run.max_bytes, run.timeout_ms)
     except BaseException:
@@ -262,13 +272,13 @@ async def _batch(run: _Call, held: Session, call: DriverCall) -> tuple[dict[str,
     results = []
     left = run.max_bytes
     deadline = time.monotonic() + run.timeout_ms / 1000
-    await held.conn.execute(call.batch.begin(run.mode))
+    await command(held.conn, call.batch.begin(run.mode).encode())
     try:
         if run.mode == "ro" or call.batch.read_only:
             # Take the snapshot now: from then on no statement of the batch
             # can switch it to read-write (SET TRANSACTION READ WRITE must
             # come before any query).
-            await held.conn.execute("SELECT 1")
+            await command(held.conn, b"SELECT 1")
         for req, shape in zip(call.queries, run.shapes, strict=True):
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             if remaining_ms < 1:
@@ -291,9 +301,20 @@ async def _batch(run: _Call, held: Session, call: DriverCall) -> tuple[dict[str,
     return {"results": results}, run.max_bytes - left
 
 
+async def command(conn: psycopg.AsyncConnection[Any], text: bytes) -> None:
+    """One of pgfleet's own commands (BEGIN, COMMIT, ROLLBACK): a single
+    simple-protocol round trip, without a cursor (every call pays two)."""
+    async with conn.lock:
+        conn.pgconn.send_query(text)
+        results = await conn.wait(execute_gen(conn.pgconn))
+    for res in results:
+        if res.status not in (ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK):
+            raise psycopg.errors.error_from_result(res, encoding=conn.info.encoding)
+
+
 async def _commit(run: _Call, held: Session) -> None:
     try:
-        await held.conn.execute("COMMIT")
+        await command(held.conn, b"COMMIT")
     except psycopg.Error as e:  # a serialization failure, a deferred constraint
         held.reusable = False
         if e.sqlstate is None:
@@ -310,6 +331,6 @@ async def _rollback(held: Session) -> None:
         held.reusable = False
         return
     try:
-        await held.conn.execute("ROLLBACK")
+        await command(held.conn, b"ROLLBACK")
     except psycopg.Error:
         held.reusable = False
