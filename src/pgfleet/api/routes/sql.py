@@ -176,9 +176,9 @@ async def driver_sql(request: Request) -> Response:
     an edge or serverless app uses that driver against pgfleet by pointing
     `neonConfig.fetchEndpoint` here. The password is checked as PostgreSQL
     checks it; statements run as the project's own role with the SQL API's
-    timeout, caps and query log (a result over the caps is an error here,
-    and a write whose result would be cut is rolled back). See the README's
-    "Serverless and edge apps"."""
+    timeout, caps and query log (a result over the caps is an error here
+    and changes nothing; a transaction's statements share the timeout and
+    the byte cap). See the README's "Serverless and edge apps"."""
     headers = {k.lower(): v for k, v in request.headers.items()}
     client = request.client.host if request.client else "unknown"
     status, payload, extra = await serve_driver(

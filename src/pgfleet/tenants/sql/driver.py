@@ -30,9 +30,9 @@ rw and ro passwords, and an old one during a rotation's overlap window. The
 statements then run exactly as the SQL API's do (the project's own role,
 its plan's timeout and caps, query logging with route `rw` or `ro`); a
 result over the caps is an error here (the protocol cannot say
-"truncated"), and a write whose result would be cut runs in a transaction
-that is rolled back. Every failure to authenticate looks the same (28P01),
-whether the database, the role or the password was wrong.
+"truncated") and changes nothing (see driver_runner). Every failure to
+authenticate looks the same (28P01), whether the database, the role or the
+password was wrong.
 """
 
 from __future__ import annotations
