@@ -424,3 +424,25 @@ def test_sign_out_ends_the_session_on_the_server(api_url: str, owner: tuple[Owne
     with httpx.Client(base_url=api_url, cookies={"pgfleet_session": copy}) as stolen:
         r = stolen.get("/databases")
         assert r.status_code == 303 and "/signin" in r.headers["location"], r.status_code
+
+
+def test_api_docs_render_without_internet(page: Page, api_url: str) -> None:
+    """/docs loads Swagger UI from the package itself: with every request
+    that leaves the API's own address refused, the reference still renders."""
+    left: list[str] = []
+
+    def only_local(route: Any) -> None:
+        if route.request.url.startswith(api_url):
+            route.continue_()
+        else:
+            left.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_local)
+    page.goto("/docs")
+    page.wait_for_selector(".swagger-ui .information-container .title")
+    assert "pgfleet" in page.inner_text(".swagger-ui .information-container .title")
+    page.get_by_text("/v1/projects", exact=True).first.wait_for()
+    assert page.locator(".opblock").count() > 20  # the operations are listed
+    page.get_by_text("Serverless driver endpoint").first.wait_for()
+    assert left == [], f"/docs reached outside the API: {left}"

@@ -97,7 +97,6 @@ API_PREFIXES = (
     "/sql",
     "/openapi.json",
     "/docs",
-    "/redoc",
 )
 
 
