@@ -359,11 +359,23 @@ def test_a_result_over_the_caps_changes_nothing_whatever_the_statement(
     for query in (
         "SELECT ins(g) FROM generate_series(1, 6000) g",
         ";INSERT INTO big SELECT g FROM generate_series(1, 6000) g RETURNING *",
+        # A word that takes a command out of its transaction, elsewhere.
+        "INSERT INTO big SELECT g FROM generate_series(1, 6000) g RETURNING g AS concurrently",
+        "UPDATE items SET name = name RETURNING repeat('x', 3000000) AS \"concurrently\"",
     ):
         r = post(api, cs, {"query": query, "params": []})
         assert r.status_code == 400 and r.json()["code"] == "54000", (query, r.text)
+        assert "nothing was changed" in r.json()["message"]
     with connect(project["connection"]) as c:
         assert c.execute("SELECT count(*) FROM big").fetchone() == (0,)
+        c.execute(
+            "CREATE PROCEDURE fill(INOUT r text) LANGUAGE plpgsql AS "
+            "$$ BEGIN INSERT INTO big VALUES (7); r := repeat('x', 6000000); END $$"
+        )
+    # A CALL runs outside a transaction (it may commit): the answer says so.
+    r = post(api, cs, {"query": "CALL fill(NULL)", "params": []})
+    assert r.status_code == 400 and r.json()["code"] == "54000", r.text
+    assert "what it did stands" in r.json()["message"]
     # What cannot run in a transaction block still runs.
     assert post(api, cs, {"query": "VACUUM big", "params": []}).status_code == 200
 

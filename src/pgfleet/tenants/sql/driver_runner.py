@@ -188,10 +188,10 @@ class _Call:
         body = result_body(result.columns, result.rows, result.command, _count(result))
         return body, result.approx_bytes
 
-    def too_large(self) -> DriverError:
+    def too_large(self, what: str = "it was rolled back: nothing was changed") -> DriverError:
         return DriverError(
             f"the result is larger than this plan allows ({self.max_rows} rows or "
-            f"{self.max_bytes} bytes); nothing was changed",
+            f"{self.max_bytes} bytes); {what}",
             code="54000",
             hint="select fewer rows (LIMIT) or columns",
         )
@@ -201,8 +201,12 @@ class _Call:
 # transactions themselves, as a procedure may): a single query of these is
 # not wrapped in one.
 _OUTSIDE = frozenset({"vacuum", "cluster", "reindex", "checkpoint", "call"})
+# Anchored at the start: a word anywhere else (a column aliased
+# `concurrently`) must not take a write out of its transaction.
 _OUTSIDE_SHAPES = re.compile(
-    r"^(create|drop|alter) (database|tablespace|subscription)\b|\bconcurrently\b|^alter system\b"
+    r"^((create|drop|alter) (database|tablespace|subscription)\b"
+    r"|create (unique )?index concurrently\b|drop index concurrently\b"
+    r"|reindex\b|alter system\b)"
 )
 
 
@@ -245,7 +249,8 @@ async def _single(
     # failed must not have changed anything (a SELECT may write through a
     # function). Not in one: what cannot run in a transaction block, and a
     # plain read, which has nothing to undo (and saves two round trips).
-    wrap = not (runs_outside_transactions(shape) or plain_read(shape))
+    outside = runs_outside_transactions(shape)
+    wrap = not (outside or plain_read(shape))
     if wrap:
         await command(held.conn, b"BEGIN")
     try:
@@ -261,6 +266,13 @@ async def _single(
         else:
             await _commit(run, held)
     if too_large:
+        if outside:
+            raise run.too_large(
+                "it ran outside a transaction (as PostgreSQL runs CALL, VACUUM and the "
+                "like), so what it did stands"
+            )
+        if not wrap:
+            raise run.too_large("it was a plain read, run as it is (nothing to roll back)")
         raise run.too_large()
     return body, size
 

@@ -97,6 +97,7 @@ _UNSUPPORTED = {
     "abort": "transaction control",
     "savepoint": "transaction control",
     "release": "transaction control",
+    "prepare transaction": "transaction control",
     "copy": "COPY",
 }
 
@@ -109,6 +110,8 @@ def first_word(shape: str) -> str:
 
 def refuse_unsupported(shape: str) -> None:
     first = first_word(shape)
+    if first == "prepare" and shape.lstrip("; \t\r\n").startswith("prepare transaction"):
+        first = "prepare transaction"
     what = _UNSUPPORTED.get(first)
     if what is not None:
         raise InvalidInput(
