@@ -15,8 +15,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
+import psycopg
 
 
 def pct(values: Sequence[float], q: float) -> float:
@@ -97,3 +99,16 @@ def bench_fleet(
 
 def elapsed_ms(start: float) -> float:
     return (time.perf_counter() - start) * 1000
+
+
+def connect_with(c: dict[str, Any]) -> psycopg.Connection[Any]:
+    """A session with the credentials an API answer handed out (TLS verified)."""
+    return psycopg.connect(
+        host=c["host"],
+        port=c["port"],
+        dbname=c["database"],
+        user=c["user"],
+        password=c["password"],
+        sslmode=c["sslmode"],
+        sslrootcert=c.get("sslrootcert"),
+    )

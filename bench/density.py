@@ -40,7 +40,7 @@ import httpx
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BenchFleet, bench_fleet, elapsed_ms, pct
+from _common import BenchFleet, bench_fleet, connect_with, elapsed_ms, pct
 
 from pgfleet.config import Settings
 from pgfleet.fleet.embedded import EmbeddedFleet
@@ -69,15 +69,7 @@ def create(http: httpx.Client, i: int) -> tuple[float, str]:
         raise SystemExit(f"create {i}: HTTP {r.status_code}: {r.text[:500]}")
     body = r.json()
     c = body["connection"]
-    with psycopg.connect(
-        host=c["host"],
-        port=c["port"],
-        dbname=c["database"],
-        user=c["user"],
-        password=c["password"],
-        sslmode=c["sslmode"],
-        sslrootcert=c.get("sslrootcert"),
-    ) as conn:
+    with connect_with(c) as conn:
         conn.execute("select 1")
     return elapsed_ms(t0), str(body["id"])
 

@@ -25,7 +25,7 @@ import psycopg
 from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import bench_fleet, elapsed_ms, pct, summary
+from _common import bench_fleet, connect_with, elapsed_ms, pct, summary
 
 from pgfleet.config import Settings
 from pgfleet.crypto import MACHINE_SCRAM_ITERATIONS, PERSON_SCRAM_ITERATIONS, scram_sha256_verifier
@@ -37,15 +37,7 @@ BLOCK = 25
 
 def login_ms(c: dict[str, Any]) -> float:
     t0 = time.perf_counter()
-    psycopg.connect(
-        host=c["host"],
-        port=c["port"],
-        dbname=c["database"],
-        user=c["user"],
-        password=c["password"],
-        sslmode=c["sslmode"],
-        sslrootcert=c.get("sslrootcert"),
-    ).close()
+    connect_with(c).close()
     return elapsed_ms(t0)
 
 

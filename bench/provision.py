@@ -43,7 +43,7 @@ import psycopg
 from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BenchFleet, bench_fleet, elapsed_ms, pct, summary
+from _common import BenchFleet, bench_fleet, connect_with, elapsed_ms, pct, summary
 
 from pgfleet.config import Settings
 from pgfleet.fleet.embedded import EmbeddedFleet
@@ -86,15 +86,7 @@ def provision_timed(http: httpx.Client, i: int) -> tuple[float, float, str]:
     r.raise_for_status()
     answered = elapsed_ms(t0)
     c = r.json()["connection"]
-    with psycopg.connect(
-        host=c["host"],
-        port=c["port"],
-        dbname=c["database"],
-        user=c["user"],
-        password=c["password"],
-        sslmode=c["sslmode"],
-        sslrootcert=c.get("sslrootcert"),
-    ) as conn:
+    with connect_with(c) as conn:
         conn.execute("select 1")
     return elapsed_ms(t0), answered, str(r.json()["operation"]["id"])
 

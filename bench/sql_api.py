@@ -57,43 +57,18 @@ def direct(conn_info: dict[str, Any], n: int) -> tuple[list[float], list[float]]
     return ones, lookups
 
 
-def through_api(url: str, token: str, pid: str, n: int) -> tuple[list[float], list[float]]:
-    path = f"/v1/projects/{pid}/sql"
-    one = post_json(path, token, {"query": "select 1"})
-    lookups_req = [post_json(path, token, {"query": LOOKUP, "params": [i + 1]}) for i in range(100)]
+def sequential(
+    url: str, one: bytes, lookups: list[bytes], n: int
+) -> tuple[list[float], list[float]]:
+    """`select 1` then a lookup, n times, one request at a time: latencies."""
 
     async def go() -> tuple[list[float], list[float]]:
-        ones, lookups = [], []
+        ones: list[float] = []
+        looked: list[float] = []
         conn = await Conn.open(url)
         try:
             for i in range(n):
-                t0 = time.perf_counter()
-                status, body = await conn.send(one)
-                ones.append(elapsed_ms(t0))
-                if status != 200:
-                    raise SystemExit(f"HTTP {status}: {body[:500]!r}")
-                t0 = time.perf_counter()
-                status, body = await conn.send(lookups_req[i % 100])
-                lookups.append(elapsed_ms(t0))
-                if status != 200:
-                    raise SystemExit(f"HTTP {status}: {body[:500]!r}")
-        finally:
-            conn.close()
-        return ones, lookups
-
-    return asyncio.run(go())
-
-
-def through_driver(url: str, cs: str, n: int) -> tuple[list[float], list[float]]:
-    one = post_driver(cs, {"query": "select 1", "params": []})
-    lookups_req = [post_driver(cs, {"query": LOOKUP, "params": [str(i + 1)]}) for i in range(100)]
-
-    async def go() -> tuple[list[float], list[float]]:
-        ones, lookups = [], []
-        conn = await Conn.open(url)
-        try:
-            for i in range(n):
-                for req, into in ((one, ones), (lookups_req[i % 100], lookups)):
+                for req, into in ((one, ones), (lookups[i % len(lookups)], looked)):
                     t0 = time.perf_counter()
                     status, body = await conn.send(req)
                     into.append(elapsed_ms(t0))
@@ -101,9 +76,22 @@ def through_driver(url: str, cs: str, n: int) -> tuple[list[float], list[float]]
                         raise SystemExit(f"HTTP {status}: {body[:500]!r}")
         finally:
             conn.close()
-        return ones, lookups
+        return ones, looked
 
     return asyncio.run(go())
+
+
+def through_api(url: str, token: str, pid: str, n: int) -> tuple[list[float], list[float]]:
+    path = f"/v1/projects/{pid}/sql"
+    one = post_json(path, token, {"query": "select 1"})
+    lookups = [post_json(path, token, {"query": LOOKUP, "params": [i + 1]}) for i in range(100)]
+    return sequential(url, one, lookups, n)
+
+
+def through_driver(url: str, cs: str, n: int) -> tuple[list[float], list[float]]:
+    one = post_driver(cs, {"query": "select 1", "params": []})
+    lookups = [post_driver(cs, {"query": LOOKUP, "params": [str(i + 1)]}) for i in range(100)]
+    return sequential(url, one, lookups, n)
 
 
 def driver_throughput(bf: BenchFleet, cs: str, concurrency: int, seconds: float) -> float:

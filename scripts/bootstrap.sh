@@ -8,6 +8,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
+
+# How to run a command as root: nothing as root, `sudo -n` where sudo works
+# without a password, else unset (the caller says what to install by hand).
+as_root() {
+  if [ "$(id -u)" = 0 ]; then
+    SUDO=""
+  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+    SUDO="sudo -n"
+  else
+    return 1
+  fi
+}
 if [ ! -x .venv/bin/python ]; then
   echo "bootstrap: creating .venv"
   "$PYTHON" -m venv .venv
@@ -26,11 +38,7 @@ fi
 if ! .venv/bin/python -m pgfleet.fleet.binaries >/dev/null 2>&1; then
   installed=no
   if command -v apt-get >/dev/null 2>&1; then
-    SUDO=""
-    if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-      SUDO="sudo -n"
-    fi
-    if [ "$(id -u)" = 0 ] || [ -n "$SUDO" ]; then
+    if as_root; then
       echo "bootstrap: installing PostgreSQL server packages with apt-get"
       # Do not let the Debian package create and start its own cluster.
       $SUDO mkdir -p /etc/postgresql-common
@@ -51,14 +59,9 @@ fi
 # chromium, and a colour emoji font so the region flags show in screenshots.
 if [ "${1:-}" = "--with-browser" ] && { ! command -v chromium >/dev/null 2>&1 ||
   [ ! -e /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ]; }; then
-  SUDO=""
-  if [ "$(id -u)" != 0 ]; then
-    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-      SUDO="sudo -n"
-    else
-      echo "bootstrap: the browser tests need Debian's chromium: run 'sudo apt-get install chromium fonts-noto-color-emoji'" >&2
-      exit 1
-    fi
+  if ! as_root; then
+    echo "bootstrap: the browser tests need Debian's chromium: run 'sudo apt-get install chromium fonts-noto-color-emoji'" >&2
+    exit 1
   fi
   echo "bootstrap: installing chromium with apt-get (for the browser tests)"
   $SUDO apt-get update -qq
@@ -73,14 +76,9 @@ if [ "${1:-}" = "--with-browser" ]; then
   command -v node >/dev/null 2>&1 || want="nodejs"
   command -v npm >/dev/null 2>&1 || want="$want npm"
   if [ -n "$want" ]; then
-    SUDO=""
-    if [ "$(id -u)" != 0 ]; then
-      if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-        SUDO="sudo -n"
-      else
-        echo "bootstrap: the driver tests need Node.js: run 'sudo apt-get install$want'" >&2
-        exit 1
-      fi
+    if ! as_root; then
+      echo "bootstrap: the driver tests need Node.js: run 'sudo apt-get install$want'" >&2
+      exit 1
     fi
     echo "bootstrap: installing$want with apt-get (for the HTTP driver tests)"
     $SUDO apt-get update -qq

@@ -43,7 +43,8 @@ class Workers:
         self.folder = folder
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, failpoints: str = "", spares: int = 0) -> subprocess.Popen[bytes]:
+    def env(self, failpoints: str = "", spares: int = 0) -> dict[str, str]:
+        """What a pgfleet process on this test's platform DB runs with."""
         s = self.fleet.settings
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PGFLEET_", "PG"))}
         env.update(
@@ -60,10 +61,13 @@ class Workers:
             PGFLEET_SPARE_DATABASES=str(spares),
             PGFLEET_FAILPOINT_DIR=str(self.folder),
         )
+        return env
+
+    def start(self, failpoints: str = "", spares: int = 0) -> subprocess.Popen[bytes]:
         with (self.folder / f"worker-{len(self.procs)}.log").open("wb") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "pgfleet", "worker", "--concurrency", "2"],
-                env=env,
+                env=self.env(failpoints, spares),
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -614,20 +618,12 @@ def test_a_create_the_api_ran_itself_survives_the_api_killed_mid_way(
     server = next(s for s in quiet_platform.servers.all() if s.region == "eu-central-1")
     refill_spares(quiet_platform, server, 1)
     port = free_port_block(1)
-    s = fleet.settings
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PGFLEET_", "PG"))}
+    env = workers.env(point, spares=1)
     env.update(
-        PGFLEET_HOME=str(s.home),
-        PGFLEET_PORT_BASE=str(s.port_base),
-        PGFLEET_FSYNC="false",
-        PGFLEET_PLATFORM_DSN=make_conninfo(**quiet_platform.conninfo),
         PGFLEET_API_PORT=str(port),
         PGFLEET_API_WORKERS="1",
         PGFLEET_EMBEDDED_WORKERS="1",
         PGFLEET_BACKGROUND_TASKS="false",
-        PGFLEET_SPARE_DATABASES="1",
-        PGFLEET_FAILPOINTS=point,
-        PGFLEET_FAILPOINT_DIR=str(tmp_path),
     )
     with (tmp_path / "worker-api.log").open("wb") as log:
         api = subprocess.Popen(

@@ -48,8 +48,6 @@ import psycopg
 
 from pgfleet.tenants.sql.limits import MAX_PARAMS, MAX_QUERY_CHARS, SqlRequest
 
-TESTED_DRIVER = "1.2.0"
-
 ISOLATION_LEVELS = {
     "ReadUncommitted": "READ UNCOMMITTED",
     "ReadCommitted": "READ COMMITTED",

@@ -64,14 +64,6 @@ def is_read(shape: str) -> bool:
     return first in _READS or (first == "with" and not _WRITES.search(shape))
 
 
-def is_write(shape: str) -> bool:
-    """A statement that changes rows (and may run in a transaction block)."""
-    first = first_word(shape)
-    return first in ("insert", "update", "delete", "merge") or (
-        first == "with" and _WRITES.search(shape) is not None
-    )
-
-
 async def execute(
     conn: psycopg.AsyncConnection[Any],
     tenant_id: uuid.UUID,
