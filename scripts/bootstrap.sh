@@ -56,6 +56,32 @@ if ! .venv/bin/python -m pgfleet.fleet.binaries >/dev/null 2>&1; then
   .venv/bin/python -m pgfleet.fleet.binaries
 fi
 
+# PgBouncer, the routers in front of each region's server (Debian's package).
+# Its own service is stopped and disabled: pgfleet runs its routers itself.
+pgbouncer_found() {
+  for b in "${PGFLEET_PGBOUNCER:-}" /usr/sbin/pgbouncer /usr/bin/pgbouncer /usr/local/bin/pgbouncer; do
+    [ -n "$b" ] && [ -x "$b" ] && return 0
+  done
+  return 1
+}
+if ! pgbouncer_found; then
+  if command -v apt-get >/dev/null 2>&1 && as_root; then
+    echo "bootstrap: installing PgBouncer with apt-get (the connection routers)"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq pgbouncer >/dev/null
+    if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+      $SUDO systemctl disable --now pgbouncer >/dev/null 2>&1 || true
+    else
+      $SUDO service pgbouncer stop >/dev/null 2>&1 || true
+      $SUDO update-rc.d pgbouncer disable >/dev/null 2>&1 || true
+    fi
+  else
+    echo "bootstrap: the routers need PgBouncer: run 'sudo apt-get install pgbouncer'" \
+      "(or set PGFLEET_ROUTERS=false to run without routers)" >&2
+    exit 1
+  fi
+fi
+
 # chromium, and a colour emoji font so the region flags show in screenshots.
 if [ "${1:-}" = "--with-browser" ] && { ! command -v chromium >/dev/null 2>&1 ||
   [ ! -e /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ]; }; then

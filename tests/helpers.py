@@ -107,6 +107,10 @@ class FleetUnderTest:
                 self.fleet.start(self.server(region))
             with self.admin_conn(region) as c:
                 for db in self.databases(region):
+                    # A test that failed midway may leave one marked a template.
+                    c.execute(
+                        sql.SQL("ALTER DATABASE {} IS_TEMPLATE false").format(sql.Identifier(db))
+                    )
                     c.execute(
                         sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
                             sql.Identifier(db)
@@ -114,6 +118,13 @@ class FleetUnderTest:
                     )
                 for role in self.roles(region):
                     c.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+        # The routers forget them too (the next test's platform DB has none).
+        routers = self.fleet.routers
+        routers.write([], [])
+        for spec in routers.specs:
+            if not routers.state(spec).running:
+                self.fleet.start_routers()
+            routers.reload(spec)
 
 
 class Api:
@@ -162,6 +173,16 @@ def wait_healthy(url: str, seconds: float, alive: Callable[[], str | None] | Non
             pass
         assert time.monotonic() < deadline, f"the API at {url} did not start"
         time.sleep(0.05)
+
+
+# How a router (PgBouncer) refuses a wrong password, an unknown role, or a
+# project it no longer routes: the same SCRAM failure for all.
+ROUTER_REFUSED = "SASL authentication failed"
+
+
+def refused(message: str, server_reason: str = "password authentication failed") -> bool:
+    """A login was refused, by the server (`server_reason`) or by a router."""
+    return server_reason in message or ROUTER_REFUSED in message
 
 
 def create(api: Api, name: str = "shop", **kw: Any) -> Any:

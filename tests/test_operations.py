@@ -32,7 +32,7 @@ from tests.helpers import (
     repaired,
 )
 
-STEPS = ["place", "roles", "database", "privileges", "activate"]
+STEPS = ["place", "roles", "database", "privileges", "activate", "route"]
 
 
 def test_create_returns_its_finished_operation_with_steps(api: Api) -> None:

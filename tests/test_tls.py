@@ -61,10 +61,16 @@ def test_handed_out_uri_verifies_the_server_and_works_in_psql_and_psycopg(api: A
 
 def test_plaintext_is_refused_by_pg_hba(api: Api) -> None:
     project = create_ok(api, "plain", region="eu-central-1")
-    uri = project["connection"]["uri"].replace("sslmode=verify-full", "sslmode=disable")
+    direct = api.get(f"/v1/projects/{project['id']}/connection", params={"direct": "true"}).json()
+    uri = direct["uri"].replace("sslmode=verify-full", "sslmode=disable")
     res = run_psql(uri, "select 1")
     assert res.returncode != 0
     assert "no encryption" in res.stderr, res.stderr
+    # The router the handed-out string names refuses plaintext too.
+    routed = project["connection"]["uri"].replace("sslmode=verify-full", "sslmode=disable")
+    res = run_psql(routed, "select 1")
+    assert res.returncode != 0
+    assert "SSL required" in res.stderr, res.stderr
 
 
 def test_verification_is_real_another_ca_or_another_name_fails(api: Api, tmp_path: Path) -> None:

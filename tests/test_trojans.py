@@ -31,6 +31,7 @@ from psycopg import sql
 from pgfleet.fleet.health import check_all
 from pgfleet.fleet.registry import PROBE_ROLE
 from pgfleet.platform.core import Platform
+from pgfleet.tenants import routing
 from pgfleet.tenants.provisioning import ensure_tenant_database_provisioned
 from pgfleet.tenants.reconcile import reconcile
 from pgfleet.tenants.spares import CLAIMED, refill_spares
@@ -82,6 +83,11 @@ VIEWS = [
     "pg_settings",
 ]
 OPNAMES = {"=": "eq", "<>": "ne", "~~": "like"}
+
+
+def direct_connection(api: Api, pid: str) -> dict[str, Any]:
+    c: dict[str, Any] = api.get(f"/v1/projects/{pid}/connection", params={"direct": "true"}).json()
+    return c
 
 
 @dataclass
@@ -233,6 +239,9 @@ def assert_nothing_gained(fleet: FleetUnderTest, t: Trojaned, *, gone: bool = Fa
 def trojaned(api: Api) -> Iterator[Trojaned]:
     project = create_ok(api, "attacker", region=REGION)
     victim = create_ok(api, "victim", region=REGION)
+    # Planted and checked in server sessions of their own (a router would
+    # hand back a pooled backend that predates the role's new settings).
+    project["connection"] = direct_connection(api, project["id"])
     with connect(project["connection"]) as c:
         plant(
             c,
@@ -301,7 +310,7 @@ def _rotations(t: Trojaned, api: Api, admin_api: Api, platform: Platform) -> Non
     finished(api, api.post(f"/v1/projects/{pid}/rotate-password", json={"role": "all"}))
     op = finished(api, api.post(f"/v1/projects/{pid}/rotate-password", json={"overlap_s": 1}))
     assert op["type"] == "rotate_password"
-    t.project["connection"] = api.get(f"/v1/projects/{pid}/connection").json()
+    t.project["connection"] = direct_connection(api, pid)
 
 
 def _pause_resume(t: Trojaned, api: Api, admin_api: Api, platform: Platform) -> None:
@@ -309,7 +318,7 @@ def _pause_resume(t: Trojaned, api: Api, admin_api: Api, platform: Platform) -> 
     finished(api, api.post(f"/v1/projects/{pid}/pause"))
     ensure_tenant_database_provisioned(pid, REGION, platform=platform)  # paused: converged too
     op = finished(api, api.post(f"/v1/projects/{pid}/resume"))
-    assert [s["name"] for s in op["steps"]] == ["allow_logins", "privileges", "mark"]
+    assert [s["name"] for s in op["steps"]] == ["allow_logins", "privileges", "mark", "route"]
 
 
 def _plan_change(t: Trojaned, api: Api, admin_api: Api, platform: Platform) -> None:
@@ -361,6 +370,25 @@ def _http_driver(t: Trojaned, api: Api, admin_api: Api, platform: Platform) -> N
             assert r.status_code == 200, r.text
 
 
+def _router(t: Trojaned, api: Api, admin_api: Api, platform: Platform) -> None:
+    """The routers: the tenant's own sessions through both pooling modes (the
+    router runs DISCARD ALL in them, as the tenant's role), pgfleet's publish
+    and repair (which read verifiers in the admin database only), and a hold
+    and release."""
+    for pooling in ("session", "transaction"):
+        for mode in ("rw", "ro"):
+            c = api.get(
+                f"/v1/projects/{t.project['id']}/connection",
+                params={"mode": mode, "pooling": pooling},
+            ).json()
+            for _ in range(2):
+                with connect(c) as conn:
+                    conn.execute("SELECT count(*) FROM pg_class WHERE oid = 1259")
+    routing.publish(platform)
+    routing.sync(platform)
+    routing.hold(platform, uuid.UUID(t.project["id"]), timeout_s=2).release()
+
+
 def _client_connection(t: Trojaned, api: Api, admin_api: Api, platform: Platform) -> None:
     with tenant_client(platform).get_tenant_connection(t.project["id"]) as conn:
         conn.execute("SELECT 1")
@@ -392,6 +420,7 @@ PATHS: dict[str, Callable[[Trojaned, Api, Api, Platform], None]] = {
     "sql-api": _sql_api,
     "http-driver": _http_driver,
     "client-connection": _client_connection,
+    "router": _router,
     "orphan-probe": _orphan_probe,
 }
 

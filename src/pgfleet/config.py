@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     fsync: bool = True
     os_user: str = "pgfleet"
     embedded_capacity: int = Field(default=1000, ge=1)
+    # Connection routers (PgBouncer) per embedded region: connection strings
+    # point at them. False: no routers; strings name the servers directly.
+    routers: bool = True
     # External servers (pgfleet.toml [[servers]])
     servers: list[ServerSpec] = []
     # API

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from pgfleet.monitoring import health
 from pgfleet.platform.core import Platform
-from pgfleet.tenants import kinds, reconcile, spares
+from pgfleet.tenants import kinds, reconcile, routing, spares
 
 # What registered itself on import (kept, so the imports are not unused).
-LOADED = (kinds, reconcile, spares)
+LOADED = (kinds, reconcile, routing, spares)
 
 
 def attach(platform: Platform) -> Platform:

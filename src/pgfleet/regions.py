@@ -57,6 +57,9 @@ class Plan:
     paid: bool
     max_result_rows: int = 10_000
     max_result_bytes: int = 10 * 1024 * 1024
+    # Server connections each router may open to one project's database
+    # (all its roles together): what clients through a router share.
+    router_pool_size: int = 3
 
 
 PLANS: tuple[Plan, ...] = (
@@ -77,6 +80,7 @@ PLANS: tuple[Plan, ...] = (
         paid=True,
         max_result_rows=50_000,
         max_result_bytes=50 * 1024 * 1024,
+        router_pool_size=10,
     ),
     Plan(
         "enterprise",
@@ -86,6 +90,7 @@ PLANS: tuple[Plan, ...] = (
         paid=True,
         max_result_rows=100_000,
         max_result_bytes=100 * 1024 * 1024,
+        router_pool_size=25,
     ),
 )
 PLANS_BY_ID = {p.id: p for p in PLANS}

@@ -126,6 +126,24 @@ class ConnectionOut(BaseModel):
     uri: str = Field(description="A libpq connection URI; psql accepts it as is.")
     region: str
     hosted_region: str
+    pooling: Literal["session", "transaction"] | None = Field(
+        default=None,
+        description="How the router pools this string's connections: `session` (a server "
+        "connection per client connection, everything PostgreSQL supports works) or "
+        "`transaction` (a server connection per transaction, for many short-lived "
+        "clients; session state does not last beyond a transaction). None: `direct`.",
+    )
+    direct: bool = Field(
+        default=False,
+        description="True: the server's own address, for tools that need it (pg_dump, "
+        "replication). It changes if the project moves; the router's does not.",
+    )
+    router_region: str | None = Field(
+        default=None,
+        description="The region whose router the string names; when it is not "
+        "`hosted_region`, the router forwards to the project's server there.",
+    )
+    note: str | None = Field(default=None, description="What to know about this string.")
 
 
 class ProjectOut(BaseModel):

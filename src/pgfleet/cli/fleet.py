@@ -48,6 +48,7 @@ from pgfleet.fleet.registry import ServerRecord
 from pgfleet.operations.store import deadline_summary
 from pgfleet.platform.core import Platform, platform_conninfo, warn_weak_tls
 from pgfleet.platform.metrics import MULTIPROC_ENV
+from pgfleet.tenants import routing
 from pgfleet.tenants import store as tenant_store
 
 # ---- fleet management ------------------------------------------------------
@@ -77,6 +78,12 @@ def up(
             for srv in servers:
                 where = srv.region or "platform DB"
                 out.print(f"  [green]up[/] {srv.name:<18} {where:<16} 127.0.0.1:{srv.port}")
+            for spec in fleet.routers.specs:
+                out.print(
+                    f"  [green]up[/] router {spec.name:<27} {spec.pool_mode} pooling, "
+                    f"127.0.0.1:{spec.port}",
+                    highlight=False,
+                )
             out.print(
                 f"  TLS: servers verified with sslmode=verify-full against {fleet.ca.cert_path}",
                 soft_wrap=True,
@@ -87,6 +94,8 @@ def up(
             platform.sync_servers()
             with platform.db.connection() as conn:
                 tenant_store.follow_servers(conn)
+            # The routers learn whatever changed while they were down.
+            routing.publish(platform, repair=True)
             tf = token_file(s)
             existing = tf.read_text().strip() if tf.exists() else None
             new_token = ensure_admin_token(platform, existing)
@@ -269,6 +278,10 @@ def down() -> None:
     if s.embedded:
         fleet = EmbeddedFleet(s)
         try:
+            routers = fleet.routers
+            for spec in routers.specs:
+                if routers.stop(spec):
+                    out.print(f"  [yellow]stopped[/] router {spec.name}")
             for st in fleet.states():
                 if st.running:
                     fleet.stop(st.server)
@@ -335,10 +348,35 @@ def status() -> None:
             *cells,
         )
     out.print(t)
+    _print_routers(fleet)
     _print_operations_summary(s)
     pid = _api_pid(s)
     url = json.loads(api_file(s).read_text())["url"] if api_file(s).exists() else "-"
     out.print(f"API: {url} " + (f"(pid {pid})" if pid else "(not started by `up --detach`)"))
+
+
+def _print_routers(fleet: EmbeddedFleet) -> None:
+    """Each router: region, pooling, port, running or not, databases loaded."""
+    routers = fleet.routers
+    if not routers.specs:
+        out.print("routers: none (PGFLEET_ROUTERS=false)")
+        return
+    t = Table(title="routers (PgBouncer, <region>-<pooling>; connection strings point here)")
+    for col in ("router", "port", "state", "databases"):
+        t.add_column(col, no_wrap=True)
+    for spec in routers.specs:
+        state = routers.state(spec)
+        loaded = "-"
+        if state.running:
+            try:
+                loaded = str(len(routers.databases(spec)))
+                shown = Text("up", "green")
+            except (psycopg.Error, PgfleetError):
+                shown = Text("not answering", "red")
+        else:
+            shown = Text("down", "red")
+        add_row(t, spec.name, str(spec.port), shown, loaded)
+    out.print(t)
 
 
 def _print_operations_summary(s: Settings) -> None:

@@ -263,14 +263,37 @@ def projects_audit(
 def projects_connection(
     project_id: str,
     mode: Annotated[str, typer.Option(help="rw or ro")] = "rw",
+    pooling: Annotated[
+        str,
+        typer.Option(
+            help="The router's pooling: session (everything works) or transaction "
+            "(for serverless clients; session state ends with each transaction)"
+        ),
+    ] = "session",
+    direct: Annotated[
+        bool,
+        typer.Option(
+            "--direct",
+            help="The server's own address (for pg_dump, replication); it changes if "
+            "the project moves, the router's does not",
+        ),
+    ] = False,
+    via: Annotated[str | None, typer.Option(help="Connect through another region's router")] = None,
     url: UrlOpt = None,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Print the project's connection string (rw or ro)."""
-    data = Client(url, token).call(
-        "GET", f"/v1/projects/{project_id}/connection", params={"mode": mode}
-    )
+    """Print the project's connection string: through its region's router
+    (pooled, session mode) unless asked otherwise. A note on stderr says what
+    to know about it (transaction pooling's limits, a direct address)."""
+    params: dict[str, str] = {"mode": mode, "pooling": pooling}
+    if direct:
+        params["direct"] = "true"
+    if via:
+        params["via"] = via
+    data = Client(url, token).call("GET", f"/v1/projects/{project_id}/connection", params=params)
     if as_json:
         return print_json(data)
     sys.stdout.write(data["uri"] + "\n")
+    if data.get("note"):
+        sys.stderr.write(f"note: {data['note']}\n")

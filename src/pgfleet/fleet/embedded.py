@@ -9,6 +9,8 @@ Layout of the data directory:
     servers/<server>/postgres.log
     tls/ca.crt, tls/ca.key      the fleet CA (the key 0600); clients verify
                                 servers with sslmode=verify-full against ca.crt
+    routers/                    the connection routers (PgBouncer, fleet/router.py):
+                                two per active region, session and transaction mode
 
 initdb refuses to run as root, so when pgfleet runs as root every server
 command runs as an unprivileged system user (created if missing).
@@ -35,6 +37,7 @@ from pgfleet.config import Settings
 from pgfleet.crypto import generate_password, write_private
 from pgfleet.errors import FleetError
 from pgfleet.fleet.binaries import PgBinaries, find_binaries
+from pgfleet.fleet.router import POOL_MODES, Routers, RouterSpec
 from pgfleet.fleet.tls import FleetCA
 
 ADMIN_USER = "pgfleet_admin"
@@ -110,6 +113,41 @@ class EmbeddedFleet:
                 next_port += 1
         return recorded
 
+    def router_specs(self) -> list[RouterSpec]:
+        """Two routers (session and transaction pooling) per embedded region,
+        with ports after the servers' (fixed in fleet.json once made)."""
+        if not self.settings.routers:
+            return []
+        recorded = self._load_routers()
+        have = {(r.region, r.pool_mode) for r in recorded}
+        ports = [s.port for s in self.servers()] + [r.port for r in recorded]
+        next_port = max(ports) + 1
+        for region in self.settings.embedded_regions:
+            for mode in POOL_MODES:
+                if (region, mode) not in have:
+                    recorded.append(RouterSpec(region, mode, next_port))
+                    next_port += 1
+        wanted = set(self.settings.embedded_regions)
+        return [r for r in recorded if r.region in wanted]
+
+    @property
+    def routers(self) -> Routers:
+        return Routers(
+            self.home / "routers",
+            self.router_specs(),
+            host=LOOPBACK,
+            ca_file=self.ca.cert_path,
+            admin_password_file=self.home / "secrets" / "router.password",
+            owner=self._os_user() if self._as_root() else None,
+            run=self._run,
+        )
+
+    def _issue_router_certificate(
+        self, cert: Path, key: Path, owner: tuple[int, int] | None
+    ) -> None:
+        self.ca.ensure()
+        self.ca.issue_server("pgfleet-router", TLS_HOSTS, cert, key, owner=owner)
+
     def regional_servers(self) -> list[EmbeddedServer]:
         wanted = set(self.settings.embedded_regions)
         return [s for s in self.servers() if s.kind == "regional" and s.region in wanted]
@@ -124,11 +162,25 @@ class EmbeddedFleet:
         raw: dict[str, Any] = json.loads(path.read_text())
         return [EmbeddedServer(**s) for s in raw["servers"]]
 
+    def _load_routers(self) -> list[RouterSpec]:
+        path = self._state_file()
+        if not path.exists():
+            return []
+        raw: dict[str, Any] = json.loads(path.read_text())
+        return [RouterSpec(**r) for r in raw.get("routers", [])]
+
     def _save(self, servers: Sequence[EmbeddedServer]) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
         path = self._state_file()
+        routers = {(r.region, r.pool_mode): r for r in self._load_routers()}
+        for r in self.router_specs():
+            routers.setdefault((r.region, r.pool_mode), r)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"servers": [asdict(s) for s in servers]}, indent=2) + "\n")
+        body = {
+            "servers": [asdict(s) for s in servers],
+            "routers": [asdict(r) for r in routers.values()],
+        }
+        tmp.write_text(json.dumps(body, indent=2) + "\n")
         os.replace(tmp, path)
 
     def admin_password(self, name: str) -> str:
@@ -427,9 +479,23 @@ class EmbeddedFleet:
         for s in servers:
             self.start(s)
         self._ensure_platform_db()
+        self.start_routers()
         return servers
 
+    def start_routers(self) -> list[RouterSpec]:
+        """Start the routers that are not running (their route table is what
+        was last written; the platform's next sync brings it up to date).
+        Returns those started."""
+        routers = self.routers
+        if not routers.specs:
+            return []
+        routers.prepare(self._issue_router_certificate)
+        return [spec for spec in routers.specs if routers.start(spec)]
+
     def down(self) -> None:
+        routers = self.routers
+        for spec in routers.specs:
+            routers.stop(spec)
         for s in reversed(self._load() or []):
             self.stop(s)
 

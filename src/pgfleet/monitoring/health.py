@@ -8,6 +8,7 @@ from datetime import timedelta
 from typing import Any
 
 from pgfleet.fleet.health import ServerHealth, check_all
+from pgfleet.fleet.router import reachable
 from pgfleet.operations.store import deadline_summary
 from pgfleet.platform.core import Platform
 from pgfleet.regions import REGIONS
@@ -56,6 +57,23 @@ def latest_recorded(platform: Platform) -> list[ServerHealth]:
     return [ServerHealth(*r) for r in rows]
 
 
+def router_states(platform: Platform) -> list[dict[str, Any]]:
+    """Each router: does its port accept a connection?"""
+    routers = platform.routers
+    if routers is None:
+        return []
+    return [
+        {
+            "name": spec.name,
+            "region": spec.region,
+            "pooling": spec.pool_mode,
+            "port": spec.port,
+            "ok": reachable(routers.host, spec.port, timeout=0.5),
+        }
+        for spec in routers.specs
+    ]
+
+
 def fleet_health(platform: Platform) -> dict[str, Any]:
     try:
         platform.ping()
@@ -70,17 +88,26 @@ def fleet_health(platform: Platform) -> dict[str, Any]:
         }
     regions: dict[str, Any] = {}
     reasons: list[str] = []
+    routers = router_states(platform)
     for r in REGIONS:
         mine = [c for c in checks if c.region == r.id]
+        my_routers = [x for x in routers if x["region"] == r.id]
         if not mine:
             status = "metadata-only"
-        elif all(c.ok for c in mine):
+        elif all(c.ok for c in mine) and all(x["ok"] for x in my_routers):
             status = "ok"
         else:
             status = "degraded"
             down = ", ".join(c.name for c in mine if not c.ok)
-            reasons.append(f"region {r.id}: server {down} cannot be reached")
+            if down:
+                reasons.append(f"region {r.id}: server {down} cannot be reached")
+            stopped = ", ".join(x["name"] for x in my_routers if not x["ok"])
+            if stopped:
+                reasons.append(
+                    f"region {r.id}: router {stopped} is not running (`pgfleet up` starts it again)"
+                )
         regions[r.id] = {
+            "routers": [{k: v for k, v in x.items() if k != "region"} for x in my_routers],
             "status": status,
             "servers": [
                 {

@@ -26,6 +26,7 @@ from pgfleet.crypto import SecretBox
 from pgfleet.errors import ConfigError
 from pgfleet.fleet.embedded import ADMIN_USER, LOOPBACK, EmbeddedFleet
 from pgfleet.fleet.registry import ServerRegistry, sync_servers
+from pgfleet.fleet.router import Routers
 from pgfleet.platform import migrate
 from pgfleet.platform.db import Breaker, PlatformDB
 from pgfleet.platform.metrics import Metrics
@@ -141,6 +142,15 @@ class Platform:
                         self._closers.append(lambda: close(made))
                     return made
         return cast(T, found)
+
+    @property
+    def routers(self) -> Routers | None:
+        """The fleet's connection routers, or None when it has none (external
+        servers, or PGFLEET_ROUTERS=false)."""
+        s = self.settings
+        if not s.embedded or not s.routers:
+            return None
+        return self.component("routers", lambda: EmbeddedFleet(s).routers)
 
     def ca_bundle(self) -> str:
         """The CA certificates the servers' certificates are verified by (PEM)."""

@@ -22,7 +22,7 @@ from pgfleet.operations.failpoints import failpoint
 from pgfleet.operations.locks import resource_lock_key
 from pgfleet.platform.core import Platform, default_platform
 from pgfleet.regions import PlacementPolicy, Plan, choose_server, get_plan, get_region
-from pgfleet.tenants import store
+from pgfleet.tenants import routing, store
 from pgfleet.tenants.naming import project_roles, ro_role_name, rw_role_name, tenant_db_name
 from pgfleet.tenants.server import converge_database, converge_privileges, converge_roles
 from pgfleet.tenants.spares import CLAIMED, claim_prepared, spare_target
@@ -255,13 +255,16 @@ def ensure_tenant_database_provisioned(
     desired_password: str | None = None,
     *,
     platform: Platform | None = None,
+    publish_routes: bool = True,
 ) -> ProvisionedDatabase:
     """Provision (or re-converge) the project's database on its regional server.
 
     The tenant row must exist. If it has no placement yet, one is chosen with
     the configured policy. The password is `desired_password`, else the one
     already stored, else a new random one; it is stored encrypted. The
-    provision operation runs the same parts as its steps.
+    provision operation runs the same parts as its steps. The routers learn
+    the result (a password set again gets a new salt, which they must hold),
+    unless `publish_routes` is False (a caller converging many does it once).
     """
     p = platform or default_platform()
     tid = uuid.UUID(str(tenant_id))
@@ -276,9 +279,12 @@ def ensure_tenant_database_provisioned(
                 if CLAIMED in actions:
                     break  # a prepared spare: everything is in place
                 actions += converge_target_on_server(p, target, part)
-            return activate(p, target, tuple(actions))
+            done = activate(p, target, tuple(actions))
         finally:
             lconn.execute("SELECT pg_advisory_unlock(%s)", (resource_lock_key(tid),))
+    if publish_routes:
+        routing.publish(p)
+    return done
 
 
 def connection_info(

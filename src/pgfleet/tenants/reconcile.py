@@ -48,7 +48,7 @@ from pgfleet.fleet.registry import PROBE_ROLE, ServerRecord
 from pgfleet.operations.registry import REGISTRY, OpContext, OperationKind, Step, register
 from pgfleet.platform.core import Platform
 from pgfleet.regions import get_plan
-from pgfleet.tenants import store
+from pgfleet.tenants import routing, store
 from pgfleet.tenants.kinds.credentials import EXPIRE_TASK, credential_users, schedule_expiry
 from pgfleet.tenants.naming import (
     ROLE_RE,
@@ -364,12 +364,31 @@ def reconcile(
     if repair:
         for tid, f in converge.items():
             try:
-                ensure_tenant_database_provisioned(tid, tenants[tid]["region"], platform=p)
+                ensure_tenant_database_provisioned(
+                    tid, tenants[tid]["region"], platform=p, publish_routes=False
+                )
                 for x in findings:
                     if x.get("tenant_id") == str(tid) and x["kind"] != "failed_project":
                         x.update(repaired=True, action="converged")
             except Exception as e:
                 f["action"] = f"converge failed: {e}"
+    if repair and converge:
+        # Passwords set again have new salts: the routers must hold them.
+        routing.publish(p)
+    router_drift = routing.drift(p)
+    for name, (missing, extra) in router_drift.items():
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} active project(s) missing (e.g. {sorted(missing)[0]})")
+        if extra:
+            parts.append(f"{len(extra)} database(s) that are not active projects")
+        f = add("router_drift", None, f"router {name}", "; ".join(parts) or "not reachable")
+        f["region"] = name.rsplit("-", 1)[0]
+    if repair and router_drift:
+        done = routing.publish(p)
+        for x in findings:
+            if x["kind"] == "router_drift" and x["object"].removeprefix("router ") in done.reloaded:
+                x.update(repaired=True, action="route table rewritten and reloaded")
     if repair and expire:
         for tid, stale in expire.items():
             schedule_expiry(p, tid, stale, 0, key=f"reconcile:{tid}:{uuid.uuid4()}")

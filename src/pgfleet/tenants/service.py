@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -32,7 +32,7 @@ from pgfleet.operations.store import Operation
 from pgfleet.platform.core import Platform
 from pgfleet.platform.owners import Owner
 from pgfleet.regions import PlacementPolicy, choose_server, get_plan, get_region
-from pgfleet.tenants import kinds, store
+from pgfleet.tenants import kinds, routing, store
 from pgfleet.tenants.connections import DatabasePlatformClient, Mode, check_mode
 from pgfleet.tenants.provisioning import ProvisionedDatabase
 from pgfleet.tenants.store import Tenant
@@ -341,6 +341,12 @@ class ConnectionDetails:
     sslrootcert: str | None
     region: str
     hosted_region: str
+    # "session" or "transaction" through a router; None for the server itself.
+    pooling: str | None = None
+    direct: bool = False
+    # The region whose router the string names (None when direct).
+    router_region: str | None = None
+    note: str | None = None
 
     @property
     def uri(self) -> str:
@@ -354,13 +360,31 @@ class ConnectionDetails:
         )
 
 
+POOLINGS = ("session", "transaction")
+
+
 def connection_details(
-    platform: Platform, owner: Owner, project_id: str | uuid.UUID, mode: str = "rw"
+    platform: Platform,
+    owner: Owner,
+    project_id: str | uuid.UUID,
+    mode: str = "rw",
+    *,
+    pooling: str = "session",
+    direct: bool = False,
+    via: str | None = None,
 ) -> ConnectionDetails:
+    """Where a client connects: by default the router of the region that
+    hosts the project (session pooling), `pooling="transaction"` its
+    transaction-pooling port, `via` another region's router (the hop to the
+    project's own server is reported), `direct` the server itself."""
     m = check_mode(mode)
+    if pooling not in POOLINGS:
+        raise InvalidInput(f"unknown pooling {pooling!r}; valid values are: session, transaction")
+    if via is not None:
+        get_region(via)  # a clear 422 for a typo
     project = get_project(platform, owner, project_id)
     ep = DatabasePlatformClient.of(platform).endpoint(project.id)
-    return ConnectionDetails(
+    server = ConnectionDetails(
         mode=m,
         host=ep.host,
         port=ep.port,
@@ -371,4 +395,41 @@ def connection_details(
         sslrootcert=ep.sslrootcert,
         region=ep.region,
         hosted_region=ep.hosted_region,
+        direct=True,
+        note="direct to the server: for tools that need it (pg_dump, replication); "
+        "this address changes if the project moves",
+    )
+    if direct:
+        return server
+    routers = routing.routers_of(platform)
+    if routers is None:
+        return replace(server, note="this fleet has no routers: the server's own address")
+    region = via or ep.hosted_region
+    spec = next((r for r in routers.specs if r.region == region and r.pool_mode == pooling), None)
+    if spec is None:
+        active = sorted({r.region for r in routers.specs})
+        raise InvalidInput(
+            f"region {region} has no router; routers run in: {', '.join(active)}",
+            valid=active,
+        )
+    if region == ep.hosted_region:
+        note = None
+    else:
+        note = f"through the {region} router to the project's server in {ep.hosted_region}"
+    if pooling == "transaction":
+        extra = (
+            "transaction pooling: session state (SET, LISTEN, temporary tables, "
+            "session advisory locks, WITH HOLD cursors, prepared statements made with "
+            "SQL PREPARE) does not last beyond a transaction"
+        )
+        note = f"{note}; {extra}" if note else extra
+    return replace(
+        server,
+        host=routers.host,
+        port=spec.port,
+        sslrootcert=str(routers.ca_file),
+        pooling=pooling,
+        direct=False,
+        router_region=region,
+        note=note,
     )

@@ -350,11 +350,20 @@ def database(request: Request, s: SessionDep, pid: str, op: str | None = None) -
         detailed.append(ops_service.visible_operation(p, s.owner, o.id))
     conns: dict[str, Any] = {}
     if project.status in ("active", "paused"):
-        for mode in ("rw", "ro"):
+        for key, label, mode, pooling, direct in CONNECTION_STRINGS:
             try:
-                c = service.connection_details(p, s.owner, project.id, mode)
+                c = service.connection_details(
+                    p, s.owner, project.id, mode, pooling=pooling, direct=direct
+                )
                 secret = ":" + quote(c.password, safe="") + "@"
-                conns[mode] = {"masked": c.uri.replace(secret, ":********@")}
+                conns[key] = {
+                    "label": label,
+                    "mode": mode,
+                    "pooling": pooling,
+                    "direct": "true" if direct else "false",
+                    "note": c.note,
+                    "masked": c.uri.replace(secret, ":********@"),
+                }
             except PgfleetError:
                 pass
     perf = stats.project_performance(p, project.id, "24h")
@@ -372,6 +381,15 @@ def database(request: Request, s: SessionDep, pid: str, op: str | None = None) -
     )
 
 
+# The strings the project page shows: (key, label, mode, pooling, direct).
+CONNECTION_STRINGS = (
+    ("rw", "Read-write, pooled (session)", "rw", "session", False),
+    ("rw-tx", "Read-write, pooled (transaction, for serverless)", "rw", "transaction", False),
+    ("ro", "Read-only, pooled (session)", "ro", "session", False),
+    ("rw-direct", "Read-write, direct to the server (pg_dump, replication)", "rw", "session", True),
+)
+
+
 @router.post("/databases/{pid}/connection")
 def reveal_connection(
     request: Request,
@@ -379,13 +397,17 @@ def reveal_connection(
     pid: str,
     csrf: Annotated[str, Form()] = "",
     mode: Annotated[str, Form()] = "rw",
+    pooling: Annotated[str, Form()] = "session",
+    direct: Annotated[bool, Form()] = False,
 ) -> JSONResponse:
     """A connection string with its password, for the reveal and copy
     buttons: only on request (a POST with the session's CSRF token), never
     in a page, never cached."""
     _check_csrf(s, csrf)
     project = _project_or_404(request, s, pid)
-    c = service.connection_details(_platform(request), s.owner, project.id, mode)
+    c = service.connection_details(
+        _platform(request), s.owner, project.id, mode, pooling=pooling, direct=direct
+    )
     return JSONResponse({"uri": c.uri}, headers={"Cache-Control": "no-store"})
 
 

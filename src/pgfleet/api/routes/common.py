@@ -146,6 +146,10 @@ def conn_out(c: ConnectionDetails) -> ConnectionOut:
         uri=c.uri,
         region=c.region,
         hosted_region=c.hosted_region,
+        pooling=c.pooling,
+        direct=c.direct,
+        router_region=c.router_region,
+        note=c.note,
     )
 
 

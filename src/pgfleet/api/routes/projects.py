@@ -272,5 +272,34 @@ def get_connection(
     mode: Annotated[
         Literal["rw", "ro"], Query(description="rw: read-write; ro: every transaction read-only")
     ] = "rw",
+    pooling: Annotated[
+        Literal["session", "transaction"],
+        Query(
+            description="The router's pooling: session (default; everything works) or "
+            "transaction (a second port, for serverless clients; SET, LISTEN, temporary "
+            "tables, session advisory locks and SQL PREPARE do not last beyond a transaction)"
+        ),
+    ] = "session",
+    direct: Annotated[
+        bool,
+        Query(
+            description="The server's own address instead of the router's, for tools that "
+            "need it (pg_dump, replication); it changes if the project moves"
+        ),
+    ] = False,
+    via: Annotated[
+        str | None,
+        Query(
+            description="Another region's router (default: the router of the region that "
+            "hosts the project); it forwards to the project's server, and `note` says so"
+        ),
+    ] = None,
 ) -> ConnectionOut:
-    return conn_out(service.connection_details(platform, owner, project_id, mode))
+    """The string a client connects with. By default it names the router of the
+    region hosting the project (PgBouncer, TLS with `verify-full`), which stays the
+    same when pgfleet later moves the project; `direct=true` names the server."""
+    return conn_out(
+        service.connection_details(
+            platform, owner, project_id, mode, pooling=pooling, direct=direct, via=via
+        )
+    )

@@ -13,7 +13,7 @@ from psycopg import sql
 from pgfleet.fleet.registry import ServerRecord
 from pgfleet.operations.registry import OpContext
 from pgfleet.platform.core import Platform
-from pgfleet.tenants import store
+from pgfleet.tenants import routing, store
 from pgfleet.tenants.connections import DatabasePlatformClient
 from pgfleet.tenants.naming import login_role_names, project_roles_of, tenant_db_name
 from pgfleet.tenants.server import role_exists
@@ -91,3 +91,9 @@ def reached(ctx: OpContext, position: int) -> bool:
             (ctx.op.id, position),
         ).fetchone()
     return row is not None
+
+
+def route(ctx: OpContext) -> None:
+    """A step: every router told what changed (tenants/routing.py). A router
+    that is down is not an error; the periodic sync brings it up to date."""
+    ctx.state["routers"] = routing.publish(ctx.platform).reloaded

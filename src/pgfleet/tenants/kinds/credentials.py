@@ -16,7 +16,7 @@ from pgfleet.operations.runtime import OperationsRuntime
 from pgfleet.operations.store import audit, insert_operation
 from pgfleet.platform.core import Platform
 from pgfleet.regions import get_plan
-from pgfleet.tenants import store
+from pgfleet.tenants import routing, store
 from pgfleet.tenants.connections import DatabasePlatformClient
 from pgfleet.tenants.kinds.common import (
     end_sessions,
@@ -203,6 +203,16 @@ def _rotate_store(ctx: OpContext) -> None:
     ctx.state["expire"] = expire
 
 
+def _rotate_route(ctx: OpContext) -> None:
+    """The routers get the new verifiers, and the clients connected through
+    them as the roles that just got a new password (logged in with an old
+    one) end, as their sessions on the server did (see routing.publish)."""
+    info = tenant(ctx.platform, ctx.tenant_id).info
+    got_new = [_current_user(info, m, ctx.tenant_id) for m in _roles_param(ctx)]
+    ends = [(ctx.tenant_id, got_new)]
+    ctx.state["routers"] = routing.publish(ctx.platform, end_clients_of=ends).reloaded
+
+
 def _rotate_schedule_expiry(ctx: OpContext) -> None:
     """With an overlap window, the old credentials stop working when it ends:
     a job then starts an `expire_credentials` operation."""
@@ -245,6 +255,7 @@ ROTATE = register(
             Step("generate", _rotate_generate),
             Step("apply", _rotate_apply, final=True),
             Step("store", _rotate_store),
+            Step("route", _rotate_route),
             Step("schedule_expiry", _rotate_schedule_expiry),
         ),
         on_failure=_rotate_failed,
@@ -285,10 +296,16 @@ def _expire(ctx: OpContext) -> None:
     ctx.state["expired"] = expired
 
 
+def _expire_route(ctx: OpContext) -> None:
+    """The expired roles leave the routers, and their clients there end."""
+    ends = [(ctx.tenant_id, list(ctx.state.get("expired", [])))]
+    ctx.state["routers"] = routing.publish(ctx.platform, end_clients_of=ends).reloaded
+
+
 EXPIRE = register(
     OperationKind(
         name="expire_credentials",
         description="end the overlap window of a password rotation",
-        steps=(Step("expire", _expire),),
+        steps=(Step("expire", _expire), Step("route", _expire_route)),
     )
 )

@@ -17,6 +17,7 @@ from pgfleet.tenants.kinds.common import (
     login_roles,
     project_admin,
     reached,
+    route,
     server_of,
     set_status,
     tenant,
@@ -71,7 +72,7 @@ def _restore(ctx: OpContext, reason: str | None = None) -> None:
 def _failed(ctx: OpContext, reason: str) -> None:
     # Once the drop has started (now or before a crash) the database may be
     # gone: the project cannot go back to what it was.
-    if reached(ctx, 1):
+    if reached(ctx, _DROP_POSITION):
         set_status(ctx.platform, ctx.tenant_id, "failed", error=f"delete failed: {reason}"[:500])
         # A project being deleted must not stay reachable: its credentials
         # stop working even though what is left could not be dropped (the
@@ -93,6 +94,8 @@ DELETE = register(
         description="drop the project's database and roles; the row stays for the audit",
         steps=(
             Step("block", _block),
+            # Out of every router: its clients' connections there close.
+            Step("route", route),
             Step("drop_database", _drop_database, final=True),
             Step("drop_roles", _drop_roles),
             Step("finish", _finish),
@@ -101,3 +104,5 @@ DELETE = register(
         on_cancel=_restore,
     )
 )
+
+_DROP_POSITION = DELETE.step_position("drop_database") or 0

@@ -17,6 +17,7 @@ from pgfleet.tenants.kinds.common import (
     end_sessions,
     login_roles,
     project_admin,
+    route,
     server_of,
     set_status,
     tenant,
@@ -52,6 +53,8 @@ PAUSE = register(
             Step("mark", _pause_mark),
             Step("block_logins", _pause_block),
             Step("end_sessions", _pause_end_sessions),
+            # Out of every router: its clients' connections there close.
+            Step("route", route),
         ),
         on_failure=_pause_undo,
         on_cancel=_pause_undo,
@@ -92,6 +95,7 @@ RESUME = register(
             Step("allow_logins", _resume_allow),
             Step("privileges", _resume_privileges),
             Step("mark", _resume_mark),
+            Step("route", route),
         ),
         on_failure=_resume_undo,
         on_cancel=_resume_undo,
@@ -172,7 +176,11 @@ CHANGE_PLAN = register(
     OperationKind(
         name="change_plan",
         description="apply a plan's limits (connections, statement timeout) and record it",
-        steps=(Step("limits", _plan_limits), Step("record", _plan_record)),
+        steps=(
+            Step("limits", _plan_limits),
+            Step("record", _plan_record),
+            Step("route", route),
+        ),
         on_failure=_plan_undo,
         on_cancel=_plan_undo,
     )

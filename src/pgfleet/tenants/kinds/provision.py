@@ -11,7 +11,7 @@ import psycopg
 
 from pgfleet.operations.registry import OpContext, OperationKind, Step, register
 from pgfleet.tenants import store
-from pgfleet.tenants.kinds.common import project_admin, server_of, set_status, tenant
+from pgfleet.tenants.kinds.common import project_admin, route, server_of, set_status, tenant
 from pgfleet.tenants.naming import tenant_db_name
 from pgfleet.tenants.provisioning import (
     ProvisionTarget,
@@ -100,6 +100,7 @@ PROVISION = register(
             Step("privileges", _part("privileges")),
             # Once credentials are handed out the database is never undone.
             Step("activate", _activate, final=True),
+            Step("route", route),
         ),
         on_failure=lambda ctx, reason: _undo(ctx, f"provisioning failed: {reason}"),
         on_cancel=lambda ctx: _undo(ctx, "provisioning was cancelled"),

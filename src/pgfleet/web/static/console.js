@@ -6,7 +6,12 @@
 // for it (a POST with the session's CSRF token), and it is kept nowhere.
 async function fetchSecret(input) {
   const csrf = document.querySelector('meta[name="csrf"]').content;
-  const body = new URLSearchParams({ csrf, mode: input.dataset.mode });
+  const body = new URLSearchParams({
+    csrf,
+    mode: input.dataset.mode,
+    pooling: input.dataset.pooling || "session",
+    direct: input.dataset.direct || "false",
+  });
   const r = await fetch(input.dataset.reveal, {
     method: "POST",
     body,

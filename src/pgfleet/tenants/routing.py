@@ -1,0 +1,257 @@
+"""The routers' view of the projects, kept equal to the platform DB.
+
+Every router knows every active project: its database on its own server,
+with the plan's server pool, and its login roles with the servers' own SCRAM
+verifiers (read from pg_authid as the admin, in the admin database). Paused,
+deleted and unfinished projects are absent: the routers refuse their logins.
+
+`publish` runs at the end of every operation that changes what a router
+must know (create, delete, pause, resume, rotate, expire, plan change), so
+the operation returns only once every router has the change; a periodic
+`sync` repairs what a crash or a restarted router left behind, comparing
+each router's loaded databases with the platform DB.
+
+One process at a time rewrites the files (an advisory lock on the platform
+DB), and each write is whole and atomic: whichever process writes last
+writes everything committed so far.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from pgfleet.errors import PgfleetError
+from pgfleet.fleet.router import Login, Route, Routers, RouterSpec
+from pgfleet.operations.registry import REGISTRY
+from pgfleet.platform.core import Platform
+from pgfleet.regions import get_plan
+from pgfleet.tenants.naming import login_role_names, tenant_db_name
+
+log = logging.getLogger(__name__)
+_LOCK_KEY = 0x7067727274  # "pgrrt"
+
+_VERIFIERS_SQL = """
+SELECT rolname, rolpassword FROM pg_catalog.pg_authid
+WHERE rolname LIKE 'tenant\\_%' AND rolcanlogin
+  AND rolpassword LIKE 'SCRAM-SHA-256$%'
+  AND (rolvaliduntil IS NULL OR rolvaliduntil > pg_catalog.now())
+"""
+
+
+def routers_of(platform: Platform) -> Routers | None:
+    return platform.routers
+
+
+@dataclass
+class Published:
+    """What one publish did."""
+
+    routes: int = 0
+    logins: int = 0
+    changed: bool = False
+    reloaded: list[str] = field(default_factory=list)
+    unreachable: list[str] = field(default_factory=list)
+    servers_unreachable: list[str] = field(default_factory=list)
+    # Done by another publish of this process that started after this one
+    # was asked for.
+    shared: bool = False
+
+
+def desired(
+    platform: Platform, current: dict[str, str]
+) -> tuple[list[Route], list[Login], list[str]]:
+    """Routes and logins as the platform DB says they should be. For a server
+    that cannot be reached, its projects' logins stay what the auth file has
+    (`current`), so an outage changes nothing for the routers."""
+    with platform.db.connection() as conn:
+        rows = conn.execute(
+            "SELECT id, plan_type, (connection_info->>'server_id')::int FROM tenants "
+            "WHERE status = 'active' AND connection_info ? 'server_id'"
+        ).fetchall()
+    servers = {s.id: s for s in platform.servers.all()}
+    routes: list[Route] = []
+    roles_by_server: dict[int, list[str]] = {}
+    for tid, plan, server_id in rows:
+        server = servers.get(server_id)
+        if server is None:
+            continue
+        db = tenant_db_name(tid)
+        routes.append(
+            Route(db, server.host, server.port, get_plan(plan or "free").router_pool_size)
+        )
+        roles_by_server.setdefault(server_id, []).extend(login_role_names(db))
+    logins: list[Login] = []
+    down: list[str] = []
+    for server_id, roles in roles_by_server.items():
+        server = servers[server_id]
+        try:
+            with platform.servers.admin_connection(server) as conn:
+                found = dict(conn.execute(_VERIFIERS_SQL).fetchall())
+            logins.extend(Login(r, found[r]) for r in roles if r in found)
+        except (PgfleetError, psycopg.Error):
+            down.append(server.name)
+            logins.extend(Login(r, current[r]) for r in roles if r in current)
+    return routes, logins, down
+
+
+@contextmanager
+def _exclusive(platform: Platform) -> Iterator[None]:
+    with platform.db.connection() as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
+        conn.commit()
+        try:
+            yield
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
+            conn.commit()
+
+
+def _each(routers: Routers, fn: Any) -> tuple[list[str], list[str]]:
+    """`fn(spec)` on every router at once; (done, unreachable) by name."""
+    specs = routers.specs
+    if not specs:
+        return [], []
+
+    def one(spec: RouterSpec) -> bool:
+        try:
+            fn(spec)
+            return True
+        except (PgfleetError, psycopg.Error, OSError) as e:
+            log.debug("router %s: %s", spec.name, e)
+            return False
+
+    with ThreadPoolExecutor(max_workers=len(specs)) as ex:
+        results = list(ex.map(one, specs))
+    done = [s.name for s, ok in zip(specs, results, strict=True) if ok]
+    failed = [s.name for s, ok in zip(specs, results, strict=True) if not ok]
+    return done, failed
+
+
+def publish(
+    platform: Platform,
+    *,
+    end_clients_of: Iterable[tuple[uuid.UUID, Iterable[str]]] = (),
+    repair: bool = False,
+) -> Published:
+    """Write the routers' files from the platform DB and reload every router
+    (only those that differ, with `repair`). A router that cannot be reached
+    is reported, never an error: it is brought up to date when it runs again.
+
+    `end_clients_of` is (project, roles) whose client connections through
+    the routers must end: they logged in with a password that no longer
+    holds (a rotation, an expiry). The server ending the roles' backends is
+    not enough: a client between transactions (any in transaction pooling,
+    and in session pooling one that has not run a query yet) holds none,
+    and PgBouncer would open it a new one with the SCRAM keys of the role's
+    latest login, the new password's. So a router that still has a client
+    of those roles ends the project's clients there: PgBouncer 1.18 can
+    KILL a database, not a role; the database is RESUMEd at once."""
+    routers = routers_of(platform)
+    out = Published()
+    if routers is None:
+        return out
+    kill = [(tenant_db_name(t), set(roles)) for t, roles in end_clients_of]
+    # What the caller asks to publish is committed by now: a publish of this
+    # process that starts reading after this moment includes it, and when
+    # one did while this one waited for the lock, there is nothing left to do
+    # (concurrent creates share one rewrite and reload).
+    asked = time.monotonic()
+    last = platform.component("routing_last_publish", lambda: [0.0])
+    with _exclusive(platform):
+        if not repair and not kill and last[0] > asked:
+            out.shared = True
+            return out
+        last[0] = time.monotonic()
+        routes, logins, out.servers_unreachable = desired(platform, routers.current_logins())
+        out.routes, out.logins = len(routes), len(logins)
+        out.changed = routers.write(routes, logins)
+        wanted = {r.database for r in routes}
+
+        def apply(spec: RouterSpec) -> None:
+            if repair and not out.changed and set(routers.databases(spec)) == wanted:
+                return
+            routers.reload(spec)
+            for db, roles in kill:
+                if roles & routers.client_users(spec, db):
+                    routers.end_sessions(spec, db)
+
+        out.reloaded, out.unreachable = _each(routers, apply)
+    if out.unreachable:
+        log.warning("routers not reached: %s", ", ".join(out.unreachable))
+    return out
+
+
+def drift(platform: Platform) -> dict[str, tuple[set[str], set[str]]]:
+    """Routers whose loaded databases differ from the platform DB's active
+    projects: name -> (missing, extra). A router that does not answer is
+    reported with both empty."""
+    routers = routers_of(platform)
+    if routers is None:
+        return {}
+    with platform.db.connection() as conn:
+        wanted = {
+            tenant_db_name(r[0])
+            for r in conn.execute(
+                "SELECT id FROM tenants WHERE status = 'active' AND connection_info ? 'server_id'"
+            )
+        }
+    out: dict[str, tuple[set[str], set[str]]] = {}
+    for spec in routers.specs:
+        try:
+            loaded = set(routers.databases(spec))
+        except (PgfleetError, psycopg.Error):
+            out[spec.name] = (set(), set())
+            continue
+        if loaded != wanted:
+            out[spec.name] = (wanted - loaded, loaded - wanted)
+    return out
+
+
+@REGISTRY.every("sync_routers", lambda s: max(5.0, s.worker_heartbeat_s * 5))
+def sync(platform: Platform) -> Published:
+    """The periodic repair: every router's loaded databases compared with the
+    platform DB, and those that differ reloaded."""
+    return publish(platform, repair=True)
+
+
+class Held:
+    """A database held in every router (see `hold`)."""
+
+    def __init__(self, routers: Routers, database: str, held: list[str]) -> None:
+        self.routers = routers
+        self.database = database
+        self.held = held
+        self._released = threading.Event()
+
+    def release(self) -> list[str]:
+        """RESUME everywhere it was held; returns the routers not reached."""
+        if self._released.is_set():
+            return []
+        self._released.set()
+        _, failed = _each(self.routers, lambda spec: self.routers.resume(spec, self.database))
+        return failed
+
+
+def hold(platform: Platform, tenant_id: uuid.UUID, timeout_s: float = 5.0) -> Held:
+    """Hold a project's database in every router (PgBouncer's PAUSE db): its
+    clients' new queries and logins wait in the router, and run when it is
+    released. A pooling router holds once in-flight transactions have ended;
+    a session router once its sessions have ended, so a session that stays
+    open past `timeout_s` leaves that router not held (reported, not an
+    error: the caller decides). Not the lifecycle's `pause`."""
+    routers = routers_of(platform)
+    if routers is None:
+        raise PgfleetError("this fleet has no routers to hold a database in")
+    db = tenant_db_name(tenant_id)
+    done, _ = _each(routers, lambda spec: routers.pause(spec, db, timeout_s))
+    return Held(routers, db, done)

@@ -1,0 +1,378 @@
+"""The routers (PgBouncer per region and pooling mode), with real clients:
+what a user connects to, what it refuses, and what the operations engine
+asks of it."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+
+from pgfleet.fleet.binaries import find_binaries
+from pgfleet.fleet.router import ROUTER_ADMIN
+from pgfleet.platform.core import Platform
+from pgfleet.tenants import routing
+from tests.helpers import Api, FleetUnderTest, create_ok, error_of
+
+
+def conn_of(api: Api, pid: str, **params: Any) -> dict[str, Any]:
+    r = api.get(f"/v1/projects/{pid}/connection", params=params)
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def connect(c: dict[str, Any], **over: Any) -> psycopg.Connection[Any]:
+    kw = {
+        "host": c["host"],
+        "port": c["port"],
+        "dbname": c["database"],
+        "user": c["user"],
+        "password": c["password"],
+        "sslmode": c["sslmode"],
+        "sslrootcert": c["sslrootcert"],
+        "connect_timeout": 5,
+        "autocommit": True,
+        **over,
+    }
+    return psycopg.connect(**kw)
+
+
+def server_port(fleet: FleetUnderTest, region: str) -> int:
+    return fleet.server(region).port
+
+
+def backends(fleet: FleetUnderTest, region: str, database: str) -> int:
+    with fleet.admin_conn(region) as c:
+        row = c.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (database,)
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_the_connection_string_names_the_router_and_lands_on_the_project_server(
+    api: Api, fleet: FleetUnderTest
+) -> None:
+    p = create_ok(api, "routed", region="eu-central-1")
+    c = conn_of(api, p["id"])
+    routers = fleet.fleet.routers
+    spec = next(s for s in routers.specs if s.region == "eu-central-1" and s.pool_mode == "session")
+    assert (c["host"], c["port"], c["pooling"], c["direct"]) == (
+        "127.0.0.1",
+        spec.port,
+        "session",
+        False,
+    )
+    assert c["router_region"] == "eu-central-1" and c["sslmode"] == "verify-full"
+    assert f":{spec.port}/" in c["uri"]
+    # What psql does with the URI: through the router onto the eu server.
+    with psycopg.connect(c["uri"], connect_timeout=5) as conn:
+        row = conn.execute("SELECT current_database(), current_user, inet_server_port()").fetchone()
+    assert row == (c["database"], c["user"], server_port(fleet, "eu-central-1"))
+    # The direct string, labelled, names the server itself.
+    d = conn_of(api, p["id"], direct="true")
+    assert (d["port"], d["direct"], d["pooling"]) == (
+        server_port(fleet, "eu-central-1"),
+        True,
+        None,
+    )
+    assert "pg_dump" in d["note"]
+    # The create's own answer hands out the router too.
+    assert p["connection"]["port"] == spec.port
+
+
+def test_transaction_pooling_port_and_its_note(api: Api, fleet: FleetUnderTest) -> None:
+    p = create_ok(api, "tx", region="us-east-1")
+    c = conn_of(api, p["id"], pooling="transaction")
+    spec = next(
+        s
+        for s in fleet.fleet.routers.specs
+        if s.region == "us-east-1" and s.pool_mode == "transaction"
+    )
+    assert (c["port"], c["pooling"]) == (spec.port, "transaction")
+    assert "transaction" in c["note"] and "SET" in c["note"]
+    with connect(c) as conn:
+        conn.execute("CREATE TABLE t (x int)")
+        conn.execute("INSERT INTO t SELECT generate_series(1, 10)")
+        with conn.transaction():
+            assert conn.execute("SELECT sum(x) FROM t").fetchone() == (55,)
+    ro = conn_of(api, p["id"], pooling="transaction", mode="ro")
+    with connect(ro) as conn, pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        conn.execute("INSERT INTO t VALUES (1)")
+
+
+def test_another_region_router_forwards_and_says_so(api: Api, fleet: FleetUnderTest) -> None:
+    p = create_ok(api, "far", region="ap-southeast-1")
+    c = conn_of(api, p["id"], via="us-east-1")
+    assert c["router_region"] == "us-east-1" and "ap-southeast-1" in c["note"]
+    with connect(c) as conn:
+        assert conn.execute("SELECT inet_server_port()").fetchone() == (
+            server_port(fleet, "ap-southeast-1"),
+        )
+    err = error_of(api.get(f"/v1/projects/{p['id']}/connection", params={"via": "eu-west-1"}), 422)
+    assert "eu-west-1 has no router" in err["message"]
+    err = error_of(api.get(f"/v1/projects/{p['id']}/connection", params={"pooling": "bogus"}), 422)
+
+
+def test_the_router_refuses_plaintext_other_projects_and_its_console(
+    api: Api, fleet: FleetUnderTest
+) -> None:
+    a = conn_of(api, create_ok(api, "a")["id"])
+    b = conn_of(api, create_ok(api, "b")["id"])
+    with pytest.raises(psycopg.OperationalError, match="SSL required"):
+        connect(a, sslmode="disable")
+    # A's credentials, B's database: the server refuses the router's login.
+    with pytest.raises(psycopg.OperationalError):
+        connect(a, dbname=b["database"])
+    # B's user with A's password, and a superuser's name: unknown to the router.
+    with pytest.raises(psycopg.OperationalError, match="authentication failed"):
+        connect(a, user=b["user"])
+    with pytest.raises(psycopg.OperationalError):
+        connect(a, user="pgfleet_admin")
+    # The admin console: not for tenants, not even with a valid password.
+    with pytest.raises(psycopg.OperationalError, match=r"not allowed|failed"):
+        connect(a, dbname="pgbouncer")
+    with pytest.raises(psycopg.OperationalError, match="authentication failed"):
+        connect(a, dbname="pgbouncer", user=ROUTER_ADMIN)
+    # The files pgfleet writes: the auth file holds verifiers only, 0600.
+    paths = fleet.fleet.routers.paths
+    assert paths.auth.stat().st_mode & 0o777 == 0o600
+    text = paths.auth.read_text()
+    assert a["password"] not in text and a["user"] in text and "SCRAM-SHA-256$" in text
+    assert paths.root.stat().st_mode & 0o777 == 0o700
+
+
+def test_rotation_and_pause_take_effect_through_the_router(api: Api, fleet: FleetUnderTest) -> None:
+    p = create_ok(api, "rot")
+    old = conn_of(api, p["id"])
+    held = connect(old)
+    held.execute("SELECT 1")
+    # A transaction-pooling client holds no backend between transactions:
+    # the router itself must end it.
+    tx_held = connect(conn_of(api, p["id"], pooling="transaction"))
+    tx_held.execute("SELECT 1")
+    # Nor does a session client that has not run a query yet.
+    quiet = connect(old)
+    r = api.post(f"/v1/projects/{p['id']}/rotate-password", params={"wait": "true"})
+    assert r.status_code == 200, r.text
+    new = conn_of(api, p["id"])
+    with pytest.raises(psycopg.OperationalError, match="authentication failed"):
+        connect(old)
+    t0 = time.perf_counter()
+    for ended in (held, tx_held, quiet):
+        with pytest.raises(psycopg.OperationalError):
+            ended.execute("SELECT 1")  # ended by the rotation
+    assert time.perf_counter() - t0 < 5  # at once, not after a wait in the router
+    with connect(new) as conn:
+        conn.execute("SELECT 1")
+    open_conn = connect(new)
+    r = api.post(f"/v1/projects/{p['id']}/pause", params={"wait": "true"})
+    assert r.status_code == 200, r.text
+    with pytest.raises(psycopg.OperationalError):
+        open_conn.execute("SELECT 1")  # ended by the pause
+    with pytest.raises(psycopg.OperationalError):
+        connect(new)
+    r = api.post(f"/v1/projects/{p['id']}/resume", params={"wait": "true"})
+    assert r.status_code == 200, r.text
+    with connect(new) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def pgbench(fleet: FleetUnderTest, c: dict[str, Any], *args: str, timeout: float = 120) -> str:
+    bins = find_binaries()
+    env = {
+        "PGPASSWORD": c["password"],
+        "PGSSLMODE": "verify-full",
+        "PGSSLROOTCERT": c["sslrootcert"],
+        "PATH": "/usr/bin:/bin",
+    }
+    res = subprocess.run(
+        [
+            bins.path("pgbench"),
+            "-h",
+            c["host"],
+            "-p",
+            str(c["port"]),
+            "-U",
+            c["user"],
+            *args,
+            c["database"],
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res.stdout + res.stderr
+
+
+def failed_transactions(out: str) -> int:
+    m = re.search(r"number of failed transactions: (\d+)", out)
+    return int(m.group(1)) if m else 0
+
+
+@pytest.mark.parametrize("pooling", ["session", "transaction"])
+def test_pgbench_through_the_router(api: Api, fleet: FleetUnderTest, pooling: str) -> None:
+    p = create_ok(api, f"bench-{pooling}")
+    c = conn_of(api, p["id"], pooling=pooling)
+    pgbench(fleet, conn_of(api, p["id"], direct="true"), "-i", "-q", "-s", "1")
+    out = pgbench(fleet, c, "-c", "8", "-j", "2", "-t", "50", "-n")
+    assert "number of transactions actually processed: 400/400" in out, out
+    assert failed_transactions(out) == 0
+    # Eight clients, a free plan's pool: the server never saw eight backends
+    # of this project from this router (sv_* of its pools stay within it).
+    rows = fleet.fleet.routers.command(
+        fleet.fleet.routers.spec("us-east-1", pooling),
+        "SHOW DATABASES",
+    )
+    mine = next(r for r in rows if r["name"] == c["database"])
+    assert mine["pool_size"] == 3 and mine["max_connections"] == 3
+
+
+def test_many_clients_share_a_bounded_pool(api: Api, fleet: FleetUnderTest) -> None:
+    p = create_ok(api, "crowd")
+    c = conn_of(api, p["id"], pooling="transaction")
+    conns = [connect(c) for _ in range(40)]
+    try:
+        peak = 0
+        barrier = threading.Barrier(len(conns))
+
+        def work(conn: psycopg.Connection[Any]) -> None:
+            barrier.wait()
+            conn.execute("SELECT pg_sleep(0.05)")
+
+        threads = [threading.Thread(target=work, args=(x,)) for x in conns]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+            peak = max(peak, backends(fleet, "us-east-1", c["database"]))
+            time.sleep(0.01)
+        for t in threads:
+            t.join()
+        assert 1 <= peak <= 3, peak
+    finally:
+        for x in conns:
+            x.close()
+
+
+def test_reload_under_load_loses_nothing(api: Api, fleet: FleetUnderTest) -> None:
+    """pgbench on project A keeps running, without an error, while projects
+    B..K are created and deleted (each a router reload)."""
+    a = create_ok(api, "steady")
+    pgbench(fleet, conn_of(api, a["id"], direct="true"), "-i", "-q", "-s", "1")
+    results: dict[str, str] = {}
+
+    def run(pooling: str) -> None:
+        results[pooling] = pgbench(
+            fleet, conn_of(api, a["id"], pooling=pooling), "-c", "4", "-T", "6", "-n"
+        )
+
+    threads = [threading.Thread(target=run, args=(m,)) for m in ("session", "transaction")]
+    for t in threads:
+        t.start()
+    made = [create_ok(api, f"churn-{i}")["id"] for i in range(10)]
+    for pid in made:
+        assert api.delete(f"/v1/projects/{pid}", params={"wait": "true"}).status_code == 200
+    for t in threads:
+        t.join()
+    for out in results.values():
+        assert failed_transactions(out) == 0, out
+        assert re.search(r"processed: \d+$", out, re.M), out
+    assert len(results) == 2
+
+
+def test_hold_and_release_a_database(api: Api, fleet: FleetUnderTest, platform: Platform) -> None:
+    """The engine's hold: clients' queries wait in the router, then run; a
+    pgbench run across a 500 ms hold has no error and shows it as latency."""
+    p = create_ok(api, "held")
+    c = conn_of(api, p["id"], pooling="transaction")
+    pgbench(fleet, conn_of(api, p["id"], direct="true"), "-i", "-q", "-s", "1")
+    out: list[str] = []
+    t = threading.Thread(
+        target=lambda: out.append(pgbench(fleet, c, "-c", "4", "-T", "3", "-n", "-r", "-S"))
+    )
+    waiting = connect(c)
+    waiting.execute("SELECT 1")
+    t.start()
+    time.sleep(1.0)
+    held = routing.hold(platform, uuid.UUID(p["id"]))
+    assert any(n.endswith("transaction") for n in held.held), held.held
+    answered: list[float] = []
+    asked = time.perf_counter()
+    q = threading.Thread(
+        target=lambda: (waiting.execute("SELECT 1"), answered.append(time.perf_counter()))
+    )
+    q.start()
+    time.sleep(0.5)
+    assert not answered, "a query ran while its database was held"
+    released = time.perf_counter()
+    assert held.release() == []
+    q.join(5)
+    t.join()
+    waiting.close()
+    assert failed_transactions(out[0]) == 0, out[0]
+    # It waited for the hold, and ran within milliseconds of the release.
+    assert answered and answered[0] - asked >= 0.45
+    assert answered[0] - released < 0.2, answered[0] - released
+
+
+def test_a_killed_router_degrades_its_region_until_up_restarts_it(
+    api: Api, client: Any, fleet: FleetUnderTest
+) -> None:
+    p = create_ok(api, "survivor", region="eu-central-1")
+    c = conn_of(api, p["id"])
+    routers = fleet.fleet.routers
+    spec = routers.spec("eu-central-1", "session")
+    pid = routers.state(spec).pid
+    assert pid is not None
+    conn = connect(c)
+    os.kill(pid, signal.SIGKILL)
+    try:
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("SELECT 1")
+        health = client.get("/health").json()
+        assert health["status"] == "degraded"
+        eu = health["regions"]["eu-central-1"]
+        assert eu["status"] == "degraded"
+        assert any(r["name"] == spec.name and not r["ok"] for r in eu["routers"])
+        assert any("router eu-central-1-session is not running" in r for r in health["reasons"])
+        assert health["regions"]["us-east-1"]["status"] == "ok"
+    finally:
+        fleet.fleet.up()  # what `pgfleet up` runs: starts what is not running
+    assert routers.state(spec).running
+    # It came back with the table it had: the client reconnects.
+    with connect(c) as again:
+        assert again.execute("SELECT current_database()").fetchone() == (c["database"],)
+    assert client.get("/health").json()["regions"]["eu-central-1"]["status"] == "ok"
+
+
+def test_sync_repairs_a_router_that_lost_its_table(
+    api: Api, fleet: FleetUnderTest, platform: Platform
+) -> None:
+    """A router whose loaded databases differ from the platform DB (here: its
+    files emptied behind pgfleet's back and reloaded) is reloaded by the
+    periodic sync."""
+    p = create_ok(api, "drift")
+    routers = fleet.fleet.routers
+    spec = routers.spec("us-east-1", "session")
+    db = conn_of(api, p["id"])["database"]
+    assert db in routers.databases(spec)
+    routers.write([], [])
+    routers.reload(spec)
+    assert db not in routers.databases(spec)
+    done = routing.sync(platform)
+    assert spec.name in done.reloaded
+    assert db in routers.databases(spec)
+    with connect(conn_of(api, p["id"])) as conn:
+        conn.execute("SELECT 1")
