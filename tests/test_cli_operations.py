@@ -111,3 +111,25 @@ def test_audit_and_reconcile_for_admins(cli: Cli, admin_cli: Cli, fleet: FleetUn
     assert "dropped" in out
     assert "tenant_00000000_0000_0000_0000_0000000000aa" not in fleet.databases("us-east-1")
     assert "--force only makes sense with --repair" in admin_cli.fails("reconcile", "--force")
+
+
+def test_connection_strings_pooled_and_direct(cli: Cli, fleet: FleetUnderTest) -> None:
+    """`projects connection`: the router (session, transaction), `--direct`
+    the server, each connecting; the note goes to stderr."""
+    pid = make(cli, "strings")
+    routers = fleet.fleet.routers
+    session = cli(*("projects", "connection", pid))
+    assert session.exit_code == 0, session.output
+    assert f":{routers.spec('eu-central-1', 'session').port}/" in session.stdout
+    tx = cli("projects", "connection", pid, "--pooling", "transaction")
+    assert f":{routers.spec('eu-central-1', 'transaction').port}/" in tx.stdout
+    assert "transaction pooling" in tx.stderr
+    direct = cli("projects", "connection", pid, "--direct")
+    assert f":{fleet.server('eu-central-1').port}/" in direct.stdout
+    assert "pg_dump" in direct.stderr
+    for res in (session, tx, direct):
+        uri = URI_RE.search(res.stdout)
+        assert uri, res.stdout
+        assert run_psql(uri.group(0), "select 1").stdout.strip() == "1"
+    bad = cli("projects", "connection", pid, "--pooling", "statement")
+    assert bad.exit_code != 0 and "'session' or 'transaction'" in bad.output

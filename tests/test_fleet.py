@@ -21,6 +21,21 @@ from pgfleet.tenants.service import create_project
 from tests.helpers import FleetUnderTest, free_port_block, run_psql, tenant_client
 
 
+def processes_under(home: Path) -> list[int]:
+    """Processes whose command line names a path under `home`."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(home).encode() in cmdline:
+            found.append(int(pid))
+    return found
+
+
 def test_servers_listen_on_loopback_with_scram_and_logical_wal(fleet: FleetUnderTest) -> None:
     for region in [None, *fleet.regions()]:
         with fleet.admin_conn(region) as c:
@@ -142,6 +157,8 @@ def test_cli_up_status_down_up_keeps_everything(cli_env: dict[str, str]) -> None
     assert st.returncode == 0, st.stderr
     for name in ("platform", "us-east-1-a", "eu-central-1-a"):
         assert name in st.stdout
+    for router in ("us-east-1-session", "us-east-1-transaction", "eu-central-1-session"):
+        assert router in st.stdout, st.stdout
     assert st.stdout.count(" up ") >= 3, st.stdout
 
     created = pgfleet(
@@ -154,9 +171,11 @@ def test_cli_up_status_down_up_keeps_everything(cli_env: dict[str, str]) -> None
 
     down = pgfleet(cli_env, "down")
     assert down.returncode == 0, down.stderr
+    assert "stopped router us-east-1-session" in down.stdout, down.stdout
     st = pgfleet(cli_env, "status")
     assert " up " not in st.stdout and st.stdout.count("down") >= 3, st.stdout
     assert run_psql(uri, "SELECT 1").returncode != 0
+    assert not processes_under(home), "a router outlived pgfleet down"
 
     again = pgfleet(cli_env, "up", "--detach")
     assert again.returncode == 0, again.stderr

@@ -20,7 +20,7 @@ from pgfleet.fleet.binaries import find_binaries
 from pgfleet.fleet.router import ROUTER_ADMIN
 from pgfleet.platform.core import Platform
 from pgfleet.tenants import routing
-from tests.helpers import Api, FleetUnderTest, create_ok, error_of
+from tests.helpers import Api, FleetUnderTest, create_ok, error_of, run_psql
 
 
 def conn_of(api: Api, pid: str, **params: Any) -> dict[str, Any]:
@@ -76,7 +76,9 @@ def test_the_connection_string_names_the_router_and_lands_on_the_project_server(
     assert f":{spec.port}/" in c["uri"]
     # What psql does with the URI: through the router onto the eu server.
     with psycopg.connect(c["uri"], connect_timeout=5) as conn:
-        row = conn.execute("SELECT current_database(), current_user, inet_server_port()").fetchone()
+        row = conn.execute(
+            "SELECT current_database(), current_user, current_setting('port')::int"
+        ).fetchone()
     assert row == (c["database"], c["user"], server_port(fleet, "eu-central-1"))
     # The direct string, labelled, names the server itself.
     d = conn_of(api, p["id"], direct="true")
@@ -105,6 +107,8 @@ def test_transaction_pooling_port_and_its_note(api: Api, fleet: FleetUnderTest) 
         conn.execute("INSERT INTO t SELECT generate_series(1, 10)")
         with conn.transaction():
             assert conn.execute("SELECT sum(x) FROM t").fetchone() == (55,)
+    res = run_psql(c["uri"], "SELECT count(*) FROM t")  # psql, through the same port
+    assert (res.returncode, res.stdout.strip()) == (0, "10"), res.stderr
     ro = conn_of(api, p["id"], pooling="transaction", mode="ro")
     with connect(ro) as conn, pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
         conn.execute("INSERT INTO t VALUES (1)")
@@ -115,7 +119,7 @@ def test_another_region_router_forwards_and_says_so(api: Api, fleet: FleetUnderT
     c = conn_of(api, p["id"], via="us-east-1")
     assert c["router_region"] == "us-east-1" and "ap-southeast-1" in c["note"]
     with connect(c) as conn:
-        assert conn.execute("SELECT inet_server_port()").fetchone() == (
+        assert conn.execute("SELECT current_setting('port')::int").fetchone() == (
             server_port(fleet, "ap-southeast-1"),
         )
     err = error_of(api.get(f"/v1/projects/{p['id']}/connection", params={"via": "eu-west-1"}), 422)
@@ -376,3 +380,29 @@ def test_sync_repairs_a_router_that_lost_its_table(
     assert db in routers.databases(spec)
     with connect(conn_of(api, p["id"])) as conn:
         conn.execute("SELECT 1")
+
+
+def test_the_servers_socket_admits_project_roles_into_their_own_database_only(
+    api: Api, fleet: FleetUnderTest
+) -> None:
+    """The routers' way to the servers: a Unix socket in a 0700 directory,
+    with pg_hba's `local samerole` (never the admin)."""
+    a = conn_of(api, create_ok(api, "sock-a")["id"], direct="true")
+    b = conn_of(api, create_ok(api, "sock-b")["id"], direct="true")
+    srv = fleet.server("us-east-1")
+    sock = fleet.fleet.socket_dir(srv.name)
+    assert sock.stat().st_mode & 0o777 == 0o700
+    local = {"host": str(sock), "port": srv.port, "sslmode": "disable", "sslrootcert": None}
+    with connect({**a, **local}) as conn:
+        assert conn.execute("SELECT current_database()").fetchone() == (a["database"],)
+    with pytest.raises(psycopg.OperationalError, match=r"pg_hba\.conf"):
+        connect({**a, **local, "database": b["database"]})
+    with pytest.raises(psycopg.OperationalError, match=r"pg_hba\.conf"):
+        psycopg.connect(
+            host=str(sock),
+            port=srv.port,
+            dbname="postgres",
+            user="pgfleet_admin",
+            password=fleet.fleet.admin_password(srv.name),
+            connect_timeout=5,
+        )

@@ -49,12 +49,18 @@ def test_handed_out_uri_verifies_the_server_and_works_in_psql_and_psycopg(api: A
     ca = Path(query["sslrootcert"][0])
     assert ca.is_file() and "BEGIN CERTIFICATE" in ca.read_text()
     assert project["connection"]["sslrootcert"] == str(ca)
-    res = run_psql(uri, "select ssl, version from pg_stat_ssl where pid = pg_backend_pid()")
+    # The handed-out string names the router: TLS to it, verified.
+    res = run_psql(uri, "select 1")
+    assert res.returncode == 0, res.stderr
+    with psycopg.connect(uri) as c:
+        assert c.pgconn.ssl_in_use
+    # The direct string: TLS to the server itself, as the server sees it.
+    direct = api.get(f"/v1/projects/{project['id']}/connection", params={"direct": "true"})
+    res = run_psql(
+        direct.json()["uri"], "select ssl, version from pg_stat_ssl where pid = pg_backend_pid()"
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("t|TLSv1."), res.stdout
-    with psycopg.connect(uri) as c:
-        row = c.execute("select ssl from pg_stat_ssl where pid = pg_backend_pid()").fetchone()
-        assert row == (True,)
     ro = api.get(f"/v1/projects/{project['id']}/connection", params={"mode": "ro"}).json()
     assert "sslmode=verify-full" in ro["uri"] and ro["sslrootcert"] == str(ca)
 

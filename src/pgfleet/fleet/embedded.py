@@ -100,6 +100,11 @@ class EmbeddedFleet:
     def tls_dir(self, name: str) -> Path:
         return self.server_dir(name) / "tls"
 
+    def socket_dir(self, name: str) -> Path:
+        """Where a regional server's Unix socket lives (0700, the servers' OS
+        user's): only its routers, running as that user, connect there."""
+        return self.server_dir(name) / "socket"
+
     def servers(self) -> list[EmbeddedServer]:
         """The fleet as recorded; new regions from settings are appended with new ports."""
         recorded = self._load()
@@ -140,6 +145,9 @@ class EmbeddedFleet:
             admin_password_file=self.home / "secrets" / "router.password",
             owner=self._os_user() if self._as_root() else None,
             run=self._run,
+            sockets={
+                s.port: str(self.socket_dir(s.name)) for s in self.servers() if s.kind == "regional"
+            },
         )
 
     def _issue_router_certificate(
@@ -356,10 +364,25 @@ class EmbeddedFleet:
         durable = "on" if self.settings.fsync else "off"
         self.ensure_certificate(s)
         tls = self.tls_dir(s.name)
+        sockets = "''"
+        if s.kind == "regional" and self.settings.routers:
+            sock = self.socket_dir(s.name)
+            if len(str(sock)) + len(f"/.s.PGSQL.{s.port}") > 107:
+                raise FleetError(
+                    f"the socket path under {sock} is longer than Unix sockets allow (107 "
+                    "bytes); choose a shorter PGFLEET_HOME"
+                )
+            sock.mkdir(exist_ok=True)
+            if self._as_root():
+                os.chown(sock, *self._os_user())
+            os.chmod(sock, 0o700)
+            sockets = f"'{sock}'"
         settings = {
             "listen_addresses": f"'{LOOPBACK}'",
             "port": str(s.port),
-            "unix_socket_directories": "''",
+            # The routers' way in (see hba_conf); none on the platform server.
+            "unix_socket_directories": sockets,
+            "unix_socket_permissions": "0700",
             "password_encryption": "'scram-sha-256'",
             "wal_level": "logical",
             "max_connections": "300",
@@ -529,7 +552,10 @@ def hba_conf(kind: Literal["platform", "regional"]) -> str:
     login roles are members of a NOLOGIN role named like its database, so
     `samerole` admits them to that database and to no other (superusers are
     not members for samerole). The probe role has no privilege; it can enter
-    only a database it was granted CONNECT on.
+    only a database it was granted CONNECT on. The Unix socket, in a
+    directory only the servers' OS user can enter, admits the same project
+    roles the same way: it is how the routers (PgBouncer, run as that user
+    next to the servers) reach them.
     """
     head = "# Managed by pgfleet; rewritten at every start.\n"
     if kind == "platform":
@@ -540,6 +566,9 @@ def hba_conf(kind: Literal["platform", "regional"]) -> str:
             "local   all          all                          reject\n"
         )
     return head + (
+        # The routers (same host, same OS user, a 0700 socket directory): the
+        # projects' roles only, into their own database (samerole), SCRAM.
+        "local   samerole     all                          scram-sha-256\n"
         f"hostssl postgres,template1 {ADMIN_USER} 127.0.0.1/32 scram-sha-256\n"
         f"hostssl replication  {ADMIN_USER}  127.0.0.1/32  scram-sha-256\n"
         f"host    all          {ADMIN_USER}  0.0.0.0/0     reject\n"

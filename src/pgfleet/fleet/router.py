@@ -202,10 +202,13 @@ def render_ini(spec: RouterSpec, paths: RouterPaths, ca_file: Path, host: str) -
         "client_tls_cert_file": str(paths.tls / "router.crt"),
         "client_tls_key_file": str(paths.tls / "router.key"),
         "client_tls_protocols": "tlsv1.2,tlsv1.3",
-        # Servers: TLS, their certificates verified against the fleet CA.
-        "server_tls_sslmode": "verify-full",
-        "server_tls_ca_file": str(ca_file),
-        "server_tls_protocols": "tlsv1.2,tlsv1.3",
+        # Servers: through their Unix sockets, in directories only the
+        # servers' OS user can enter (no network path to tap or spoof). Not
+        # TLS: with server TLS on, PgBouncer 1.18 marks every pool dirty on
+        # every RELOAD and drops the server logins in progress, which fails
+        # other projects' waiting clients ("server login has been failing")
+        # each time a project is created or deleted.
+        "server_tls_sslmode": "disable",
         "server_reset_query": "DISCARD ALL",
         # What drivers send at startup that PgBouncer does not track itself.
         "ignore_startup_parameters": "extra_float_digits,options",
@@ -252,6 +255,7 @@ class Routers:
         owner: tuple[int, int] | None,
         run: Any,
         binary: str | None = None,
+        sockets: dict[int, str] | None = None,
     ) -> None:
         self.paths = RouterPaths(root)
         self.specs = list(specs)
@@ -261,6 +265,13 @@ class Routers:
         self.owner = owner
         self._run = run
         self._binary = binary
+        # Servers on this host by port -> their Unix socket directory.
+        self.sockets = dict(sockets or {})
+
+    def server_host(self, host: str, port: int) -> str:
+        """What a route names for a server: its socket directory when it
+        runs on this host, else its address."""
+        return self.sockets.get(port, host) if host in ("127.0.0.1", "localhost") else host
 
     def spec(self, region: str, pool_mode: str) -> RouterSpec:
         for s in self.specs:

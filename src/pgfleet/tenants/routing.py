@@ -68,7 +68,7 @@ class Published:
 
 
 def desired(
-    platform: Platform, current: dict[str, str]
+    platform: Platform, routers: Routers, current: dict[str, str]
 ) -> tuple[list[Route], list[Login], list[str]]:
     """Routes and logins as the platform DB says they should be. For a server
     that cannot be reached, its projects' logins stay what the auth file has
@@ -86,9 +86,8 @@ def desired(
         if server is None:
             continue
         db = tenant_db_name(tid)
-        routes.append(
-            Route(db, server.host, server.port, get_plan(plan or "free").router_pool_size)
-        )
+        host = routers.server_host(server.host, server.port)
+        routes.append(Route(db, host, server.port, get_plan(plan or "free").router_pool_size))
         roles_by_server.setdefault(server_id, []).extend(login_role_names(db))
     logins: list[Login] = []
     down: list[str] = []
@@ -172,7 +171,9 @@ def publish(
             out.shared = True
             return out
         last[0] = time.monotonic()
-        routes, logins, out.servers_unreachable = desired(platform, routers.current_logins())
+        routes, logins, out.servers_unreachable = desired(
+            platform, routers, routers.current_logins()
+        )
         out.routes, out.logins = len(routes), len(logins)
         out.changed = routers.write(routes, logins)
         wanted = {r.database for r in routes}
