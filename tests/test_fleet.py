@@ -48,16 +48,22 @@ def test_servers_listen_on_loopback_with_scram_and_logical_wal(fleet: FleetUnder
             hba = c.execute(
                 "SELECT type, database, user_name, auth_method FROM pg_hba_file_rules"
             ).fetchall()
+        # A socket only where routers need one, in the server's private directory.
+        sockets = "" if region is None else str(fleet.fleet.socket_dir(fleet.server(region).name))
         assert settings == {
             "listen_addresses": "127.0.0.1",
             "wal_level": "logical",
             "password_encryption": "scram-sha-256",
-            "unix_socket_directories": "",
+            "unix_socket_directories": sockets,
         }
         methods = {r[3] for r in hba}
         assert methods <= {"scram-sha-256", "reject"}
-        # Every rule that admits anyone needs TLS.
-        assert {r[0] for r in hba if r[3] != "reject"} == {"hostssl"}
+        # Every rule that admits anyone over the network needs TLS; the only
+        # other is the routers' socket, for project roles into their own database.
+        admits = {(r[0], tuple(r[1]), tuple(r[2])) for r in hba if r[3] != "reject"}
+        assert {a[0] for a in admits if a[0] != "local"} == {"hostssl"}
+        local = {a for a in admits if a[0] == "local"}
+        assert local == (set() if region is None else {("local", ("samerole",), ("all",))})
         if region is None:  # the platform server: nobody but the admin
             assert {r[2][0] for r in hba if r[3] != "reject"} == {"pgfleet_admin"}
         else:  # regional: the admin in `postgres` and `template1` only, tenants by samerole
