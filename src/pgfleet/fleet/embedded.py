@@ -70,6 +70,7 @@ class EmbeddedFleet:
         self.settings = settings
         self.home = settings.home_abs
         self._bins: PgBinaries | None = None
+        self._routers: Routers | None = None
 
     # ---- layout -----------------------------------------------------------
     @property
@@ -137,6 +138,13 @@ class EmbeddedFleet:
 
     @property
     def routers(self) -> Routers:
+        """The routers (one object per EmbeddedFleet: it keeps their admin
+        sessions; `down` closes them)."""
+        if self._routers is None:
+            self._routers = self._make_routers()
+        return self._routers
+
+    def _make_routers(self) -> Routers:
         return Routers(
             self.home / "routers",
             self.router_specs(),
@@ -517,6 +525,7 @@ class EmbeddedFleet:
 
     def down(self) -> None:
         routers = self.routers
+        routers.close()
         for spec in routers.specs:
             routers.stop(spec)
         for s in reversed(self._load() or []):

@@ -42,8 +42,9 @@ from typing import Any, Literal
 import psycopg
 
 from pgfleet.crypto import (
-    PERSON_SCRAM_ITERATIONS,
+    MACHINE_SCRAM_ITERATIONS,
     generate_password,
+    scram_iterations,
     scram_sha256_verifier,
     verifier_matches,
     write_private,
@@ -202,6 +203,10 @@ def render_ini(spec: RouterSpec, paths: RouterPaths, ca_file: Path, host: str) -
         "client_tls_cert_file": str(paths.tls / "router.crt"),
         "client_tls_key_file": str(paths.tls / "router.key"),
         "client_tls_protocols": "tlsv1.2,tlsv1.3",
+        # Client certificates are not asked for; naming a CA file anyway
+        # keeps PgBouncer from parsing the system's whole CA bundle (~140
+        # certificates, ~20 ms of CPU) on every reload.
+        "client_tls_ca_file": str(ca_file),
         # Servers: through their Unix sockets, in directories only the
         # servers' OS user can enter (no network path to tap or spoof). Not
         # TLS: with server TLS on, PgBouncer 1.18 marks every pool dirty on
@@ -227,7 +232,9 @@ def render_ini(spec: RouterSpec, paths: RouterPaths, ca_file: Path, host: str) -
 
 
 def admin_verifier(password: str) -> str:
-    return scram_sha256_verifier(password, PERSON_SCRAM_ITERATIONS)
+    """The router admin's password is machine-made (192 random bits): a
+    cheap verifier, as for project passwords (crypto.MACHINE_SCRAM_ITERATIONS)."""
+    return scram_sha256_verifier(password, MACHINE_SCRAM_ITERATIONS)
 
 
 @dataclass(frozen=True)
@@ -267,6 +274,9 @@ class Routers:
         self._binary = binary
         # Servers on this host by port -> their Unix socket directory.
         self.sockets = dict(sockets or {})
+        self._sessions: dict[str, psycopg.Connection[Any]] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
 
     def server_host(self, host: str, port: int) -> str:
         """What a route names for a server: its socket directory when it
@@ -339,7 +349,9 @@ class Routers:
         for line in self.paths.auth.read_text().splitlines():
             if line.startswith(prefix):
                 secret = line[len(prefix) :].strip().strip('"')
-                return verifier_matches(secret, self.admin_password())
+                return scram_iterations(secret) == MACHINE_SCRAM_ITERATIONS and verifier_matches(
+                    secret, self.admin_password()
+                )
         return False
 
     def write(self, routes: Iterable[Route], logins: Iterable[Login]) -> bool:
@@ -427,6 +439,10 @@ class Routers:
 
     def stop(self, spec: RouterSpec, timeout: float = 10) -> bool:
         """SIGTERM (PgBouncer's immediate shutdown); True if it was running."""
+        with self._guard:
+            kept = self._sessions.pop(spec.name, None)
+        if kept is not None:
+            kept.close()
         pid = self._pid(spec)
         if pid is None:
             return False
@@ -444,12 +460,35 @@ class Routers:
 
     # ---- the admin console --------------------------------------------------
     @contextmanager
-    def admin(self, spec: RouterSpec, timeout: float = 3) -> Iterator[psycopg.Connection[Any]]:
-        """A session on the router's admin console (simple query protocol only)."""
-        conn = psycopg.connect(**self._admin_kwargs(spec, timeout))
-        try:
-            yield conn
-        finally:
+    def admin(
+        self, spec: RouterSpec, timeout: float = 3, *, fresh: bool = False
+    ) -> Iterator[psycopg.Connection[Any]]:
+        """A session on the router's admin console (simple query protocol
+        only). One per router is kept open between uses (a TLS login costs
+        more than the commands), used by one thread at a time."""
+        with self._lock_of(spec):
+            conn = None if fresh else self._sessions.pop(spec.name, None)
+            if conn is None or conn.closed:
+                conn = psycopg.connect(**self._admin_kwargs(spec, timeout))
+            ok = False
+            try:
+                yield conn
+                ok = True
+            finally:
+                if ok and not conn.broken:
+                    self._sessions[spec.name] = conn
+                else:
+                    conn.close()
+
+    def _lock_of(self, spec: RouterSpec) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(spec.name, threading.Lock())
+
+    def close(self) -> None:
+        """Close the kept admin sessions."""
+        with self._guard:
+            sessions, self._sessions = self._sessions, {}
+        for conn in sessions.values():
             conn.close()
 
     def _admin_kwargs(self, spec: RouterSpec, timeout: float) -> dict[str, Any]:
@@ -468,7 +507,15 @@ class Routers:
         }
 
     def command(self, spec: RouterSpec, sql: str) -> list[dict[str, Any]]:
-        with self.admin(spec) as conn:
+        """One admin command; once more on a new session if the kept one was
+        lost (a restarted router). Every command pgfleet sends can be."""
+        try:
+            return self._command(spec, sql, fresh=False)
+        except psycopg.OperationalError:
+            return self._command(spec, sql, fresh=True)
+
+    def _command(self, spec: RouterSpec, sql: str, *, fresh: bool) -> list[dict[str, Any]]:
+        with self.admin(spec, fresh=fresh) as conn:
             cur = conn.execute(sql)
             if cur.description is None:
                 return []
@@ -501,9 +548,8 @@ class Routers:
         paused). Unknown databases are skipped."""
         if database not in self.databases(spec):
             return
-        with self.admin(spec) as conn:
-            conn.execute(f"KILL {_safe(database)}")
-            conn.execute(f"RESUME {_safe(database)}")
+        self.command(spec, f"KILL {_safe(database)}")
+        self.command(spec, f"RESUME {_safe(database)}")
 
     def client_users(self, spec: RouterSpec, database: str) -> set[str]:
         """The users with a client connection to `database` in this router."""
@@ -542,12 +588,11 @@ class Routers:
             raise FleetError(f"router {spec.name}: PAUSE {database} failed: {failure[0]}")
 
     def resume(self, spec: RouterSpec, database: str) -> None:
-        with self.admin(spec) as conn:
-            try:
-                conn.execute(f"RESUME {_safe(database)}")
-            except psycopg.Error as e:
-                if "not paused" not in str(e):
-                    raise
+        try:
+            self.command(spec, f"RESUME {_safe(database)}")
+        except psycopg.Error as e:
+            if "not paused" not in str(e):
+                raise
 
     def running(self) -> list[RouterSpec]:
         return [s for s in self.specs if self._pid(s) is not None]

@@ -150,7 +150,7 @@ class Platform:
         s = self.settings
         if not s.embedded or not s.routers:
             return None
-        return self.component("routers", lambda: EmbeddedFleet(s).routers)
+        return self.component("routers", lambda: EmbeddedFleet(s).routers, close=Routers.close)
 
     def ca_bundle(self) -> str:
         """The CA certificates the servers' certificates are verified by (PEM)."""
