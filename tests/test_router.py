@@ -371,7 +371,10 @@ def test_sync_repairs_a_router_that_lost_its_table(
     routers = fleet.fleet.routers
     spec = routers.spec("us-east-1", "session")
     db = conn_of(api, p["id"])["database"]
-    assert db in routers.databases(spec)
+    # The kept admin session runs the same command again and again (psycopg
+    # must not switch it to prepared statements, which the console refuses).
+    for _ in range(8):
+        assert db in routers.databases(spec)
     routers.write([], [])
     routers.reload(spec)
     assert db not in routers.databases(spec)

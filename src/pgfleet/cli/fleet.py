@@ -45,6 +45,7 @@ from pgfleet.errors import PgfleetError
 from pgfleet.fleet.embedded import ADMIN_USER, EmbeddedFleet
 from pgfleet.fleet.health import check_server
 from pgfleet.fleet.registry import ServerRecord
+from pgfleet.fleet.router import Routers
 from pgfleet.operations.store import deadline_summary
 from pgfleet.platform.core import Platform, platform_conninfo, warn_weak_tls
 from pgfleet.platform.metrics import MULTIPROC_ENV
@@ -364,6 +365,14 @@ def _print_routers(fleet: EmbeddedFleet) -> None:
     t = Table(title="routers (PgBouncer, <region>-<pooling>; connection strings point here)")
     for col in ("router", "port", "state", "databases"):
         t.add_column(col, no_wrap=True)
+    try:
+        _router_rows(t, routers)
+    finally:
+        routers.close()
+    out.print(t)
+
+
+def _router_rows(t: Table, routers: Routers) -> None:
     for spec in routers.specs:
         state = routers.state(spec)
         loaded = "-"
@@ -376,7 +385,6 @@ def _print_routers(fleet: EmbeddedFleet) -> None:
         else:
             shown = Text("down", "red")
         add_row(t, spec.name, str(spec.port), shown, loaded)
-    out.print(t)
 
 
 def _print_operations_summary(s: Settings) -> None:

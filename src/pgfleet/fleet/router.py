@@ -429,7 +429,7 @@ class Routers:
         last: Exception | None = None
         while time.monotonic() < deadline:
             try:
-                with self.admin(spec) as conn:
+                with psycopg.connect(**self._admin_kwargs(spec, 3)) as conn:
                     conn.execute("SHOW VERSION")
                 return
             except psycopg.Error as e:
@@ -504,6 +504,9 @@ class Routers:
             "sslrootcert": str(self.ca_file),
             "connect_timeout": max(1, round(timeout)),
             "autocommit": True,
+            # Never prepare: psycopg would switch a repeated command to the
+            # extended protocol, which the console refuses.
+            "prepare_threshold": None,
         }
 
     def command(self, spec: RouterSpec, sql: str) -> list[dict[str, Any]]:
