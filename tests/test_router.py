@@ -409,3 +409,29 @@ def test_the_servers_socket_admits_project_roles_into_their_own_database_only(
             password=fleet.fleet.admin_password(srv.name),
             connect_timeout=5,
         )
+
+
+def test_a_tenant_planting_a_monstrous_verifier_locks_out_nobody(
+    api: Api, fleet: FleetUnderTest, platform: Platform
+) -> None:
+    """PostgreSQL stores any well-formed SCRAM verifier a role sets for
+    itself, even one with a 2 kB salt, which PgBouncer cannot read (it stops
+    reading its auth file there, everyone after and the admin with it)."""
+    evil = conn_of(api, create_ok(api, "aaa-evil")["id"], direct="true")
+    victim = conn_of(api, create_ok(api, "zzz-victim")["id"])
+    salt = "QUFB" * 600  # valid base64, 2,400 characters
+    key = "A" * 43 + "="
+    with connect(evil) as conn:
+        conn.execute(
+            psycopg.sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                psycopg.sql.Identifier(evil["user"]),
+                psycopg.sql.Literal(f"SCRAM-SHA-256$4096:{salt}${key}:{key}"),
+            )
+        )
+    done = routing.sync(platform)
+    assert not done.unreachable, done
+    assert evil["user"] not in fleet.fleet.routers.paths.auth.read_text()
+    with connect(victim) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    for spec in fleet.fleet.routers.specs:
+        fleet.fleet.routers.command(spec, "SHOW VERSION")

@@ -29,12 +29,14 @@ loopback only and require TLS from clients and verify the servers'.
 from __future__ import annotations
 
 import os
+import re
+import resource
 import signal
 import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -144,13 +146,31 @@ def render_routes(routes: Iterable[Route]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_auth(logins: Iterable[Login]) -> str:
-    """The auth file: `"user" "SCRAM-SHA-256$..."` per line."""
-    out = []
+# A SCRAM-SHA-256 verifier as PostgreSQL makes them: iterations, a salt of
+# sane length, two 32-byte keys. A tenant can store any verifier for its own
+# role (ALTER ROLE ... PASSWORD 'SCRAM-SHA-256$...'); one PgBouncer cannot
+# read (2,048 bytes or more) stops it reading the rest of the file, every
+# other role and the admin with it.
+_VERIFIER_RE = re.compile(
+    r"SCRAM-SHA-256\$[1-9][0-9]{0,6}:[A-Za-z0-9+/]{4,88}={0,2}"
+    r"\$[A-Za-z0-9+/]{43}=:[A-Za-z0-9+/]{43}="
+)
+
+
+def usable_verifier(secret: str) -> bool:
+    return _VERIFIER_RE.fullmatch(secret) is not None
+
+
+def render_auth(logins: Iterable[Login], admin: str = "") -> str:
+    """The auth file: the admin's line first, then `"user" "SCRAM-SHA-256$..."`
+    per role. A role whose verifier is not one PostgreSQL itself would make
+    is left out (it cannot log in through the routers; pgfleet's next
+    rotation or the reconciler gives it a proper one): no tenant can make
+    the file unreadable for the others."""
+    out = [admin] if admin else []
     for login in sorted(logins, key=lambda x: x.user):
-        if not login.secret.startswith("SCRAM-SHA-256$"):
-            raise FleetError(f"role {login.user} has no SCRAM verifier; it cannot use a router")
-        out.append(f"{_quote(login.user)} {_quote(login.secret)}\n")
+        if usable_verifier(login.secret):
+            out.append(f"{_quote(login.user)} {_quote(login.secret)}\n")
     return "".join(out)
 
 
@@ -338,7 +358,10 @@ class Routers:
         if not self.paths.routes.exists():
             self._write(self.paths.routes, render_routes([]))
         if not self.paths.auth.exists() or not self._admin_in_auth():
-            self._write(self.paths.auth, render_auth([self._admin_login()]))
+            # A new admin line; the projects' lines stay as they are.
+            kept = [Login(u, v) for u, v in self.current_logins().items()]
+            admin = f"{_quote(ROUTER_ADMIN)} {_quote(self._admin_login().secret)}\n"
+            self._write(self.paths.auth, render_auth(kept, admin=admin))
 
     def _admin_login(self) -> Login:
         return Login(ROUTER_ADMIN, admin_verifier(self.admin_password()))
@@ -356,8 +379,7 @@ class Routers:
 
     def write(self, routes: Iterable[Route], logins: Iterable[Login]) -> bool:
         """The route table and the auth file; True if either changed."""
-        admin = self._current_admin_line()
-        auth = render_auth([*logins]) + admin
+        auth = render_auth(logins, admin=self._current_admin_line())
         changed = self._write(self.paths.routes, render_routes(routes))
         return self._write(self.paths.auth, auth) or changed
 
@@ -371,7 +393,7 @@ class Routers:
                     return line + "\n"
         except FileNotFoundError:
             pass
-        return render_auth([self._admin_login()])
+        return f"{_quote(ROUTER_ADMIN)} {_quote(self._admin_login().secret)}\n"
 
     # ---- processes --------------------------------------------------------
     def _pid(self, spec: RouterSpec) -> int | None:
@@ -381,7 +403,7 @@ class Routers:
         ini = str(self.paths.ini(spec)).encode()
         try:
             pid = int(self.paths.pidfile(spec).read_text().strip())
-            if ini in _cmdline(pid):
+            if ini in _cmdline(pid) and _is_pgbouncer(_cmdline(pid)):
                 return pid
         except (FileNotFoundError, ValueError):
             pass
@@ -389,7 +411,7 @@ class Routers:
             if not entry.name.isdigit():
                 continue
             cmdline = _cmdline(int(entry.name))
-            if ini in cmdline and b"pgbouncer" in cmdline:
+            if ini in cmdline and _is_pgbouncer(cmdline):
                 return int(entry.name)
         return None
 
@@ -407,6 +429,7 @@ class Routers:
                 "stop it (the fleet's ports are fixed in fleet.json once created)"
             )
         self.paths.pidfile(spec).unlink(missing_ok=True)
+        _raise_open_files_limit()  # inherited: a router needs a descriptor per client
         res = self._run([self.binary, "-d", str(self.paths.ini(spec))], check=False)
         if res.returncode != 0:
             tail = self._log_tail(spec)
@@ -582,7 +605,9 @@ class Routers:
             try:
                 self.resume(spec, database)
             finally:
-                conn.close()
+                done.wait(2)  # the PAUSE ends once resumed; never close under it
+                if done.is_set():
+                    conn.close()
             raise FleetError(
                 f"router {spec.name}: {database} still had sessions open after {timeout:g} s"
             )
@@ -607,6 +632,21 @@ def _cmdline(pid: int) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
+
+
+def _raise_open_files_limit() -> None:
+    """This process's soft limit on open files up to its hard limit (a
+    router started from here inherits it; Debian's default soft limit, 1,024,
+    would refuse clients long before max_client_conn)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _is_pgbouncer(cmdline: bytes) -> bool:
+    """The program run is PgBouncer (not, say, an editor open on its ini)."""
+    return cmdline.split(b"\0", 1)[0].rsplit(b"/", 1)[-1] == b"pgbouncer"
 
 
 def find_pgbouncer() -> str:

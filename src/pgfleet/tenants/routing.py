@@ -105,7 +105,10 @@ def desired(
 
 @contextmanager
 def _exclusive(platform: Platform) -> Iterator[None]:
-    with platform.db.connection() as conn:
+    """One publish at a time: first in this process (so waiting publishes
+    do not each hold a platform DB connection), then across processes."""
+    local = platform.component("routing_lock", threading.Lock)
+    with local, platform.db.connection() as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
         conn.commit()
         try:
@@ -170,7 +173,7 @@ def publish(
         if not repair and not kill and last[0] > asked:
             out.shared = True
             return out
-        last[0] = time.monotonic()
+        started = time.monotonic()
         routes, logins, out.servers_unreachable = desired(
             platform, routers, routers.current_logins()
         )
@@ -179,14 +182,23 @@ def publish(
         wanted = {r.database for r in routes}
 
         def apply(spec: RouterSpec) -> None:
-            if repair and not out.changed and set(routers.databases(spec)) == wanted:
-                return
+            if repair:
+                loaded = routers.databases(spec)
+                # A database left paused (a KILL whose RESUME never came, a
+                # hold whose process died) is let go, unless held here.
+                for name, row in loaded.items():
+                    if row.get("paused") and name not in _HELD:
+                        routers.resume(spec, name)
+                if not out.changed and set(loaded) == wanted:
+                    return
             routers.reload(spec)
             for db, roles in kill:
                 if roles & routers.client_users(spec, db):
                     routers.end_sessions(spec, db)
 
         out.reloaded, out.unreachable = _each(routers, apply)
+        # Only a publish that got through counts for those who wait on it.
+        last[0] = started
     if out.unreachable:
         log.warning("routers not reached: %s", ", ".join(out.unreachable))
     return out
@@ -225,6 +237,10 @@ def sync(platform: Platform) -> Published:
     return publish(platform, repair=True)
 
 
+# Databases this process holds (see `hold`): the periodic sync leaves them paused.
+_HELD: set[str] = set()
+
+
 class Held:
     """A database held in every router (see `hold`)."""
 
@@ -238,8 +254,10 @@ class Held:
         """RESUME everywhere it was held; returns the routers not reached."""
         if self._released.is_set():
             return []
-        self._released.set()
         _, failed = _each(self.routers, lambda spec: self.routers.resume(spec, self.database))
+        if not failed:
+            self._released.set()
+            _HELD.discard(self.database)
         return failed
 
 
@@ -254,5 +272,6 @@ def hold(platform: Platform, tenant_id: uuid.UUID, timeout_s: float = 5.0) -> He
     if routers is None:
         raise PgfleetError("this fleet has no routers to hold a database in")
     db = tenant_db_name(tenant_id)
+    _HELD.add(db)
     done, _ = _each(routers, lambda spec: routers.pause(spec, db, timeout_s))
     return Held(routers, db, done)
