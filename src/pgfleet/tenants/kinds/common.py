@@ -3,6 +3,7 @@ its status (through the store's transitions), its login roles."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from contextlib import AbstractContextManager
 from typing import Any
@@ -17,6 +18,8 @@ from pgfleet.tenants import routing, store
 from pgfleet.tenants.connections import DatabasePlatformClient
 from pgfleet.tenants.naming import login_role_names, project_roles_of, tenant_db_name
 from pgfleet.tenants.server import role_exists
+
+log = logging.getLogger(__name__)
 
 
 def tenant(p: Platform, tid: uuid.UUID) -> store.Tenant:
@@ -97,3 +100,12 @@ def route(ctx: OpContext) -> None:
     """A step: every router told what changed (tenants/routing.py). A router
     that is down is not an error; the periodic sync brings it up to date."""
     ctx.state["routers"] = routing.publish(ctx.platform).reloaded
+
+
+def route_after_undo(ctx: OpContext) -> None:
+    """What an undo put back, told to the routers at once (not at the next
+    sync). Best effort: an undo must not fail on a router."""
+    try:
+        routing.publish(ctx.platform)
+    except Exception as e:  # the periodic sync follows up
+        log.warning("routers not told of %s's undo: %s", ctx.tenant_id, e)

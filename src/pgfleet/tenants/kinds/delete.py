@@ -18,6 +18,7 @@ from pgfleet.tenants.kinds.common import (
     project_admin,
     reached,
     route,
+    route_after_undo,
     server_of,
     set_status,
     tenant,
@@ -67,6 +68,7 @@ def _restore(ctx: OpContext, reason: str | None = None) -> None:
     previous = ctx.params.get("previous_status")
     if previous in store.STATUSES:
         set_status(ctx.platform, ctx.tenant_id, cast(store.Status, previous))
+        route_after_undo(ctx)
 
 
 def _failed(ctx: OpContext, reason: str) -> None:

@@ -18,6 +18,7 @@ from pgfleet.tenants.kinds.common import (
     login_roles,
     project_admin,
     route,
+    route_after_undo,
     server_of,
     set_status,
     tenant,
@@ -43,6 +44,7 @@ def _pause_end_sessions(ctx: OpContext) -> None:
 def _pause_undo(ctx: OpContext, reason: str | None = None) -> None:
     alter_login_roles(ctx.platform, ctx.tenant_id, sql.SQL("LOGIN"))
     set_status(ctx.platform, ctx.tenant_id, "active", paused=False)
+    route_after_undo(ctx)
 
 
 PAUSE = register(
@@ -85,6 +87,7 @@ def _resume_mark(ctx: OpContext) -> None:
 
 def _resume_undo(ctx: OpContext, reason: str | None = None) -> None:
     alter_login_roles(ctx.platform, ctx.tenant_id, sql.SQL("NOLOGIN"))
+    route_after_undo(ctx)
 
 
 RESUME = register(
@@ -170,6 +173,7 @@ def _plan_undo(ctx: OpContext, reason: str | None = None) -> None:
     if previous:
         undo = OpContext(ctx.platform, replace(ctx.op, params={"plan": previous}))
         _plan_limits(undo)
+        route_after_undo(ctx)
 
 
 CHANGE_PLAN = register(
