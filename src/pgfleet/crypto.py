@@ -20,13 +20,17 @@ from pgfleet.errors import ConfigError
 TOKEN_PREFIX = "pgf_"  # noqa: S105 - a prefix, not a secret
 
 
-def write_private(path: Path, content: str) -> None:
-    """Write a file only its owner can read (0600), atomically."""
+def write_private(path: Path, content: str, *, owner: tuple[int, int] | None = None) -> None:
+    """Write a file only its owner can read (0600), atomically (a temporary
+    file per process, so concurrent writers never share one); with `owner`,
+    given to that uid/gid first."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(content)
+    if owner is not None:
+        os.chown(tmp, *owner)
     os.chmod(tmp, 0o600)
     os.replace(tmp, path)
 

@@ -333,12 +333,7 @@ class Routers:
                 return False
         except FileNotFoundError:
             pass
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(content)
-        self._own(tmp, 0o600)
-        os.replace(tmp, path)
+        write_private(path, content, owner=self.owner)
         return True
 
     def prepare(self, issue_certificate: Any) -> None:
@@ -357,43 +352,32 @@ class Routers:
             self._write(self.paths.ini(spec), render_ini(spec, self.paths, self.ca_file, self.host))
         if not self.paths.routes.exists():
             self._write(self.paths.routes, render_routes([]))
-        if not self.paths.auth.exists() or not self._admin_in_auth():
+        current = self._auth_entries().get(ROUTER_ADMIN)
+        if current is None or not self._admin_matches(current):
             # A new admin line; the projects' lines stay as they are.
             kept = [Login(u, v) for u, v in self.current_logins().items()]
-            admin = f"{_quote(ROUTER_ADMIN)} {_quote(self._admin_login().secret)}\n"
-            self._write(self.paths.auth, render_auth(kept, admin=admin))
+            self._write(self.paths.auth, render_auth(kept, admin=self._admin_line(None)))
 
-    def _admin_login(self) -> Login:
-        return Login(ROUTER_ADMIN, admin_verifier(self.admin_password()))
+    def _admin_matches(self, secret: str) -> bool:
+        """A verifier of the admin password file's password, cheap as it should be."""
+        return scram_iterations(secret) == MACHINE_SCRAM_ITERATIONS and verifier_matches(
+            secret, self.admin_password()
+        )
 
-    def _admin_in_auth(self) -> bool:
-        """The auth file's admin line matches the admin password file."""
-        prefix = _quote(ROUTER_ADMIN) + " "
-        for line in self.paths.auth.read_text().splitlines():
-            if line.startswith(prefix):
-                secret = line[len(prefix) :].strip().strip('"')
-                return scram_iterations(secret) == MACHINE_SCRAM_ITERATIONS and verifier_matches(
-                    secret, self.admin_password()
-                )
-        return False
+    def _admin_line(self, secret: str | None) -> str:
+        """The admin's auth line: with the verifier it has (its salt is
+        random: a new one on every write would change the file every time),
+        or a new one."""
+        if secret is None:
+            secret = admin_verifier(self.admin_password())
+        return f"{_quote(ROUTER_ADMIN)} {_quote(secret)}\n"
 
     def write(self, routes: Iterable[Route], logins: Iterable[Login]) -> bool:
         """The route table and the auth file; True if either changed."""
-        auth = render_auth(logins, admin=self._current_admin_line())
+        admin = self._admin_line(self._auth_entries().get(ROUTER_ADMIN))
+        auth = render_auth(logins, admin=admin)
         changed = self._write(self.paths.routes, render_routes(routes))
         return self._write(self.paths.auth, auth) or changed
-
-    def _current_admin_line(self) -> str:
-        """The admin's line as it is (its verifier has a random salt: making
-        a new one on every write would change the file every time)."""
-        prefix = _quote(ROUTER_ADMIN) + " "
-        try:
-            for line in self.paths.auth.read_text().splitlines():
-                if line.startswith(prefix):
-                    return line + "\n"
-        except FileNotFoundError:
-            pass
-        return f"{_quote(ROUTER_ADMIN)} {_quote(self._admin_login().secret)}\n"
 
     # ---- processes --------------------------------------------------------
     def _pid(self, spec: RouterSpec) -> int | None:
@@ -555,18 +539,18 @@ class Routers:
         """What the router has loaded: name -> its SHOW DATABASES row."""
         return {r["name"]: r for r in self.command(spec, "SHOW DATABASES") if r["name"] != ADMIN_DB}
 
-    def current_logins(self) -> dict[str, str]:
-        """The auth file as it is: user -> verifier (the admin left out)."""
-        out: dict[str, str] = {}
+    def _auth_entries(self) -> dict[str, str]:
+        """The auth file as it is: user -> verifier."""
         try:
             text = self.paths.auth.read_text()
         except FileNotFoundError:
-            return out
-        for line in text.splitlines():
-            parts = _unquote_pair(line)
-            if parts is not None and parts[0] != ROUTER_ADMIN:
-                out[parts[0]] = parts[1]
-        return out
+            return {}
+        pairs = (_unquote_pair(line) for line in text.splitlines())
+        return dict(p for p in pairs if p is not None)
+
+    def current_logins(self) -> dict[str, str]:
+        """The auth file's project roles: user -> verifier (the admin left out)."""
+        return {u: v for u, v in self._auth_entries().items() if u != ROUTER_ADMIN}
 
     def end_sessions(self, spec: RouterSpec, database: str) -> None:
         """Close every client and server connection of `database` in this

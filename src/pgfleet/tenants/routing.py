@@ -48,10 +48,6 @@ WHERE rolname LIKE 'tenant\\_%' AND rolcanlogin
 """
 
 
-def routers_of(platform: Platform) -> Routers | None:
-    return platform.routers
-
-
 @dataclass
 class Published:
     """What one publish did."""
@@ -158,7 +154,7 @@ def publish(
     latest login, the new password's. So a router that still has a client
     of those roles ends the project's clients there: PgBouncer 1.18 can
     KILL a database, not a role; the database is RESUMEd at once."""
-    routers = routers_of(platform)
+    routers = platform.routers
     out = Published()
     if routers is None:
         return out
@@ -208,7 +204,7 @@ def drift(platform: Platform) -> dict[str, tuple[set[str], set[str]]]:
     """Routers whose loaded databases differ from the platform DB's active
     projects: name -> (missing, extra). A router that does not answer is
     reported with both empty."""
-    routers = routers_of(platform)
+    routers = platform.routers
     if routers is None:
         return {}
     with platform.db.connection() as conn:
@@ -268,7 +264,7 @@ def hold(platform: Platform, tenant_id: uuid.UUID, timeout_s: float = 5.0) -> He
     a session router once its sessions have ended, so a session that stays
     open past `timeout_s` leaves that router not held (reported, not an
     error: the caller decides). Not the lifecycle's `pause`."""
-    routers = routers_of(platform)
+    routers = platform.routers
     if routers is None:
         raise PgfleetError("this fleet has no routers to hold a database in")
     db = tenant_db_name(tenant_id)

@@ -19,6 +19,7 @@ import psycopg
 from pgfleet.crypto import generate_password
 from pgfleet.errors import (
     Conflict,
+    FleetError,
     InvalidInput,
     ProjectNotFound,
     QuotaExceeded,
@@ -32,7 +33,7 @@ from pgfleet.operations.store import Operation
 from pgfleet.platform.core import Platform
 from pgfleet.platform.owners import Owner
 from pgfleet.regions import PlacementPolicy, choose_server, get_plan, get_region
-from pgfleet.tenants import kinds, routing, store
+from pgfleet.tenants import kinds, store
 from pgfleet.tenants.connections import DatabasePlatformClient, Mode, check_mode
 from pgfleet.tenants.provisioning import ProvisionedDatabase
 from pgfleet.tenants.store import Tenant
@@ -401,17 +402,18 @@ def connection_details(
     )
     if direct:
         return server
-    routers = routing.routers_of(platform)
+    routers = platform.routers
     if routers is None:
         return replace(server, note="this fleet has no routers: the server's own address")
     region = via or ep.hosted_region
-    spec = next((r for r in routers.specs if r.region == region and r.pool_mode == pooling), None)
-    if spec is None:
+    try:
+        spec = routers.spec(region, pooling)
+    except FleetError:
         active = sorted({r.region for r in routers.specs})
         raise InvalidInput(
             f"region {region} has no router; routers run in: {', '.join(active)}",
             valid=active,
-        )
+        ) from None
     if region == ep.hosted_region:
         note = None
     else:
