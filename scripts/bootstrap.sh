@@ -56,6 +56,25 @@ if ! .venv/bin/python -m pgfleet.fleet.binaries >/dev/null 2>&1; then
   .venv/bin/python -m pgfleet.fleet.binaries
 fi
 
+# pgBackRest, the servers' continuous archiving and base backups (Debian's
+# package; it has no service of its own).
+pgbackrest_found() {
+  for b in "${PGFLEET_PGBACKREST:-}" /usr/bin/pgbackrest /usr/local/bin/pgbackrest; do
+    [ -n "$b" ] && [ -x "$b" ] && return 0
+  done
+  return 1
+}
+if ! pgbackrest_found; then
+  if command -v apt-get >/dev/null 2>&1 && as_root; then
+    echo "bootstrap: installing pgBackRest with apt-get (continuous backups)"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq pgbackrest >/dev/null
+  else
+    echo "bootstrap: backups need pgBackRest: run 'sudo apt-get install pgbackrest'" \
+      "(or set PGFLEET_BACKUPS=false to run without continuous backups)" >&2
+  fi
+fi
+
 # PgBouncer, the routers in front of each region's server (Debian's package).
 # Its own service is stopped and disabled: pgfleet runs its routers itself.
 pgbouncer_found() {

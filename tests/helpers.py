@@ -58,6 +58,8 @@ def make_settings(home: Path, port_base: int, **overrides: Any) -> Settings:
         "rate_limit_per_s": 100_000,
         "rate_limit_sql_per_s": 100_000,
         "rate_limit_auth_failures_per_min": 100_000,
+        # Base backups and snapshots only when a test asks for them.
+        "backup_schedule": False,
     }
     return Settings(
         home=home,

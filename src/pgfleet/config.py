@@ -85,6 +85,27 @@ class Settings(BaseSettings):
     # Connection routers (PgBouncer) per embedded region: connection strings
     # point at them. False: no routers; strings name the servers directly.
     routers: bool = True
+    # Backups (pgBackRest, fleet/archive.py): continuous WAL archiving and
+    # base backups of every embedded server into its backup region's storage
+    # (PGFLEET_HOME/backups/<region>). False: no archiving (tests of other
+    # parts, throwaway fleets).
+    backups: bool = True
+    # Per server region, where its backups go instead of the paired region
+    # (JSON: {"us-east-1": "eu-west-1"}).
+    backup_regions: dict[str, str] = Field(default_factory=dict)
+    # Workers take base backups and scheduled snapshots, and prune snapshots,
+    # on their own (false: only on request, as the test suite runs).
+    backup_schedule: bool = True
+    # A full base backup this often, a differential one in between.
+    backup_full_every_h: float = Field(default=7 * 24, gt=0)
+    backup_diff_every_h: float = Field(default=24, gt=0)
+    # WAL a server may keep waiting for archiving before pgBackRest drops it
+    # (MiB): the server keeps serving, point-in-time restore past the gap
+    # needs the next full backup (see README "Backups").
+    archive_queue_max_mb: int = Field(default=4096, ge=64)
+    # An idle server still switches WAL segments this often, so the newest
+    # archived point is never older than this (seconds; the RPO).
+    archive_timeout_s: int = Field(default=60, ge=10, le=3600)
     # External servers (pgfleet.toml [[servers]])
     servers: list[ServerSpec] = []
     # API
@@ -189,6 +210,22 @@ class Settings(BaseSettings):
         names = [s.name for s in self.external_servers()]
         if len(names) != len(set(names)):
             raise ValueError(f"server names must be unique, got {names}")
+        for src, dst in self.backup_regions.items():
+            for r in (src, dst):
+                if r not in REGION_IDS:
+                    raise ValueError(
+                        f"backup_regions: unknown region {r!r}; valid regions are: "
+                        f"{', '.join(REGION_IDS)}"
+                    )
+            if src == dst:
+                raise ValueError(
+                    f"backup_regions: {src}'s backups must go to another region, not {dst}"
+                )
+        if self.backup_diff_every_h > self.backup_full_every_h:
+            raise ValueError(
+                f"backup_diff_every_h ({self.backup_diff_every_h}) must not exceed "
+                f"backup_full_every_h ({self.backup_full_every_h})"
+            )
         if self.environment == "production" and not self.secret_keys:
             raise ValueError("PGFLEET_SECRET_KEYS must be set in production")
         return self

@@ -8,12 +8,14 @@ is the one place that knows them all.
 
 from __future__ import annotations
 
+from pgfleet.backups import archives as backup_archives
+from pgfleet.backups import kinds as backup_kinds
 from pgfleet.monitoring import health
 from pgfleet.platform.core import Platform
 from pgfleet.tenants import kinds, reconcile, routing, spares
 
 # What registered itself on import (kept, so the imports are not unused).
-LOADED = (kinds, reconcile, routing, spares)
+LOADED = (kinds, reconcile, routing, spares, backup_kinds, backup_archives)
 
 
 def attach(platform: Platform) -> Platform:

@@ -83,6 +83,22 @@ class Conflict(PgfleetError):
     code = "conflict"
 
 
+class ResidencyViolation(Conflict):
+    """A project's data would leave the jurisdiction its residency rule names."""
+
+    code = "residency_violation"
+
+
+class BackupNotFound(NotFound):
+    code = "backup_not_found"
+
+
+class BackupUnusable(Conflict):
+    """A backup failed its check (a damaged or missing file, a damaged archive)."""
+
+    code = "backup_unusable"
+
+
 class RegionUnavailable(PgfleetError):
     """The region's server cannot be reached right now."""
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from pgfleet.errors import NoCapacity, UnknownPlan, UnknownRegion
+from pgfleet.errors import InvalidInput, NoCapacity, ResidencyViolation, UnknownPlan, UnknownRegion
 
 
 @dataclass(frozen=True)
@@ -21,21 +21,46 @@ class Region:
     flag: str
     # The seed's environment variable that names this region's host, if any.
     host_env: str | None = None
+    # The jurisdiction a residency rule names (`eu`, `us`, `apac`).
+    jurisdiction: str = ""
 
 
 REGIONS: tuple[Region, ...] = (
-    Region("us-east-1", "US East (N. Virginia)", "\U0001f1fa\U0001f1f8", "POSTGRES_HOST_US_EAST"),
-    Region("us-west-1", "US West (N. California)", "\U0001f1fa\U0001f1f8"),
-    Region("eu-central-1", "EU Central (Frankfurt)", "\U0001f1ea\U0001f1fa", "POSTGRES_HOST_EU"),
-    Region("eu-west-1", "EU West (Ireland)", "\U0001f1ea\U0001f1fa"),
     Region(
-        "ap-southeast-1", "Asia Pacific (Singapore)", "\U0001f1f8\U0001f1ec", "POSTGRES_HOST_APAC"
+        "us-east-1", "US East (N. Virginia)", "\U0001f1fa\U0001f1f8", "POSTGRES_HOST_US_EAST", "us"
     ),
-    Region("ap-northeast-1", "Asia Pacific (Tokyo)", "\U0001f1ef\U0001f1f5"),
+    Region("us-west-1", "US West (N. California)", "\U0001f1fa\U0001f1f8", None, "us"),
+    Region(
+        "eu-central-1", "EU Central (Frankfurt)", "\U0001f1ea\U0001f1fa", "POSTGRES_HOST_EU", "eu"
+    ),
+    Region("eu-west-1", "EU West (Ireland)", "\U0001f1ea\U0001f1fa", None, "eu"),
+    Region(
+        "ap-southeast-1",
+        "Asia Pacific (Singapore)",
+        "\U0001f1f8\U0001f1ec",
+        "POSTGRES_HOST_APAC",
+        "apac",
+    ),
+    Region("ap-northeast-1", "Asia Pacific (Tokyo)", "\U0001f1ef\U0001f1f5", None, "apac"),
 )
 REGIONS_BY_ID = {r.id: r for r in REGIONS}
 REGION_IDS = tuple(r.id for r in REGIONS)
 DEFAULT_REGION = "us-east-1"
+
+# Data-residency rules a project can carry: its database, its backups and its
+# restores stay in regions of that jurisdiction.
+RESIDENCY_RULES = ("eu", "us", "apac")
+
+# Where a server's backups go by default: the paired region, another region
+# of the same jurisdiction (a region without a server can hold backups).
+BACKUP_PAIRS = {
+    "us-east-1": "us-west-1",
+    "us-west-1": "us-east-1",
+    "eu-central-1": "eu-west-1",
+    "eu-west-1": "eu-central-1",
+    "ap-southeast-1": "ap-northeast-1",
+    "ap-northeast-1": "ap-southeast-1",
+}
 
 
 def get_region(region_id: str) -> Region:
@@ -46,6 +71,46 @@ def get_region(region_id: str) -> Region:
             f"unknown region {region_id!r}; valid regions are: {', '.join(REGION_IDS)}",
             valid=list(REGION_IDS),
         ) from None
+
+
+def check_residency_rule(rule: str | None) -> str | None:
+    """A residency rule as given (None or "" for none), or InvalidInput."""
+    if rule is None or rule == "":
+        return None
+    if rule not in RESIDENCY_RULES:
+        raise InvalidInput(
+            f"unknown residency rule {rule!r}; valid rules are: {', '.join(RESIDENCY_RULES)} "
+            "(or none)",
+            field="residency",
+            valid=list(RESIDENCY_RULES),
+        )
+    return rule
+
+
+def residency_allows(rule: str | None, region: str) -> bool:
+    """May data of a project with `rule` live in `region`?"""
+    return rule is None or get_region(region).jurisdiction == rule
+
+
+def require_residency(rule: str | None, region: str, *, what: str) -> None:
+    """Refuse (409) when `what` (\"its database\", \"a restore\", ...) would
+    take the data of a project with `rule` into `region`."""
+    if not residency_allows(rule, region):
+        allowed = ", ".join(r.id for r in REGIONS if r.jurisdiction == rule)
+        raise ResidencyViolation(
+            f"the project's residency rule is {rule!r}: {what} cannot be in {region} "
+            f"({get_region(region).jurisdiction}); allowed regions: {allowed}",
+            rule=rule,
+            region=region,
+            allowed=[r.id for r in REGIONS if r.jurisdiction == rule],
+        )
+
+
+def backup_region_of(region: str, overrides: Mapping[str, str] | None = None) -> str:
+    """The region a server in `region` keeps its backups in."""
+    if overrides and region in overrides:
+        return overrides[region]
+    return BACKUP_PAIRS[region]
 
 
 @dataclass(frozen=True)
@@ -60,6 +125,14 @@ class Plan:
     # Server connections each router may open to one project's database
     # (all its roles together): what clients through a router share.
     router_pool_size: int = 3
+    # Backups: how far back a point-in-time restore reaches (and how long a
+    # deleted project stays restorable), and the project's snapshots: one
+    # every `snapshot_every_h` hours (0: only on request), the newest
+    # `snapshot_keep` kept, none older than `snapshot_max_age_days`.
+    pitr_days: int = 7
+    snapshot_every_h: int = 0
+    snapshot_keep: int = 3
+    snapshot_max_age_days: int = 7
 
 
 PLANS: tuple[Plan, ...] = (
@@ -81,6 +154,10 @@ PLANS: tuple[Plan, ...] = (
         max_result_rows=50_000,
         max_result_bytes=50 * 1024 * 1024,
         router_pool_size=10,
+        pitr_days=14,
+        snapshot_every_h=24,
+        snapshot_keep=7,
+        snapshot_max_age_days=14,
     ),
     Plan(
         "enterprise",
@@ -91,6 +168,10 @@ PLANS: tuple[Plan, ...] = (
         max_result_rows=100_000,
         max_result_bytes=100 * 1024 * 1024,
         router_pool_size=25,
+        pitr_days=30,
+        snapshot_every_h=24,
+        snapshot_keep=30,
+        snapshot_max_age_days=30,
     ),
 )
 PLANS_BY_ID = {p.id: p for p in PLANS}
@@ -149,6 +230,7 @@ def choose_server(
     plan: str,
     servers: Sequence[ServerLoad],
     default_region: str = DEFAULT_REGION,
+    residency: str | None = None,
 ) -> Placement:
     """Decide which server hosts a new project.
 
@@ -158,22 +240,41 @@ def choose_server(
       plans to their requested region (with the same fallback).
     - single: everything on the default region's primary server.
     Within the chosen region the least-loaded server with capacity wins.
+
+    With a residency rule the database never leaves its jurisdiction: the
+    requested region must be in it, and a metadata-only region falls back to
+    a served region of the same jurisdiction, never to the default region
+    elsewhere (ResidencyViolation, 409, when there is none).
     """
     get_region(region)
     plan_info = get_plan(plan)
     enabled = [s for s in servers if s.enabled]
+    require_residency(residency, region, what="its region")
 
     if policy is PlacementPolicy.SINGLE or (
         policy is PlacementPolicy.HYBRID and not plan_info.paid
     ):
         why = "single-server policy" if policy is PlacementPolicy.SINGLE else "free plan"
+        require_residency(residency, default_region, what=f"its database ({why})")
         return _primary_of(enabled, default_region, reason=f"{why}: primary of {default_region}")
 
     target = region
     reason = f"requested region {region}"
-    if region not in served_regions(enabled):
+    served = served_regions(enabled)
+    if region not in served:
         target = default_region
-        reason = f"{region} is metadata-only; hosted in {default_region}"
+        if not residency_allows(residency, default_region):
+            inside = [r.id for r in REGIONS if r.id in served and r.jurisdiction == residency]
+            if not inside:
+                raise ResidencyViolation(
+                    f"the project's residency rule is {residency!r} and {region} is "
+                    f"metadata-only, but no {residency} region has a server; served regions: "
+                    f"{', '.join(sorted(served))}",
+                    rule=residency,
+                    region=region,
+                )
+            target = inside[0]
+        reason = f"{region} is metadata-only; hosted in {target}"
     candidates = [s for s in enabled if s.region == target and s.free_slots > 0]
     if not candidates:
         raise NoCapacity(f"no server in region {target} has capacity left", region=target)

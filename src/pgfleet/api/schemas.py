@@ -106,6 +106,13 @@ class ProjectCreate(Input):
         "when omitted.",
         json_schema_extra={"pattern": SUBDOMAIN_PATTERN},
     )
+    residency: Literal["eu", "us", "apac"] | None = Field(
+        default=None,
+        description="Data-residency rule: the database, its backups and its restores stay "
+        "in regions of this jurisdiction (409 for anything that would leave it). A "
+        "metadata-only region is then hosted on a server of the same jurisdiction. "
+        "Omitted: none.",
+    )
 
 
 class ConnectionOut(BaseModel):
@@ -167,6 +174,14 @@ class ProjectOut(BaseModel):
     created_at: datetime | None
     updated_at: datetime | None
     deleted_at: datetime | None
+    residency: str | None = Field(
+        default=None, description="The data-residency rule (eu, us, apac) or null for none."
+    )
+    restored_from: dict[str, Any] | None = Field(
+        default=None,
+        description="For a project made by a restore: the project, snapshot or point in "
+        "time it was restored from.",
+    )
 
     @classmethod
     def from_row(cls, row: Tenant) -> ProjectOut:
@@ -190,6 +205,8 @@ class ProjectOut(BaseModel):
                     "created_at",
                     "updated_at",
                     "deleted_at",
+                    "residency",
+                    "restored_from",
                 )
             },
             region_name=region.name if region else None,
@@ -329,7 +346,7 @@ class OperationOut(BaseModel):
     id: uuid.UUID
     type: str = Field(
         description="The operation's kind: provision, delete, rotate_password, "
-        "expire_credentials, pause, resume, change_plan or reconcile."
+        "expire_credentials, pause, resume, change_plan, snapshot, restore or reconcile."
     )
     status: Literal["scheduled", "running", "finished", "failed", "cancelled"]
     project_id: uuid.UUID | None
@@ -425,3 +442,129 @@ class AuditList(BaseModel):
 class ReconcileIn(Input):
     repair: bool = Field(default=False, description="Fix what is found, not only report it.")
     force: bool = Field(default=False, description="Also drop orphan databases that hold data.")
+
+
+class SnapshotOut(BaseModel):
+    id: uuid.UUID
+    project_id: uuid.UUID
+    status: Literal["running", "ok", "failed", "expired"] = Field(
+        description="`ok`: finished and checked (only these restore); `running`: being "
+        "written (never usable until ok); `failed`: see `error`."
+    )
+    reason: Literal["manual", "scheduled", "safety"]
+    source_region: str | None = Field(description="Where the project's database lives.")
+    storage_region: str = Field(description="Where the snapshot is stored: another region.")
+    size_bytes: int | None
+    sha256: str | None = Field(description="Checked before every restore.")
+    pg_version: str | None
+    tables: int | None = Field(description="Tables the snapshot holds.")
+    rows: int | None = Field(description="Rows the snapshot holds, all tables together.")
+    operation_id: uuid.UUID | None
+    error: str | None
+    created_at: datetime
+    finished_at: datetime | None
+
+    @classmethod
+    def from_row(cls, s: Any) -> SnapshotOut:
+        tables = s.tables or {}
+        return cls(
+            id=s.id,
+            project_id=s.tenant_id,
+            status=s.status,
+            reason=s.reason,
+            source_region=s.source_region,
+            storage_region=s.storage_region,
+            size_bytes=s.size_bytes,
+            sha256=s.sha256,
+            pg_version=s.pg_version,
+            tables=len(tables) if s.tables is not None else None,
+            rows=sum(int(t["rows"]) for t in tables.values()) if s.tables is not None else None,
+            operation_id=s.operation_id,
+            error=s.error,
+            created_at=s.created_at,
+            finished_at=s.finished_at,
+        )
+
+
+class WindowOut(BaseModel):
+    earliest: datetime = Field(description="The earliest moment a restore can go back to.")
+    latest: datetime = Field(description="The latest (now, for a live project).")
+
+
+class BackupList(BaseModel):
+    project_id: uuid.UUID
+    storage_region: str = Field(description="Where this project's backups are stored.")
+    restorable_window: WindowOut | None = Field(
+        description="Point-in-time restore reaches any moment in here; null when there is "
+        "none yet (see window_note)."
+    )
+    window_note: str
+    backups: list[SnapshotOut]
+
+
+class SnapshotWithOperation(BaseModel):
+    backup: SnapshotOut
+    operation: OperationOut
+
+
+class RestoreIn(Input):
+    target_time: datetime | None = Field(
+        default=None,
+        description="The moment to restore to (ISO 8601, with a zone), inside the "
+        "restorable window. Omitted, with no backup_id: the latest moment.",
+    )
+    backup_id: uuid.UUID | None = Field(
+        default=None, description="A snapshot of the project to restore instead."
+    )
+    region: str | None = Field(
+        default=None,
+        description="Where the restored project lives (any region its residency rule "
+        "allows); default: the project's region.",
+        json_schema_extra=REGION_SCHEMA,
+    )
+    into: Literal["new"] = Field(
+        default="new",
+        description="`new`: a new project beside the original (which is never written to).",
+    )
+    name: str | None = Field(
+        default=None,
+        description="The new project's name; default: the original's, with ' (restored)'.",
+        json_schema_extra=NAME_SCHEMA,
+    )
+
+
+class BaseBackupOut(BaseModel):
+    label: str
+    type: Literal["full", "diff", "incr"]
+    started_at: datetime
+    stopped_at: datetime
+    size_bytes: int = Field(description="The server's databases at backup time.")
+    repo_bytes: int = Field(description="What the backup takes in the repository.")
+
+
+class ArchivingOut(BaseModel):
+    archive_mode: str
+    archived_count: int
+    last_archived_wal: str | None
+    last_archived_at: datetime | None
+    failed_count: int
+    last_failed_at: datetime | None
+    failing: bool = Field(description="The newest attempt to archive WAL failed.")
+
+
+class ServerBackupsOut(BaseModel):
+    server: str
+    region: str
+    storage_region: str
+    backups: list[BaseBackupOut]
+    archiving: ArchivingOut | None
+    error: str | None
+
+
+class ServerBackupList(BaseModel):
+    servers: list[ServerBackupsOut]
+
+
+class BaseBackupIn(Input):
+    server: str = Field(description="The server's name (see /v1/admin/base-backups).")
+    type: Literal["full", "diff", "incr"] = "full"

@@ -11,6 +11,10 @@ Layout of the data directory:
                                 servers with sslmode=verify-full against ca.crt
     routers/                    the connection routers (PgBouncer, fleet/router.py):
                                 two per active region, session and transaction mode
+    backups/<region>/           backup storage of a region (fleet/archive.py): the
+                                pgBackRest repository of the servers whose backups
+                                go there, and projects' snapshots
+    scratch/                    point-in-time restores' throwaway instances
 
 initdb refuses to run as root, so when pgfleet runs as root every server
 command runs as an unprivileged system user (created if missing).
@@ -36,9 +40,11 @@ import psycopg
 from pgfleet.config import Settings
 from pgfleet.crypto import generate_password, write_private
 from pgfleet.errors import FleetError
+from pgfleet.fleet.archive import Archive, Scratch, Stanza
 from pgfleet.fleet.binaries import PgBinaries, find_binaries
 from pgfleet.fleet.router import POOL_MODES, Routers, RouterSpec
 from pgfleet.fleet.tls import FleetCA
+from pgfleet.regions import PLANS, backup_region_of
 
 ADMIN_USER = "pgfleet_admin"
 # A role with no privilege at all, which the reconciler uses to look inside a
@@ -71,6 +77,7 @@ class EmbeddedFleet:
         self.home = settings.home_abs
         self._bins: PgBinaries | None = None
         self._routers: Routers | None = None
+        self._archive: Archive | None = None
 
     # ---- layout -----------------------------------------------------------
     @property
@@ -163,6 +170,66 @@ class EmbeddedFleet:
     ) -> None:
         self.ca.ensure()
         self.ca.issue_server("pgfleet-router", TLS_HOSTS, cert, key, owner=owner)
+
+    def backup_dir(self, region: str) -> Path:
+        """A region's backup storage (a region without a server has one too)."""
+        return self.home / "backups" / region
+
+    def scratch_dir(self) -> Path:
+        return self.home / "scratch"
+
+    def scratch(self, key: str) -> Scratch:
+        """The throwaway instance a point-in-time restore named `key` uses
+        (its data directory is what Archive.restore writes)."""
+        base = self.scratch_dir()
+        base.mkdir(parents=True, exist_ok=True)
+        os.chmod(base, 0o711)  # noqa: S103 - traverse only
+        return Scratch(
+            base / key / "data",
+            pg_ctl=self.bins.path("pg_ctl"),
+            run=self._run,
+            owner=self._os_user() if self._as_root() else None,
+        )
+
+    @property
+    def archive(self) -> Archive | None:
+        """pgBackRest for the regional servers, or None without backups."""
+        if not self.settings.backups:
+            return None
+        if self._archive is None:
+            stanzas = []
+            for s in self.regional_servers():
+                assert s.region is not None
+                storage = backup_region_of(s.region, self.settings.backup_regions)
+                stanzas.append(
+                    Stanza(
+                        name=s.name,
+                        region=s.region,
+                        storage_region=storage,
+                        port=s.port,
+                        data_dir=self.data_dir(s.name),
+                        socket_dir=self.socket_dir(s.name),
+                        config=self.server_dir(s.name) / "pgbackrest.conf",
+                        work_dir=self.server_dir(s.name) / "pgbackrest",
+                        repo=self.backup_dir(storage) / "pgbackrest",
+                    )
+                )
+            self._archive = Archive(
+                stanzas=stanzas,
+                run=self._run,
+                os_user=self._server_os_user(),
+                owner=self._os_user() if self._as_root() else None,
+                retention_days=max(p.pitr_days for p in PLANS),
+                queue_max_mb=self.settings.archive_queue_max_mb,
+                fsync=self.settings.fsync,
+            )
+        return self._archive
+
+    def _server_os_user(self) -> str:
+        """The OS user the servers run as."""
+        if self._as_root():
+            return self.settings.os_user
+        return pwd.getpwuid(os.geteuid()).pw_name
 
     def regional_servers(self) -> list[EmbeddedServer]:
         wanted = set(self.settings.embedded_regions)
@@ -373,7 +440,7 @@ class EmbeddedFleet:
         self.ensure_certificate(s)
         tls = self.tls_dir(s.name)
         sockets = "''"
-        if s.kind == "regional" and self.settings.routers:
+        if s.kind == "regional":
             sock = self.socket_dir(s.name)
             if len(str(sock)) + len(f"/.s.PGSQL.{s.port}") > 107:
                 raise FleetError(
@@ -423,14 +490,32 @@ class EmbeddedFleet:
             "log_connections": "off",
             "log_disconnections": "off",
         }
+        archive = self.archive if s.kind == "regional" else None
+        if archive is not None:
+            stanza = archive.stanza(s.name)
+            archive.prepare(stanza)
+            command = archive.archive_command(stanza).replace("'", "''")
+            settings.update(
+                {
+                    # Every WAL segment goes to the backup region's repository.
+                    "archive_mode": "on",
+                    "archive_command": f"'{command}'",
+                    "archive_timeout": str(self.settings.archive_timeout_s),
+                }
+            )
         body = "# Managed by pgfleet; rewritten at every start.\n" + "".join(
             f"{k} = {v}\n" for k, v in settings.items()
         )
         (data / "pgfleet.conf").write_text(body)
         (data / "pg_hba.conf").write_text(hba_conf(s.kind))
+        (data / "pg_ident.conf").write_text(
+            "# Managed by pgfleet: the servers' OS user may be the admin on the\n"
+            "# private socket (pgBackRest's way in).\n"
+            f"pgfleet  {self._server_os_user()}  {ADMIN_USER}\n"
+        )
         if self._as_root():
             uid, gid = self._os_user()
-            for p in (data / "pgfleet.conf", data / "pg_hba.conf"):
+            for p in (data / "pgfleet.conf", data / "pg_hba.conf", data / "pg_ident.conf"):
                 os.chown(p, uid, gid)
                 os.chmod(p, 0o600)
 
@@ -510,8 +595,25 @@ class EmbeddedFleet:
         for s in servers:
             self.start(s)
         self._ensure_platform_db()
+        self.start_archiving()
         self.start_routers()
         return servers
+
+    def start_archiving(self) -> None:
+        """Each regional server's stanza in its backup region's repository.
+        A server that runs without archiving (made before backups existed,
+        or with PGFLEET_BACKUPS=false before) is restarted once to turn it
+        on: archive_mode is read only at server start."""
+        archive = self.archive
+        if archive is None:
+            return
+        for s in self.regional_servers():
+            with psycopg.connect(**self.conninfo(s)) as conn:
+                row = conn.execute("SELECT current_setting('archive_mode')").fetchone()
+            if row is None or row[0] != "on":
+                self.stop(s)
+                self.start(s)
+            archive.create(archive.stanza(s.name))
 
     def start_routers(self) -> list[RouterSpec]:
         """Start the routers that are not running (their route table is what
@@ -578,6 +680,9 @@ def hba_conf(kind: Literal["platform", "regional"]) -> str:
         # The routers (same host, same OS user, a 0700 socket directory): the
         # projects' roles only, into their own database (samerole), SCRAM.
         "local   samerole     all                          scram-sha-256\n"
+        # pgBackRest (the servers' OS user, same socket): the admin, by peer
+        # authentication, into the admin database only.
+        f"local   postgres     {ADMIN_USER}                  peer map=pgfleet\n"
         f"hostssl postgres,template1 {ADMIN_USER} 127.0.0.1/32 scram-sha-256\n"
         f"hostssl replication  {ADMIN_USER}  127.0.0.1/32  scram-sha-256\n"
         f"host    all          {ADMIN_USER}  0.0.0.0/0     reject\n"

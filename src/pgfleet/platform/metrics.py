@@ -94,6 +94,52 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        slow = (1, 5, 15, 30, 60, 120, 300, 900, 1800, 3600, 7200)
+        self.base_backups = Counter(
+            "pgfleet_base_backups",
+            "Base backups of the servers (pgBackRest), by type and outcome",
+            ["region", "type", "outcome"],
+            registry=self.registry,
+        )
+        self.base_backup_duration = Histogram(
+            "pgfleet_base_backup_duration_seconds",
+            "Time a base backup took",
+            ["region", "type"],
+            buckets=slow,
+            registry=self.registry,
+        )
+        self.snapshots = Counter(
+            "pgfleet_snapshots",
+            "Project snapshots (pg_dump), by outcome",
+            ["region", "outcome"],
+            registry=self.registry,
+        )
+        self.snapshot_bytes = Counter(
+            "pgfleet_snapshot_bytes",
+            "Bytes written by project snapshots",
+            ["region"],
+            registry=self.registry,
+        )
+        self.snapshot_duration = Histogram(
+            "pgfleet_snapshot_duration_seconds",
+            "Time a project snapshot took",
+            ["region"],
+            buckets=slow,
+            registry=self.registry,
+        )
+        self.restores = Counter(
+            "pgfleet_restores",
+            "Restores of a project, by source (pitr, snapshot) and outcome",
+            ["region", "source", "outcome"],
+            registry=self.registry,
+        )
+        self.restore_duration = Histogram(
+            "pgfleet_restore_duration_seconds",
+            "Time a restore took, request to verified project",
+            ["region", "source"],
+            buckets=slow,
+            registry=self.registry,
+        )
         self.spares_made = Counter(
             "pgfleet_spares_made",
             "Prepared spare projects made ahead by the workers",

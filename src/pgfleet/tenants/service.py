@@ -32,7 +32,15 @@ from pgfleet.operations.service import start_operation
 from pgfleet.operations.store import Operation
 from pgfleet.platform.core import Platform
 from pgfleet.platform.owners import Owner
-from pgfleet.regions import PlacementPolicy, choose_server, get_plan, get_region
+from pgfleet.regions import (
+    PlacementPolicy,
+    backup_region_of,
+    check_residency_rule,
+    choose_server,
+    get_plan,
+    get_region,
+    require_residency,
+)
 from pgfleet.tenants import kinds, store
 from pgfleet.tenants.connections import DatabasePlatformClient, Mode, check_mode
 from pgfleet.tenants.provisioning import ProvisionedDatabase
@@ -84,13 +92,23 @@ def start_create_project(
     region: str,
     plan_type: str,
     subdomain: str | None = None,
+    residency: str | None = None,
+    restored_from: dict[str, Any] | None = None,
+    op_type: str = "provision",
+    op_params: dict[str, Any] | None = None,
+    action: str = "project.create",
+    deadline_s: float | None = None,
 ) -> tuple[Tenant, uuid.UUID]:
     """Validate, place, record the tenant row and its provision operation in
     one transaction, and queue the operation. Returns (project, operation id).
-    Nothing here touches a regional server: the operation does."""
+    Nothing here touches a regional server: the operation does.
+
+    A restore makes its new project here too, with `op_type="restore"` (the
+    provision steps, then the copy) and what it restores in `op_params`."""
     name = validate_name(name)
     get_region(region)
     plan = get_plan(plan_type)
+    residency = check_residency_rule(residency)
     tid = uuid.uuid4()
     sub = validate_subdomain(subdomain) if subdomain else derive_subdomain(name, tid)
     placement = choose_server(
@@ -99,7 +117,12 @@ def start_create_project(
         plan=plan.id,
         servers=platform.servers.loads(),
         default_region=platform.settings.default_region,
+        residency=residency,
     )
+    if residency is not None:
+        # Its backups stay in the jurisdiction too.
+        storage = backup_region_of(placement.hosted_region, platform.settings.backup_regions)
+        require_residency(residency, storage, what="its backups' storage")
     # A region the health checks know to be down is refused at once (503),
     # with nothing recorded.
     if known_down(platform, placement.server_id):
@@ -139,18 +162,21 @@ def start_create_project(
                 key: platform.secrets.encrypt(generate_password())
                 for key in ("password_enc", "ro_password_enc")
             },
+            residency=residency,
+            restored_from=restored_from,
         )
 
     op_id = start_operation(
         platform,
         owner,
-        type="provision",
+        type=op_type,
         tenant_id=tid,
         tenant_owner=owner.id,
-        action="project.create",
-        params={"region": region, "plan": plan.id},
+        action=action,
+        params={"region": region, "plan": plan.id, **(op_params or {})},
         details={"hosted_region": placement.hosted_region, "server": placement.server_name},
         prepare=insert_tenant,
+        deadline_s=deadline_s,
     )
     return get_project(platform, owner, tid), op_id
 
@@ -184,11 +210,18 @@ def create_project(
     region: str,
     plan_type: str,
     subdomain: str | None = None,
+    residency: str | None = None,
 ) -> tuple[Tenant, ProvisionedDatabase]:
     """Create a project and wait for its provision operation; raises the
     operation's error if it failed (nothing is left half-created)."""
     project, op_id = start_create_project(
-        platform, owner, name=name, region=region, plan_type=plan_type, subdomain=subdomain
+        platform,
+        owner,
+        name=name,
+        region=region,
+        plan_type=plan_type,
+        subdomain=subdomain,
+        residency=residency,
     )
     op = ops_service.wait(platform, op_id)
     if op.status != "finished":

@@ -67,6 +67,10 @@ class Tenant:
     updated_at: datetime | None
     deleted_at: datetime | None
     paused_at: datetime | None
+    # The data-residency rule (eu, us, apac) or None.
+    residency: str | None = None
+    # What a restored project was restored from (project, snapshot or time).
+    restored_from: dict[str, Any] | None = None
 
     @property
     def info(self) -> dict[str, Any]:
@@ -76,7 +80,8 @@ class Tenant:
 _SELECT = sql.SQL(
     "SELECT t.id, t.name, t.subdomain, t.region, t.plan_type, t.status, t.owner_id, "
     "t.server_id, s.name AS server, t.hosted_region, t.placement_reason, t.error, "
-    "t.connection_info, t.created_at, t.updated_at, t.deleted_at, t.paused_at "
+    "t.connection_info, t.created_at, t.updated_at, t.deleted_at, t.paused_at, "
+    "t.residency, t.restored_from "
     "FROM tenants t LEFT JOIN servers s ON s.id = t.server_id"
 )
 
@@ -151,6 +156,8 @@ def insert(
     hosted_region: str,
     placement_reason: str,
     connection_info: dict[str, Any] | None = None,
+    residency: str | None = None,
+    restored_from: dict[str, Any] | None = None,
 ) -> None:
     """A new project's row, `provisioning`; a taken subdomain is 409."""
     try:
@@ -158,8 +165,9 @@ def insert(
             conn.execute(
                 """
                 INSERT INTO tenants (id, name, subdomain, region, plan_type, status, owner_id,
-                                     server_id, hosted_region, placement_reason, connection_info)
-                VALUES (%s, %s, %s, %s, %s, 'provisioning', %s, %s, %s, %s, %s)
+                                     server_id, hosted_region, placement_reason, connection_info,
+                                     residency, restored_from)
+                VALUES (%s, %s, %s, %s, %s, 'provisioning', %s, %s, %s, %s, %s, %s, %s)
                 """,
                 (
                     tenant_id,
@@ -172,6 +180,8 @@ def insert(
                     hosted_region,
                     placement_reason,
                     Jsonb(connection_info or {}),
+                    residency,
+                    Jsonb(restored_from) if restored_from is not None else None,
                 ),
             )
     except psycopg.errors.UniqueViolation:

@@ -8,6 +8,7 @@ from fastapi import APIRouter
 from pgfleet.api.routes import (
     accounts,
     admin,
+    backups,
     catalog,
     health,
     monitoring,
@@ -19,7 +20,7 @@ from pgfleet.api.routes import (
 health_router = health.router
 driver_router = sql.driver_router
 v1 = APIRouter(prefix="/v1")
-for module in (catalog, projects, operations, sql, accounts, admin, monitoring):
+for module in (catalog, projects, backups, operations, sql, accounts, admin, monitoring):
     v1.include_router(module.router)
 
 __all__ = ["driver_router", "health_router", "v1"]

@@ -71,6 +71,7 @@ def create_project(
             region=body.region,
             plan_type=body.plan_type,
             subdomain=body.subdomain,
+            residency=body.residency,
         )
         status, out = project_and_op(platform, owner, op_id, wait=wait, credentials=True)
         if status != 200 or out.connection is None:

@@ -4,8 +4,10 @@ The row stays, `deleted`, for the record."""
 from __future__ import annotations
 
 import logging
-from typing import cast
+import uuid
+from typing import Any, cast
 
+import psycopg
 from psycopg import sql
 
 from pgfleet.operations.failpoints import failpoint
@@ -40,8 +42,30 @@ def _drop_database(ctx: OpContext) -> None:
         return
     name = tenant_db_name(ctx.tenant_id)
     with project_admin(p, server, ctx.tenant_id) as conn:
+        exists = conn.execute(
+            "SELECT 1 FROM pg_catalog.pg_database WHERE datname = %s", (name,)
+        ).fetchone()
+        if "restore_point" not in ctx.state and exists:
+            ctx.state.update(mark_before_drop(conn, ctx.tenant_id))
         if drop_database(conn, name):
             ctx.state.setdefault("actions", []).append("drop database")
+
+
+def mark_before_drop(conn: psycopg.Connection[Any], tid: uuid.UUID) -> dict[str, str]:
+    """A named restore point just before the drop, so that a deleted
+    project's data can be recovered from the server's archive exactly as
+    its owner left it (undelete). DROP DATABASE writes WAL that is not a
+    commit (it marks the database invalid in place) and recovery to a time
+    replays up to the next commit: a time target could land past that
+    mark, a named point cannot. The commit in between makes every time
+    before `restore_point_at` stop before the point."""
+    row = conn.execute("SELECT pg_catalog.clock_timestamp()").fetchone()
+    assert row is not None
+    conn.execute("SELECT pg_catalog.txid_current()")
+    point = f"pgfleet-drop-{tid}"
+    if conn.execute("SELECT pg_catalog.current_setting('wal_level')").fetchone() != ("minimal",):
+        conn.execute("SELECT pg_catalog.pg_create_restore_point(%s)", (point,))
+    return {"restore_point": point, "restore_point_at": row[0].isoformat()}
 
 
 def _drop_roles(ctx: OpContext) -> None:

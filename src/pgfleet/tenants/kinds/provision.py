@@ -107,3 +107,11 @@ PROVISION = register(
         on_cancel_unstarted=_cancelled_unstarted,
     )
 )
+
+
+# What other domains' kinds reuse (a restore makes its new project the same
+# way): the steps that build the project, those that open it, and the undo.
+BUILD_STEPS = PROVISION.steps[:4]
+OPEN_STEPS = PROVISION.steps[4:]
+undo_provision = _undo
+cancelled_unstarted = _cancelled_unstarted

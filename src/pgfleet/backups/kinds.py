@@ -1,0 +1,381 @@
+"""The backups domain's operation kinds:
+
+- `snapshot`: dump (pg_dump as the project's own role, with a manifest of
+  its tables read in the same snapshot; written aside, checked, then
+  renamed into place), prune (the plan's retention);
+- `restore`: the new project's place, roles, database and privileges (as a
+  provision), fetch (a point in time from the server's archive into a
+  scratch instance and dumped from there, or a snapshot checked against its
+  SHA-256), load (pg_restore as the new project's role, in one transaction),
+  verify (every table's row count and checksum against the source's
+  manifest), then activate, route, and clean up the scratch copy.
+
+A failed or cancelled restore drops the new project again; the source
+project is never written to.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from pgfleet.backups import archives, retention
+from pgfleet.backups import store as bstore
+from pgfleet.backups.dump import (
+    compare,
+    fsync_file,
+    manifest,
+    pg_dump,
+    pg_restore,
+    setup_session,
+    sha256_of,
+)
+from pgfleet.errors import BackupUnusable, Conflict, FleetError, RegionUnavailable
+from pgfleet.fleet.binaries import find_binaries
+from pgfleet.fleet.embedded import ADMIN_USER
+from pgfleet.operations.registry import OpContext, OperationKind, Step, register
+from pgfleet.platform.core import Platform
+from pgfleet.regions import get_plan
+from pgfleet.tenants.connections import DatabasePlatformClient
+from pgfleet.tenants.kinds.common import tenant
+from pgfleet.tenants.kinds.provision import (
+    BUILD_STEPS,
+    OPEN_STEPS,
+    cancelled_unstarted,
+    undo_provision,
+)
+from pgfleet.tenants.naming import rw_role_name
+from pgfleet.tenants.provisioning import prepare_provision
+
+log = logging.getLogger(__name__)
+
+
+def binary(name: str) -> str:
+    return find_binaries().path(name)
+
+
+def _dump_consistent(ci: dict[str, Any], out: Path) -> tuple[dict[str, Any], str]:
+    """pg_dump of the database `ci` names, as its user, and the manifest of
+    its tables read in the same snapshot. Returns (manifest, server version)."""
+    with psycopg.connect(**ci) as conn:
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
+        setup_session(conn)
+        row = conn.execute("SELECT pg_catalog.pg_export_snapshot()").fetchone()
+        assert row is not None
+        snapshot = str(row[0])
+        vrow = conn.execute("SELECT pg_catalog.current_setting('server_version')").fetchone()
+        assert vrow is not None
+        tables = manifest(conn)
+        pg_dump(binary("pg_dump"), ci, out, snapshot=snapshot)
+        conn.rollback()
+    return tables, str(vrow[0])
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---- snapshot -----------------------------------------------------------------
+
+
+def _snapshot_row(ctx: OpContext) -> bstore.Snapshot:
+    with ctx.platform.db.connection() as conn:
+        snap = bstore.get(conn, uuid.UUID(ctx.params["snapshot_id"]))
+    assert snap is not None, "the snapshot's row vanished"
+    return snap
+
+
+def _snapshot_dump(ctx: OpContext) -> None:
+    p = ctx.platform
+    snap = _snapshot_row(ctx)
+    if snap.status == "ok":
+        return  # done before a crash
+    ep = DatabasePlatformClient.of(p).endpoint(ctx.tenant_id)
+    ci = {**ep.conninfo("rw", p.settings.connect_timeout_s), "application_name": "pgfleet-backup"}
+    final = Path(snap.path)
+    partial = final.with_name(final.name + ".partial")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(final.parent, 0o700)
+    started = time.monotonic()
+    tables, version = _dump_consistent(ci, partial)
+    fsync_file(partial)
+    digest = sha256_of(partial)
+    size = partial.stat().st_size
+    os.replace(partial, final)
+    _fsync_dir(final.parent)
+    with p.db.connection() as conn:
+        bstore.finish(
+            conn, snap.id, size_bytes=size, sha256=digest, pg_version=version, tables=tables
+        )
+    region = snap.source_region or ""
+    p.metrics.snapshots.labels(region, "ok").inc()
+    p.metrics.snapshot_bytes.labels(region).inc(size)
+    p.metrics.snapshot_duration.labels(region).observe(time.monotonic() - started)
+    ctx.state.update(size_bytes=size, sha256=digest, tables=len(tables))
+
+
+def prune_snapshots(p: Platform, tenant_id: uuid.UUID, plan_id: str | None) -> list[str]:
+    """The project's snapshots its plan no longer keeps: files removed, rows
+    `expired`. Returns their ids."""
+    plan = get_plan(plan_id or "free")
+    with p.db.connection() as conn:
+        snaps = bstore.of_tenant(conn, tenant_id, statuses=("ok",))
+    doomed = retention.snapshots_to_delete(
+        [retention.Kept(str(s.id), s.created_at) for s in snaps],
+        keep=plan.snapshot_keep,
+        max_age=timedelta(days=plan.snapshot_max_age_days),
+        now=datetime.now(UTC),
+    )
+    by_id = {str(s.id): s for s in snaps}
+    for k in doomed:
+        Path(by_id[k.id].path).unlink(missing_ok=True)
+        with p.db.connection() as conn:
+            bstore.expire(conn, uuid.UUID(k.id))
+    return [k.id for k in doomed]
+
+
+def _snapshot_prune(ctx: OpContext) -> None:
+    row = tenant(ctx.platform, ctx.tenant_id)
+    ctx.state["expired"] = prune_snapshots(ctx.platform, ctx.tenant_id, row.plan_type)
+
+
+def _snapshot_failed(ctx: OpContext, reason: str | None = None) -> None:
+    snap = _snapshot_row(ctx)
+    final = Path(snap.path)
+    final.with_name(final.name + ".partial").unlink(missing_ok=True)
+    if snap.status == "running":
+        final.unlink(missing_ok=True)
+        with ctx.platform.db.connection() as conn:
+            bstore.fail(conn, snap.id, reason or "cancelled")
+        ctx.platform.metrics.snapshots.labels(snap.source_region or "", "failed").inc()
+
+
+SNAPSHOT = register(
+    OperationKind(
+        name="snapshot",
+        description="dump the project's database (as its own role) into its backup region",
+        steps=(Step("dump", _snapshot_dump), Step("prune", _snapshot_prune)),
+        on_failure=_snapshot_failed,
+        on_cancel=_snapshot_failed,
+    )
+)
+
+
+# ---- restore --------------------------------------------------------------------
+
+
+def _scratch_key(ctx: OpContext) -> str:
+    return f"restore-{ctx.op.id}"
+
+
+def _work_dir(ctx: OpContext) -> Path:
+    """Where a restore keeps its dump of the source (beside the scratch
+    instance's data directory)."""
+    fleet = archives.fleet_of(ctx.platform)
+    if fleet is not None:
+        return fleet.scratch_dir() / _scratch_key(ctx)
+    return ctx.platform.settings.home_abs / "scratch" / _scratch_key(ctx)
+
+
+def _fetch_pitr(ctx: OpContext) -> None:
+    p = ctx.platform
+    fleet = archives.fleet_of(p)
+    archive = archives.archive_of(p)
+    source_server = str(ctx.params["source_server"])
+    stanza = archives.stanza_of(p, source_server)
+    if fleet is None or archive is None or stanza is None:
+        raise Conflict(f"server {source_server} has no archive to restore from")
+    target = datetime.fromisoformat(ctx.params["target_time"])
+    server = next((s for s in p.servers.all() if s.name == source_server), None)
+    if server is not None:
+        try:
+            archives.switch_and_wait(p, server)
+        except RegionUnavailable:
+            # The source server is down: restore from what its archive has
+            # (the reason backups live in another region).
+            log.warning("restoring %s from the archive alone: its server is down", source_server)
+    db = str(ctx.params["source_database"])
+    scratch = fleet.scratch(_scratch_key(ctx))
+    scratch.stop()
+    # A deleted project's latest moment is the restore point its delete
+    # made just before the drop (see tenants/kinds/delete.py).
+    point = ctx.params.get("restore_point")
+    archive.restore(stanza, scratch.data_dir, database=db, target_time=target, target_name=point)
+    scratch.start()
+    try:
+        rw = rw_role_name(db)
+        with scratch.connect("postgres", ADMIN_USER) as conn:
+            setup_session(conn)
+            found = conn.execute(
+                "SELECT (SELECT true FROM pg_catalog.pg_database WHERE datname = %s), "
+                "(SELECT true FROM pg_catalog.pg_roles WHERE rolname = %s)",
+                (db, rw),
+            ).fetchone()
+            if found is None or not found[0] or not found[1]:
+                raise Conflict(
+                    f"the project's database did not exist at {target.isoformat()}; "
+                    "choose a later time",
+                )
+            # Paused at that moment: its role may not log in; the copy is ours.
+            conn.execute(f'ALTER ROLE "{rw}" LOGIN')  # rw is a tenant_* name (naming.py)
+        out = scratch.data_dir.parent / "source.dump"
+        tables, _ = _dump_consistent(scratch.conninfo(db, rw), out)
+    except psycopg.Error as e:
+        # Not a passing trouble: the restored copy is what it is.
+        raise FleetError(f"the restored copy cannot be read: {e}") from e
+    finally:
+        scratch.stop()
+    shutil.rmtree(scratch.data_dir, ignore_errors=True)
+    ctx.state.update(dump=str(out), manifest=tables)
+
+
+def _fetch_snapshot(ctx: OpContext) -> None:
+    p = ctx.platform
+    with p.db.connection() as conn:
+        snap = bstore.get(conn, uuid.UUID(ctx.params["snapshot_id"]))
+    if snap is None or snap.status != "ok" or snap.sha256 is None:
+        raise BackupUnusable(f"snapshot {ctx.params['snapshot_id']} is not usable")
+    path = Path(snap.path)
+    if not path.is_file():
+        raise BackupUnusable(
+            f"snapshot {snap.id} is missing from the storage in {snap.storage_region}"
+        )
+    digest = sha256_of(path)
+    if digest != snap.sha256:
+        raise BackupUnusable(
+            f"snapshot {snap.id} is damaged: its SHA-256 is {digest}, recorded {snap.sha256}; "
+            "it cannot be restored"
+        )
+    ctx.state.update(dump=str(path), manifest=snap.tables or {})
+
+
+def _fetch(ctx: OpContext) -> None:
+    if ctx.state.get("dump") and Path(ctx.state["dump"]).is_file():
+        return
+    if ctx.params.get("snapshot_id"):
+        _fetch_snapshot(ctx)
+    else:
+        _fetch_pitr(ctx)
+
+
+def _new_project_conninfo(ctx: OpContext) -> dict[str, Any]:
+    t = prepare_provision(ctx.platform, ctx.tenant_id)
+    out: dict[str, Any] = {
+        "host": t.server.host,
+        "port": t.server.port,
+        "dbname": t.name,
+        "user": t.rw_user,
+        "password": t.password,
+        "sslmode": t.server.sslmode,
+        "connect_timeout": max(1, round(ctx.platform.settings.connect_timeout_s)),
+        "application_name": "pgfleet-restore",
+    }
+    if t.server.sslrootcert:
+        out["sslrootcert"] = t.server.sslrootcert
+    return out
+
+
+def _has_tables(ci: dict[str, Any]) -> bool:
+    with psycopg.connect(**ci, autocommit=True) as conn:
+        setup_session(conn)
+        return bool(manifest_names(conn))
+
+
+def manifest_names(conn: psycopg.Connection[Any]) -> list[str]:
+    return [
+        r[0]
+        for r in conn.execute(
+            "SELECT c.relname FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n "
+            "ON n.oid OPERATOR(pg_catalog.=) c.relnamespace WHERE c.relkind IN ('r', 'p', 'v', "
+            "'m', 'S', 'f') AND n.nspname <> ALL (ARRAY['pg_catalog', 'information_schema']) "
+            "AND n.nspname NOT LIKE 'pg\\_%%' LIMIT 1"
+        ).fetchall()
+    ]
+
+
+def _load(ctx: OpContext) -> None:
+    if ctx.state.get("loaded"):
+        return
+    ci = _new_project_conninfo(ctx)
+    # A load that committed before a crash left its tables: verify decides.
+    if not _has_tables(ci):
+        pg_restore(binary("pg_restore"), ci, Path(ctx.state["dump"]))
+    ctx.state["loaded"] = True
+
+
+def _verify(ctx: OpContext) -> None:
+    ci = _new_project_conninfo(ctx)
+    with psycopg.connect(**ci) as conn:
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        setup_session(conn)
+        got = manifest(conn)
+        conn.rollback()
+    problems = compare(ctx.state.get("manifest") or {}, got)
+    if problems:
+        raise FleetError(
+            "the restored database does not match its source: " + "; ".join(problems[:5])
+        )
+    ctx.state["verified_tables"] = len(got)
+    ctx.state["verified_rows"] = sum(int(t["rows"]) for t in got.values())
+
+
+def _clean(ctx: OpContext) -> None:
+    _remove_work(ctx)
+    p = ctx.platform
+    row = tenant(p, ctx.tenant_id)
+    source = "snapshot" if ctx.params.get("snapshot_id") else "pitr"
+    region = row.hosted_region or ""
+    p.metrics.restores.labels(region, source, "ok").inc()
+    took = datetime.now(UTC) - ctx.op.created_at
+    p.metrics.restore_duration.labels(region, source).observe(took.total_seconds())
+
+
+def _remove_work(ctx: OpContext) -> None:
+    fleet = archives.fleet_of(ctx.platform)
+    if fleet is not None and not ctx.params.get("snapshot_id"):
+        fleet.scratch(_scratch_key(ctx)).remove()
+    work = _work_dir(ctx)
+    if work.exists():
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _restore_undo(ctx: OpContext, reason: str = "cancelled") -> None:
+    try:
+        _remove_work(ctx)
+    except Exception as e:  # the undo of the project must still run
+        log.warning("the scratch copy of %s was not removed: %s", ctx.op.id, e)
+    source = "snapshot" if ctx.params.get("snapshot_id") else "pitr"
+    ctx.platform.metrics.restores.labels(ctx.params.get("region", ""), source, "failed").inc()
+    undo_provision(ctx, reason)
+
+
+RESTORE = register(
+    OperationKind(
+        name="restore",
+        description="restore a project (a point in time or a snapshot) into a new project",
+        steps=(
+            *BUILD_STEPS,
+            Step("fetch", _fetch),
+            Step("load", _load),
+            Step("verify", _verify),
+            *OPEN_STEPS,
+            Step("clean", _clean),
+        ),
+        on_failure=lambda ctx, reason: _restore_undo(ctx, f"restore failed: {reason}"),
+        on_cancel=lambda ctx: _restore_undo(ctx, "restore was cancelled"),
+        on_cancel_unstarted=cancelled_unstarted,
+    )
+)

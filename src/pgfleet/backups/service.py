@@ -1,0 +1,298 @@
+"""Backups for issue-level callers (API, CLI, console): snapshots, the
+restorable window, restores, and the servers' base backups (admins)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+
+from pgfleet.backups import archives, kinds
+from pgfleet.backups import store as bstore
+from pgfleet.backups.archives import Window
+from pgfleet.errors import BackupNotFound, Conflict, Forbidden, InvalidInput
+from pgfleet.fleet.archive import BACKUP_TYPES, BaseBackup
+from pgfleet.operations.service import start_operation
+from pgfleet.platform.core import Platform
+from pgfleet.platform.owners import Owner
+from pgfleet.regions import get_plan, get_region, require_residency
+from pgfleet.tenants import service as tenants
+from pgfleet.tenants import store
+from pgfleet.tenants.naming import tenant_db_name
+from pgfleet.tenants.store import Tenant
+
+# This domain's operation kinds, registered with the engine on import.
+KINDS = kinds
+# Snapshots and restores copy whole databases: they get longer than the
+# default deadline.
+BACKUP_DEADLINE_S = 6 * 3600.0
+RESTORE_INTO = ("new",)
+
+
+def start_snapshot(
+    platform: Platform, owner: Owner, project_id: str | uuid.UUID, *, reason: str = "manual"
+) -> tuple[uuid.UUID, uuid.UUID]:
+    """Record a snapshot (`running`) and its operation; returns (snapshot
+    id, operation id)."""
+    project = tenants.get_project(platform, owner, project_id)
+    if project.status != "active":
+        raise Conflict(
+            f"project {project.id} is {project.status}; a snapshot needs it to be active",
+            status=project.status,
+        )
+    hosted = project.hosted_region or project.region or ""
+    storage = archives.storage_region(platform, hosted)
+    require_residency(project.residency, storage, what="its backups' storage")
+    sid = uuid.uuid4()
+    path = archives.storage_dir(platform, storage) / "snapshots" / str(project.id) / f"{sid}.dump"
+
+    def record(conn: psycopg.Connection[Any]) -> None:
+        status = store.lock_row_status(conn, project.id)
+        if status != "active":
+            raise Conflict(f"project {project.id} changed to {status} meanwhile", status=status)
+        bstore.insert(
+            conn,
+            snapshot_id=sid,
+            tenant_id=project.id,
+            owner_id=project.owner_id,
+            reason=reason,
+            server_name=project.server,
+            source_region=hosted,
+            storage_region=storage,
+            path=str(path),
+        )
+
+    op_id = start_operation(
+        platform,
+        owner,
+        type="snapshot",
+        tenant_id=project.id,
+        tenant_owner=project.owner_id,
+        action="project.snapshot",
+        params={"snapshot_id": str(sid)},
+        details={"reason": reason, "storage_region": storage},
+        prepare=record,
+        deadline_s=BACKUP_DEADLINE_S,
+    )
+    with platform.db.connection() as conn:
+        bstore.set_operation(conn, sid, op_id)
+    return sid, op_id
+
+
+def get_snapshot(
+    platform: Platform, owner: Owner, project_id: str | uuid.UUID, snapshot_id: str | uuid.UUID
+) -> bstore.Snapshot:
+    project = tenants.get_project(platform, owner, project_id, include_deleted=True)
+    try:
+        sid = uuid.UUID(str(snapshot_id))
+    except ValueError:
+        raise BackupNotFound(f"backup {snapshot_id} not found") from None
+    with platform.db.connection() as conn:
+        snap = bstore.get(conn, sid)
+    if snap is None or snap.tenant_id != project.id or snap.status == "expired":
+        raise BackupNotFound(f"backup {snapshot_id} not found")
+    return snap
+
+
+@dataclass(frozen=True)
+class Backups:
+    project: Tenant
+    snapshots: list[bstore.Snapshot]
+    window: Window | None
+    window_note: str
+    storage_region: str
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """Where a deleted project's data ends in its server's archive: the
+    restore point its delete made just before the drop."""
+
+    at: datetime
+    restore_point: str | None
+
+
+def _dropped(platform: Platform, project: Tenant) -> Dropped | None:
+    if project.status not in ("deleted", "deleting"):
+        return None
+    with platform.db.connection() as conn:
+        row = conn.execute(
+            "SELECT result->>'restore_point', result->>'restore_point_at' FROM operations "
+            "WHERE tenant_id = %s AND type = 'delete' AND result ? 'restore_point' "
+            "ORDER BY created_at DESC LIMIT 1",
+            (project.id,),
+        ).fetchone()
+    if row is not None and row[1]:
+        return Dropped(datetime.fromisoformat(row[1]), row[0])
+    # Deleted before deletes made restore points: up to when it was asked.
+    return Dropped(project.deleted_at, None) if project.deleted_at else None
+
+
+def _deleted_at(platform: Platform, project: Tenant) -> datetime | None:
+    dropped = _dropped(platform, project)
+    return dropped.at if dropped else None
+
+
+def list_backups(platform: Platform, owner: Owner, project_id: str | uuid.UUID) -> Backups:
+    project = tenants.get_project(platform, owner, project_id, include_deleted=True)
+    with platform.db.connection() as conn:
+        snaps = bstore.of_tenant(conn, project.id, statuses=("running", "ok", "failed"))
+    window, note = archives.restorable_window(
+        platform, project, deleted_at=_deleted_at(platform, project)
+    )
+    hosted = project.hosted_region or project.region or ""
+    return Backups(project, snaps, window, note, archives.storage_region(platform, hosted))
+
+
+def _in_window(target: datetime, window: Window | None, note: str) -> None:
+    if window is None:
+        raise InvalidInput(
+            f"this project cannot be restored to a point in time: {note}", field="target_time"
+        )
+    if not window.earliest <= target <= window.latest:
+        raise InvalidInput(
+            f"target_time {target.isoformat()} is outside the restorable window "
+            f"{window.earliest.isoformat()} .. {window.latest.isoformat()} ({note})",
+            field="target_time",
+            earliest=window.earliest.isoformat(),
+            latest=window.latest.isoformat(),
+        )
+
+
+def start_restore(
+    platform: Platform,
+    owner: Owner,
+    project_id: str | uuid.UUID,
+    *,
+    target_time: datetime | None = None,
+    backup_id: str | None = None,
+    region: str | None = None,
+    into: str = "new",
+    name: str | None = None,
+) -> tuple[Tenant, uuid.UUID]:
+    """Restore a project (a point in time of its archive, or one of its
+    snapshots) into a new project; returns (new project, operation id)."""
+    if into not in RESTORE_INTO:
+        raise InvalidInput(
+            f"into must be 'new' (a new project beside the original), not {into!r}; "
+            "restoring over the project itself is not available yet",
+            field="into",
+        )
+    if target_time is not None and backup_id is not None:
+        raise InvalidInput("give target_time or backup_id, not both", field="target_time")
+    source = tenants.get_project(platform, owner, project_id, include_deleted=True)
+    if source.status in ("provisioning", "failed") or source.server is None:
+        raise Conflict(
+            f"project {source.id} is {source.status}; it has nothing to restore",
+            status=source.status,
+        )
+    dropped = _dropped(platform, source)
+    deleted_at = dropped.at if dropped else None
+    plan = get_plan(source.plan_type or "free")
+    if deleted_at is not None and datetime.now(UTC) - deleted_at > timedelta(days=plan.pitr_days):
+        raise Conflict(
+            f"project {source.id} was deleted more than {plan.pitr_days} days ago "
+            f"({plan.name} plan); it is no longer restorable",
+            status=source.status,
+        )
+    region = region or source.region or source.hosted_region or ""
+    get_region(region)
+    require_residency(source.residency, region, what="a restore")
+    params: dict[str, Any] = {
+        "source_tenant_id": str(source.id),
+        "source_server": source.server,
+        "source_database": tenant_db_name(source.id),
+        "source_deleted": deleted_at is not None,
+    }
+    restored_from: dict[str, Any] = {"project_id": str(source.id)}
+    if backup_id is not None:
+        snap = get_snapshot(platform, owner, source.id, backup_id)
+        if snap.status != "ok":
+            raise Conflict(f"backup {snap.id} is {snap.status}; only a finished one restores")
+        require_residency(source.residency, snap.storage_region, what="the backup's storage")
+        params["snapshot_id"] = str(snap.id)
+        restored_from.update(backup_id=str(snap.id), taken_at=snap.created_at.isoformat())
+    else:
+        window, note = archives.restorable_window(platform, source, deleted_at=deleted_at)
+        if target_time is None:
+            if window is None:
+                _in_window(datetime.now(UTC), window, note)
+            assert window is not None
+            target = window.latest
+        else:
+            target = target_time if target_time.tzinfo else target_time.replace(tzinfo=UTC)
+            _in_window(target, window, note)
+        params["target_time"] = target.isoformat()
+        if dropped is not None and dropped.restore_point and target >= dropped.at:
+            params["restore_point"] = dropped.restore_point
+        restored_from["target_time"] = target.isoformat()
+    new_name = name or f"{source.name[:89]} (restored)"
+    return tenants.start_create_project(
+        platform,
+        owner,
+        name=new_name,
+        region=region,
+        plan_type=source.plan_type or "free",
+        residency=source.residency,
+        restored_from=restored_from,
+        op_type="restore",
+        op_params=params,
+        action="project.restore",
+        deadline_s=BACKUP_DEADLINE_S,
+    )
+
+
+# ---- the servers' base backups (admins) -------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerBackups:
+    server: str
+    region: str
+    storage_region: str
+    backups: list[BaseBackup]
+    archiving: archives.ArchiverState | None
+    error: str | None = None
+
+
+def server_backups(platform: Platform, owner: Owner) -> list[ServerBackups]:
+    if not owner.is_admin:
+        raise Forbidden("only an admin sees the servers' base backups")
+    out = []
+    for server in platform.servers.all(enabled_only=True):
+        state, error = None, None
+        try:
+            with platform.servers.admin_connection(server) as conn:
+                state = archives.archiver_state(conn)
+        except Exception as e:  # a down server still lists its archive
+            error = str(e)
+        arch = archives.info(platform, server.name)
+        out.append(
+            ServerBackups(
+                server=server.name,
+                region=server.region,
+                storage_region=archives.storage_region(platform, server.region),
+                backups=list(arch.backups) if arch else [],
+                archiving=state,
+                error=error,
+            )
+        )
+    return out
+
+
+def take_base_backup(platform: Platform, owner: Owner, server: str, type: str) -> BaseBackup:
+    if not owner.is_admin:
+        raise Forbidden("only an admin takes base backups")
+    if type not in BACKUP_TYPES:
+        raise InvalidInput(
+            f"type must be one of {', '.join(BACKUP_TYPES)}, not {type!r}", field="type"
+        )
+    names = [s.name for s in platform.servers.all(enabled_only=True)]
+    if server not in names:
+        raise InvalidInput(
+            f"unknown server {server!r}; servers are: {', '.join(names)}", field="server"
+        )
+    return archives.take_base_backup(platform, server, type)

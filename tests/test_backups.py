@@ -1,0 +1,288 @@
+"""Backups with real servers and real pgBackRest: snapshots taken as the
+project's own role, point-in-time restores from the archive into another
+region, restores of snapshots, undelete, residency, damage and bad input."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+
+from pgfleet.platform.core import Platform
+from tests.helpers import Api, FleetUnderTest, create_ok, error_of
+
+PLANTED_ROWS = 2000
+
+
+def direct(api: Api, pid: str) -> dict[str, Any]:
+    r = api.get(f"/v1/projects/{pid}/connection", params={"direct": "true"})
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def connect(c: dict[str, Any]) -> psycopg.Connection[Any]:
+    return psycopg.connect(
+        host=c["host"],
+        port=c["port"],
+        dbname=c["database"],
+        user=c["user"],
+        password=c["password"],
+        sslmode=c["sslmode"],
+        sslrootcert=c["sslrootcert"],
+        connect_timeout=5,
+        autocommit=True,
+    )
+
+
+def fill(api: Api, pid: str, rows: int = PLANTED_ROWS) -> None:
+    with connect(direct(api, pid)) as c:
+        c.execute("CREATE TABLE items (id int PRIMARY KEY, doc jsonb, note text)")
+        c.execute(
+            "INSERT INTO items SELECT g, jsonb_build_object('g', g), repeat('x', g %% 50) "
+            "FROM generate_series(1, %s) g",
+            (rows,),
+        )
+        c.execute("CREATE SCHEMA extra")
+        c.execute("CREATE TABLE extra.events (at timestamptz DEFAULT now(), what text)")
+        c.execute("INSERT INTO extra.events (what) VALUES ('created'), ('filled')")
+
+
+def count(api: Api, pid: str, table: str = "items") -> int:
+    with connect(direct(api, pid)) as c:
+        row = c.execute(f"SELECT count(*) FROM {table}").fetchone()  # noqa: S608
+    assert row is not None
+    return int(row[0])
+
+
+def base_backup(admin_api: Api, region: str, fleet: FleetUnderTest) -> None:
+    r = admin_api.post(
+        "/v1/admin/base-backups", json={"server": fleet.server(region).name, "type": "full"}
+    )
+    assert r.status_code == 201, r.text
+
+
+def snapshot(api: Api, pid: str) -> dict[str, Any]:
+    r = api.post(f"/v1/projects/{pid}/backups")
+    assert r.status_code == 201, r.text
+    body: dict[str, Any] = r.json()["backup"]
+    return body
+
+
+def test_a_snapshot_is_taken_as_the_project_role_into_the_paired_region(
+    api: Api, fleet: FleetUnderTest, platform: Platform
+) -> None:
+    p = create_ok(api, "snap", region="us-east-1")
+    fill(api, p["id"], rows=50_000)
+    rw_user = direct(api, p["id"])["user"]
+    seen: set[tuple[str, str]] = set()
+    stop = threading.Event()
+
+    def watch() -> None:
+        with fleet.admin_conn("us-east-1") as c:
+            while not stop.is_set():
+                for user, app in c.execute(
+                    "SELECT usename, application_name FROM pg_stat_activity WHERE datname = %s",
+                    (p["connection"]["database"],),
+                ):
+                    seen.add((user, app))
+                time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        snap = snapshot(api, p["id"])
+    finally:
+        stop.set()
+        watcher.join()
+    assert snap["status"] == "ok"
+    assert snap["source_region"] == "us-east-1"
+    assert snap["storage_region"] == "us-west-1"
+    assert snap["tables"] == 2 and snap["rows"] == 50_002
+    # pg_dump itself was in the database, as the project's role and nobody else.
+    assert ("pgfleet-backup" in {a for _, a in seen}) or ("pg_dump" in {a for _, a in seen})
+    assert {u for u, _ in seen} == {rw_user}, seen
+    # The file is where the storage region keeps it, and its checksum holds.
+    files = list((fleet.settings.home_abs / "backups" / "us-west-1" / "snapshots").rglob("*.dump"))
+    mine = [f for f in files if f.stem == snap["id"]]
+    assert len(mine) == 1
+    import hashlib
+
+    assert hashlib.sha256(mine[0].read_bytes()).hexdigest() == snap["sha256"]
+    assert mine[0].stat().st_size == snap["size_bytes"]
+    listed = api.get(f"/v1/projects/{p['id']}/backups").json()
+    assert [b["id"] for b in listed["backups"]] == [snap["id"]]
+    assert listed["storage_region"] == "us-west-1"
+
+
+def test_a_snapshot_restores_into_a_new_project_in_another_region(
+    api: Api, fleet: FleetUnderTest
+) -> None:
+    p = create_ok(api, "shop", region="us-east-1")
+    fill(api, p["id"])
+    snap = snapshot(api, p["id"])
+    with connect(direct(api, p["id"])) as c:
+        c.execute("DELETE FROM items WHERE id > 10")  # the mistake a restore undoes
+    r = api.post(
+        f"/v1/projects/{p['id']}/restore",
+        json={"backup_id": snap["id"], "region": "eu-central-1", "name": "shop again"},
+    )
+    assert r.status_code == 201, r.text
+    new = r.json()
+    assert new["hosted_region"] == "eu-central-1"
+    assert new["restored_from"]["backup_id"] == snap["id"]
+    assert new["connection"]["database"] in fleet.databases("eu-central-1")
+    assert count(api, new["id"]) == PLANTED_ROWS
+    assert count(api, new["id"], "extra.events") == 2
+    assert count(api, p["id"]) == 10  # the original is never written to
+    # The restored project's own roles own what came back, its ro role reads.
+    with connect(direct(api, new["id"])) as c:
+        owners = {
+            r[0] for r in c.execute("SELECT tableowner FROM pg_tables WHERE tablename = 'items'")
+        }
+        assert owners == {new["connection"]["user"]}
+    verified = new["operation"]["result"]
+    assert verified["verified_rows"] == PLANTED_ROWS + 2
+
+
+def test_point_in_time_restore_into_another_region(
+    api: Api, admin_api: Api, fleet: FleetUnderTest
+) -> None:
+    p = create_ok(api, "pitr", region="us-east-1")
+    fill(api, p["id"])
+    base_backup(admin_api, "us-east-1", fleet)
+    time.sleep(1.1)  # the window opens the second after the backup stopped
+    with connect(direct(api, p["id"])) as c:
+        c.execute(
+            "INSERT INTO items SELECT g, NULL, 'later' FROM generate_series(100001, 100500) g"
+        )
+        time.sleep(0.05)
+        row = c.execute("SELECT now()").fetchone()
+        assert row is not None
+        target: datetime = row[0]
+        time.sleep(0.05)
+        c.execute("DROP TABLE items")  # the accident
+    listed = api.get(f"/v1/projects/{p['id']}/backups").json()
+    window = listed["restorable_window"]
+    assert window is not None, listed
+    assert datetime.fromisoformat(window["earliest"]) <= target
+    r = api.post(
+        f"/v1/projects/{p['id']}/restore",
+        json={"target_time": target.isoformat(), "region": "ap-southeast-1"},
+    )
+    assert r.status_code == 201, r.text
+    new = r.json()
+    assert new["hosted_region"] == "ap-southeast-1"
+    assert count(api, new["id"]) == PLANTED_ROWS + 500
+    assert new["connection"]["database"] in fleet.databases("ap-southeast-1")
+    # Its credentials are its own: the original's do not open it.
+    orig = direct(api, p["id"])
+    with pytest.raises(psycopg.OperationalError):
+        connect({**direct(api, new["id"]), "user": orig["user"], "password": orig["password"]})
+    # No scratch instance is left behind.
+    scratch = fleet.settings.home_abs / "scratch"
+    assert not scratch.exists() or not any(scratch.iterdir())
+
+
+def test_a_deleted_project_is_restorable(api: Api, admin_api: Api, fleet: FleetUnderTest) -> None:
+    p = create_ok(api, "gone", region="eu-central-1")
+    base_backup(admin_api, "eu-central-1", fleet)
+    time.sleep(1.1)
+    fill(api, p["id"])
+    assert api.delete(f"/v1/projects/{p['id']}").status_code == 200
+    listed = api.get(f"/v1/projects/{p['id']}/backups").json()
+    assert listed["restorable_window"] is not None, listed
+    r = api.post(f"/v1/projects/{p['id']}/restore", json={})
+    assert r.status_code == 201, r.text
+    new = r.json()
+    assert new["hosted_region"] == "eu-central-1"
+    assert count(api, new["id"]) == PLANTED_ROWS
+
+
+def test_restore_refuses_what_it_cannot_do(
+    api: Api, admin_api: Api, fleet: FleetUnderTest, client: Any, platform: Platform
+) -> None:
+    from pgfleet.auth import create_owner
+
+    p = create_ok(api, "guarded", region="us-east-1")
+    base_backup(admin_api, "us-east-1", fleet)
+    # Outside the window: 422 naming it.
+    err = error_of(
+        api.post(
+            f"/v1/projects/{p['id']}/restore",
+            json={"target_time": (datetime.now(UTC) - timedelta(days=30)).isoformat()},
+        ),
+        422,
+    )
+    assert "restorable window" in err["message"] and err["earliest"]
+    # Both a time and a backup; an unknown backup; an unknown field; into=same.
+    error_of(
+        api.post(
+            f"/v1/projects/{p['id']}/restore",
+            json={"target_time": datetime.now(UTC).isoformat(), "backup_id": str(uuid.uuid4())},
+        ),
+        422,
+    )
+    error_of(
+        api.post(f"/v1/projects/{p['id']}/restore", json={"backup_id": str(uuid.uuid4())}), 404
+    )
+    error_of(api.post(f"/v1/projects/{p['id']}/restore", json={"when": "now"}), 422)
+    error_of(api.post(f"/v1/projects/{p['id']}/restore", json={"region": "mars-1"}), 422)
+    # Another owner sees nothing of it.
+    _, token = create_owner(platform, "mallory")
+    other = Api(client, token)
+    error_of(other.get(f"/v1/projects/{p['id']}/backups"), 404)
+    error_of(other.post(f"/v1/projects/{p['id']}/restore", json={}), 404)
+    error_of(other.post(f"/v1/projects/{p['id']}/backups"), 404)
+    # Nothing was created by any of it.
+    names = [x["name"] for x in api.get("/v1/projects").json()["projects"]]
+    assert names == ["guarded"]
+
+
+def test_residency_keeps_a_project_in_its_jurisdiction(
+    api: Api, admin_api: Api, fleet: FleetUnderTest
+) -> None:
+    # A metadata-only EU region lands on the EU server, never on us-east-1.
+    p = create_ok(api, "gdpr", region="eu-west-1", residency="eu")
+    assert p["hosted_region"] == "eu-central-1" and p["residency"] == "eu"
+    err = error_of(
+        api.post("/v1/projects", json={"name": "x", "region": "us-east-1", "residency": "eu"}), 409
+    )
+    assert err["code"] == "residency_violation" and "us-east-1" in err["message"]
+    error_of(
+        api.post("/v1/projects", json={"name": "x", "region": "eu-central-1", "residency": "mars"}),
+        422,
+    )
+    base_backup(admin_api, "eu-central-1", fleet)
+    err = error_of(api.post(f"/v1/projects/{p['id']}/restore", json={"region": "us-east-1"}), 409)
+    assert err["code"] == "residency_violation"
+    assert err["rule"] == "eu" and err["region"] == "us-east-1"
+    # Its snapshot stays in the EU (eu-central-1's pair is eu-west-1).
+    snap = snapshot(api, p["id"])
+    assert snap["storage_region"] == "eu-west-1"
+
+
+def test_a_damaged_snapshot_is_refused_and_leaves_nothing(api: Api, fleet: FleetUnderTest) -> None:
+    p = create_ok(api, "fragile", region="us-east-1")
+    fill(api, p["id"])
+    snap = snapshot(api, p["id"])
+    path = next((fleet.settings.home_abs / "backups").rglob(f"{snap['id']}.dump"))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    r = api.post(f"/v1/projects/{p['id']}/restore", json={"backup_id": snap["id"]})
+    err = error_of(r, 409)
+    assert err["code"] == "backup_unusable" and "damaged" in err["message"], err
+    projects = api.get("/v1/projects").json()["projects"]
+    assert [x["name"] for x in projects] == ["fragile"]
+    assert (
+        len(
+            fleet.databases("us-east-1") & {f"tenant_{x['id'].replace('-', '_')}" for x in projects}
+        )
+        == 1
+    )
