@@ -33,6 +33,7 @@ def two_workers(platform: Platform, fleet: FleetUnderTest, tmp_path: Path) -> It
         PGFLEET_HOME=str(s.home_abs),
         PGFLEET_PORT_BASE=str(s.port_base),
         PGFLEET_FSYNC="false",
+        PGFLEET_BACKUP_SCHEDULE="false",
         PGFLEET_EMBEDDED_REGIONS=",".join(s.embedded_regions),
         PGFLEET_PLATFORM_DSN=make_conninfo(**platform.conninfo),
         PGFLEET_API_PORT=str(port),

@@ -286,3 +286,103 @@ def test_a_damaged_snapshot_is_refused_and_leaves_nothing(api: Api, fleet: Fleet
         )
         == 1
     )
+
+
+def _switch_wal(fleet: FleetUnderTest, region: str) -> None:
+    with fleet.admin_conn(region) as c:
+        c.execute("SELECT txid_current()")
+        c.execute("SELECT pg_switch_wal()")
+
+
+def test_unwritable_backup_storage_alarms_and_recovers_by_itself(
+    client: Any, fleet: FleetUnderTest
+) -> None:
+    repo = fleet.settings.home_abs / "backups" / "us-west-1" / "pgbackrest"
+    mode = repo.stat().st_mode & 0o777
+    repo.chmod(0)
+    try:
+        _switch_wal(fleet, "us-east-1")
+        deadline = time.monotonic() + 30
+        while True:
+            body = client.get("/health").json()
+            srv = body["regions"]["us-east-1"]["servers"][0]
+            if srv["archiving"]["failing"]:
+                break
+            assert time.monotonic() < deadline, body
+            time.sleep(0.3)
+        assert body["status"] == "degraded"
+        assert body["regions"]["us-east-1"]["status"] == "degraded"
+        assert any("cannot archive its WAL" in r for r in body["reasons"]), body["reasons"]
+        # The server keeps serving meanwhile.
+        with fleet.admin_conn("us-east-1") as c:
+            assert c.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        repo.chmod(mode)
+    deadline = time.monotonic() + 60
+    while True:
+        _switch_wal(fleet, "us-east-1")  # wakes the archiver, which retries
+        body = client.get("/health").json()
+        if not body["regions"]["us-east-1"]["servers"][0]["archiving"]["failing"]:
+            break
+        assert time.monotonic() < deadline, body
+        time.sleep(1)
+    assert body["regions"]["us-east-1"]["status"] == "ok", body
+
+
+def test_the_schedule_takes_base_backups_and_snapshots(
+    platform_factory: Any, api: Api, fleet: FleetUnderTest
+) -> None:
+    from pgfleet.auth import create_owner
+    from pgfleet.backups import archives, service
+    from pgfleet.tenants import service as tenants
+
+    # A differential backup every ~0.4 s: whatever the shared fleet has, one is due.
+    p: Platform = platform_factory(backup_schedule=True, backup_diff_every_h=0.0001)
+    owner, _ = create_owner(p, "scheduled")
+    project, _ = tenants.create_project(
+        p, owner, name="nightly", region="ap-southeast-1", plan_type="pro"
+    )
+    free, _ = tenants.create_project(
+        p, owner, name="no-schedule", region="ap-southeast-1", plan_type="free"
+    )
+    server = fleet.server("ap-southeast-1").name
+    before = len(archives.base_backups(p, server))
+    due = dict(archives.due_backups(p))
+    assert server in due
+    # This platform's own worker runs the schedule too: whichever gets the
+    # lock takes it.
+    archives.scheduled_base_backups(p)
+    deadline = time.monotonic() + 60
+    while len(after := archives.base_backups(p, server)) == before:
+        assert time.monotonic() < deadline, "no base backup was taken"
+        time.sleep(0.2)
+    assert after[-1].type == due[server]
+    assert server not in dict(archives.due_backups(p, now=after[-1].stopped_at))
+    # The pro plan snapshots daily, the free plan not at all.
+    assert service.due_snapshots(p) == [project.id]
+    started = service.scheduled_snapshots(p)
+    assert len(started) == 1
+    deadline = time.monotonic() + 60
+    while True:
+        snaps = service.list_backups(p, owner, project.id).snapshots
+        if snaps and snaps[0].status == "ok":
+            break
+        assert time.monotonic() < deadline, snaps
+        time.sleep(0.2)
+    assert snaps[0].reason == "scheduled"
+    assert service.due_snapshots(p) == []
+    assert service.list_backups(p, owner, free.id).snapshots == []
+
+
+def test_a_project_made_after_the_last_base_backup_restores_from_the_wal(
+    api: Api, admin_api: Api, fleet: FleetUnderTest
+) -> None:
+    """Its database is not in the base backup's manifest: the whole server
+    is recovered in the scratch instance and the one database copied out."""
+    base_backup(admin_api, "eu-central-1", fleet)
+    time.sleep(1.1)
+    p = create_ok(api, "newer", region="eu-central-1")
+    fill(api, p["id"])
+    r = api.post(f"/v1/projects/{p['id']}/restore", json={"region": "us-east-1"})
+    assert r.status_code == 201, r.text
+    assert count(api, r.json()["id"]) == PLANTED_ROWS

@@ -446,3 +446,36 @@ def test_api_docs_render_without_internet(page: Page, api_url: str) -> None:
     assert page.locator(".opblock").count() > 20  # the operations are listed
     page.get_by_text("Serverless driver endpoint").first.wait_for()
     assert left == [], f"/docs reached outside the API: {left}"
+
+
+def test_snapshot_and_restore_from_the_console(
+    page: Page, owner: tuple[Owner, str], platform: Platform, fleet: FleetUnderTest
+) -> None:
+    """Take a snapshot, see it listed, restore it into a new database in
+    another region (residency limits the regions offered), follow the
+    restore to the new database's page."""
+    sign_in(page, owner[1])
+    page.goto("/databases/new")
+    page.get_by_label("Name").fill("ledger")
+    page.get_by_label(re.compile("EU Central")).check()
+    page.get_by_label("Data residency").select_option("eu")
+    page.get_by_role("button", name="Create database").click()
+    expect(page).to_have_url(re.compile(r"/databases/[0-9a-f-]{36}$"))
+    expect(page.get_by_test_id("residency")).to_have_text("eu")
+    expect(page.locator("[data-progress]")).to_have_count(0)
+    pid = page.url.rsplit("/", 1)[1]
+    page.get_by_role("button", name="Take a snapshot").click()
+    expect(page.get_by_text("Done: snapshot taken")).to_be_visible()
+    expect(page.get_by_test_id("snapshots")).to_contain_text("ok")
+    # Only EU regions are offered for the copy.
+    regions = page.locator("#restore-region option").all_inner_texts()
+    assert all("eu-" in r for r in regions) and len(regions) == 2, regions
+    page.locator("#restore-source").select_option(index=0)
+    page.locator("#restore-region").select_option("eu-central-1")
+    shot(page, "backups")
+    page.get_by_role("button", name="Restore").click()
+    expect(page).to_have_url(re.compile(r"/databases/[0-9a-f-]{36}\?op="))
+    assert pid not in page.url
+    expect(page.locator(".badge").first).to_have_text("active", timeout=60_000)
+    expect(page.get_by_text("Restored from")).to_be_visible()
+    expect(page.get_by_test_id("residency")).to_have_text("eu")

@@ -48,7 +48,7 @@ def test_servers_listen_on_loopback_with_scram_and_logical_wal(fleet: FleetUnder
             hba = c.execute(
                 "SELECT type, database, user_name, auth_method FROM pg_hba_file_rules"
             ).fetchall()
-        # A socket only where routers need one, in the server's private directory.
+        # A socket on the regional servers, in the server's private directory.
         sockets = "" if region is None else str(fleet.fleet.socket_dir(fleet.server(region).name))
         assert settings == {
             "listen_addresses": "127.0.0.1",
@@ -57,19 +57,32 @@ def test_servers_listen_on_loopback_with_scram_and_logical_wal(fleet: FleetUnder
             "unix_socket_directories": sockets,
         }
         methods = {r[3] for r in hba}
-        assert methods <= {"scram-sha-256", "reject"}
+        assert methods <= {"scram-sha-256", "reject", "peer"}
+        # Only pgBackRest's way in is peer: the admin, on the private socket,
+        # into the admin database.
+        assert {(r[0], tuple(r[1]), tuple(r[2])) for r in hba if r[3] == "peer"} == (
+            set() if region is None else {("local", ("postgres",), ("pgfleet_admin",))}
+        )
         # Every rule that admits anyone over the network needs TLS; the only
-        # other is the routers' socket, for project roles into their own database.
+        # others are the private socket's: the routers' (project roles into
+        # their own database) and pgBackRest's.
         admits = {(r[0], tuple(r[1]), tuple(r[2])) for r in hba if r[3] != "reject"}
         assert {a[0] for a in admits if a[0] != "local"} == {"hostssl"}
         local = {a for a in admits if a[0] == "local"}
-        assert local == (set() if region is None else {("local", ("samerole",), ("all",))})
+        assert local == (
+            set()
+            if region is None
+            else {
+                ("local", ("samerole",), ("all",)),
+                ("local", ("postgres",), ("pgfleet_admin",)),
+            }
+        )
         if region is None:  # the platform server: nobody but the admin
             assert {r[2][0] for r in hba if r[3] != "reject"} == {"pgfleet_admin"}
         else:  # regional: the admin in `postgres` and `template1` only, tenants by samerole
             assert ("hostssl", ["samerole"], ["all"], "scram-sha-256") in hba
             admin = [r[1] for r in hba if r[2] == ["pgfleet_admin"] and r[3] != "reject"]
-            assert admin == [["postgres", "template1"], ["replication"]]
+            assert admin == [["postgres"], ["postgres", "template1"], ["replication"]]
 
 
 def test_secrets_are_private_and_servers_run_unprivileged(fleet: FleetUnderTest) -> None:
@@ -131,6 +144,7 @@ def cli_env() -> Iterator[dict[str, str]]:
         PGFLEET_PORT_BASE=str(base),
         PGFLEET_API_PORT=str(base + 55),
         PGFLEET_FSYNC="false",
+        PGFLEET_BACKUP_SCHEDULE="false",
         PGFLEET_EMBEDDED_REGIONS="us-east-1,eu-central-1",
         COLUMNS="200",
     )

@@ -51,6 +51,7 @@ class Workers:
             PGFLEET_HOME=str(s.home),
             PGFLEET_PORT_BASE=str(s.port_base),
             PGFLEET_FSYNC="false",
+            PGFLEET_BACKUP_SCHEDULE="false",
             PGFLEET_PLATFORM_DSN=make_conninfo(**self.platform.conninfo),
             PGFLEET_WORKER_HEARTBEAT_S=str(FAST["worker_heartbeat_s"]),
             PGFLEET_WORKER_STALLED_S=str(FAST["worker_stalled_s"]),
@@ -667,3 +668,89 @@ def test_a_create_the_api_ran_itself_survives_the_api_killed_mid_way(
     assert op.attempts == 2
     assert not str(op.worker).endswith("-inline")  # a worker finished it
     assert_provisioned_once(quiet_platform, fleet, owner, project_id, "eu-central-1")
+
+
+def _filled_project(platform: Platform, owner: Owner, region: str, rows: int = 3000) -> Any:
+    from pgfleet.tenants.connections import DatabasePlatformClient
+
+    project, _ = service.create_project(
+        platform, owner, name="backed", region=region, plan_type="free"
+    )
+    ep = DatabasePlatformClient.of(platform).endpoint(project.id)
+    import psycopg
+
+    with psycopg.connect(**ep.conninfo("rw", 5), autocommit=True) as c:
+        c.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        c.execute("INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, %s) g", (rows,))
+    return project
+
+
+SNAPSHOT_POINTS = ["snapshot.dump.before", "snapshot.dump.written", "snapshot.prune.before"]
+
+
+@pytest.mark.parametrize("point", SNAPSHOT_POINTS)
+def test_snapshot_survives_sigkill(
+    point: str, quiet_platform: Platform, workers: Workers, someone: Owner
+) -> None:
+    from pgfleet.backups import service as backups
+    from pgfleet.errors import Conflict
+
+    inline = quiet_platform
+    first = workers.start(point)
+    project = _filled_project(inline, someone, "us-east-1")
+    sid, op_id = backups.start_snapshot(inline, someone, project.id)
+    workers.reached(point)
+    workers.kill(first)
+    # Killed mid-way: listed as running, never usable.
+    listed = backups.list_backups(inline, someone, project.id).snapshots
+    assert [(s.id, s.status) for s in listed] in ([(sid, "running")], [(sid, "ok")])
+    if listed[0].status == "running":
+        with pytest.raises(Conflict):
+            backups.start_restore(inline, someone, project.id, backup_id=str(sid))
+    workers.start()
+    op = wait_op(inline, op_id, workers)
+    assert op.status == "finished", (op, workers.logs())
+    snap = backups.get_snapshot(inline, someone, project.id, sid)
+    assert snap.status == "ok" and snap.tables and snap.tables["public.t"]["rows"] == 3000
+    path = Path(snap.path)
+    import hashlib
+
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == snap.sha256
+    assert not list(path.parent.glob("*.partial"))
+
+
+RESTORE_POINTS = [
+    "restore.fetch.restored",
+    "restore.fetch.after",
+    "restore.load.loaded",
+    "restore.verify.after",
+]
+
+
+@pytest.mark.parametrize("point", RESTORE_POINTS)
+def test_point_in_time_restore_survives_sigkill(
+    point: str, quiet_platform: Platform, workers: Workers, someone: Owner, fleet: FleetUnderTest
+) -> None:
+    import psycopg
+
+    from pgfleet.backups import archives
+    from pgfleet.backups import service as backups
+    from pgfleet.tenants.connections import DatabasePlatformClient
+
+    p = quiet_platform
+    first = workers.start(point)
+    project = _filled_project(p, someone, "eu-central-1")
+    archives.take_base_backup(p, fleet.server("eu-central-1").name, "full")
+    time.sleep(1.1)
+    new, op_id = backups.start_restore(p, someone, project.id, region="us-east-1")
+    workers.reached(point)
+    workers.kill(first)
+    workers.start()
+    op = wait_op(p, op_id, workers, timeout=120)
+    assert op.status == "finished", (op, workers.logs())
+    ep = DatabasePlatformClient.of(p).endpoint(new.id)
+    with psycopg.connect(**ep.conninfo("rw", 5)) as c:
+        assert c.execute("SELECT count(*) FROM t").fetchone() == (3000,)
+    assert tenant_db_name(new.id) in fleet.databases("us-east-1")
+    scratch = fleet.settings.home_abs / "scratch"
+    assert not scratch.exists() or not any(scratch.iterdir())

@@ -47,6 +47,7 @@ class CliFleet:
             PGFLEET_PORT_BASE=str(base),
             PGFLEET_API_PORT=str(base + 55),
             PGFLEET_FSYNC="false",
+            PGFLEET_BACKUP_SCHEDULE="false",
             PGFLEET_EMBEDDED_REGIONS="us-east-1",
             PGFLEET_API_WORKERS="1",
             PGFLEET_HEALTH_INTERVAL_S="1",

@@ -19,6 +19,7 @@ role on any server has an attribute or membership beyond its project's.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -408,6 +409,36 @@ def _orphan_probe(t: Trojaned, api: Api, admin_api: Api, platform: Platform) -> 
         conn.execute("UPDATE tenants SET status = 'active' WHERE id = %s", (t.project["id"],))
 
 
+def _snapshot(t: Trojaned, api: Api, admin_api: Api, platform: Platform) -> None:
+    """pg_dump and the manifest, as the project's own role."""
+    r = api.post(f"/v1/projects/{t.project['id']}/backups")
+    assert r.status_code == 201, r.text
+
+
+def _restore(t: Trojaned, api: Api, admin_api: Api, platform: Platform) -> None:
+    """A point-in-time restore (the archive recovered in a scratch instance,
+    dumped there as the project's role) and a snapshot restore, each into a
+    new project loaded and checked as the new project's role. What the
+    tenant's code did in the copies, it did as one of the two projects'
+    roles."""
+    server = next(s for s in platform.servers.all() if s.region == REGION)
+    r = admin_api.post("/v1/admin/base-backups", json={"server": server.name, "type": "full"})
+    assert r.status_code == 201, r.text
+    time.sleep(1.1)
+    snap = api.post(f"/v1/projects/{t.project['id']}/backups").json()["backup"]
+    for body in ({"region": "eu-central-1"}, {"backup_id": snap["id"]}):
+        r = api.post(f"/v1/projects/{t.project['id']}/restore", json=body)
+        assert r.status_code == 201, r.text
+        new = r.json()
+        copy = direct_connection(api, new["id"])
+        base = copy["database"]
+        allowed = t.roles() | {base, f"{base}_rw", f"{base}_ro", f"{base}_rw_alt", f"{base}_ro_alt"}
+        with connect(copy) as c:
+            ran = {(w, s) for w, s in c.execute("SELECT who, session_who FROM trojan_log")}
+        strangers = {(w, s) for w, s in ran if w not in allowed or s not in allowed}
+        assert strangers == set(), f"the tenant's code ran as {strangers} in its copy"
+
+
 PATHS: dict[str, Callable[[Trojaned, Api, Api, Platform], None]] = {
     "provisioning": _provision_converges,
     "reconcile-report": _reconcile_reports,
@@ -422,6 +453,8 @@ PATHS: dict[str, Callable[[Trojaned, Api, Api, Platform], None]] = {
     "client-connection": _client_connection,
     "router": _router,
     "orphan-probe": _orphan_probe,
+    "snapshot": _snapshot,
+    "restore": _restore,
 }
 
 

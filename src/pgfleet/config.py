@@ -17,7 +17,14 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from pgfleet.regions import DEFAULT_REGION, REGION_IDS, REGIONS, PlacementPolicy
+from pgfleet.regions import (
+    DEFAULT_REGION,
+    PLANS,
+    REGION_IDS,
+    REGIONS,
+    PlacementPolicy,
+    check_plans,
+)
 
 SSLModes = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
 
@@ -210,6 +217,7 @@ class Settings(BaseSettings):
         names = [s.name for s in self.external_servers()]
         if len(names) != len(set(names)):
             raise ValueError(f"server names must be unique, got {names}")
+        check_plans(PLANS)  # their retention rules, before anything runs
         for src, dst in self.backup_regions.items():
             for r in (src, dst):
                 if r not in REGION_IDS:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from pgfleet.backups import archives as backup_archives
 from pgfleet.backups import kinds as backup_kinds
+from pgfleet.backups import service as backup_service
 from pgfleet.monitoring import health
 from pgfleet.platform.core import Platform
 from pgfleet.tenants import kinds, reconcile, routing, spares
 
 # What registered itself on import (kept, so the imports are not unused).
-LOADED = (kinds, reconcile, routing, spares, backup_kinds, backup_archives)
+LOADED = (kinds, reconcile, routing, spares, backup_kinds, backup_archives, backup_service)
 
 
 def attach(platform: Platform) -> Platform:

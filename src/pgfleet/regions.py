@@ -174,6 +174,33 @@ PLANS: tuple[Plan, ...] = (
         snapshot_max_age_days=30,
     ),
 )
+
+
+def check_plans(plans: Sequence[Plan]) -> None:
+    """Refuse retention settings that make no sense (at start)."""
+    for p in plans:
+        if p.pitr_days < 1:
+            raise ValueError(f"plan {p.id}: pitr_days must be at least 1, not {p.pitr_days}")
+        if p.snapshot_keep < 1:
+            raise ValueError(
+                f"plan {p.id}: snapshot_keep must be at least 1, not {p.snapshot_keep}"
+            )
+        if p.snapshot_max_age_days < 1:
+            raise ValueError(
+                f"plan {p.id}: snapshot_max_age_days must be at least 1, "
+                f"not {p.snapshot_max_age_days}"
+            )
+        if p.snapshot_every_h < 0:
+            raise ValueError(
+                f"plan {p.id}: snapshot_every_h must be 0 (none) or more, not {p.snapshot_every_h}"
+            )
+        if p.snapshot_every_h and p.snapshot_every_h > p.snapshot_max_age_days * 24:
+            raise ValueError(
+                f"plan {p.id}: a snapshot every {p.snapshot_every_h} h outlives its maximum "
+                f"age of {p.snapshot_max_age_days} days"
+            )
+
+
 PLANS_BY_ID = {p.id: p for p in PLANS}
 PLAN_IDS = tuple(p.id for p in PLANS)
 

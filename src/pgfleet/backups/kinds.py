@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from pgfleet.backups import archives, retention
 from pgfleet.backups import store as bstore
@@ -41,6 +42,7 @@ from pgfleet.backups.dump import (
 from pgfleet.errors import BackupUnusable, Conflict, FleetError, RegionUnavailable
 from pgfleet.fleet.binaries import find_binaries
 from pgfleet.fleet.embedded import ADMIN_USER
+from pgfleet.operations.failpoints import failpoint
 from pgfleet.operations.registry import OpContext, OperationKind, Step, register
 from pgfleet.platform.core import Platform
 from pgfleet.regions import get_plan
@@ -108,9 +110,11 @@ def _snapshot_dump(ctx: OpContext) -> None:
     final = Path(snap.path)
     partial = final.with_name(final.name + ".partial")
     final.parent.mkdir(parents=True, exist_ok=True)
-    os.chmod(final.parent, 0o700)
+    for d in (final.parent.parent, final.parent):
+        os.chmod(d, 0o700)  # the projects' dumps: pgfleet's own user only
     started = time.monotonic()
     tables, version = _dump_consistent(ci, partial)
+    failpoint("snapshot.dump.written")
     fsync_file(partial)
     digest = sha256_of(partial)
     size = partial.stat().st_size
@@ -213,7 +217,25 @@ def _fetch_pitr(ctx: OpContext) -> None:
     # A deleted project's latest moment is the restore point its delete
     # made just before the drop (see tenants/kinds/delete.py).
     point = ctx.params.get("restore_point")
-    archive.restore(stanza, scratch.data_dir, database=db, target_time=target, target_name=point)
+    # The base backup recovery starts from: the newest that ended before the
+    # target. Only when the database is in it can the others be left out.
+    info = archive.info(stanza)
+    before = [b for b in info.backups if b.stopped_at < target]
+    if not before:
+        raise Conflict(f"no base backup of {source_server} ends before {target.isoformat()}")
+    base = before[-1]
+    created = datetime.fromisoformat(ctx.params["source_created_at"])
+    archive.restore(
+        stanza,
+        scratch.data_dir,
+        database=db,
+        target_time=target,
+        target_name=point,
+        backup_set=base.label,
+        only_database=created < base.started_at,
+    )
+    ctx.state["base_backup"] = base.label
+    failpoint("restore.fetch.restored")
     scratch.start()
     try:
         rw = rw_role_name(db)
@@ -230,7 +252,7 @@ def _fetch_pitr(ctx: OpContext) -> None:
                     "choose a later time",
                 )
             # Paused at that moment: its role may not log in; the copy is ours.
-            conn.execute(f'ALTER ROLE "{rw}" LOGIN')  # rw is a tenant_* name (naming.py)
+            conn.execute(sql.SQL("ALTER ROLE {} LOGIN").format(sql.Identifier(rw)))
         out = scratch.data_dir.parent / "source.dump"
         tables, _ = _dump_consistent(scratch.conninfo(db, rw), out)
     except psycopg.Error as e:
@@ -313,6 +335,7 @@ def _load(ctx: OpContext) -> None:
     # A load that committed before a crash left its tables: verify decides.
     if not _has_tables(ci):
         pg_restore(binary("pg_restore"), ci, Path(ctx.state["dump"]))
+        failpoint("restore.load.loaded")
     ctx.state["loaded"] = True
 
 

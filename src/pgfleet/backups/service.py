@@ -3,18 +3,21 @@ restorable window, restores, and the servers' base backups (admins)."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
 
-from pgfleet.backups import archives, kinds
+from pgfleet.backups import archives, kinds, retention
 from pgfleet.backups import store as bstore
 from pgfleet.backups.archives import Window
-from pgfleet.errors import BackupNotFound, Conflict, Forbidden, InvalidInput
+from pgfleet.errors import BackupNotFound, Conflict, Forbidden, InvalidInput, PgfleetError
 from pgfleet.fleet.archive import BACKUP_TYPES, BaseBackup
+from pgfleet.operations.registry import REGISTRY
 from pgfleet.operations.service import start_operation
 from pgfleet.platform.core import Platform
 from pgfleet.platform.owners import Owner
@@ -24,6 +27,7 @@ from pgfleet.tenants import store
 from pgfleet.tenants.naming import tenant_db_name
 from pgfleet.tenants.store import Tenant
 
+log = logging.getLogger(__name__)
 # This domain's operation kinds, registered with the engine on import.
 KINDS = kinds
 # Snapshots and restores copy whole databases: they get longer than the
@@ -206,6 +210,9 @@ def start_restore(
         "source_server": source.server,
         "source_database": tenant_db_name(source.id),
         "source_deleted": deleted_at is not None,
+        # Its database exists from then on (a point-in-time restore from a
+        # base backup taken earlier must bring back the whole server).
+        "source_created_at": (source.created_at or datetime.now(UTC)).isoformat(),
     }
     restored_from: dict[str, Any] = {"project_id": str(source.id)}
     if backup_id is not None:
@@ -296,3 +303,99 @@ def take_base_backup(platform: Platform, owner: Owner, server: str, type: str) -
             f"unknown server {server!r}; servers are: {', '.join(names)}", field="server"
         )
     return archives.take_base_backup(platform, server, type)
+
+
+def add_backup_health(platform: Platform, body: dict[str, Any]) -> dict[str, Any]:
+    """/health with each server's newest base backup; with the schedule on,
+    a server without one, or whose newest is older than its schedule (a
+    differential one every PGFLEET_BACKUP_DIFF_EVERY_H, an hour of grace),
+    makes its region degraded."""
+    if archives.archive_of(platform) is None or body.get("status") == "down":
+        return body
+    s = platform.settings
+    limit = timedelta(hours=s.backup_diff_every_h + 1)
+    now = datetime.now(UTC)
+    for region_id, region in body.get("regions", {}).items():
+        for srv in region.get("servers", []):
+            arch = archives.info(platform, srv["name"])
+            newest = arch.newest if arch else None
+            srv["base_backup"] = {
+                "storage_region": archives.storage_region(platform, region_id),
+                "newest": newest.label if newest else None,
+                "type": newest.type if newest else None,
+                "at": newest.stopped_at.isoformat() if newest else None,
+                "count": len(arch.backups) if arch else 0,
+            }
+            if not s.backup_schedule or arch is None:
+                continue
+            problem = None
+            if newest is None:
+                problem = "has no base backup yet (point-in-time restore is not possible)"
+            elif now - newest.stopped_at > limit:
+                age = (now - newest.stopped_at).total_seconds() / 3600
+                problem = f"has no base backup newer than {age:.0f} h (its schedule wants one "
+                problem += f"every {s.backup_diff_every_h:g} h)"
+            if problem:
+                region["status"] = "degraded"
+                body.setdefault("reasons", []).append(
+                    f"region {region_id}: server {srv['name']} {problem}"
+                )
+                body["status"] = "degraded"
+    return body
+
+
+# What the workers' own backup work is recorded as (audit and operations).
+SYSTEM = Owner(uuid.UUID(int=0), "pgfleet", True)
+
+
+def due_snapshots(platform: Platform, now: datetime | None = None) -> list[uuid.UUID]:
+    """Active projects whose plan schedules snapshots and whose newest one
+    (finished or running) is older than the plan's interval."""
+    now = now or datetime.now(UTC)
+    with platform.db.connection() as conn:
+        rows = conn.execute("SELECT id, plan_type FROM tenants WHERE status = 'active'").fetchall()
+        latest = bstore.latest_scheduled(conn)
+    out = []
+    for tid, plan_id in rows:
+        plan = get_plan(plan_id or "free")
+        every = timedelta(hours=plan.snapshot_every_h) if plan.snapshot_every_h else None
+        if retention.snapshot_due(latest.get(tid), every=every, now=now):
+            out.append(tid)
+    return out
+
+
+@REGISTRY.every("scheduled_snapshots", lambda s: 600.0)
+def scheduled_snapshots(platform: Platform) -> list[str]:
+    """Start the snapshots the plans schedule (an operation each, so they
+    queue behind whatever else the project is doing), at most 50 a round."""
+    if not platform.settings.backup_schedule:
+        return []
+    prune_deleted(platform)
+    started = []
+    for tid in due_snapshots(platform)[:50]:
+        try:
+            sid, _ = start_snapshot(platform, SYSTEM, tid, reason="scheduled")
+            started.append(str(sid))
+        except (Conflict, PgfleetError) as e:
+            log.info("no scheduled snapshot of %s now: %s", tid, e)
+    return started
+
+
+def prune_deleted(platform: Platform, now: datetime | None = None) -> list[str]:
+    """Snapshots of projects deleted longer ago than their plan keeps a
+    deleted project restorable: files removed, rows expired."""
+    now = now or datetime.now(UTC)
+    with platform.db.connection() as conn:
+        rows = conn.execute(
+            "SELECT s.id, s.path, t.plan_type, t.deleted_at FROM snapshots s "
+            "JOIN tenants t ON t.id = s.tenant_id "
+            "WHERE s.status = 'ok' AND t.status = 'deleted' AND t.deleted_at IS NOT NULL"
+        ).fetchall()
+    gone = []
+    for sid, path, plan_id, deleted_at in rows:
+        if now - deleted_at > timedelta(days=get_plan(plan_id or "free").pitr_days):
+            Path(path).unlink(missing_ok=True)
+            with platform.db.connection() as conn:
+                bstore.expire(conn, sid)
+            gone.append(str(sid))
+    return gone

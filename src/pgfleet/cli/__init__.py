@@ -6,10 +6,10 @@ each feature has one implementation. One module per command group; importing
 them adds their commands to `app`.
 """
 
-from pgfleet.cli import accounts, catalog, fleet, monitoring, ops, projects
+from pgfleet.cli import accounts, backups, catalog, fleet, monitoring, ops, projects
 from pgfleet.cli.common import app
 
-COMMANDS = (accounts, catalog, fleet, monitoring, ops, projects)
+COMMANDS = (accounts, backups, catalog, fleet, monitoring, ops, projects)
 
 
 def main() -> None:

@@ -35,6 +35,11 @@ ops_app = typer.Typer(
 app.add_typer(ops_app, name="ops")
 stats_app = typer.Typer(help="Fleet statistics (admin).", no_args_is_help=True)
 app.add_typer(stats_app, name="stats")
+backups_app = typer.Typer(
+    help="Snapshots, point-in-time restores and the servers' base backups.",
+    no_args_is_help=True,
+)
+app.add_typer(backups_app, name="backups")
 
 out = Console()
 err = Console(stderr=True)

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -41,7 +42,7 @@ from pgfleet.cli.common import (
 )
 from pgfleet.config import Settings
 from pgfleet.crypto import write_private
-from pgfleet.errors import PgfleetError
+from pgfleet.errors import FleetError, PgfleetError
 from pgfleet.fleet.embedded import ADMIN_USER, EmbeddedFleet
 from pgfleet.fleet.health import check_server
 from pgfleet.fleet.registry import ServerRecord
@@ -307,11 +308,11 @@ def status() -> None:
     t = Table(title=f"pgfleet servers ({s.home_abs})")
     for col in ("server", "region", "port", "state"):
         t.add_column(col, no_wrap=True)
-    for col in ("latency", "connections", "dbs", "size"):
+    for col in ("latency", "connections", "dbs", "size", "archiving"):
         t.add_column(col)
     for st in states:
         state = Text("up", "green") if st.running else Text("down", "red")
-        cells: list[object] = ["-", "-", "-", "-"]
+        cells: list[object] = ["-", "-", "-", "-", "-"]
         if st.running:
             h = check_server(
                 ServerRecord(
@@ -337,6 +338,7 @@ def status() -> None:
                     f"{h.connections_used}/{h.connections_max}",
                     h.tenant_databases,
                     human_bytes(h.bytes_used),
+                    _archiving_cell(h.archive_mode, h.archive_failing, h.last_archived_at),
                 ]
             else:
                 state = Text("not answering", "red")
@@ -350,10 +352,43 @@ def status() -> None:
         )
     out.print(t)
     _print_routers(fleet)
+    _print_base_backups(fleet)
     _print_operations_summary(s)
     pid = _api_pid(s)
     url = json.loads(api_file(s).read_text())["url"] if api_file(s).exists() else "-"
     out.print(f"API: {url} " + (f"(pid {pid})" if pid else "(not started by `up --detach`)"))
+
+
+def _archiving_cell(mode: str | None, failing: bool, last: datetime | None) -> Text:
+    if mode != "on":
+        return Text(mode or "-")
+    when = f" (last {last:%H:%M:%S}Z)" if last else ""
+    return Text("FAILING" + when, "red") if failing else Text("on" + when, "green")
+
+
+def _print_base_backups(fleet: EmbeddedFleet) -> None:
+    """Each regional server's backup region and newest base backup."""
+    archive = fleet.archive
+    if archive is None:
+        out.print("backups: none (PGFLEET_BACKUPS=false)")
+        return
+    t = Table(title="base backups (pgBackRest; WAL is archived continuously)")
+    for col in ("server", "stored in", "backups", "newest"):
+        t.add_column(col, no_wrap=True)
+    for name, stanza in archive.stanzas.items():
+        try:
+            info = archive.info(stanza)
+            newest = info.newest
+            shown = (
+                f"{newest.label} ({newest.type}, {newest.stopped_at:%Y-%m-%d %H:%M}Z)"
+                if newest
+                else "none yet: the workers take the first one"
+            )
+            count = str(len(info.backups))
+        except FleetError as e:
+            shown, count = f"unreadable: {e}"[:80], "-"
+        add_row(t, name, stanza.storage_region, count, shown)
+    out.print(t)
 
 
 def _print_routers(fleet: EmbeddedFleet) -> None:

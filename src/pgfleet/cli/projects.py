@@ -41,6 +41,7 @@ def _project_table(p: dict[str, Any]) -> Table:
         ("server", p["server"] or "-"),
         ("placement", p["placement_reason"] or "-"),
         ("plan", p["plan_type"] or "-"),
+        ("residency", p.get("residency") or "none"),
         ("status", p["status"]),
         ("created", p["created_at"] or "-"),
     ]
@@ -48,6 +49,10 @@ def _project_table(p: dict[str, Any]) -> Table:
         rows.append(("error", p["error"]))
     if p.get("deleted_at"):
         rows.append(("deleted", p["deleted_at"]))
+    if p.get("restored_from"):
+        src = p["restored_from"]
+        what = src.get("backup_id") or src.get("target_time") or "-"
+        rows.append(("restored from", f"{src.get('project_id')} at {what}"))
     for k, v in rows:
         add_row(t, k, str(v))
     return t
@@ -59,13 +64,26 @@ def projects_create(
     region: Annotated[str, typer.Option(help="Requested region id")] = "us-east-1",
     plan: Annotated[str, typer.Option(help="Plan: free, pro, enterprise")] = "free",
     subdomain: Annotated[str | None, typer.Option(help="DNS label; derived if omitted")] = None,
+    residency: Annotated[
+        str | None,
+        typer.Option(
+            help="Data-residency rule: eu, us or apac. The database, its backups and its "
+            "restores never leave that jurisdiction."
+        ),
+    ] = None,
     wait: WaitOpt = True,
     url: UrlOpt = None,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Create a project and its database; prints the connection string."""
-    body = {"name": name, "region": region, "plan_type": plan, "subdomain": subdomain}
+    body = {
+        "name": name,
+        "region": region,
+        "plan_type": plan,
+        "subdomain": subdomain,
+        "residency": residency,
+    }
     data = Client(url, token).call(
         "POST", "/v1/projects", json=body, params={"wait": str(wait).lower()}
     )

@@ -93,6 +93,7 @@ class BaseBackup:
 class ArchiveInfo:
     stanza: str
     status: str  # pgBackRest's status message ("ok", "no valid backups", ...)
+    status_code: int  # 0 ok, 1 missing stanza path, 2 no valid backups, 3 missing stanza data
     backups: tuple[BaseBackup, ...]
     wal_min: str | None
     wal_max: str | None
@@ -135,6 +136,7 @@ def parse_info(raw: str) -> list[ArchiveInfo]:
             ArchiveInfo(
                 stanza=st["name"],
                 status=str(st.get("status", {}).get("message", "")),
+                status_code=int(st.get("status", {}).get("code", -1)),
                 backups=tuple(sorted(backups, key=lambda b: b.stopped_at)),
                 wal_min=wal_min,
                 wal_max=wal_max,
@@ -243,7 +245,13 @@ class Archive:
         return [self.bin, f"--config={s.config}", f"--stanza={s.name}", *args]
 
     def create(self, s: Stanza) -> None:
-        """The stanza in its repository (harmless when it exists)."""
+        """The stanza in its repository, unless it is there (pgBackRest's
+        `info` takes no lock, so a backup running meanwhile is no trouble)."""
+        res = self._run(self._cmd(s, "info", "--output=json"), check=False, timeout=60)
+        if res.returncode == 0:
+            found = [i for i in parse_info(res.stdout) if i.stanza == s.name]
+            if found and found[0].status_code in (0, 2):
+                return
         self._run(self._cmd(s, "stanza-create"), timeout=120)
 
     # ---- backups ------------------------------------------------------------
@@ -279,6 +287,8 @@ class Archive:
         database: str,
         target_time: datetime | None,
         target_name: str | None = None,
+        backup_set: str | None = None,
+        only_database: bool = True,
     ) -> None:
         """The archive's copy of `database` as of `target_time`, or of the
         named restore point `target_name` (neither: the end of the archive),
@@ -293,10 +303,13 @@ class Archive:
         args = [
             "restore",
             f"--pg1-path={dest}",
-            f"--db-include={database}",
             "--archive-mode=off",
             "--target-action=promote",
         ]
+        if only_database:
+            args.append(f"--db-include={database}")
+        if backup_set is not None:
+            args.append(f"--set={backup_set}")
         if target_name is not None:
             args += ["--type=name", f"--target={target_name}"]
         elif target_time is not None:

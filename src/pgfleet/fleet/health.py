@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 
 import psycopg
 
@@ -26,6 +27,11 @@ class ServerHealth:
     tenant_databases: int | None = None
     bytes_used: int | None = None
     spares_ready: int | None = None
+    # WAL archiving (pg_stat_archiver): off, or on and how it goes. Not kept
+    # in the history; /health shows it live.
+    archive_mode: str | None = None
+    archive_failing: bool = False
+    last_archived_at: datetime | None = None
 
 
 def check_server(server: ServerRecord, timeout_s: float = 2.0) -> ServerHealth:
@@ -49,7 +55,12 @@ def check_server(server: ServerRecord, timeout_s: float = 2.0) -> ServerHealth:
                        (SELECT count(*) FROM pg_database
                         WHERE datname LIKE 'pgfleet\\_spare\\_%'
                           AND shobj_description(oid, 'pg_database')
-                              = 'pgfleet: prepared spare, ready')
+                              = 'pgfleet: prepared spare, ready'),
+                       current_setting('archive_mode'),
+                       a.last_archived_time,
+                       coalesce(a.last_failed_time > coalesce(a.last_archived_time, '-infinity'),
+                                false)
+                FROM pg_stat_archiver a
                 """
             ).fetchone()
         assert row is not None
@@ -67,6 +78,9 @@ def check_server(server: ServerRecord, timeout_s: float = 2.0) -> ServerHealth:
             row[4],
             row[5],
             row[6],
+            archive_mode=row[7],
+            last_archived_at=row[8],
+            archive_failing=bool(row[9]),
         )
     except psycopg.Error as e:
         # Only the class of failure: messages can carry hosts and user names.

@@ -92,9 +92,10 @@ def fleet_health(platform: Platform) -> dict[str, Any]:
     for r in REGIONS:
         mine = [c for c in checks if c.region == r.id]
         my_routers = [x for x in routers if x["region"] == r.id]
+        failing = [c for c in mine if c.ok and c.archive_failing]
         if not mine:
             status = "metadata-only"
-        elif all(c.ok for c in mine) and all(x["ok"] for x in my_routers):
+        elif all(c.ok for c in mine) and all(x["ok"] for x in my_routers) and not failing:
             status = "ok"
         else:
             status = "degraded"
@@ -106,6 +107,16 @@ def fleet_health(platform: Platform) -> dict[str, Any]:
                 reasons.append(
                     f"region {r.id}: router {stopped} is not running (`pgfleet up` starts it again)"
                 )
+            for c in failing:
+                since = (
+                    f"; last success {c.last_archived_at:%Y-%m-%d %H:%M:%S}Z"
+                    if c.last_archived_at
+                    else ""
+                )
+                reasons.append(
+                    f"region {r.id}: server {c.name} cannot archive its WAL{since} (the backup "
+                    "storage is unwritable or missing; the server keeps serving)"
+                )
         regions[r.id] = {
             "routers": [{k: v for k, v in x.items() if k != "region"} for x in my_routers],
             "status": status,
@@ -116,6 +127,13 @@ def fleet_health(platform: Platform) -> dict[str, Any]:
                     "latency_ms": c.latency_ms,
                     "version": c.version,
                     "error": c.error,
+                    "archiving": {
+                        "mode": c.archive_mode,
+                        "failing": c.archive_failing,
+                        "last_archived_at": (
+                            c.last_archived_at.isoformat() if c.last_archived_at else None
+                        ),
+                    },
                 }
                 for c in mine
             ],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -16,6 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from pgfleet import auth
+from pgfleet.backups import service as backups_service
 from pgfleet.errors import (
     Conflict,
     InvalidInput,
@@ -295,18 +297,28 @@ def create_database(
     name: Annotated[str, Form()] = "",
     region: Annotated[str, Form()] = "us-east-1",
     plan: Annotated[str, Form()] = "free",
+    residency: Annotated[str, Form()] = "",
     csrf: Annotated[str, Form()] = "",
 ) -> Response:
     _check_csrf(s, csrf)
-    form = {"name": name, "region": region, "plan": plan}
+    form = {"name": name, "region": region, "plan": plan, "residency": residency}
     try:
         project, op_id = service.start_create_project(
-            _platform(request), s.owner, name=name, region=region, plan_type=plan
+            _platform(request),
+            s.owner,
+            name=name,
+            region=region,
+            plan_type=plan,
+            residency=residency or None,
         )
     except (InvalidInput, Conflict) as e:
         field = str(e.details.get("field") or "")
         if not field:
-            field = {"unknown_region": "region", "unknown_plan": "plan"}.get(e.code, "name")
+            field = {
+                "unknown_region": "region",
+                "unknown_plan": "plan",
+                "residency_violation": "residency",
+            }.get(e.code, "name")
         return render(
             request,
             "new.html",
@@ -377,8 +389,72 @@ def database(request: Request, s: SessionDep, pid: str, op: str | None = None) -
         conns=conns,
         perf=perf,
         pending=pending,
+        backups=backups_service.list_backups(p, s.owner, project.id),
         flash=request.query_params.get("flash"),
     )
+
+
+@router.post("/databases/{pid}/backups")
+def take_snapshot(
+    request: Request, s: SessionDep, pid: str, csrf: Annotated[str, Form()] = ""
+) -> Response:
+    return _action(
+        request,
+        s,
+        pid,
+        csrf,
+        lambda tid: backups_service.start_snapshot(_platform(request), s.owner, tid)[1],
+        "snapshot taken",
+    )
+
+
+@router.post("/databases/{pid}/restore")
+def restore(
+    request: Request,
+    s: SessionDep,
+    pid: str,
+    csrf: Annotated[str, Form()] = "",
+    source: Annotated[str, Form()] = "latest",
+    target_time: Annotated[str, Form()] = "",
+    region: Annotated[str, Form()] = "",
+) -> Response:
+    """Restore into a new database: the latest moment, a moment in the
+    window (`target_time`, taken as UTC when it has no zone) or a snapshot
+    (`source` = its id)."""
+    _check_csrf(s, csrf)
+    project = _project_or_404(request, s, pid)
+    p = _platform(request)
+    try:
+        when = None
+        if source == "time":
+            try:
+                when = datetime.fromisoformat(target_time.strip())
+            except ValueError:
+                raise InvalidInput(
+                    f"{target_time!r} is not a moment: use YYYY-MM-DD HH:MM:SS (UTC)",
+                    field="target_time",
+                ) from None
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=UTC)
+        new, op_id = backups_service.start_restore(
+            p,
+            s.owner,
+            project.id,
+            target_time=when,
+            backup_id=source if source not in ("latest", "time") else None,
+            region=region or None,
+        )
+    except PgfleetError as e:
+        return render(
+            request,
+            "error.html",
+            s,
+            status=e.status_code,
+            title="Not restored",
+            message=e.message,
+            back=f"/databases/{pid}",
+        )
+    return RedirectResponse(f"/databases/{new.id}?op={op_id}&flash=restoring", status_code=303)
 
 
 # The strings the project page shows: (key, label, mode, pooling, direct).

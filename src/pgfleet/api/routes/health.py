@@ -10,6 +10,7 @@ from pgfleet.api.routes.common import (
     COMMON,
     json_errors,
 )
+from pgfleet.backups.service import add_backup_health
 from pgfleet.errors import NotFound
 from pgfleet.monitoring.health import fleet_health
 
@@ -23,10 +24,12 @@ router = APIRouter()
     responses={**COMMON, 503: {"description": "The platform database cannot be reached."}},
 )
 def health(platform: PlatformDep) -> JSONResponse:
-    """`ok` when everything answers; `degraded` when a regional server is down
-    (its region shows `degraded`, the rest keep working); 503 `down` when the
-    platform DB cannot be reached. Needs no token."""
-    body = fleet_health(platform)
+    """`ok` when everything answers; `degraded` when a regional server is down,
+    cannot archive its WAL, or its newest base backup is older than its
+    schedule (its region shows `degraded`, the rest keep working); 503 `down`
+    when the platform DB cannot be reached. Each server shows its WAL
+    archiving and newest base backup. Needs no token."""
+    body = add_backup_health(platform, fleet_health(platform))
     return JSONResponse(body, status_code=503 if body["status"] == "down" else 200)
 
 
