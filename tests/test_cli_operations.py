@@ -133,3 +133,33 @@ def test_connection_strings_pooled_and_direct(cli: Cli, fleet: FleetUnderTest) -
         assert run_psql(uri.group(0), "select 1").stdout.strip() == "1"
     bad = cli("projects", "connection", pid, "--pooling", "statement")
     assert bad.exit_code != 0 and "'session' or 'transaction'" in bad.output
+
+
+def test_backups_commands(cli: Cli, admin_cli: Cli, fleet: FleetUnderTest) -> None:
+    pid = make(cli, "books", region="us-east-1")
+    uri = cli.ok("projects", "connection", pid, "--direct").strip()
+    assert run_psql(uri, "create table b (x int); insert into b values (1), (2)").returncode == 0
+    out = cli.ok("backups", "create", pid)
+    assert re.search(r"backup \S+: .* 1 tables, 2 rows, stored in us-west-1", out), out
+    out = cli.ok("backups", "list", pid)
+    assert "stored in: us-west-1" in out and "ok" in out, out
+    snap = re.search(UUID_RE, out.split("Snapshots", 1)[1])
+    assert snap is not None, out
+    # base backups are an admin's; an owner is told so
+    assert "admin" in cli.fails("backups", "base", fleet.server("us-east-1").name)
+    out = admin_cli.ok("backups", "base", fleet.server("us-east-1").name, "--type", "full")
+    assert re.search(r"full backup \S+F of us-east-1-a", out), out
+    out = admin_cli.ok("backups", "servers")
+    assert "us-east-1-a" in out and "us-west-1" in out, out
+    out = cli.ok("backups", "restore", pid, "--backup", snap.group(0), "--region", "eu-central-1")
+    assert "restored into project" in out and "in eu-central-1" in out, out
+    assert "1 tables, 2 rows checked" in out, out
+    new = URI_RE.search(out)
+    assert new is not None, out
+    assert run_psql(new.group(0), "select count(*) from b").stdout.strip() == "2"
+    assert "outside the restorable window" in cli.fails(
+        "backups", "restore", pid, "--at", "2001-01-01T00:00:00Z"
+    )
+    assert "residency" in cli.fails(
+        "projects", "create", "--name", "x", "--region", "us-east-1", "--residency", "eu"
+    )
