@@ -64,7 +64,8 @@ def direct(http: httpx.Client, pid: str) -> dict[str, Any]:
 
 def create(http: httpx.Client, name: str, region: str) -> str:
     r = http.post("/v1/projects", json={"name": name, "region": region, "plan_type": "enterprise"})
-    r.raise_for_status()
+    if r.status_code != 201:
+        raise SystemExit(f"create {name} failed: {r.status_code} {r.text}")
     return str(r.json()["id"])
 
 
@@ -113,7 +114,7 @@ def main() -> None:
                 if size[0] >= args.mb * 1024 * 1024:
                     break
                 c.execute(
-                    "INSERT INTO events SELECT g, g % 1000, 'kind-' || (g % 7), "
+                    "INSERT INTO events SELECT g, g %% 1000, 'kind-' || (g %% 7), "
                     "md5(g::text) || md5((g * 7)::text), now() - (g || ' s')::interval "
                     "FROM generate_series(%s, %s) g",
                     (n + 1, n + 500_000),

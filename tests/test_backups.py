@@ -386,3 +386,65 @@ def test_a_project_made_after_the_last_base_backup_restores_from_the_wal(
     r = api.post(f"/v1/projects/{p['id']}/restore", json={"region": "us-east-1"})
     assert r.status_code == 201, r.text
     assert count(api, r.json()["id"]) == PLANTED_ROWS
+
+
+def test_a_damaged_archive_is_reported_and_the_restore_leaves_nothing(
+    api: Api, admin_api: Api, fleet: FleetUnderTest, platform: Platform
+) -> None:
+    from pgfleet.backups import archives
+
+    p = create_ok(api, "archived", region="ap-southeast-1")
+    fill(api, p["id"])
+    server = fleet.server("ap-southeast-1").name
+    damaged = archives.take_base_backup(platform, server, "full")
+    time.sleep(1.1)
+    repo = fleet.settings.home_abs / "backups" / "ap-northeast-1" / "pgbackrest"
+    control = next((repo / "backup" / server / damaged.label).rglob("pg_control*"))
+    data = bytearray(control.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    control.write_bytes(bytes(data))
+    try:
+        r = api.post(f"/v1/projects/{p['id']}/restore", json={})
+        err = error_of(r, 409)
+        assert err["code"] == "backup_unusable", err
+        assert "damaged" in err["message"] and "verify" in err["message"], err
+        names = [x["name"] for x in api.get("/v1/projects").json()["projects"]]
+        assert names == ["archived"]
+        scratch = fleet.settings.home_abs / "scratch"
+        assert not scratch.exists() or not any(scratch.iterdir())
+    finally:
+        # Later restores from this server must not start from the damaged set.
+        archives.take_base_backup(platform, server, "full")
+        archive = archives.archive_of(platform)
+        assert archive is not None
+        stanza = archive.stanza(server)
+        fleet.fleet._run(archive._cmd(stanza, "expire", f"--set={damaged.label}"))
+
+
+def test_a_restore_can_be_cancelled_and_leaves_nothing(
+    api: Api, fleet: FleetUnderTest, held: Any
+) -> None:
+    p = create_ok(api, "cancel-me", region="us-east-1")
+    fill(api, p["id"])
+    snap = snapshot(api, p["id"])
+    reached, release = held("restore.load.before")
+    r = api.post(
+        f"/v1/projects/{p['id']}/restore", json={"backup_id": snap["id"]}, params={"wait": "false"}
+    )
+    assert r.status_code == 202, r.text
+    op_id, new_id = r.json()["operation"]["id"], r.json()["project"]["id"]
+    reached()
+    assert api.post(f"/v1/operations/{op_id}/cancel").status_code in (200, 202)
+    release()
+    deadline = time.monotonic() + 30
+    while (op := api.get(f"/v1/operations/{op_id}").json())["status"] not in (
+        "cancelled",
+        "finished",
+        "failed",
+    ):
+        assert time.monotonic() < deadline, op
+        time.sleep(0.1)
+    assert op["status"] == "cancelled", op
+    error_of(api.get(f"/v1/projects/{new_id}"), 404)
+    assert f"tenant_{new_id.replace('-', '_')}" not in fleet.databases("us-east-1")
+    assert count(api, p["id"]) == PLANTED_ROWS

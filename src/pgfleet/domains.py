@@ -20,7 +20,9 @@ LOADED = (kinds, reconcile, routing, spares, backup_kinds, backup_archives, back
 
 
 def attach(platform: Platform) -> Platform:
-    """The domains' parts of a platform: server health and spares in /metrics."""
+    """The domains' parts of a platform: server health, spares and WAL
+    archiving in /metrics."""
     health.install_gauges(platform)
     spares.install_gauges(platform)
+    backup_archives.install_gauges(platform)
     return platform

@@ -18,6 +18,7 @@ from pgfleet.backups import retention
 from pgfleet.errors import Conflict, FleetError, RegionUnavailable
 from pgfleet.fleet.archive import Archive, ArchiveInfo, BaseBackup, Stanza
 from pgfleet.fleet.embedded import EmbeddedFleet
+from pgfleet.fleet.health import check_server
 from pgfleet.fleet.registry import ServerRecord
 from pgfleet.operations.registry import REGISTRY
 from pgfleet.platform.core import Platform
@@ -254,3 +255,29 @@ def scheduled_base_backups(p: Platform) -> list[str]:
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (_BASE_BACKUP_LOCK,))
     return done
+
+
+def install_gauges(platform: Platform) -> None:
+    """WAL archiving in /metrics, read live from each server when scraped:
+    pgfleet_archive_lag_bytes (WAL not yet in the archive),
+    pgfleet_archive_failing, and the age of the newest base backup."""
+
+    def read() -> dict[str, list[tuple[dict[str, str], float]]]:
+        out: dict[str, list[tuple[dict[str, str], float]]] = {}
+        for server in platform.servers.all(enabled_only=True):
+            lbl = {"server": server.name, "region": server.region}
+            h = check_server(server, timeout_s=1.0)  # a server down is reported, not raised
+            if h.archive_lag_bytes is not None:
+                out.setdefault("pgfleet_archive_lag_bytes", []).append(
+                    (lbl, float(h.archive_lag_bytes))
+                )
+                out.setdefault("pgfleet_archive_failing", []).append(
+                    (lbl, 1.0 if h.archive_failing else 0.0)
+                )
+            arch = info(platform, server.name)
+            if arch is not None and arch.newest is not None:
+                age = (datetime.now(UTC) - arch.newest.stopped_at).total_seconds()
+                out.setdefault("pgfleet_base_backup_age_seconds", []).append((lbl, age))
+        return out
+
+    platform.metrics.add_state(read)

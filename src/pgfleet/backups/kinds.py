@@ -225,18 +225,30 @@ def _fetch_pitr(ctx: OpContext) -> None:
         raise Conflict(f"no base backup of {source_server} ends before {target.isoformat()}")
     base = before[-1]
     created = datetime.fromisoformat(ctx.params["source_created_at"])
-    archive.restore(
-        stanza,
-        scratch.data_dir,
-        database=db,
-        target_time=target,
-        target_name=point,
-        backup_set=base.label,
-        only_database=created < base.started_at,
-    )
     ctx.state["base_backup"] = base.label
-    failpoint("restore.fetch.restored")
-    scratch.start()
+    try:
+        archive.restore(
+            stanza,
+            scratch.data_dir,
+            database=db,
+            target_time=target,
+            target_name=point,
+            backup_set=base.label,
+            only_database=created < base.started_at,
+        )
+        failpoint("restore.fetch.restored")
+        scratch.start()
+    except FleetError as e:
+        # Is the archive itself damaged? pgBackRest's verify checks every
+        # file's checksum in the repository.
+        ok, report = archive.verify(stanza)
+        if not ok:
+            raise BackupUnusable(
+                f"the archive of {source_server} is damaged, so it cannot be restored "
+                f"from ({e}); pgBackRest's verify reports: {report[-800:]}",
+                server=source_server,
+            ) from e
+        raise
     try:
         rw = rw_role_name(db)
         with scratch.connect("postgres", ADMIN_USER) as conn:

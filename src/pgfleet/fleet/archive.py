@@ -274,9 +274,18 @@ class Archive:
     def verify(self, s: Stanza) -> tuple[bool, str]:
         """pgBackRest's own check of the repository (checksums of every
         backup file and WAL segment): (ok, what it reported)."""
-        res = self._run(self._cmd(s, "verify"), check=False, timeout=3600)
-        text = (res.stderr or res.stdout).strip()
-        return res.returncode == 0, text
+        # Its findings are logged at `info` and it exits 0 either way: read them.
+        res = self._run(
+            self._cmd(s, "verify", "--log-level-console=info"), check=False, timeout=3600
+        )
+        out = res.stdout + res.stderr
+        found = [
+            ln.split("INFO: ", 1)[-1].strip()
+            for ln in out.splitlines()
+            if "status:" in ln or "invalid" in ln or "missing" in ln or "ERROR" in ln
+        ]
+        ok = res.returncode == 0 and "status: error" not in out
+        return ok, "; ".join(found) or out.strip()[-500:]
 
     # ---- point-in-time restore into a scratch instance ----------------------
     def restore(

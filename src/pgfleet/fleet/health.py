@@ -32,6 +32,9 @@ class ServerHealth:
     archive_mode: str | None = None
     archive_failing: bool = False
     last_archived_at: datetime | None = None
+    # WAL written since the end of the newest archived segment (bytes): what
+    # the archive would not have if the server's disk died now.
+    archive_lag_bytes: int | None = None
 
 
 def check_server(server: ServerRecord, timeout_s: float = 2.0) -> ServerHealth:
@@ -59,7 +62,10 @@ def check_server(server: ServerRecord, timeout_s: float = 2.0) -> ServerHealth:
                        current_setting('archive_mode'),
                        a.last_archived_time,
                        coalesce(a.last_failed_time > coalesce(a.last_archived_time, '-infinity'),
-                                false)
+                                false),
+                       a.last_archived_wal,
+                       pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint,
+                       (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size')
                 FROM pg_stat_archiver a
                 """
             ).fetchone()
@@ -81,11 +87,27 @@ def check_server(server: ServerRecord, timeout_s: float = 2.0) -> ServerHealth:
             archive_mode=row[7],
             last_archived_at=row[8],
             archive_failing=bool(row[9]),
+            archive_lag_bytes=_archive_lag(row[7], row[10], row[11], row[12]),
         )
     except psycopg.Error as e:
         # Only the class of failure: messages can carry hosts and user names.
         reason = "unreachable" if isinstance(e, psycopg.OperationalError) else "error"
         return ServerHealth(server.name, server.region, False, None, None, reason, server.id)
+
+
+def _archive_lag(mode: str, last_wal: str | None, position: int, segment: int) -> int | None:
+    """Bytes of WAL past the end of the newest archived segment (its name
+    is timeline, log and segment number in hex)."""
+    if mode != "on":
+        return None
+    if not last_wal or len(last_wal) != 24:
+        return position
+    try:
+        log_no, seg_no = int(last_wal[8:16], 16), int(last_wal[16:24], 16)
+    except ValueError:
+        return None
+    end = log_no * 0x1_0000_0000 + (seg_no + 1) * segment
+    return max(0, position - end)
 
 
 def check_all(servers: list[ServerRecord]) -> list[ServerHealth]:

@@ -133,6 +133,7 @@ def fleet_health(platform: Platform) -> dict[str, Any]:
                         "last_archived_at": (
                             c.last_archived_at.isoformat() if c.last_archived_at else None
                         ),
+                        "lag_bytes": c.archive_lag_bytes,
                     },
                 }
                 for c in mine
