@@ -171,7 +171,8 @@ def main() -> None:
             f"/v1/projects/{big}/restore",
             json={"target_time": when.isoformat(), "region": "eu-central-1"},
         )
-        r.raise_for_status()
+        if r.status_code != 201:
+            raise SystemExit(f"the restore failed: {r.status_code} {r.text}")
         api_restore_s = time.perf_counter() - t
         restored = r.json()
         steps = {s["name"]: s["duration_ms"] for s in restored["operation"]["steps"]}

@@ -448,3 +448,62 @@ def test_a_restore_can_be_cancelled_and_leaves_nothing(
     error_of(api.get(f"/v1/projects/{new_id}"), 404)
     assert f"tenant_{new_id.replace('-', '_')}" not in fleet.databases("us-east-1")
     assert count(api, p["id"]) == PLANTED_ROWS
+
+
+def leftovers(fleet: FleetUnderTest, region: str) -> set[str]:
+    with fleet.admin_conn(region) as c:
+        dbs = {r[0] for r in c.execute("SELECT datname FROM pg_database")}
+        roles = {r[0] for r in c.execute("SELECT rolname FROM pg_roles")}
+    return {n for n in dbs | roles if n.startswith(("pgfleet_restore_", "pgfleet_replaced_"))}
+
+
+def test_restore_over_the_project_itself_after_a_safety_snapshot(
+    api: Api, admin_api: Api, fleet: FleetUnderTest
+) -> None:
+    p = create_ok(api, "in-place", region="us-east-1")
+    other = create_ok(api, "neighbour", region="us-east-1")
+    fill(api, p["id"])
+    fill(api, other["id"], rows=7)
+    snap = snapshot(api, p["id"])
+    rw = direct(api, p["id"])
+    ro = api.get(f"/v1/projects/{p['id']}/connection", params={"mode": "ro", "direct": "true"})
+    with connect(rw) as c:
+        c.execute("DELETE FROM items WHERE id > 100")
+    r = api.post(f"/v1/projects/{p['id']}/restore", json={"backup_id": snap["id"], "into": "same"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["project"]["id"] == p["id"] and body["operation"]["type"] == "restore_in_place"
+    # The same credentials see the restored data; the read-only role reads it.
+    assert count(api, p["id"]) == PLANTED_ROWS
+    with connect(ro.json()) as c:
+        assert c.execute("SELECT count(*) FROM items").fetchone() == (PLANTED_ROWS,)
+    with connect(rw) as c:
+        assert c.execute("SELECT current_user").fetchone() == (rw["user"],)
+    # What it replaced was kept as a safety snapshot first.
+    listed = api.get(f"/v1/projects/{p['id']}/backups").json()["backups"]
+    safety = [b for b in listed if b["reason"] == "safety"]
+    assert len(safety) == 1 and safety[0]["status"] == "ok" and safety[0]["rows"] == 100 + 2
+    assert leftovers(fleet, "us-east-1") == set()
+    assert count(api, other["id"]) == 7
+    # Over itself means where it is.
+    err = error_of(
+        api.post(
+            f"/v1/projects/{p['id']}/restore", json={"into": "same", "region": "eu-central-1"}
+        ),
+        422,
+    )
+    assert "stays where it is" in err["message"]
+    # A point in time, over itself: back to before a mistake.
+    base_backup(admin_api, "us-east-1", fleet)
+    time.sleep(1.1)
+    with connect(rw) as c:
+        row = c.execute("SELECT now()").fetchone()
+        assert row is not None
+        c.execute("TRUNCATE items")
+    r = api.post(
+        f"/v1/projects/{p['id']}/restore",
+        json={"target_time": row[0].isoformat(), "into": "same"},
+    )
+    assert r.status_code == 200, r.text
+    assert count(api, p["id"]) == PLANTED_ROWS
+    assert leftovers(fleet, "us-east-1") == set()

@@ -240,6 +240,14 @@ def test_regions_page_shows_what_the_api_reports(
         for col in ("tenants", "free", "paid", "hosted"):
             expect(row.locator(f"td[data-col={col}]")).to_have_text(str(r[col]))
     expect(page.locator("svg.chart rect")).to_have_count(12)
+    # Each server's backups: where they go and how its archiving goes, as the API says.
+    backups = client.get(
+        "/v1/admin/base-backups", headers={"Authorization": f"Bearer {admin[1]}"}
+    ).json()
+    for b in backups["servers"]:
+        row = page.locator(f"[data-testid=backups-table] tr[data-server='{b['server']}']")
+        expect(row).to_contain_text(b["storage_region"])
+        expect(row).to_contain_text("on")
     shot(page, "regions")
 
 

@@ -754,3 +754,44 @@ def test_point_in_time_restore_survives_sigkill(
     assert tenant_db_name(new.id) in fleet.databases("us-east-1")
     scratch = fleet.settings.home_abs / "scratch"
     assert not scratch.exists() or not any(scratch.iterdir())
+
+
+IN_PLACE_POINTS = [
+    "restore_in_place.safety_snapshot.after",
+    "restore_in_place.verify.after",
+    "restore_in_place.swap.renamed",  # the project's database aside, the copy not in place
+    "restore_in_place.clean.before",
+]
+
+
+@pytest.mark.parametrize("point", IN_PLACE_POINTS)
+def test_restore_over_the_project_survives_sigkill(
+    point: str, quiet_platform: Platform, workers: Workers, someone: Owner, fleet: FleetUnderTest
+) -> None:
+    import psycopg
+
+    from pgfleet.backups import service as backups
+    from pgfleet.tenants.connections import DatabasePlatformClient
+
+    p = quiet_platform
+    first = workers.start(point)
+    project = _filled_project(p, someone, "us-east-1")
+    sid, op_id = backups.start_snapshot(p, someone, project.id)
+    wait_op(p, op_id, workers)
+    ep = DatabasePlatformClient.of(p).endpoint(project.id)
+    with psycopg.connect(**ep.conninfo("rw", 5), autocommit=True) as c:
+        c.execute("DELETE FROM t WHERE id > 10")
+    _, op_id = backups.start_restore(p, someone, project.id, backup_id=str(sid), into="same")
+    workers.reached(point)
+    workers.kill(first)
+    workers.start()
+    op = wait_op(p, op_id, workers, timeout=120)
+    assert op.status == "finished", (op, workers.logs())
+    with psycopg.connect(**ep.conninfo("rw", 5)) as c:
+        assert c.execute("SELECT count(*) FROM t").fetchone() == (3000,)
+    with fleet.admin_conn("us-east-1") as c:
+        left = c.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'pgfleet\\_re%%' "
+            "UNION ALL SELECT rolname FROM pg_roles WHERE rolname LIKE 'pgfleet\\_re%%'"
+        ).fetchall()
+    assert left == []

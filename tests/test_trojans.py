@@ -418,9 +418,9 @@ def _snapshot(t: Trojaned, api: Api, admin_api: Api, platform: Platform) -> None
 def _restore(t: Trojaned, api: Api, admin_api: Api, platform: Platform) -> None:
     """A point-in-time restore (the archive recovered in a scratch instance,
     dumped there as the project's role) and a snapshot restore, each into a
-    new project loaded and checked as the new project's role. What the
-    tenant's code did in the copies, it did as one of the two projects'
-    roles."""
+    new project loaded and checked as the new project's role, and a restore
+    over the project itself. What the tenant's code did in the copies, it
+    did as one of the two projects' roles."""
     server = next(s for s in platform.servers.all() if s.region == REGION)
     r = admin_api.post("/v1/admin/base-backups", json={"server": server.name, "type": "full"})
     assert r.status_code == 201, r.text
@@ -437,6 +437,11 @@ def _restore(t: Trojaned, api: Api, admin_api: Api, platform: Platform) -> None:
             ran = {(w, s) for w, s in c.execute("SELECT who, session_who FROM trojan_log")}
         strangers = {(w, s) for w, s in ran if w not in allowed or s not in allowed}
         assert strangers == set(), f"the tenant's code ran as {strangers} in its copy"
+    # Over the project itself: staged, loaded and verified as its own role.
+    r = api.post(
+        f"/v1/projects/{t.project['id']}/restore", json={"backup_id": snap["id"], "into": "same"}
+    )
+    assert r.status_code == 200, r.text
 
 
 PATHS: dict[str, Callable[[Trojaned, Api, Api, Platform], None]] = {

@@ -346,7 +346,8 @@ class OperationOut(BaseModel):
     id: uuid.UUID
     type: str = Field(
         description="The operation's kind: provision, delete, rotate_password, "
-        "expire_credentials, pause, resume, change_plan, snapshot, restore or reconcile."
+        "expire_credentials, pause, resume, change_plan, snapshot, restore, restore_in_place "
+        "or reconcile."
     )
     status: Literal["scheduled", "running", "finished", "failed", "cancelled"]
     project_id: uuid.UUID | None
@@ -522,9 +523,11 @@ class RestoreIn(Input):
         "allows); default: the project's region.",
         json_schema_extra=REGION_SCHEMA,
     )
-    into: Literal["new"] = Field(
+    into: Literal["new", "same"] = Field(
         default="new",
-        description="`new`: a new project beside the original (which is never written to).",
+        description="`new`: a new project beside the original (which is never written to); "
+        "`same`: over the project itself, after a safety snapshot (same region, same "
+        "credentials).",
     )
     name: str | None = Field(
         default=None,
@@ -558,6 +561,10 @@ class ServerBackupsOut(BaseModel):
     storage_region: str
     backups: list[BaseBackupOut]
     archiving: ArchivingOut | None
+    lag_bytes: int | None = Field(
+        description="WAL written since the newest archived segment: what the archive would "
+        "miss if the server's disk died now."
+    )
     error: str | None
 
 

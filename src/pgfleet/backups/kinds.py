@@ -47,7 +47,15 @@ from pgfleet.operations.registry import OpContext, OperationKind, Step, register
 from pgfleet.platform.core import Platform
 from pgfleet.regions import get_plan
 from pgfleet.tenants.connections import DatabasePlatformClient
-from pgfleet.tenants.kinds.common import tenant
+from pgfleet.tenants.kinds.common import (
+    alter_login_roles,
+    end_sessions,
+    login_roles,
+    project_admin,
+    route,
+    server_of,
+    tenant,
+)
 from pgfleet.tenants.kinds.provision import (
     BUILD_STEPS,
     OPEN_STEPS,
@@ -55,7 +63,8 @@ from pgfleet.tenants.kinds.provision import (
     undo_provision,
 )
 from pgfleet.tenants.naming import rw_role_name
-from pgfleet.tenants.provisioning import prepare_provision
+from pgfleet.tenants.provisioning import converge_target_on_server, prepare_provision
+from pgfleet.tenants.server import drop_database, role_exists
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +109,10 @@ def _snapshot_row(ctx: OpContext) -> bstore.Snapshot:
     return snap
 
 
-def _snapshot_dump(ctx: OpContext) -> None:
-    p = ctx.platform
-    snap = _snapshot_row(ctx)
-    if snap.status == "ok":
-        return  # done before a crash
-    ep = DatabasePlatformClient.of(p).endpoint(ctx.tenant_id)
+def _dump_snapshot(p: Platform, tenant_id: uuid.UUID, snap: bstore.Snapshot) -> dict[str, Any]:
+    """Write snapshot `snap` of the project: dumped aside as its own role,
+    fsynced, hashed, renamed into place, recorded `ok`."""
+    ep = DatabasePlatformClient.of(p).endpoint(tenant_id)
     ci = {**ep.conninfo("rw", p.settings.connect_timeout_s), "application_name": "pgfleet-backup"}
     final = Path(snap.path)
     partial = final.with_name(final.name + ".partial")
@@ -128,7 +135,14 @@ def _snapshot_dump(ctx: OpContext) -> None:
     p.metrics.snapshots.labels(region, "ok").inc()
     p.metrics.snapshot_bytes.labels(region).inc(size)
     p.metrics.snapshot_duration.labels(region).observe(time.monotonic() - started)
-    ctx.state.update(size_bytes=size, sha256=digest, tables=len(tables))
+    return {"size_bytes": size, "sha256": digest, "tables": len(tables)}
+
+
+def _snapshot_dump(ctx: OpContext) -> None:
+    snap = _snapshot_row(ctx)
+    if snap.status == "ok":
+        return  # done before a crash
+    ctx.state.update(_dump_snapshot(ctx.platform, ctx.tenant_id, snap))
 
 
 def prune_snapshots(p: Platform, tenant_id: uuid.UUID, plan_id: str | None) -> list[str]:
@@ -412,5 +426,216 @@ RESTORE = register(
         on_failure=lambda ctx, reason: _restore_undo(ctx, f"restore failed: {reason}"),
         on_cancel=lambda ctx: _restore_undo(ctx, "restore was cancelled"),
         on_cancel_unstarted=cancelled_unstarted,
+    )
+)
+
+
+# ---- restore over the project itself ------------------------------------------
+#
+# The project's data is replaced by a verified copy, never edited in place:
+# a safety snapshot first; the copy is loaded into a staging database on the
+# same server (owned by the project's role, which a gate role named like it
+# admits through pg_hba's samerole), verified there, and then swapped in by
+# renaming, with the project's logins blocked for the moment of the swap.
+# Until the swap the project is untouched; after it, the operation only
+# goes forward.
+
+
+def _staging(ctx: OpContext) -> str:
+    return f"pgfleet_restore_{ctx.op.id.hex[:16]}"
+
+
+def _replaced(ctx: OpContext) -> str:
+    return f"pgfleet_replaced_{ctx.op.id.hex[:16]}"
+
+
+def _project_server(ctx: OpContext) -> Any:
+    row = tenant(ctx.platform, ctx.tenant_id)
+    server = server_of(ctx.platform, row)
+    if server is None:
+        raise Conflict(f"project {ctx.tenant_id} has no server")
+    return server
+
+
+def _safety_snapshot(ctx: OpContext) -> None:
+    """The project as it is now, kept as a snapshot (`safety`) before
+    anything replaces it."""
+    p = ctx.platform
+    sid = uuid.UUID(ctx.params["safety_snapshot_id"])
+    with p.db.connection() as conn:
+        snap = bstore.get(conn, sid)
+    assert snap is not None
+    if snap.status != "ok":
+        _dump_snapshot(p, ctx.tenant_id, snap)
+    ctx.state["safety_snapshot"] = str(sid)
+
+
+def _stage(ctx: OpContext) -> None:
+    """An empty staging database owned by the project's rw role, and a gate
+    role named like it that the rw role is a member of."""
+    db = str(ctx.params["source_database"])
+    stage = _staging(ctx)
+    gate, rw = sql.Identifier(stage), sql.Identifier(rw_role_name(db))
+    with project_admin(ctx.platform, _project_server(ctx), ctx.tenant_id) as conn:
+        if not conn.execute(
+            "SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = %s", (stage,)
+        ).fetchone():
+            conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(gate))
+        conn.execute(sql.SQL("GRANT {} TO {}").format(gate, rw))
+        if not conn.execute(
+            "SELECT 1 FROM pg_catalog.pg_database WHERE datname = %s", (stage,)
+        ).fetchone():
+            conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(gate, rw))
+        conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(gate))
+
+
+def _stage_conninfo(ctx: OpContext) -> dict[str, Any]:
+    ep = DatabasePlatformClient.of(ctx.platform).endpoint(ctx.tenant_id)
+    ci = ep.conninfo("rw", ctx.platform.settings.connect_timeout_s)
+    return {**ci, "dbname": _staging(ctx), "application_name": "pgfleet-restore"}
+
+
+def _load_stage(ctx: OpContext) -> None:
+    if ctx.state.get("loaded"):
+        return
+    ci = _stage_conninfo(ctx)
+    if not _has_tables(ci):
+        pg_restore(binary("pg_restore"), ci, Path(ctx.state["dump"]))
+    ctx.state["loaded"] = True
+
+
+def _verify_stage(ctx: OpContext) -> None:
+    with psycopg.connect(**_stage_conninfo(ctx)) as conn:
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        setup_session(conn)
+        got = manifest(conn)
+        conn.rollback()
+    problems = compare(ctx.state.get("manifest") or {}, got)
+    if problems:
+        raise FleetError("the restored copy does not match its source: " + "; ".join(problems[:5]))
+    ctx.state["verified_tables"] = len(got)
+    ctx.state["verified_rows"] = sum(int(t["rows"]) for t in got.values())
+
+
+def _swap(ctx: OpContext) -> None:
+    """The copy takes the project's database's name; the old one is kept
+    aside (dropped by `clean`). Logins are blocked and sessions ended for
+    the moment of the renames; each rename is looked for before it is made,
+    so a crash in between resumes where it stopped."""
+    p = ctx.platform
+    db = str(ctx.params["source_database"])
+    stage, old = _staging(ctx), _replaced(ctx)
+    server = _project_server(ctx)
+    roles = login_roles(ctx.tenant_id)
+
+    def exists(conn: psycopg.Connection[Any], name: str) -> bool:
+        return bool(
+            conn.execute(
+                "SELECT 1 FROM pg_catalog.pg_database WHERE datname = %s", (name,)
+            ).fetchone()
+        )
+
+    alter_login_roles(p, ctx.tenant_id, sql.SQL("NOLOGIN"))
+    try:
+        end_sessions(p, ctx.tenant_id, roles)
+        with project_admin(p, server, ctx.tenant_id) as conn:
+            if exists(conn, stage) and exists(conn, db):
+                conn.execute(
+                    "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity "
+                    "WHERE datname = ANY(%s) AND pid <> pg_catalog.pg_backend_pid()",
+                    ([db, stage],),
+                )
+                conn.execute(
+                    sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                        sql.Identifier(db), sql.Identifier(old)
+                    )
+                )
+                failpoint("restore_in_place.swap.renamed")
+            if exists(conn, stage) and not exists(conn, db):
+                conn.execute(
+                    sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                        sql.Identifier(stage), sql.Identifier(db)
+                    )
+                )
+        # What pgfleet sets on a project's database and inside it: ownership,
+        # CONNECT for its roles only, the read-only role's grants.
+        t = prepare_provision(p, ctx.tenant_id)
+        ctx.state.setdefault("actions", []).extend(converge_target_on_server(p, t, "database"))
+    finally:
+        row = tenant(p, ctx.tenant_id)
+        if row.status == "active":
+            alter_login_roles(p, ctx.tenant_id, sql.SQL("LOGIN"))
+    t = prepare_provision(p, ctx.tenant_id)
+    ctx.state["actions"].extend(converge_target_on_server(p, t, "privileges"))
+
+
+def _drop_stage(ctx: OpContext, *names: str) -> None:
+    """The databases `names` and the staging gate role, gone."""
+    stage = _staging(ctx)
+    rw = rw_role_name(str(ctx.params["source_database"]))
+    with project_admin(ctx.platform, _project_server(ctx), ctx.tenant_id) as conn:
+        for name in names:
+            drop_database(conn, name)
+        if role_exists(conn, stage):
+            conn.execute(
+                sql.SQL("REVOKE {} FROM {}").format(sql.Identifier(stage), sql.Identifier(rw))
+            )
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(stage)))
+
+
+def _clean_in_place(ctx: OpContext) -> None:
+    _drop_stage(ctx, _replaced(ctx), _staging(ctx))
+    _remove_work(ctx)
+    route(ctx)  # router clients of the old database reconnect to the copy
+    source = "snapshot" if ctx.params.get("snapshot_id") else "pitr"
+    row = tenant(ctx.platform, ctx.tenant_id)
+    ctx.platform.metrics.restores.labels(row.hosted_region or "", source, "ok").inc()
+
+
+def _in_place_undo(ctx: OpContext, reason: str | None = None) -> None:
+    """Before the swap the project was never touched: drop the staging
+    copy. A swap that failed half-way (the project's database renamed
+    aside, the copy not yet in its place) puts the original back first."""
+    try:
+        _remove_work(ctx)
+    except Exception as e:
+        log.warning("the scratch copy of %s was not removed: %s", ctx.op.id, e)
+    db, old = str(ctx.params["source_database"]), _replaced(ctx)
+    with project_admin(ctx.platform, _project_server(ctx), ctx.tenant_id) as conn:
+        names = {
+            r[0]
+            for r in conn.execute(
+                "SELECT datname FROM pg_catalog.pg_database WHERE datname = ANY(%s)", ([db, old],)
+            )
+        }
+        if db not in names and old in names:
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                    sql.Identifier(old), sql.Identifier(db)
+                )
+            )
+    if tenant(ctx.platform, ctx.tenant_id).status == "active":
+        alter_login_roles(ctx.platform, ctx.tenant_id, sql.SQL("LOGIN"))
+    _drop_stage(ctx, _staging(ctx))
+    source = "snapshot" if ctx.params.get("snapshot_id") else "pitr"
+    ctx.platform.metrics.restores.labels(ctx.params.get("region", ""), source, "failed").inc()
+
+
+RESTORE_IN_PLACE = register(
+    OperationKind(
+        name="restore_in_place",
+        description="replace the project's data with a verified copy of an earlier state, "
+        "after a safety snapshot",
+        steps=(
+            Step("safety_snapshot", _safety_snapshot),
+            Step("fetch", _fetch),
+            Step("stage", _stage),
+            Step("load", _load_stage),
+            Step("verify", _verify_stage),
+            Step("swap", _swap, final=True),
+            Step("clean", _clean_in_place),
+        ),
+        on_failure=_in_place_undo,
+        on_cancel=_in_place_undo,
     )
 )

@@ -17,6 +17,7 @@ from pgfleet.backups import store as bstore
 from pgfleet.backups.archives import Window
 from pgfleet.errors import BackupNotFound, Conflict, Forbidden, InvalidInput, PgfleetError
 from pgfleet.fleet.archive import BACKUP_TYPES, BaseBackup
+from pgfleet.fleet.health import check_server
 from pgfleet.operations.registry import REGISTRY
 from pgfleet.operations.service import start_operation
 from pgfleet.platform.core import Platform
@@ -33,7 +34,7 @@ KINDS = kinds
 # Snapshots and restores copy whole databases: they get longer than the
 # default deadline.
 BACKUP_DEADLINE_S = 6 * 3600.0
-RESTORE_INTO = ("new",)
+RESTORE_INTO = ("new", "same")
 
 
 def start_snapshot(
@@ -181,8 +182,8 @@ def start_restore(
     snapshots) into a new project; returns (new project, operation id)."""
     if into not in RESTORE_INTO:
         raise InvalidInput(
-            f"into must be 'new' (a new project beside the original), not {into!r}; "
-            "restoring over the project itself is not available yet",
+            f"into must be 'new' (a new project beside the original) or 'same' (over the "
+            f"project itself, after a safety snapshot), not {into!r}",
             field="into",
         )
     if target_time is not None and backup_id is not None:
@@ -201,6 +202,12 @@ def start_restore(
             f"project {source.id} was deleted more than {plan.pitr_days} days ago "
             f"({plan.name} plan); it is no longer restorable",
             status=source.status,
+        )
+    if into == "same" and region is not None and region != source.hosted_region:
+        raise InvalidInput(
+            f"a restore over the project itself stays where it is ({source.hosted_region}); "
+            "use into=new for a copy in another region",
+            field="region",
         )
     region = region or source.region or source.hosted_region or ""
     get_region(region)
@@ -236,6 +243,8 @@ def start_restore(
         if dropped is not None and dropped.restore_point and target >= dropped.at:
             params["restore_point"] = dropped.restore_point
         restored_from["target_time"] = target.isoformat()
+    if into == "same":
+        return _start_in_place(platform, owner, source, region, name, params, restored_from)
     new_name = name or f"{source.name[:89]} (restored)"
     return tenants.start_create_project(
         platform,
@@ -252,6 +261,63 @@ def start_restore(
     )
 
 
+def _start_in_place(
+    platform: Platform,
+    owner: Owner,
+    source: Tenant,
+    region: str,
+    name: str | None,
+    params: dict[str, Any],
+    restored_from: dict[str, Any],
+) -> tuple[Tenant, uuid.UUID]:
+    """A restore over the project itself: a safety snapshot recorded with
+    the operation, then `restore_in_place`."""
+    if source.status != "active":
+        raise Conflict(
+            f"project {source.id} is {source.status}; restoring over it needs it to be active "
+            "(a deleted project is restored into a new one)",
+            status=source.status,
+        )
+    if name is not None:
+        raise InvalidInput("name is for a new project (into=new)", field="name")
+    hosted = source.hosted_region or region
+    storage = archives.storage_region(platform, hosted)
+    sid = uuid.uuid4()
+    path = archives.storage_dir(platform, storage) / "snapshots" / str(source.id) / f"{sid}.dump"
+
+    def record(conn: psycopg.Connection[Any]) -> None:
+        status = store.lock_row_status(conn, source.id)
+        if status != "active":
+            raise Conflict(f"project {source.id} changed to {status} meanwhile", status=status)
+        bstore.insert(
+            conn,
+            snapshot_id=sid,
+            tenant_id=source.id,
+            owner_id=source.owner_id,
+            reason="safety",
+            server_name=source.server,
+            source_region=hosted,
+            storage_region=storage,
+            path=str(path),
+        )
+
+    op_id = start_operation(
+        platform,
+        owner,
+        type="restore_in_place",
+        tenant_id=source.id,
+        tenant_owner=source.owner_id,
+        action="project.restore",
+        params={**params, "safety_snapshot_id": str(sid), "region": hosted, "into": "same"},
+        details={"restored_from": restored_from},
+        prepare=record,
+        deadline_s=BACKUP_DEADLINE_S,
+    )
+    with platform.db.connection() as conn:
+        bstore.set_operation(conn, sid, op_id)
+    return tenants.get_project(platform, owner, source.id), op_id
+
+
 # ---- the servers' base backups (admins) -------------------------------------
 
 
@@ -263,6 +329,7 @@ class ServerBackups:
     backups: list[BaseBackup]
     archiving: archives.ArchiverState | None
     error: str | None = None
+    lag_bytes: int | None = None
 
 
 def server_backups(platform: Platform, owner: Owner) -> list[ServerBackups]:
@@ -270,10 +337,11 @@ def server_backups(platform: Platform, owner: Owner) -> list[ServerBackups]:
         raise Forbidden("only an admin sees the servers' base backups")
     out = []
     for server in platform.servers.all(enabled_only=True):
-        state, error = None, None
+        state, error, lag = None, None, None
         try:
             with platform.servers.admin_connection(server) as conn:
                 state = archives.archiver_state(conn)
+            lag = check_server(server, timeout_s=1.0).archive_lag_bytes
         except Exception as e:  # a down server still lists its archive
             error = str(e)
         arch = archives.info(platform, server.name)
@@ -285,6 +353,7 @@ def server_backups(platform: Platform, owner: Owner) -> list[ServerBackups]:
                 backups=list(arch.backups) if arch else [],
                 archiving=state,
                 error=error,
+                lag_bytes=lag,
             )
         )
     return out

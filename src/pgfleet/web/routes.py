@@ -644,5 +644,6 @@ def regions_page(request: Request, s: SessionDep) -> HTMLResponse:
         perf=perf,
         advisor=advisor_report(p),
         costs=cost_report(p),
+        backups=backups_service.server_backups(p, s.owner),
         max_tenants=max([r["tenants"] for r in rs["regions"]] + [1]),
     )

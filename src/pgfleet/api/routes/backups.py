@@ -115,6 +115,10 @@ def list_backups(project_id: str, platform: PlatformDep, owner: OwnerDep) -> Bac
     summary="Restore a project into a new project",
     response_model=ProjectCreated,
     responses={
+        200: {
+            "model": ProjectWithOperation,
+            "description": "into=same: the project, restored, and the finished operation.",
+        },
         202: {"model": ProjectWithOperation, "description": "The restore is still running."},
         **OPERATION_ERRORS,
         409: {
@@ -137,15 +141,22 @@ def restore_project(
     wait: WaitQuery = True,
     idempotency_key: IdemHeader = None,
 ) -> JSONResponse:
-    """Starts a `restore` operation that makes a new project in `region`
-    and fills it with the project's data as of `target_time` (from its
-    server's continuous archive: base backup plus WAL, replayed in a scratch
-    instance) or from the snapshot `backup_id`. The copy is verified (every
-    table's row count and checksum against the source) before the new
-    project opens; a failed restore removes it again. The original is never
-    written to; a deleted project can be restored for its plan's retention.
-    201 with the new project's credentials when finished, 202 while it runs
-    (follow the operation)."""
+    """`into: new` (the default) starts a `restore` operation that makes a
+    new project in `region` and fills it with the project's data as of
+    `target_time` (from its server's continuous archive: base backup plus
+    WAL, replayed in a scratch instance) or from the snapshot `backup_id`.
+    The copy is verified (every table's row count and checksum against the
+    source) before the new project opens; a failed restore removes it again.
+    The original is never written to; a deleted project can be restored for
+    its plan's retention. 201 with the new project's credentials when
+    finished, 202 while it runs (follow the operation).
+
+    `into: same` starts a `restore_in_place`: a safety snapshot of the
+    project as it is, the copy loaded into a staging database beside it and
+    verified there, then swapped in by renaming (logins are blocked and
+    sessions ended for that moment; credentials do not change). Until the
+    swap the project is untouched. 200 with the project and the operation
+    when finished, 202 while it runs."""
 
     def produce() -> tuple[int, Any]:
         _, op_id = service.start_restore(
@@ -159,6 +170,8 @@ def restore_project(
             name=body.name,
         )
         status, out = project_and_op(platform, owner, op_id, wait=wait, credentials=True)
+        if body.into == "same":
+            return status, out  # the project itself: its credentials did not change
         if status != 200 or out.connection is None:
             return 202, out
         return 201, ProjectCreated(
@@ -194,6 +207,7 @@ def list_base_backups(platform: PlatformDep, owner: OwnerDep) -> ServerBackupLis
                 storage_region=sb.storage_region,
                 backups=[BaseBackupOut(**_base(b)) for b in sb.backups],
                 archiving=_archiving(sb.archiving),
+                lag_bytes=sb.lag_bytes,
                 error=sb.error,
             )
         )
