@@ -163,3 +163,11 @@ def test_backups_commands(cli: Cli, admin_cli: Cli, fleet: FleetUnderTest) -> No
     assert "residency" in cli.fails(
         "projects", "create", "--name", "x", "--region", "us-east-1", "--residency", "eu"
     )
+    # Over the project itself: refused without --yes when nobody can be asked.
+    assert run_psql(uri, "delete from b").returncode == 0
+    assert "--yes" in cli.fails(
+        "backups", "restore", pid, "--backup", snap.group(0), "--into", "same"
+    )
+    out = cli.ok("backups", "restore", pid, "--backup", snap.group(0), "--into", "same", "--yes")
+    assert f"restored project {pid} over itself" in out and "kept as snapshot" in out, out
+    assert run_psql(uri, "select count(*) from b").stdout.strip() == "2"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Any
 
 import typer
@@ -112,14 +113,30 @@ def backups_restore(
         str | None, typer.Option(help="Region of the new project; default: the original's")
     ] = None,
     name: Annotated[str | None, typer.Option(help="Name of the new project")] = None,
+    into: Annotated[
+        str,
+        typer.Option(
+            help="new: a new project beside the original; same: over the project itself, "
+            "after a safety snapshot (asks first; --yes for scripts)"
+        ),
+    ] = "new",
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation")] = False,
     wait: WaitOpt = True,
     url: UrlOpt = None,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Restore a project (also a deleted one) into a new project; the
-    original is never written to. Prints the new connection string."""
-    body: dict[str, Any] = {"into": "new"}
+    """Restore a project (also a deleted one) into a new project, whose
+    connection string it prints; the original is never written to. With
+    --into same, over the project itself after a safety snapshot."""
+    if into == "same" and not yes:
+        if not sys.stdin.isatty():
+            fail("--into same replaces the project's data: add --yes to confirm")
+        typer.confirm(
+            f"Replace the data of project {project_id} (a safety snapshot is taken first)?",
+            abort=True,
+        )
+    body: dict[str, Any] = {"into": into}
     for key, value in (("target_time", at), ("backup_id", backup), ("region", region)):
         if value is not None:
             body[key] = value
@@ -133,6 +150,14 @@ def backups_restore(
     )
     if as_json:
         return print_json(data)
+    if into == "same" and "project" in data and data["operation"]["status"] == "finished":
+        result = data["operation"].get("result") or {}
+        out.print(
+            f"restored project {project_id} over itself: {result.get('verified_tables', '?')} "
+            f"tables, {result.get('verified_rows', '?')} rows checked; what it had is kept as "
+            f"snapshot {result.get('safety_snapshot', '?')}"
+        )
+        return
     if "project" in data:  # 202: still running
         op = data["operation"]
         out.print(f"project {data['project']['id']} is {data['project']['status']}")
