@@ -507,3 +507,27 @@ def test_restore_over_the_project_itself_after_a_safety_snapshot(
     assert r.status_code == 200, r.text
     assert count(api, p["id"]) == PLANTED_ROWS
     assert leftovers(fleet, "us-east-1") == set()
+
+
+def test_backups_leaving_a_ruled_projects_jurisdiction_are_reported(
+    platform_factory: Any,
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from pgfleet.api.app import create_app
+    from pgfleet.auth import create_owner
+    from pgfleet.tenants import service as tenants
+
+    p: Platform = platform_factory()
+    owner, _ = create_owner(p, "ruled")
+    tenants.create_project(
+        p, owner, name="gdpr", region="eu-central-1", plan_type="free", residency="eu"
+    )
+    with TestClient(create_app(p)) as c:
+        assert not any("residency" in r for r in c.get("/health").json()["reasons"])
+    # The operator then sends eu-central-1's backups to the US.
+    p.settings = p.settings.model_copy(update={"backup_regions": {"eu-central-1": "us-west-1"}})
+    with TestClient(create_app(p)) as c:
+        body = c.get("/health").json()
+    assert body["regions"]["eu-central-1"]["status"] == "degraded"
+    assert any("residency rule 'eu'" in r and "us-west-1" in r for r in body["reasons"]), body

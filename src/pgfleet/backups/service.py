@@ -22,7 +22,7 @@ from pgfleet.operations.registry import REGISTRY
 from pgfleet.operations.service import start_operation
 from pgfleet.platform.core import Platform
 from pgfleet.platform.owners import Owner
-from pgfleet.regions import get_plan, get_region, require_residency
+from pgfleet.regions import get_plan, get_region, require_residency, residency_allows
 from pgfleet.tenants import service as tenants
 from pgfleet.tenants import store
 from pgfleet.tenants.naming import tenant_db_name
@@ -379,7 +379,26 @@ def add_backup_health(platform: Platform, body: dict[str, Any]) -> dict[str, Any
     a server without one, or whose newest is older than its schedule (a
     differential one every PGFLEET_BACKUP_DIFF_EVERY_H, an hour of grace),
     makes its region degraded."""
-    if archives.archive_of(platform) is None or body.get("status") == "down":
+    if body.get("status") == "down":
+        return body
+    # A server whose backups leave the jurisdiction of a project on it (the
+    # operator changed PGFLEET_BACKUP_REGIONS after it was placed).
+    with platform.db.connection() as conn:
+        ruled = conn.execute(
+            "SELECT DISTINCT hosted_region, residency FROM tenants "
+            "WHERE residency IS NOT NULL AND status NOT IN ('deleted', 'failed')"
+        ).fetchall()
+    for hosted, rule in ruled:
+        storage = archives.storage_region(platform, hosted)
+        if not residency_allows(rule, storage):
+            body.setdefault("reasons", []).append(
+                f"region {hosted}: it hosts projects with residency rule {rule!r} but its "
+                f"backups go to {storage}; set PGFLEET_BACKUP_REGIONS back inside {rule}"
+            )
+            body["status"] = "degraded"
+            if hosted in body.get("regions", {}):
+                body["regions"][hosted]["status"] = "degraded"
+    if archives.archive_of(platform) is None:
         return body
     s = platform.settings
     limit = timedelta(hours=s.backup_diff_every_h + 1)
