@@ -630,6 +630,12 @@ class EmbeddedFleet:
         routers.close()
         for spec in routers.specs:
             routers.stop(spec)
+        # A restore's scratch instance that was running (its operation
+        # resumes from its steps after `up`).
+        if self.scratch_dir().is_dir():
+            for work in self.scratch_dir().iterdir():
+                if (work / "data" / "postmaster.pid").exists():
+                    self.scratch(work.name).stop()
         for s in reversed(self._load() or []):
             self.stop(s)
 
