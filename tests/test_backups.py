@@ -179,6 +179,7 @@ def test_point_in_time_restore_into_another_region(
     new = r.json()
     assert new["hosted_region"] == "ap-southeast-1"
     assert count(api, new["id"]) == PLANTED_ROWS + 500
+    assert new["operation"]["result"]["files_restored"] == f"only {p['connection']['database']}"
     assert new["connection"]["database"] in fleet.databases("ap-southeast-1")
     # Its credentials are its own: the original's do not open it.
     orig = direct(api, p["id"])
@@ -386,6 +387,11 @@ def test_a_project_made_after_the_last_base_backup_restores_from_the_wal(
     r = api.post(f"/v1/projects/{p['id']}/restore", json={"region": "us-east-1"})
     assert r.status_code == 201, r.text
     assert count(api, r.json()["id"]) == PLANTED_ROWS
+    # No other project's files were copied into the scratch instance: only
+    # the prepared spare it claimed (by oid), or, made after the backup,
+    # none but the system databases.
+    restored = r.json()["operation"]["result"]["files_restored"]
+    assert restored.startswith(("only pgfleet_spare_", "all but ")), restored
 
 
 def test_a_damaged_archive_is_reported_and_the_restore_leaves_nothing(
@@ -531,3 +537,66 @@ def test_backups_leaving_a_ruled_projects_jurisdiction_are_reported(
         body = c.get("/health").json()
     assert body["regions"]["eu-central-1"]["status"] == "degraded"
     assert any("residency rule 'eu'" in r and "us-west-1" in r for r in body["reasons"]), body
+
+
+def test_an_owner_runs_at_most_two_copies_at_once(api: Api, held: Any) -> None:
+    """Each snapshot or restore holds a worker slot while it copies: one
+    owner's (a tenant whose objects make copying slow) cannot take them all."""
+    p = create_ok(api, "busy", region="us-east-1")
+    fill(api, p["id"], rows=10)
+    snap = snapshot(api, p["id"])
+    reached, release = held("restore.load.before")
+    ops = []
+    for _ in range(2):
+        r = api.post(
+            f"/v1/projects/{p['id']}/restore",
+            json={"backup_id": snap["id"]},
+            params={"wait": "false"},
+        )
+        assert r.status_code == 202, r.text
+        ops.append(r.json()["operation"]["id"])
+    reached()
+    err = error_of(api.post(f"/v1/projects/{p['id']}/backups"), 409)
+    assert "at most 2 run at once per owner" in err["message"], err
+    error_of(api.post(f"/v1/projects/{p['id']}/restore", json={"backup_id": snap["id"]}), 409)
+    release()
+    for op_id in ops:
+        deadline = time.monotonic() + 60
+        while api.get(f"/v1/operations/{op_id}").json()["status"] != "finished":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    assert snapshot(api, p["id"])["status"] == "ok"  # room again
+
+
+def test_a_tenants_slow_objects_do_not_hold_a_restore_past_its_cancel(api: Api) -> None:
+    """A function that sleeps when it runs anywhere but in its own database
+    (an index on it is built again by pg_restore): the copy is stopped at
+    once when the restore is cancelled, not hours later."""
+    p = create_ok(api, "slow", region="us-east-1")
+    c = direct(api, p["id"])
+    with connect(c) as conn:
+        conn.execute("CREATE TABLE slowt (id int); INSERT INTO slowt VALUES (1)")
+        conn.execute(
+            "CREATE FUNCTION slow(x int) RETURNS int LANGUAGE plpgsql IMMUTABLE AS $$ BEGIN "
+            f"IF current_database() <> '{c['database']}' THEN PERFORM pg_sleep(600); END IF; "
+            "RETURN x; END $$"
+        )
+        conn.execute("CREATE INDEX ON slowt (slow(id))")
+    snap = snapshot(api, p["id"])
+    r = api.post(
+        f"/v1/projects/{p['id']}/restore", json={"backup_id": snap["id"]}, params={"wait": "false"}
+    )
+    assert r.status_code == 202, r.text
+    op_id, new_id = r.json()["operation"]["id"], r.json()["project"]["id"]
+    deadline = time.monotonic() + 30
+    while api.get(f"/v1/operations/{op_id}").json()["current_step"] != "load":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(1)
+    started = time.monotonic()
+    assert api.post(f"/v1/operations/{op_id}/cancel").status_code in (200, 202)
+    while (op := api.get(f"/v1/operations/{op_id}").json())["status"] == "running":
+        assert time.monotonic() - started < 20, op
+        time.sleep(0.2)
+    assert op["status"] == "cancelled", op
+    error_of(api.get(f"/v1/projects/{new_id}"), 404)

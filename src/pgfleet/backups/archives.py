@@ -162,6 +162,11 @@ def restorable_window(
     if arch is None:
         if archive_of(p) is None:
             return None, "point-in-time restore needs continuous archiving (PGFLEET_BACKUPS)"
+        if stanza_of(p, project.server) is not None:
+            return None, (
+                f"the archive of server {project.server} cannot be read now (its backup "
+                "storage is unreadable or missing; see /health)"
+            )
         return None, f"server {project.server} has no archive pgfleet manages"
     oldest = arch.oldest
     if oldest is None:
@@ -172,8 +177,9 @@ def restorable_window(
     # moment after a backup's stop: the next whole second is the first safe.
     first = oldest.stopped_at + timedelta(seconds=1)
     earliest = max(first, retention.pitr_floor(plan, now))
-    if project.created_at is not None:
-        earliest = max(earliest, project.created_at)
+    opened = _opened_at(p, project)
+    if opened is not None:
+        earliest = max(earliest, opened)
     latest = deleted_at or now
     note = f"the last {plan.pitr_days} days ({plan.name} plan)"
     if deleted_at is not None:
@@ -181,6 +187,20 @@ def restorable_window(
     if latest < earliest:
         return None, f"nothing restorable is left: {note}"
     return Window(earliest, latest), note
+
+
+def _opened_at(p: Platform, project: Tenant) -> datetime | None:
+    """When the project's database first held what its owner could see:
+    the end of the operation that made it (its database may be a spare
+    renamed then), else its creation."""
+    with p.db.connection() as conn:
+        row = conn.execute(
+            "SELECT min(finished_at) FROM operations WHERE tenant_id = %s "
+            "AND type IN ('provision', 'restore') AND status = 'finished'",
+            (project.id,),
+        ).fetchone()
+    at: datetime | None = row[0] if row and row[0] else project.created_at
+    return at
 
 
 def base_backups(p: Platform, server_name: str) -> list[BaseBackup]:

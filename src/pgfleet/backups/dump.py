@@ -15,7 +15,10 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-from collections.abc import Callable
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from pgfleet.errors import FleetError
+from pgfleet.operations.registry import Interrupted
 
 # Every session of ours in a tenant database starts with these: names resolve
 # in pg_catalog first, and rows print the same way on both sides of a copy.
@@ -72,6 +76,38 @@ def manifest(conn: psycopg.Connection[Any]) -> Manifest:
     return out
 
 
+@contextmanager
+def cancelled_on_stop(conn: psycopg.Connection[Any], stop: StopReason | None) -> Iterator[None]:
+    """While inside: a query of `conn` is cancelled as soon as `stop` says so
+    (a tenant's slow policy or type must not hold a worker for hours);
+    Interrupted is raised then."""
+    if stop is None:
+        yield
+        return
+    done = threading.Event()
+    why: list[str] = []
+
+    def watch() -> None:
+        while not done.wait(1.0):
+            reason = stop()
+            if reason is not None:
+                why.append(reason)
+                conn.cancel_safe()
+                return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield
+    except psycopg.errors.QueryCanceled:
+        if why:
+            raise Interrupted(f"reading the tables stopped: the operation was {why[0]}") from None
+        raise
+    finally:
+        done.set()
+        watcher.join()
+
+
 def compare(expected: Manifest, got: Manifest) -> list[str]:
     """What differs between two manifests, in words (empty: the same)."""
     problems = []
@@ -101,27 +137,67 @@ def _dsn(conninfo: dict[str, Any]) -> tuple[str, str | None]:
     return make_conninfo(**ci), conninfo.get("password")
 
 
+StopReason = Callable[[], str | None]
+
+
+def run_watched(
+    args: list[str], env: dict[str, str], *, what: str, stop: StopReason | None = None
+) -> None:
+    """Run `args`, asking `stop` every second whether to kill it (an
+    operation cancelled or past its deadline: a tenant's slow objects must
+    not hold a worker for hours). FleetError with its stderr if it fails;
+    Interrupted if stopped."""
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err, env=env)
+        try:
+            while True:
+                try:
+                    proc.wait(timeout=1.0)
+                    break
+                except subprocess.TimeoutExpired:
+                    reason = stop() if stop is not None else None
+                    if reason is not None:
+                        proc.kill()
+                        proc.wait()
+                        raise Interrupted(f"{what} stopped: the operation was {reason}") from None
+        finally:
+            if proc.poll() is None:  # an exception of our own: leave nothing running
+                proc.kill()
+                proc.wait()
+        if proc.returncode != 0:
+            err.seek(0)
+            text = err.read().decode(errors="replace").strip()
+            raise FleetError(f"{what} failed: {text[-1000:]}")
+
+
 def pg_dump(
     binary: str,
     conninfo: dict[str, Any],
     out: Path,
     *,
     snapshot: str | None = None,
-    run: Callable[..., subprocess.CompletedProcess[str]] | None = None,
+    stop: StopReason | None = None,
 ) -> None:
-    """A custom-format dump of the database `conninfo` names, as its user."""
+    """A custom-format dump of the database `conninfo` names, as its user.
+    A lock it cannot get within a minute fails it (a tenant's queue of
+    lock requests must not hold it forever)."""
     dsn, password = _dsn(conninfo)
-    args = [binary, "--format=custom", "--no-password", f"--file={out}", f"--dbname={dsn}"]
+    args = [
+        binary,
+        "--format=custom",
+        "--no-password",
+        "--lock-wait-timeout=60s",
+        f"--file={out}",
+        f"--dbname={dsn}",
+    ]
     if snapshot:
         args.append(f"--snapshot={snapshot}")
-    res = (run or subprocess.run)(
-        args, capture_output=True, text=True, env=_env(password), timeout=6 * 3600
-    )
-    if res.returncode != 0:
-        raise FleetError(f"pg_dump failed: {res.stderr.strip()[-1000:]}")
+    run_watched(args, _env(password), what="pg_dump", stop=stop)
 
 
-def pg_restore(binary: str, conninfo: dict[str, Any], dump: Path) -> None:
+def pg_restore(
+    binary: str, conninfo: dict[str, Any], dump: Path, *, stop: StopReason | None = None
+) -> None:
     """The dump into the (empty) database `conninfo` names, as its user: all
     or nothing (one transaction), objects owned by that user."""
     dsn, password = _dsn(conninfo)
@@ -135,9 +211,7 @@ def pg_restore(binary: str, conninfo: dict[str, Any], dump: Path) -> None:
         f"--dbname={dsn}",
         str(dump),
     ]
-    res = subprocess.run(args, capture_output=True, text=True, env=_env(password), timeout=6 * 3600)
-    if res.returncode != 0:
-        raise FleetError(f"pg_restore failed: {res.stderr.strip()[-1000:]}")
+    run_watched(args, _env(password), what="pg_restore", stop=stop)
 
 
 def sha256_of(path: Path) -> str:

@@ -31,6 +31,8 @@ from psycopg import sql
 from pgfleet.backups import archives, retention
 from pgfleet.backups import store as bstore
 from pgfleet.backups.dump import (
+    StopReason,
+    cancelled_on_stop,
     compare,
     fsync_file,
     manifest,
@@ -73,7 +75,9 @@ def binary(name: str) -> str:
     return find_binaries().path(name)
 
 
-def _dump_consistent(ci: dict[str, Any], out: Path) -> tuple[dict[str, Any], str]:
+def _dump_consistent(
+    ci: dict[str, Any], out: Path, stop: StopReason | None = None
+) -> tuple[dict[str, Any], str]:
     """pg_dump of the database `ci` names, as its user, and the manifest of
     its tables read in the same snapshot. Returns (manifest, server version)."""
     with psycopg.connect(**ci) as conn:
@@ -85,8 +89,9 @@ def _dump_consistent(ci: dict[str, Any], out: Path) -> tuple[dict[str, Any], str
         snapshot = str(row[0])
         vrow = conn.execute("SELECT pg_catalog.current_setting('server_version')").fetchone()
         assert vrow is not None
-        tables = manifest(conn)
-        pg_dump(binary("pg_dump"), ci, out, snapshot=snapshot)
+        with cancelled_on_stop(conn, stop):
+            tables = manifest(conn)
+        pg_dump(binary("pg_dump"), ci, out, snapshot=snapshot, stop=stop)
         conn.rollback()
     return tables, str(vrow[0])
 
@@ -109,7 +114,9 @@ def _snapshot_row(ctx: OpContext) -> bstore.Snapshot:
     return snap
 
 
-def _dump_snapshot(p: Platform, tenant_id: uuid.UUID, snap: bstore.Snapshot) -> dict[str, Any]:
+def _dump_snapshot(
+    p: Platform, tenant_id: uuid.UUID, snap: bstore.Snapshot, stop: StopReason | None = None
+) -> dict[str, Any]:
     """Write snapshot `snap` of the project: dumped aside as its own role,
     fsynced, hashed, renamed into place, recorded `ok`."""
     ep = DatabasePlatformClient.of(p).endpoint(tenant_id)
@@ -120,7 +127,7 @@ def _dump_snapshot(p: Platform, tenant_id: uuid.UUID, snap: bstore.Snapshot) -> 
     for d in (final.parent.parent, final.parent):
         os.chmod(d, 0o700)  # the projects' dumps: pgfleet's own user only
     started = time.monotonic()
-    tables, version = _dump_consistent(ci, partial)
+    tables, version = _dump_consistent(ci, partial, stop)
     failpoint("snapshot.dump.written")
     fsync_file(partial)
     digest = sha256_of(partial)
@@ -142,7 +149,7 @@ def _snapshot_dump(ctx: OpContext) -> None:
     snap = _snapshot_row(ctx)
     if snap.status == "ok":
         return  # done before a crash
-    ctx.state.update(_dump_snapshot(ctx.platform, ctx.tenant_id, snap))
+    ctx.state.update(_dump_snapshot(ctx.platform, ctx.tenant_id, snap, ctx.stop_reason))
 
 
 def prune_snapshots(p: Platform, tenant_id: uuid.UUID, plan_id: str | None) -> list[str]:
@@ -238,8 +245,26 @@ def _fetch_pitr(ctx: OpContext) -> None:
     if not before:
         raise Conflict(f"no base backup of {source_server} ends before {target.isoformat()}")
     base = before[-1]
-    created = datetime.fromisoformat(ctx.params["source_created_at"])
     ctx.state["base_backup"] = base.label
+    # Only the project's database comes back with its files: found by its
+    # oid (it may have had another name then: a prepared spare), or, made
+    # after the base backup, from the WAL with every other database left out.
+    held = archive.backup_databases(stanza, base.label)
+    oid = _source_oid(ctx, server, db)
+    include: str | None = None
+    exclude: tuple[str, ...] = ()
+    if oid is not None and oid in held:
+        include = held[oid]
+    elif oid is not None:
+        exclude = tuple(name for name in held.values() if name != "postgres")
+    # What came back with its files, for the record (and the tests).
+    ctx.state["files_restored"] = (
+        f"only {include}"
+        if include
+        else f"all but {len(exclude)} other databases"
+        if oid is not None
+        else "the whole server (the database's oid is unknown)"
+    )
     try:
         archive.restore(
             stanza,
@@ -248,7 +273,8 @@ def _fetch_pitr(ctx: OpContext) -> None:
             target_time=target,
             target_name=point,
             backup_set=base.label,
-            only_database=created < base.started_at,
+            include=include,
+            exclude=exclude,
         )
         failpoint("restore.fetch.restored")
         scratch.start()
@@ -280,7 +306,7 @@ def _fetch_pitr(ctx: OpContext) -> None:
             # Paused at that moment: its role may not log in; the copy is ours.
             conn.execute(sql.SQL("ALTER ROLE {} LOGIN").format(sql.Identifier(rw)))
         out = scratch.data_dir.parent / "source.dump"
-        tables, _ = _dump_consistent(scratch.conninfo(db, rw), out)
+        tables, _ = _dump_consistent(scratch.conninfo(db, rw), out, ctx.stop_reason)
     except psycopg.Error as e:
         # Not a passing trouble: the restored copy is what it is.
         raise FleetError(f"the restored copy cannot be read: {e}") from e
@@ -288,6 +314,23 @@ def _fetch_pitr(ctx: OpContext) -> None:
         scratch.stop()
     shutil.rmtree(scratch.data_dir, ignore_errors=True)
     ctx.state.update(dump=str(out), manifest=tables)
+
+
+def _source_oid(ctx: OpContext, server: Any, db: str) -> int | None:
+    """The oid of the source project's database: on its server, or as its
+    delete recorded it (None: unknown, the whole server is restored)."""
+    if ctx.params.get("source_oid") is not None:
+        return int(ctx.params["source_oid"])
+    if server is None:
+        return None
+    try:
+        with ctx.platform.servers.admin_connection(server) as conn:
+            row = conn.execute(
+                "SELECT oid FROM pg_catalog.pg_database WHERE datname = %s", (db,)
+            ).fetchone()
+    except RegionUnavailable:
+        return None
+    return int(row[0]) if row else None
 
 
 def _fetch_snapshot(ctx: OpContext) -> None:
@@ -354,13 +397,35 @@ def manifest_names(conn: psycopg.Connection[Any]) -> list[str]:
     ]
 
 
+def end_stale_loads(ctx: OpContext, database: str) -> None:
+    """A pg_restore that a killed worker left running into `database` is
+    ended (its one transaction rolls back) before the load runs again."""
+    with project_admin(ctx.platform, _project_server(ctx), ctx.tenant_id) as conn:
+        conn.execute(
+            "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity "
+            "WHERE datname = %s AND application_name = 'pgfleet-restore' "
+            "AND pid <> pg_catalog.pg_backend_pid()",
+            (database,),
+        )
+        deadline = time.monotonic() + 30
+        while conn.execute(
+            "SELECT 1 FROM pg_catalog.pg_stat_activity WHERE datname = %s "
+            "AND application_name = 'pgfleet-restore' AND pid <> pg_catalog.pg_backend_pid()",
+            (database,),
+        ).fetchone():
+            if time.monotonic() > deadline:
+                raise FleetError(f"an earlier load into {database} does not end")
+            time.sleep(0.1)
+
+
 def _load(ctx: OpContext) -> None:
     if ctx.state.get("loaded"):
         return
     ci = _new_project_conninfo(ctx)
+    end_stale_loads(ctx, ci["dbname"])
     # A load that committed before a crash left its tables: verify decides.
     if not _has_tables(ci):
-        pg_restore(binary("pg_restore"), ci, Path(ctx.state["dump"]))
+        pg_restore(binary("pg_restore"), ci, Path(ctx.state["dump"]), stop=ctx.stop_reason)
         failpoint("restore.load.loaded")
     ctx.state["loaded"] = True
 
@@ -370,7 +435,8 @@ def _verify(ctx: OpContext) -> None:
     with psycopg.connect(**ci) as conn:
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         setup_session(conn)
-        got = manifest(conn)
+        with cancelled_on_stop(conn, ctx.stop_reason):
+            got = manifest(conn)
         conn.rollback()
     problems = compare(ctx.state.get("manifest") or {}, got)
     if problems:
@@ -466,7 +532,7 @@ def _safety_snapshot(ctx: OpContext) -> None:
         snap = bstore.get(conn, sid)
     assert snap is not None
     if snap.status != "ok":
-        _dump_snapshot(p, ctx.tenant_id, snap)
+        _dump_snapshot(p, ctx.tenant_id, snap, ctx.stop_reason)
     ctx.state["safety_snapshot"] = str(sid)
 
 
@@ -499,8 +565,9 @@ def _load_stage(ctx: OpContext) -> None:
     if ctx.state.get("loaded"):
         return
     ci = _stage_conninfo(ctx)
+    end_stale_loads(ctx, ci["dbname"])
     if not _has_tables(ci):
-        pg_restore(binary("pg_restore"), ci, Path(ctx.state["dump"]))
+        pg_restore(binary("pg_restore"), ci, Path(ctx.state["dump"]), stop=ctx.stop_reason)
     ctx.state["loaded"] = True
 
 
@@ -508,7 +575,8 @@ def _verify_stage(ctx: OpContext) -> None:
     with psycopg.connect(**_stage_conninfo(ctx)) as conn:
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         setup_session(conn)
-        got = manifest(conn)
+        with cancelled_on_stop(conn, ctx.stop_reason):
+            got = manifest(conn)
         conn.rollback()
     problems = compare(ctx.state.get("manifest") or {}, got)
     if problems:

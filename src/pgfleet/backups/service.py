@@ -35,6 +35,28 @@ KINDS = kinds
 # default deadline.
 BACKUP_DEADLINE_S = 6 * 3600.0
 RESTORE_INTO = ("new", "same")
+# Snapshots and restores of one owner's projects running at once: each holds
+# a worker slot while it copies, so one owner cannot take them all.
+MAX_COPIES_PER_OWNER = 2
+COPY_KINDS = ["snapshot", "restore", "restore_in_place"]
+
+
+def _check_copies(conn: psycopg.Connection[Any], owner_id: uuid.UUID | None) -> None:
+    if owner_id is None:
+        return
+    row = conn.execute(
+        "SELECT count(*) FROM operations WHERE owner_id = %s AND type = ANY(%s) "
+        "AND status IN ('scheduled', 'running')",
+        (owner_id, COPY_KINDS),
+    ).fetchone()
+    if row is not None and row[0] >= MAX_COPIES_PER_OWNER:
+        raise Conflict(
+            f"{row[0]} snapshots or restores of your projects are running; at most "
+            f"{MAX_COPIES_PER_OWNER} run at once per owner: wait for one to finish "
+            "(see `pgfleet ops list`)",
+            running=int(row[0]),
+            limit=MAX_COPIES_PER_OWNER,
+        )
 
 
 def start_snapshot(
@@ -58,6 +80,7 @@ def start_snapshot(
         status = store.lock_row_status(conn, project.id)
         if status != "active":
             raise Conflict(f"project {project.id} changed to {status} meanwhile", status=status)
+        _check_copies(conn, project.owner_id)
         bstore.insert(
             conn,
             snapshot_id=sid,
@@ -118,6 +141,7 @@ class Dropped:
 
     at: datetime
     restore_point: str | None
+    database_oid: int | None = None
 
 
 def _dropped(platform: Platform, project: Tenant) -> Dropped | None:
@@ -125,13 +149,14 @@ def _dropped(platform: Platform, project: Tenant) -> Dropped | None:
         return None
     with platform.db.connection() as conn:
         row = conn.execute(
-            "SELECT result->>'restore_point', result->>'restore_point_at' FROM operations "
+            "SELECT result->>'restore_point', result->>'restore_point_at', "
+            "(result->>'database_oid')::bigint FROM operations "
             "WHERE tenant_id = %s AND type = 'delete' AND result ? 'restore_point' "
             "ORDER BY created_at DESC LIMIT 1",
             (project.id,),
         ).fetchone()
     if row is not None and row[1]:
-        return Dropped(datetime.fromisoformat(row[1]), row[0])
+        return Dropped(datetime.fromisoformat(row[1]), row[0], row[2])
     # Deleted before deletes made restore points: up to when it was asked.
     return Dropped(project.deleted_at, None) if project.deleted_at else None
 
@@ -220,6 +245,9 @@ def start_restore(
         # Its database exists from then on (a point-in-time restore from a
         # base backup taken earlier must bring back the whole server).
         "source_created_at": (source.created_at or datetime.now(UTC)).isoformat(),
+        # Its database's oid, which its delete recorded (a live one's is read
+        # from its server when the restore runs).
+        "source_oid": dropped.database_oid if dropped else None,
     }
     restored_from: dict[str, Any] = {"project_id": str(source.id)}
     if backup_id is not None:
@@ -230,6 +258,8 @@ def start_restore(
         params["snapshot_id"] = str(snap.id)
         restored_from.update(backup_id=str(snap.id), taken_at=snap.created_at.isoformat())
     else:
+        storage = archives.storage_region(platform, source.hosted_region or region)
+        require_residency(source.residency, storage, what="the archive it would come from")
         window, note = archives.restorable_window(platform, source, deleted_at=deleted_at)
         if target_time is None:
             if window is None:
@@ -258,6 +288,7 @@ def start_restore(
         op_params=params,
         action="project.restore",
         deadline_s=BACKUP_DEADLINE_S,
+        check=lambda conn: _check_copies(conn, owner.id),
     )
 
 
@@ -289,6 +320,7 @@ def _start_in_place(
         status = store.lock_row_status(conn, source.id)
         if status != "active":
             raise Conflict(f"project {source.id} changed to {status} meanwhile", status=status)
+        _check_copies(conn, source.owner_id)
         bstore.insert(
             conn,
             snapshot_id=sid,
@@ -406,6 +438,13 @@ def add_backup_health(platform: Platform, body: dict[str, Any]) -> dict[str, Any
     for region_id, region in body.get("regions", {}).items():
         for srv in region.get("servers", []):
             arch = archives.info(platform, srv["name"])
+            if arch is None and archives.stanza_of(platform, srv["name"]) is not None:
+                region["status"] = "degraded"
+                body["status"] = "degraded"
+                body.setdefault("reasons", []).append(
+                    f"region {region_id}: the archive of server {srv['name']} cannot be read "
+                    "(its backup storage is unreadable or missing)"
+                )
             newest = arch.newest if arch else None
             srv["base_backup"] = {
                 "storage_region": archives.storage_region(platform, region_id),

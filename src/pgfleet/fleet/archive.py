@@ -271,6 +271,16 @@ class Archive:
             raise FleetError(f"pgBackRest knows no stanza {s.name}")
         return found[0]
 
+    def backup_databases(self, s: Stanza, label: str) -> dict[int, str]:
+        """The databases base backup `label` holds, oid -> name (the
+        template databases aside)."""
+        res = self._run(self._cmd(s, "info", "--output=json", f"--set={label}"), timeout=60)
+        for st in json.loads(res.stdout):
+            for b in st.get("backup", []):
+                if b.get("label") == label:
+                    return {int(d["oid"]): str(d["name"]) for d in b.get("database-ref") or []}
+        raise FleetError(f"pgBackRest knows no backup {label} of {s.name}")
+
     def verify(self, s: Stanza) -> tuple[bool, str]:
         """pgBackRest's own check of the repository (checksums of every
         backup file and WAL segment): (ok, what it reported)."""
@@ -297,12 +307,17 @@ class Archive:
         target_time: datetime | None,
         target_name: str | None = None,
         backup_set: str | None = None,
-        only_database: bool = True,
+        include: str | None = None,
+        exclude: tuple[str, ...] = (),
     ) -> None:
-        """The archive's copy of `database` as of `target_time`, or of the
-        named restore point `target_name` (neither: the end of the archive),
-        into `dest`, a new data directory; the other databases come back as
-        empty files (pgBackRest's --db-include)."""
+        """The archive's copy as of `target_time`, or of the named restore
+        point `target_name` (neither: the end of the archive), into `dest`, a
+        new data directory. `include` names the one database (as the base
+        backup knew it) whose files come back; or `exclude` the databases
+        whose files do not (for a database made after the base backup, which
+        recovery makes from the WAL): those come back as empty files, which
+        recovery accepts (pgBackRest's --db-include / --db-exclude).
+        `backup_set` pins the base backup to start from."""
         if dest.exists():
             shutil.rmtree(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -315,8 +330,9 @@ class Archive:
             "--archive-mode=off",
             "--target-action=promote",
         ]
-        if only_database:
-            args.append(f"--db-include={database}")
+        if include is not None:
+            args.append(f"--db-include={include}")
+        args += [f"--db-exclude={name}" for name in exclude]
         if backup_set is not None:
             args.append(f"--set={backup_set}")
         if target_name is not None:

@@ -34,6 +34,10 @@ class OpContext:
     # What steps of this one run share and do not keep (a resumed operation
     # starts with it empty): values read once, such as a project's target.
     scratch: dict[str, Any] = field(default_factory=dict, repr=False)
+    # Set by the runner: why the running step should stop now ("cancelled",
+    # "deadline"), or None. A long step (a copy that runs for minutes) asks
+    # it now and then and raises Interrupted; cheap, it reads one row.
+    stop_reason: Callable[[], str | None] = field(default=lambda: None, repr=False)
 
     @property
     def resource_id(self) -> uuid.UUID:
@@ -49,6 +53,12 @@ class OpContext:
     @property
     def params(self) -> dict[str, Any]:
         return self.op.params or {}
+
+
+class Interrupted(Exception):
+    """A step stopped its own work because `OpContext.stop_reason()` said
+    so: the runner then cancels the operation (or fails it past its
+    deadline), with the kind's compensation."""
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ from pgfleet.errors import (
 )
 from pgfleet.operations.failpoints import failpoint
 from pgfleet.operations.locks import op_lock_key, resource_lock_key
-from pgfleet.operations.registry import REGISTRY, OpContext, OperationKind, Step
+from pgfleet.operations.registry import REGISTRY, Interrupted, OpContext, OperationKind, Step
 from pgfleet.operations.store import NOTIFY_CHANNEL, OPERATION_COLUMNS, Operation
 from pgfleet.platform.core import Platform
 
@@ -324,7 +324,7 @@ class _Execution:
             )
             return str((row or ("missing",))[0])
         kind = REGISTRY.kinds[op.type]
-        ctx = OpContext(self.p, op, dict(op.result or {}))
+        ctx = OpContext(self.p, op, dict(op.result or {}), stop_reason=self._stop_reason)
         done, started = self._step_positions()
         # Past the point of no return (a final step has started, in this run
         # or before a crash) an operation only goes forward: no cancel, and
@@ -376,6 +376,16 @@ class _Execution:
                 f"{kind.steps[position].name}"
             )
 
+    def _stop_reason(self) -> str | None:
+        """For a long step: should it stop now? Never past the point of no
+        return."""
+        if self.committed:
+            return None
+        cancel, left = self._flags()
+        if cancel:
+            return "cancelled"
+        return "deadline" if left <= 0 else None
+
     def _run_step(self, kind: OperationKind, position: int, step: Step, ctx: OpContext) -> None:
         delay = 0.1
         attempt = 1
@@ -383,6 +393,13 @@ class _Execution:
             try:
                 step.run(ctx)
                 return
+            except Interrupted as e:
+                cancel, _ = self._flags()
+                if cancel:
+                    raise _Cancelled from e
+                raise DeadlineExceeded(
+                    f"step {step.name} was stopped at the operation's deadline"
+                ) from e
             except TRANSIENT as e:
                 cancel, left = self._flags()
                 msg = _describe(e)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -98,6 +99,7 @@ def start_create_project(
     op_params: dict[str, Any] | None = None,
     action: str = "project.create",
     deadline_s: float | None = None,
+    check: Callable[[psycopg.Connection[Any]], None] | None = None,
 ) -> tuple[Tenant, uuid.UUID]:
     """Validate, place, record the tenant row and its provision operation in
     one transaction, and queue the operation. Returns (project, operation id).
@@ -134,6 +136,8 @@ def start_create_project(
         )
 
     def insert_tenant(conn: psycopg.Connection[Any]) -> None:
+        if check is not None:
+            check(conn)
         quota = platform.settings.max_projects_per_owner
         if quota and not owner.is_admin:
             have = store.count_live_of_owner(conn, owner.id)

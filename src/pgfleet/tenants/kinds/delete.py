@@ -51,7 +51,7 @@ def _drop_database(ctx: OpContext) -> None:
             ctx.state.setdefault("actions", []).append("drop database")
 
 
-def mark_before_drop(conn: psycopg.Connection[Any], tid: uuid.UUID) -> dict[str, str]:
+def mark_before_drop(conn: psycopg.Connection[Any], tid: uuid.UUID) -> dict[str, Any]:
     """A named restore point just before the drop, so that a deleted
     project's data can be recovered from the server's archive exactly as
     its owner left it (undelete). DROP DATABASE writes WAL that is not a
@@ -59,13 +59,21 @@ def mark_before_drop(conn: psycopg.Connection[Any], tid: uuid.UUID) -> dict[str,
     replays up to the next commit: a time target could land past that
     mark, a named point cannot. The commit in between makes every time
     before `restore_point_at` stop before the point."""
-    row = conn.execute("SELECT pg_catalog.clock_timestamp()").fetchone()
+    row = conn.execute(
+        "SELECT pg_catalog.clock_timestamp(), (SELECT oid FROM pg_catalog.pg_database "
+        "WHERE datname = %s)",
+        (tenant_db_name(tid),),
+    ).fetchone()
     assert row is not None
     conn.execute("SELECT pg_catalog.txid_current()")
     point = f"pgfleet-drop-{tid}"
     if conn.execute("SELECT pg_catalog.current_setting('wal_level')").fetchone() != ("minimal",):
         conn.execute("SELECT pg_catalog.pg_create_restore_point(%s)", (point,))
-    return {"restore_point": point, "restore_point_at": row[0].isoformat()}
+    return {
+        "restore_point": point,
+        "restore_point_at": row[0].isoformat(),
+        "database_oid": int(row[1]) if row[1] is not None else None,
+    }
 
 
 def _drop_roles(ctx: OpContext) -> None:
