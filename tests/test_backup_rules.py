@@ -119,6 +119,11 @@ def test_invalid_backup_settings_are_refused_at_start() -> None:
         Settings(backup_regions={"us-east-1": "us-east-1"})
     with pytest.raises(ValidationError, match="must not exceed"):
         Settings(backup_diff_every_h=200, backup_full_every_h=100)
+    with pytest.raises(ValidationError, match="'nowhere-z' is neither a region"):
+        Settings(backup_regions={"nowhere-z": "us-west-1"})
+    with pytest.raises(ValidationError, match="us-east-1-a's backups must go to another region"):
+        Settings(backup_regions={"us-east-1-a": "us-east-1"})
+    Settings(backup_regions={"us-east-1-a": "us-west-1"})
 
 
 def test_every_region_backs_up_into_another_region_of_its_jurisdiction() -> None:
@@ -129,6 +134,10 @@ def test_every_region_backs_up_into_another_region_of_its_jurisdiction() -> None
         assert by_id[pair].jurisdiction == r.jurisdiction
     assert set(BACKUP_PAIRS) == set(by_id)
     assert backup_region_of("us-east-1", {"us-east-1": "eu-west-1"}) == "eu-west-1"
+    # A server's own entry wins over its region's.
+    both = {"us-east-1": "eu-west-1", "us-east-1-b": "us-west-1"}
+    assert backup_region_of("us-east-1", both, "us-east-1-b") == "us-west-1"
+    assert backup_region_of("us-east-1", both, "us-east-1-a") == "eu-west-1"
 
 
 def servers() -> list[ServerLoad]:

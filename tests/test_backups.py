@@ -600,3 +600,38 @@ def test_a_tenants_slow_objects_do_not_hold_a_restore_past_its_cancel(api: Api) 
         time.sleep(0.2)
     assert op["status"] == "cancelled", op
     error_of(api.get(f"/v1/projects/{new_id}"), 404)
+
+
+def test_missing_backup_storage_alarms_and_the_workers_bring_it_back(
+    platform_factory: Any, fleet: FleetUnderTest
+) -> None:
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from pgfleet.api.app import create_app
+    from pgfleet.backups import archives
+
+    p: Platform = platform_factory(backup_schedule=True)
+    repo = fleet.settings.home_abs / "backups" / "ap-northeast-1" / "pgbackrest"
+    shutil.rmtree(repo)
+    with TestClient(create_app(p)) as c:
+        _switch_wal(fleet, "ap-southeast-1")
+        deadline = time.monotonic() + 30
+        while not any("ap-southeast-1" in r for r in c.get("/health").json()["reasons"]):
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        # The workers' next round: the stanza again, and a full base backup.
+        archives.scheduled_base_backups(p)
+        server = fleet.server("ap-southeast-1").name
+        deadline = time.monotonic() + 60
+        while not archives.base_backups(p, server):
+            assert time.monotonic() < deadline, "no base backup after the storage came back"
+            time.sleep(0.3)
+        while True:
+            _switch_wal(fleet, "ap-southeast-1")
+            body = c.get("/health").json()
+            if body["regions"]["ap-southeast-1"]["status"] == "ok":
+                break
+            assert time.monotonic() < deadline + 30, body
+            time.sleep(1)

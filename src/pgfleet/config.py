@@ -97,8 +97,9 @@ class Settings(BaseSettings):
     # (PGFLEET_HOME/backups/<region>). False: no archiving (tests of other
     # parts, throwaway fleets).
     backups: bool = True
-    # Per server region, where its backups go instead of the paired region
-    # (JSON: {"us-east-1": "eu-west-1"}).
+    # Where a server's backups go instead of its region's pair, by server
+    # name or by region (JSON: {"us-east-1-a": "us-west-1", "eu-central-1":
+    # "eu-west-1"}; a server's own entry wins).
     backup_regions: dict[str, str] = Field(default_factory=dict)
     # Workers take base backups and scheduled snapshots, and prune snapshots,
     # on their own (false: only on request, as the test suite runs).
@@ -218,14 +219,20 @@ class Settings(BaseSettings):
         if len(names) != len(set(names)):
             raise ValueError(f"server names must be unique, got {names}")
         check_plans(PLANS)  # their retention rules, before anything runs
+        servers = {s.name: s.region for s in self.external_servers()}
+        servers.update({f"{r}-a": r for r in self.embedded_regions})
         for src, dst in self.backup_regions.items():
-            for r in (src, dst):
-                if r not in REGION_IDS:
-                    raise ValueError(
-                        f"backup_regions: unknown region {r!r}; valid regions are: "
-                        f"{', '.join(REGION_IDS)}"
-                    )
-            if src == dst:
+            if dst not in REGION_IDS:
+                raise ValueError(
+                    f"backup_regions: unknown region {dst!r}; valid regions are: "
+                    f"{', '.join(REGION_IDS)}"
+                )
+            if src not in REGION_IDS and src not in servers:
+                raise ValueError(
+                    f"backup_regions: {src!r} is neither a region ({', '.join(REGION_IDS)}) "
+                    f"nor a server ({', '.join(sorted(servers))})"
+                )
+            if servers.get(src, src) == dst:
                 raise ValueError(
                     f"backup_regions: {src}'s backups must go to another region, not {dst}"
                 )

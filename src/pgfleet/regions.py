@@ -106,8 +106,13 @@ def require_residency(rule: str | None, region: str, *, what: str) -> None:
         )
 
 
-def backup_region_of(region: str, overrides: Mapping[str, str] | None = None) -> str:
-    """The region a server in `region` keeps its backups in."""
+def backup_region_of(
+    region: str, overrides: Mapping[str, str] | None = None, server: str | None = None
+) -> str:
+    """The region a server (named `server`, in `region`) keeps its backups
+    in: its own override, its region's, else the paired region."""
+    if overrides and server is not None and server in overrides:
+        return overrides[server]
     if overrides and region in overrides:
         return overrides[region]
     return BACKUP_PAIRS[region]

@@ -51,9 +51,9 @@ def stanza_of(p: Platform, server_name: str) -> Stanza | None:
     return archive.stanzas.get(server_name)
 
 
-def storage_region(p: Platform, region: str) -> str:
-    """Where backups of a server in `region` are kept."""
-    return backup_region_of(region, p.settings.backup_regions)
+def storage_region(p: Platform, region: str, server: str | None = None) -> str:
+    """Where backups of a server (named `server`, in `region`) are kept."""
+    return backup_region_of(region, p.settings.backup_regions, server)
 
 
 def storage_dir(p: Platform, region: str) -> Path:
@@ -258,8 +258,17 @@ def due_backups(p: Platform, now: datetime | None = None) -> list[tuple[str, str
 @REGISTRY.every("base_backups", lambda s: 300.0)
 def scheduled_base_backups(p: Platform) -> list[str]:
     """Take the base backups the schedule wants (one worker at a time)."""
-    if not p.settings.backup_schedule or archive_of(p) is None:
+    archive = archive_of(p)
+    if not p.settings.backup_schedule or archive is None:
         return []
+    # A repository that went missing (storage replaced, emptied) gets its
+    # stanza again, so archiving resumes without anyone running `up`.
+    for stanza in archive.stanzas.values():
+        try:
+            archive.prepare(stanza)
+            archive.create(stanza)
+        except (FleetError, OSError) as e:
+            log.warning("the archive of %s is not ready: %s", stanza.name, e)
     done = []
     with p.db.connection() as conn:
         got = conn.execute("SELECT pg_try_advisory_lock(%s)", (_BASE_BACKUP_LOCK,)).fetchone()

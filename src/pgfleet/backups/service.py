@@ -71,7 +71,7 @@ def start_snapshot(
             status=project.status,
         )
     hosted = project.hosted_region or project.region or ""
-    storage = archives.storage_region(platform, hosted)
+    storage = archives.storage_region(platform, hosted, project.server)
     require_residency(project.residency, storage, what="its backups' storage")
     sid = uuid.uuid4()
     path = archives.storage_dir(platform, storage) / "snapshots" / str(project.id) / f"{sid}.dump"
@@ -174,7 +174,9 @@ def list_backups(platform: Platform, owner: Owner, project_id: str | uuid.UUID) 
         platform, project, deleted_at=_deleted_at(platform, project)
     )
     hosted = project.hosted_region or project.region or ""
-    return Backups(project, snaps, window, note, archives.storage_region(platform, hosted))
+    return Backups(
+        project, snaps, window, note, archives.storage_region(platform, hosted, project.server)
+    )
 
 
 def _in_window(target: datetime, window: Window | None, note: str) -> None:
@@ -258,7 +260,7 @@ def start_restore(
         params["snapshot_id"] = str(snap.id)
         restored_from.update(backup_id=str(snap.id), taken_at=snap.created_at.isoformat())
     else:
-        storage = archives.storage_region(platform, source.hosted_region or region)
+        storage = archives.storage_region(platform, source.hosted_region or region, source.server)
         require_residency(source.residency, storage, what="the archive it would come from")
         window, note = archives.restorable_window(platform, source, deleted_at=deleted_at)
         if target_time is None:
@@ -312,7 +314,7 @@ def _start_in_place(
     if name is not None:
         raise InvalidInput("name is for a new project (into=new)", field="name")
     hosted = source.hosted_region or region
-    storage = archives.storage_region(platform, hosted)
+    storage = archives.storage_region(platform, hosted, source.server)
     sid = uuid.uuid4()
     path = archives.storage_dir(platform, storage) / "snapshots" / str(source.id) / f"{sid}.dump"
 
@@ -381,7 +383,7 @@ def server_backups(platform: Platform, owner: Owner) -> list[ServerBackups]:
             ServerBackups(
                 server=server.name,
                 region=server.region,
-                storage_region=archives.storage_region(platform, server.region),
+                storage_region=archives.storage_region(platform, server.region, server.name),
                 backups=list(arch.backups) if arch else [],
                 archiving=state,
                 error=error,
@@ -417,11 +419,12 @@ def add_backup_health(platform: Platform, body: dict[str, Any]) -> dict[str, Any
     # operator changed PGFLEET_BACKUP_REGIONS after it was placed).
     with platform.db.connection() as conn:
         ruled = conn.execute(
-            "SELECT DISTINCT hosted_region, residency FROM tenants "
-            "WHERE residency IS NOT NULL AND status NOT IN ('deleted', 'failed')"
+            "SELECT DISTINCT t.hosted_region, t.residency, s.name FROM tenants t "
+            "JOIN servers s ON s.id = t.server_id "
+            "WHERE t.residency IS NOT NULL AND t.status NOT IN ('deleted', 'failed')"
         ).fetchall()
-    for hosted, rule in ruled:
-        storage = archives.storage_region(platform, hosted)
+    for hosted, rule, server_name in ruled:
+        storage = archives.storage_region(platform, hosted, server_name)
         if not residency_allows(rule, storage):
             body.setdefault("reasons", []).append(
                 f"region {hosted}: it hosts projects with residency rule {rule!r} but its "
@@ -447,7 +450,7 @@ def add_backup_health(platform: Platform, body: dict[str, Any]) -> dict[str, Any
                 )
             newest = arch.newest if arch else None
             srv["base_backup"] = {
-                "storage_region": archives.storage_region(platform, region_id),
+                "storage_region": archives.storage_region(platform, region_id, srv["name"]),
                 "newest": newest.label if newest else None,
                 "type": newest.type if newest else None,
                 "at": newest.stopped_at.isoformat() if newest else None,

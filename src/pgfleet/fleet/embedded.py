@@ -200,7 +200,7 @@ class EmbeddedFleet:
             stanzas = []
             for s in self.regional_servers():
                 assert s.region is not None
-                storage = backup_region_of(s.region, self.settings.backup_regions)
+                storage = backup_region_of(s.region, self.settings.backup_regions, s.name)
                 stanzas.append(
                     Stanza(
                         name=s.name,

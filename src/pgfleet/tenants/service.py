@@ -123,7 +123,9 @@ def start_create_project(
     )
     if residency is not None:
         # Its backups stay in the jurisdiction too.
-        storage = backup_region_of(placement.hosted_region, platform.settings.backup_regions)
+        storage = backup_region_of(
+            placement.hosted_region, platform.settings.backup_regions, placement.server_name
+        )
         require_residency(residency, storage, what="its backups' storage")
     # A region the health checks know to be down is refused at once (503),
     # with nothing recorded.
