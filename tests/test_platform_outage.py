@@ -310,3 +310,21 @@ def test_up_detach_starts_the_api_when_the_recorded_one_is_dead(cli_fleet: CliFl
     wait_healthy(f.url, 30)
     with f.client() as api:
         assert api.get("/v1/me").status_code == 200
+
+
+def test_up_detach_refuses_a_port_someone_else_holds(cli_fleet: CliFleet) -> None:
+    """Workers a killed API supervisor left behind (or any program) hold the
+    port: `up --detach` says so and fails, instead of reporting an API that
+    is not its own."""
+    import socket
+
+    f = cli_fleet
+    stop_detached_api(f)
+    port = int(f.url.rsplit(":", 1)[1])
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        again = f.run("up", "--detach")
+        assert again.returncode != 0, again.stdout
+        assert f"port {port} is in use by pid {os.getpid()}" in again.stderr + again.stdout

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -166,10 +167,47 @@ def _api_pid(s: Settings) -> int | None:
     return pid
 
 
+def _listeners(port: int) -> list[int]:
+    """Pids of the processes listening on TCP `port` (from /proc; empty
+    where it cannot be read)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if len(parts) > 9 and parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{parts[9]}]")
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) in inodes for fd in (proc / "fd").iterdir()):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return sorted(pids)
+
+
 def _start_detached(s: Settings, url: str) -> None:
     if _api_pid(s) is not None:
         out.print("  API already running")
         return
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((s.api_host, s.api_port))
+        except OSError:
+            held = _listeners(s.api_port)
+            who = f" by pid {', '.join(map(str, held))}" if held else ""
+            fail(
+                f"port {s.api_port} is in use{who}, so the API cannot start: an API of this "
+                "fleet whose supervisor was killed leaves its workers behind (stop them, "
+                "then `pgfleet up --detach`), or set PGFLEET_API_PORT"
+            )
     log = (s.home_abs / "api.log").open("ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "pgfleet.cli", "serve"],
@@ -284,6 +322,8 @@ def down() -> None:
             for spec in routers.specs:
                 if routers.stop(spec):
                     out.print(f"  [yellow]stopped[/] router {spec.name}")
+            for name in fleet.stop_scratch():
+                out.print(f"  [yellow]stopped[/] the scratch instance of {name}")
             for st in fleet.states():
                 if st.running:
                     fleet.stop(st.server)

@@ -630,14 +630,20 @@ class EmbeddedFleet:
         routers.close()
         for spec in routers.specs:
             routers.stop(spec)
-        # A restore's scratch instance that was running (its operation
-        # resumes from its steps after `up`).
+        self.stop_scratch()
+        for s in reversed(self._load() or []):
+            self.stop(s)
+
+    def stop_scratch(self) -> list[str]:
+        """Stop the scratch instances of restores that were running (their
+        operations resume from their steps after `up`). Returns their names."""
+        stopped = []
         if self.scratch_dir().is_dir():
             for work in self.scratch_dir().iterdir():
                 if (work / "data" / "postmaster.pid").exists():
                     self.scratch(work.name).stop()
-        for s in reversed(self._load() or []):
-            self.stop(s)
+                    stopped.append(work.name)
+        return stopped
 
     def states(self) -> list[ServerState]:
         out = []
