@@ -487,3 +487,27 @@ def test_snapshot_and_restore_from_the_console(
     expect(page.locator(".badge").first).to_have_text("active", timeout=60_000)
     expect(page.get_by_text("Restored from")).to_be_visible()
     expect(page.get_by_test_id("residency")).to_have_text("eu")
+
+
+def test_a_failed_restore_says_why_in_the_console(
+    page: Page, owner: tuple[Owner, str], fleet: FleetUnderTest
+) -> None:
+    sign_in(page, owner[1])
+    pid = create_in_browser(page, "fragile")
+    page.get_by_role("button", name="Take a snapshot").click()
+    expect(page.get_by_test_id("snapshots")).to_contain_text("ok")
+    for dump in (fleet.settings.home_abs / "backups").rglob(f"snapshots/{pid}/*.dump"):
+        data = bytearray(dump.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        dump.write_bytes(bytes(data))
+    labels = page.locator("#restore-source option").all_inner_texts()
+    page.locator("#restore-source").select_option(
+        label=next(x for x in labels if x.startswith("snapshot of"))
+    )
+    page.get_by_role("button", name="Restore").click()
+    expect(page.get_by_role("heading", name="The restore did not finish")).to_be_visible(
+        timeout=30_000
+    )
+    expect(page.get_by_role("alert")).to_contain_text("damaged")
+    page.get_by_role("link", name="Back").click()
+    expect(page).to_have_url(re.compile(pid))

@@ -469,7 +469,11 @@ class EmbeddedFleet:
             # the OS before it returns: a killed postmaster loses nothing
             # committed (only the machine failing could).
             "synchronous_commit": "on",
-            "full_page_writes": durable,
+            # Always on with backups, even on throwaway fleets: a
+            # point-in-time restore brings back one database's files and
+            # leaves the others' as zeroes, and WAL that changes a zeroed
+            # page without a full-page image is "invalid" to recovery.
+            "full_page_writes": "on" if self.settings.backups else durable,
             # TLS only (pg_hba has nothing but hostssl lines).
             "ssl": "on",
             "ssl_cert_file": f"'{tls / 'server.crt'}'",

@@ -352,10 +352,37 @@ def _project_or_404(request: Request, s: sess.Session, pid: str) -> Tenant:
         raise _NoSuchDatabase(pid) from None
 
 
+def _failed_operation(p: Platform, s: sess.Session, op: str | None) -> Any:
+    if not op:
+        return None
+    try:
+        found = ops_service.visible_operation(p, s.owner, op)
+    except (NotFound, ValueError):
+        return None
+    return found if found.status in ("failed", "cancelled") else None
+
+
 @router.get("/databases/{pid}", response_class=HTMLResponse)
 def database(request: Request, s: SessionDep, pid: str, op: str | None = None) -> Response:
     p = _platform(request)
-    project = _project_or_404(request, s, pid)
+    try:
+        project = _project_or_404(request, s, pid)
+    except _NoSuchDatabase:
+        # A database whose making failed (a restore, say) is gone again: say
+        # why, rather than only that it does not exist.
+        failed = _failed_operation(p, s, op)
+        if failed is None:
+            raise
+        source = (failed.params or {}).get("source_tenant_id")
+        return render(
+            request,
+            "error.html",
+            s,
+            status=409,
+            title=f"The {failed.type.replace('_', ' ')} did not finish",
+            message=f"{failed.error or failed.status}. Nothing was left behind.",
+            back=f"/databases/{source}" if source else "/databases",
+        )
     ops = ops_service.project_operations(p, project.id, limit=10)
     detailed = []
     for o in ops[:5]:

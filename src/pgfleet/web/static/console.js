@@ -74,8 +74,10 @@ if (progress) {
     bar.max = Math.max(op.steps.length, 1);
     bar.value = done;
     if (["finished", "failed", "cancelled"].includes(op.status)) {
+      // A failed one keeps its id in the address: the page then says why,
+      // even when what it was making is gone again.
       const url = new URL(window.location.href);
-      url.searchParams.delete("op");
+      if (op.status === "finished") url.searchParams.delete("op");
       window.location.replace(url.toString());
     } else {
       setTimeout(tick, 250);
