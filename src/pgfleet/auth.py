@@ -9,7 +9,7 @@ from typing import Any
 from psycopg.rows import dict_row
 
 from pgfleet.crypto import TOKEN_PREFIX, generate_api_token, hash_api_token
-from pgfleet.errors import NotAuthenticated, NotFound
+from pgfleet.errors import Conflict, NotAuthenticated, NotFound
 from pgfleet.names import validate_name
 from pgfleet.platform.core import Platform
 from pgfleet.platform.owners import Owner
@@ -21,9 +21,21 @@ def create_owner(
     *,
     is_admin: bool = False,
     token_name: str = "default",  # noqa: S107 - a label
+    unique: bool = False,
 ) -> tuple[Owner, str]:
-    """A new owner and its first token (returned in clear, once)."""
+    """A new owner and its first token (returned in clear, once). With
+    `unique` (what the API asks), a name another owner has is 409."""
     name = validate_name(name)
+    if unique:
+        with platform.db.connection() as conn:
+            taken = conn.execute(
+                "SELECT id FROM owners WHERE lower(name) = lower(%s) LIMIT 1", (name,)
+            ).fetchone()
+        if taken is not None:
+            raise Conflict(
+                f"an owner named {name!r} exists already (id {taken[0]}); choose another name",
+                field="name",
+            )
     owner = Owner(uuid.uuid4(), name, is_admin)
     token = generate_api_token()
     with platform.db.connection() as conn, conn.transaction():

@@ -6,6 +6,7 @@ returns a decision, so it is tested without a database.
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -64,13 +65,18 @@ BACKUP_PAIRS = {
 
 
 def get_region(region_id: str) -> Region:
-    try:
-        return REGIONS_BY_ID[region_id]
-    except KeyError:
-        raise UnknownRegion(
-            f"unknown region {region_id!r}; valid regions are: {', '.join(REGION_IDS)}",
-            valid=list(REGION_IDS),
-        ) from None
+    """The region `region_id` names (any case, surrounding spaces ignored);
+    an unknown one is refused with the closest id suggested."""
+    found = REGIONS_BY_ID.get(region_id.strip().lower())
+    if found is not None:
+        return found
+    close = difflib.get_close_matches(region_id.strip().lower(), REGION_IDS, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}? " if close else ""
+    raise UnknownRegion(
+        f"unknown region {region_id!r}; {hint}valid regions are: {', '.join(REGION_IDS)}",
+        valid=list(REGION_IDS),
+        **({"suggestion": close[0]} if close else {}),
+    )
 
 
 def check_residency_rule(rule: str | None) -> str | None:

@@ -72,6 +72,30 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+class PlanOut(BaseModel):
+    id: str
+    name: str
+    paid: bool
+    monthly_price_usd: float | None = Field(
+        description="Per project and month; null: on request (enterprise)."
+    )
+    connection_limit: int = Field(description="Connections the project's roles may hold.")
+    statement_timeout_ms: int
+    max_result_rows: int = Field(description="Rows one SQL API statement may return.")
+    max_result_bytes: int
+    router_pool_size: int = Field(
+        description="Server connections each router opens to the project's database."
+    )
+    pitr_days: int = Field(description="How far back a point-in-time restore reaches.")
+    snapshot_every_h: int = Field(description="Scheduled snapshots (0: on request only).")
+    snapshot_keep: int
+    snapshot_max_age_days: int
+
+
+class PlanList(BaseModel):
+    plans: list[PlanOut]
+
+
 class RegionOut(BaseModel):
     id: str
     name: str

@@ -236,8 +236,7 @@ def start_restore(
             "use into=new for a copy in another region",
             field="region",
         )
-    region = region or source.region or source.hosted_region or ""
-    get_region(region)
+    region = get_region(region or source.region or source.hosted_region or "").id
     require_residency(source.residency, region, what="a restore")
     params: dict[str, Any] = {
         "source_tenant_id": str(source.id),

@@ -17,25 +17,61 @@ from rich.text import Text
 from pgfleet.config import Settings, get_settings
 
 app = typer.Typer(
+    rich_markup_mode="markdown",
     help="pgfleet: multi-region PostgreSQL databases for your projects.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-regions_app = typer.Typer(help="The region catalog.", no_args_is_help=True)
-projects_app = typer.Typer(help="Create, list, show and delete projects.", no_args_is_help=True)
-tokens_app = typer.Typer(help="Your API tokens.", no_args_is_help=True)
-owners_app = typer.Typer(help="Owners (admin only).", no_args_is_help=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from pgfleet import __version__
+
+        print(f"pgfleet {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """pgfleet: multi-region PostgreSQL databases for your projects."""
+
+
+regions_app = typer.Typer(
+    rich_markup_mode="markdown", help="The region catalog.", no_args_is_help=True
+)
+projects_app = typer.Typer(
+    rich_markup_mode="markdown",
+    help="Create, list, show and delete projects.",
+    no_args_is_help=True,
+)
+tokens_app = typer.Typer(rich_markup_mode="markdown", help="Your API tokens.", no_args_is_help=True)
+owners_app = typer.Typer(
+    rich_markup_mode="markdown", help="Owners (admin only).", no_args_is_help=True
+)
 app.add_typer(regions_app, name="regions")
 app.add_typer(projects_app, name="projects")
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(owners_app, name="owners")
 ops_app = typer.Typer(
-    help="Operations: what pgfleet is doing or did to your projects.", no_args_is_help=True
+    rich_markup_mode="markdown",
+    help="Operations: what pgfleet is doing or did to your projects.",
+    no_args_is_help=True,
 )
 app.add_typer(ops_app, name="ops")
-stats_app = typer.Typer(help="Fleet statistics (admin).", no_args_is_help=True)
+stats_app = typer.Typer(
+    rich_markup_mode="markdown", help="Fleet statistics (admin).", no_args_is_help=True
+)
 app.add_typer(stats_app, name="stats")
 backups_app = typer.Typer(
+    rich_markup_mode="markdown",
     help="Snapshots, point-in-time restores and the servers' base backups.",
     no_args_is_help=True,
 )

@@ -75,7 +75,7 @@ def list_projects(
     platform: Platform, owner: Owner, *, region: str | None = None, include_deleted: bool = False
 ) -> list[Tenant]:
     if region is not None:
-        get_region(region)
+        region = get_region(region).id
     with platform.db.connection() as conn:
         return store.listing(
             conn,
@@ -108,7 +108,7 @@ def start_create_project(
     A restore makes its new project here too, with `op_type="restore"` (the
     provision steps, then the copy) and what it restores in `op_params`."""
     name = validate_name(name)
-    get_region(region)
+    region = get_region(region).id
     plan = get_plan(plan_type)
     residency = check_residency_rule(residency)
     tid = uuid.uuid4()

@@ -87,7 +87,7 @@ def create_owner(
     """Creates an owner (a person or team) and its first token, shown once."""
 
     def produce() -> tuple[int, Any]:
-        owner, token = auth.create_owner(platform, body.name, is_admin=body.is_admin)
+        owner, token = auth.create_owner(platform, body.name, is_admin=body.is_admin, unique=True)
         return 201, OwnerCreated(
             owner=OwnerOut(id=owner.id, name=owner.name, is_admin=owner.is_admin), token=token
         )

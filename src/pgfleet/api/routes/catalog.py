@@ -1,14 +1,12 @@
-"""The catalog: regions (and what they host)."""
+"""The catalog: regions (and what they host) and plans."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 
 from pgfleet.api.deps import OwnerDep, PlatformDep
-from pgfleet.api.schemas import (
-    RegionOut,
-)
-from pgfleet.regions import REGIONS
+from pgfleet.api.schemas import PlanList, PlanOut, RegionOut
+from pgfleet.regions import PLANS, REGIONS
 
 router = APIRouter()
 
@@ -31,3 +29,31 @@ def list_regions(platform: PlatformDep, owner: OwnerDep) -> list[RegionOut]:
         )
         for r in REGIONS
     ]
+
+
+@router.get("/plans", tags=["plans"], summary="The plans: limits, retention, price")
+def list_plans(platform: PlatformDep, owner: OwnerDep) -> PlanList:
+    """Every plan a project can be on, with its limits, its backups'
+    retention and its price (pro at PGFLEET_COST_MANAGED_PROJECT_USD, the
+    seed's managed-project figure; enterprise on request)."""
+    prices = {"free": 0.0, "pro": platform.settings.cost_managed_project_usd}
+    return PlanList(
+        plans=[
+            PlanOut(
+                id=p.id,
+                name=p.name,
+                paid=p.paid,
+                monthly_price_usd=prices.get(p.id),
+                connection_limit=p.connection_limit,
+                statement_timeout_ms=p.statement_timeout_ms,
+                max_result_rows=p.max_result_rows,
+                max_result_bytes=p.max_result_bytes,
+                router_pool_size=p.router_pool_size,
+                pitr_days=p.pitr_days,
+                snapshot_every_h=p.snapshot_every_h,
+                snapshot_keep=p.snapshot_keep,
+                snapshot_max_age_days=p.snapshot_max_age_days,
+            )
+            for p in PLANS
+        ]
+    )

@@ -1,0 +1,75 @@
+"""What a user meets first (issue 14): the version, the plans, region ids
+typed loosely, owners' names, list envelopes."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from pgfleet.cli import app
+from pgfleet.platform.owners import Owner
+from pgfleet.regions import PLANS
+from tests.helpers import Api, create_ok, error_of
+from tests.test_cli import Cli
+
+pytestmark = pytest.mark.usefixtures("cli_env")
+
+
+@pytest.fixture
+def cli(api_url: str, owner: tuple[Owner, str]) -> Cli:
+    return Cli(api_url, owner[1])
+
+
+def test_version() -> None:
+    from pgfleet import __version__
+
+    res = CliRunner().invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.stdout.strip() == f"pgfleet {__version__}"
+
+
+def test_plans_are_discoverable(api: Api, cli: Cli) -> None:
+    body = api.get("/v1/plans").json()
+    assert [p["id"] for p in body["plans"]] == [p.id for p in PLANS]
+    pro = next(p for p in body["plans"] if p["id"] == "pro")
+    assert pro["connection_limit"] == 60 and pro["pitr_days"] == 14
+    assert pro["monthly_price_usd"] == 25.0
+    assert next(p for p in body["plans"] if p["id"] == "free")["monthly_price_usd"] == 0
+    out = cli.ok("plans")
+    for plan in ("free", "pro", "enterprise"):
+        assert plan in out
+    assert "on request" in out and "14 days" in out
+    assert cli.json("plans") == body
+
+
+def test_region_ids_are_forgiving_and_typos_get_a_suggestion(api: Api) -> None:
+    p = create_ok(api, "loud", region=" EU-Central-1 ")
+    assert p["region"] == "eu-central-1" and p["hosted_region"] == "eu-central-1"
+    err = error_of(api.post("/v1/projects", json={"name": "x", "region": "eu-centrl-1"}), 422)
+    assert "did you mean eu-central-1?" in err["message"], err
+    assert err["suggestion"] == "eu-central-1"
+    err = error_of(api.post("/v1/projects", json={"name": "x", "region": "mars"}), 422)
+    assert "did you mean" not in err["message"] and "valid regions are" in err["message"]
+    assert [x["name"] for x in api.get("/v1/projects").json()["projects"]] == ["loud"]
+
+
+def test_an_owner_name_is_taken_once(admin_api: Api) -> None:
+    r = admin_api.post("/v1/admin/owners", json={"name": "carol"})
+    assert r.status_code == 201, r.text
+    err = error_of(admin_api.post("/v1/admin/owners", json={"name": "Carol"}), 409)
+    assert "exists already" in err["message"]
+
+
+def test_every_list_has_its_envelope_in_json(cli: Cli) -> None:
+    regions = cli.json("regions", "list")
+    assert set(regions) == {"regions"} and len(regions["regions"]) == 6
+    assert set(cli.json("projects", "list")) == {"projects"}
+    assert set(cli.json("plans")) == {"plans"}
+
+
+def test_help_texts_wrap_as_paragraphs() -> None:
+    res = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "100"})
+    assert res.exit_code == 0
+    # A command's summary is reflowed, never cut where its docstring broke.
+    line = next(ln for ln in res.stdout.splitlines() if "│ up " in ln)
+    assert "region)," in line or "active" in line, res.stdout
+    assert not any(ln.strip("│ ").startswith("region),") for ln in res.stdout.splitlines())
