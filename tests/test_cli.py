@@ -85,7 +85,7 @@ def test_regions_list(cli: Cli) -> None:
         assert flag in line, line
         status = "active" if rid in ("us-east-1", "eu-central-1", "ap-southeast-1") else "metadata"
         assert status in line, line
-    data = cli.json("regions", "list")
+    data = cli.json("regions", "list")["regions"]
     assert [r["id"] for r in data] == list(FLAGS)
     assert {r["id"]: r["flag"] for r in data} == FLAGS
 
@@ -175,7 +175,7 @@ def test_flags_and_env_are_both_read(cli: Cli) -> None:
         ["regions", "list", "--json"], env={"PGFLEET_URL": cli.url, "PGFLEET_TOKEN": cli.token}
     )
     assert res.exit_code == 0, res.output
-    assert len(json.loads(res.stdout)) == 6
+    assert len(json.loads(res.stdout)["regions"]) == 6
     # A flag wins over the environment.
     res = cli.invoke(
         ["regions", "list", "--json", "--token", cli.token],
@@ -212,15 +212,38 @@ def test_missing_token_is_a_clear_error(cli: Cli) -> None:
 
 
 def test_unknown_project_id(cli: Cli) -> None:
-    for bad in ("00000000-0000-4000-8000-000000000000", "nope"):
-        for args in (
-            ("projects", "show", bad),
-            ("projects", "connection", bad),
-            ("projects", "delete", bad, "--yes"),
-        ):
-            msg = cli.fails(*args)
-            assert "not found" in msg, (args, msg)
-            assert "404" in msg
+    for args in (
+        ("projects", "show", "00000000-0000-4000-8000-000000000000"),
+        ("projects", "connection", "00000000-0000-4000-8000-000000000000"),
+        ("projects", "delete", "00000000-0000-4000-8000-000000000000", "--yes"),
+    ):
+        msg = cli.fails(*args)
+        assert "not found" in msg, (args, msg)
+        assert "404" in msg
+    # Neither a name nor an id prefix of any project: said so, with where to look.
+    for args in (("projects", "show", "nope"), ("projects", "delete", "nope", "--yes")):
+        msg = cli.fails(*args)
+        assert "no project is named 'nope' or has an id starting with it" in msg, msg
+
+
+def test_a_project_is_named_by_its_name_or_a_unique_id_prefix(cli: Cli) -> None:
+    """As gh, docker and neonctl: ids are never cut, and a unique name or id
+    prefix names a project; ambiguity lists the candidates."""
+    a = cli.json("projects", "create", "--name", "alpha")["id"]
+    b = cli.json("projects", "create", "--name", "beta")["id"]
+    assert cli.json("projects", "show", "alpha")["id"] == a
+    assert cli.json("projects", "show", b[:8])["id"] == b
+    # Piped (not a terminal): tab-separated, whole ids, no box drawing.
+    listed = cli.ok("projects", "list")
+    assert "│" not in listed and "…" not in listed
+    rows = [ln.split("\t") for ln in listed.splitlines()]
+    assert rows[0][0] == "id" and {r[0] for r in rows[1:]} == {a, b}
+    cli.json("projects", "create", "--name", "alpha")
+    msg = cli.fails("projects", "show", "alpha")
+    assert "'alpha' names 2 projects" in msg and a in msg, msg
+    common = next(i for i in range(36) if a[: i + 1] != b[: i + 1])
+    if common:  # the two ids share a first character or more
+        assert "names 2 projects" in cli.fails("projects", "show", a[:common])
 
 
 def test_bad_input_messages(cli: Cli) -> None:
@@ -287,7 +310,7 @@ def test_tokens_create_list_revoke(cli: Cli, admin_cli: Cli) -> None:
         msg = c.fails("projects", "list", token=new_token)
         assert "401" in msg
         row = next(ln for ln in c.ok("tokens", "list").splitlines() if tid in ln)
-        cells = [cell.strip() for cell in row.split("│") if cell.strip()]
+        cells = row.split("\t")
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT[\d:]{8}", cells[-1]), row  # revoked at
         # The token that did the revoking still works.
         assert c.json("projects", "list") == {"projects": []}

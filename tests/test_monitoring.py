@@ -395,13 +395,13 @@ def test_cli_status_shows_server_health(api: Api, fleet: FleetUnderTest) -> None
         get_settings.cache_clear()
     assert res.exit_code == 0, (res.output, res.exception)
     for rid in ACTIVE_REGIONS:
-        line = next(ln for ln in res.stdout.splitlines() if f" {rid} " in ln)
-        cells = [c.strip() for c in line.split("│") if c.strip()]
+        line = next(ln for ln in res.stdout.splitlines() if f"\t{rid}\t" in ln)
+        cells = line.split("\t")
         assert "up" in cells, line
         assert re.fullmatch(r"[0-9.]+ ms", cells[4]), line
         used, most = cells[5].split("/")
         assert int(used) >= 1 and most == max_conn[rid], line
         assert int(cells[6]) == len(fleet.databases(rid)), line
         assert cells[7] != "-", line
-    eu = next(ln for ln in res.stdout.splitlines() if " eu-central-1 " in ln)
-    assert [c.strip() for c in eu.split("│") if c.strip()][6] == "2", eu
+    eu = next(ln for ln in res.stdout.splitlines() if "\teu-central-1\t" in ln)
+    assert eu.split("\t")[6] == "2", eu

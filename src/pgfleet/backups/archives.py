@@ -185,6 +185,8 @@ def restorable_window(
     if deleted_at is not None:
         note = f"until it was deleted, for {plan.pitr_days} days ({plan.name} plan)"
     if latest < earliest:
+        if earliest > now - timedelta(seconds=5):
+            return None, f"nothing is restorable yet: the window opens at {earliest.isoformat()}"
         return None, f"nothing restorable is left: {note}"
     return Window(earliest, latest), note
 

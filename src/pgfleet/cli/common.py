@@ -4,6 +4,7 @@ the REST client, and the files in the data directory."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -77,7 +78,40 @@ backups_app = typer.Typer(
 )
 app.add_typer(backups_app, name="backups")
 
-out = Console()
+UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_PROJECT_PATH = re.compile(r"^/v1/projects/([^/?]+)(.*)$", re.S)
+
+
+def _plain(cell: object) -> str:
+    return cell.plain if isinstance(cell, Text) else str(cell)
+
+
+class _Out(Console):
+    """stdout. A table on a terminal never cuts an id (ids are what every
+    command takes); anywhere else (a pipe, a file, `grep`) it is printed as
+    tab-separated lines without colours or box drawing, a header first."""
+
+    def print(self, *objects: Any, **kw: Any) -> None:
+        if len(objects) == 1 and isinstance(objects[0], Table):
+            table = objects[0]
+            cols = table.columns
+            if not self.is_terminal:
+                rows = []
+                if table.show_header:
+                    rows.append([_plain(c.header) for c in cols])
+                for i in range(table.row_count):
+                    rows.append([_plain(c._cells[i]) for c in cols])
+                self.file.write("".join("\t".join(row) + "\n" for row in rows))
+                self.file.flush()
+                return
+            for c in cols:
+                if any(UUID_RE.search(_plain(cell)) for cell in c._cells):
+                    c.no_wrap = True
+                    c.min_width = max(c.min_width or 0, 36)
+        super().print(*objects, **kw)
+
+
+out = _Out()
 err = Console(stderr=True)
 
 UrlOpt = Annotated[
@@ -155,6 +189,35 @@ class Client:
         self.headers = {"Authorization": f"Bearer {token}"}
 
     def call(self, method: str, path: str, **kw: Any) -> Any:
+        """The API's answer (its error, if any, ends the command). A project
+        in the path may be named by its id, a unique id prefix or its name."""
+        m = _PROJECT_PATH.match(path)
+        if m and not UUID_RE.fullmatch(m.group(1)):
+            path = f"/v1/projects/{self.project_id(m.group(1))}{m.group(2)}"
+        return self._request(method, path, **kw)
+
+    def project_id(self, ref: str) -> str:
+        """The id of the one project `ref` names: its name (a live project's
+        first), or a unique prefix of its id; none or several is an error
+        that says what matched."""
+        projects = self._request("GET", "/v1/projects", params={"include_deleted": "true"})[
+            "projects"
+        ]
+        named = [p for p in projects if p["name"] == ref]
+        live = [p for p in named if p["status"] != "deleted"]
+        prefixed = [p for p in projects if p["id"].startswith(ref.lower())]
+        for found in (live, named, prefixed):
+            if len(found) == 1:
+                return str(found[0]["id"])
+            if len(found) > 1:
+                listed = "; ".join(f"{p['id']} ({p['name']}, {p['status']})" for p in found[:10])
+                fail(f"{ref!r} names {len(found)} projects: {listed}. Give its whole id")
+        fail(
+            f"no project is named {ref!r} or has an id starting with it; "
+            "`pgfleet projects list --all` shows them"
+        )
+
+    def _request(self, method: str, path: str, **kw: Any) -> Any:
         try:
             with httpx.Client(base_url=self.url, timeout=60, headers=self.headers) as http:
                 r = http.request(method, path, **kw)
