@@ -132,6 +132,10 @@ def test_project_lifecycle(cli: Cli, fleet: FleetUnderTest) -> None:
     res = run_psql(rw, "create table t (x int)")
     assert res.returncode == 0, res.stderr
 
+    # Not a terminal and no --yes: refused, naming the project; nothing dropped.
+    msg = cli.fails("projects", "delete", pid)
+    assert "'shop'" in msg and "add --yes" in msg, msg
+    assert cli.json("projects", "show", pid)["status"] == "active"
     out = cli.ok("projects", "delete", pid, "--yes")
     assert pid in out
     assert "deleted" in out

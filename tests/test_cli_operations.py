@@ -36,7 +36,8 @@ def test_lifecycle_commands(cli: Cli, fleet: FleetUnderTest) -> None:
     pid = make(cli)
     old = cli.ok("projects", "connection", pid).strip()
 
-    out = cli.ok("projects", "rotate-password", pid)
+    assert "--yes" in cli.fails("projects", "rotate-password", pid)  # nobody to ask: refused
+    out = cli.ok("projects", "rotate-password", pid, "--yes")
     assert re.search(r"operation \S+ \(rotate_password\) is finished", out), out
     new = URI_RE.search(out)
     assert new is not None, out

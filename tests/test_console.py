@@ -182,7 +182,7 @@ def test_reveal_copy_connect_run_sql_rotate_and_delete(
     # Rotate: a new password that works; the old one stops.
     page.goto(f"/databases/{pid}")
     page.get_by_role("button", name="Rotate password").click()
-    expect(page.locator(".notice")).to_contain_text("rotated")
+    expect(page.locator(".notice")).to_contain_text("the old ones stopped working")
     expect(page.locator("[data-progress]")).to_have_count(0)  # reloaded once done
     page.locator("button.reveal[data-target=uri-rw]").click()
     expect(page.locator("#uri-rw")).not_to_have_value(re.compile(r":\*{8}@"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Annotated, Any
 
 import typer
@@ -17,6 +16,7 @@ from pgfleet.cli.common import (
     WaitOpt,
     add_row,
     backups_app,
+    confirm,
     fail,
     out,
     print_json,
@@ -129,12 +129,9 @@ def backups_restore(
     """Restore a project (also a deleted one) into a new project, whose
     connection string it prints; the original is never written to. With
     --into same, over the project itself after a safety snapshot."""
-    if into == "same" and not yes:
-        if not sys.stdin.isatty():
-            fail("--into same replaces the project's data: add --yes to confirm")
-        typer.confirm(
-            f"Replace the data of project {project_id} (a safety snapshot is taken first)?",
-            abort=True,
+    if into == "same":
+        confirm(
+            f"Replace the data of project {project_id} (a safety snapshot is taken first)?", yes
         )
     body: dict[str, Any] = {"into": into}
     for key, value in (("target_time", at), ("backup_id", backup), ("region", region)):

@@ -143,6 +143,16 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
+def confirm(question: str, yes: bool) -> None:
+    """Ask before something that cannot be undone: `--yes` answers for
+    scripts; with nobody to ask (no terminal) and no `--yes`, refuse."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        fail(f"{question.rstrip('?')}: this cannot be undone; add --yes to confirm")
+    typer.confirm(question, abort=True)
+
+
 def load_settings() -> Settings:
     try:
         return get_settings()

@@ -16,6 +16,7 @@ from pgfleet.cli.common import (
     UrlOpt,
     WaitOpt,
     add_row,
+    confirm,
     fail,
     out,
     print_audit,
@@ -154,13 +155,13 @@ def projects_delete(
     url: UrlOpt = None,
     token: TokenOpt = None,
 ) -> None:
-    """Delete a project: drops its database and role."""
-    if not yes and sys.stdin.isatty():
-        typer.confirm(
-            f"Drop the database of project {project_id}? This cannot be undone", abort=True
-        )
-    data = Client(url, token).call(
-        "DELETE", f"/v1/projects/{project_id}", params={"wait": str(wait).lower()}
+    """Delete a project: drops its database and roles. Asks first, naming
+    the project (--yes for scripts; without a terminal, --yes is needed)."""
+    client = Client(url, token)
+    project = client.call("GET", f"/v1/projects/{project_id}")
+    confirm(f"Drop the database of project {project['name']!r} ({project['id']})?", yes)
+    data = client.call(
+        "DELETE", f"/v1/projects/{project['id']}", params={"wait": str(wait).lower()}
     )
     _print_started(data["operation"], data["project"])
 
@@ -199,13 +200,20 @@ def projects_rotate(
             "project's other login role)"
         ),
     ] = 0,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation")] = False,
     wait: WaitOpt = True,
     url: UrlOpt = None,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """New passwords for the project's login roles; the old ones stop working
-    at once, or after --overlap seconds."""
+    at once (asks first; --yes for scripts), or after --overlap seconds."""
+    if overlap == 0:
+        confirm(
+            f"Rotate the passwords of project {project_id}? Clients using the old ones are "
+            "disconnected now (--overlap keeps them working for a while)",
+            yes,
+        )
     data = _lifecycle(
         f"/v1/projects/{project_id}/rotate-password",
         url,

@@ -545,7 +545,7 @@ def _action(
             message=e.message,
             back=f"/databases/{pid}",
         )
-    return RedirectResponse(f"/databases/{pid}?op={op_id}&flash={flash}", status_code=303)
+    return RedirectResponse(f"/databases/{pid}?op={op_id}&flash={quote(flash)}", status_code=303)
 
 
 @router.post("/databases/{pid}/rotate")
@@ -558,7 +558,8 @@ def rotate(
         pid,
         csrf,
         lambda tid: service.rotate_password(_platform(request), s.owner, tid),
-        "rotated",
+        "passwords rotated; the old ones stopped working and their sessions were ended, "
+        "the connection strings below have the new ones",
     )
 
 
