@@ -511,3 +511,16 @@ def test_a_failed_restore_says_why_in_the_console(
     expect(page.get_by_role("alert")).to_contain_text("damaged")
     page.get_by_role("link", name="Back").click()
     expect(page).to_have_url(re.compile(pid))
+
+
+def test_the_sql_editor_shows_json_as_json_and_bytea_as_hex(
+    page: Page, owner: tuple[Owner, str]
+) -> None:
+    sign_in(page, owner[1])
+    create_in_browser(page, "values")
+    page.get_by_label("Query").fill(
+        "select '{\"k\": [1, \"x\"]}'::jsonb as j, '\\xdeadbeef'::bytea as b, true as t"
+    )
+    page.get_by_role("button", name="Run").click()
+    cells = page.get_by_test_id("sql-result").locator("tbody td").all_inner_texts()
+    assert cells == ['{"k": [1, "x"]}', "\\xdeadbeef", "true"], cells

@@ -73,3 +73,16 @@ def test_help_texts_wrap_as_paragraphs() -> None:
     line = next(ln for ln in res.stdout.splitlines() if "│ up " in ln)
     assert "region)," in line or "active" in line, res.stdout
     assert not any(ln.strip("│ ").startswith("region),") for ln in res.stdout.splitlines())
+
+
+QUERY = "select '{\"k\": [1, \"x\"]}'::jsonb as j, '\\xdeadbeef'::bytea as b, true as t, null as n"
+
+
+def test_sql_shows_json_as_json_and_bytea_as_hex(cli: Cli, api: Api) -> None:
+    pid = create_ok(api, "values")["id"]
+    out = cli.ok("sql", pid, QUERY)
+    row = out.splitlines()[1].split("\t")
+    assert row == ['{"k": [1, "x"]}', "\\xdeadbeef", "true", "NULL"], out
+    # The API's JSON stays as documented: bytea base64, JSON as JSON.
+    body = cli.json("sql", pid, QUERY)
+    assert body["rows"][0][:2] == [{"k": [1, "x"]}, "3q2+7w=="]

@@ -98,9 +98,15 @@ class _Out(Console):
             if not self.is_terminal:
                 rows = []
                 if table.show_header:
-                    rows.append([_plain(c.header) for c in cols])
+                    rows.append([_plain(c.header).replace("\n", " ") for c in cols])
                 for i in range(table.row_count):
-                    rows.append([_plain(c._cells[i]) for c in cols])
+                    # One line per row: a value's own tabs and newlines escaped.
+                    rows.append(
+                        [
+                            _plain(c._cells[i]).replace("\t", "\\t").replace("\n", "\\n")
+                            for c in cols
+                        ]
+                    )
                 self.file.write("".join("\t".join(row) + "\n" for row in rows))
                 self.file.flush()
                 return

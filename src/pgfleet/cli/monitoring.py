@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 import httpx
@@ -23,16 +22,9 @@ from pgfleet.cli.common import (
     print_json,
     stats_app,
 )
+from pgfleet.display import display
 
 # ---- SQL, stats, advisor, costs --------------------------------------------
-
-
-def _cell(v: Any) -> str:
-    if v is None:
-        return "NULL"
-    if isinstance(v, dict | list):
-        return json.dumps(v, ensure_ascii=False)
-    return str(v)
 
 
 @app.command("sql")
@@ -81,7 +73,7 @@ def sql_cmd(
         for c in data["columns"]:
             t.add_column(Text(f"{c['name']}\n{c['type']}"))
         for row in data["rows"]:
-            add_row(t, *[_cell(v) for v in row])
+            add_row(t, *[display(v, c["type"]) for v, c in zip(row, data["columns"], strict=True)])
         out.print(t)
     more = " (truncated)" if data["truncated"] else ""
     out.print(

@@ -18,6 +18,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from pgfleet import auth
 from pgfleet.backups import service as backups_service
+from pgfleet.display import display
 from pgfleet.errors import (
     Conflict,
     InvalidInput,
@@ -44,6 +45,8 @@ templates = Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
+# A SQL result's cell as a person reads it (JSON as JSON, bytea as \x...).
+templates.filters["cell"] = display
 router = APIRouter(include_in_schema=False)
 
 
