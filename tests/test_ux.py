@@ -3,6 +3,10 @@ typed loosely, owners' names, list envelopes."""
 
 from __future__ import annotations
 
+import re
+import time
+from typing import Any
+
 import pytest
 from typer.testing import CliRunner
 
@@ -86,3 +90,27 @@ def test_sql_shows_json_as_json_and_bytea_as_hex(cli: Cli, api: Api) -> None:
     # The API's JSON stays as documented: bytea base64, JSON as JSON.
     body = cli.json("sql", pid, QUERY)
     assert body["rows"][0][:2] == [{"k": [1, "x"]}, "3q2+7w=="]
+
+
+def test_a_create_that_does_not_finish_in_time_says_what_to_run_next(
+    cli: Cli, api: Api, held: Any
+) -> None:
+    """A create whose provisioning stalls (a server that accepts TCP and
+    does not answer, here a held step) shows its progress, then exits
+    non-zero with the operation and the commands to follow or cancel it."""
+    _, release = held("provision.roles.before")
+    res = cli("projects", "create", "--name", "stuck", "--timeout", "2")
+    try:
+        assert res.exit_code == 2, res.output
+        msg = " ".join(res.stderr.split())
+        m = re.search(r"operation (\S+) is running at step roles", msg)
+        assert m is not None, msg
+        assert f"pgfleet ops watch {m.group(1)}" in msg and "pgfleet ops cancel" in msg
+        assert "not ready after 2 s" in msg
+        assert "stuck" in res.stdout  # the project, as it stands
+    finally:
+        release()
+    deadline = time.monotonic() + 30
+    while api.get("/v1/projects").json()["projects"][0]["status"] != "active":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)

@@ -137,8 +137,24 @@ def ops_watch(
     """Follow one operation live, step by step, until it ends."""
 
     client = Client(url, token)
+    op = follow(client, operation_id, timeout=timeout, interval=interval)
+    out.print(_op_table(op))
+    if op["steps"]:
+        out.print(_steps_table(op))
+    if op["status"] == "failed":
+        raise typer.Exit(1)
+    if op["status"] not in DONE_STATES:
+        fail(f"operation {operation_id} is still {op['status']} after {timeout:g} s")
+
+
+DONE_STATES = ("finished", "failed", "cancelled")
+
+
+def follow(client: Client, operation_id: str, *, timeout: float, interval: float = 0.3) -> Any:
+    """The operation, followed live (a progress line of its steps) until it
+    ends or `timeout` seconds pass; returns its last state."""
     op = client.call("GET", f"/v1/operations/{operation_id}")
-    done_states = ("finished", "failed", "cancelled")
+    done_states = DONE_STATES
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -165,13 +181,7 @@ def ops_watch(
                 break
             time.sleep(interval)
             op = client.call("GET", f"/v1/operations/{operation_id}")
-    out.print(_op_table(op))
-    if op["steps"]:
-        out.print(_steps_table(op))
-    if op["status"] == "failed":
-        raise typer.Exit(1)
-    if op["status"] not in done_states:
-        fail(f"operation {operation_id} is still {op['status']} after {timeout:g} s")
+    return op
 
 
 @ops_app.command("cancel")

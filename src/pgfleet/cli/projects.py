@@ -23,6 +23,7 @@ from pgfleet.cli.common import (
     print_json,
     projects_app,
 )
+from pgfleet.cli.ops import DONE_STATES, follow
 
 # ---- projects --------------------------------------------------------------
 
@@ -73,11 +74,16 @@ def projects_create(
         ),
     ] = None,
     wait: WaitOpt = True,
+    timeout: Annotated[
+        float, typer.Option(help="How long to wait for the database, in seconds")
+    ] = 120,
     url: UrlOpt = None,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Create a project and its database; prints the connection string."""
+    """Create a project and its database, showing the provisioning's progress;
+    prints the connection string. Exits non-zero, with the operation to
+    follow, if the database is not ready within --timeout."""
     body = {
         "name": name,
         "region": region,
@@ -85,15 +91,35 @@ def projects_create(
         "subdomain": subdomain,
         "residency": residency,
     }
-    data = Client(url, token).call(
-        "POST", "/v1/projects", json=body, params={"wait": str(wait).lower()}
-    )
+    client = Client(url, token)
     if as_json:
-        return print_json(data)
-    if "project" in data:  # 202: still provisioning
-        out.print(_project_table(data["project"]))
-        _print_started(data["operation"])
-        return
+        return print_json(
+            client.call("POST", "/v1/projects", json=body, params={"wait": str(wait).lower()})
+        )
+    started = client.call("POST", "/v1/projects", json=body, params={"wait": "false"})
+    if "project" not in started:  # finished within the request already (201)
+        data = started
+    else:
+        op_id = started["operation"]["id"]
+        if not wait:
+            out.print(_project_table(started["project"]))
+            _print_started(started["operation"])
+            return
+        op = follow(client, op_id, timeout=timeout)
+        if op["status"] != "finished":
+            out.print(_project_table(client.call("GET", f"/v1/projects/{op['project_id']}")))
+            if op["status"] in DONE_STATES:
+                fail(f"operation {op_id} {op['status']}: {op['error'] or 'no error given'}")
+            fail(
+                f"the database is not ready after {timeout:g} s: operation {op_id} is "
+                f"{op['status']} at step {op['current_step'] or '-'}"
+                + (f" (last error: {_last_error(op)})" if _last_error(op) else "")
+                + f"; follow it with `pgfleet ops watch {op_id}`, or cancel it with "
+                f"`pgfleet ops cancel {op_id}`",
+                code=2,
+            )
+        data = client.call("GET", f"/v1/projects/{op['project_id']}")
+        data["connection"] = client.call("GET", f"/v1/projects/{op['project_id']}/connection")
     out.print(_project_table(data))
     out.print()
     out.print(
@@ -164,6 +190,11 @@ def projects_delete(
         "DELETE", f"/v1/projects/{project['id']}", params={"wait": str(wait).lower()}
     )
     _print_started(data["operation"], data["project"])
+
+
+def _last_error(op: dict[str, Any]) -> str | None:
+    """The error of the step that is retrying, if any (a region that does not answer)."""
+    return next((st["error"] for st in reversed(op["steps"]) if st.get("error")), None)
 
 
 def _print_started(op: dict[str, Any], project: dict[str, Any] | None = None) -> None:
