@@ -114,3 +114,10 @@ def test_a_create_that_does_not_finish_in_time_says_what_to_run_next(
     while api.get("/v1/projects").json()["projects"][0]["status"] != "active":
         assert time.monotonic() < deadline
         time.sleep(0.1)
+
+
+def test_two_statements_in_pgfleet_sql_get_an_explanation(cli: Cli, api: Api) -> None:
+    pid = create_ok(api, "two")["id"]
+    msg = cli.fails("sql", pid, "select 1; select 2")
+    assert "more than one statement" in msg and "one at a time" in msg, msg
+    assert "prepared statement" not in msg

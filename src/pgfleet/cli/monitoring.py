@@ -65,7 +65,8 @@ def sql_cmd(
             extra.append(f"SQLSTATE {e['sqlstate']}")
         if e.get("position"):
             extra.append(f"at character {e['position']}")
-        fail(msg + (f" ({', '.join(extra)})" if extra else f" (HTTP {r.status_code})"))
+        hint = f"; hint: {e['hint']}" if e.get("hint") else ""
+        fail(msg + (f" ({', '.join(extra)})" if extra else f" (HTTP {r.status_code})") + hint)
     if as_json:
         return print_json(data)
     if data["columns"]:

@@ -309,14 +309,22 @@ class SqlGateway:
             outcome = e.sqlstate
             diag = e.diag
             message = diag.message_primary or str(e)
+            hint = diag.message_hint
             if outcome == "57014":
                 message = f"statement canceled: it ran longer than timeout_ms={timeout_ms}"
+            elif outcome == "42601" and "multiple commands" in message:
+                # The extended protocol's refusal of "a; b", in words.
+                message = "the query holds more than one statement"
+                hint = (
+                    "the SQL API runs one statement per request (so that $1, $2... are "
+                    "parameters, never text): send them one at a time"
+                )
             raise SqlError(
                 message,
                 sqlstate=e.sqlstate,
                 position=int(diag.statement_position) if diag.statement_position else None,
                 detail=diag.message_detail,
-                hint=diag.message_hint,
+                hint=hint,
             ) from None
         except PgfleetError as e:
             outcome = e.code
