@@ -63,7 +63,7 @@ def direct(http: httpx.Client, pid: str) -> dict[str, Any]:
 
 
 def create(http: httpx.Client, name: str, region: str) -> str:
-    r = http.post("/v1/projects", json={"name": name, "region": region, "plan_type": "enterprise"})
+    r = http.post("/v1/projects", json={"name": name, "region": region, "plan": "enterprise"})
     if r.status_code != 201:
         raise SystemExit(f"create {name} failed: {r.status_code} {r.text}")
     return str(r.json()["id"])

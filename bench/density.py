@@ -63,7 +63,7 @@ def create(http: httpx.Client, i: int) -> tuple[float, str]:
     t0 = time.perf_counter()
     r = http.post(
         "/v1/projects",
-        json={"name": f"dense {i}", "region": REGIONS[i % len(REGIONS)], "plan_type": "free"},
+        json={"name": f"dense {i}", "region": REGIONS[i % len(REGIONS)], "plan": "free"},
     )
     if r.status_code != 201:
         raise SystemExit(f"create {i}: HTTP {r.status_code}: {r.text[:500]}")

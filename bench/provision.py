@@ -80,9 +80,7 @@ def provision_one(http: httpx.Client, i: int) -> float:
 def provision_timed(http: httpx.Client, i: int) -> tuple[float, float, str]:
     """(request -> credentials that connect, request -> 201, operation id)."""
     t0 = time.perf_counter()
-    r = http.post(
-        "/v1/projects", json={"name": f"bench {i}", "region": REGION, "plan_type": "free"}
-    )
+    r = http.post("/v1/projects", json={"name": f"bench {i}", "region": REGION, "plan": "free"})
     r.raise_for_status()
     answered = elapsed_ms(t0)
     c = r.json()["connection"]
@@ -138,7 +136,7 @@ def queue_latency(bf: BenchFleet, http: httpx.Client, workers: int, n: int, c: i
 
 
 def provision_op(http: httpx.Client, i: int) -> str:
-    r = http.post("/v1/projects", json={"name": f"q {i}", "region": REGION, "plan_type": "free"})
+    r = http.post("/v1/projects", json={"name": f"q {i}", "region": REGION, "plan": "free"})
     r.raise_for_status()
     return str(r.json()["operation"]["id"])
 

@@ -47,9 +47,7 @@ REGIONS = ("us-east-1", "eu-central-1", "ap-southeast-1")
 
 
 def create(http: httpx.Client, name: str, region: str, plan: str) -> dict[str, Any]:
-    r = http.post(
-        "/v1/projects", json={"name": name, "region": region, "plan_type": plan}, timeout=60
-    )
+    r = http.post("/v1/projects", json={"name": name, "region": region, "plan": plan}, timeout=60)
     r.raise_for_status()
     body: dict[str, Any] = r.json()
     return body

@@ -121,3 +121,15 @@ def test_two_statements_in_pgfleet_sql_get_an_explanation(cli: Cli, api: Api) ->
     msg = cli.fails("sql", pid, "select 1; select 2")
     assert "more than one statement" in msg and "one at a time" in msg, msg
     assert "prepared statement" not in msg
+
+
+def test_the_plan_is_called_plan_in_every_request(api: Api) -> None:
+    r = api.post("/v1/projects", json={"name": "p", "plan": "pro"})
+    assert r.status_code == 201, r.text
+    assert r.json()["plan_type"] == "pro"
+    r = api.post(f"/v1/projects/{r.json()['id']}/plan", json={"plan": "enterprise"})
+    assert r.status_code == 200, r.text
+    # The former name still works, alone; both at once must agree.
+    assert api.post("/v1/projects", json={"name": "q", "plan_type": "pro"}).status_code == 201
+    err = error_of(api.post("/v1/projects", json={"name": "r", "plan": "pro", "plan_type": "free"}))
+    assert "give `plan` only" in err["message"], err

@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pgfleet.operations.store import Operation
 from pgfleet.regions import DEFAULT_REGION, PLAN_IDS, PLANS, REGION_IDS, REGIONS_BY_ID
@@ -118,12 +118,31 @@ class ProjectCreate(Input):
         examples=["eu-central-1"],
         json_schema_extra=REGION_SCHEMA,
     )
-    plan_type: str = Field(
-        default="free",
-        description=f"Plan, one of: {', '.join(PLAN_IDS)}.",
+    plan: str | None = Field(
+        default=None,
+        description=f"Plan, one of: {', '.join(PLAN_IDS)} (default free); the same field "
+        "as a plan change takes.",
         examples=["free"],
         json_schema_extra=PLAN_SCHEMA,
     )
+    plan_type: str | None = Field(
+        default=None,
+        description="The plan under its former name (the seed's column); `plan` is preferred.",
+        json_schema_extra={**PLAN_SCHEMA, "deprecated": True},
+    )
+
+    @model_validator(mode="after")
+    def _one_plan(self) -> ProjectCreate:
+        if self.plan is not None and self.plan_type is not None and self.plan != self.plan_type:
+            raise ValueError(
+                f"plan ({self.plan!r}) and plan_type ({self.plan_type!r}) differ: give `plan` only"
+            )
+        return self
+
+    @property
+    def chosen_plan(self) -> str:
+        return self.plan or self.plan_type or "free"
+
     subdomain: str | None = Field(
         default=None,
         description="DNS label (lowercase letters, digits, hyphens). Derived from the name "

@@ -87,7 +87,7 @@ def projects_create(
     body = {
         "name": name,
         "region": region,
-        "plan_type": plan,
+        "plan": plan,
         "subdomain": subdomain,
         "residency": residency,
     }

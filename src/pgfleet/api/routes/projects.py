@@ -69,7 +69,7 @@ def create_project(
             owner,
             name=body.name,
             region=body.region,
-            plan_type=body.plan_type,
+            plan_type=body.chosen_plan,
             subdomain=body.subdomain,
             residency=body.residency,
         )
