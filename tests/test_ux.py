@@ -133,3 +133,30 @@ def test_the_plan_is_called_plan_in_every_request(api: Api) -> None:
     assert api.post("/v1/projects", json={"name": "q", "plan_type": "pro"}).status_code == 201
     err = error_of(api.post("/v1/projects", json={"name": "r", "plan": "pro", "plan_type": "free"}))
     assert "give `plan` only" in err["message"], err
+
+
+def test_status_in_json(api: Api, fleet: Any) -> None:
+    import json
+
+    from pgfleet.config import get_settings
+
+    create_ok(api, "a", region="eu-central-1")
+    env = {
+        "PGFLEET_HOME": str(fleet.settings.home),
+        "PGFLEET_PORT_BASE": str(fleet.settings.port_base),
+    }
+    get_settings.cache_clear()
+    try:
+        res = CliRunner().invoke(app, ["status", "--json"], env=env)
+    finally:
+        get_settings.cache_clear()
+    assert res.exit_code == 0, (res.output, res.exception)
+    body = json.loads(res.stdout)
+    by_name = {s["name"]: s for s in body["servers"]}
+    eu = by_name[fleet.server("eu-central-1").name]
+    assert eu["state"] == "up" and eu["tenant_databases"] == len(fleet.databases("eu-central-1"))
+    assert eu["archiving"]["mode"] == "on"
+    assert {r["pooling"] for r in body["routers"]} == {"session", "transaction"}
+    assert {b["server"]: b["stored_in"] for b in body["backups"]}[eu["name"]] == "eu-west-1"
+    # (The suite's platform DBs are per test: the fleet's own is not migrated.)
+    assert "operations" in body and body["api"].keys() == {"url", "pid"}

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import re
 import sys
+import uuid
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -254,7 +256,16 @@ def add_row(table: Table, *cells: object) -> None:
 
 
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    """JSON on stdout; timestamps in ISO 8601 with their zone."""
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False, default=_iso) + "\n")
+
+
+def _iso(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 def human_bytes(n: int | None) -> str:

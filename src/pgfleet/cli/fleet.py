@@ -30,6 +30,7 @@ from rich.text import Text
 
 from pgfleet.auth import ensure_admin_token
 from pgfleet.cli.common import (
+    JsonOpt,
     add_row,
     api_file,
     app,
@@ -39,13 +40,14 @@ from pgfleet.cli.common import (
     load_settings,
     out,
     pid_file,
+    print_json,
     token_file,
 )
 from pgfleet.config import Settings
 from pgfleet.crypto import write_private
 from pgfleet.errors import FleetError, PgfleetError
-from pgfleet.fleet.embedded import ADMIN_USER, EmbeddedFleet
-from pgfleet.fleet.health import check_server
+from pgfleet.fleet.embedded import ADMIN_USER, EmbeddedFleet, EmbeddedServer
+from pgfleet.fleet.health import ServerHealth, check_server
 from pgfleet.fleet.registry import ServerRecord
 from pgfleet.fleet.router import Routers
 from pgfleet.operations.store import deadline_summary
@@ -334,9 +336,10 @@ def down() -> None:
 
 
 @app.command()
-def status() -> None:
+def status(as_json: JsonOpt = False) -> None:
     """Each embedded server (region, port, up/down, round trip, connections
-    used/max, tenant databases, disk used) and the API."""
+    used/max, tenant databases, disk used, WAL archiving), the routers, the
+    base backups, the operations and the API."""
     s = load_settings()
     if not s.embedded:
         out.print("external servers are configured; see `GET /health` for their state")
@@ -345,6 +348,8 @@ def status() -> None:
     if not states:
         fail(f"no embedded fleet in {s.home_abs}; run `pgfleet up`")
     fleet = EmbeddedFleet(s)
+    if as_json:
+        return print_json(_status_data(s, fleet))
     t = Table(title=f"pgfleet servers ({s.home_abs})")
     for col in ("server", "region", "port", "state"):
         t.add_column(col, no_wrap=True)
@@ -354,24 +359,7 @@ def status() -> None:
         state = Text("up", "green") if st.running else Text("down", "red")
         cells: list[object] = ["-", "-", "-", "-", "-"]
         if st.running:
-            h = check_server(
-                ServerRecord(
-                    id=0,
-                    name=st.server.name,
-                    region=st.server.region or "platform",
-                    host="127.0.0.1",
-                    port=st.server.port,
-                    admin_user=ADMIN_USER,
-                    admin_database="pgfleet" if st.server.kind == "platform" else "postgres",
-                    sslmode="verify-full",
-                    sslrootcert=str(fleet.ca.cert_path),
-                    capacity=0,
-                    is_primary=True,
-                    enabled=True,
-                    embedded=True,
-                    admin_password=fleet.admin_password(st.server.name),
-                )
-            )
+            h = _check(fleet, st.server)
             if h.ok:
                 cells = [
                     f"{h.latency_ms} ms",
@@ -397,6 +385,113 @@ def status() -> None:
     pid = _api_pid(s)
     url = json.loads(api_file(s).read_text())["url"] if api_file(s).exists() else "-"
     out.print(f"API: {url} " + (f"(pid {pid})" if pid else "(not started by `up --detach`)"))
+
+
+def _check(fleet: EmbeddedFleet, server: EmbeddedServer) -> ServerHealth:
+    return check_server(
+        ServerRecord(
+            id=0,
+            name=server.name,
+            region=server.region or "platform",
+            host="127.0.0.1",
+            port=server.port,
+            admin_user=ADMIN_USER,
+            admin_database="pgfleet" if server.kind == "platform" else "postgres",
+            sslmode="verify-full",
+            sslrootcert=str(fleet.ca.cert_path),
+            capacity=0,
+            is_primary=True,
+            enabled=True,
+            embedded=True,
+            admin_password=fleet.admin_password(server.name),
+        )
+    )
+
+
+def _status_data(s: Settings, fleet: EmbeddedFleet) -> dict[str, object]:
+    """What `status` shows, for `--json`."""
+    servers = []
+    for st in fleet.states():
+        item: dict[str, object] = {
+            "name": st.server.name,
+            "kind": st.server.kind,
+            "region": st.server.region,
+            "port": st.server.port,
+            "state": "up" if st.running else "down",
+        }
+        if st.running:
+            h = _check(fleet, st.server)
+            if not h.ok:
+                item["state"] = "not answering"
+            else:
+                item.update(
+                    latency_ms=h.latency_ms,
+                    connections_used=h.connections_used,
+                    connections_max=h.connections_max,
+                    tenant_databases=h.tenant_databases,
+                    bytes_used=h.bytes_used,
+                    archiving={
+                        "mode": h.archive_mode,
+                        "failing": h.archive_failing,
+                        "last_archived_at": h.last_archived_at,
+                        "lag_bytes": h.archive_lag_bytes,
+                    },
+                )
+        servers.append(item)
+    routers = []
+    r = fleet.routers
+    try:
+        for spec in r.specs:
+            state = r.state(spec)
+            loaded = None
+            if state.running:
+                try:
+                    loaded = len(r.databases(spec))
+                except (psycopg.Error, PgfleetError):
+                    loaded = None
+            routers.append(
+                {
+                    "name": spec.name,
+                    "region": spec.region,
+                    "pooling": spec.pool_mode,
+                    "port": spec.port,
+                    "state": "up" if state.running else "down",
+                    "databases": loaded,
+                }
+            )
+    finally:
+        r.close()
+    backups = []
+    archive = fleet.archive
+    if archive is not None:
+        for name, stanza in archive.stanzas.items():
+            entry: dict[str, object] = {"server": name, "stored_in": stanza.storage_region}
+            try:
+                info = archive.info(stanza)
+                entry["base_backups"] = [
+                    {"label": b.label, "type": b.type, "stopped_at": b.stopped_at}
+                    for b in info.backups
+                ]
+            except FleetError as e:
+                entry["error"] = str(e)
+            backups.append(entry)
+    try:
+        with psycopg.connect(
+            **{**platform_conninfo(s), "connect_timeout": 3}, autocommit=True
+        ) as conn:
+            ops: object = deadline_summary(conn, alive_within_s=s.worker_stalled_s)
+    except (psycopg.Error, PgfleetError):
+        ops = None
+    pid = _api_pid(s)
+    url = json.loads(api_file(s).read_text())["url"] if api_file(s).exists() else None
+    return {
+        "home": str(s.home_abs),
+        "servers": servers,
+        "routers": routers,
+        "backups": backups,
+        "operations": ops,
+        "api": {"url": url, "pid": pid},
+    }
 
 
 def _archiving_cell(mode: str | None, failing: bool, last: datetime | None) -> Text:
