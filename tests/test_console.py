@@ -524,3 +524,12 @@ def test_the_sql_editor_shows_json_as_json_and_bytea_as_hex(
     page.get_by_role("button", name="Run").click()
     cells = page.get_by_test_id("sql-result").locator("tbody td").all_inner_texts()
     assert cells == ['{"k": [1, "x"]}', "\\xdeadbeef", "true"], cells
+
+
+def test_the_console_changes_a_plan(page: Page, owner: tuple[Owner, str]) -> None:
+    sign_in(page, owner[1])
+    create_in_browser(page, "upgrade")
+    page.get_by_label("Plan").select_option("pro")
+    page.get_by_role("button", name="Change plan").click()
+    expect(page.locator(".notice")).to_contain_text("plan changed to pro")
+    expect(page.locator("dl.facts")).to_contain_text("pro")

@@ -160,3 +160,31 @@ def test_status_in_json(api: Api, fleet: Any) -> None:
     assert {b["server"]: b["stored_in"] for b in body["backups"]}[eu["name"]] == "eu-west-1"
     # (The suite's platform DBs are per test: the fleet's own is not migrated.)
     assert "operations" in body and body["api"].keys() == {"url", "pid"}
+
+
+def test_show_has_limits_size_and_connections_and_a_plan_change_prints_limits(
+    cli: Cli, api: Api
+) -> None:
+    import psycopg
+
+    p = create_ok(api, "usage", region="us-east-1")
+    c = api.get(f"/v1/projects/{p['id']}/connection", params={"direct": "true"}).json()
+    with psycopg.connect(
+        host=c["host"],
+        port=c["port"],
+        dbname=c["database"],
+        user=c["user"],
+        password=c["password"],
+        sslmode="verify-full",
+        sslrootcert=c["sslrootcert"],
+    ):
+        usage = api.get(f"/v1/projects/{p['id']}/usage").json()
+        assert usage["reachable"] and usage["connections"] >= 1
+        assert usage["database_bytes"] > 1_000_000 and usage["connection_limit"] == 10
+        out = cli.ok("projects", "show", "usage")
+    rows = dict(ln.split("\t", 1) for ln in out.splitlines())
+    assert rows["connection limit"] == "10" and rows["statement timeout"] == "15 s"
+    assert rows["database size"].endswith("MB") and rows["connections"].endswith("open")
+    out = cli.ok("projects", "plan", "usage", "pro")
+    rows = dict(ln.split("\t", 1) for ln in out.splitlines() if "\t" in ln)
+    assert rows["connection limit"] == "60" and rows["point-in-time restore"] == "14 days", out

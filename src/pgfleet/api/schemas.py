@@ -72,6 +72,13 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+class UsageOut(BaseModel):
+    database_bytes: int | None = Field(description="The database's size on its server.")
+    connections: int | None = Field(description="Sessions open in the database now.")
+    connection_limit: int = Field(description="What the plan allows the project's roles.")
+    reachable: bool = Field(description="False: the server did not answer (values are null).")
+
+
 class PlanOut(BaseModel):
     id: str
     name: str

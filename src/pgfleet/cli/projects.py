@@ -18,6 +18,7 @@ from pgfleet.cli.common import (
     add_row,
     confirm,
     fail,
+    human_bytes,
     out,
     print_audit,
     print_json,
@@ -166,11 +167,37 @@ def projects_list(
 def projects_show(
     project_id: str, url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
 ) -> None:
-    """One project: requested and hosting region, server, plan, status."""
-    data = Client(url, token).call("GET", f"/v1/projects/{project_id}")
+    """One project: requested and hosting region, server, plan and its
+    limits, status, database size and open connections."""
+    client = Client(url, token)
+    data = client.call("GET", f"/v1/projects/{project_id}")
     if as_json:
         return print_json(data)
-    out.print(_project_table(data))
+    t = _project_table(data)
+    if data["status"] in ("active", "paused"):
+        usage = client.call("GET", f"/v1/projects/{data['id']}/usage")
+        if usage["reachable"]:
+            add_row(t, "database size", human_bytes(usage["database_bytes"]))
+            add_row(t, "connections", f"{usage['connections']} open")
+        else:
+            add_row(t, "usage", "the server does not answer now")
+    for k, v in _limits(client, data["plan_type"]):
+        add_row(t, k, v)
+    out.print(t)
+
+
+def _limits(client: Client, plan_id: str | None) -> list[tuple[str, str]]:
+    """A plan's limits, as `projects show` and a plan change print them."""
+    plans = {p["id"]: p for p in client.call("GET", "/v1/plans")["plans"]}
+    p = plans.get(plan_id or "free")
+    if p is None:
+        return []
+    return [
+        ("connection limit", str(p["connection_limit"])),
+        ("statement timeout", f"{p['statement_timeout_ms'] / 1000:g} s"),
+        ("rows per statement", f"{p['max_result_rows']:,}"),
+        ("point-in-time restore", f"{p['pitr_days']} days"),
+    ]
 
 
 @projects_app.command("delete")
@@ -299,6 +326,13 @@ def projects_plan(
     placement = ((data["operation"].get("result") or {}).get("placement")) or {}
     if not as_json and placement:
         out.print(f"placement: {placement['note']}")
+    if not as_json and data["operation"]["status"] == "finished":
+        t = Table(title=f"limits of the {data['project']['plan_type']} plan", show_header=False)
+        t.add_column(style="bold")
+        t.add_column()
+        for k, v in _limits(Client(url, token), data["project"]["plan_type"]):
+            add_row(t, k, v)
+        out.print(t)
 
 
 @projects_app.command("audit")

@@ -44,6 +44,7 @@ from pgfleet.regions import (
 )
 from pgfleet.tenants import kinds, store
 from pgfleet.tenants.connections import DatabasePlatformClient, Mode, check_mode
+from pgfleet.tenants.naming import tenant_db_name
 from pgfleet.tenants.provisioning import ProvisionedDatabase
 from pgfleet.tenants.store import Tenant
 
@@ -474,3 +475,35 @@ def connection_details(
         router_region=region,
         note=note,
     )
+
+
+@dataclass(frozen=True)
+class Usage:
+    database_bytes: int | None
+    connections: int | None
+    connection_limit: int
+    reachable: bool
+
+
+def project_usage(platform: Platform, owner: Owner, project_id: str | uuid.UUID) -> Usage:
+    """The project's database size and open connections, read on its server
+    (in the admin database: never inside the project's), and its limit."""
+    project = get_project(platform, owner, project_id)
+    plan = get_plan(project.plan_type or "free")
+    server = None if project.server_id is None else platform.servers.get(project.server_id)
+    if server is None or project.status not in ("active", "paused"):
+        return Usage(None, None, plan.connection_limit, False)
+    name = tenant_db_name(project.id)
+    try:
+        with platform.servers.admin_connection(server) as conn:
+            row = conn.execute(
+                "SELECT pg_catalog.pg_database_size(d.oid), (SELECT count(*) FROM "
+                "pg_catalog.pg_stat_activity a WHERE a.datid OPERATOR(pg_catalog.=) d.oid) "
+                "FROM pg_catalog.pg_database d WHERE d.datname OPERATOR(pg_catalog.=) %s",
+                (name,),
+            ).fetchone()
+    except RegionUnavailable:
+        return Usage(None, None, plan.connection_limit, False)
+    if row is None:
+        return Usage(None, None, plan.connection_limit, True)
+    return Usage(int(row[0]), int(row[1]), plan.connection_limit, True)

@@ -566,6 +566,24 @@ def rotate(
     )
 
 
+@router.post("/databases/{pid}/plan")
+def change_plan(
+    request: Request,
+    s: SessionDep,
+    pid: str,
+    csrf: Annotated[str, Form()] = "",
+    plan: Annotated[str, Form()] = "",
+) -> Response:
+    return _action(
+        request,
+        s,
+        pid,
+        csrf,
+        lambda tid: service.change_plan(_platform(request), s.owner, tid, plan_type=plan),
+        f"plan changed to {plan}; its limits apply now",
+    )
+
+
 @router.post("/databases/{pid}/pause")
 def pause(request: Request, s: SessionDep, pid: str, csrf: Annotated[str, Form()] = "") -> Response:
     return _action(

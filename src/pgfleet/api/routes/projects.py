@@ -30,6 +30,7 @@ from pgfleet.api.schemas import (
     ProjectOut,
     ProjectWithOperation,
     RotateIn,
+    UsageOut,
 )
 from pgfleet.tenants import service
 
@@ -303,4 +304,22 @@ def get_connection(
         service.connection_details(
             platform, owner, project_id, mode, pooling=pooling, direct=direct, via=via
         )
+    )
+
+
+@router.get(
+    "/projects/{project_id}/usage",
+    tags=["projects"],
+    summary="A project's database size and open connections",
+    responses={404: ERRORS[404]},
+)
+def project_usage(project_id: str, platform: PlatformDep, owner: OwnerDep) -> UsageOut:
+    """Read on the project's server now (null values when it does not answer),
+    with the connection limit of its plan."""
+    u = service.project_usage(platform, owner, project_id)
+    return UsageOut(
+        database_bytes=u.database_bytes,
+        connections=u.connections,
+        connection_limit=u.connection_limit,
+        reachable=u.reachable,
     )
