@@ -533,3 +533,30 @@ def test_the_console_changes_a_plan(page: Page, owner: tuple[Owner, str]) -> Non
     page.get_by_role("button", name="Change plan").click()
     expect(page.locator(".notice")).to_contain_text("plan changed to pro")
     expect(page.locator("dl.facts")).to_contain_text("pro")
+
+
+def test_no_page_scrolls_sideways_on_a_phone(
+    page: Page, owner: tuple[Owner, str], admin: tuple[Owner, str], api: Any
+) -> None:
+    """At 375 px the document is never wider than the screen: wide tables
+    scroll inside their own box."""
+    sign_in(page, owner[1])
+    pid = create_in_browser(page, "a database with quite a long name indeed")
+    for i in range(3):
+        page.get_by_label("Query").fill(f"select {i}, now(), 'x' as some_long_column_name")
+        page.get_by_role("button", name="Run").click()
+        page.go_back()
+    page.set_viewport_size({"width": 375, "height": 812})
+    widths = {}
+    for path in (f"/databases/{pid}", "/databases", "/databases/new"):
+        page.goto(path)
+        widths[path] = page.evaluate("document.documentElement.scrollWidth")
+    shot(page, "databases-phone")
+    page.goto(f"/databases/{pid}")
+    shot(page, "database-phone")
+    page.context.clear_cookies()
+    sign_in(page, admin[1])
+    page.goto("/regions")
+    widths["/regions"] = page.evaluate("document.documentElement.scrollWidth")
+    shot(page, "regions-phone")
+    assert all(w <= 375 for w in widths.values()), widths
