@@ -288,3 +288,19 @@ def test_window_values() -> None:
     assert stats.parse_window("30m") == timedelta(minutes=30)
     assert stats.parse_window("24h") == timedelta(hours=24)
     assert stats.parse_window("7d") == timedelta(days=7)
+
+
+def test_costs_never_add_usd_to_eur_without_the_rate() -> None:
+    from pgfleet.monitoring.costs import Prices, estimate
+
+    report = estimate(
+        servers_per_region={"us-east-1": 1},
+        tenants_per_region={"us-east-1": 2},
+        free_tenants=1,
+        paid_tenants=1,
+        prices=Prices(currency="EUR", usd_to_eur=0.5),
+    )
+    mixed = [o for o in report.options if "USD" in o.description]
+    assert mixed and all("0.5 EUR per USD" in o.description for o in mixed)
+    hybrid = next(o for o in report.options if o.id == "hybrid")
+    assert hybrid.monthly == Prices().server_monthly + 25 * 0.5

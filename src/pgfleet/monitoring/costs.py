@@ -72,6 +72,12 @@ def estimate(
     total = round(sum(r.monthly for r in rows), 2)
     tenants = free_tenants + paid_tenants
     fx = prices.usd_to_eur if prices.currency == "EUR" else 1.0
+    # USD prices are converted at a stated rate, never added as they are.
+    rate = (
+        f", converted at {prices.usd_to_eur:g} EUR per USD (PGFLEET_COST_USD_TO_EUR)"
+        if prices.currency == "EUR"
+        else ""
+    )
     options = [
         OptionCost(
             "current",
@@ -93,7 +99,7 @@ def estimate(
             round(prices.server_monthly + paid_tenants * prices.managed_project_usd * fx, 2),
             None,
             f"1 server for {free_tenants} free project(s) + {paid_tenants} paid project(s) "
-            f"at {prices.managed_project_usd:.0f} USD each",
+            f"at {prices.managed_project_usd:.0f} USD each{rate}",
         ),
         OptionCost(
             "full_cloud",
@@ -101,7 +107,7 @@ def estimate(
             round(tenants * prices.cloud_tenant_usd_low * fx, 2),
             round(tenants * prices.cloud_tenant_usd_high * fx, 2),
             f"{tenants} project(s) at {prices.cloud_tenant_usd_low:.0f}-"
-            f"{prices.cloud_tenant_usd_high:.0f} USD each",
+            f"{prices.cloud_tenant_usd_high:.0f} USD each{rate}",
         ),
     ]
     return CostReport(
