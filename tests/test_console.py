@@ -301,6 +301,7 @@ def test_html_in_a_name_is_text(page: Page, owner: tuple[Owner, str]) -> None:
     page.get_by_label("Name").fill(evil)
     page.get_by_role("button", name="Create database").click()
     expect(page.locator(".badge").first).to_have_text("active")
+    expect(page.locator("[data-progress]")).to_have_count(0)  # done reloading
     expect(page.get_by_role("heading", level=1)).to_have_text(evil)
     assert page.evaluate("window.pwned") is None
     assert page.locator("h1 b").count() == 0

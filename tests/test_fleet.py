@@ -179,7 +179,7 @@ def test_cli_up_status_down_up_keeps_everything(cli_env: dict[str, str]) -> None
         assert name in st.stdout
     for router in ("us-east-1-session", "us-east-1-transaction", "eu-central-1-session"):
         assert router in st.stdout, st.stdout
-    assert st.stdout.count(" up ") >= 3, st.stdout
+    assert st.stdout.count("\tup\t") >= 3, st.stdout
 
     created = pgfleet(
         cli_env, "projects", "create", "--name", "shop", "--region", "eu-central-1", "--json"
@@ -193,7 +193,7 @@ def test_cli_up_status_down_up_keeps_everything(cli_env: dict[str, str]) -> None
     assert down.returncode == 0, down.stderr
     assert "stopped router us-east-1-session" in down.stdout, down.stdout
     st = pgfleet(cli_env, "status")
-    assert " up " not in st.stdout and st.stdout.count("down") >= 3, st.stdout
+    assert "\tup\t" not in st.stdout and st.stdout.count("down") >= 3, st.stdout
     assert run_psql(uri, "SELECT 1").returncode != 0
     assert not processes_under(home), "a router outlived pgfleet down"
 
