@@ -15,6 +15,7 @@ from pgfleet.api.routes.common import (
     IdemHeader,
 )
 from pgfleet.api.schemas import (
+    ErrorResponse,
     OwnerCreate,
     OwnerCreated,
     OwnerOut,
@@ -80,6 +81,9 @@ def revoke_token(token_id: str, platform: PlatformDep, owner: OwnerDep) -> Respo
     status_code=201,
     summary="Create an owner",
     response_model=OwnerCreated,
+    responses={
+        409: {"model": ErrorResponse, "description": "Another owner has that name already."}
+    },
 )
 def create_owner(
     body: OwnerCreate, platform: PlatformDep, admin: AdminDep, idempotency_key: IdemHeader = None

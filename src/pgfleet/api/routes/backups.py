@@ -24,6 +24,7 @@ from pgfleet.api.schemas import (
     BackupList,
     BaseBackupIn,
     BaseBackupOut,
+    ErrorResponse,
     OperationOut,
     ProjectCreated,
     ProjectWithOperation,
@@ -121,6 +122,10 @@ def list_backups(project_id: str, platform: PlatformDep, owner: OwnerDep) -> Bac
         },
         202: {"model": ProjectWithOperation, "description": "The restore is still running."},
         **OPERATION_ERRORS,
+        403: {
+            "model": ErrorResponse,
+            "description": "A new project would pass your project quota (`quota_exceeded`).",
+        },
         409: {
             "description": "The project cannot be restored now, or the chosen region is "
             "outside its residency rule (`residency_violation`, naming rule and region).",
