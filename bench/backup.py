@@ -193,7 +193,7 @@ def main() -> None:
         stanza = archive.stanza(server.name)
         t = time.perf_counter()
         scratch = fleet.scratch("bench-by-hand")
-        archive.restore(stanza, scratch.data_dir, database=bc["database"], target_time=when)
+        archive.restore(stanza, scratch.data_dir, target_time=when, include=bc["database"])
         scratch.start()
         with scratch.connect("postgres", ADMIN_USER):
             pass

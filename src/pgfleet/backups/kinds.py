@@ -269,7 +269,6 @@ def _fetch_pitr(ctx: OpContext) -> None:
         archive.restore(
             stanza,
             scratch.data_dir,
-            database=db,
             target_time=target,
             target_name=point,
             backup_set=base.label,
@@ -418,20 +417,21 @@ def end_stale_loads(ctx: OpContext, database: str) -> None:
             time.sleep(0.1)
 
 
-def _load(ctx: OpContext) -> None:
+def _load_into(ctx: OpContext, ci: dict[str, Any], loaded_point: str | None = None) -> None:
+    """The fetched dump into the empty database `ci` names, as its role. A
+    load that committed before a crash left its tables: verify decides."""
     if ctx.state.get("loaded"):
         return
-    ci = _new_project_conninfo(ctx)
     end_stale_loads(ctx, ci["dbname"])
-    # A load that committed before a crash left its tables: verify decides.
     if not _has_tables(ci):
         pg_restore(binary("pg_restore"), ci, Path(ctx.state["dump"]), stop=ctx.stop_reason)
-        failpoint("restore.load.loaded")
+        if loaded_point:
+            failpoint(loaded_point)
     ctx.state["loaded"] = True
 
 
-def _verify(ctx: OpContext) -> None:
-    ci = _new_project_conninfo(ctx)
+def _verify_against_source(ctx: OpContext, ci: dict[str, Any]) -> None:
+    """Every table of the database `ci` names against the source's manifest."""
     with psycopg.connect(**ci) as conn:
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         setup_session(conn)
@@ -445,6 +445,14 @@ def _verify(ctx: OpContext) -> None:
         )
     ctx.state["verified_tables"] = len(got)
     ctx.state["verified_rows"] = sum(int(t["rows"]) for t in got.values())
+
+
+def _load(ctx: OpContext) -> None:
+    _load_into(ctx, _new_project_conninfo(ctx), "restore.load.loaded")
+
+
+def _verify(ctx: OpContext) -> None:
+    _verify_against_source(ctx, _new_project_conninfo(ctx))
 
 
 def _clean(ctx: OpContext) -> None:
@@ -562,27 +570,11 @@ def _stage_conninfo(ctx: OpContext) -> dict[str, Any]:
 
 
 def _load_stage(ctx: OpContext) -> None:
-    if ctx.state.get("loaded"):
-        return
-    ci = _stage_conninfo(ctx)
-    end_stale_loads(ctx, ci["dbname"])
-    if not _has_tables(ci):
-        pg_restore(binary("pg_restore"), ci, Path(ctx.state["dump"]), stop=ctx.stop_reason)
-    ctx.state["loaded"] = True
+    _load_into(ctx, _stage_conninfo(ctx))
 
 
 def _verify_stage(ctx: OpContext) -> None:
-    with psycopg.connect(**_stage_conninfo(ctx)) as conn:
-        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-        setup_session(conn)
-        with cancelled_on_stop(conn, ctx.stop_reason):
-            got = manifest(conn)
-        conn.rollback()
-    problems = compare(ctx.state.get("manifest") or {}, got)
-    if problems:
-        raise FleetError("the restored copy does not match its source: " + "; ".join(problems[:5]))
-    ctx.state["verified_tables"] = len(got)
-    ctx.state["verified_rows"] = sum(int(t["rows"]) for t in got.values())
+    _verify_against_source(ctx, _stage_conninfo(ctx))
 
 
 def _swap(ctx: OpContext) -> None:

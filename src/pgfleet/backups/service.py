@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -59,20 +60,12 @@ def _check_copies(conn: psycopg.Connection[Any], owner_id: uuid.UUID | None) -> 
         )
 
 
-def start_snapshot(
-    platform: Platform, owner: Owner, project_id: str | uuid.UUID, *, reason: str = "manual"
-) -> tuple[uuid.UUID, uuid.UUID]:
-    """Record a snapshot (`running`) and its operation; returns (snapshot
-    id, operation id)."""
-    project = tenants.get_project(platform, owner, project_id)
-    if project.status != "active":
-        raise Conflict(
-            f"project {project.id} is {project.status}; a snapshot needs it to be active",
-            status=project.status,
-        )
-    hosted = project.hosted_region or project.region or ""
-    storage = archives.storage_region(platform, hosted, project.server)
-    require_residency(project.residency, storage, what="its backups' storage")
+def _snapshot_record(
+    platform: Platform, project: Tenant, hosted: str, storage: str, reason: str
+) -> tuple[uuid.UUID, Callable[[psycopg.Connection[Any]], None]]:
+    """A new snapshot's id, and what records it (`running`) in the
+    operation's own transaction: the project still active, its owner under
+    the copies limit."""
     sid = uuid.uuid4()
     path = archives.storage_dir(platform, storage) / "snapshots" / str(project.id) / f"{sid}.dump"
 
@@ -92,6 +85,25 @@ def start_snapshot(
             storage_region=storage,
             path=str(path),
         )
+
+    return sid, record
+
+
+def start_snapshot(
+    platform: Platform, owner: Owner, project_id: str | uuid.UUID, *, reason: str = "manual"
+) -> tuple[uuid.UUID, uuid.UUID]:
+    """Record a snapshot (`running`) and its operation; returns (snapshot
+    id, operation id)."""
+    project = tenants.get_project(platform, owner, project_id)
+    if project.status != "active":
+        raise Conflict(
+            f"project {project.id} is {project.status}; a snapshot needs it to be active",
+            status=project.status,
+        )
+    hosted = project.hosted_region or project.region or ""
+    storage = archives.storage_region(platform, hosted, project.server)
+    require_residency(project.residency, storage, what="its backups' storage")
+    sid, record = _snapshot_record(platform, project, hosted, storage, reason)
 
     op_id = start_operation(
         platform,
@@ -243,9 +255,6 @@ def start_restore(
         "source_server": source.server,
         "source_database": tenant_db_name(source.id),
         "source_deleted": deleted_at is not None,
-        # Its database exists from then on (a point-in-time restore from a
-        # base backup taken earlier must bring back the whole server).
-        "source_created_at": (source.created_at or datetime.now(UTC)).isoformat(),
         # Its database's oid, which its delete recorded (a live one's is read
         # from its server when the restore runs).
         "source_oid": dropped.database_oid if dropped else None,
@@ -314,25 +323,7 @@ def _start_in_place(
         raise InvalidInput("name is for a new project (into=new)", field="name")
     hosted = source.hosted_region or region
     storage = archives.storage_region(platform, hosted, source.server)
-    sid = uuid.uuid4()
-    path = archives.storage_dir(platform, storage) / "snapshots" / str(source.id) / f"{sid}.dump"
-
-    def record(conn: psycopg.Connection[Any]) -> None:
-        status = store.lock_row_status(conn, source.id)
-        if status != "active":
-            raise Conflict(f"project {source.id} changed to {status} meanwhile", status=status)
-        _check_copies(conn, source.owner_id)
-        bstore.insert(
-            conn,
-            snapshot_id=sid,
-            tenant_id=source.id,
-            owner_id=source.owner_id,
-            reason="safety",
-            server_name=source.server,
-            source_region=hosted,
-            storage_region=storage,
-            path=str(path),
-        )
+    sid, record = _snapshot_record(platform, source, hosted, storage, "safety")
 
     op_id = start_operation(
         platform,

@@ -154,19 +154,15 @@ class Archive:
         *,
         stanzas: list[Stanza],
         run: Run,
-        os_user: str,
         owner: tuple[int, int] | None,
         retention_days: int,
         queue_max_mb: int,
-        fsync: bool,
     ) -> None:
         self.stanzas = {s.name: s for s in stanzas}
         self._run = run
-        self.os_user = os_user
         self._owner = owner
         self.retention_days = retention_days
         self.queue_max_mb = queue_max_mb
-        self.fsync = fsync
         self._bin: str | None = None
 
     @property
@@ -303,7 +299,6 @@ class Archive:
         s: Stanza,
         dest: Path,
         *,
-        database: str,
         target_time: datetime | None,
         target_name: str | None = None,
         backup_set: str | None = None,

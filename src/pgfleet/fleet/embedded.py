@@ -217,11 +217,9 @@ class EmbeddedFleet:
             self._archive = Archive(
                 stanzas=stanzas,
                 run=self._run,
-                os_user=self._server_os_user(),
                 owner=self._os_user() if self._as_root() else None,
                 retention_days=max(p.pitr_days for p in PLANS),
                 queue_max_mb=self.settings.archive_queue_max_mb,
-                fsync=self.settings.fsync,
             )
         return self._archive
 
