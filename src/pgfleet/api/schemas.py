@@ -19,6 +19,9 @@ from pgfleet.tenants.store import Tenant
 NAME_SCHEMA: dict[str, Any] = {"minLength": 1, "maxLength": 100, "format": "display-name"}
 REGION_SCHEMA: dict[str, Any] = {"enum": list(REGION_IDS)}
 PLAN_SCHEMA: dict[str, Any] = {"enum": list(PLAN_IDS)}
+# An optional field's enum sits beside anyOf [string, null], so it must admit null too.
+OPTIONAL_PLAN_SCHEMA: dict[str, Any] = {"enum": [*PLAN_IDS, None]}
+OPTIONAL_REGION_SCHEMA: dict[str, Any] = {"enum": [*REGION_IDS, None]}
 SUBDOMAIN_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
 # 1m to 31d.
 WINDOW_PATTERN = (
@@ -130,12 +133,12 @@ class ProjectCreate(Input):
         description=f"Plan, one of: {', '.join(PLAN_IDS)} (default free); the same field "
         "as a plan change takes.",
         examples=["free"],
-        json_schema_extra=PLAN_SCHEMA,
+        json_schema_extra=OPTIONAL_PLAN_SCHEMA,
     )
     plan_type: str | None = Field(
         default=None,
         description="The plan under its former name (the seed's column); `plan` is preferred.",
-        json_schema_extra={**PLAN_SCHEMA, "deprecated": True},
+        json_schema_extra={**OPTIONAL_PLAN_SCHEMA, "deprecated": True},
     )
 
     @model_validator(mode="after")
@@ -571,7 +574,7 @@ class RestoreIn(Input):
         default=None,
         description="Where the restored project lives (any region its residency rule "
         "allows); default: the project's region.",
-        json_schema_extra=REGION_SCHEMA,
+        json_schema_extra=OPTIONAL_REGION_SCHEMA,
     )
     into: Literal["new", "same"] = Field(
         default="new",

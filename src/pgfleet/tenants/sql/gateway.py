@@ -411,6 +411,14 @@ class SqlGateway:
             name=f"{endpoint.database}-{mode}-sql",
         )
 
+    @staticmethod
+    def _unreachable_error(endpoint: TenantEndpoint) -> RegionUnavailable:
+        return RegionUnavailable(
+            f"region {endpoint.hosted_region} is unavailable: the project's server "
+            "cannot be reached",
+            region=endpoint.hosted_region,
+        )
+
     async def _knock(self, endpoint: TenantEndpoint) -> bool:
         """Does the project's server accept a TCP connection at all?"""
         try:
@@ -429,11 +437,7 @@ class SqlGateway:
     ) -> tuple[PoolEntry[AsyncConnectionPool], psycopg.AsyncConnection[Any]]:
         if endpoint.server_id in self._unreachable:
             if not await self._knock(endpoint):
-                raise RegionUnavailable(
-                    f"region {endpoint.hosted_region} is unavailable: the project's server "
-                    "cannot be reached",
-                    region=endpoint.hosted_region,
-                )
+                raise self._unreachable_error(endpoint)
             self._unreachable.discard(endpoint.server_id)
         size = self.pool_size(plan_type)
         entry, stale = self._pools.take(
@@ -442,10 +446,19 @@ class SqlGateway:
         for pool in stale:
             self._spawn(pool.close(timeout=5))
         try:
+            wait = None
             if entry.pool.closed:
+                # Its first connection gets a second attempt (the pool retries
+                # a failed one after about a second): one login slowed past
+                # connect_timeout by a loaded host is not an outage. A server
+                # that refuses TCP is one, and is said at once.
+                if not await self._knock(endpoint):
+                    self._unreachable.add(endpoint.server_id)
+                    raise self._unreachable_error(endpoint)
+                wait = 2 * self.platform.settings.connect_timeout_s + 1.5
                 # Opened on first use, on this loop; open() is idempotent.
                 await entry.pool.open(wait=False)
-            conn = await entry.pool.getconn()
+            conn = await entry.pool.getconn(timeout=wait)
             entry.checked_out += 1
             return entry, conn
         except (PoolTimeout, psycopg.OperationalError) as e:
