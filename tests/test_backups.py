@@ -439,7 +439,7 @@ def test_a_restore_can_be_cancelled_and_leaves_nothing(
         f"/v1/projects/{p['id']}/restore", json={"backup_id": snap["id"]}, params={"wait": "false"}
     )
     assert r.status_code == 202, r.text
-    op_id, new_id = r.json()["operation"]["id"], r.json()["project"]["id"]
+    op_id, new_id = r.json()["operation"]["id"], r.json()["id"]
     reached()
     assert api.post(f"/v1/operations/{op_id}/cancel").status_code in (200, 202)
     release()
@@ -588,7 +588,7 @@ def test_a_tenants_slow_objects_do_not_hold_a_restore_past_its_cancel(api: Api) 
         f"/v1/projects/{p['id']}/restore", json={"backup_id": snap["id"]}, params={"wait": "false"}
     )
     assert r.status_code == 202, r.text
-    op_id, new_id = r.json()["operation"]["id"], r.json()["project"]["id"]
+    op_id, new_id = r.json()["operation"]["id"], r.json()["id"]
     deadline = time.monotonic() + 30
     while api.get(f"/v1/operations/{op_id}").json()["current_step"] != "load":
         assert time.monotonic() < deadline

@@ -315,7 +315,7 @@ def test_tokens_create_list_revoke(cli: Cli, admin_cli: Cli) -> None:
         assert "401" in msg
         row = next(ln for ln in c.ok("tokens", "list").splitlines() if tid in ln)
         cells = row.split("\t")
-        assert re.fullmatch(r"\d{4}-\d\d-\d\dT[\d:]{8}", cells[-1]), row  # revoked at
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d [\d:]{8} UTC", cells[-1]), row  # revoked at
         # The token that did the revoking still works.
         assert c.json("projects", "list") == {"projects": []}
     assert "not found" in cli.fails("tokens", "revoke", "00000000-0000-4000-8000-000000000000")

@@ -73,7 +73,7 @@ def test_cancel_a_running_provision_leaves_nothing(
     r = create(api, "halt", region="eu-central-1", params={"wait": "false"})
     assert r.status_code == 202, r.text
     op_id = r.json()["operation"]["id"]
-    pid = r.json()["project"]["id"]
+    pid = r.json()["id"]
     reached()
     c = api.post(f"/v1/operations/{op_id}/cancel")
     assert c.status_code == 202, c.text
@@ -141,7 +141,7 @@ def test_cancel_a_scheduled_operation_with_no_worker(platform_factory: Any) -> N
         out = api.post(f"/v1/operations/{op['id']}/cancel")
         assert out.status_code == 200, out.text
         assert out.json()["status"] == "cancelled"
-        assert api.get(f"/v1/projects/{r.json()['project']['id']}").status_code == 404
+        assert api.get(f"/v1/projects/{r.json()['id']}").status_code == 404
 
 
 def test_operation_past_its_deadline_shows_in_health(

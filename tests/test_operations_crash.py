@@ -653,7 +653,7 @@ def test_a_create_the_api_ran_itself_survives_the_api_killed_mid_way(
     )
     assert r.status_code == 202, r.text
     op_id = uuid.UUID(r.json()["operation"]["id"])
-    project_id = uuid.UUID(r.json()["project"]["id"])
+    project_id = uuid.UUID(r.json()["id"])
     workers.reached(point)
     with quiet_platform.db.connection() as conn:
         row = conn.execute(

@@ -188,3 +188,36 @@ def test_show_has_limits_size_and_connections_and_a_plan_change_prints_limits(
     out = cli.ok("projects", "plan", "usage", "pro")
     rows = dict(ln.split("\t", 1) for ln in out.splitlines() if "\t" in ln)
     assert rows["connection limit"] == "60" and rows["point-in-time restore"] == "14 days", out
+
+
+def test_moments_carry_their_zone_and_durations_read_as_a_person_says_them(cli: Cli) -> None:
+    from pgfleet.display import duration, when
+
+    assert when("2026-11-30T10:16:02.5+01:00") == "2026-11-30 09:16:02 UTC"
+    assert when(None) == "-"
+    assert [duration(x) for x in (412, 3200, 65_000, 7_380_000, 300_000_000)] == [
+        "412 ms",
+        "3.2 s",
+        "1 min 05 s",
+        "2 h 03 min",
+        "3 d 11 h",
+    ]
+    cli.ok("projects", "create", "--name", "clock", "--region", "us-west-1")
+    listed = cli.ok("projects", "list")
+    assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", listed), listed
+    op = cli.json("ops", "list")["operations"][0]
+    shown = cli.ok("ops", "show", op["id"])
+    created = next(ln for ln in shown.splitlines() if ln.startswith("created"))
+    assert created.rstrip().endswith("UTC"), shown
+    took = next(ln for ln in shown.splitlines() if ln.startswith("duration"))
+    assert took.split("\t")[1] == duration(op["duration_ms"]), shown
+
+
+def test_a_down_region_says_what_to_run(cli: Cli, api: Api, fleet: Any) -> None:
+    from tests.test_sql_errors import server_down
+
+    create_ok(api, "dark", region="eu-central-1")
+    with server_down(fleet, "eu-central-1"):
+        said = cli.fails("sql", "dark", "select 1")  # by its name, too
+    assert "region eu-central-1 is unavailable" in said and "HTTP 503" in said, said
+    assert "`pgfleet status` shows which servers and routers are down" in said, said

@@ -1,13 +1,15 @@
 """Values of the SQL API's JSON as a person reads them (the CLI's tables and
 the console's SQL results): NULL as NULL, JSON as JSON, bytea in
 PostgreSQL's hex format (`\\x...`, as psql shows it), booleans as true and
-false. The API's own JSON encoding stays as documented (bytea base64)."""
+false. The API's own JSON encoding stays as documented (bytea base64).
+Moments and durations as a person reads them, in the CLI and the console."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 
@@ -24,3 +26,38 @@ def display(value: Any, type_name: str = "") -> str:
     if isinstance(value, dict | list):
         return json.dumps(value, ensure_ascii=False)
     return str(value)
+
+
+def when(value: str | datetime | None) -> str:
+    """A moment as a person reads it, always with its zone: the API's ISO
+    8601 (UTC) as `2026-11-30 09:16:02 UTC`; `-` for none."""
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            return value
+    else:
+        moment = value
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def duration(ms: float | None) -> str:
+    """A duration as a person reads it: `412 ms`, `3.2 s`, `4 min 05 s`,
+    `2 h 03 min`, `3 d 4 h`; `-` for none."""
+    if ms is None:
+        return "-"
+    if ms < 1000:
+        return f"{ms:.0f} ms" if ms >= 10 or ms == int(ms) else f"{ms:.1f} ms"
+    s = ms / 1000
+    if s < 60:
+        return f"{s:.1f} s"
+    total = int(s)
+    if total < 3600:
+        return f"{total // 60} min {total % 60:02d} s"
+    if total < 86400:
+        return f"{total // 3600} h {total % 3600 // 60:02d} min"
+    return f"{total // 86400} d {total % 86400 // 3600} h"

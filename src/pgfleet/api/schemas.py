@@ -269,9 +269,13 @@ class ProjectOut(BaseModel):
 
 
 class ProjectCreated(ProjectOut):
-    connection: ConnectionOut = Field(description="Read-write credentials, shown in full.")
+    connection: ConnectionOut | None = Field(
+        description="Read-write credentials, shown in full (201); null while the "
+        "database is still being made (202: get them from `/connection` once the "
+        "operation has finished)."
+    )
     operation: OperationOut | None = Field(
-        default=None, description="The provision operation, finished."
+        default=None, description="The operation that makes it: finished (201) or running (202)."
     )
 
 

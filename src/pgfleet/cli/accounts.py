@@ -19,6 +19,7 @@ from pgfleet.cli.common import (
     print_json,
     tokens_app,
 )
+from pgfleet.display import when
 
 # ---- tokens and owners -----------------------------------------------------
 
@@ -50,9 +51,9 @@ def tokens_list(url: UrlOpt = None, token: TokenOpt = None) -> None:
             r["id"],
             r["name"],
             r["token_prefix"] + "...",
-            r["created_at"][:19],
-            (r["last_used_at"] or "-")[:19],
-            (r["revoked_at"] or "-")[:19],
+            when(r["created_at"]),
+            when(r["last_used_at"]),
+            when(r["revoked_at"]),
         )
     out.print(t)
 
@@ -96,6 +97,6 @@ def owners_list(url: UrlOpt = None, token: TokenOpt = None) -> None:
             r["name"],
             "yes" if r["is_admin"] else "",
             str(r["projects"]),
-            r["created_at"][:19],
+            when(r["created_at"]),
         )
     out.print(t)

@@ -21,6 +21,7 @@ from pgfleet.cli.common import (
     out,
     print_json,
 )
+from pgfleet.display import when
 
 
 def _size(n: int | None) -> str:
@@ -87,7 +88,7 @@ def backups_list(
         add_row(
             t,
             b["id"],
-            b["created_at"],
+            when(b["created_at"]),
             b["status"] + (f": {b['error']}" if b.get("error") else ""),
             _size(b["size_bytes"]),
             str(b["tables"] if b["tables"] is not None else "-"),
@@ -147,7 +148,10 @@ def backups_restore(
     )
     if as_json:
         return print_json(data)
-    if into == "same" and "project" in data and data["operation"]["status"] == "finished":
+    # `into: same` answers with the project and the operation; `new` with the
+    # new project's own fields (and its connection once ready).
+    project = data["project"] if into == "same" else data
+    if into == "same" and data["operation"]["status"] == "finished":
         result = data["operation"].get("result") or {}
         out.print(
             f"restored project {project_id} over itself: {result.get('verified_tables', '?')} "
@@ -155,9 +159,9 @@ def backups_restore(
             f"snapshot {result.get('safety_snapshot', '?')}"
         )
         return
-    if "project" in data:  # 202: still running
+    if into == "same" or data.get("connection") is None:  # 202: still running
         op = data["operation"]
-        out.print(f"project {data['project']['id']} is {data['project']['status']}")
+        out.print(f"project {project['id']} is {project['status']}")
         out.print(f"operation {op['id']} (restore) is {op['status']}")
         if op["status"] in ("scheduled", "running"):
             out.print(f"follow it with: pgfleet ops watch {op['id']}")

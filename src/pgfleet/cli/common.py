@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pgfleet.config import Settings, get_settings
+from pgfleet.display import when
 
 app = typer.Typer(
     rich_markup_mode="markdown",
@@ -186,6 +187,14 @@ def pid_file(s: Settings) -> Path:
 # ---- the REST client -------------------------------------------------------
 
 
+# What to run next, after an error of this code.
+NEXT_STEP = {
+    "region_unavailable": "`pgfleet status` shows which servers and routers are down "
+    "(`pgfleet up` restarts the embedded fleet's)",
+    "platform_unavailable": "`pgfleet status` shows the platform database's state",
+}
+
+
 class Client:
     def __init__(self, url: str | None, token: str | None) -> None:
         s = load_settings()
@@ -243,10 +252,12 @@ class Client:
             fail(f"cannot reach the pgfleet API at {self.url}; is it running (`pgfleet up`)?")
         if r.status_code >= 400:
             try:
-                msg = r.json()["error"]["message"]
+                error = r.json()["error"]
+                msg, code = error["message"], error["code"]
             except (ValueError, KeyError, TypeError):
-                msg = r.text[:500]
-            fail(f"{msg} (HTTP {r.status_code})")
+                msg, code = r.text[:500], None
+            hint = NEXT_STEP.get(code or "")
+            fail(f"{msg} (HTTP {r.status_code})" + (f"\n{hint}" if hint else ""))
         return r.json() if r.content else None
 
 
@@ -288,7 +299,7 @@ def print_audit(data: dict[str, Any], as_json: bool) -> None:
     for e in data["entries"]:
         add_row(
             t,
-            e["at"][:19],
+            when(e["at"]),
             e["actor"],
             e["action"],
             e["project_id"] or "-",

@@ -10,6 +10,8 @@ from rich.table import Table
 from rich.text import Text
 
 from pgfleet.cli.common import (
+    NEXT_STEP,
+    UUID_RE,
     Client,
     JsonOpt,
     TokenOpt,
@@ -22,14 +24,16 @@ from pgfleet.cli.common import (
     print_json,
     stats_app,
 )
-from pgfleet.display import display
+from pgfleet.display import display, duration
 
 # ---- SQL, stats, advisor, costs --------------------------------------------
 
 
 @app.command("sql")
 def sql_cmd(
-    project_id: Annotated[str, typer.Argument(help="Project id")],
+    project_id: Annotated[
+        str, typer.Argument(help="Project id, a unique id prefix or the project's name")
+    ],
     query: Annotated[str, typer.Argument(help="One SQL statement; $1, $2... for --param")],
     param: Annotated[
         list[str] | None, typer.Option("--param", "-p", help="A value for $1, $2... (repeat)")
@@ -48,6 +52,8 @@ def sql_cmd(
     if max_rows is not None:
         body["max_rows"] = max_rows
     client = Client(url, token)
+    if not UUID_RE.fullmatch(project_id):
+        project_id = client.project_id(project_id)
     with httpx.Client(base_url=client.url, timeout=600, headers=client.headers) as http:
         try:
             r = http.post(f"/v1/projects/{project_id}/sql", json=body)
@@ -66,7 +72,13 @@ def sql_cmd(
         if e.get("position"):
             extra.append(f"at character {e['position']}")
         hint = f"; hint: {e['hint']}" if e.get("hint") else ""
-        fail(msg + (f" ({', '.join(extra)})" if extra else f" (HTTP {r.status_code})") + hint)
+        step = NEXT_STEP.get(e.get("code") or "")
+        fail(
+            msg
+            + (f" ({', '.join(extra)})" if extra else f" (HTTP {r.status_code})")
+            + hint
+            + (f"\n{step}" if step else "")
+        )
     if as_json:
         return print_json(data)
     if data["columns"]:
@@ -77,9 +89,8 @@ def sql_cmd(
             add_row(t, *[display(v, c["type"]) for v, c in zip(row, data["columns"], strict=True)])
         out.print(t)
     more = " (truncated)" if data["truncated"] else ""
-    out.print(
-        Text(f"{data['command']}: {data['row_count']} row(s){more} in {data['duration_ms']} ms")
-    )
+    took = duration(data["duration_ms"])
+    out.print(Text(f"{data['command']}: {data['row_count']} row(s){more} in {took}"))
 
 
 @stats_app.command("regions")

@@ -23,6 +23,7 @@ from pgfleet.cli.common import (
     print_audit,
     print_json,
 )
+from pgfleet.display import duration, when
 
 # ---- operations ------------------------------------------------------------
 
@@ -39,11 +40,11 @@ def _op_table(op: dict[str, Any]) -> Table:
         ("by", op["actor"] or "-"),
         ("step", op["current_step"] or "-"),
         ("attempts", op["attempts"]),
-        ("created", op["created_at"][:23]),
-        ("started", (op["started_at"] or "-")[:23]),
-        ("finished", (op["finished_at"] or "-")[:23]),
-        ("duration", f"{op['duration_ms']} ms" if op["duration_ms"] is not None else "-"),
-        ("deadline", op["deadline"][:19] + (" (missed)" if op["deadline_missed"] else "")),
+        ("created", when(op["created_at"])),
+        ("started", when(op["started_at"])),
+        ("finished", when(op["finished_at"])),
+        ("duration", duration(op["duration_ms"])),
+        ("deadline", when(op["deadline"]) + (" (missed)" if op["deadline_missed"] else "")),
     ]
     if op["cancel_requested"]:
         rows.append(("cancel", "requested"))
@@ -70,7 +71,7 @@ def _steps_table(op: dict[str, Any]) -> Table:
             st["name"],
             st["status"],
             st["attempts"],
-            f"{st['duration_ms']} ms" if st["duration_ms"] is not None else "-",
+            duration(st["duration_ms"]),
             st["error"] or "",
         )
     return t
@@ -119,8 +120,8 @@ def ops_list(
             _op_status(op),
             op["project_id"] or "-",
             op["current_step"] or "-",
-            op["created_at"][:19],
-            f"{op['duration_ms']} ms" if op["duration_ms"] is not None else "-",
+            when(op["created_at"]),
+            duration(op["duration_ms"]),
             (op["error"] or "")[:60],
         )
     out.print(t)
@@ -248,7 +249,7 @@ def reconcile_cmd(
     if not findings:
         out.print(
             f"no differences: {data['servers_checked']} server(s) checked "
-            f"in {data['duration_ms']} ms"
+            f"in {duration(data['duration_ms'])}"
         )
         return
     t = Table(title=f"Reconciler findings ({'repair' if repair else 'report only'})")

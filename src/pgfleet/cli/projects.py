@@ -25,6 +25,7 @@ from pgfleet.cli.common import (
     projects_app,
 )
 from pgfleet.cli.ops import DONE_STATES, follow
+from pgfleet.display import when
 
 # ---- projects --------------------------------------------------------------
 
@@ -46,12 +47,12 @@ def _project_table(p: dict[str, Any]) -> Table:
         ("plan", p["plan_type"] or "-"),
         ("residency", p.get("residency") or "none"),
         ("status", p["status"]),
-        ("created", p["created_at"] or "-"),
+        ("created", when(p["created_at"])),
     ]
     if p.get("error"):
         rows.append(("error", p["error"]))
     if p.get("deleted_at"):
-        rows.append(("deleted", p["deleted_at"]))
+        rows.append(("deleted", when(p["deleted_at"])))
     if p.get("restored_from"):
         src = p["restored_from"]
         what = src.get("backup_id") or src.get("target_time") or "-"
@@ -98,12 +99,12 @@ def projects_create(
             client.call("POST", "/v1/projects", json=body, params={"wait": str(wait).lower()})
         )
     started = client.call("POST", "/v1/projects", json=body, params={"wait": "false"})
-    if "project" not in started:  # finished within the request already (201)
+    if started["connection"] is not None:  # finished within the request already (201)
         data = started
     else:
         op_id = started["operation"]["id"]
         if not wait:
-            out.print(_project_table(started["project"]))
+            out.print(_project_table(started))
             _print_started(started["operation"])
             return
         op = follow(client, op_id, timeout=timeout)
@@ -158,7 +159,7 @@ def projects_list(
             hosted,
             p["plan_type"] or "-",
             p["status"],
-            (p["created_at"] or "")[:19],
+            when(p["created_at"]),
         )
     out.print(t)
 

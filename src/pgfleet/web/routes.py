@@ -18,7 +18,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from pgfleet import auth
 from pgfleet.backups import service as backups_service
-from pgfleet.display import display
+from pgfleet.display import display, duration, when
 from pgfleet.errors import (
     Conflict,
     InvalidInput,
@@ -47,6 +47,8 @@ templates = Environment(
 )
 # A SQL result's cell as a person reads it (JSON as JSON, bytea as \x...).
 templates.filters["cell"] = display
+templates.filters["when"] = when
+templates.filters["duration"] = duration
 router = APIRouter(include_in_schema=False)
 
 

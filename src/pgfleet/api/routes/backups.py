@@ -17,6 +17,7 @@ from pgfleet.api.routes.common import (
     OPERATION_ERRORS,
     IdemHeader,
     WaitQuery,
+    created,
     project_and_op,
 )
 from pgfleet.api.schemas import (
@@ -120,7 +121,11 @@ def list_backups(project_id: str, platform: PlatformDep, owner: OwnerDep) -> Bac
             "model": ProjectWithOperation,
             "description": "into=same: the project, restored, and the finished operation.",
         },
-        202: {"model": ProjectWithOperation, "description": "The restore is still running."},
+        202: {
+            "model": ProjectCreated,
+            "description": "The restore is still running (`into: new`: the same body as "
+            "201 with `connection` null; `into: same`: the project and the operation).",
+        },
         **OPERATION_ERRORS,
         403: {
             "model": ErrorResponse,
@@ -177,11 +182,7 @@ def restore_project(
         status, out = project_and_op(platform, owner, op_id, wait=wait, credentials=True)
         if body.into == "same":
             return status, out  # the project itself: its credentials did not change
-        if status != 200 or out.connection is None:
-            return 202, out
-        return 201, ProjectCreated(
-            **out.project.model_dump(), connection=out.connection, operation=out.operation
-        )
+        return created(status, out)
 
     return run_idempotent(
         platform,

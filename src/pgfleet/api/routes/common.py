@@ -15,6 +15,7 @@ from pgfleet.api.schemas import (
     ConnectionOut,
     ErrorResponse,
     OperationOut,
+    ProjectCreated,
     ProjectOut,
     ProjectWithOperation,
 )
@@ -104,6 +105,19 @@ def project_and_op(
         connection=shown,
     )
     return (200 if op.status == "finished" else 202), body
+
+
+def created(status: int, out: ProjectWithOperation) -> tuple[int, ProjectCreated]:
+    """The answer to a request that makes a project (create, restore): one
+    body for 201 and 202, the project's own fields plus `connection` (null
+    until it is ready) and `operation`, so a client reads it one way."""
+    done = status == 200 and out.connection is not None
+    body = ProjectCreated(
+        **out.project.model_dump(),
+        connection=out.connection if done else None,
+        operation=out.operation,
+    )
+    return (201 if done else 202), body
 
 
 def lifecycle_route(

@@ -16,6 +16,7 @@ from pgfleet.api.routes.common import (
     IdemHeader,
     WaitQuery,
     conn_out,
+    created,
     lifecycle_route,
     project_and_op,
 )
@@ -44,7 +45,11 @@ router = APIRouter()
     summary="Create a project",
     response_model=ProjectCreated,
     responses={
-        202: {"model": ProjectWithOperation, "description": "Provisioning is still running."},
+        202: {
+            "model": ProjectCreated,
+            "description": "Provisioning is still running: the same body as 201, with "
+            "`connection` null; follow `operation` at `/v1/operations/{id}`.",
+        },
         409: OPERATION_ERRORS[409],
         422: ERRORS[422],
         503: {"model": ErrorResponse, "description": "The region's server cannot be reached."},
@@ -74,13 +79,7 @@ def create_project(
             subdomain=body.subdomain,
             residency=body.residency,
         )
-        status, out = project_and_op(platform, owner, op_id, wait=wait, credentials=True)
-        if status != 200 or out.connection is None:
-            return 202, out
-        created = ProjectCreated(
-            **out.project.model_dump(), connection=out.connection, operation=out.operation
-        )
-        return 201, created
+        return created(*project_and_op(platform, owner, op_id, wait=wait, credentials=True))
 
     return run_idempotent(
         platform,
