@@ -203,6 +203,9 @@ class RouterPaths:
         return self.dir(spec) / "pgbouncer.log"
 
 
+SERVER_IDLE_S = 15
+
+
 def render_ini(spec: RouterSpec, paths: RouterPaths, ca_file: Path, host: str) -> str:
     """One router's own settings; the route table comes from the shared file."""
     settings = {
@@ -235,6 +238,12 @@ def render_ini(spec: RouterSpec, paths: RouterPaths, ca_file: Path, host: str) -
         # each time a project is created or deleted.
         "server_tls_sslmode": "disable",
         "server_reset_query": "DISCARD ALL",
+        # A project's idle server connections close after this: PgBouncer
+        # has no bound across databases, so with hundreds of projects per
+        # server the default (600 s) keeps one backend per recently used
+        # project and fills max_connections (seen at 1,000 projects, each
+        # connecting once: "remaining connection slots are reserved").
+        "server_idle_timeout": str(SERVER_IDLE_S),
         # What drivers send at startup that PgBouncer does not track itself.
         "ignore_startup_parameters": "extra_float_digits,options",
         # A held database's clients wait this long before an error.
