@@ -55,7 +55,7 @@ def test_revoked_token_is_401(api: Api, client: TestClient) -> None:
     second = Api(client, created["token"])
     assert created["token"].startswith("pgf_")
     assert second.get("/v1/me").status_code == 200
-    listed = api.get("/v1/tokens").json()
+    listed = api.get("/v1/tokens").json()["tokens"]
     assert created["id"] in [t["id"] for t in listed]
     assert all(created["token"] != t["token_prefix"] for t in listed)
 
@@ -66,7 +66,7 @@ def test_revoked_token_is_401(api: Api, client: TestClient) -> None:
     assert second.post("/v1/projects", json={"name": "x"}).status_code == 401
     # The token used to revoke keeps working.
     assert api.get("/v1/projects").status_code == 200
-    revoked = [t for t in api.get("/v1/tokens").json() if t["id"] == created["id"]]
+    revoked = [t for t in api.get("/v1/tokens").json()["tokens"] if t["id"] == created["id"]]
     assert revoked[0]["revoked_at"]
 
 
@@ -78,8 +78,8 @@ def test_cannot_revoke_another_owners_token(
     tid = bob.post("/v1/tokens", json={"name": "bob2"}).json()["id"]
     assert api.delete(f"/v1/tokens/{tid}").status_code == 404
     assert api.delete("/v1/tokens/not-a-uuid").status_code == 404
-    assert tid in [t["id"] for t in bob.get("/v1/tokens").json()]
-    assert all(t["revoked_at"] is None for t in bob.get("/v1/tokens").json())
+    assert tid in [t["id"] for t in bob.get("/v1/tokens").json()["tokens"]]
+    assert all(t["revoked_at"] is None for t in bob.get("/v1/tokens").json()["tokens"])
 
 
 def test_token_values_are_not_stored(
@@ -146,7 +146,7 @@ def test_admin_sees_every_owners_projects(api: Api, admin_api: Api) -> None:
     r = admin_api.get(f"/v1/projects/{alices['id']}/connection")
     assert r.status_code == 200, r.text
     assert {p["id"] for p in api.get("/v1/projects").json()["projects"]} == {alices["id"]}
-    owners = {o["name"]: o for o in admin_api.get("/v1/admin/owners").json()}
+    owners = {o["name"]: o for o in admin_api.get("/v1/admin/owners").json()["owners"]}
     assert owners["alice"]["projects"] == 1
     assert owners["admin"]["is_admin"] is True
 

@@ -15,9 +15,11 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
 from pgfleet.auth import create_owner
+from pgfleet.monitoring import insights
 from pgfleet.platform.core import Platform
 from pgfleet.platform.owners import Owner
-from tests.helpers import Api, FleetUnderTest, refused, run_psql
+from pgfleet.tenants import service
+from tests.helpers import Api, FleetUnderTest, connect, refused, run_psql
 
 SHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 
@@ -563,3 +565,71 @@ def test_no_page_scrolls_sideways_on_a_phone(
     widths["/regions"] = page.evaluate("document.documentElement.scrollWidth")
     shot(page, "regions-phone")
     assert all(w <= 375 for w in widths.values()), widths
+
+
+def test_insights_show_statements_from_psql(
+    page: Page, owner: tuple[Owner, str], admin: tuple[Owner, str], platform: Platform
+) -> None:
+    sign_in(page, owner[1])
+    pid = create_in_browser(page, "seen", "Frankfurt|Central")
+    uri = service.connection_details(platform, owner[0], pid, "rw").uri
+    with connect({"uri": uri}) as c:
+        c.execute("create table seen (n int)")
+        for _ in range(3):
+            c.execute("select n from seen where n < 5").fetchall()
+    insights.sample(platform)
+    page.goto(f"/databases/{pid}")
+    row = page.get_by_test_id("insights").locator("tr", has_text="select n from seen where n < $1")
+    expect(row.locator("td").nth(1)).to_have_text("3")
+    page.context.clear_cookies()
+    sign_in(page, admin[1])
+    page.goto("/regions")
+    hosted = page.get_by_test_id("region-insights").locator("tr", has_text="eu-central-1")
+    expect(hosted).to_be_visible()
+
+
+def test_the_console_lists_owners_and_tokens_and_each_projects_owner(
+    page: Page,
+    platform: Platform,
+    admin: tuple[Owner, str],
+    owner: tuple[Owner, str],
+    api: Api,
+    client: Any,
+) -> None:
+    assert api.post("/v1/projects", json={"name": "alices"}).status_code == 201
+    _, bob_token = create_owner(platform, "bob")
+    sign_in(page, admin[1])
+    row = page.locator("tr", has_text="alices")
+    expect(row.locator("td[data-col=owner]")).to_have_text("alice")
+    page.goto("/owners")
+    page.get_by_label("Name").fill("carol")
+    page.get_by_role("button", name="Create owner").click()
+    carol = page.get_by_test_id("new-owner").locator("code").inner_text()
+    assert carol.startswith("pgf_")
+    expect(page.get_by_test_id("owners").locator("tr", has_text="carol")).to_be_visible()
+    page.get_by_test_id("owners").locator("tr", has_text="bob").get_by_role("link").click()
+    page.get_by_role("button", name="Revoke").click()
+    expect(page.get_by_role("status")).to_contain_text("revoked")
+    # Every user: their own tokens, made with a scope and an expiry.
+    page.goto("/tokens")
+    page.get_by_label("Name", exact=True).fill("reader")
+    page.get_by_label("Scope").select_option("read")
+    page.get_by_label("Expires after (days; empty: never)").fill("3")
+    page.get_by_role("button", name="Create token").click()
+    reader = page.get_by_test_id("new-token").locator("code").inner_text()
+    expect(page.get_by_test_id("tokens").locator("tr", has_text="reader")).to_contain_text("read")
+    shot(page, "tokens")
+    # A read-only token is for the API and the CLI: the console says so.
+    page.context.clear_cookies()
+    page.goto("/signin")
+    page.get_by_label("API token").fill(reader)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("alert")).to_contain_text("read-only")
+    # An owner who is not an admin gets 403 on the owners page.
+    sign_in(page, owner[1])
+    resp = page.goto("/owners")
+    assert resp is not None and resp.status == 403
+    me = {"Authorization": f"Bearer {bob_token}"}
+    assert client.get("/v1/me", headers=me).status_code == 401
+    me = {"Authorization": f"Bearer {carol}"}
+    assert client.get("/v1/me", headers=me).json()["name"] == "carol"

@@ -19,6 +19,7 @@ from pgfleet.platform.core import Platform
 from tests.helpers import (
     Api,
     FleetUnderTest,
+    connect,
     create_ok,
     error_of,
     restart,
@@ -258,3 +259,17 @@ def backends(fleet: FleetUnderTest, users: list[str]) -> int:
         ).fetchone()
     assert row is not None
     return int(row[0])
+
+
+def test_a_password_changed_from_inside_is_said_not_called_an_outage(api: Api) -> None:
+    """ALTER ROLE ... PASSWORD by the tenant: the SQL API's login is refused;
+    that is 409 credentials_rejected with what to do, not a 503."""
+    body = create_ok(api, region="eu-central-1")
+    with connect(body["connection"]) as c:
+        c.execute("ALTER ROLE CURRENT_USER PASSWORD 'chosen-inside'")
+    err = error_of(run(api, body["id"], "select 1"), 409)
+    assert err["code"] == "credentials_rejected", err
+    assert "rotate-password" in err["message"] and "ALTER ROLE" in err["message"], err
+    r = api.post(f"/v1/projects/{body['id']}/rotate-password", json={"role": "rw"})
+    assert r.status_code == 200, r.text
+    assert scalar(api, body["id"], "select 1") == 1

@@ -1,15 +1,17 @@
 """Owners and API tokens. Tokens are `pgf_` + 256 random bits, stored only as
-a SHA-256 hash, shown once, revocable."""
+a SHA-256 hash, shown once, revocable; each may expire, and its scope is
+`all` or `read` (list, show and read-only SQL)."""
 
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Any
 
 from psycopg.rows import dict_row
 
 from pgfleet.crypto import TOKEN_PREFIX, generate_api_token, hash_api_token
-from pgfleet.errors import Conflict, NotAuthenticated, NotFound
+from pgfleet.errors import Conflict, InvalidInput, NotAuthenticated, NotFound
 from pgfleet.names import validate_name
 from pgfleet.platform.core import Platform
 from pgfleet.platform.owners import Owner
@@ -47,34 +49,93 @@ def create_owner(
     return owner, token
 
 
-def _insert_token(conn: Any, owner_id: uuid.UUID, name: str, token: str) -> uuid.UUID:
+SCOPES = ("all", "read")
+# A token lives at most this long when it has an expiry (ten years).
+MAX_TOKEN_DAYS = 3650
+
+
+def _insert_token(
+    conn: Any,
+    owner_id: uuid.UUID,
+    name: str,
+    token: str,
+    *,
+    scope: str = "all",
+    expires_in_days: int | None = None,
+) -> uuid.UUID:
     tid = uuid.uuid4()
     conn.execute(
-        "INSERT INTO api_tokens (id, owner_id, name, token_hash, token_prefix) "
-        "VALUES (%s, %s, %s, %s, %s)",
-        (tid, owner_id, name, hash_api_token(token), token[: len(TOKEN_PREFIX) + 6]),
+        "INSERT INTO api_tokens (id, owner_id, name, token_hash, token_prefix, scope, "
+        "expires_at) VALUES (%s, %s, %s, %s, %s, %s, "
+        "now() + make_interval(days => %s))",
+        (
+            tid,
+            owner_id,
+            name,
+            hash_api_token(token),
+            token[: len(TOKEN_PREFIX) + 6],
+            scope,
+            expires_in_days,
+        ),
     )
     return tid
 
 
-def create_token(platform: Platform, owner: Owner, name: str) -> tuple[uuid.UUID, str]:
+def create_token(
+    platform: Platform,
+    owner: Owner,
+    name: str,
+    *,
+    scope: str = "all",
+    expires_in_days: int | None = None,
+) -> tuple[uuid.UUID, str]:
+    """A new token of `owner`, returned in clear once. `scope` read: it may
+    list, show and run read-only SQL only. A read-only token cannot make
+    tokens (api.deps refuses it every change)."""
     name = validate_name(name)
+    if scope not in SCOPES:
+        raise InvalidInput(f"unknown scope {scope!r}; valid scopes are: all, read", field="scope")
+    if expires_in_days is not None and not 1 <= expires_in_days <= MAX_TOKEN_DAYS:
+        raise InvalidInput(
+            f"expires_in_days must be 1 to {MAX_TOKEN_DAYS} (or omitted: no expiry), "
+            f"not {expires_in_days}",
+            field="expires_in_days",
+        )
     token = generate_api_token()
     with platform.db.connection() as conn:
-        tid = _insert_token(conn, owner.id, name, token)
+        tid = _insert_token(
+            conn, owner.id, name, token, scope=scope, expires_in_days=expires_in_days
+        )
     return tid, token
 
 
 def list_tokens(platform: Platform, owner: Owner) -> list[dict[str, Any]]:
+    return list_tokens_of(platform, owner.id)
+
+
+def list_tokens_of(platform: Platform, owner_id: uuid.UUID) -> list[dict[str, Any]]:
     with platform.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
         return cur.execute(
-            "SELECT id, name, token_prefix, created_at, last_used_at, revoked_at "
+            "SELECT id, name, token_prefix, scope, created_at, expires_at, last_used_at, "
+            "revoked_at, (expires_at IS NOT NULL AND expires_at <= now()) AS expired "
             "FROM api_tokens WHERE owner_id = %s ORDER BY created_at",
-            (owner.id,),
+            (owner_id,),
         ).fetchall()
 
 
 def revoke_token(platform: Platform, owner: Owner, token_id: str) -> None:
+    """Revoke one of `owner`'s tokens (an admin's console may name another
+    owner's: revoke_any_token)."""
+    _revoke(platform, token_id, owner.id)
+
+
+def revoke_any_token(platform: Platform, admin: Owner, token_id: str) -> None:
+    if not admin.is_admin:
+        raise NotFound(f"token {token_id} not found")
+    _revoke(platform, token_id, None)
+
+
+def _revoke(platform: Platform, token_id: str, owner_id: uuid.UUID | None) -> None:
     try:
         tid = uuid.UUID(token_id)
     except ValueError:
@@ -82,11 +143,23 @@ def revoke_token(platform: Platform, owner: Owner, token_id: str) -> None:
     with platform.db.connection() as conn:
         cur = conn.execute(
             "UPDATE api_tokens SET revoked_at = coalesce(revoked_at, now()) "
-            "WHERE id = %s AND owner_id = %s",
-            (tid, owner.id),
+            "WHERE id = %s AND (%s::uuid IS NULL OR owner_id = %s)",
+            (tid, owner_id, owner_id),
         )
         if cur.rowcount == 0:
             raise NotFound(f"token {token_id} not found")
+
+
+def owner_id(platform: Platform, ref: str) -> uuid.UUID:
+    """The id of an existing owner, or 404."""
+    try:
+        oid = uuid.UUID(ref)
+    except ValueError:
+        raise NotFound(f"owner {ref} not found") from None
+    with platform.db.connection() as conn:
+        if conn.execute("SELECT 1 FROM owners WHERE id = %s", (oid,)).fetchone() is None:
+            raise NotFound(f"owner {ref} not found")
+    return oid
 
 
 def list_owners(platform: Platform) -> list[dict[str, Any]]:
@@ -117,16 +190,25 @@ def authenticate_token(platform: Platform, token: str | None) -> tuple[Owner, uu
     with platform.db.connection() as conn:
         row = conn.execute(
             "SELECT o.id, o.name, o.is_admin, t.id, "
-            "t.last_used_at IS NULL OR t.last_used_at < now() - interval '1 min' "
+            "t.last_used_at IS NULL OR t.last_used_at < now() - interval '1 min', "
+            "t.scope, t.expires_at, t.expires_at <= now() "
             "FROM api_tokens t JOIN owners o ON o.id = t.owner_id "
             "WHERE t.token_hash = %s AND t.revoked_at IS NULL",
             (hash_api_token(token),),
         ).fetchone()
         if row is None:
             raise NotAuthenticated("invalid or revoked token")
+        if row[7]:
+            raise expired(row[6])
         if row[4]:  # last_used_at is kept to the minute, not written on every call
             conn.execute("UPDATE api_tokens SET last_used_at = now() WHERE id = %s", (row[3],))
-    return Owner(row[0], row[1], row[2]), row[3]
+    return Owner(row[0], row[1], row[2], read_only=row[5] == "read"), row[3]
+
+
+def expired(at: datetime) -> NotAuthenticated:
+    return NotAuthenticated(
+        f"this token expired at {at.isoformat()}; create a new one (`pgfleet tokens create`)"
+    )
 
 
 def ensure_admin_token(platform: Platform, existing: str | None) -> str | None:

@@ -165,6 +165,9 @@ class Settings(BaseSettings):
     session_ttl_s: int = Field(default=8 * 3600, ge=60)
     # Monitoring
     health_interval_s: float = Field(default=30.0, gt=0)
+    # Query insights: how often the health loop samples each server's
+    # pg_stat_statements into the platform DB (monitoring/insights.py).
+    insights_interval_s: float = Field(default=60.0, gt=0)
     query_log_retention_days: int = Field(default=14, ge=1)
     background_tasks: bool = True
     advisor_share_threshold: float = Field(default=0.8, gt=0, le=1)

@@ -213,3 +213,11 @@ def to_http(exc: PgfleetError) -> tuple[int, dict[str, object], dict[str, str]]:
         retry = exc.details.get("retry_after_s", 1 if exc.status_code == 429 else 5)
         headers["Retry-After"] = str(retry)
     return exc.status_code, error_content(exc), headers
+
+
+def read_only_refusal(what: str) -> Forbidden:
+    """403 for a token whose scope is `read`."""
+    return Forbidden(
+        f"this token is read-only (scope read): it may list, show and query; {what}. "
+        "Use a token with scope all"
+    )

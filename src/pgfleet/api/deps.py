@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -9,7 +10,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from pgfleet.auth import authenticate
-from pgfleet.errors import Forbidden, InvalidInput
+from pgfleet.errors import Forbidden, InvalidInput, read_only_refusal
 from pgfleet.platform.core import Platform
 from pgfleet.platform.owners import Owner
 
@@ -24,11 +25,24 @@ async def get_platform(request: Request) -> Platform:  # no I/O: no thread hop
 PlatformDep = Annotated[Platform, Depends(get_platform)]
 
 
+# What a read-only token (scope read) may do beyond GET: run SQL (the
+# gateway then allows mode ro only).
+_READ_ONLY_POSTS = re.compile(r"^/v1/projects/[^/]+/sql$")
+
+
 def get_owner(
+    request: Request,
     platform: PlatformDep,
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Owner:
-    return authenticate(platform, creds.credentials if creds else None)
+    owner = authenticate(platform, creds.credentials if creds else None)
+    if (
+        owner.read_only
+        and request.method not in ("GET", "HEAD", "OPTIONS")
+        and not _READ_ONLY_POSTS.match(request.url.path)
+    ):
+        raise read_only_refusal(f"{request.method} {request.url.path} changes something")
+    return owner
 
 
 OwnerDep = Annotated[Owner, Depends(get_owner)]

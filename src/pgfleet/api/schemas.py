@@ -308,11 +308,25 @@ class TokenCreate(Input):
     name: str = Field(
         default="cli", description="A label for the token.", json_schema_extra=NAME_SCHEMA
     )
+    scope: Literal["all", "read"] = Field(
+        default="all",
+        description="`all`: everything its owner may do. `read`: list and show, and run "
+        "SQL with mode `ro`; every change (and the read-write credentials) is 403.",
+    )
+    expires_in_days: int | None = Field(
+        default=None,
+        ge=1,
+        le=3650,
+        description="The token stops working this many days from now (1-3650); "
+        "omitted: it does not expire.",
+    )
 
 
 class TokenCreated(BaseModel):
     id: uuid.UUID
     name: str
+    scope: str
+    expires_at: datetime | None
     token: str = Field(description="Shown once; only a hash is stored.")
 
 
@@ -320,9 +334,20 @@ class TokenOut(BaseModel):
     id: uuid.UUID
     name: str
     token_prefix: str
+    scope: str = Field(description="`all` or `read`.")
     created_at: datetime
+    expires_at: datetime | None
+    expired: bool
     last_used_at: datetime | None
     revoked_at: datetime | None
+
+
+class TokenList(BaseModel):
+    tokens: list[TokenOut]
+
+
+class OwnerList(BaseModel):
+    owners: list[OwnerRow]
 
 
 class ServerOut(BaseModel):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -14,6 +14,7 @@ from pgfleet.cli.common import (
     TokenOpt,
     UrlOpt,
     add_row,
+    fail,
     out,
     owners_app,
     print_json,
@@ -27,41 +28,88 @@ from pgfleet.display import when
 @tokens_app.command("create")
 def tokens_create(
     name: Annotated[str, typer.Option(help="A label")] = "cli",
+    scope: Annotated[
+        str,
+        typer.Option(
+            help="all: everything you may do; read: list, show and read-only SQL (mode ro)"
+        ),
+    ] = "all",
+    expires_in: Annotated[
+        str | None,
+        typer.Option(help="It stops working after this many days: e.g. 30d (1d-3650d)"),
+    ] = None,
     url: UrlOpt = None,
     token: TokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Create a token for yourself; it is shown once."""
-    data = Client(url, token).call("POST", "/v1/tokens", json={"name": name})
+    body: dict[str, object] = {"name": name, "scope": scope}
+    if expires_in is not None:
+        days = expires_in.strip().lower().removesuffix("d")
+        if not days.isdigit():
+            fail(f"--expires-in takes days, as 30d or 30, not {expires_in!r}")
+        body["expires_in_days"] = int(days)
+    data = Client(url, token).call("POST", "/v1/tokens", json=body)
+    if as_json:
+        return print_json(data)
     out.print(
-        f"token {data['id']} ({escape(data['name'])}): [bold]{data['token']}[/]", soft_wrap=True
+        f"token {data['id']} ({escape(data['name'])}, scope {data['scope']}, "
+        f"expires {when(data['expires_at']) if data['expires_at'] else 'never'}): "
+        f"[bold]{data['token']}[/]",
+        soft_wrap=True,
     )
     out.print("Store it now: it is not shown again.")
 
 
-@tokens_app.command("list")
-def tokens_list(url: UrlOpt = None, token: TokenOpt = None) -> None:
-    """Your tokens (prefix only)."""
-    data = Client(url, token).call("GET", "/v1/tokens")
+def _tokens_table(rows: list[dict[str, Any]]) -> Table:
     t = Table(title="Tokens")
-    for col in ("id", "name", "prefix", "created", "last used", "revoked"):
+    for col in ("id", "name", "prefix", "scope", "created", "expires", "last used", "revoked"):
         t.add_column(col)
-    for r in data:
+    for r in rows:
+        expires = "never" if r["expires_at"] is None else when(r["expires_at"])
         add_row(
             t,
             r["id"],
             r["name"],
-            r["token_prefix"] + "...",
+            f"{r['token_prefix']}...",
+            r["scope"],
             when(r["created_at"]),
+            expires + (" (expired)" if r["expired"] else ""),
             when(r["last_used_at"]),
             when(r["revoked_at"]),
         )
-    out.print(t)
+    return t
+
+
+@tokens_app.command("list")
+def tokens_list(
+    owner: Annotated[
+        str | None, typer.Option(help="Another owner's id (admin): their tokens")
+    ] = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Your tokens (prefix only), or another owner's (admin, --owner)."""
+    path = "/v1/tokens" if owner is None else f"/v1/admin/owners/{owner}/tokens"
+    data = Client(url, token).call("GET", path)
+    if as_json:
+        return print_json(data)
+    out.print(_tokens_table(data["tokens"]))
 
 
 @tokens_app.command("revoke")
-def tokens_revoke(token_id: str, url: UrlOpt = None, token: TokenOpt = None) -> None:
-    """Revoke one of your tokens."""
-    Client(url, token).call("DELETE", f"/v1/tokens/{token_id}")
+def tokens_revoke(
+    token_id: str,
+    any_owner: Annotated[
+        bool, typer.Option("--any-owner", help="Admin: revoke another owner's token")
+    ] = False,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Revoke one of your tokens (an admin, with --any-owner, anyone's)."""
+    path = f"/v1/admin/tokens/{token_id}" if any_owner else f"/v1/tokens/{token_id}"
+    Client(url, token).call("DELETE", path)
     out.print(f"token {escape(token_id)} revoked")
 
 
@@ -84,13 +132,15 @@ def owners_create(
 
 
 @owners_app.command("list")
-def owners_list(url: UrlOpt = None, token: TokenOpt = None) -> None:
-    """All owners with their project counts."""
+def owners_list(url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+    """All owners with their project counts (admin)."""
     data = Client(url, token).call("GET", "/v1/admin/owners")
+    if as_json:
+        return print_json(data)
     t = Table(title="Owners")
     for col in ("id", "name", "admin", "projects", "created"):
         t.add_column(col)
-    for r in data:
+    for r in data["owners"]:
         add_row(
             t,
             r["id"],

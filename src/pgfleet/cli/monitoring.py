@@ -22,9 +22,10 @@ from pgfleet.cli.common import (
     human_bytes,
     out,
     print_json,
+    projects_app,
     stats_app,
 )
-from pgfleet.display import display, duration
+from pgfleet.display import display, duration, when
 
 # ---- SQL, stats, advisor, costs --------------------------------------------
 
@@ -151,6 +152,82 @@ def stats_performance(
         add_row(
             t,
             r[by],
+            r["route"],
+            r["queries"],
+            f"{r['error_rate']:.1%}",
+            r["avg_ms"],
+            r["p50_ms"],
+            r["p95_ms"],
+            r["p99_ms"],
+        )
+    out.print(t)
+    servers = data.get("server_statements") or []
+    if servers:
+        t = Table(title="All clients, from the servers' pg_stat_statements (cumulative)")
+        for col in ("hosted region", "projects", "calls", "total", "mean", "since"):
+            t.add_column(col)
+        for r in servers:
+            add_row(
+                t,
+                r["region"],
+                r["projects"],
+                r["calls"],
+                duration(r["total_ms"]),
+                duration(r["mean_ms"]),
+                when(r["since"]),
+            )
+        out.print(t)
+
+
+@projects_app.command("stats")
+def project_stats(
+    project_id: Annotated[
+        str, typer.Argument(help="Project id, a unique id prefix or the project's name")
+    ],
+    window: Annotated[str, typer.Option(help="SQL API figures: e.g. 30m, 24h, 7d")] = "24h",
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A project's query insights: every client's statements (from its
+    server's pg_stat_statements: calls, total and mean time, rows, cache
+    hits), then the SQL API's own figures over --window."""
+    data = Client(url, token).call(
+        "GET", f"/v1/projects/{project_id}/stats", params={"window": window}
+    )
+    if as_json:
+        return print_json(data)
+    server = data["server_statements"]
+    title = f"All clients (pg_stat_statements), since {when(server['since'])}"
+    t = Table(title=title)
+    for col in ("statement", "calls", "total", "mean", "rows", "cache hits"):
+        t.add_column(col)
+    for s in server["statements"]:
+        ratio = s["cache_hit_ratio"]
+        add_row(
+            t,
+            " ".join(s["query"].split())[:120],
+            s["calls"],
+            duration(s["total_ms"]),
+            duration(s["mean_ms"]),
+            s["rows"],
+            "-" if ratio is None else f"{ratio:.1%}",
+        )
+    if server["statements"]:
+        out.print(t)
+    else:
+        out.print(f"All clients (pg_stat_statements): {server['note'] or 'no statements yet'}")
+    out.print(
+        f"sampled {when(server['sampled_at'])}; utility statements (DDL, ALTER ROLE) are "
+        "not tracked",
+        highlight=False,
+    )
+    t = Table(title=f"Through the SQL API, last {window}")
+    for col in ("route", "queries", "errors", "avg ms", "p50 ms", "p95 ms", "p99 ms"):
+        t.add_column(col)
+    for r in data["routes"]:
+        add_row(
+            t,
             r["route"],
             r["queries"],
             f"{r['error_rate']:.1%}",

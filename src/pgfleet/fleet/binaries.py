@@ -28,6 +28,13 @@ class PgBinaries:
     def path(self, name: str) -> str:
         return str(self.bindir / name)
 
+    def has_library(self, name: str) -> bool:
+        """Is the server module `name` (e.g. pg_stat_statements) installed
+        beside these binaries? Debian keeps modules in ../lib, a source
+        build may in ../lib/postgresql."""
+        lib = self.bindir.parent / "lib"
+        return any((d / f"{name}.so").is_file() for d in (lib, lib / "postgresql"))
+
 
 def _complete(bindir: Path) -> bool:
     return all((bindir / n).is_file() and os.access(bindir / n, os.X_OK) for n in NEEDED)

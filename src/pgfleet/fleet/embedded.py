@@ -52,6 +52,8 @@ ADMIN_USER = "pgfleet_admin"
 PROBE_USER = "pgfleet_probe"
 PLATFORM_DB = "pgfleet"
 LOOPBACK = "127.0.0.1"
+# Query insights for all traffic (monitoring.insights reads it).
+STATEMENTS = "pg_stat_statements"
 # The names a server certificate is issued for (what clients connect to).
 TLS_HOSTS = [LOOPBACK, "localhost"]
 
@@ -492,6 +494,18 @@ class EmbeddedFleet:
             "log_connections": "off",
             "log_disconnections": "off",
         }
+        if s.kind == "regional" and self.bins.has_library(STATEMENTS):
+            settings.update(
+                {
+                    # Query insights for every client, not only the SQL API's.
+                    "shared_preload_libraries": f"'{STATEMENTS}'",
+                    "pg_stat_statements.track": "top",
+                    # No utility statements: ALTER ROLE ... PASSWORD '...' would
+                    # be kept with its literal (they are not normalised).
+                    "pg_stat_statements.track_utility": "off",
+                    "pg_stat_statements.max": "10000",
+                }
+            )
         archive = self.archive if s.kind == "regional" else None
         if archive is not None:
             stanza = archive.stanza(s.name)
@@ -597,25 +611,38 @@ class EmbeddedFleet:
         for s in servers:
             self.start(s)
         self._ensure_platform_db()
-        self.start_archiving()
+        self.prepare_regional()
         self.start_routers()
         return servers
 
-    def start_archiving(self) -> None:
-        """Each regional server's stanza in its backup region's repository.
-        A server that runs without archiving (made before backups existed,
-        or with PGFLEET_BACKUPS=false before) is restarted once to turn it
-        on: archive_mode is read only at server start."""
+    def prepare_regional(self) -> None:
+        """Each regional server's stanza in its backup region's repository,
+        and pg_stat_statements in its admin database. A server that runs
+        without archiving (made before backups existed, or with
+        PGFLEET_BACKUPS=false before) or without pg_stat_statements loaded
+        (made before query insights) is restarted once to turn them on."""
         archive = self.archive
-        if archive is None:
-            return
+        statements = self.bins.has_library(STATEMENTS)
         for s in self.regional_servers():
             with psycopg.connect(**self.conninfo(s)) as conn:
-                row = conn.execute("SELECT current_setting('archive_mode')").fetchone()
-            if row is None or row[0] != "on":
+                row = conn.execute(
+                    "SELECT current_setting('archive_mode'), "
+                    "current_setting('shared_preload_libraries')"
+                ).fetchone()
+            assert row is not None
+            if (archive is not None and row[0] != "on") or (
+                statements and STATEMENTS not in row[1]
+            ):
+                # Both are read only at server start.
                 self.stop(s)
                 self.start(s)
-            archive.create(archive.stanza(s.name))
+            if statements:
+                # In the admin database only: tenants never connect there, and
+                # the view is read from there (monitoring.insights).
+                with psycopg.connect(**self.conninfo(s), autocommit=True) as conn:
+                    conn.execute(f"CREATE EXTENSION IF NOT EXISTS {STATEMENTS} SCHEMA public")
+            if archive is not None:
+                archive.create(archive.stanza(s.name))
 
     def start_routers(self) -> list[RouterSpec]:
         """Start the routers that are not running (their route table is what

@@ -39,7 +39,13 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from pgfleet.config import ServerSpec, Settings
 from pgfleet.crypto import SecretBox, generate_password
-from pgfleet.errors import ConnectionLimitReached, NotFound, PgfleetError, RegionUnavailable
+from pgfleet.errors import (
+    ConnectionLimitReached,
+    CredentialsRejected,
+    NotFound,
+    PgfleetError,
+    RegionUnavailable,
+)
 from pgfleet.pooling import ConnectionSource, mark_returned, swept_pool
 from pgfleet.regions import ServerLoad
 
@@ -156,13 +162,6 @@ class _Evictor:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-
-
-class CredentialsRejected(PgfleetError):
-    """The server refused the project's stored credentials."""
-
-    status_code = 409
-    code = "credentials_rejected"
 
 
 _SELECT_SERVERS = sql.SQL(

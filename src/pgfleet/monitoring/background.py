@@ -1,5 +1,6 @@
-"""Periodic work of a control-plane process: server health history,
-query-log partitions and retention. Several processes may run it; an
+"""Periodic work of a control-plane process: server health history, query
+insights from each server's pg_stat_statements, query-log partitions and
+retention. Several processes may run it; an
 advisory lock lets one do each round."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 from pgfleet.errors import PlatformUnavailable
 from pgfleet.fleet.embedded import EmbeddedFleet
 from pgfleet.fleet.health import ServerHealth, check_all
+from pgfleet.monitoring import insights
 from pgfleet.monitoring.health import record
 from pgfleet.monitoring.querylog import apply_retention, ensure_partition
 from pgfleet.platform.core import Platform
@@ -31,6 +33,7 @@ def run_once(platform: Platform) -> list[ServerHealth] | None:
         try:
             checks = check_all(platform.servers.all(enabled_only=True))
             record(platform, checks)
+            insights.sample(platform, due_only=True)
             with platform.db.connection() as conn:
                 today = datetime.now(UTC).date()
                 for d in (today, today + timedelta(days=1), today + timedelta(days=2)):

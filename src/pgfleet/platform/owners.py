@@ -11,6 +11,9 @@ class Owner:
     id: uuid.UUID
     name: str
     is_admin: bool
+    # The token's scope is `read`: it may list, show and run read-only SQL,
+    # and change nothing (api.deps refuses the rest).
+    read_only: bool = False
 
     @property
     def actor(self) -> str:

@@ -24,6 +24,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from pgfleet.errors import (
     Conflict,
     ConnectionLimitReached,
+    CredentialsRejected,
     InvalidInput,
     PgfleetError,
     ProjectNotFound,
@@ -128,6 +129,16 @@ def refusal(
             "too); close some, or move to a larger plan",
             limit=plan.connection_limit,
             plan=plan.id,
+        )
+    if isinstance(why, CredentialsRejected):
+        # The server is there and refused the login: not an outage. Most
+        # often the password was changed from inside (ALTER ROLE ...
+        # PASSWORD); pgfleet's own rotation keeps both sides in step.
+        return CredentialsRejected(
+            f"the server refused project {endpoint.tenant_id}'s stored {mode} credentials "
+            "(was its password changed with ALTER ROLE? the SQL API logs in with the one "
+            "pgfleet issued); `rotate-password` issues new ones to both",
+            mode=mode,
         )
     return unreachable
 

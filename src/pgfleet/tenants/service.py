@@ -25,6 +25,7 @@ from pgfleet.errors import (
     ProjectNotFound,
     QuotaExceeded,
     RegionUnavailable,
+    read_only_refusal,
 )
 from pgfleet.monitoring.health import known_down
 from pgfleet.names import derive_subdomain, validate_name, validate_subdomain
@@ -419,6 +420,8 @@ def connection_details(
     transaction-pooling port, `via` another region's router (the hop to the
     project's own server is reported), `direct` the server itself."""
     m = check_mode(mode)
+    if owner.read_only and m == "rw":
+        raise read_only_refusal("the read-write credentials are not for it: ask for mode=ro")
     if pooling not in POOLINGS:
         raise InvalidInput(f"unknown pooling {pooling!r}; valid values are: session, transaction")
     if via is not None:

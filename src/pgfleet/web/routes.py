@@ -28,7 +28,7 @@ from pgfleet.errors import (
     SqlError,
     to_http,
 )
-from pgfleet.monitoring import stats
+from pgfleet.monitoring import insights, stats
 from pgfleet.monitoring.service import advisor_report, cost_report
 from pgfleet.operations import service as ops_service
 from pgfleet.platform.core import Platform
@@ -231,12 +231,23 @@ def signin(
         raise _CsrfFailed
     try:
         owner, token_id = auth.authenticate_token(p, token.strip())
-    except NotAuthenticated:
+    except NotAuthenticated as e:
+        said = "expired" in e.message and e.message.split(";")[0].capitalize()
         return _signin_form(
             request,
             next,
-            "That token is not valid (or was revoked). Tokens start with pgf_.",
+            f"{said}."
+            if said
+            else "That token is not valid (or was revoked). Tokens start with pgf_.",
             status=401,
+        )
+    if owner.read_only:
+        return _signin_form(
+            request,
+            next,
+            "That token is read-only (scope read): it is for the API and the CLI. "
+            "The console signs in with a token of scope all.",
+            status=403,
         )
     r = RedirectResponse(_safe_next(next or "/databases"), status_code=303)
     sess.issue(p, r, owner, token_id, secure=request.url.scheme == "https")
@@ -274,7 +285,183 @@ def databases(request: Request, s: SessionDep, q: str = "", sort: str = "created
         ]
     key = SORTS.get(sort.lstrip("-")) or SORTS["created"]
     rows.sort(key=key, reverse=sort == "created" or sort.startswith("-"))
-    return render(request, "databases.html", s, projects=rows, q=q, sort=sort)
+    names = (
+        {o["id"]: o["name"] for o in auth.list_owners(_platform(request))}
+        if s.owner.is_admin
+        else {}
+    )
+    return render(request, "databases.html", s, projects=rows, q=q, sort=sort, owner_names=names)
+
+
+# ---- tokens and owners ---------------------------------------------------------
+
+
+@router.get("/tokens", response_class=HTMLResponse)
+def tokens_page(request: Request, s: SessionDep) -> HTMLResponse:
+    return _tokens(request, s, revoked=request.query_params.get("flash") == "revoked")
+
+
+def _tokens(
+    request: Request,
+    s: sess.Session,
+    *,
+    created: dict[str, Any] | None = None,
+    revoked: bool = False,
+    error: str | None = None,
+    form: dict[str, str] | None = None,
+    status: int = 200,
+) -> HTMLResponse:
+    return render(
+        request,
+        "tokens.html",
+        s,
+        status=status,
+        tokens=auth.list_tokens(_platform(request), s.owner),
+        base="/tokens",
+        subject=None,
+        created=created,
+        revoked=revoked,
+        error=error,
+        form=form or {},
+    )
+
+
+@router.post("/tokens", response_class=HTMLResponse)
+def create_token(
+    request: Request,
+    s: SessionDep,
+    csrf: Annotated[str, Form()] = "",
+    name: Annotated[str, Form()] = "",
+    scope: Annotated[str, Form()] = "all",
+    expires_in_days: Annotated[str, Form()] = "",
+) -> HTMLResponse:
+    _check_csrf(s, csrf)
+    form = {"name": name, "expires_in_days": expires_in_days}
+    days = expires_in_days.strip()
+    if days and not days.isdigit():
+        return _tokens(
+            request,
+            s,
+            error="Expires after: a whole number of days, or empty.",
+            form=form,
+            status=422,
+        )
+    try:
+        _, token = auth.create_token(
+            _platform(request),
+            s.owner,
+            name,
+            scope=scope,
+            expires_in_days=int(days) if days else None,
+        )
+    except PgfleetError as e:
+        return _tokens(request, s, error=e.message, form=form, status=e.status_code)
+    return _tokens(request, s, created={"name": name.strip(), "token": token})
+
+
+@router.post("/tokens/{token_id}/revoke")
+def revoke_token(
+    request: Request, s: SessionDep, token_id: str, csrf: Annotated[str, Form()] = ""
+) -> Response:
+    _check_csrf(s, csrf)
+    auth.revoke_token(_platform(request), s.owner, token_id)
+    return RedirectResponse("/tokens?flash=revoked", status_code=303)
+
+
+def _admins_only(request: Request, s: sess.Session) -> HTMLResponse | None:
+    if s.owner.is_admin:
+        return None
+    return render(
+        request,
+        "error.html",
+        s,
+        status=403,
+        title="Admins only",
+        message="Owners and their tokens are for administrators.",
+    )
+
+
+@router.get("/owners", response_class=HTMLResponse)
+def owners_page(request: Request, s: SessionDep) -> HTMLResponse:
+    return _admins_only(request, s) or _owners(request, s)
+
+
+def _owners(
+    request: Request,
+    s: sess.Session,
+    *,
+    created: dict[str, Any] | None = None,
+    error: str | None = None,
+    form: dict[str, str] | None = None,
+    status: int = 200,
+) -> HTMLResponse:
+    return render(
+        request,
+        "owners.html",
+        s,
+        status=status,
+        owners=auth.list_owners(_platform(request)),
+        created=created,
+        error=error,
+        form=form or {},
+    )
+
+
+@router.post("/owners", response_class=HTMLResponse)
+def create_owner(
+    request: Request,
+    s: SessionDep,
+    csrf: Annotated[str, Form()] = "",
+    name: Annotated[str, Form()] = "",
+    is_admin: Annotated[bool, Form()] = False,
+) -> HTMLResponse:
+    _check_csrf(s, csrf)
+    refused = _admins_only(request, s)
+    if refused is not None:
+        return refused
+    try:
+        owner, token = auth.create_owner(_platform(request), name, is_admin=is_admin, unique=True)
+    except PgfleetError as e:
+        return _owners(request, s, error=e.message, form={"name": name}, status=e.status_code)
+    return _owners(request, s, created={"name": owner.name, "token": token})
+
+
+@router.get("/owners/{owner_id}", response_class=HTMLResponse)
+def owner_page(request: Request, s: SessionDep, owner_id: str) -> HTMLResponse:
+    refused = _admins_only(request, s)
+    if refused is not None:
+        return refused
+    p = _platform(request)
+    oid = auth.owner_id(p, owner_id)
+    subject = next(o for o in auth.list_owners(p) if o["id"] == oid)
+    return render(
+        request,
+        "tokens.html",
+        s,
+        tokens=auth.list_tokens_of(p, oid),
+        base=f"/owners/{oid}/tokens",
+        subject=subject,
+        created=None,
+        revoked=request.query_params.get("flash") == "revoked",
+        error=None,
+        form={},
+    )
+
+
+@router.post("/owners/{owner_id}/tokens/{token_id}/revoke")
+def revoke_owner_token(
+    request: Request,
+    s: SessionDep,
+    owner_id: str,
+    token_id: str,
+    csrf: Annotated[str, Form()] = "",
+) -> Response:
+    _check_csrf(s, csrf)
+    refused = _admins_only(request, s)
+    if refused is not None:
+        return refused
+    auth.revoke_any_token(_platform(request), s.owner, token_id)
+    return RedirectResponse(f"/owners/{owner_id}?flash=revoked", status_code=303)
 
 
 @router.get("/databases/new", response_class=HTMLResponse)
@@ -411,6 +598,7 @@ def database(request: Request, s: SessionDep, pid: str, op: str | None = None) -
             except PgfleetError:
                 pass
     perf = stats.project_performance(p, project.id, "24h")
+    found = insights.project_statements(p, project.id, limit=10)
     pending = next((o for o in ops if not o.ended), None)
     return render(
         request,
@@ -420,6 +608,7 @@ def database(request: Request, s: SessionDep, pid: str, op: str | None = None) -
         ops=detailed,
         conns=conns,
         perf=perf,
+        insights=found,
         pending=pending,
         backups=backups_service.list_backups(p, s.owner, project.id),
         flash=request.query_params.get("flash"),
@@ -693,6 +882,8 @@ def regions_page(request: Request, s: SessionDep) -> HTMLResponse:
         s,
         stats=rs,
         perf=perf,
+        server_statements=insights.region_statements(p),
+        insights_interval=p.settings.insights_interval_s,
         advisor=advisor_report(p),
         costs=cost_report(p),
         backups=backups_service.server_backups(p, s.owner),

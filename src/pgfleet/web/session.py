@@ -78,7 +78,8 @@ def clear(response: Response) -> None:
 
 
 def current(platform: Platform, request: Request) -> Session | None:
-    """The request's session, or None (no cookie, forged, expired, token revoked)."""
+    """The request's session, or None (no cookie, forged, expired, token
+    revoked or expired)."""
     raw = request.cookies.get(COOKIE)
     if not raw:
         return None
@@ -96,7 +97,8 @@ def current(platform: Platform, request: Request) -> Session | None:
             "SELECT o.id, o.name, o.is_admin FROM console_sessions s "
             "JOIN api_tokens t ON t.id = s.token_id JOIN owners o ON o.id = t.owner_id "
             "WHERE s.id = %s AND s.ended_at IS NULL AND s.expires_at > now() "
-            "AND t.id = %s AND o.id = %s AND t.revoked_at IS NULL",
+            "AND t.id = %s AND o.id = %s AND t.revoked_at IS NULL "
+            "AND (t.expires_at IS NULL OR t.expires_at > now())",
             (sid, token_id, owner_id),
         ).fetchone()
     if row is None:

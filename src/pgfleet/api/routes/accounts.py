@@ -18,10 +18,12 @@ from pgfleet.api.schemas import (
     ErrorResponse,
     OwnerCreate,
     OwnerCreated,
+    OwnerList,
     OwnerOut,
     OwnerRow,
     TokenCreate,
     TokenCreated,
+    TokenList,
     TokenOut,
 )
 
@@ -43,9 +45,19 @@ def me(owner: OwnerDep) -> OwnerOut:
 def create_token(
     body: TokenCreate, platform: PlatformDep, owner: OwnerDep, idempotency_key: IdemHeader = None
 ) -> JSONResponse:
+    """A new token of yours, shown once. `scope: read` makes a token that
+    lists, shows and runs read-only SQL only; `expires_in_days` one that
+    stops working then (401 saying when). A read-only token cannot make
+    tokens."""
+
     def produce() -> tuple[int, Any]:
-        tid, token = auth.create_token(platform, owner, body.name)
-        return 201, TokenCreated(id=tid, name=body.name, token=token)
+        tid, token = auth.create_token(
+            platform, owner, body.name, scope=body.scope, expires_in_days=body.expires_in_days
+        )
+        row = next(r for r in auth.list_tokens(platform, owner) if r["id"] == tid)
+        return 201, TokenCreated(
+            id=tid, name=body.name, scope=body.scope, expires_at=row["expires_at"], token=token
+        )
 
     return run_idempotent(
         platform,
@@ -59,8 +71,8 @@ def create_token(
 
 
 @router.get("/tokens", tags=["auth"], summary="Your API tokens (never the secrets)")
-def list_tokens(platform: PlatformDep, owner: OwnerDep) -> list[TokenOut]:
-    return [TokenOut(**r) for r in auth.list_tokens(platform, owner)]
+def list_tokens(platform: PlatformDep, owner: OwnerDep) -> TokenList:
+    return TokenList(tokens=[TokenOut(**r) for r in auth.list_tokens(platform, owner)])
 
 
 @router.delete(
@@ -108,5 +120,31 @@ def create_owner(
 
 
 @router.get("/admin/owners", tags=["admin"], summary="All owners")
-def list_owners(platform: PlatformDep, admin: AdminDep) -> list[OwnerRow]:
-    return [OwnerRow(**r) for r in auth.list_owners(platform)]
+def list_owners(platform: PlatformDep, admin: AdminDep) -> OwnerList:
+    return OwnerList(owners=[OwnerRow(**r) for r in auth.list_owners(platform)])
+
+
+@router.get(
+    "/admin/owners/{owner_id}/tokens",
+    tags=["admin"],
+    summary="An owner's API tokens (never the secrets)",
+    responses={404: ERRORS[404]},
+)
+def list_owner_tokens(owner_id: str, platform: PlatformDep, admin: AdminDep) -> TokenList:
+    return TokenList(
+        tokens=[
+            TokenOut(**r) for r in auth.list_tokens_of(platform, auth.owner_id(platform, owner_id))
+        ]
+    )
+
+
+@router.delete(
+    "/admin/tokens/{token_id}",
+    tags=["admin"],
+    status_code=204,
+    summary="Revoke any owner's token",
+    responses={404: ERRORS[404]},
+)
+def revoke_any_token(token_id: str, platform: PlatformDep, admin: AdminDep) -> Response:
+    auth.revoke_any_token(platform, admin, token_id)
+    return Response(status_code=204)

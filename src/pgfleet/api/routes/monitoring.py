@@ -13,7 +13,7 @@ from pgfleet.api.routes.common import (
 from pgfleet.api.schemas import (
     WINDOW_PATTERN,
 )
-from pgfleet.monitoring import stats
+from pgfleet.monitoring import insights, stats
 from pgfleet.monitoring.service import advisor_report, cost_report
 from pgfleet.tenants import service
 
@@ -38,12 +38,23 @@ WindowQ = Annotated[
 def project_stats(
     project_id: str, platform: PlatformDep, owner: OwnerDep, window: WindowQ = "24h"
 ) -> dict[str, Any]:
-    """Per route (rw/ro): query count, error rate, avg/p50/p95/p99 in ms, and
-    the statements that took the most time (as fingerprints, never values)."""
+    """Two sources, labelled.
+
+    - Through the SQL API (`query_logs`, within `window`): per route (rw/ro)
+      query count, error rate, avg/p50/p95/p99 in ms, and the statements
+      that took the most time (`top_statements`, as fingerprints, never
+      values).
+    - From every client (`server_statements`: the server's
+      `pg_stat_statements`, sampled every PGFLEET_INSIGHTS_INTERVAL_S):
+      each normalised statement (constants as `$1`) with calls, total and
+      mean time, rows and shared blocks hit/read, cumulative since
+      `since`. Utility statements (DDL, ALTER ROLE ...) are not tracked."""
     project = service.get_project(platform, owner, project_id)
     return {
         "project_id": str(project.id),
+        "source": "sql_api",
         **stats.project_performance(platform, project.id, window),
+        "server_statements": insights.project_statements(platform, project.id),
     }
 
 
@@ -72,10 +83,21 @@ def stats_performance(
         ),
     ] = "region",
 ) -> dict[str, Any]:
-    """Per region and route: query count, error rate, avg, p50, p95, p99 (ms).
-    `exact` is false when percentiles come from per-minute histograms (large
-    windows), which are within 25% of the exact value."""
-    return stats.performance(platform, window, by=by)
+    """Per region and route: query count, error rate, avg, p50, p95, p99 (ms)
+    of the SQL API's statements (`source: sql_api`). `exact` is false when
+    percentiles come from per-minute histograms (large windows), which are
+    within 25% of the exact value.
+
+    Beside them, `server_statements`: per hosting region, every client's
+    statements from the servers' pg_stat_statements (calls, total and mean
+    ms, cumulative since `since`), and `sampling`: each server's last
+    sampling round (when, how long it took, statements read, rows written)."""
+    return {
+        **stats.performance(platform, window, by=by),
+        "source": "sql_api",
+        "server_statements": insights.region_statements(platform),
+        "sampling": insights.last_rounds(platform),
+    }
 
 
 @router.get("/admin/advisor", tags=["monitoring"], summary="Expansion advisor")

@@ -11,7 +11,7 @@ from typing import Any
 
 from psycopg.rows import dict_row
 
-from pgfleet.auth import well_formed
+from pgfleet.auth import expired, well_formed
 from pgfleet.crypto import hash_api_token
 from pgfleet.errors import NotAuthenticated
 from pgfleet.platform.db import AsyncPlatformDB
@@ -20,6 +20,7 @@ from pgfleet.platform.owners import Owner
 _AUTH_WITH_PROJECT = (
     "SELECT o.id AS o_id, o.name AS o_name, o.is_admin AS o_admin, t.id AS t_id, "
     "t.last_used_at IS NULL OR t.last_used_at < now() - interval '1 min' AS touch, "
+    "t.scope, t.expires_at, extract(epoch FROM t.expires_at - now()) AS lives_s, "
     "p.id, p.owner_id, p.region, p.status, p.plan_type, p.connection_info "
     "FROM api_tokens t JOIN owners o ON o.id = t.owner_id "
     "LEFT JOIN tenants p ON p.id = %s "
@@ -39,7 +40,7 @@ def _auth_params(token: str | None, project_id: str) -> tuple[uuid.UUID | None, 
 
 
 def _owner_and_project(row: dict[str, Any]) -> tuple[Owner, dict[str, Any] | None]:
-    owner = Owner(row["o_id"], row["o_name"], row["o_admin"])
+    owner = Owner(row["o_id"], row["o_name"], row["o_admin"], read_only=row["scope"] == "read")
     project = {k: row[k] for k in _PROJECT_KEYS} if row["id"] is not None else None
     return owner, project
 
@@ -96,7 +97,11 @@ class AuthCache:
         project: dict[str, Any],
         token_id: uuid.UUID,
         generation: int,
+        *,
+        lives_s: float | None = None,
     ) -> None:
+        """Keep an answer for ttl_s, never past the token's expiry (`lives_s`
+        from now)."""
         if not self.live or generation != self.generation:
             return  # a change was announced while this lookup ran
         if len(self._entries) >= self.max_entries:
@@ -104,7 +109,8 @@ class AuthCache:
         key = (token_hash, project_id)
         keys = (f"k:{token_id}", f"o:{owner.id}", f"t:{project['id']}")
         self._drop(key)
-        self._entries[key] = _Cached(time.monotonic() + self.ttl_s, owner, project, keys)
+        ttl = self.ttl_s if lives_s is None else min(self.ttl_s, lives_s)
+        self._entries[key] = _Cached(time.monotonic() + ttl, owner, project, keys)
         for k in keys:
             self._by_key.setdefault(k, set()).add(key)
 
@@ -155,9 +161,20 @@ async def authenticate_with_project_async(
         row = await cur.fetchone()
         if row is None:
             raise NotAuthenticated("invalid or revoked token")
+        lives_s = row["lives_s"]
+        if lives_s is not None and lives_s <= 0:
+            raise expired(row["expires_at"])
         if row["touch"]:
             await conn.execute(_TOUCH, (row["t_id"],))
     owner, project = _owner_and_project(row)
     if cache is not None and project is not None:
-        cache.put(token_hash, project_id, owner, project, row["t_id"], generation)
+        cache.put(
+            token_hash,
+            project_id,
+            owner,
+            project,
+            row["t_id"],
+            generation,
+            lives_s=None if lives_s is None else float(lives_s),
+        )
     return owner, project

@@ -46,6 +46,7 @@ from pgfleet.errors import (
     RegionUnavailable,
     SqlError,
     TooManyStatements,
+    read_only_refusal,
 )
 from pgfleet.monitoring.fingerprint import fingerprint
 from pgfleet.monitoring.querylog import QueryLogWriter
@@ -254,6 +255,8 @@ class SqlGateway:
         authenticate() returned (None: no such project)."""
         project = visible_project(owner, project_id, project_row)
         mode = check_mode(req.mode)
+        if owner.read_only and mode != "ro":
+            raise read_only_refusal("SQL runs with mode ro only")
         limits = plan_limits(project["plan_type"])
         timeout_ms, max_rows = check_request(req, limits)
         shape = fingerprint(req.query)

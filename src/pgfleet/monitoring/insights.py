@@ -1,0 +1,263 @@
+"""Query insights for all traffic: what each project's database runs, from
+its server's `pg_stat_statements`, whoever the client (psql, an app, the
+routers, the SQL API).
+
+One sampling round reads each server's view once, in the server's admin
+database (where no tenant ever connects or can create anything), grouped
+by database and normalised statement, and writes what changed into
+`statement_stats` in the platform DB. It reads a catalog function and
+`pg_database`; no tenant object is named or called, so nothing a tenant
+planted can run. Statements of superusers (pgfleet's own) are left out, and
+utility statements are not tracked at all (`track_utility = off`: they keep
+their literals, such as a password).
+
+Counters are cumulative, as the server keeps them: a project's figures run
+from its statement's first sample (`first_seen`) to the last
+(`sampled_at`)."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from pgfleet.errors import PgfleetError
+from pgfleet.fleet.registry import ServerRecord
+from pgfleet.platform.core import Platform
+
+log = logging.getLogger(__name__)
+
+EXTENSION = "pg_stat_statements"
+# A statement's text as stored: long ones are cut (the view keeps up to
+# track_activity_query_size bytes already).
+MAX_QUERY_CHARS = 2000
+TENANT_PREFIX = "tenant_"
+
+_SAMPLE = """
+SELECT d.datname, s.queryid, min(s.query) AS query, sum(s.calls)::bigint AS calls,
+       sum(s.total_exec_time) AS total_ms, sum(s.rows)::bigint AS rows,
+       sum(s.shared_blks_hit)::bigint AS hit, sum(s.shared_blks_read)::bigint AS read
+FROM {fn}(true) s
+JOIN pg_catalog.pg_database d ON d.oid = s.dbid
+LEFT JOIN pg_catalog.pg_roles r ON r.oid = s.userid
+WHERE d.datname LIKE 'tenant\\_%%' AND s.queryid IS NOT NULL
+  AND NOT coalesce(r.rolsuper, false)
+GROUP BY d.datname, s.queryid
+"""
+
+_UPSERT = """
+INSERT INTO statement_stats AS st
+    (tenant_id, queryid, query, calls, total_ms, rows, shared_blks_hit, shared_blks_read,
+     sampled_at)
+SELECT s.tenant_id, s.queryid, s.query, s.calls, s.total_ms, s.rows, s.hit, s.read, now()
+FROM statement_sample s
+JOIN tenants t ON t.id = s.tenant_id AND t.server_id = %s
+ON CONFLICT (tenant_id, queryid) DO UPDATE SET
+    query = EXCLUDED.query, calls = EXCLUDED.calls, total_ms = EXCLUDED.total_ms,
+    rows = EXCLUDED.rows, shared_blks_hit = EXCLUDED.shared_blks_hit,
+    shared_blks_read = EXCLUDED.shared_blks_read, sampled_at = EXCLUDED.sampled_at
+WHERE st.calls IS DISTINCT FROM EXCLUDED.calls
+   OR st.shared_blks_read IS DISTINCT FROM EXCLUDED.shared_blks_read
+"""
+
+
+def _tenant_id(datname: str) -> uuid.UUID | None:
+    if not datname.startswith(TENANT_PREFIX):
+        return None
+    try:
+        return uuid.UUID(datname[len(TENANT_PREFIX) :].replace("_", "-"))
+    except ValueError:
+        return None
+
+
+def read_server(platform: Platform, server: ServerRecord) -> list[dict[str, Any]] | None:
+    """The server's statements per tenant database, or None when it does
+    not have pg_stat_statements (an external server without it, or a build
+    without the module)."""
+    with (
+        platform.servers.admin_connection(server) as conn,
+        conn.cursor(row_factory=dict_row) as cur,
+    ):
+        row = cur.execute(
+            "SELECT n.nspname FROM pg_catalog.pg_extension e "
+            "JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = %s",
+            (EXTENSION,),
+        ).fetchone()
+        if row is None:
+            return None
+        fn = sql.Identifier(row["nspname"], EXTENSION)
+        try:
+            return cur.execute(sql.SQL(_SAMPLE).format(fn=fn), prepare=False).fetchall()
+        except psycopg.errors.ObjectNotInPrerequisiteState:
+            # The extension exists but the library is not preloaded.
+            return None
+
+
+def sample_server(platform: Platform, server: ServerRecord) -> dict[str, Any]:
+    """One server's round: read, then write what changed. Returns what it
+    did (and records it in statement_samples)."""
+    t0 = time.perf_counter()
+    error = None
+    rows: list[dict[str, Any]] | None = []
+    changed = 0
+    try:
+        rows = read_server(platform, server)
+        if rows is None:
+            error = f"{EXTENSION} is not loaded on server {server.name}"
+            rows = []
+    except PgfleetError as e:
+        error = str(e)
+        rows = []
+    with platform.db.connection() as conn, conn.transaction():
+        if rows:
+            conn.execute(
+                "CREATE TEMP TABLE statement_sample (tenant_id uuid, queryid bigint, "
+                "query text, calls bigint, total_ms float8, rows bigint, hit bigint, "
+                "read bigint) ON COMMIT DROP"
+            )
+            with conn.cursor().copy(
+                "COPY statement_sample (tenant_id, queryid, query, calls, total_ms, rows, "
+                "hit, read) FROM STDIN"
+            ) as copy:
+                for r in rows:
+                    tid = _tenant_id(r["datname"])
+                    if tid is None:
+                        continue
+                    copy.write_row(
+                        (
+                            tid,
+                            r["queryid"],
+                            r["query"][:MAX_QUERY_CHARS],
+                            r["calls"],
+                            r["total_ms"],
+                            r["rows"],
+                            r["hit"],
+                            r["read"],
+                        )
+                    )
+            changed = conn.execute(_UPSERT, (server.id,)).rowcount
+        took = (time.perf_counter() - t0) * 1000
+        conn.execute(
+            "INSERT INTO statement_samples AS s (server_id, sampled_at, duration_ms, "
+            "statements, changed, error) VALUES (%s, now(), %s, %s, %s, %s) "
+            "ON CONFLICT (server_id) DO UPDATE SET sampled_at = EXCLUDED.sampled_at, "
+            "duration_ms = EXCLUDED.duration_ms, statements = EXCLUDED.statements, "
+            "changed = EXCLUDED.changed, error = EXCLUDED.error",
+            (server.id, took, len(rows), changed, error),
+        )
+    return {
+        "server": server.name,
+        "statements": len(rows),
+        "changed": changed,
+        "duration_ms": round(took, 1),
+        "error": error,
+    }
+
+
+def sample(platform: Platform, *, due_only: bool = False) -> list[dict[str, Any]]:
+    """A round over every enabled server (with `due_only`, those not sampled
+    within PGFLEET_INSIGHTS_INTERVAL_S)."""
+    servers = platform.servers.all(enabled_only=True)
+    if due_only:
+        with platform.db.connection() as conn:
+            recent = {
+                r[0]
+                for r in conn.execute(
+                    "SELECT server_id FROM statement_samples "
+                    "WHERE sampled_at > now() - make_interval(secs => %s)",
+                    (platform.settings.insights_interval_s,),
+                )
+            }
+        servers = [s for s in servers if s.id not in recent]
+    done = []
+    for server in servers:
+        try:
+            done.append(sample_server(platform, server))
+        except psycopg.Error:
+            log.exception("sampling the statements of server %s failed", server.name)
+    return done
+
+
+def project_statements(
+    platform: Platform, tenant_id: uuid.UUID, *, limit: int = 20
+) -> dict[str, Any]:
+    """A project's statements from every client, the most time-consuming
+    first, labelled by their source."""
+    with platform.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(
+            "SELECT query, calls, total_ms, rows, shared_blks_hit, shared_blks_read, "
+            "first_seen, sampled_at FROM statement_stats WHERE tenant_id = %s "
+            "ORDER BY total_ms DESC, queryid LIMIT %s",
+            (tenant_id, limit),
+        ).fetchall()
+        sampled = cur.execute(
+            "SELECT s.sampled_at, s.error FROM statement_samples s "
+            "JOIN tenants t ON t.server_id = s.server_id WHERE t.id = %s",
+            (tenant_id,),
+        ).fetchone()
+    if sampled is None:
+        available, note = False, "the project's server has not been sampled yet"
+    else:
+        available, note = sampled["error"] is None, sampled["error"]
+    return {
+        "source": "pg_stat_statements",
+        "clients": "all (psql, apps, the routers and the SQL API)",
+        "since": min((r["first_seen"] for r in rows), default=None),
+        "sampled_at": sampled["sampled_at"] if sampled else None,
+        "available": available,
+        "note": note,
+        "statements": [_statement(r) for r in rows],
+    }
+
+
+def _statement(r: dict[str, Any]) -> dict[str, Any]:
+    blocks = r["shared_blks_hit"] + r["shared_blks_read"]
+    return {
+        "query": r["query"],
+        "calls": r["calls"],
+        "total_ms": round(r["total_ms"], 3),
+        "mean_ms": round(r["total_ms"] / r["calls"], 3) if r["calls"] else None,
+        "rows": r["rows"],
+        "shared_blks_hit": r["shared_blks_hit"],
+        "shared_blks_read": r["shared_blks_read"],
+        "cache_hit_ratio": round(r["shared_blks_hit"] / blocks, 4) if blocks else None,
+    }
+
+
+def region_statements(platform: Platform) -> list[dict[str, Any]]:
+    """Per hosting region, all clients' statements together (cumulative)."""
+    with platform.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(
+            "SELECT t.hosted_region AS region, count(DISTINCT t.id) AS projects, "
+            "sum(st.calls)::bigint AS calls, sum(st.total_ms) AS total_ms, "
+            "min(st.first_seen) AS since FROM statement_stats st "
+            "JOIN tenants t ON t.id = st.tenant_id WHERE t.status <> 'deleted' "
+            "GROUP BY t.hosted_region ORDER BY t.hosted_region"
+        ).fetchall()
+    return [
+        {
+            "region": r["region"],
+            "source": "pg_stat_statements",
+            "projects": r["projects"],
+            "calls": r["calls"],
+            "total_ms": round(r["total_ms"], 3),
+            "mean_ms": round(r["total_ms"] / r["calls"], 3) if r["calls"] else None,
+            "since": r["since"],
+        }
+        for r in rows
+    ]
+
+
+def last_rounds(platform: Platform) -> list[dict[str, Any]]:
+    """Each server's last sampling round: when, how long, how many rows."""
+    with platform.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(
+            "SELECT v.name AS server, s.sampled_at, s.duration_ms, s.statements, s.changed, "
+            "s.error FROM statement_samples s JOIN servers v ON v.id = s.server_id "
+            "ORDER BY v.name"
+        ).fetchall()

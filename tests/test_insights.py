@@ -1,0 +1,165 @@
+"""Query insights for all traffic (issue 14, item 11): statements run from
+psql or an app, not only through the SQL API, show in the project's stats,
+sampled from its server's pg_stat_statements; a tenant sees only its own,
+and no literal (a password, a secret value) is kept."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from psycopg import sql
+
+from pgfleet.monitoring import insights
+from pgfleet.monitoring.background import run_once
+from pgfleet.platform.core import Platform
+from pgfleet.platform.owners import Owner
+from tests.helpers import Api, connect, create_ok, get_ok, run_ok
+from tests.test_cli import Cli
+
+SECRET = "s3cr3t-lemon-4417"
+
+
+def _statements(api: Api, pid: str) -> dict[str, Any]:
+    out: dict[str, Any] = get_ok(api, f"/v1/projects/{pid}/stats")["server_statements"]
+    return out
+
+
+def test_statements_from_any_client_show_for_their_project_only(
+    api: Api, platform: Platform
+) -> None:
+    a = create_ok(api, "from-psql", region="eu-central-1")
+    b = create_ok(api, "neighbour", region="eu-central-1")
+    assert _statements(api, a["id"])["statements"] == []
+    with connect(a["connection"]) as conn:
+        conn.execute("create table orders (id int primary key, note text)")
+        run_ok(api, a["id"], "select count(*) from orders")  # the SQL API is a client too
+        for i in range(5):
+            conn.execute("insert into orders values (%s, %s)", (i, SECRET))
+        for _ in range(3):
+            conn.execute(f"select note from orders where note = '{SECRET}'").fetchall()  # noqa: S608
+        # A person's password typed into an ALTER ROLE stays out (utility
+        # statements are not tracked).
+        conn.execute(
+            sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                sql.Identifier(a["connection"]["user"]), sql.Literal(SECRET + "-pw")
+            )
+        )
+    with connect(b["connection"]) as conn:
+        conn.execute("select 'only b' as mine").fetchall()
+
+    rounds = insights.sample(platform)
+    eu = next(r for r in rounds if r["server"].startswith("eu-central-1"))
+    assert eu["error"] is None and eu["statements"] >= 3, rounds
+
+    got = _statements(api, a["id"])
+    assert got["available"] and got["source"] == "pg_stat_statements", got
+    texts = [s["query"] for s in got["statements"]]
+    insert = next(s for s in got["statements"] if s["query"].startswith("insert into orders"))
+    assert insert["calls"] == 5 and insert["rows"] == 5, insert
+    select = next(s for s in got["statements"] if "from orders where note" in s["query"])
+    assert select["calls"] == 3 and "$1" in select["query"], select
+    assert select["mean_ms"] is not None and select["total_ms"] >= select["mean_ms"]
+    assert any("count(*)" in t for t in texts), texts
+    assert not any(SECRET in t for t in texts), texts  # literals are normalised away
+    assert not any("only b" in t or "$1 as mine" in t for t in texts), texts
+    assert not any(t.lower().startswith("alter role") for t in texts), texts
+    # B sees its own and nothing of A's.
+    b_texts = [s["query"] for s in _statements(api, b["id"])["statements"]]
+    assert any("as mine" in t for t in b_texts) and not any("orders" in t for t in b_texts)
+    # Nothing anywhere in the platform DB holds the secret.
+    with platform.db.connection() as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM statement_stats WHERE query LIKE %s", (f"%{SECRET}%",)
+        ).fetchone()
+    assert row == (0,)
+
+    # A later round counts on; an unchanged statement is not rewritten.
+    with connect(a["connection"] | {"password": SECRET + "-pw"}) as conn:
+        conn.execute(f"select note from orders where note = '{SECRET}'").fetchall()  # noqa: S608
+    again = insights.sample(platform)
+    eu = next(r for r in again if r["server"].startswith("eu-central-1"))
+    assert 1 <= eu["changed"] < eu["statements"], again
+    select = next(
+        s for s in _statements(api, a["id"])["statements"] if "from orders where note" in s["query"]
+    )
+    assert select["calls"] == 4
+
+
+def test_the_health_loop_samples_and_regions_show_all_clients(
+    api: Api, admin_api: Api, platform: Platform
+) -> None:
+    p = create_ok(api, "looped", region="us-west-1")
+    with connect(p["connection"]) as conn:
+        for _ in range(4):
+            conn.execute("select 42").fetchall()
+    assert run_once(platform) is not None  # one background round
+    stmts = _statements(api, p["id"])
+    assert any(s["query"] == "select $1" and s["calls"] >= 4 for s in stmts["statements"]), stmts
+    perf = get_ok(admin_api, "/v1/admin/stats/performance")
+    assert perf["source"] == "sql_api"
+    west = next(r for r in perf["server_statements"] if r["region"] == p["hosted_region"])
+    assert west["source"] == "pg_stat_statements" and west["calls"] >= 4, perf
+    rounds = {r["server"]: r for r in perf["sampling"]}
+    assert rounds and all(r["error"] is None for r in rounds.values()), rounds
+    # Due only after PGFLEET_INSIGHTS_INTERVAL_S: a second round right away skips.
+    assert insights.sample(platform, due_only=True) == []
+
+
+@pytest.mark.usefixtures("cli_env")
+def test_the_cli_shows_both_sources(
+    api: Api, api_url: str, owner: tuple[Owner, str], platform: Platform
+) -> None:
+    p = create_ok(api, "shown", region="eu-central-1")
+    with connect(p["connection"]) as conn:
+        conn.execute("create table kv (k int)")
+        conn.execute("select k from kv where k > 10").fetchall()
+    insights.sample(platform)
+    cli = Cli(api_url, owner[1])
+    shown = cli.ok("projects", "stats", "shown")  # by name
+    lines = shown.splitlines()
+    # Piped: each table as tab-separated lines under its header.
+    assert lines[0] == "statement\tcalls\ttotal\tmean\trows\tcache hits", shown
+    line = next(ln for ln in lines if "from kv" in ln)
+    assert line.startswith("select k from kv where k > $1\t1\t"), line
+    assert "route\tqueries\terrors\tavg ms\tp50 ms\tp95 ms\tp99 ms" in lines, shown
+    data = cli.json("projects", "stats", p["id"])
+    assert data["server_statements"]["statements"][0]["calls"] >= 1
+
+
+def test_a_server_without_the_extension_says_so(api: Api, platform: Platform) -> None:
+    p = create_ok(api, "bare", region="ap-southeast-1")
+    server = next(s for s in platform.servers.all() if s.name == p["server"])
+    with platform.servers.admin_connection(server) as conn:
+        conn.execute("DROP EXTENSION pg_stat_statements")
+    try:
+        (done,) = [r for r in insights.sample(platform) if r["server"] == p["server"]]
+        assert "pg_stat_statements is not loaded" in done["error"], done
+        got = _statements(api, p["id"])
+        assert not got["available"] and "not loaded" in got["note"], got
+    finally:
+        with platform.servers.admin_connection(server) as conn:
+            conn.execute("CREATE EXTENSION pg_stat_statements SCHEMA public")
+
+
+def test_a_planted_function_in_the_tenant_database_is_never_called(
+    api: Api, platform: Platform
+) -> None:
+    """Sampling reads the admin database only; a tenant's look-alike objects
+    in its own database are not reached."""
+    p = create_ok(api, "trojan", region="eu-central-1")
+    with connect(p["connection"]) as conn:
+        conn.execute("create table called (at timestamptz default now())")
+        conn.execute(
+            "create function public.pg_stat_statements(boolean) returns setof record "
+            "language sql as 'insert into called default values returning null::record'"
+        )
+        conn.execute(
+            "create view public.pg_database as select * from pg_catalog.pg_database "
+            "where (select count(*) from called) >= 0"
+        )
+        conn.execute("select 1").fetchall()
+    insights.sample(platform)
+    with connect(p["connection"]) as conn:
+        assert conn.execute("select count(*) from called").fetchone() == (0,)
+    assert any(s["query"] == "select $1" for s in _statements(api, p["id"])["statements"])
