@@ -60,19 +60,19 @@ def shot(page: Page, name: str) -> None:
 
 
 def sign_in(page: Page, token: str) -> None:
-    page.goto("/databases")
+    page.goto("/projects")
     expect(page).to_have_url(re.compile(r"/signin"))
     page.get_by_label("API token").fill(token)
     page.get_by_role("button", name="Sign in").click()
-    expect(page).to_have_url(re.compile(r"/databases$"))
+    expect(page).to_have_url(re.compile(r"/projects$"))
 
 
 def create_in_browser(page: Page, name: str, region_label: str = "US East") -> str:
-    page.goto("/databases/new")
+    page.goto("/projects/new")
     page.get_by_label("Name").fill(name)
     page.get_by_label(re.compile(region_label)).check()
-    page.get_by_role("button", name="Create database").click()
-    expect(page).to_have_url(re.compile(r"/databases/[0-9a-f-]{36}$"))
+    page.get_by_role("button", name="Create project").click()
+    expect(page).to_have_url(re.compile(r"/projects/[0-9a-f-]{36}$"))
     expect(page.locator(".badge").first).to_have_text("active")
     expect(page.locator("[data-progress]")).to_have_count(0)
     pid = page.url.rsplit("/", 1)[1]
@@ -82,17 +82,17 @@ def create_in_browser(page: Page, name: str, region_label: str = "US East") -> s
 def test_sign_in_create_in_another_region_and_see_flags(
     page: Page, owner: tuple[Owner, str], fleet: FleetUnderTest
 ) -> None:
-    page.goto("/databases")
-    expect(page).to_have_url(re.compile(r"/signin\?next=/databases"))
+    page.goto("/projects")
+    expect(page).to_have_url(re.compile(r"/signin\?next=/projects"))
     shot(page, "signin")
     page.get_by_label("API token").fill("pgf_wrong")
     page.get_by_role("button", name="Sign in").click()
     expect(page.get_by_role("alert")).to_contain_text("not valid")
     page.get_by_label("API token").fill(owner[1])
     page.get_by_role("button", name="Sign in").click()
-    expect(page).to_have_url(re.compile(r"/databases$"))
+    expect(page).to_have_url(re.compile(r"/projects$"))
 
-    page.goto("/databases/new")
+    page.goto("/projects/new")
     # All six regions, with flags; metadata-only ones say where they are hosted.
     choices = page.locator(".region-choice")
     expect(choices).to_have_count(6)
@@ -108,8 +108,8 @@ def test_sign_in_create_in_another_region_and_see_flags(
     page.get_by_label("Name").fill("Café ☕ shop")
     page.locator("input[name=region][value=eu-west-1]").check()
     page.get_by_label("Plan").select_option("pro")
-    page.get_by_role("button", name="Create database").click()
-    expect(page).to_have_url(re.compile(r"/databases/[0-9a-f-]{36}"))
+    page.get_by_role("button", name="Create project").click()
+    expect(page).to_have_url(re.compile(r"/projects/[0-9a-f-]{36}"))
     expect(page.locator(".badge").first).to_have_text("active")
     expect(page.get_by_role("heading", level=1)).to_have_text("Café ☕ shop")
     expect(page.get_by_test_id("region")).to_contain_text("🇪🇺")
@@ -119,7 +119,7 @@ def test_sign_in_create_in_another_region_and_see_flags(
     expect(page.locator("details.op").first).to_contain_text("provision")
     shot(page, "database")
 
-    page.goto("/databases")
+    page.goto("/projects")
     row = page.locator("tr", has_text="Café ☕ shop")
     expect(row).to_contain_text("🇪🇺")
     expect(row).to_contain_text("hosted in")
@@ -130,11 +130,11 @@ def test_sign_in_create_in_another_region_and_see_flags(
 
 def test_validation_error_keeps_what_was_typed(page: Page, owner: tuple[Owner, str]) -> None:
     sign_in(page, owner[1])
-    page.goto("/databases/new")
+    page.goto("/projects/new")
     long_name = "x" * 101
     page.get_by_label("Name").fill(long_name)
     page.locator("input[name=region][value=ap-southeast-1]").check()
-    page.get_by_role("button", name="Create database").click()
+    page.get_by_role("button", name="Create project").click()
     error = page.locator("#name-error")
     expect(error).to_contain_text("at most 100")
     expect(page.get_by_label("Name")).to_have_value(long_name)
@@ -182,7 +182,7 @@ def test_reveal_copy_connect_run_sql_rotate_and_delete(
     expect(page.locator("#sql-history li").first).to_have_text("selec 1")
 
     # Rotate: a new password that works; the old one stops.
-    page.goto(f"/databases/{pid}")
+    page.goto(f"/projects/{pid}")
     page.get_by_role("button", name="Rotate password").click()
     expect(page.locator(".notice")).to_contain_text("the old ones stopped working")
     expect(page.locator("[data-progress]")).to_have_count(0)  # reloaded once done
@@ -195,12 +195,12 @@ def test_reveal_copy_connect_run_sql_rotate_and_delete(
 
     # Delete needs the name typed.
     page.get_by_label(re.compile("Delete: type")).fill("wrong")
-    page.get_by_role("button", name="Delete database").click()
-    expect(page.get_by_role("alert")).to_contain_text("type the database's name")
-    page.goto(f"/databases/{pid}")
+    page.get_by_role("button", name="Delete project").click()
+    expect(page.get_by_role("alert")).to_contain_text("type the project's name")
+    page.goto(f"/projects/{pid}")
     page.get_by_label(re.compile("Delete: type")).fill("work")
-    page.get_by_role("button", name="Delete database").click()
-    expect(page).to_have_url(re.compile(r"/databases\?flash=deleted"))
+    page.get_by_role("button", name="Delete project").click()
+    expect(page).to_have_url(re.compile(r"/projects\?flash=deleted"))
     expect(page.locator(".notice")).to_contain_text("deleted")
     assert fleet.databases("eu-central-1") == set()
 
@@ -215,7 +215,7 @@ def test_another_owner_gets_404(
     try:
         other = ctx.new_page()
         sign_in(other, bob_token)
-        resp = other.goto(f"/databases/{pid}")
+        resp = other.goto(f"/projects/{pid}")
         assert resp is not None and resp.status == 404
         expect(other.get_by_role("heading", level=1)).to_have_text("Not found")
         expect(other.locator("body")).not_to_contain_text("private")
@@ -261,7 +261,7 @@ def test_forged_session_and_revoked_token_go_back_to_sign_in(
     assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict"
     forged = dict(cookie, value=cookie["value"][:-4] + "AAAA")
     context.add_cookies([forged])  # type: ignore[list-item]
-    page.goto("/databases")
+    page.goto("/projects")
     expect(page).to_have_url(re.compile(r"/signin"))
     # A session whose token was revoked ends too.
     sign_in(page, owner[1])
@@ -272,7 +272,7 @@ def test_forged_session_and_revoked_token_go_back_to_sign_in(
             "SELECT id FROM api_tokens WHERE owner_id = %s", (owner[0].id,)
         ).fetchone() or (None,)
     revoke_token(platform, owner[0], str(tid))
-    page.goto("/databases")
+    page.goto("/projects")
     expect(page).to_have_url(re.compile(r"/signin"))
 
 
@@ -283,31 +283,31 @@ def test_form_without_csrf_is_403(
     cookie = next(c for c in context.cookies() if c["name"] == "pgfleet_session")
     with httpx.Client(base_url=api_url, cookies={"pgfleet_session": cookie["value"]}) as http:
         r = http.post(
-            "/databases/new", data={"name": "sneaky", "region": "us-east-1", "plan": "free"}
+            "/projects/new", data={"name": "sneaky", "region": "us-east-1", "plan": "free"}
         )
         assert r.status_code == 403
         assert "CSRF" in r.text
         r = http.post(
-            "/databases/new",
+            "/projects/new",
             data={"name": "sneaky", "region": "us-east-1", "plan": "free", "csrf": "forged"},
         )
         assert r.status_code == 403
-    page.goto("/databases")
+    page.goto("/projects")
     expect(page.locator("body")).not_to_contain_text("sneaky")
 
 
 def test_html_in_a_name_is_text(page: Page, owner: tuple[Owner, str]) -> None:
     sign_in(page, owner[1])
     evil = "<script>window.pwned=1</script><b>bold</b>"
-    page.goto("/databases/new")
+    page.goto("/projects/new")
     page.get_by_label("Name").fill(evil)
-    page.get_by_role("button", name="Create database").click()
+    page.get_by_role("button", name="Create project").click()
     expect(page.locator(".badge").first).to_have_text("active")
     expect(page.locator("[data-progress]")).to_have_count(0)  # done reloading
     expect(page.get_by_role("heading", level=1)).to_have_text(evil)
     assert page.evaluate("window.pwned") is None
     assert page.locator("h1 b").count() == 0
-    page.goto("/databases")
+    page.goto("/projects")
     expect(page.locator("table.list")).to_contain_text(evil)
     assert page.evaluate("window.pwned") is None
 
@@ -325,8 +325,8 @@ def test_phone_width_and_keyboard(page: Page, owner: tuple[Owner, str]) -> None:
     assert focused == ["Skip to content", "pgfleet", "token"], focused
     page.keyboard.type(owner[1])
     page.keyboard.press("Enter")
-    expect(page).to_have_url(re.compile(r"/databases$"))
-    page.goto("/databases/new")
+    expect(page).to_have_url(re.compile(r"/projects$"))
+    page.goto("/projects/new")
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= 390, width
     shot(page, "new-database-phone")
@@ -348,12 +348,12 @@ def test_expired_session_goes_back_to_sign_in(
     too_old = int(time.time()) - platform.settings.session_ttl_s - 5
     cookie = next(c for c in context.cookies() if c["name"] == "pgfleet_session")
     context.add_cookies([dict(cookie, value=platform.secrets.encrypt(payload, at=too_old))])  # type: ignore[list-item]
-    page.goto("/databases")
+    page.goto("/projects")
     expect(page).to_have_url(re.compile(r"/signin"))
     # The same payload, fresh, is a valid session: it was the age that counted.
     context.add_cookies([dict(cookie, value=platform.secrets.encrypt(payload))])  # type: ignore[list-item]
-    page.goto("/databases")
-    expect(page).to_have_url(re.compile(r"/databases$"))
+    page.goto("/projects")
+    expect(page).to_have_url(re.compile(r"/projects$"))
 
 
 def test_pause_resume_and_sign_out(page: Page, owner: tuple[Owner, str]) -> None:
@@ -373,20 +373,20 @@ def test_pause_resume_and_sign_out(page: Page, owner: tuple[Owner, str]) -> None
     assert run_psql(uri, "select 1").returncode == 0
     page.get_by_role("button", name="Sign out").click()
     expect(page).to_have_url(re.compile(r"/signin"))
-    page.goto(f"/databases/{pid}")
+    page.goto(f"/projects/{pid}")
     expect(page).to_have_url(re.compile(r"/signin"))
 
 
 def test_sign_in_form_needs_its_csrf_token(api_url: str, owner: tuple[Owner, str]) -> None:
     """Another site cannot post a token to /signin and sign a browser in."""
     with httpx.Client(base_url=api_url) as http:
-        r = http.post("/signin", data={"token": owner[1], "next": "/databases"})
+        r = http.post("/signin", data={"token": owner[1], "next": "/projects"})
         assert r.status_code == 403
         assert "pgfleet_session" not in r.cookies
         form = http.get("/signin")
         m = re.search(r'name="csrf" value="([^"]+)"', form.text)
         assert m is not None
-        r = http.post("/signin", data={"token": owner[1], "next": "/databases", "csrf": m.group(1)})
+        r = http.post("/signin", data={"token": owner[1], "next": "/projects", "csrf": m.group(1)})
         assert r.status_code == 303, r.text
         assert "pgfleet_session" in r.cookies
 
@@ -404,7 +404,7 @@ def test_pages_run_under_the_content_security_policy(
     )
     sign_in(page, owner[1])
     pid = create_in_browser(page, "policed")
-    for path in ("/databases", "/databases/new", f"/databases/{pid}"):
+    for path in ("/projects", "/projects/new", f"/projects/{pid}"):
         response = page.goto(path)
         assert response is not None
         assert "script-src 'self'" in response.headers["content-security-policy"]
@@ -424,16 +424,16 @@ def test_sign_out_ends_the_session_on_the_server(api_url: str, owner: tuple[Owne
         form = http.get("/signin")
         m = re.search(r'name="csrf" value="([^"]+)"', form.text)
         assert m is not None
-        r = http.post("/signin", data={"token": owner[1], "next": "/databases", "csrf": m.group(1)})
+        r = http.post("/signin", data={"token": owner[1], "next": "/projects", "csrf": m.group(1)})
         assert r.status_code == 303, r.text
         copy = r.cookies["pgfleet_session"]
-        page = http.get("/databases")
+        page = http.get("/projects")
         assert page.status_code == 200
         csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
         assert csrf is not None
         assert http.post("/signout", data={"csrf": csrf.group(1)}).status_code == 303
     with httpx.Client(base_url=api_url, cookies={"pgfleet_session": copy}) as stolen:
-        r = stolen.get("/databases")
+        r = stolen.get("/projects")
         assert r.status_code == 303 and "/signin" in r.headers["location"], r.status_code
 
 
@@ -466,12 +466,12 @@ def test_snapshot_and_restore_from_the_console(
     another region (residency limits the regions offered), follow the
     restore to the new database's page."""
     sign_in(page, owner[1])
-    page.goto("/databases/new")
+    page.goto("/projects/new")
     page.get_by_label("Name").fill("ledger")
     page.get_by_label(re.compile("EU Central")).check()
     page.get_by_label("Data residency").select_option("eu")
-    page.get_by_role("button", name="Create database").click()
-    expect(page).to_have_url(re.compile(r"/databases/[0-9a-f-]{36}$"))
+    page.get_by_role("button", name="Create project").click()
+    expect(page).to_have_url(re.compile(r"/projects/[0-9a-f-]{36}$"))
     expect(page.get_by_test_id("residency")).to_have_text("eu")
     expect(page.locator("[data-progress]")).to_have_count(0)
     pid = page.url.rsplit("/", 1)[1]
@@ -485,7 +485,7 @@ def test_snapshot_and_restore_from_the_console(
     page.locator("#restore-region").select_option("eu-central-1")
     shot(page, "backups")
     page.get_by_role("button", name="Restore").click()
-    expect(page).to_have_url(re.compile(r"/databases/[0-9a-f-]{36}\?op="))
+    expect(page).to_have_url(re.compile(r"/projects/[0-9a-f-]{36}\?op="))
     assert pid not in page.url
     expect(page.locator(".badge").first).to_have_text("active", timeout=60_000)
     expect(page.get_by_text("Restored from")).to_be_visible()
@@ -553,11 +553,11 @@ def test_no_page_scrolls_sideways_on_a_phone(
         assert r.status_code == 200, r.text
     page.set_viewport_size({"width": 375, "height": 812})
     widths = {}
-    for path in (f"/databases/{pid}", "/databases", "/databases/new"):
+    for path in (f"/projects/{pid}", "/projects", "/projects/new"):
         page.goto(path)
         widths[path] = page.evaluate("document.documentElement.scrollWidth")
     shot(page, "databases-phone")
-    page.goto(f"/databases/{pid}")
+    page.goto(f"/projects/{pid}")
     shot(page, "database-phone")
     page.context.clear_cookies()
     sign_in(page, admin[1])
@@ -578,7 +578,7 @@ def test_insights_show_statements_from_psql(
         for _ in range(3):
             c.execute("select n from seen where n < 5").fetchall()
     insights.sample(platform)
-    page.goto(f"/databases/{pid}")
+    page.goto(f"/projects/{pid}")
     row = page.get_by_test_id("insights").locator("tr", has_text="select n from seen where n < $1")
     expect(row.locator("td").nth(1)).to_have_text("3")
     page.context.clear_cookies()

@@ -54,7 +54,7 @@ def signed_in(client: TestClient, token: str) -> None:
     assert csrf
     r = client.post(
         "/signin",
-        data={"token": token, "next": "/databases", "csrf": csrf.group(1)},
+        data={"token": token, "next": "/projects", "csrf": csrf.group(1)},
         follow_redirects=False,
     )
     assert r.status_code == 303, r.text
@@ -66,21 +66,21 @@ def test_the_project_page_holds_no_password_and_reveal_needs_csrf(
     project = create_ok(api, "secretive")
     password = project["connection"]["password"]
     signed_in(client, owner[1])
-    page = client.get(f"/databases/{project['id']}")
+    page = client.get(f"/projects/{project['id']}")
     assert page.status_code == 200
     assert password not in page.text
     assert "data-secret" not in page.text
     csrf = re.search(r'<meta name="csrf" content="([^"]+)"', page.text)
     assert csrf
-    bare = client.post(f"/databases/{project['id']}/connection", data={"mode": "rw"})
+    bare = client.post(f"/projects/{project['id']}/connection", data={"mode": "rw"})
     assert bare.status_code == 403
     r = client.post(
-        f"/databases/{project['id']}/connection", data={"mode": "rw", "csrf": csrf.group(1)}
+        f"/projects/{project['id']}/connection", data={"mode": "rw", "csrf": csrf.group(1)}
     )
     assert r.status_code == 200 and r.headers["cache-control"] == "no-store"
     assert r.json()["uri"] == project["connection"]["uri"]
     ro = client.post(
-        f"/databases/{project['id']}/connection", data={"mode": "ro", "csrf": csrf.group(1)}
+        f"/projects/{project['id']}/connection", data={"mode": "ro", "csrf": csrf.group(1)}
     )
     assert "_ro:" in ro.json()["uri"]
 
@@ -92,7 +92,7 @@ def test_a_sign_in_csrf_pair_the_server_did_not_make_is_refused(
     client.cookies.set("pgfleet_signin_csrf", made_up, path="/signin")
     r = client.post(
         "/signin",
-        data={"token": owner[1], "next": "/databases", "csrf": made_up},
+        data={"token": owner[1], "next": "/projects", "csrf": made_up},
         follow_redirects=False,
     )
     assert r.status_code == 403
@@ -277,7 +277,7 @@ def test_every_error_has_the_envelope(client: TestClient, api: Api) -> None:
         r = api.post(path, content=huge, headers={"Content-Type": "application/json"})
         assert envelope(r, 413)["code"] == "body_too_large"
     # The console answers its own paths with pages, not JSON.
-    page = client.get("/databases/no-such-page/at/all", headers={"Accept": "text/html"})
+    page = client.get("/projects/no-such-page/at/all", headers={"Accept": "text/html"})
     assert page.status_code == 404 and "text/html" in page.headers["content-type"]
 
 

@@ -120,9 +120,9 @@ def console_session(f: CliFleet) -> httpx.Client:
     page = c.get("/signin")
     csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
     assert csrf, page.text
-    r = c.post("/signin", data={"token": f.token, "next": "/databases", "csrf": csrf.group(1)})
+    r = c.post("/signin", data={"token": f.token, "next": "/projects", "csrf": csrf.group(1)})
     assert r.status_code == 303, r.text
-    assert c.get("/databases").status_code == 200
+    assert c.get("/projects").status_code == 200
     return c
 
 
@@ -170,7 +170,7 @@ def _outage_and_recovery(f: CliFleet, api: httpx.Client, console: httpx.Client) 
             assert r.status_code == 503, f"{what}: {r.status_code} {r.text}"
             assert r.json()["error"]["code"] == "platform_unavailable", f"{what}: {r.text}"
             slowest = max(slowest, took)
-        page, took = timed(lambda: console.get("/databases"))
+        page, took = timed(lambda: console.get("/projects"))
         assert page.status_code == 503 and "text/html" in page.headers["content-type"]
         assert "platform database" in page.text
         health = api.get("/health")
@@ -193,7 +193,7 @@ def _outage_and_recovery(f: CliFleet, api: httpx.Client, console: httpx.Client) 
     created = api.post("/v1/projects", json={"name": "after", "region": "us-east-1"})
     assert created.status_code == 201, created.text
     assert time.monotonic() - back_at < 15
-    assert console.get("/databases").status_code == 200
+    assert console.get("/projects").status_code == 200
     sql = api.post(f"/v1/projects/{first.json()['id']}/sql", json={"query": "select 1"})
     assert sql.status_code == 200, sql.text
     # The embedded worker comes back by itself too (it retries with backoff).

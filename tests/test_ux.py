@@ -221,3 +221,33 @@ def test_a_down_region_says_what_to_run(cli: Cli, api: Api, fleet: Any) -> None:
         said = cli.fails("sql", "dark", "select 1")  # by its name, too
     assert "region eu-central-1 is unavailable" in said and "HTTP 503" in said, said
     assert "`pgfleet status` shows which servers and routers are down" in said, said
+
+
+def test_a_create_in_a_region_known_down_fails_fast_unless_asked_to_wait(
+    api: Api, platform: Any, fleet: Any
+) -> None:
+    from pgfleet.monitoring.background import run_once
+    from tests.helpers import poll
+    from tests.test_sql_errors import server_down
+
+    with server_down(fleet, "ap-southeast-1"):
+        run_once(platform)  # the health loop's round notices
+        t0 = time.monotonic()
+        err = error_of(
+            api.post("/v1/projects", json={"name": "x", "region": "ap-southeast-1"}), 503
+        )
+        assert time.monotonic() - t0 < 2, "not at once"
+        assert "failed its last health check" in err["message"], err
+        assert "wait_for_region=true" in err["message"], err
+        assert api.get("/v1/projects").json()["projects"] == []  # nothing half-made
+        r = api.post(
+            "/v1/projects",
+            json={"name": "patient", "region": "ap-southeast-1"},
+            params={"wait": "false", "wait_for_region": "true"},
+        )
+        assert r.status_code == 202, r.text
+        op_id = r.json()["operation"]["id"]
+        time.sleep(1)
+        assert api.get(f"/v1/operations/{op_id}").json()["status"] in ("scheduled", "running")
+    assert poll(api, op_id, timeout=60)["status"] == "finished"
+    assert api.get(f"/v1/projects/{r.json()['id']}").json()["status"] == "active"

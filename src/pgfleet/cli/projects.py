@@ -76,6 +76,13 @@ def projects_create(
         ),
     ] = None,
     wait: WaitOpt = True,
+    wait_for_region: Annotated[
+        bool,
+        typer.Option(
+            help="If the region's server failed its last health check, queue the create "
+            "until it is back instead of failing at once"
+        ),
+    ] = False,
     timeout: Annotated[
         float, typer.Option(help="How long to wait for the database, in seconds")
     ] = 120,
@@ -94,11 +101,19 @@ def projects_create(
         "residency": residency,
     }
     client = Client(url, token)
+    region_wait = {"wait_for_region": str(wait_for_region).lower()}
     if as_json:
         return print_json(
-            client.call("POST", "/v1/projects", json=body, params={"wait": str(wait).lower()})
+            client.call(
+                "POST",
+                "/v1/projects",
+                json=body,
+                params={"wait": str(wait).lower(), **region_wait},
+            )
         )
-    started = client.call("POST", "/v1/projects", json=body, params={"wait": "false"})
+    started = client.call(
+        "POST", "/v1/projects", json=body, params={"wait": "false", **region_wait}
+    )
     if started["connection"] is not None:  # finished within the request already (201)
         data = started
     else:

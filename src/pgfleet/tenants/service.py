@@ -102,10 +102,14 @@ def start_create_project(
     action: str = "project.create",
     deadline_s: float | None = None,
     check: Callable[[psycopg.Connection[Any]], None] | None = None,
+    wait_for_region: bool = False,
 ) -> tuple[Tenant, uuid.UUID]:
     """Validate, place, record the tenant row and its provision operation in
     one transaction, and queue the operation. Returns (project, operation id).
-    Nothing here touches a regional server: the operation does.
+    Nothing here touches a regional server: the operation does. A server the
+    health checks know to be down is refused at once (503), unless
+    `wait_for_region`: then the operation retries until it is back (or its
+    deadline passes).
 
     A restore makes its new project here too, with `op_type="restore"` (the
     provision steps, then the copy) and what it restores in `op_params`."""
@@ -131,10 +135,11 @@ def start_create_project(
         require_residency(residency, storage, what="its backups' storage")
     # A region the health checks know to be down is refused at once (503),
     # with nothing recorded.
-    if known_down(platform, placement.server_id):
+    if not wait_for_region and known_down(platform, placement.server_id):
         raise RegionUnavailable(
             f"region {placement.hosted_region} is unavailable: server "
-            f"{placement.server_name} failed its last health check (see `pgfleet status`)",
+            f"{placement.server_name} failed its last health check (see `pgfleet status`); "
+            "to queue the create until it is back, ask with wait_for_region=true",
             region=placement.hosted_region,
             server=placement.server_name,
         )

@@ -155,7 +155,7 @@ def install(app: FastAPI) -> None:
             sess.current(_platform(request), request),
             status=404,
             title="Not found",
-            message=f"There is no database {exc.args[0]} in your account.",
+            message=f"There is no project {exc.args[0]} in your account.",
         )
 
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
@@ -168,7 +168,15 @@ def install(app: FastAPI) -> None:
 @router.get("/", response_class=HTMLResponse)
 def index(request: Request) -> Response:
     s = sess.current(_platform(request), request)
-    return RedirectResponse("/databases" if s else "/signin", status_code=303)
+    return RedirectResponse("/projects" if s else "/signin", status_code=303)
+
+
+@router.get("/databases{rest:path}", include_in_schema=False)
+def former_paths(rest: str, request: Request) -> Response:
+    """The console's pages were /databases/... before they took the one name
+    the API and the CLI use; old links and bookmarks still arrive."""
+    query = f"?{request.url.query}" if request.url.query else ""
+    return RedirectResponse(f"/projects{rest}{query}", status_code=301)
 
 
 PRE_CSRF = "pgfleet_signin_csrf"
@@ -205,12 +213,12 @@ def _signin_form(request: Request, next: str, error: str | None, status: int = 2
 
 
 @router.get("/signin", response_class=HTMLResponse)
-def signin_page(request: Request, next: str = "/databases") -> HTMLResponse:
+def signin_page(request: Request, next: str = "/projects") -> HTMLResponse:
     return _signin_form(request, next, None)
 
 
 def _safe_next(url: str) -> str:
-    return url if url.startswith("/") and not url.startswith("//") else "/databases"
+    return url if url.startswith("/") and not url.startswith("//") else "/projects"
 
 
 @router.post("/signin", response_class=HTMLResponse)
@@ -249,7 +257,7 @@ def signin(
             "The console signs in with a token of scope all.",
             status=403,
         )
-    r = RedirectResponse(_safe_next(next or "/databases"), status_code=303)
+    r = RedirectResponse(_safe_next(next or "/projects"), status_code=303)
     sess.issue(p, r, owner, token_id, secure=request.url.scheme == "https")
     return r
 
@@ -262,7 +270,7 @@ def signout(request: Request, s: SessionDep, csrf: Annotated[str, Form()] = "") 
     return r
 
 
-# ---- databases -----------------------------------------------------------------
+# ---- projects ------------------------------------------------------------------
 
 SORTS: dict[str, Callable[[Tenant], Any]] = {
     "created": lambda p: (p.created_at is None, p.created_at),
@@ -273,7 +281,7 @@ SORTS: dict[str, Callable[[Tenant], Any]] = {
 }
 
 
-@router.get("/databases", response_class=HTMLResponse)
+@router.get("/projects", response_class=HTMLResponse)
 def databases(request: Request, s: SessionDep, q: str = "", sort: str = "created") -> HTMLResponse:
     rows = service.list_projects(_platform(request), s.owner)
     if q:
@@ -464,7 +472,7 @@ def revoke_owner_token(
     return RedirectResponse(f"/owners/{owner_id}?flash=revoked", status_code=303)
 
 
-@router.get("/databases/new", response_class=HTMLResponse)
+@router.get("/projects/new", response_class=HTMLResponse)
 def new_database(request: Request, s: SessionDep) -> HTMLResponse:
     return render(
         request,
@@ -482,7 +490,7 @@ def _region_notes(request: Request) -> dict[str, Any]:
     return {"served": served, "default_region": default}
 
 
-@router.post("/databases/new", response_class=HTMLResponse)
+@router.post("/projects/new", response_class=HTMLResponse)
 def create_database(
     request: Request,
     s: SessionDep,
@@ -530,7 +538,7 @@ def create_database(
             errors={"form": e.message},
             **_region_notes(request),
         )
-    return RedirectResponse(f"/databases/{project.id}?op={op_id}", status_code=303)
+    return RedirectResponse(f"/projects/{project.id}?op={op_id}", status_code=303)
 
 
 class _NoSuchDatabase(Exception):
@@ -554,7 +562,7 @@ def _failed_operation(p: Platform, s: sess.Session, op: str | None) -> Any:
     return found if found.status in ("failed", "cancelled") else None
 
 
-@router.get("/databases/{pid}", response_class=HTMLResponse)
+@router.get("/projects/{pid}", response_class=HTMLResponse)
 def database(request: Request, s: SessionDep, pid: str, op: str | None = None) -> Response:
     p = _platform(request)
     try:
@@ -573,7 +581,7 @@ def database(request: Request, s: SessionDep, pid: str, op: str | None = None) -
             status=409,
             title=f"The {failed.type.replace('_', ' ')} did not finish",
             message=f"{failed.error or failed.status}. Nothing was left behind.",
-            back=f"/databases/{source}" if source else "/databases",
+            back=f"/projects/{source}" if source else "/projects",
         )
     ops = ops_service.project_operations(p, project.id, limit=10)
     detailed = []
@@ -615,7 +623,7 @@ def database(request: Request, s: SessionDep, pid: str, op: str | None = None) -
     )
 
 
-@router.post("/databases/{pid}/backups")
+@router.post("/projects/{pid}/backups")
 def take_snapshot(
     request: Request, s: SessionDep, pid: str, csrf: Annotated[str, Form()] = ""
 ) -> Response:
@@ -629,7 +637,7 @@ def take_snapshot(
     )
 
 
-@router.post("/databases/{pid}/restore")
+@router.post("/projects/{pid}/restore")
 def restore(
     request: Request,
     s: SessionDep,
@@ -673,9 +681,9 @@ def restore(
             status=e.status_code,
             title="Not restored",
             message=e.message,
-            back=f"/databases/{pid}",
+            back=f"/projects/{pid}",
         )
-    return RedirectResponse(f"/databases/{new.id}?op={op_id}&flash=restoring", status_code=303)
+    return RedirectResponse(f"/projects/{new.id}?op={op_id}&flash=restoring", status_code=303)
 
 
 # The strings the project page shows: (key, label, mode, pooling, direct).
@@ -687,7 +695,7 @@ CONNECTION_STRINGS = (
 )
 
 
-@router.post("/databases/{pid}/connection")
+@router.post("/projects/{pid}/connection")
 def reveal_connection(
     request: Request,
     s: SessionDep,
@@ -708,7 +716,7 @@ def reveal_connection(
     return JSONResponse({"uri": c.uri}, headers={"Cache-Control": "no-store"})
 
 
-@router.get("/databases/{pid}/operations/{op_id}.json")
+@router.get("/projects/{pid}/operations/{op_id}.json")
 def operation_json(request: Request, s: SessionDep, pid: str, op_id: str) -> JSONResponse:
     """For the progress display: the operation's status and steps."""
     op = ops_service.visible_operation(_platform(request), s.owner, op_id)
@@ -737,12 +745,12 @@ def _action(
             status=e.status_code,
             title="Not done",
             message=e.message,
-            back=f"/databases/{pid}",
+            back=f"/projects/{pid}",
         )
-    return RedirectResponse(f"/databases/{pid}?op={op_id}&flash={quote(flash)}", status_code=303)
+    return RedirectResponse(f"/projects/{pid}?op={op_id}&flash={quote(flash)}", status_code=303)
 
 
-@router.post("/databases/{pid}/rotate")
+@router.post("/projects/{pid}/rotate")
 def rotate(
     request: Request, s: SessionDep, pid: str, csrf: Annotated[str, Form()] = ""
 ) -> Response:
@@ -757,7 +765,7 @@ def rotate(
     )
 
 
-@router.post("/databases/{pid}/plan")
+@router.post("/projects/{pid}/plan")
 def change_plan(
     request: Request,
     s: SessionDep,
@@ -775,7 +783,7 @@ def change_plan(
     )
 
 
-@router.post("/databases/{pid}/pause")
+@router.post("/projects/{pid}/pause")
 def pause(request: Request, s: SessionDep, pid: str, csrf: Annotated[str, Form()] = "") -> Response:
     return _action(
         request,
@@ -787,7 +795,7 @@ def pause(request: Request, s: SessionDep, pid: str, csrf: Annotated[str, Form()
     )
 
 
-@router.post("/databases/{pid}/resume")
+@router.post("/projects/{pid}/resume")
 def resume(
     request: Request, s: SessionDep, pid: str, csrf: Annotated[str, Form()] = ""
 ) -> Response:
@@ -801,7 +809,7 @@ def resume(
     )
 
 
-@router.post("/databases/{pid}/delete")
+@router.post("/projects/{pid}/delete")
 def delete(
     request: Request,
     s: SessionDep,
@@ -818,15 +826,15 @@ def delete(
             s,
             status=422,
             title="Not deleted",
-            message="To delete, type the database's name exactly as shown.",
-            back=f"/databases/{pid}",
+            message="To delete, type the project's name exactly as shown.",
+            back=f"/projects/{pid}",
         )
     op_id = service.start_delete_project(_platform(request), s.owner, project.id)
     service.wait_or_raise(_platform(request), op_id)
-    return RedirectResponse("/databases?flash=deleted", status_code=303)
+    return RedirectResponse("/projects?flash=deleted", status_code=303)
 
 
-@router.post("/databases/{pid}/sql", response_class=HTMLResponse)
+@router.post("/projects/{pid}/sql", response_class=HTMLResponse)
 async def sql(
     request: Request,
     s: SessionDep,

@@ -60,6 +60,14 @@ def create_project(
     platform: PlatformDep,
     owner: OwnerDep,
     wait: WaitQuery = True,
+    wait_for_region: Annotated[
+        bool,
+        Query(
+            description="When the placed region's server failed its last health check: "
+            "false (default) answers 503 at once; true queues the create, and its "
+            "operation retries until the server is back (or its deadline passes)"
+        ),
+    ] = False,
     idempotency_key: IdemHeader = None,
 ) -> JSONResponse:
     """Records the project and its `provision` operation, which creates the
@@ -78,6 +86,7 @@ def create_project(
             plan_type=body.chosen_plan,
             subdomain=body.subdomain,
             residency=body.residency,
+            wait_for_region=wait_for_region,
         )
         return created(*project_and_op(platform, owner, op_id, wait=wait, credentials=True))
 
@@ -87,7 +96,7 @@ def create_project(
         idempotency_key,
         method="POST",
         path="/v1/projects",
-        body={"body": body, "wait": wait},
+        body={"body": body, "wait": wait, "wait_for_region": wait_for_region},
         produce=produce,
     )
 

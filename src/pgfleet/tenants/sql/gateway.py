@@ -90,8 +90,13 @@ def visible_project(owner: Owner, project_id: str, row: dict[str, Any] | None) -
     ):
         raise ProjectNotFound(f"project {project_id} not found")
     if row["status"] != "active":
+        then = (
+            f" (resume it first: `pgfleet projects resume {row['id']}`)"
+            if row["status"] == "paused"
+            else ""
+        )
         raise Conflict(
-            f"project {row['id']} is {row['status']}; SQL runs only on active projects",
+            f"project {row['id']} is {row['status']}; SQL runs only on active projects{then}",
             status=row["status"],
         )
     return row
