@@ -163,3 +163,49 @@ def test_a_planted_function_in_the_tenant_database_is_never_called(
     with connect(p["connection"]) as conn:
         assert conn.execute("select count(*) from called").fetchone() == (0,)
     assert any(s["query"] == "select $1" for s in _statements(api, p["id"])["statements"])
+
+
+def test_a_server_that_tracks_utility_statements_is_not_sampled(
+    api: Api, platform: Platform
+) -> None:
+    """As an external server might be configured: its utility statements keep
+    their literals, so nothing of it is copied out."""
+    p = create_ok(api, "utility", region="us-east-1")
+    server = next(s for s in platform.servers.all() if s.name == p["server"])
+
+    def track_utility(value: str) -> None:
+        with platform.servers.admin_connection(server) as conn:
+            conn.execute(f"ALTER SYSTEM SET pg_stat_statements.track_utility = {value}")
+            conn.execute("SELECT pg_reload_conf()")
+
+    track_utility("on")
+    try:
+        with connect(p["connection"]) as conn:
+            conn.execute(
+                sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                    sql.Identifier(p["connection"]["user"]), sql.Literal(SECRET)
+                )
+            )
+        (done,) = [r for r in insights.sample(platform) if r["server"] == p["server"]]
+        assert "track_utility is on" in done["error"], done
+        assert not _statements(api, p["id"])["available"]
+        with platform.db.connection() as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM statement_stats WHERE query LIKE %s", (f"%{SECRET}%",)
+            ).fetchone()
+        assert row == (0,)
+    finally:
+        track_utility("off")
+
+
+def test_what_the_server_forgets_the_platform_forgets(api: Api, platform: Platform) -> None:
+    p = create_ok(api, "forgotten", region="eu-central-1")
+    with connect(p["connection"]) as conn:
+        conn.execute("select 99").fetchall()
+    insights.sample(platform)
+    assert _statements(api, p["id"])["statements"]
+    server = next(s for s in platform.servers.all() if s.name == p["server"])
+    with platform.servers.admin_connection(server) as conn:
+        conn.execute("SELECT public.pg_stat_statements_reset()")
+    insights.sample(platform)
+    assert _statements(api, p["id"])["statements"] == []

@@ -55,7 +55,13 @@ def test_a_read_only_token_lists_shows_and_queries_but_changes_nothing(
     ):
         r = getattr(ro, method)(path, **({"json": body} if body is not None else {}))
         assert "read-only" in error_of(r, 403)["message"], (method, path)
-    assert scalar(api, pid, "select count(*) from t") == 2
+    # An idempotency key is the owner's: a read-only token naming a key an
+    # all-scope token used is still refused, not answered from the replay.
+    key = {"Idempotency-Key": "k-1"}
+    body = {"query": "insert into t values (4)"}
+    assert api.post(f"/v1/projects/{pid}/sql", json=body, headers=key).status_code == 200
+    error_of(ro.post(f"/v1/projects/{pid}/sql", json=body, headers=key), 403)
+    assert scalar(api, pid, "select count(*) from t") == 3
     assert api.get(f"/v1/projects/{pid}").json()["status"] == "active"
     assert len(api.get("/v1/tokens").json()["tokens"]) == 2  # the owner's and the read one
 

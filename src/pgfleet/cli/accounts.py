@@ -46,7 +46,7 @@ def tokens_create(
     body: dict[str, object] = {"name": name, "scope": scope}
     if expires_in is not None:
         days = expires_in.strip().lower().removesuffix("d")
-        if not days.isdigit():
+        if not (days.isascii() and days.isdecimal()):
             fail(f"--expires-in takes days, as 30d or 30, not {expires_in!r}")
         body["expires_in_days"] = int(days)
     data = Client(url, token).call("POST", "/v1/tokens", json=body)

@@ -33,12 +33,14 @@ def run_once(platform: Platform) -> list[ServerHealth] | None:
         try:
             checks = check_all(platform.servers.all(enabled_only=True))
             record(platform, checks)
-            insights.sample(platform, due_only=True)
             with platform.db.connection() as conn:
                 today = datetime.now(UTC).date()
                 for d in (today, today + timedelta(days=1), today + timedelta(days=2)):
                     ensure_partition(conn, d)
                 apply_retention(conn, platform.settings.query_log_retention_days)
+            # Last, and never on a server that just failed its check.
+            down = frozenset(c.server_id for c in checks if not c.ok)
+            insights.sample(platform, due_only=True, skip=down)
             return checks
         finally:
             lock_conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))

@@ -18,6 +18,7 @@ from its statement's first sample (`first_seen`) to the last
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from typing import Any
@@ -36,7 +37,6 @@ EXTENSION = "pg_stat_statements"
 # A statement's text as stored: long ones are cut (the view keeps up to
 # track_activity_query_size bytes already).
 MAX_QUERY_CHARS = 2000
-TENANT_PREFIX = "tenant_"
 
 _SAMPLE = """
 SELECT d.datname, s.queryid, min(s.query) AS query, sum(s.calls)::bigint AS calls,
@@ -66,13 +66,34 @@ WHERE st.calls IS DISTINCT FROM EXCLUDED.calls
 """
 
 
+# A project's database, as tenants.naming spells it (this layer cannot import
+# it): exactly one spelling per project, so two databases never map to one.
+_DATABASE = re.compile(
+    r"^tenant_([0-9a-f]{8})_([0-9a-f]{4})_([0-9a-f]{4})_([0-9a-f]{4})_([0-9a-f]{12})$"
+)
+
+
+_FORGET = """
+DELETE FROM statement_stats st USING tenants t
+WHERE t.id = st.tenant_id AND t.server_id = %s
+  AND NOT EXISTS (SELECT 1 FROM statement_sample s
+                  WHERE s.tenant_id = st.tenant_id AND s.queryid = st.queryid)
+"""
+_FORGET_ALL = """
+DELETE FROM statement_stats st USING tenants t WHERE t.id = st.tenant_id AND t.server_id = %s
+"""
+
+
 def _tenant_id(datname: str) -> uuid.UUID | None:
-    if not datname.startswith(TENANT_PREFIX):
-        return None
-    try:
-        return uuid.UUID(datname[len(TENANT_PREFIX) :].replace("_", "-"))
-    except ValueError:
-        return None
+    m = _DATABASE.match(datname)
+    return uuid.UUID("-".join(m.groups())) if m else None
+
+
+class UtilityTracked(PgfleetError):
+    """The server tracks utility statements, whose texts keep their literals."""
+
+
+READ_TIMEOUT_S = 10
 
 
 def read_server(platform: Platform, server: ServerRecord) -> list[dict[str, Any]] | None:
@@ -90,9 +111,26 @@ def read_server(platform: Platform, server: ServerRecord) -> list[dict[str, Any]
         ).fetchone()
         if row is None:
             return None
+        utility = cur.execute(
+            "SELECT current_setting('pg_stat_statements.track_utility', true) AS on"
+        ).fetchone()
+        if utility is not None and utility["on"] not in (None, "off"):
+            # Utility statements keep their literals: a tenant's ALTER ROLE
+            # ... PASSWORD would be copied out as typed.
+            raise UtilityTracked(
+                f"pg_stat_statements.track_utility is on at server {server.name}: "
+                "utility statements keep their literals (a password in ALTER ROLE), so "
+                "its statements are not sampled; set it off"
+            )
         fn = sql.Identifier(row["nspname"], EXTENSION)
         try:
-            return cur.execute(sql.SQL(_SAMPLE).format(fn=fn), prepare=False).fetchall()
+            with conn.transaction():
+                # A server that stalls must not hold the health loop.
+                cur.execute(
+                    "SELECT pg_catalog.set_config('statement_timeout', %s, true)",
+                    (f"{READ_TIMEOUT_S}s",),
+                )
+                return cur.execute(sql.SQL(_SAMPLE).format(fn=fn), prepare=False).fetchall()
         except psycopg.errors.ObjectNotInPrerequisiteState:
             # The extension exists but the library is not preloaded.
             return None
@@ -105,12 +143,15 @@ def sample_server(platform: Platform, server: ServerRecord) -> dict[str, Any]:
     error = None
     rows: list[dict[str, Any]] | None = []
     changed = 0
+    read = False
     try:
         rows = read_server(platform, server)
         if rows is None:
             error = f"{EXTENSION} is not loaded on server {server.name}"
             rows = []
-    except PgfleetError as e:
+        else:
+            read = True
+    except (PgfleetError, psycopg.Error) as e:
         error = str(e)
         rows = []
     with platform.db.connection() as conn, conn.transaction():
@@ -141,6 +182,10 @@ def sample_server(platform: Platform, server: ServerRecord) -> dict[str, Any]:
                         )
                     )
             changed = conn.execute(_UPSERT, (server.id,)).rowcount
+        if read:
+            # What the server no longer has (evicted, reset, or a database
+            # gone) goes too: the table holds at most what the servers do.
+            conn.execute(_FORGET if rows else _FORGET_ALL, (server.id,))
         took = (time.perf_counter() - t0) * 1000
         conn.execute(
             "INSERT INTO statement_samples AS s (server_id, sampled_at, duration_ms, "
@@ -159,9 +204,12 @@ def sample_server(platform: Platform, server: ServerRecord) -> dict[str, Any]:
     }
 
 
-def sample(platform: Platform, *, due_only: bool = False) -> list[dict[str, Any]]:
+def sample(
+    platform: Platform, *, due_only: bool = False, skip: frozenset[int] = frozenset()
+) -> list[dict[str, Any]]:
     """A round over every enabled server (with `due_only`, those not sampled
-    within PGFLEET_INSIGHTS_INTERVAL_S)."""
+    within PGFLEET_INSIGHTS_INTERVAL_S; never those in `skip`, such as the
+    servers that just failed their health check)."""
     servers = platform.servers.all(enabled_only=True)
     if due_only:
         with platform.db.connection() as conn:
@@ -174,11 +222,13 @@ def sample(platform: Platform, *, due_only: bool = False) -> list[dict[str, Any]
                 )
             }
         servers = [s for s in servers if s.id not in recent]
+    if skip:
+        servers = [s for s in servers if s.id not in skip]
     done = []
     for server in servers:
         try:
             done.append(sample_server(platform, server))
-        except psycopg.Error:
+        except Exception:
             log.exception("sampling the statements of server %s failed", server.name)
     return done
 

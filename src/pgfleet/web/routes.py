@@ -346,7 +346,7 @@ def create_token(
     _check_csrf(s, csrf)
     form = {"name": name, "expires_in_days": expires_in_days}
     days = expires_in_days.strip()
-    if days and not days.isdigit():
+    if days and not (days.isascii() and days.isdecimal()):
         return _tokens(
             request,
             s,

@@ -122,7 +122,7 @@ def list_backups(project_id: str, platform: PlatformDep, owner: OwnerDep) -> Bac
             "description": "into=same: the project, restored, and the finished operation.",
         },
         202: {
-            "model": ProjectCreated,
+            "model": ProjectCreated | ProjectWithOperation,
             "description": "The restore is still running (`into: new`: the same body as "
             "201 with `connection` null; `into: same`: the project and the operation).",
         },

@@ -23,6 +23,7 @@ from pgfleet.api.schemas import (
     SqlOut,
 )
 from pgfleet.api.sqlpath import serve_driver, sql_body, sql_request
+from pgfleet.errors import read_only_refusal
 from pgfleet.tenants.sql import SqlGateway
 
 router = APIRouter()
@@ -79,6 +80,9 @@ async def sql(
         # answers from the first run instead of running again.
         def keyed() -> JSONResponse:
             owner, row = from_thread.run(gateway.authenticate, token, project_id)
+            if owner.read_only and req.mode != "ro":
+                # Before the replay: a key is the owner's, not the token's.
+                raise read_only_refusal("SQL runs with mode ro only")
             return run_idempotent(
                 platform,
                 owner,
