@@ -11,10 +11,10 @@ import pytest
 from psycopg import sql
 
 from pgfleet.monitoring import insights
-from pgfleet.monitoring.background import run_once
+from pgfleet.monitoring.background import BackgroundLoop
 from pgfleet.platform.core import Platform
 from pgfleet.platform.owners import Owner
-from tests.helpers import Api, connect, create_ok, get_ok, run_ok
+from tests.helpers import Api, connect, create_ok, get_ok, run_ok, until
 from tests.test_cli import Cli
 
 SECRET = "s3cr3t-lemon-4417"
@@ -93,9 +93,16 @@ def test_the_health_loop_samples_and_regions_show_all_clients(
     with connect(p["connection"]) as conn:
         for _ in range(4):
             conn.execute("select 42").fetchall()
-    assert run_once(platform) is not None  # one background round
-    stmts = _statements(api, p["id"])
-    assert any(s["query"] == "select $1" and s["calls"] >= 4 for s in stmts["statements"]), stmts
+    loop = BackgroundLoop(platform).start()  # as an API process runs it
+    try:
+
+        def sampled() -> bool:
+            found = _statements(api, p["id"])["statements"]
+            return any(s["query"] == "select $1" and s["calls"] >= 4 for s in found)
+
+        assert until(sampled, 20)
+    finally:
+        loop.stop()
     perf = get_ok(admin_api, "/v1/admin/stats/performance")
     assert perf["source"] == "sql_api"
     west = next(r for r in perf["server_statements"] if r["region"] == p["hosted_region"])
@@ -198,14 +205,67 @@ def test_a_server_that_tracks_utility_statements_is_not_sampled(
         track_utility("off")
 
 
-def test_what_the_server_forgets_the_platform_forgets(api: Api, platform: Platform) -> None:
-    p = create_ok(api, "forgotten", region="eu-central-1")
-    with connect(p["connection"]) as conn:
-        conn.execute("select 99").fetchall()
+def test_another_tenants_flood_does_not_wipe_a_projects_figures(
+    api: Api, platform: Platform
+) -> None:
+    """The server's capacity is shared (10,000 statements): a tenant sending
+    thousands of distinct statements evicts others' entries there. The
+    platform keeps what it last saw of them, marked gone, and keeps the
+    flooder to its own bounded share."""
+    bob = create_ok(api, "bob", region="eu-central-1")
+    alice = create_ok(api, "alice", region="eu-central-1")
+    with connect(bob["connection"]) as conn:
+        conn.execute("create table orders (id int, total int)")
+        for _ in range(3):
+            conn.execute("select sum(total) from orders where id > 0").fetchall()
     insights.sample(platform)
-    assert _statements(api, p["id"])["statements"]
-    server = next(s for s in platform.servers.all() if s.name == p["server"])
-    with platform.servers.admin_connection(server) as conn:
+    server = next(s for s in platform.servers.all() if s.name == bob["server"])
+    with platform.servers.admin_connection(server) as conn:  # the flood's effect, at once
         conn.execute("SELECT public.pg_stat_statements_reset()")
+    with connect(alice["connection"]) as conn:
+        cols = ", ".join(f"c{i} int" for i in range(40))
+        conn.execute(f"create table wide ({cols})")
+        for i in range(40):
+            for j in range(i + 1, 40):
+                conn.execute(f"select c{i}, c{j} from wide").fetchall()  # noqa: S608
     insights.sample(platform)
-    assert _statements(api, p["id"])["statements"] == []
+    kept = _statements(api, bob["id"])["statements"]
+    mine = next(s for s in kept if "sum(total)" in s["query"])
+    assert mine["calls"] == 3 and mine["gone_at"] is not None, kept
+    with platform.db.connection() as conn:
+        n = conn.execute(
+            "SELECT count(*) FROM statement_stats WHERE tenant_id = %s", (alice["id"],)
+        ).fetchone()
+    assert n is not None and n[0] == insights.MAX_PER_PROJECT
+    # Back on the server, it is live again.
+    with connect(bob["connection"]) as conn:
+        conn.execute("select sum(total) from orders where id > 0").fetchall()
+    insights.sample(platform)
+    mine = next(s for s in _statements(api, bob["id"])["statements"] if "sum(total)" in s["query"])
+    assert mine["calls"] == 1 and mine["gone_at"] is None
+
+
+def test_texts_too_large_to_read_cost_only_the_new_statements(
+    api: Api, platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tenant can make the server's statement texts huge, and reading them
+    slow; counters are read without texts, so known statements keep being
+    counted and only new ones wait."""
+    p = create_ok(api, "texts", region="us-east-1")
+    with connect(p["connection"]) as conn:
+        conn.execute("select 1 + 1").fetchall()
+    insights.sample(platform)
+    slow = (
+        "SELECT NULL FROM pg_catalog.pg_sleep(30) "
+        "WHERE %s::int > 0 AND %s::bigint[] IS NOT NULL AND %s::text[] IS NOT NULL"
+    )
+    monkeypatch.setattr(insights, "_TEXTS", slow)
+    monkeypatch.setattr(insights, "READ_TIMEOUT_S", 1)
+    with connect(p["connection"]) as conn:
+        conn.execute("select 1 + 1").fetchall()
+        conn.execute("select 'new' || 'one'").fetchall()
+    (done,) = [r for r in insights.sample(platform) if r["server"] == p["server"]]
+    assert "could not be read within 1 s" in done["error"], done
+    got = _statements(api, p["id"])["statements"]
+    assert next(s for s in got if s["query"] == "select $1 + $2")["calls"] == 2
+    assert not any("||" in s["query"] for s in got)

@@ -118,3 +118,14 @@ def test_the_cli_makes_scoped_expiring_tokens(api_url: str, owner: tuple[Owner, 
     said = cli.fails("projects", "create", "--name", "x", token=made["token"])
     assert "read-only" in said, said
     assert "takes days" in cli.fails("tokens", "create", "--expires-in", "soon")
+
+
+def test_a_token_cannot_make_one_that_outlives_it(api: Api, client: TestClient) -> None:
+    parent = _token(api, expires_in_days=2)
+    short = Api(client, parent["token"])
+    child = short.post("/v1/tokens", json={"name": "child"})
+    assert child.status_code == 201, child.text
+    assert child.json()["expires_at"] == parent["expires_at"]  # omitted: expires with it
+    err = error_of(short.post("/v1/tokens", json={"name": "c", "expires_in_days": 30}), 422)
+    assert "cannot outlive it" in err["message"], err
+    assert short.post("/v1/tokens", json={"name": "c", "expires_in_days": 1}).status_code == 201

@@ -251,3 +251,13 @@ def test_a_create_in_a_region_known_down_fails_fast_unless_asked_to_wait(
         assert api.get(f"/v1/operations/{op_id}").json()["status"] in ("scheduled", "running")
     assert poll(api, op_id, timeout=60)["status"] == "finished"
     assert api.get(f"/v1/projects/{r.json()['id']}").json()["status"] == "active"
+
+
+def test_a_tenants_control_characters_never_reach_the_terminal(cli: Cli, api: Api) -> None:
+    """A value, a statement's text or an error can be a tenant's: escape
+    sequences in them are shown, never sent to the reader's terminal."""
+    pid = create_ok(api, "escapes")["id"]
+    out = cli.ok("sql", pid, "select E'\\x1b]0;PWNED\\x07\\x1b[2Jfake' as v")
+    assert "\x1b" not in out and "\\x1b]0;PWNED\\x07\\x1b[2Jfake" in out, out
+    res = cli("sql", pid, "do $$ begin raise exception E'bad\\x1b[31m'; end $$")
+    assert res.exit_code != 0 and "\x1b" not in res.stderr and "\\x1b[31m" in res.stderr

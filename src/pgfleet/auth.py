@@ -5,7 +5,7 @@ a SHA-256 hash, shown once, revocable; each may expire, and its scope is
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from psycopg.rows import dict_row
@@ -101,11 +101,29 @@ def create_token(
             f"not {expires_in_days}",
             field="expires_in_days",
         )
+    limit = owner.token_expires_at
+    if (
+        limit is not None
+        and expires_in_days is not None
+        and datetime.now(UTC) + timedelta(days=expires_in_days) > limit
+    ):
+        raise InvalidInput(
+            f"the token making this one expires at {limit.isoformat()}: a token it makes "
+            "cannot outlive it; ask for fewer days, or omit expires_in_days to expire then",
+            field="expires_in_days",
+        )
     token = generate_api_token()
-    with platform.db.connection() as conn:
+    with platform.db.connection() as conn, conn.transaction():
         tid = _insert_token(
             conn, owner.id, name, token, scope=scope, expires_in_days=expires_in_days
         )
+        if limit is not None:
+            # Made with a token that expires: this one expires by then too.
+            conn.execute(
+                "UPDATE api_tokens SET expires_at = %s WHERE id = %s "
+                "AND (expires_at IS NULL OR expires_at > %s)",
+                (limit, tid, limit),
+            )
     return tid, token
 
 
@@ -202,7 +220,9 @@ def authenticate_token(platform: Platform, token: str | None) -> tuple[Owner, uu
             raise expired(row[6])
         if row[4]:  # last_used_at is kept to the minute, not written on every call
             conn.execute("UPDATE api_tokens SET last_used_at = now() WHERE id = %s", (row[3],))
-    return Owner(row[0], row[1], row[2], read_only=row[5] == "read"), row[3]
+    return Owner(row[0], row[1], row[2], read_only=row[5] == "read", token_expires_at=row[6]), row[
+        3
+    ]
 
 
 def expired(at: datetime) -> NotAuthenticated:

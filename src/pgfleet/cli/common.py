@@ -148,7 +148,11 @@ WaitOpt = Annotated[
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    err.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False)
+    # The message can quote a tenant (a RAISE's text): no control characters.
+    err.print(
+        Text.assemble(("error:", "bold red"), " ", printable(message, lines=True)),
+        highlight=False,
+    )
     raise typer.Exit(code)
 
 
@@ -261,9 +265,31 @@ class Client:
         return r.json() if r.content else None
 
 
+# Control characters (C0, DEL, C1): a cell's text can be a tenant's (a
+# statement, a value), and an escape sequence in it would drive the reader's
+# terminal (clear it, retitle it, fake output); a tab or newline would break
+# the piped form's lines and columns.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str, *, lines: bool = False) -> str:
+    """`text` with every control character shown as its escape (`\x1b`);
+    with `lines`, newlines are kept."""
+    return _CONTROL.sub(
+        lambda m: m.group() if lines and m.group() == "\n" else f"\\x{ord(m.group()):02x}",
+        text,
+    )
+
+
 def add_row(table: Table, *cells: object) -> None:
-    """Add a row whose cells are shown as plain text, never as Rich markup."""
-    table.add_row(*[c if isinstance(c, Text) else Text(str(c)) for c in cells])
+    """Add a row whose cells are shown as plain text: never Rich markup, and
+    never a control character (see `printable`)."""
+    table.add_row(
+        *[
+            Text(printable(c.plain)) if isinstance(c, Text) else Text(printable(str(c)))
+            for c in cells
+        ]
+    )
 
 
 def print_json(data: Any) -> None:

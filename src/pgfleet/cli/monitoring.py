@@ -22,6 +22,7 @@ from pgfleet.cli.common import (
     human_bytes,
     out,
     print_json,
+    printable,
     projects_app,
     stats_app,
 )
@@ -216,7 +217,8 @@ def project_stats(
     if server["statements"]:
         out.print(t)
     else:
-        out.print(f"All clients (pg_stat_statements): {server['note'] or 'no statements yet'}")
+        said = printable(server["note"] or "no statements yet")
+        out.print(Text(f"All clients (pg_stat_statements): {said}"))
     out.print(
         f"sampled {when(server['sampled_at'])}; utility statements (DDL, ALTER ROLE) are "
         "not tracked",

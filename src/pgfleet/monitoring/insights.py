@@ -21,6 +21,7 @@ import logging
 import re
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -34,54 +35,85 @@ from pgfleet.platform.core import Platform
 log = logging.getLogger(__name__)
 
 EXTENSION = "pg_stat_statements"
-# A statement's text as stored: long ones are cut (the view keeps up to
-# track_activity_query_size bytes already).
+# A statement's text as stored: long ones are cut, on the server.
 MAX_QUERY_CHARS = 2000
+# A read of a server is cut off after this: a server that stalls, or whose
+# texts a tenant made huge, costs a round this much at most.
+READ_TIMEOUT_S = 10
+# What the server no longer has (evicted, reset, a database gone) is marked
+# gone, not deleted: a tenant flooding the server's shared capacity (10,000
+# statements) must not wipe another project's figures. Gone rows go after
+# KEEP_GONE_DAYS, and a project keeps at most MAX_PER_PROJECT rows (its live
+# ones first), so a flood is bounded in the platform DB too.
+KEEP_GONE_DAYS = 7
+MAX_PER_PROJECT = 500
 
-_SAMPLE = """
-SELECT d.datname, s.queryid, min(s.query) AS query, sum(s.calls)::bigint AS calls,
+# Counters only (no texts): cheap, whatever the texts weigh.
+_COUNTERS = r"""
+SELECT d.datname, s.queryid, sum(s.calls)::bigint AS calls,
        sum(s.total_exec_time) AS total_ms, sum(s.rows)::bigint AS rows,
        sum(s.shared_blks_hit)::bigint AS hit, sum(s.shared_blks_read)::bigint AS read
-FROM {fn}(true) s
+FROM {fn}(false) s
 JOIN pg_catalog.pg_database d ON d.oid = s.dbid
 LEFT JOIN pg_catalog.pg_roles r ON r.oid = s.userid
-WHERE d.datname LIKE 'tenant\\_%%' AND s.queryid IS NOT NULL
+WHERE d.datname LIKE 'tenant\_%%' AND s.queryid IS NOT NULL
   AND NOT coalesce(r.rolsuper, false)
 GROUP BY d.datname, s.queryid
+"""
+# Texts, of the statements pgfleet has not stored yet. The server reads its
+# whole texts file for it, which a tenant can make large: a failure (the
+# timeout) costs only the new statements this round.
+_TEXTS = """
+SELECT DISTINCT ON (d.datname, s.queryid) d.datname, s.queryid, left(s.query, %s) AS query
+FROM {fn}(true) s JOIN pg_catalog.pg_database d ON d.oid = s.dbid
+WHERE s.queryid = ANY(%s) AND d.datname = ANY(%s)
 """
 
 _UPSERT = """
 INSERT INTO statement_stats AS st
     (tenant_id, queryid, query, calls, total_ms, rows, shared_blks_hit, shared_blks_read,
      sampled_at)
-SELECT s.tenant_id, s.queryid, s.query, s.calls, s.total_ms, s.rows, s.hit, s.read, now()
+SELECT s.tenant_id, s.queryid, coalesce(s.query, ''), s.calls, s.total_ms, s.rows, s.hit,
+       s.read, now()
 FROM statement_sample s
 JOIN tenants t ON t.id = s.tenant_id AND t.server_id = %s
+WHERE s.query IS NOT NULL OR EXISTS (
+    SELECT 1 FROM statement_stats k WHERE k.tenant_id = s.tenant_id AND k.queryid = s.queryid)
 ON CONFLICT (tenant_id, queryid) DO UPDATE SET
-    query = EXCLUDED.query, calls = EXCLUDED.calls, total_ms = EXCLUDED.total_ms,
+    calls = EXCLUDED.calls, total_ms = EXCLUDED.total_ms,
     rows = EXCLUDED.rows, shared_blks_hit = EXCLUDED.shared_blks_hit,
-    shared_blks_read = EXCLUDED.shared_blks_read, sampled_at = EXCLUDED.sampled_at
+    shared_blks_read = EXCLUDED.shared_blks_read, sampled_at = EXCLUDED.sampled_at,
+    gone_at = NULL
 WHERE st.calls IS DISTINCT FROM EXCLUDED.calls
    OR st.shared_blks_read IS DISTINCT FROM EXCLUDED.shared_blks_read
+   OR st.gone_at IS NOT NULL
 """
-
+_GONE = """
+UPDATE statement_stats st SET gone_at = now() FROM tenants t
+WHERE t.id = st.tenant_id AND t.server_id = %s AND st.gone_at IS NULL
+  AND NOT EXISTS (SELECT 1 FROM statement_sample s
+                  WHERE s.tenant_id = st.tenant_id AND s.queryid = st.queryid)
+"""
+_EXPIRE = """
+DELETE FROM statement_stats st USING tenants t
+WHERE t.id = st.tenant_id AND t.server_id = %s
+  AND st.gone_at < now() - make_interval(days => %s)
+"""
+_CAP = """
+DELETE FROM statement_stats st USING (
+    SELECT x.tenant_id, x.queryid, row_number() OVER (
+        PARTITION BY x.tenant_id ORDER BY x.gone_at IS NOT NULL, x.total_ms DESC, x.queryid
+    ) AS n
+    FROM statement_stats x JOIN tenants t ON t.id = x.tenant_id AND t.server_id = %s
+) r
+WHERE r.tenant_id = st.tenant_id AND r.queryid = st.queryid AND r.n > %s
+"""
 
 # A project's database, as tenants.naming spells it (this layer cannot import
 # it): exactly one spelling per project, so two databases never map to one.
 _DATABASE = re.compile(
     r"^tenant_([0-9a-f]{8})_([0-9a-f]{4})_([0-9a-f]{4})_([0-9a-f]{4})_([0-9a-f]{12})$"
 )
-
-
-_FORGET = """
-DELETE FROM statement_stats st USING tenants t
-WHERE t.id = st.tenant_id AND t.server_id = %s
-  AND NOT EXISTS (SELECT 1 FROM statement_sample s
-                  WHERE s.tenant_id = st.tenant_id AND s.queryid = st.queryid)
-"""
-_FORGET_ALL = """
-DELETE FROM statement_stats st USING tenants t WHERE t.id = st.tenant_id AND t.server_id = %s
-"""
 
 
 def _tenant_id(datname: str) -> uuid.UUID | None:
@@ -93,10 +125,34 @@ class UtilityTracked(PgfleetError):
     """The server tracks utility statements, whose texts keep their literals."""
 
 
-READ_TIMEOUT_S = 10
+@dataclass
+class Read:
+    """One server's statements: counters of all, texts of the new ones."""
+
+    rows: list[dict[str, Any]]
+    texts: dict[tuple[str, int], str]
+    texts_error: str | None = None
 
 
-def read_server(platform: Platform, server: ServerRecord) -> list[dict[str, Any]] | None:
+def _known(platform: Platform, server: ServerRecord) -> set[tuple[uuid.UUID, int]]:
+    with platform.db.connection() as conn:
+        return {
+            (r[0], r[1])
+            for r in conn.execute(
+                "SELECT st.tenant_id, st.queryid FROM statement_stats st "
+                "JOIN tenants t ON t.id = st.tenant_id WHERE t.server_id = %s",
+                (server.id,),
+            )
+        }
+
+
+def _timed(conn: psycopg.Connection[Any]) -> None:
+    conn.execute(
+        "SELECT pg_catalog.set_config('statement_timeout', %s, true)", (f"{READ_TIMEOUT_S}s",)
+    )
+
+
+def read_server(platform: Platform, server: ServerRecord) -> Read | None:
     """The server's statements per tenant database, or None when it does
     not have pg_stat_statements (an external server without it, or a build
     without the module)."""
@@ -125,15 +181,43 @@ def read_server(platform: Platform, server: ServerRecord) -> list[dict[str, Any]
         fn = sql.Identifier(row["nspname"], EXTENSION)
         try:
             with conn.transaction():
-                # A server that stalls must not hold the health loop.
-                cur.execute(
-                    "SELECT pg_catalog.set_config('statement_timeout', %s, true)",
-                    (f"{READ_TIMEOUT_S}s",),
-                )
-                return cur.execute(sql.SQL(_SAMPLE).format(fn=fn), prepare=False).fetchall()
+                _timed(conn)
+                rows = cur.execute(sql.SQL(_COUNTERS).format(fn=fn), prepare=False).fetchall()
         except psycopg.errors.ObjectNotInPrerequisiteState:
             # The extension exists but the library is not preloaded.
             return None
+        known = _known(platform, server)
+        new = [
+            r
+            for r in rows
+            if (tid := _tenant_id(r["datname"])) and (tid, r["queryid"]) not in known
+        ]
+        out = Read(rows, {})
+        if new:
+            try:
+                with conn.transaction():
+                    _timed(conn)
+                    for t in cur.execute(
+                        sql.SQL(_TEXTS).format(fn=fn),
+                        (
+                            MAX_QUERY_CHARS,
+                            list({r["queryid"] for r in new}),
+                            list({r["datname"] for r in new}),
+                        ),
+                        prepare=False,
+                    ):
+                        out.texts[(t["datname"], t["queryid"])] = t["query"]
+            except psycopg.errors.QueryCanceled:
+                out.texts_error = (
+                    f"the texts of {len(new)} new statement(s) on server {server.name} could "
+                    f"not be read within {READ_TIMEOUT_S} s (the server's statement texts are "
+                    "very large); their figures come once they can be"
+                )
+            except psycopg.Error as e:
+                if conn.broken:
+                    raise
+                out.texts_error = f"the texts of new statements were not read: {e}"
+        return out
 
 
 def sample_server(platform: Platform, server: ServerRecord) -> dict[str, Any]:
@@ -141,21 +225,19 @@ def sample_server(platform: Platform, server: ServerRecord) -> dict[str, Any]:
     did (and records it in statement_samples)."""
     t0 = time.perf_counter()
     error = None
-    rows: list[dict[str, Any]] | None = []
+    got: Read | None = None
     changed = 0
-    read = False
     try:
-        rows = read_server(platform, server)
-        if rows is None:
+        got = read_server(platform, server)
+        if got is None:
             error = f"{EXTENSION} is not loaded on server {server.name}"
-            rows = []
         else:
-            read = True
+            error = got.texts_error
     except (PgfleetError, psycopg.Error) as e:
         error = str(e)
-        rows = []
+    rows = got.rows if got is not None else []
     with platform.db.connection() as conn, conn.transaction():
-        if rows:
+        if got is not None:
             conn.execute(
                 "CREATE TEMP TABLE statement_sample (tenant_id uuid, queryid bigint, "
                 "query text, calls bigint, total_ms float8, rows bigint, hit bigint, "
@@ -173,7 +255,7 @@ def sample_server(platform: Platform, server: ServerRecord) -> dict[str, Any]:
                         (
                             tid,
                             r["queryid"],
-                            r["query"][:MAX_QUERY_CHARS],
+                            got.texts.get((r["datname"], r["queryid"])),
                             r["calls"],
                             r["total_ms"],
                             r["rows"],
@@ -182,10 +264,9 @@ def sample_server(platform: Platform, server: ServerRecord) -> dict[str, Any]:
                         )
                     )
             changed = conn.execute(_UPSERT, (server.id,)).rowcount
-        if read:
-            # What the server no longer has (evicted, reset, or a database
-            # gone) goes too: the table holds at most what the servers do.
-            conn.execute(_FORGET if rows else _FORGET_ALL, (server.id,))
+            conn.execute(_GONE, (server.id,))
+            conn.execute(_EXPIRE, (server.id, KEEP_GONE_DAYS))
+            conn.execute(_CAP, (server.id, MAX_PER_PROJECT))
         took = (time.perf_counter() - t0) * 1000
         conn.execute(
             "INSERT INTO statement_samples AS s (server_id, sampled_at, duration_ms, "
@@ -241,8 +322,8 @@ def project_statements(
     with platform.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
         rows = cur.execute(
             "SELECT query, calls, total_ms, rows, shared_blks_hit, shared_blks_read, "
-            "first_seen, sampled_at FROM statement_stats WHERE tenant_id = %s "
-            "ORDER BY total_ms DESC, queryid LIMIT %s",
+            "first_seen, sampled_at, gone_at FROM statement_stats WHERE tenant_id = %s "
+            "ORDER BY gone_at IS NOT NULL, total_ms DESC, queryid LIMIT %s",
             (tenant_id, limit),
         ).fetchall()
         sampled = cur.execute(
@@ -276,6 +357,7 @@ def _statement(r: dict[str, Any]) -> dict[str, Any]:
         "shared_blks_hit": r["shared_blks_hit"],
         "shared_blks_read": r["shared_blks_read"],
         "cache_hit_ratio": round(r["shared_blks_hit"] / blocks, 4) if blocks else None,
+        "gone_at": r["gone_at"],
     }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 
 
 @dataclass(frozen=True)
@@ -14,6 +15,9 @@ class Owner:
     # The token's scope is `read`: it may list, show and run read-only SQL,
     # and change nothing (api.deps refuses the rest).
     read_only: bool = False
+    # When the token asking expires (None: never). Tokens it makes expire by
+    # then too, so an expiry cannot be stepped around.
+    token_expires_at: datetime | None = None
 
     @property
     def actor(self) -> str:

@@ -94,7 +94,7 @@ def current(platform: Platform, request: Request) -> Session | None:
         return None
     with platform.db.connection() as conn:
         row = conn.execute(
-            "SELECT o.id, o.name, o.is_admin FROM console_sessions s "
+            "SELECT o.id, o.name, o.is_admin, t.expires_at FROM console_sessions s "
             "JOIN api_tokens t ON t.id = s.token_id JOIN owners o ON o.id = t.owner_id "
             "WHERE s.id = %s AND s.ended_at IS NULL AND s.expires_at > now() "
             "AND t.id = %s AND o.id = %s AND t.revoked_at IS NULL "
@@ -103,7 +103,7 @@ def current(platform: Platform, request: Request) -> Session | None:
         ).fetchone()
     if row is None:
         return None
-    return Session(Owner(row[0], row[1], row[2]), token_id, csrf, sid)
+    return Session(Owner(row[0], row[1], row[2], token_expires_at=row[3]), token_id, csrf, sid)
 
 
 _SIGNIN_PURPOSE = "signin-csrf:"

@@ -25,6 +25,9 @@ def upgrade() -> None:
             shared_blks_read BIGINT NOT NULL,
             first_seen TIMESTAMPTZ NOT NULL DEFAULT now(),
             sampled_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+            -- When the server stopped showing it (evicted, reset): kept a
+            -- while with its last figures, then dropped.
+            gone_at TIMESTAMPTZ,
             PRIMARY KEY (tenant_id, queryid)
         );
         CREATE TABLE IF NOT EXISTS statement_samples (
