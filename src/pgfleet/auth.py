@@ -62,12 +62,15 @@ def _insert_token(
     *,
     scope: str = "all",
     expires_in_days: int | None = None,
-) -> uuid.UUID:
+    not_after: datetime | None = None,
+) -> tuple[uuid.UUID, datetime | None]:
+    """The new token's id and expiry: `expires_in_days` from now, and never
+    after `not_after` (least() passes over a NULL: either alone holds)."""
     tid = uuid.uuid4()
-    conn.execute(
+    row = conn.execute(
         "INSERT INTO api_tokens (id, owner_id, name, token_hash, token_prefix, scope, "
         "expires_at) VALUES (%s, %s, %s, %s, %s, %s, "
-        "now() + make_interval(days => %s))",
+        "least(now() + make_interval(days => %s), %s::timestamptz)) RETURNING expires_at",
         (
             tid,
             owner_id,
@@ -76,9 +79,10 @@ def _insert_token(
             token[: len(TOKEN_PREFIX) + 6],
             scope,
             expires_in_days,
+            not_after,
         ),
-    )
-    return tid
+    ).fetchone()
+    return tid, row[0]
 
 
 def create_token(
@@ -88,10 +92,11 @@ def create_token(
     *,
     scope: str = "all",
     expires_in_days: int | None = None,
-) -> tuple[uuid.UUID, str]:
-    """A new token of `owner`, returned in clear once. `scope` read: it may
-    list, show and run read-only SQL only. A read-only token cannot make
-    tokens (api.deps refuses it every change)."""
+) -> tuple[uuid.UUID, str, datetime | None]:
+    """A new token of `owner`: its id, its value (returned in clear, once)
+    and when it expires. `scope` read: it may list, show and run read-only
+    SQL only. A read-only token cannot make tokens (api.deps refuses it
+    every change); one made with a token that expires expires by then."""
     name = validate_name(name)
     if scope not in SCOPES:
         raise InvalidInput(f"unknown scope {scope!r}; valid scopes are: all, read", field="scope")
@@ -113,18 +118,17 @@ def create_token(
             field="expires_in_days",
         )
     token = generate_api_token()
-    with platform.db.connection() as conn, conn.transaction():
-        tid = _insert_token(
-            conn, owner.id, name, token, scope=scope, expires_in_days=expires_in_days
+    with platform.db.connection() as conn:
+        tid, expires_at = _insert_token(
+            conn,
+            owner.id,
+            name,
+            token,
+            scope=scope,
+            expires_in_days=expires_in_days,
+            not_after=limit,
         )
-        if limit is not None:
-            # Made with a token that expires: this one expires by then too.
-            conn.execute(
-                "UPDATE api_tokens SET expires_at = %s WHERE id = %s "
-                "AND (expires_at IS NULL OR expires_at > %s)",
-                (limit, tid, limit),
-            )
-    return tid, token
+    return tid, token, expires_at
 
 
 def list_tokens(platform: Platform, owner: Owner) -> list[dict[str, Any]]:

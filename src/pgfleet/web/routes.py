@@ -313,20 +313,24 @@ def _tokens(
     request: Request,
     s: sess.Session,
     *,
+    subject: dict[str, Any] | None = None,
     created: dict[str, Any] | None = None,
     revoked: bool = False,
     error: str | None = None,
     form: dict[str, str] | None = None,
     status: int = 200,
 ) -> HTMLResponse:
+    """The tokens page: the signed-in owner's own, or (an admin's view)
+    those of `subject`, an owner row."""
+    p = _platform(request)
     return render(
         request,
         "tokens.html",
         s,
         status=status,
-        tokens=auth.list_tokens(_platform(request), s.owner),
-        base="/tokens",
-        subject=None,
+        tokens=auth.list_tokens_of(p, subject["id"] if subject else s.owner.id),
+        base=f"/owners/{subject['id']}/tokens" if subject else "/tokens",
+        subject=subject,
         created=created,
         revoked=revoked,
         error=error,
@@ -355,7 +359,7 @@ def create_token(
             status=422,
         )
     try:
-        _, token = auth.create_token(
+        _, token, _ = auth.create_token(
             _platform(request),
             s.owner,
             name,
@@ -442,17 +446,8 @@ def owner_page(request: Request, s: SessionDep, owner_id: str) -> HTMLResponse:
     p = _platform(request)
     oid = auth.owner_id(p, owner_id)
     subject = next(o for o in auth.list_owners(p) if o["id"] == oid)
-    return render(
-        request,
-        "tokens.html",
-        s,
-        tokens=auth.list_tokens_of(p, oid),
-        base=f"/owners/{oid}/tokens",
-        subject=subject,
-        created=None,
-        revoked=request.query_params.get("flash") == "revoked",
-        error=None,
-        form={},
+    return _tokens(
+        request, s, subject=subject, revoked=request.query_params.get("flash") == "revoked"
     )
 
 

@@ -51,12 +51,11 @@ def create_token(
     tokens."""
 
     def produce() -> tuple[int, Any]:
-        tid, token = auth.create_token(
+        tid, token, expires_at = auth.create_token(
             platform, owner, body.name, scope=body.scope, expires_in_days=body.expires_in_days
         )
-        row = next(r for r in auth.list_tokens(platform, owner) if r["id"] == tid)
         return 201, TokenCreated(
-            id=tid, name=body.name, scope=body.scope, expires_at=row["expires_at"], token=token
+            id=tid, name=body.name, scope=body.scope, expires_at=expires_at, token=token
         )
 
     return run_idempotent(
