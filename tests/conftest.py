@@ -9,10 +9,13 @@ import os
 import shutil
 import tempfile
 import time
+import traceback
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from psycopg import sql
@@ -27,6 +30,36 @@ from tests.helpers import Api, FleetUnderTest, free_port_block, make_settings, s
 # The seed's host variables would switch pgfleet to external servers.
 for _var in ("POSTGRES_HOST_US_EAST", "POSTGRES_HOST_EU", "POSTGRES_HOST_APAC", "PGFLEET_CONFIG"):
     os.environ.pop(_var, None)
+
+
+def _name_where_leaked_sessions_were_opened() -> None:
+    """A session left to the garbage collector warns from wherever the
+    collector happens to run, often a later test of another module. Each
+    direct session remembers where it was opened, and the warning says so."""
+    opened = psycopg.Connection.connect.__func__  # type: ignore[attr-defined]
+    finalize = psycopg.Connection.__del__
+
+    def connect(cls: Any, *args: Any, **kwargs: Any) -> Any:
+        conn = opened(cls, *args, **kwargs)
+        conn._opened_at = "".join(traceback.format_stack(limit=14)[:-1])
+        return conn
+
+    def __del__(self: Any) -> None:
+        where = getattr(self, "_opened_at", None)
+        # A pool's sessions are the pool's to end (psycopg does not warn either).
+        pooled = hasattr(self, "_pool")
+        if where is not None and hasattr(self, "pgconn") and not self.closed and not pooled:
+            self.pgconn.finish()
+            message = f"a session was left open; it was opened at:\n{where}"
+            warnings.warn(message, ResourceWarning, stacklevel=2)
+        finalize(self)
+
+    psycopg.Connection.connect = classmethod(connect)  # type: ignore[method-assign,assignment]
+    psycopg.Connection.__del__ = __del__  # type: ignore[method-assign,assignment]
+    psycopg.connect = psycopg.Connection.connect  # the module's alias of it
+
+
+_name_where_leaked_sessions_were_opened()
 
 TEMPLATE_DB = "pgfleet_template"
 _db_counter = itertools.count()

@@ -175,6 +175,7 @@ def test_rotation_and_pause_take_effect_through_the_router(api: Api, fleet: Flee
     for ended in (held, tx_held, quiet):
         with pytest.raises(psycopg.OperationalError):
             ended.execute("SELECT 1")  # ended by the rotation
+        ended.close()
     assert time.perf_counter() - t0 < 5  # at once, not after a wait in the router
     with connect(new) as conn:
         conn.execute("SELECT 1")
@@ -183,6 +184,7 @@ def test_rotation_and_pause_take_effect_through_the_router(api: Api, fleet: Flee
     assert r.status_code == 200, r.text
     with pytest.raises(psycopg.OperationalError):
         open_conn.execute("SELECT 1")  # ended by the pause
+    open_conn.close()
     with pytest.raises(psycopg.OperationalError):
         connect(new)
     r = api.post(f"/v1/projects/{p['id']}/resume", params={"wait": "true"})

@@ -586,11 +586,15 @@ class Routers:
         failure: list[BaseException] = []
 
         def run() -> None:
+            # The thread owns the session and closes it: after a withdrawn
+            # pause the PAUSE may return late, and a session left to the
+            # garbage collector is a leak.
             try:
                 conn.execute(f"PAUSE {_safe(database)}")
             except BaseException as e:  # reported below
                 failure.append(e)
             finally:
+                conn.close()
                 done.set()
 
         threading.Thread(target=run, name=f"pause-{spec.name}", daemon=True).start()
@@ -598,13 +602,10 @@ class Routers:
             try:
                 self.resume(spec, database)
             finally:
-                done.wait(2)  # the PAUSE ends once resumed; never close under it
-                if done.is_set():
-                    conn.close()
+                done.wait(2)  # the PAUSE ends once resumed
             raise FleetError(
                 f"router {spec.name}: {database} still had sessions open after {timeout:g} s"
             )
-        conn.close()
         if failure:
             raise FleetError(f"router {spec.name}: PAUSE {database} failed: {failure[0]}")
 
