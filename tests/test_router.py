@@ -443,3 +443,39 @@ def test_a_tenant_planting_a_monstrous_verifier_locks_out_nobody(
         assert conn.execute("SELECT 1").fetchone() == (1,)
     for spec in fleet.fleet.routers.specs:
         fleet.fleet.routers.command(spec, "SHOW VERSION")
+
+
+def test_a_create_reads_only_new_verifiers_and_the_sync_reads_them_all(
+    api: Api, platform: Platform
+) -> None:
+    """A route step reads from the servers only the verifiers the auth file
+    lacks (and a rotation's), not every project's; the periodic sync reads
+    them all, so a password changed behind pgfleet's back reaches the
+    routers within one sync."""
+    p = create_ok(api, "own-password")
+    c = conn_of(api, p["id"])
+    routers = platform.routers
+    assert routers is not None
+    before = routers.current_logins()[c["user"]]
+    chosen = "chosen-by-the-tenant-" + uuid.uuid4().hex
+    with connect(conn_of(api, p["id"], direct="true")) as direct:
+        direct.execute(f"ALTER ROLE current_user PASSWORD '{chosen}'")
+    create_ok(api, "bystander")  # its route step kept p's verifier as it was
+    assert routers.current_logins()[c["user"]] == before
+    routing.sync(platform)
+    assert routers.current_logins()[c["user"]] != before
+    with pytest.raises(psycopg.OperationalError, match="authentication failed"):
+        connect(c)
+    with connect(c, password=chosen) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == (c["user"],)
+
+
+def test_the_auth_file_reads_back_what_was_written() -> None:
+    from pgfleet.fleet.router import Login, _unquote_pair, render_auth
+
+    keys = "a" * 43 + "=:" + "b" * 43 + "="
+    verifier = "SCRAM-SHA-256$16:c2FsdHNhbHRzYWx0c2FsdA==$" + keys
+    text = render_auth([Login("tenant_x_rw", verifier), Login('we"ird', verifier)])
+    pairs = [_unquote_pair(line) for line in text.splitlines()]
+    assert pairs == [("tenant_x_rw", verifier), ('we"ird', verifier)]
+    assert _unquote_pair('"alone"') is None and _unquote_pair("") is None

@@ -99,27 +99,16 @@ def _quote(value: str) -> str:
     return '"' + value.replace('"', '""') + '"'
 
 
+_QUOTED = re.compile(r'"((?:[^"]|"")*)"')
+
+
 def _unquote_pair(line: str) -> tuple[str, str] | None:
-    """One auth file line back into (user, secret)."""
-    fields: list[str] = []
-    i, n = 0, len(line)
-    while i < n and len(fields) < 2:
-        if line[i] != '"':
-            i += 1
-            continue
-        j, buf = i + 1, []
-        while j < n:
-            if line[j] == '"':
-                if j + 1 < n and line[j + 1] == '"':
-                    buf.append('"')
-                    j += 2
-                    continue
-                break
-            buf.append(line[j])
-            j += 1
-        fields.append("".join(buf))
-        i = j + 1
-    return (fields[0], fields[1]) if len(fields) == 2 else None
+    """One auth file line back into (user, secret): its first two quoted
+    fields, `""` inside one standing for `"`."""
+    fields = _QUOTED.findall(line)
+    if len(fields) < 2:
+        return None
+    return fields[0].replace('""', '"'), fields[1].replace('""', '"')
 
 
 def _safe(name: str) -> str:

@@ -283,7 +283,8 @@ def ensure_tenant_database_provisioned(
         finally:
             lconn.execute("SELECT pg_advisory_unlock(%s)", (resource_lock_key(tid),))
     if publish_routes:
-        routing.publish(p)
+        # A convergence may have set passwords again (new salts).
+        routing.publish(p, reread=True)
     return done
 
 

@@ -42,8 +42,8 @@ _LOCK_KEY = 0x7067727274  # "pgrrt"
 
 _VERIFIERS_SQL = """
 SELECT rolname, rolpassword FROM pg_catalog.pg_authid
-WHERE rolname LIKE 'tenant\\_%' AND rolcanlogin
-  AND rolpassword LIKE 'SCRAM-SHA-256$%'
+WHERE rolname = ANY(%s) AND rolname LIKE 'tenant\\_%%' AND rolcanlogin
+  AND rolpassword LIKE 'SCRAM-SHA-256$%%'
   AND (rolvaliduntil IS NULL OR rolvaliduntil > pg_catalog.now())
 """
 
@@ -64,11 +64,22 @@ class Published:
 
 
 def desired(
-    platform: Platform, routers: Routers, current: dict[str, str]
+    platform: Platform,
+    routers: Routers,
+    current: dict[str, str],
+    reread: Iterable[str] | None = None,
 ) -> tuple[list[Route], list[Login], list[str]]:
-    """Routes and logins as the platform DB says they should be. For a server
-    that cannot be reached, its projects' logins stay what the auth file has
-    (`current`), so an outage changes nothing for the routers."""
+    """Routes and logins as the platform DB says they should be.
+
+    Verifiers are read from the servers (pg_authid, as the admin) for every
+    login role when `reread` is None; otherwise only for the roles the auth
+    file lacks (a new, resumed or re-homed project's) and those in `reread`
+    (a rotation's), the rest kept as the file has them. That keeps a
+    create's route step from reading every project's verifier on every
+    server; the periodic sync rereads all, so a verifier changed behind
+    pgfleet's back is brought in within one sync. For a server that cannot
+    be reached, its projects' logins stay what the auth file has, so an
+    outage changes nothing for the routers."""
     with platform.db.connection() as conn:
         rows = conn.execute(
             "SELECT id, plan_type, (connection_info->>'server_id')::int FROM tenants "
@@ -85,17 +96,27 @@ def desired(
         host = routers.server_host(server.host, server.port)
         routes.append(Route(db, host, server.port, get_plan(plan or "free").router_pool_size))
         roles_by_server.setdefault(server_id, []).extend(login_role_names(db))
+    fresh = None if reread is None else set(reread)
     logins: list[Login] = []
     down: list[str] = []
     for server_id, roles in roles_by_server.items():
         server = servers[server_id]
-        try:
-            with platform.servers.admin_connection(server) as conn:
-                found = dict(conn.execute(_VERIFIERS_SQL).fetchall())
-            logins.extend(Login(r, found[r]) for r in roles if r in found)
-        except (PgfleetError, psycopg.Error):
-            down.append(server.name)
-            logins.extend(Login(r, current[r]) for r in roles if r in current)
+        wanted = roles if fresh is None else [r for r in roles if r not in current or r in fresh]
+        found: dict[str, str] = {}
+        if wanted:
+            try:
+                with platform.servers.admin_connection(server) as conn:
+                    found = dict(conn.execute(_VERIFIERS_SQL, (wanted,)).fetchall())
+            except (PgfleetError, psycopg.Error):
+                down.append(server.name)
+                wanted = []
+        asked = set(wanted)
+        for r in roles:
+            if r in asked:
+                if r in found:
+                    logins.append(Login(r, found[r]))
+            elif r in current:
+                logins.append(Login(r, current[r]))
     return routes, logins, down
 
 
@@ -140,10 +161,16 @@ def publish(
     *,
     end_clients_of: Iterable[tuple[uuid.UUID, Iterable[str]]] = (),
     repair: bool = False,
+    reread: bool = False,
 ) -> Published:
     """Write the routers' files from the platform DB and reload every router
     (only those that differ, with `repair`). A router that cannot be reached
     is reported, never an error: it is brought up to date when it runs again.
+
+    Verifiers are read from the servers for the logins the auth file lacks
+    and for the roles in `end_clients_of`; `reread` (and `repair`) reads
+    them all, for changes made without a rotation (a convergence that set
+    passwords again, a verifier changed behind pgfleet's back).
 
     `end_clients_of` is (project, roles) whose client connections through
     the routers must end: they logged in with a password that no longer
@@ -166,12 +193,14 @@ def publish(
     asked = time.monotonic()
     last = platform.component("routing_last_publish", lambda: [0.0])
     with _exclusive(platform):
-        if not repair and not kill and last[0] > asked:
+        full = repair or reread
+        if not full and not kill and last[0] > asked:
             out.shared = True
             return out
         started = time.monotonic()
+        changed_roles = {r for _, roles in kill for r in roles}
         routes, logins, out.servers_unreachable = desired(
-            platform, routers, routers.current_logins()
+            platform, routers, routers.current_logins(), None if full else changed_roles
         )
         out.routes, out.logins = len(routes), len(logins)
         out.changed = routers.write(routes, logins)
