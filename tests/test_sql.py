@@ -278,6 +278,10 @@ def test_runs_as_the_projects_own_role(api: Api) -> None:
     assert rows == [[ro_user, ro_user, created["connection"]["database"]]]
     assert scalar(api, pid, "select rolsuper from pg_roles where rolname = current_user") is False
     assert scalar(api, pid, "select current_setting('transaction_read_only')", mode="ro") == "on"
+    # On the embedded fleet the SQL API logs in over the server's Unix socket
+    # (no TLS handshake per login): no client address; over TCP there is one.
+    for mode in ("rw", "ro"):
+        assert scalar(api, pid, "select inet_client_addr() is null", mode=mode) is True
 
 
 def _refused(r: httpx.Response) -> dict[str, Any]:

@@ -93,6 +93,21 @@ def test_down_server_is_503_naming_the_region(api: Api, fleet: FleetUnderTest) -
     assert scalar(api, pid, "select 1") == 1
 
 
+def test_a_server_that_just_went_down_is_said_at_once(api: Api, fleet: FleetUnderTest) -> None:
+    """A new pool on a server a login reached a moment ago skips the knock;
+    its first login, refused now, must still not wait out the pool's
+    retries."""
+    used = create_ok(api, "used", region="eu-central-1")["id"]
+    fresh = create_ok(api, "fresh", region="eu-central-1")["id"]
+    assert scalar(api, used, "select 1") == 1
+    with server_down(fleet, "eu-central-1"):
+        t0 = time.monotonic()
+        err = error_of(run(api, fresh, "select 1"), 503)
+        assert err["code"] == "region_unavailable", err
+        assert time.monotonic() - t0 < 3.0
+    assert scalar(api, fresh, "select 1") == 1
+
+
 def test_down_server_after_use_is_503(api: Api, fleet: FleetUnderTest) -> None:
     """A project that already ran SQL (so its pool holds connections) also
     gets 503 naming the region when its server goes down, not a 400."""

@@ -152,6 +152,26 @@ class Platform:
             return None
         return self.component("routers", lambda: EmbeddedFleet(s).routers, close=Routers.close)
 
+    def local_socket_dir(self, host: str, port: int) -> str | None:
+        """The Unix socket directory of the embedded regional server at
+        `host:port`, or None (external servers, the platform server). The
+        SQL gateways log in to tenant databases there: same host, a 0700
+        directory of the servers' OS user, the same SCRAM and `samerole`
+        rules as over TLS, without a TLS handshake per login."""
+        s = self.settings
+        if not s.embedded or host not in ("127.0.0.1", "localhost"):
+            return None
+
+        def make() -> dict[int, str]:
+            fleet = EmbeddedFleet(s)
+            return {
+                srv.port: str(fleet.socket_dir(srv.name))
+                for srv in fleet.servers()
+                if srv.kind == "regional"
+            }
+
+        return self.component("local_socket_dirs", make).get(port)
+
     def ca_bundle(self) -> str:
         """The CA certificates the servers' certificates are verified by (PEM)."""
         paths: list[str] = []

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine
@@ -78,6 +79,9 @@ from pgfleet.tenants.sql.values import configure_loaders
 log = logging.getLogger(__name__)
 # How long knocking on a server known to be unreachable may take.
 PROBE_S = 0.5
+# A server this process logged in to this recently is not knocked at before
+# a new pool's first login (a knock costs the server a fork).
+REACHED_S = 5.0
 
 
 def visible_project(owner: Owner, project_id: str, row: dict[str, Any] | None) -> dict[str, Any]:
@@ -136,6 +140,8 @@ class SqlGateway:
         # request knocks (a TCP connect, PROBE_S at most) before it waits out
         # a connect timeout and a diagnosis again.
         self._unreachable: set[int] = set()
+        # When a new pool's first login last succeeded, per server.
+        self._reached: dict[int, float] = {}
         self.auth_cache = AuthCache()
         # The HTTP driver's verified logins, dropped on the same notices.
         self.driver_cache = AuthCache()
@@ -397,11 +403,21 @@ class SqlGateway:
         share = get_plan(plan_type or "free").connection_limit // 2 // s.api_workers
         return max(1, min(s.tenant_pool_size, share))
 
+    def _host(self, endpoint: TenantEndpoint) -> str:
+        """Where to log in: an embedded server's Unix socket (no TLS
+        handshake per login; see Platform.local_socket_dir), else its
+        address, over TLS."""
+        where = self.platform.local_socket_dir(endpoint.host, endpoint.port)
+        if where is None or not os.path.exists(f"{where}/.s.PGSQL.{endpoint.port}"):
+            return endpoint.host  # not on this host, or not running: TCP says which
+        return where
+
     def _make_pool(self, endpoint: TenantEndpoint, mode: Mode, size: int) -> AsyncConnectionPool:
         s = self.platform.settings
         return swept_async_pool(
             kwargs={
                 **endpoint.conninfo(mode, s.connect_timeout_s),
+                "host": self._host(endpoint),
                 # Each call is its own transaction; no server-side prepared
                 # statements (DISCARD ALL drops them).
                 "autocommit": True,
@@ -428,11 +444,15 @@ class SqlGateway:
         )
 
     async def _knock(self, endpoint: TenantEndpoint) -> bool:
-        """Does the project's server accept a TCP connection at all?"""
+        """Does the project's server accept a connection at all?"""
+        host = self._host(endpoint)
+        opening = (
+            asyncio.open_unix_connection(f"{host}/.s.PGSQL.{endpoint.port}")
+            if host.startswith("/")
+            else asyncio.open_connection(host, endpoint.port)
+        )
         try:
-            _, writer = await asyncio.wait_for(
-                asyncio.open_connection(endpoint.host, endpoint.port), timeout=PROBE_S
-            )
+            _, writer = await asyncio.wait_for(opening, timeout=PROBE_S)
         except (OSError, TimeoutError):
             return False
         writer.close()
@@ -455,18 +475,29 @@ class SqlGateway:
             self._spawn(pool.close(timeout=5))
         try:
             wait = None
-            if entry.pool.closed:
+            fresh = entry.pool.closed
+            recent = False
+            if fresh:
                 # Its first connection gets a second attempt (the pool retries
                 # a failed one after about a second): one login slowed past
                 # connect_timeout by a loaded host is not an outage. A server
-                # that refuses TCP is one, and is said at once.
-                if not await self._knock(endpoint):
+                # that refuses connections is one, and is said at once: a
+                # knock asks first, unless a login there just succeeded; then
+                # only a first login that takes longer than PROBE_S knocks.
+                reached = self._reached.get(endpoint.server_id)
+                recent = reached is not None and time.monotonic() - reached < REACHED_S
+                if not recent and not await self._knock(endpoint):
                     self._unreachable.add(endpoint.server_id)
                     raise self._unreachable_error(endpoint)
                 wait = 2 * self.platform.settings.connect_timeout_s + 1.5
                 # Opened on first use, on this loop; open() is idempotent.
                 await entry.pool.open(wait=False)
-            conn = await entry.pool.getconn(timeout=wait)
+            if recent:
+                conn = await self._first_login(endpoint, entry.pool, wait)
+            else:
+                conn = await entry.pool.getconn(timeout=wait)
+            if fresh:
+                self._reached[endpoint.server_id] = time.monotonic()
             entry.checked_out += 1
             return entry, conn
         except (PoolTimeout, psycopg.OperationalError) as e:
@@ -485,9 +516,31 @@ class SqlGateway:
             why = await asyncio.to_thread(refusal, self.platform, endpoint, mode, plan_type)
             if isinstance(why, RegionUnavailable):
                 self._unreachable.add(endpoint.server_id)
+                self._reached.pop(endpoint.server_id, None)
             raise why from e
         except BaseException:
             self._pools.give_back(entry)
+            raise
+
+    async def _first_login(
+        self, endpoint: TenantEndpoint, pool: AsyncConnectionPool, wait: float | None
+    ) -> psycopg.AsyncConnection[Any]:
+        """A new pool's first connection, on a server a login just reached:
+        no knock first, but one if the login takes longer than PROBE_S, so a
+        server that went down since is still said at once."""
+        getting = asyncio.ensure_future(pool.getconn(timeout=wait))
+        try:
+            await asyncio.wait({getting}, timeout=PROBE_S)
+            if not getting.done() and not await self._knock(endpoint):
+                self._unreachable.add(endpoint.server_id)
+                self._reached.pop(endpoint.server_id, None)
+                raise self._unreachable_error(endpoint)
+            return await getting
+        except BaseException:
+            if not getting.done():
+                getting.cancel()
+            elif not getting.cancelled() and getting.exception() is None:
+                await pool.putconn(getting.result())
             raise
 
     async def _give_back(
