@@ -293,6 +293,10 @@ class Routers:
         # Servers on this host by port -> their Unix socket directory.
         self.sockets = dict(sockets or {})
         self._sessions: dict[str, psycopg.Connection[Any]] = {}
+        # The auth file as last parsed or written here, by its identity on
+        # disk (inode, size, mtime): every write is a rename, so a file
+        # another process wrote is never mistaken for it.
+        self._auth_seen: tuple[tuple[int, int, int], dict[str, str]] | None = None
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
@@ -372,10 +376,19 @@ class Routers:
 
     def write(self, routes: Iterable[Route], logins: Iterable[Login]) -> bool:
         """The route table and the auth file; True if either changed."""
-        admin = self._admin_line(self._auth_entries().get(ROUTER_ADMIN))
-        auth = render_auth(logins, admin=admin)
+        logins = list(logins)
+        admin_secret = self._auth_entries().get(ROUTER_ADMIN)
+        auth = render_auth(logins, admin=self._admin_line(admin_secret))
         changed = self._write(self.paths.routes, render_routes(routes))
-        return self._write(self.paths.auth, auth) or changed
+        if self._write(self.paths.auth, auth):
+            # What was just written, remembered instead of parsed again
+            # (publishes write one at a time, under the platform's lock).
+            written = {x.user: x.secret for x in logins if usable_verifier(x.secret)}
+            if admin_secret is not None:
+                written[ROUTER_ADMIN] = admin_secret
+                self._auth_seen = (self._auth_identity(), written)
+            changed = True
+        return changed
 
     # ---- processes --------------------------------------------------------
     def _pid(self, spec: RouterSpec) -> int | None:
@@ -537,14 +550,26 @@ class Routers:
         """What the router has loaded: name -> its SHOW DATABASES row."""
         return {r["name"]: r for r in self.command(spec, "SHOW DATABASES") if r["name"] != ADMIN_DB}
 
+    def _auth_identity(self) -> tuple[int, int, int]:
+        st = self.paths.auth.stat()
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
     def _auth_entries(self) -> dict[str, str]:
-        """The auth file as it is: user -> verifier."""
+        """The auth file as it is: user -> verifier (do not change it)."""
         try:
+            identity = self._auth_identity()
+            seen = self._auth_seen
+            if seen is not None and seen[0] == identity:
+                return seen[1]
             text = self.paths.auth.read_text()
         except FileNotFoundError:
             return {}
         pairs = (_unquote_pair(line) for line in text.splitlines())
-        return dict(p for p in pairs if p is not None)
+        entries = dict(p for p in pairs if p is not None)
+        with suppress(FileNotFoundError):
+            if self._auth_identity() == identity:  # not replaced while read
+                self._auth_seen = (identity, entries)
+        return entries
 
     def current_logins(self) -> dict[str, str]:
         """The auth file's project roles: user -> verifier (the admin left out)."""

@@ -135,8 +135,11 @@ def _exclusive(platform: Platform) -> Iterator[None]:
             conn.commit()
 
 
-def _each(routers: Routers, fn: Any) -> tuple[list[str], list[str]]:
-    """`fn(spec)` on every router at once; (done, unreachable) by name."""
+def _each(
+    routers: Routers, fn: Any, ex: ThreadPoolExecutor | None = None
+) -> tuple[list[str], list[str]]:
+    """`fn(spec)` on every router at once (on `ex`, or on threads of its
+    own); (done, unreachable) by name."""
     specs = routers.specs
     if not specs:
         return [], []
@@ -149,11 +152,27 @@ def _each(routers: Routers, fn: Any) -> tuple[list[str], list[str]]:
             log.debug("router %s: %s", spec.name, e)
             return False
 
-    with ThreadPoolExecutor(max_workers=len(specs)) as ex:
+    if ex is None:
+        with ThreadPoolExecutor(max_workers=len(specs)) as own:
+            results = list(own.map(one, specs))
+    else:
         results = list(ex.map(one, specs))
     done = [s.name for s, ok in zip(specs, results, strict=True) if ok]
     failed = [s.name for s, ok in zip(specs, results, strict=True) if not ok]
     return done, failed
+
+
+def _reloader(platform: Platform, routers: Routers) -> ThreadPoolExecutor:
+    """The threads publishes reload the routers on, kept for the process
+    (a publish per create: starting six threads each time showed in the
+    route step's profile). Only publishes use them, one at a time."""
+    return platform.component(
+        "routers_reloader",
+        lambda: ThreadPoolExecutor(
+            max_workers=max(1, len(routers.specs)), thread_name_prefix="router-reload"
+        ),
+        close=lambda e: e.shutdown(wait=False),
+    )
 
 
 def publish(
@@ -221,7 +240,7 @@ def publish(
                 if roles & routers.client_users(spec, db):
                     routers.end_sessions(spec, db)
 
-        out.reloaded, out.unreachable = _each(routers, apply)
+        out.reloaded, out.unreachable = _each(routers, apply, _reloader(platform, routers))
         # Only a publish that got through counts for those who wait on it.
         last[0] = started
     if out.unreachable:
