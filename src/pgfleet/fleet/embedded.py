@@ -115,6 +115,11 @@ class EmbeddedFleet:
         user's): only its routers, running as that user, connect there."""
         return self.server_dir(name) / "socket"
 
+    def socket_dirs(self) -> dict[int, str]:
+        """Each regional server's port -> its Unix socket directory."""
+        regional = (s for s in self.servers() if s.kind == "regional")
+        return {s.port: str(self.socket_dir(s.name)) for s in regional}
+
     def servers(self) -> list[EmbeddedServer]:
         """The fleet as recorded; new regions from settings are appended with new ports."""
         recorded = self._load()
@@ -162,9 +167,7 @@ class EmbeddedFleet:
             admin_password_file=self.home / "secrets" / "router.password",
             owner=self._os_user() if self._as_root() else None,
             run=self._run,
-            sockets={
-                s.port: str(self.socket_dir(s.name)) for s in self.servers() if s.kind == "regional"
-            },
+            sockets=self.socket_dirs(),
         )
 
     def _issue_router_certificate(

@@ -161,16 +161,8 @@ class Platform:
         s = self.settings
         if not s.embedded or host not in ("127.0.0.1", "localhost"):
             return None
-
-        def make() -> dict[int, str]:
-            fleet = EmbeddedFleet(s)
-            return {
-                srv.port: str(fleet.socket_dir(srv.name))
-                for srv in fleet.servers()
-                if srv.kind == "regional"
-            }
-
-        return self.component("local_socket_dirs", make).get(port)
+        dirs = self.component("local_socket_dirs", lambda: EmbeddedFleet(s).socket_dirs())
+        return dirs.get(port)
 
     def ca_bundle(self) -> str:
         """The CA certificates the servers' certificates are verified by (PEM)."""
