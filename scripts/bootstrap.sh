@@ -75,28 +75,100 @@ if ! pgbackrest_found; then
   fi
 fi
 
-# PgBouncer, the routers in front of each region's server (Debian's package).
-# Its own service is stopped and disabled: pgfleet runs its routers itself.
+# PgBouncer, the routers in front of each region's server. pgfleet needs
+# 1.24 or newer: it keeps pools with TLS to the servers through a RELOAD
+# (1.18 dropped every TLS server login in progress on each one, failing
+# other projects' clients whenever a project was created) and it limits
+# client connections per database. Debian 13 ships 1.24; on Debian 12 (1.18)
+# bootstrap builds Debian 13's own pgbouncer source package, with its
+# security patches, fetched through apt (so Debian's signatures and
+# checksums are verified), into /usr/local/lib/pgfleet/pgbouncer (as root)
+# or .venv/opt/pgbouncer. Debian's service is stopped and disabled: pgfleet
+# runs its routers itself.
+PGBOUNCER_MIN=1.24
+pgbouncer_ok() { # $1: a binary; true if it runs and is new enough
+  local v
+  [ -n "$1" ] && [ -x "$1" ] || return 1
+  v=$("$1" --version 2>/dev/null | awk 'NR == 1 { print $2 }')
+  [ -n "$v" ] && printf '%s\n%s\n' "$PGBOUNCER_MIN" "$v" | sort -V -C
+}
 pgbouncer_found() {
-  for b in "${PGFLEET_PGBOUNCER:-}" /usr/sbin/pgbouncer /usr/bin/pgbouncer /usr/local/bin/pgbouncer; do
-    [ -n "$b" ] && [ -x "$b" ] && return 0
+  for b in "${PGFLEET_PGBOUNCER:-}" /usr/local/lib/pgfleet/pgbouncer/bin/pgbouncer \
+    "$PWD/.venv/opt/pgbouncer/bin/pgbouncer" /usr/sbin/pgbouncer /usr/bin/pgbouncer \
+    /usr/local/bin/pgbouncer; do
+    pgbouncer_ok "$b" && return 0
   done
   return 1
 }
+build_pgbouncer() { # $1: the prefix to install into
+  local work apt_opts
+  work=$(mktemp -d)
+  mkdir -p "$work/parts" "$work/lists/partial" "$work/cache/archives/partial" "$work/src"
+  cat >"$work/parts/pgbouncer.sources" <<'SOURCES'
+Types: deb-src
+URIs: http://deb.debian.org/debian
+Suites: trixie
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb-src
+URIs: http://deb.debian.org/debian-security
+Suites: trixie-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SOURCES
+  apt_opts=(-o Dir::Etc::SourceList=/dev/null -o "Dir::Etc::SourceParts=$work/parts"
+    -o "Dir::State::Lists=$work/lists" -o "Dir::Cache=$work/cache" -o Debug::NoLocking=1
+    -o APT::Sandbox::User="$(id -un)")
+  apt-get "${apt_opts[@]}" update -qq
+  (cd "$work/src" && apt-get "${apt_opts[@]}" source --download-only -qq pgbouncer >/dev/null)
+  (
+    cd "$work/src"
+    tar xzf pgbouncer_*.orig.tar.gz
+    cd pgbouncer-*/
+    tar xJf ../pgbouncer_*.debian.tar.xz
+    grep -v '^#' debian/patches/series | while read -r patch; do
+      [ -n "$patch" ] && patch -p1 -s <"debian/patches/$patch"
+    done
+    ./configure --prefix="$1" --without-cares --with-systemd=no --with-pam=no >/dev/null
+    make -s -j"$(nproc)" >/dev/null
+    rm -rf "$1"
+    make -s install >/dev/null
+  )
+  rm -rf "$work"
+}
 if ! pgbouncer_found; then
   if command -v apt-get >/dev/null 2>&1 && as_root; then
-    echo "bootstrap: installing PgBouncer with apt-get (the connection routers)"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq pgbouncer >/dev/null
-    if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-      $SUDO systemctl disable --now pgbouncer >/dev/null 2>&1 || true
-    else
-      $SUDO service pgbouncer stop >/dev/null 2>&1 || true
-      $SUDO update-rc.d pgbouncer disable >/dev/null 2>&1 || true
+    if ! [ -x /usr/sbin/pgbouncer ]; then
+      echo "bootstrap: installing PgBouncer with apt-get (the connection routers)"
+      $SUDO apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq pgbouncer >/dev/null
+      if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+        $SUDO systemctl disable --now pgbouncer >/dev/null 2>&1 || true
+      else
+        $SUDO service pgbouncer stop >/dev/null 2>&1 || true
+        $SUDO update-rc.d pgbouncer disable >/dev/null 2>&1 || true
+      fi
     fi
-  else
-    echo "bootstrap: the routers need PgBouncer: run 'sudo apt-get install pgbouncer'" \
-      "(or set PGFLEET_ROUTERS=false to run without routers)" >&2
+  fi
+fi
+if ! pgbouncer_found; then
+  if [ "$(id -u)" = 0 ]; then prefix=/usr/local/lib/pgfleet/pgbouncer; else prefix="$PWD/.venv/opt/pgbouncer"; fi
+  if command -v apt-get >/dev/null 2>&1 && as_root; then
+    echo "bootstrap: installing what building PgBouncer needs with apt-get"
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq gcc make pkg-config patch \
+      xz-utils libevent-dev libssl-dev >/dev/null
+  fi
+  if command -v apt-get >/dev/null 2>&1 && command -v gcc >/dev/null 2>&1 &&
+    pkg-config --exists libevent openssl 2>/dev/null; then
+    echo "bootstrap: building PgBouncer from Debian 13's source package into $prefix (Debian's is older than $PGBOUNCER_MIN)"
+    build_pgbouncer "$prefix"
+  fi
+  if ! pgbouncer_found; then
+    echo "bootstrap: the routers need PgBouncer $PGBOUNCER_MIN or newer: install Debian 13's" \
+      "pgbouncer, or run this script as root to build it, or 'sudo apt-get install gcc make" \
+      "pkg-config libevent-dev libssl-dev' and run it again (or set PGFLEET_ROUTERS=false" \
+      "to run without routers)" >&2
     exit 1
   fi
 fi

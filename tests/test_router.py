@@ -80,6 +80,13 @@ def test_the_connection_string_names_the_router_and_lands_on_the_project_server(
             "SELECT current_database(), current_user, current_setting('port')::int"
         ).fetchone()
     assert row == (c["database"], c["user"], server_port(fleet, "eu-central-1"))
+    # Behind the router, the server sees a TLS session from the router's
+    # address (verify-full against the fleet CA, in the router's ini).
+    with connect(c) as conn:
+        row = conn.execute(
+            "SELECT ssl, host(inet_client_addr()) FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+        ).fetchone()
+    assert row == (True, "127.0.0.1")
     # The direct string, labelled, names the server itself.
     d = conn_of(api, p["id"], direct="true")
     assert (d["port"], d["direct"], d["pooling"]) == (
@@ -112,6 +119,30 @@ def test_transaction_pooling_port_and_its_note(api: Api, fleet: FleetUnderTest) 
     ro = conn_of(api, p["id"], pooling="transaction", mode="ro")
     with connect(ro) as conn, pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
         conn.execute("INSERT INTO t VALUES (1)")
+    # Protocol-level prepared statements (psycopg prepares every query
+    # here) work though transactions move between server connections.
+    errors: list[BaseException] = []
+
+    def prepared(k: int) -> None:
+        try:
+            with connect(c, prepare_threshold=0) as conn:
+                for i in range(30):
+                    row = conn.execute("SELECT %s::int + count(*) FROM t", (i,)).fetchone()
+                    assert row == (i + 10,)
+                    row = conn.execute("SELECT %s::int * 2, pg_sleep(0.002)", (k,)).fetchone()
+                    assert row is not None and row[0] == 2 * k
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    workers = [threading.Thread(target=prepared, args=(k,)) for k in range(6)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert errors == []
+    with connect(c) as conn:
+        row = conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone()
+    assert row == (True,)  # TLS to the server in transaction pooling too
 
 
 def test_another_region_router_forwards_and_says_so(api: Api, fleet: FleetUnderTest) -> None:
@@ -166,7 +197,15 @@ def test_rotation_and_pause_take_effect_through_the_router(api: Api, fleet: Flee
     tx_held.execute("SELECT 1")
     # Nor does a session client that has not run a query yet.
     quiet = connect(old)
-    r = api.post(f"/v1/projects/{p['id']}/rotate-password", params={"wait": "true"})
+    # The read-only role's clients, in both routers, keep their password.
+    ro_kept = [
+        connect(conn_of(api, p["id"], mode="ro", pooling=m)) for m in ("session", "transaction")
+    ]
+    for x in ro_kept:
+        x.execute("SELECT 1")
+    r = api.post(
+        f"/v1/projects/{p['id']}/rotate-password", params={"wait": "true"}, json={"role": "rw"}
+    )
     assert r.status_code == 200, r.text
     new = conn_of(api, p["id"])
     with pytest.raises(psycopg.OperationalError, match="authentication failed"):
@@ -177,6 +216,9 @@ def test_rotation_and_pause_take_effect_through_the_router(api: Api, fleet: Flee
             ended.execute("SELECT 1")  # ended by the rotation
         ended.close()
     assert time.perf_counter() - t0 < 5  # at once, not after a wait in the router
+    for x in ro_kept:  # only the rotated role's clients ended (KILL_CLIENT)
+        assert x.execute("SELECT current_user").fetchone() is not None
+        x.close()
     with connect(new) as conn:
         conn.execute("SELECT 1")
     open_conn = connect(new)
@@ -267,6 +309,45 @@ def test_many_clients_share_a_bounded_pool(api: Api, fleet: FleetUnderTest) -> N
         for t in threads:
             t.join()
         assert 1 <= peak <= 3, peak
+    finally:
+        for x in conns:
+            x.close()
+
+
+def test_a_router_admits_the_plans_clients_and_refuses_the_next(
+    api: Api, fleet: FleetUnderTest
+) -> None:
+    """Each router accepts the plan's `router_clients` for one project;
+    the next login is refused at once, saying why, while other projects
+    through the same router are not affected."""
+    plans = api.get("/v1/plans").json()["plans"]
+    limit = next(x for x in plans if x["id"] == "free")["router_clients"]
+    assert limit >= next(x for x in plans if x["id"] == "free")["router_pool_size"]
+    c = conn_of(api, create_ok(api, "capped")["id"], pooling="transaction")
+    other = conn_of(api, create_ok(api, "beside")["id"], pooling="transaction")
+    conns: list[psycopg.Connection[Any]] = []
+    try:
+        for _ in range(limit):
+            conns.append(connect(c))
+        with pytest.raises(psycopg.OperationalError, match="max_db_client_connections"):
+            connect(c)
+        with connect(other) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        # The session router counts its own clients.
+        session = fleet.fleet.routers.spec(c["router_region"], "session")
+        with connect({**c, "port": session.port}) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        conns.pop().close()
+        deadline = time.monotonic() + 5
+        while True:  # the router notices the close on its next loop
+            try:
+                with connect(c) as conn:
+                    assert conn.execute("SELECT 1").fetchone() == (1,)
+                break
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
     finally:
         for x in conns:
             x.close()
@@ -390,8 +471,9 @@ def test_sync_repairs_a_router_that_lost_its_table(
 def test_the_servers_socket_admits_project_roles_into_their_own_database_only(
     api: Api, fleet: FleetUnderTest
 ) -> None:
-    """The routers' way to the servers: a Unix socket in a 0700 directory,
-    with pg_hba's `local samerole` (the admin only into `postgres`, by peer)."""
+    """The SQL gateway's way to the servers: a Unix socket in a 0700
+    directory, with pg_hba's `local samerole` (the admin only into
+    `postgres`, by peer)."""
     a = conn_of(api, create_ok(api, "sock-a")["id"], direct="true")
     b = conn_of(api, create_ok(api, "sock-b")["id"], direct="true")
     srv = fleet.server("us-east-1")

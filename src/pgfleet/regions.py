@@ -136,6 +136,9 @@ class Plan:
     # Server connections each router may open to one project's database
     # (all its roles together): what clients through a router share.
     router_pool_size: int = 3
+    # Client connections each router accepts for the project (all its roles
+    # together); past it a login is refused at once. At least the pool.
+    router_clients: int = 100
     # Backups: how far back a point-in-time restore reaches (and how long a
     # deleted project stays restorable), and the project's snapshots: one
     # every `snapshot_every_h` hours (0: only on request), the newest
@@ -165,6 +168,7 @@ PLANS: tuple[Plan, ...] = (
         max_result_rows=50_000,
         max_result_bytes=50 * 1024 * 1024,
         router_pool_size=10,
+        router_clients=500,
         pitr_days=14,
         snapshot_every_h=24,
         snapshot_keep=7,
@@ -179,6 +183,7 @@ PLANS: tuple[Plan, ...] = (
         max_result_rows=100_000,
         max_result_bytes=100 * 1024 * 1024,
         router_pool_size=25,
+        router_clients=2000,
         pitr_days=30,
         snapshot_every_h=24,
         snapshot_keep=30,
@@ -190,6 +195,11 @@ PLANS: tuple[Plan, ...] = (
 def check_plans(plans: Sequence[Plan]) -> None:
     """Refuse retention settings that make no sense (at start)."""
     for p in plans:
+        if p.router_clients < p.router_pool_size:
+            raise ValueError(
+                f"plan {p.id}: router_clients ({p.router_clients}) must be at least "
+                f"router_pool_size ({p.router_pool_size})"
+            )
         if p.pitr_days < 1:
             raise ValueError(f"plan {p.id}: pitr_days must be at least 1, not {p.pitr_days}")
         if p.snapshot_keep < 1:

@@ -96,6 +96,10 @@ class PlanOut(BaseModel):
     router_pool_size: int = Field(
         description="Server connections each router opens to the project's database."
     )
+    router_clients: int = Field(
+        description="Client connections each router accepts for the project; past it a "
+        "login through that router is refused."
+    )
     pitr_days: int = Field(description="How far back a point-in-time restore reaches.")
     snapshot_every_h: int = Field(description="Scheduled snapshots (0: on request only).")
     snapshot_keep: int

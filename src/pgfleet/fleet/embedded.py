@@ -112,7 +112,8 @@ class EmbeddedFleet:
 
     def socket_dir(self, name: str) -> Path:
         """Where a regional server's Unix socket lives (0700, the servers' OS
-        user's): only its routers, running as that user, connect there."""
+        user's): only pgfleet's own processes (the SQL gateway, pgBackRest)
+        connect there."""
         return self.server_dir(name) / "socket"
 
     def socket_dirs(self) -> dict[int, str]:
@@ -167,7 +168,6 @@ class EmbeddedFleet:
             admin_password_file=self.home / "secrets" / "router.password",
             owner=self._os_user() if self._as_root() else None,
             run=self._run,
-            sockets=self.socket_dirs(),
         )
 
     def _issue_router_certificate(
@@ -709,8 +709,8 @@ def hba_conf(kind: Literal["platform", "regional"]) -> str:
     not members for samerole). The probe role has no privilege; it can enter
     only a database it was granted CONNECT on. The Unix socket, in a
     directory only the servers' OS user can enter, admits the same project
-    roles the same way: it is how the routers (PgBouncer, run as that user
-    next to the servers) reach them.
+    roles the same way: it is how the SQL gateway logs in for them without
+    a TLS handshake per login. The routers reach the servers over TLS.
     """
     head = "# Managed by pgfleet; rewritten at every start.\n"
     if kind == "platform":
@@ -721,7 +721,7 @@ def hba_conf(kind: Literal["platform", "regional"]) -> str:
             "local   all          all                          reject\n"
         )
     return head + (
-        # The routers (same host, same OS user, a 0700 socket directory): the
+        # The SQL gateway (same host, a 0700 socket directory): the
         # projects' roles only, into their own database (samerole), SCRAM.
         "local   samerole     all                          scram-sha-256\n"
         # pgBackRest (the servers' OS user, same socket): the admin, by peer

@@ -16,14 +16,22 @@ Layout under PGFLEET_HOME/routers (0700, owned by the servers' OS user):
 Authentication: clients log in with the same SCRAM credentials as to the
 server. The auth file holds the servers' own verifiers (never a password),
 and PgBouncer logs in to the server with the keys the client proved, which
-works because the verifier it holds is the server's. PgBouncer 1.18 (Debian
-12) runs `auth_query` inside the database the client asked for, which for a
-project is a database its owner controls; an auth file keeps every lookup
-out of tenants' reach.
+works because the verifier it holds is the server's. An auth file rather
+than `auth_query`: a lookup query runs on a server session at every login,
+and PgBouncer before 1.21 runs it inside the database the client asked for,
+a database its owner controls; the file keeps every lookup out of tenants'
+reach and costs no server round trip.
 
 The admin console (database `pgbouncer`) admits only the router admin role,
 whose password is in secrets/router.password (0600); routers listen on
-loopback only and require TLS from clients and verify the servers'.
+loopback only, require TLS from clients and reach the servers over TLS
+verify-full against the fleet CA.
+
+PgBouncer 1.24 or newer (MIN_VERSION): it keeps the pools of servers reached
+over TLS through a RELOAD (1.18 dropped every TLS server login in progress
+at each one, failing unrelated projects' clients whenever a project was
+created), limits clients per database, and tracks protocol-level prepared
+statements in transaction pooling. scripts/bootstrap.sh installs it.
 """
 
 from __future__ import annotations
@@ -33,11 +41,14 @@ import re
 import resource
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,9 +68,10 @@ PoolMode = Literal["session", "transaction"]
 POOL_MODES: tuple[PoolMode, ...] = ("session", "transaction")
 ROUTER_ADMIN = "pgfleet_router"
 ADMIN_DB = "pgbouncer"
-# Client connections one router accepts, all projects together (PgBouncer
-# 1.18 has no per-database client limit; server connections are per plan).
+# Client connections one router accepts, all projects together; each
+# project's own share is its plan's (Route.client_limit).
 MAX_CLIENTS = 4000
+MIN_VERSION = (1, 24)
 
 
 @dataclass(frozen=True)
@@ -77,13 +89,15 @@ class RouterSpec:
 
 @dataclass(frozen=True)
 class Route:
-    """One database every router knows: where it lives and how many server
-    connections each router may open to it."""
+    """One database every router knows: where it lives, how many server
+    connections each router may open to it and how many clients each router
+    accepts for it."""
 
     database: str
     host: str
     port: int
     pool_size: int
+    client_limit: int
 
 
 @dataclass(frozen=True)
@@ -130,7 +144,8 @@ def render_routes(routes: Iterable[Route]) -> str:
         lines.append(
             f"{_safe(r.database)} = host={_safe(r.host)} port={int(r.port)} "
             f"dbname={_safe(r.database)} pool_size={int(r.pool_size)} "
-            f"max_db_connections={int(r.pool_size)}"
+            f"max_db_connections={int(r.pool_size)} "
+            f"max_db_client_connections={int(r.client_limit)}"
         )
     return "\n".join(lines) + "\n"
 
@@ -219,14 +234,18 @@ def render_ini(spec: RouterSpec, paths: RouterPaths, ca_file: Path, host: str) -
         # keeps PgBouncer from parsing the system's whole CA bundle (~140
         # certificates, ~20 ms of CPU) on every reload.
         "client_tls_ca_file": str(ca_file),
-        # Servers: through their Unix sockets, in directories only the
-        # servers' OS user can enter (no network path to tap or spoof). Not
-        # TLS: with server TLS on, PgBouncer 1.18 marks every pool dirty on
-        # every RELOAD and drops the server logins in progress, which fails
-        # other projects' waiting clients ("server login has been failing")
-        # each time a project is created or deleted.
-        "server_tls_sslmode": "disable",
+        # Servers: TLS, verifying their certificates (fleet CA) and names.
+        # PgBouncer 1.24 keeps these pools through a RELOAD that leaves the
+        # TLS settings as they were (1.18 dropped the server logins in
+        # progress at every one).
+        "server_tls_sslmode": "verify-full",
+        "server_tls_ca_file": str(ca_file),
+        "server_tls_protocols": "tlsv1.2,tlsv1.3",
         "server_reset_query": "DISCARD ALL",
+        # Protocol-level prepared statements (what drivers such as psycopg
+        # and JDBC make on their own) work in transaction pooling too:
+        # PgBouncer prepares them again on whichever server runs them.
+        "max_prepared_statements": "200",
         # A project's idle server connections close after this: PgBouncer
         # has no bound across databases, so with hundreds of projects per
         # server the default (600 s) keeps one backend per recently used
@@ -280,7 +299,6 @@ class Routers:
         owner: tuple[int, int] | None,
         run: Any,
         binary: str | None = None,
-        sockets: dict[int, str] | None = None,
     ) -> None:
         self.paths = RouterPaths(root)
         self.specs = list(specs)
@@ -290,8 +308,6 @@ class Routers:
         self.owner = owner
         self._run = run
         self._binary = binary
-        # Servers on this host by port -> their Unix socket directory.
-        self.sockets = dict(sockets or {})
         self._sessions: dict[str, psycopg.Connection[Any]] = {}
         # The auth file as last parsed or written here, by its identity on
         # disk (inode, size, mtime): every write is a rename, so a file
@@ -299,11 +315,6 @@ class Routers:
         self._auth_seen: tuple[tuple[int, int, int], dict[str, str]] | None = None
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
-
-    def server_host(self, host: str, port: int) -> str:
-        """What a route names for a server: its socket directory when it
-        runs on this host, else its address."""
-        return self.sockets.get(port, host) if host in ("127.0.0.1", "localhost") else host
 
     def spec(self, region: str, pool_mode: str) -> RouterSpec:
         for s in self.specs:
@@ -575,18 +586,21 @@ class Routers:
         """The auth file's project roles: user -> verifier (the admin left out)."""
         return {u: v for u, v in self._auth_entries().items() if u != ROUTER_ADMIN}
 
-    def end_sessions(self, spec: RouterSpec, database: str) -> None:
-        """Close every client and server connection of `database` in this
-        router (KILL), then let new logins in again (KILL leaves the database
-        paused). Unknown databases are skipped."""
-        if database not in self.databases(spec):
-            return
-        self.command(spec, f"KILL {_safe(database)}")
-        self.command(spec, f"RESUME {_safe(database)}")
-
-    def client_users(self, spec: RouterSpec, database: str) -> set[str]:
-        """The users with a client connection to `database` in this router."""
-        return {r["user"] for r in self.command(spec, "SHOW CLIENTS") if r["database"] == database}
+    def end_clients(self, spec: RouterSpec, database: str, users: set[str]) -> int:
+        """Close the client connections of `users` to `database` in this
+        router, with the server connections linked to them (KILL_CLIENT);
+        the database's other clients stay. Returns how many were closed."""
+        ended = 0
+        for row in self.command(spec, "SHOW CLIENTS"):
+            if row["database"] == database and row["user"] in users:
+                try:
+                    self.command(spec, f"KILL_CLIENT {int(row['id'])}")
+                except psycopg.Error as e:
+                    if "not found" not in str(e):  # it left meanwhile
+                        raise
+                    continue
+                ended += 1
+        return ended
 
     def pause(self, spec: RouterSpec, database: str, timeout: float) -> None:
         """PAUSE one database: returns once it has no server connection left
@@ -657,19 +671,46 @@ def _is_pgbouncer(cmdline: bytes) -> bool:
     return cmdline.split(b"\0", 1)[0].rsplit(b"/", 1)[-1] == b"pgbouncer"
 
 
+def pgbouncer_version(binary: str) -> tuple[int, ...] | None:
+    """`pgbouncer --version`'s first line, "PgBouncer 1.24.1", as (1, 24, 1)."""
+    try:
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.match(r"PgBouncer (\d+)\.(\d+)(?:\.(\d+))?", out)
+    return tuple(int(x) for x in m.groups() if x is not None) if m else None
+
+
+@lru_cache(maxsize=1)
 def find_pgbouncer() -> str:
+    """The first PgBouncer of at least MIN_VERSION: $PGFLEET_PGBOUNCER, the
+    one scripts/bootstrap.sh builds (as root, or into the virtualenv), then
+    the system's."""
+    found: list[str] = []
     for candidate in (
         os.environ.get("PGFLEET_PGBOUNCER"),
+        "/usr/local/lib/pgfleet/pgbouncer/bin/pgbouncer",
+        str(Path(sys.prefix) / "opt" / "pgbouncer" / "bin" / "pgbouncer"),
         "/usr/sbin/pgbouncer",
         "/usr/bin/pgbouncer",
         "/usr/local/bin/pgbouncer",
         "/usr/local/sbin/pgbouncer",
     ):
-        if candidate and os.access(candidate, os.X_OK):
+        if not candidate or not os.access(candidate, os.X_OK):
+            continue
+        version = pgbouncer_version(candidate)
+        if version is not None and version >= MIN_VERSION:
             return candidate
+        shown = ".".join(map(str, version)) if version else "unknown version"
+        found.append(f"{candidate} ({shown})")
+    need = ".".join(map(str, MIN_VERSION))
+    older = f"; found only {', '.join(found)}" if found else ""
     raise FleetError(
-        "PgBouncer (the routers) was not found; run scripts/bootstrap.sh (make up does), "
-        "which installs Debian's pgbouncer, or set PGFLEET_ROUTERS=false to run without routers"
+        f"the routers need PgBouncer {need} or newer{older}; run scripts/bootstrap.sh "
+        "(make up does), which installs Debian's pgbouncer or builds Debian 13's, "
+        "or set PGFLEET_ROUTERS=false to run without routers"
     )
 
 

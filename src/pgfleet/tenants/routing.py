@@ -93,8 +93,10 @@ def desired(
         if server is None:
             continue
         db = tenant_db_name(tid)
-        host = routers.server_host(server.host, server.port)
-        routes.append(Route(db, host, server.port, get_plan(plan or "free").router_pool_size))
+        limits = get_plan(plan or "free")
+        routes.append(
+            Route(db, server.host, server.port, limits.router_pool_size, limits.router_clients)
+        )
         roles_by_server.setdefault(server_id, []).extend(login_role_names(db))
     fresh = None if reread is None else set(reread)
     logins: list[Login] = []
@@ -198,8 +200,9 @@ def publish(
     and in session pooling one that has not run a query yet) holds none,
     and PgBouncer would open it a new one with the SCRAM keys of the role's
     latest login, the new password's. So a router that still has a client
-    of those roles ends the project's clients there: PgBouncer 1.18 can
-    KILL a database, not a role; the database is RESUMEd at once."""
+    of those roles ends them (KILL_CLIENT, after the reload that brought the
+    new verifiers: a client that logs in meanwhile proves the new password);
+    the project's other clients stay."""
     routers = platform.routers
     out = Published()
     if routers is None:
@@ -237,8 +240,7 @@ def publish(
                     return
             routers.reload(spec)
             for db, roles in kill:
-                if roles & routers.client_users(spec, db):
-                    routers.end_sessions(spec, db)
+                routers.end_clients(spec, db, roles)
 
         out.reloaded, out.unreachable = _each(routers, apply, _reloader(platform, routers))
         # Only a publish that got through counts for those who wait on it.

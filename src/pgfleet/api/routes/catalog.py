@@ -49,6 +49,7 @@ def list_plans(platform: PlatformDep, owner: OwnerDep) -> PlanList:
                 max_result_rows=p.max_result_rows,
                 max_result_bytes=p.max_result_bytes,
                 router_pool_size=p.router_pool_size,
+                router_clients=p.router_clients,
                 pitr_days=p.pitr_days,
                 snapshot_every_h=p.snapshot_every_h,
                 snapshot_keep=p.snapshot_keep,

@@ -164,9 +164,10 @@ def rotate_password(
     """Starts a `rotate_password` operation: new passwords for the read-write
     and/or read-only login role. The new ones work as soon as it finishes and
     the old ones stop working for new connections at that moment, or, with
-    `overlap_s`, when that window ends (an `expire_credentials` operation);
-    sessions already open are left alone. Answers with the new read-write
-    credentials."""
+    `overlap_s`, when that window ends (an `expire_credentials` operation).
+    Sessions that logged in with a password that no longer holds end then,
+    on the server and through the routers (the other role's clients stay).
+    Answers with the new read-write credentials."""
     rot = body or RotateIn()
     return lifecycle_route(
         platform,
