@@ -89,9 +89,20 @@ class Settings(BaseSettings):
     fsync: bool = True
     os_user: str = "pgfleet"
     embedded_capacity: int = Field(default=1000, ge=1)
-    # Connection routers (PgBouncer) per embedded region: connection strings
-    # point at them. False: no routers; strings name the servers directly.
+    # Connection routers (PgBouncer), two per region (session and
+    # transaction pooling): connection strings point at them. False: no
+    # routers; strings name the servers directly.
     routers: bool = True
+    # With external servers, pgfleet runs their regions' routers on the host
+    # `pgfleet up` runs on: the address they listen on, the name connection
+    # strings give for them (their certificate, from pgfleet's CA, is for
+    # it), and their ports: base + 2 x the region's place in the region list
+    # (session), one more for transaction pooling; fixed, so strings never
+    # change. The embedded fleet's routers listen on 127.0.0.1, ports after
+    # its servers'.
+    router_listen: str = "127.0.0.1"
+    router_host: str = "127.0.0.1"
+    router_port_base: int = Field(default=6432, ge=1024, le=60000)
     # Backups (pgBackRest, fleet/archive.py): continuous WAL archiving and
     # base backups of every embedded server into its backup region's storage
     # (PGFLEET_HOME/backups/<region>). False: no archiving (tests of other

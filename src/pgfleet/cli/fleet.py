@@ -71,7 +71,8 @@ def up(
     ] = False,
 ) -> None:
     """Start the embedded fleet (platform + one server per active region),
-    migrate the platform DB and serve the API and console."""
+    or with external servers the routers of their regions, migrate the
+    platform DB and serve the API and console."""
     s = load_settings()
     for warning in warn_weak_tls(s):
         err.print(Text.assemble(("warning:", "bold yellow"), " ", warning), highlight=False)
@@ -91,6 +92,22 @@ def up(
                 )
             out.print(
                 f"  TLS: servers verified with sslmode=verify-full against {fleet.ca.cert_path}",
+                soft_wrap=True,
+                highlight=False,
+            )
+        elif s.routers:
+            # External servers: their regions' routers run on this host.
+            with out.status("starting the routers for the external servers..."):
+                fleet = EmbeddedFleet(s)
+                fleet.start_routers()
+            for spec in fleet.routers.specs:
+                out.print(
+                    f"  [green]up[/] router {spec.name:<27} {spec.pool_mode} pooling, "
+                    f"{s.router_host}:{spec.port} (listening on {s.router_listen})",
+                    highlight=False,
+                )
+            out.print(
+                f"  TLS: clients verify the routers against {fleet.ca.cert_path}",
                 soft_wrap=True,
                 highlight=False,
             )
@@ -332,6 +349,12 @@ def down() -> None:
                     out.print(f"  [yellow]stopped[/] {st.server.name}")
         except PgfleetError as e:
             fail(e.message)
+    elif s.routers:
+        routers = EmbeddedFleet(s).routers
+        routers.close()
+        for spec in routers.specs:
+            if routers.stop(spec):
+                out.print(f"  [yellow]stopped[/] router {spec.name}")
     out.print("pgfleet is down; data is kept in " + str(s.home_abs))
 
 
@@ -343,6 +366,8 @@ def status(as_json: JsonOpt = False) -> None:
     s = load_settings()
     if not s.embedded:
         out.print("external servers are configured; see `GET /health` for their state")
+        if s.routers:
+            _print_routers(EmbeddedFleet(s))
         return
     states = EmbeddedFleet(s).states()
     if not states:

@@ -42,9 +42,9 @@ from pgfleet.crypto import generate_password, write_private
 from pgfleet.errors import FleetError
 from pgfleet.fleet.archive import Archive, Scratch, Stanza
 from pgfleet.fleet.binaries import PgBinaries, find_binaries
-from pgfleet.fleet.router import POOL_MODES, Routers, RouterSpec
+from pgfleet.fleet.router import POOL_MODES, Routers, RouterSpec, ServerTLS
 from pgfleet.fleet.tls import FleetCA
-from pgfleet.regions import PLANS, backup_region_of
+from pgfleet.regions import PLANS, REGION_IDS, backup_region_of
 
 ADMIN_USER = "pgfleet_admin"
 # A role with no privilege at all, which the reconciler uses to look inside a
@@ -136,9 +136,12 @@ class EmbeddedFleet:
 
     def router_specs(self) -> list[RouterSpec]:
         """Two routers (session and transaction pooling) per embedded region,
-        with ports after the servers' (fixed in fleet.json once made)."""
+        with ports after the servers' (fixed in fleet.json once made); with
+        external servers, per region that has one, on the configured ports."""
         if not self.settings.routers:
             return []
+        if not self.settings.embedded:
+            return external_router_specs(self.settings)
         recorded = self._load_routers()
         have = {(r.region, r.pool_mode) for r in recorded}
         ports = [s.port for s in self.servers()] + [r.port for r in recorded]
@@ -160,21 +163,40 @@ class EmbeddedFleet:
         return self._routers
 
     def _make_routers(self) -> Routers:
+        root = self.home / "routers"
+        common: dict[str, Any] = {
+            "ca_file": self.ca.cert_path,
+            "admin_password_file": self.home / "secrets" / "router.password",
+            "owner": self._os_user() if self._as_root() else None,
+            "run": self._run,
+        }
+        s = self.settings
+        if s.embedded:
+            return Routers(root, self.router_specs(), host=LOOPBACK, **common)
+        # External servers: the routers run here, verifying each server by
+        # the CA its own connections use, at the weakest sslmode configured
+        # for one (warned about at start, as for the server itself).
+        servers = s.external_servers()
+        pem = "".join(_read_ca(x.sslrootcert) for x in servers if x.sslrootcert)
+        weakest = min((x.sslmode for x in servers), key=SSL_MODES.index, default="verify-full")
         return Routers(
-            self.home / "routers",
+            root,
             self.router_specs(),
-            host=LOOPBACK,
-            ca_file=self.ca.cert_path,
-            admin_password_file=self.home / "secrets" / "router.password",
-            owner=self._os_user() if self._as_root() else None,
-            run=self._run,
+            host=s.router_host,
+            listen=s.router_listen,
+            server_tls=ServerTLS(root / "tls" / "servers-ca.pem" if pem else None, weakest),
+            server_ca_pem=pem or None,
+            **common,
         )
 
     def _issue_router_certificate(
         self, cert: Path, key: Path, owner: tuple[int, int] | None
     ) -> None:
         self.ca.ensure()
-        self.ca.issue_server("pgfleet-router", TLS_HOSTS, cert, key, owner=owner)
+        hosts = list(TLS_HOSTS)
+        if not self.settings.embedded and self.settings.router_host not in hosts:
+            hosts.insert(0, self.settings.router_host)
+        self.ca.issue_server("pgfleet-router", hosts, cert, key, owner=owner)
 
     def backup_dir(self, region: str) -> Path:
         """A region's backup storage (a region without a server has one too)."""
@@ -695,6 +717,31 @@ class EmbeddedFleet:
                         psycopg.sql.Identifier(PLATFORM_DB)
                     )
                 )
+
+
+# libpq's sslmodes, weakest first (PgBouncer's server_tls_sslmode takes the same).
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def _read_ca(path: str) -> str:
+    try:
+        text = Path(path).expanduser().read_text()
+    except OSError as e:
+        raise FleetError(f"cannot read the CA file {path} of an external server: {e}") from e
+    return text if text.endswith("\n") else text + "\n"
+
+
+def external_router_specs(settings: Settings) -> list[RouterSpec]:
+    """Routers for external servers: two per region that has a server, at
+    router_port_base + 2 x the region's place in REGION_IDS (+1 for
+    transaction pooling), so a region's ports never depend on the others."""
+    regions = {x.region for x in settings.external_servers()}
+    return [
+        RouterSpec(region, mode, settings.router_port_base + 2 * i + j)
+        for i, region in enumerate(REGION_IDS)
+        if region in regions
+        for j, mode in enumerate(POOL_MODES)
+    ]
 
 
 def hba_conf(kind: Literal["platform", "regional"]) -> str:

@@ -210,10 +210,22 @@ class RouterPaths:
 SERVER_IDLE_S = 15
 
 
-def render_ini(spec: RouterSpec, paths: RouterPaths, ca_file: Path, host: str) -> str:
+@dataclass(frozen=True)
+class ServerTLS:
+    """How the routers verify the servers: a CA file (None: the system's
+    CAs) and PgBouncer's sslmode (verify-full unless an external server is
+    configured with less)."""
+
+    ca_file: Path | None
+    sslmode: str = "verify-full"
+
+
+def render_ini(
+    spec: RouterSpec, paths: RouterPaths, *, ca_file: Path, listen: str, servers: ServerTLS
+) -> str:
     """One router's own settings; the route table comes from the shared file."""
     settings = {
-        "listen_addr": host,
+        "listen_addr": listen,
         "listen_port": str(spec.port),
         "unix_socket_dir": "",
         "pidfile": str(paths.pidfile(spec)),
@@ -234,12 +246,12 @@ def render_ini(spec: RouterSpec, paths: RouterPaths, ca_file: Path, host: str) -
         # keeps PgBouncer from parsing the system's whole CA bundle (~140
         # certificates, ~20 ms of CPU) on every reload.
         "client_tls_ca_file": str(ca_file),
-        # Servers: TLS, verifying their certificates (fleet CA) and names.
-        # PgBouncer 1.24 keeps these pools through a RELOAD that leaves the
-        # TLS settings as they were (1.18 dropped the server logins in
-        # progress at every one).
-        "server_tls_sslmode": "verify-full",
-        "server_tls_ca_file": str(ca_file),
+        # Servers: TLS, verifying their certificates and names (the fleet
+        # CA for the embedded servers). PgBouncer 1.24 keeps these pools
+        # through a RELOAD that leaves the TLS settings as they were (1.18
+        # dropped the server logins in progress at every one).
+        "server_tls_sslmode": servers.sslmode,
+        **({"server_tls_ca_file": str(servers.ca_file)} if servers.ca_file else {}),
         "server_tls_protocols": "tlsv1.2,tlsv1.3",
         "server_reset_query": "DISCARD ALL",
         # Protocol-level prepared statements (what drivers such as psycopg
@@ -299,11 +311,22 @@ class Routers:
         owner: tuple[int, int] | None,
         run: Any,
         binary: str | None = None,
+        listen: str | None = None,
+        server_tls: ServerTLS | None = None,
+        server_ca_pem: str | None = None,
     ) -> None:
+        """`host` is the address clients (and pgfleet) reach the routers at,
+        `listen` what they listen on (default: `host`); `ca_file` is the CA
+        clients verify the routers by. `server_tls` is how the routers
+        verify the servers (default: by `ca_file`); with `server_ca_pem`,
+        that CA bundle is written to its `ca_file` by `prepare`."""
         self.paths = RouterPaths(root)
         self.specs = list(specs)
         self.host = host
+        self.listen = listen or host
         self.ca_file = ca_file
+        self.server_tls = server_tls or ServerTLS(ca_file)
+        self.server_ca_pem = server_ca_pem
         self.admin_password_file = admin_password_file
         self.owner = owner
         self._run = run
@@ -358,11 +381,16 @@ class Routers:
         self.paths.tls.mkdir(exist_ok=True)
         self._own(self.paths.tls, 0o700)
         issue_certificate(self.paths.tls / "router.crt", self.paths.tls / "router.key", self.owner)
+        if self.server_ca_pem is not None and self.server_tls.ca_file is not None:
+            self._write(self.server_tls.ca_file, self.server_ca_pem)
         for spec in self.specs:
             d = self.paths.dir(spec)
             d.mkdir(exist_ok=True)
             self._own(d, 0o700)
-            self._write(self.paths.ini(spec), render_ini(spec, self.paths, self.ca_file, self.host))
+            ini = render_ini(
+                spec, self.paths, ca_file=self.ca_file, listen=self.listen, servers=self.server_tls
+            )
+            self._write(self.paths.ini(spec), ini)
         if not self.paths.routes.exists():
             self._write(self.paths.routes, render_routes([]))
         current = self._auth_entries().get(ROUTER_ADMIN)
@@ -429,7 +457,9 @@ class Routers:
         """Start one router unless it runs; True if it was started."""
         if self._pid(spec) is not None:
             return False
-        if not _port_free(self.host, spec.port):
+        first = self.listen.split(",")[0].strip()
+        any_address = "0.0.0.0"  # noqa: S104 -- only to see whether the port is taken
+        if not _port_free(any_address if first == "*" else first, spec.port):
             raise FleetError(
                 f"port {spec.port} for router {spec.name} is in use by another program; "
                 "stop it (the fleet's ports are fixed in fleet.json once created)"

@@ -145,10 +145,10 @@ class Platform:
 
     @property
     def routers(self) -> Routers | None:
-        """The fleet's connection routers, or None when it has none (external
-        servers, or PGFLEET_ROUTERS=false)."""
+        """The fleet's connection routers (the embedded fleet's, or those
+        pgfleet runs for external servers), or None with PGFLEET_ROUTERS=false."""
         s = self.settings
-        if not s.embedded or not s.routers:
+        if not s.routers:
             return None
         return self.component("routers", lambda: EmbeddedFleet(s).routers, close=Routers.close)
 
