@@ -42,6 +42,7 @@ def test_plans_are_discoverable(api: Api, cli: Cli) -> None:
     for plan in ("free", "pro", "enterprise"):
         assert plan in out
     assert "on request" in out and "14 days" in out
+    assert "500 clients, 10 to the server" in out  # pro's share of each router
     assert cli.json("plans") == body
 
 

@@ -100,10 +100,11 @@ def up(
             with out.status("starting the routers for the external servers..."):
                 fleet = EmbeddedFleet(s)
                 fleet.start_routers()
+            listening = "" if s.router_listen == s.router_host else f" on {s.router_listen}"
             for spec in fleet.routers.specs:
                 out.print(
                     f"  [green]up[/] router {spec.name:<27} {spec.pool_mode} pooling, "
-                    f"{s.router_host}:{spec.port} (listening on {s.router_listen})",
+                    f"{s.router_host}:{spec.port}{listening}",
                     highlight=False,
                 )
             out.print(
