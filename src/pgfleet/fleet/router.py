@@ -23,9 +23,10 @@ a database its owner controls; the file keeps every lookup out of tenants'
 reach and costs no server round trip.
 
 The admin console (database `pgbouncer`) admits only the router admin role,
-whose password is in secrets/router.password (0600); routers listen on
-loopback only, require TLS from clients and reach the servers over TLS
-verify-full against the fleet CA.
+whose password is in secrets/router.password (0600). Routers listen on
+loopback (the routers pgfleet runs for external servers: where
+PGFLEET_ROUTER_LISTEN says), require TLS from clients and reach the servers
+over TLS, verify-full against the fleet CA (or each external server's own).
 
 PgBouncer 1.24 or newer (MIN_VERSION): it keeps the pools of servers reached
 over TLS through a RELOAD (1.18 dropped every TLS server login in progress
