@@ -3,6 +3,7 @@ in a real uvicorn process, and percentile arithmetic."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -39,7 +40,8 @@ def summary(label: str, ms: Sequence[float]) -> str:
 
 
 def _free_base(n: int) -> int:
-    for base in range(46000, 60000, 53):
+    # Below the kernel's ephemeral range (see tests/helpers.free_port_block).
+    for base in range(21000, 32700 - n, 53):
         try:
             for p in range(base, base + n):
                 with socket.socket() as s:
@@ -112,3 +114,85 @@ def connect_with(c: dict[str, Any]) -> psycopg.Connection[Any]:
         sslmode=c["sslmode"],
         sslrootcert=c.get("sslrootcert"),
     )
+
+
+# ---- where the CPU goes ------------------------------------------------------
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> tuple[int, float, float] | None:
+    """(parent pid, own CPU seconds, reaped children's CPU seconds)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()
+    ppid = int(fields[1])
+    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    return ppid, (utime + stime) / _TICK, (cutime + cstime) / _TICK
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def fleet_cpu(home: Path) -> dict[str, float]:
+    """CPU seconds used so far by the fleet in `home`, by part: each server
+    (its postmaster and every backend, exited ones included), the routers,
+    the API processes (and their workers). Read before and after a phase;
+    the difference is what the phase cost each part."""
+    stats: dict[int, tuple[int, float, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            st = _stat(int(entry.name))
+            if st is not None:
+                stats[int(entry.name)] = st
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+
+    def tree(pid: int) -> float:
+        # A live process's own time, plus what its reaped children used,
+        # plus its live children's trees.
+        _, own, reaped = stats[pid]
+        return own + reaped + sum(tree(c) for c in children.get(pid, []))
+
+    out: dict[str, float] = {}
+    home_s = str(home)
+    try:  # the API (`up --detach`): its pid file; workers are its children
+        api = int(json.loads((home / "api.pid").read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        api = None
+    if api in stats:
+        out["API processes"] = tree(api)
+    for pid in stats:
+        cmd = _cmdline(pid)
+        if home_s not in cmd or pid == api:
+            continue
+        parent = stats[pid][0]
+        if home_s in _cmdline(parent):
+            continue  # counted with its parent's tree
+        if "/servers/" in cmd and " -D " in f" {cmd}":
+            name = cmd.split("/servers/", 1)[1].split("/", 1)[0]
+            part = "platform DB" if name == "platform" else f"server {name}"
+        elif "pgbouncer" in cmd:
+            part = "routers"
+        else:
+            part = "other fleet processes"
+        out[part] = out.get(part, 0.0) + tree(pid)
+    return out
+
+
+def cpu_report(before: dict[str, float], after: dict[str, float], per: int, what: str) -> str:
+    """What each part used between two fleet_cpu readings, per `what`."""
+    lines = [f"CPU per {what} (ms), by process, over {per}:"]
+    total = 0.0
+    for part in sorted(after):
+        used = (after[part] - before.get(part, 0.0)) * 1000 / per
+        total += used
+        lines.append(f"  {part:<28} {used:8.1f}")
+    lines.append(f"  {'fleet in all':<28} {total:8.1f}")
+    return "\n".join(lines)

@@ -33,11 +33,13 @@ from pgfleet.tenants.connections import DatabasePlatformClient
 
 
 def free_port_block(n: int) -> int:
-    """A base port with n consecutive free ports after it."""
-    start = 41000 + (os.getpid() * 97) % 15000
-    for base in itertools.chain(range(start, 60000, 61), range(41000, start, 61)):
-        if base <= 54330 and base + n >= 54320:
-            continue  # leave pgfleet's default ports to a developer's own fleet
+    """A base port with n consecutive free ports after it, below the
+    kernel's ephemeral range (32768-60999 on Linux): a port in that range,
+    freed by a server the test stopped or killed, can be taken at any moment
+    as the local port of an outgoing connection (a router's to another
+    server, say), and the server then cannot start on it again."""
+    start = 20000 + (os.getpid() * 97) % 10000
+    for base in itertools.chain(range(start, 32700 - n, 61), range(20000, start, 61)):
         ok = True
         for p in range(base, base + n):
             with socket.socket() as s:

@@ -576,7 +576,7 @@ class EmbeddedFleet:
             raise FleetError(
                 f"port {s.port} for server {s.name} is in use by another program; "
                 "stop it or choose other ports with PGFLEET_PORT_BASE (the fleet's ports are "
-                f"fixed in {self._state_file()} once created)"
+                f"fixed in {self._state_file()} once created){ephemeral_hint(s.port)}"
             )
         log = self.log_file(s.name)
         try:
@@ -781,6 +781,26 @@ def hba_conf(kind: Literal["platform", "regional"]) -> str:
         "hostssl samerole     all            127.0.0.1/32  scram-sha-256\n"
         "host    all          all            0.0.0.0/0     reject\n"
         "local   all          all                          reject\n"
+    )
+
+
+def ephemeral_hint(port: int) -> str:
+    """What to add when a fixed port is taken: inside the kernel's range of
+    ports for outgoing connections, it may be the local end of one (any
+    process's, a router's to another server say), which frees the port when
+    it ends."""
+    try:
+        low, high = (
+            int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        )
+    except (OSError, ValueError):
+        return ""
+    if not low <= port <= high:
+        return ""
+    return (
+        f"; {port} is in the kernel's range for outgoing connections ({low}-{high}), so it "
+        "may be the local end of one, which frees it when that connection ends (a port base "
+        "below it, or net.ipv4.ip_local_reserved_ports, avoids this)"
     )
 
 
