@@ -30,6 +30,7 @@ Targets (issue 13, 2-core machine): at concurrency 4 p50 <= 50 ms, p99 <=
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -43,7 +44,16 @@ import psycopg
 from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BenchFleet, bench_fleet, connect_with, elapsed_ms, pct, summary
+from _common import (
+    BenchFleet,
+    bench_fleet,
+    connect_with,
+    cpu_report,
+    elapsed_ms,
+    fleet_cpu,
+    pct,
+    summary,
+)
 
 from pgfleet.config import Settings
 from pgfleet.fleet.embedded import EmbeddedFleet
@@ -167,10 +177,12 @@ def main() -> None:
             timed1 = [provision_timed(http, -10 - i) for i in range(args.n1)]
             alone = [t for t, _, _ in timed1]
             ops1 = [http.get(f"/v1/operations/{op_id}").json() for _, _, op_id in timed1]
+            cpu0, own0 = fleet_cpu(bf.home), os.times()
             t0 = time.perf_counter()
             with ThreadPoolExecutor(args.concurrency) as ex:
                 timed = list(ex.map(lambda i: provision_timed(http, i), range(args.n)))
             wall = time.perf_counter() - t0
+            cpu1, own1 = fleet_cpu(bf.home), os.times()
             times = [t for t, _, _ in timed]
             ops = [http.get(f"/v1/operations/{op_id}").json() for _, _, op_id in timed[-100:]]
             answers = [a for _, a, _ in timed[-100:]]
@@ -214,6 +226,10 @@ def main() -> None:
     )
     print(summary("  201 -> credentials connect", [t - a for t, a, _ in timed]))
     rate = args.n / wall
+    print(cpu_report(cpu0, cpu1, args.n, f"create at c={args.concurrency}"))
+    own = (own1.user + own1.system - own0.user - own0.system) * 1000 / args.n
+    print(f"  {'this benchmark (the clients)':<28} {own:8.1f}")
+    print(f"  machine: {os.cpu_count()} cores, {wall:.1f} s wall")
     ratio = pct(times, 50) / pct(base, 50)
     print(f"throughput: {rate:.1f} projects/s over {wall:.1f} s")
     print(f"ratio p50 API / baseline: {ratio:.2f}x")

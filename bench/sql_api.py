@@ -35,7 +35,7 @@ import httpx
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BenchFleet, bench_fleet, elapsed_ms, pct, summary
+from _common import BenchFleet, bench_fleet, cpu_report, elapsed_ms, fleet_cpu, pct, summary
 from _http import Conn, post_driver, post_json, run_load
 
 from pgfleet.config import Settings
@@ -267,9 +267,14 @@ def main() -> None:
 
         w = threading.Thread(target=watch)
         w.start()
+        cpu0, own0 = fleet_cpu(bf.home), os.times()
         rate, lat = api_throughput(bf, pids, 16, args.seconds * 2)
+        cpu1, own1 = fleet_cpu(bf.home), os.times()
         stop.set()
         w.join()
+        print(cpu_report(cpu0, cpu1, len(lat), "round-robin request"))
+        own = (own1.user + own1.system - own0.user - own0.system) * 1000 / len(lat)
+        print(f"  {'this benchmark (the clients)':<28} {own:8.1f}")
         print(
             f"select 1, {len(pids)} projects round-robin, concurrency 16: {rate:6.0f} req/s "
             f"(p50 {pct(lat, 50):.2f} ms, p99 {pct(lat, 99):.2f} ms); peak tenant backends on "
