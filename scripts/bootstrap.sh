@@ -93,9 +93,12 @@ pgbouncer_ok() { # $1: a binary; true if it runs and is new enough
   [ -n "$v" ] && printf '%s\n%s\n' "$PGBOUNCER_MIN" "$v" | sort -V -C
 }
 pgbouncer_found() {
+  # The virtualenv's build only for a user who is not root (root never runs
+  # a binary from a working tree).
+  local venv=""
+  [ "$(id -u)" = 0 ] || venv="$PWD/.venv/opt/pgbouncer/bin/pgbouncer"
   for b in "${PGFLEET_PGBOUNCER:-}" /usr/local/lib/pgfleet/pgbouncer/bin/pgbouncer \
-    "$PWD/.venv/opt/pgbouncer/bin/pgbouncer" /usr/sbin/pgbouncer /usr/bin/pgbouncer \
-    /usr/local/bin/pgbouncer; do
+    $venv /usr/sbin/pgbouncer /usr/bin/pgbouncer /usr/local/bin/pgbouncer; do
     pgbouncer_ok "$b" && return 0
   done
   return 1
@@ -132,8 +135,13 @@ SOURCES
     done
     ./configure --prefix="$1" --without-cares --with-systemd=no --with-pam=no >/dev/null
     make -s -j"$(nproc)" >/dev/null
-    rm -rf "$1"
-    make -s install >/dev/null
+    # Installed beside, then swapped in: a failed install leaves the old one.
+    make -s install DESTDIR="$work/stage" >/dev/null
+    mkdir -p "$(dirname "$1")"
+    rm -rf "$1.old"
+    if [ -e "$1" ]; then mv "$1" "$1.old"; fi
+    mv "$work/stage$1" "$1"
+    rm -rf "$1.old"
   )
   rm -rf "$work"
 }

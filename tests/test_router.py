@@ -119,13 +119,14 @@ def test_transaction_pooling_port_and_its_note(api: Api, fleet: FleetUnderTest) 
     ro = conn_of(api, p["id"], pooling="transaction", mode="ro")
     with connect(ro) as conn, pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
         conn.execute("INSERT INTO t VALUES (1)")
-    # Protocol-level prepared statements (psycopg prepares every query
-    # here) work though transactions move between server connections.
+    # Drivers are told to prepare nothing in this mode, and many clients
+    # that do so share three backends without an error.
+    assert "prepare_threshold=None" in c["note"]
     errors: list[BaseException] = []
 
-    def prepared(k: int) -> None:
+    def unprepared(k: int) -> None:
         try:
-            with connect(c, prepare_threshold=0) as conn:
+            with connect(c, prepare_threshold=None) as conn:
                 for i in range(30):
                     row = conn.execute("SELECT %s::int + count(*) FROM t", (i,)).fetchone()
                     assert row == (i + 10,)
@@ -134,12 +135,17 @@ def test_transaction_pooling_port_and_its_note(api: Api, fleet: FleetUnderTest) 
         except BaseException as e:  # reported below
             errors.append(e)
 
-    workers = [threading.Thread(target=prepared, args=(k,)) for k in range(6)]
+    workers = [threading.Thread(target=unprepared, args=(k,)) for k in range(6)]
     for t in workers:
         t.start()
     for t in workers:
         t.join()
     assert errors == []
+    # The router keeps no client's prepared statements (PgBouncer 1.24 would
+    # keep every one, with no bound per client: a tenant could fill the
+    # router's memory).
+    config = {r["key"]: r["value"] for r in fleet.fleet.routers.command(spec, "SHOW CONFIG")}
+    assert config["max_prepared_statements"] == "0"
     with connect(c) as conn:
         row = conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone()
     assert row == (True,)  # TLS to the server in transaction pooling too
@@ -176,8 +182,34 @@ def test_the_router_refuses_plaintext_other_projects_and_its_console(
     # The admin console: not for tenants, not even with a valid password.
     with pytest.raises(psycopg.OperationalError, match=r"not allowed|failed"):
         connect(a, dbname="pgbouncer")
-    with pytest.raises(psycopg.OperationalError, match="authentication failed"):
+    with pytest.raises(psycopg.OperationalError, match="login rejected"):
         connect(a, dbname="pgbouncer", user=ROUTER_ADMIN)
+    # Nor for anyone over TCP, with the admin's own password: only through
+    # the router's Unix socket, in its 0700 directory.
+    routers = fleet.fleet.routers
+    spec = routers.spec(a["router_region"], "session")
+    admin = {"dbname": "pgbouncer", "user": ROUTER_ADMIN, "password": routers.admin_password()}
+    with pytest.raises(psycopg.OperationalError, match="login rejected"):
+        connect({**a, **admin, "database": "pgbouncer"})
+    assert routers.paths.dir(spec).stat().st_mode & 0o777 == 0o700
+    with psycopg.connect(
+        host=str(routers.paths.dir(spec)),
+        port=spec.port,
+        sslmode="disable",
+        autocommit=True,
+        prepare_threshold=None,
+        **admin,
+    ) as conn:
+        assert conn.execute("SHOW VERSION").fetchone() is not None
+    with pytest.raises(psycopg.OperationalError, match="login rejected"):
+        psycopg.connect(
+            host=str(routers.paths.dir(spec)),
+            port=spec.port,
+            sslmode="disable",
+            dbname=a["database"],
+            user=a["user"],
+            password=a["password"],
+        )
     # The files pgfleet writes: the auth file holds verifiers only, 0600.
     paths = fleet.fleet.routers.paths
     assert paths.auth.stat().st_mode & 0o777 == 0o600

@@ -19,6 +19,7 @@ import pytest
 from pydantic import SecretStr
 
 from pgfleet.config import ServerSpec
+from pgfleet.errors import FleetError
 from pgfleet.fleet.embedded import ADMIN_USER, EmbeddedFleet
 from pgfleet.platform.core import Platform
 from pgfleet.regions import REGION_IDS
@@ -136,3 +137,27 @@ def test_a_killed_external_router_degrades_its_region_until_started_again(
     assert api.get("/health").json()["regions"]["eu-central-1"]["status"] == "ok"
     with connect(conn_of(api, p["id"], pooling="transaction")) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_routers_refuse_an_external_server_below_verify_full(
+    fleet: FleetUnderTest, ext_home: Path
+) -> None:
+    """PgBouncer has one server TLS setting per process: a server configured
+    with less than verify-full would weaken the way to every server, so the
+    routers do not start and say which server it is."""
+    srv = fleet.server("eu-central-1")
+    servers = [
+        ServerSpec(name="ext-eu", region="eu-central-1", host="127.0.0.1", port=srv.port),
+        ServerSpec(
+            name="ext-us",
+            region="us-east-1",
+            host="127.0.0.1",
+            port=fleet.server("us-east-1").port,
+            sslmode="require",
+        ),
+    ]
+    s = fleet.settings.model_copy(update={"servers": servers, "home": ext_home})
+    with pytest.raises(FleetError, match=r"ext-us \(require\)") as e:
+        EmbeddedFleet(s).start_routers()
+    assert "PGFLEET_ROUTERS=false" in str(e.value)
+    assert not (ext_home / "routers").exists()

@@ -174,17 +174,27 @@ class EmbeddedFleet:
         if s.embedded:
             return Routers(root, self.router_specs(), host=LOOPBACK, **common)
         # External servers: the routers run here, verifying each server by
-        # the CA its own connections use, at the weakest sslmode configured
-        # for one (warned about at start, as for the server itself).
+        # the CA its own connections use (the system's for one that names
+        # none). PgBouncer has one server TLS setting per process, so one
+        # server configured with less than verify-full would weaken the way
+        # to all of them: refused.
         servers = s.external_servers()
+        weak = [f"{x.name} ({x.sslmode})" for x in servers if x.sslmode != "verify-full"]
+        if weak:
+            raise FleetError(
+                "the routers reach every external server with one TLS setting, so they need "
+                f"sslmode=verify-full for all of them; not so: {', '.join(weak)}. Set "
+                "verify-full (with sslrootcert) or run without routers (PGFLEET_ROUTERS=false)"
+            )
         pem = "".join(_read_ca(x.sslrootcert) for x in servers if x.sslrootcert)
-        weakest = min((x.sslmode for x in servers), key=SSL_MODES.index, default="verify-full")
+        if pem and any(not x.sslrootcert for x in servers):
+            pem += _read_ca(SYSTEM_CAS)
         return Routers(
             root,
             self.router_specs(),
             host=s.router_host,
             listen=s.router_listen,
-            server_tls=ServerTLS(root / "tls" / "servers-ca.pem" if pem else None, weakest),
+            server_tls=ServerTLS(root / "tls" / "servers-ca.pem" if pem else None),
             server_ca_pem=pem or None,
             **common,
         )
@@ -719,8 +729,8 @@ class EmbeddedFleet:
                 )
 
 
-# libpq's sslmodes, weakest first (PgBouncer's server_tls_sslmode takes the same).
-SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+# Debian's bundle of the system's CAs (what PgBouncer reads by default).
+SYSTEM_CAS = "/etc/ssl/certs/ca-certificates.crt"
 
 
 def _read_ca(path: str) -> str:

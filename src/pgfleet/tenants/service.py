@@ -469,8 +469,9 @@ def connection_details(
     if pooling == "transaction":
         extra = (
             "transaction pooling: session state (SET, LISTEN, temporary tables, "
-            "session advisory locks, WITH HOLD cursors, prepared statements made with "
-            "SQL PREPARE) does not last beyond a transaction"
+            "session advisory locks, WITH HOLD cursors, prepared statements) does not last "
+            "beyond a transaction; tell the driver to prepare nothing (psycopg: "
+            "prepare_threshold=None; node-postgres: no named queries; JDBC: prepareThreshold=0)"
         )
         note = f"{note}; {extra}" if note else extra
     return replace(
