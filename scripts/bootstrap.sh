@@ -164,6 +164,7 @@ if ! pgbouncer_found; then
   if [ "$(id -u)" = 0 ]; then prefix=/usr/local/lib/pgfleet/pgbouncer; else prefix="$PWD/.venv/opt/pgbouncer"; fi
   if command -v apt-get >/dev/null 2>&1 && as_root; then
     echo "bootstrap: installing what building PgBouncer needs with apt-get"
+    $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq gcc make pkg-config patch \
       xz-utils libevent-dev libssl-dev >/dev/null
   fi
