@@ -221,33 +221,3 @@ def test_each_server_keeps_its_own_number_of_spares_and_metrics_show_it(
     for s in others:
         assert f'pgfleet_spares_ready{{region="{s.region}",server="{s.name}"}} 0.0' in text
     assert 'pgfleet_spares_made_total{region="' + REGION + '"} 2.0' in text
-
-
-def test_a_refill_yields_to_creates_in_flight_until_the_pool_runs_low(
-    platform_factory: Any, fleet: FleetUnderTest
-) -> None:
-    """Making a spare costs several times what claiming one saves, so while
-    a create is in flight a refill makes spares only until a quarter of the
-    target is ready; the rest waits for the burst to end."""
-    p: Platform = platform_factory(spare_databases=0)
-    server = server_in(p, REGION)
-    drop_spares(p, server)
-    op = uuid.uuid4()
-    with p.db.connection() as c:
-        c.execute(
-            "INSERT INTO operations (id, type, status, deadline) "
-            "VALUES (%s, 'provision', 'running', now() + interval '1 hour')",
-            (op,),
-        )
-    try:
-        assert refill_spares(p, server, 8) == 2  # up to 8 // 4, then it yields
-        with fleet.admin_conn(REGION) as a:
-            assert ready_count(a) == 2
-        assert refill_spares(p, server, 8) == 0  # still in flight
-    finally:
-        with p.db.connection() as c:
-            c.execute("UPDATE operations SET status = 'finished' WHERE id = %s", (op,))
-    assert refill_spares(p, server, 8) == 6
-    with fleet.admin_conn(REGION) as a:
-        assert ready_count(a) == 8
-    drop_spares(p, server)

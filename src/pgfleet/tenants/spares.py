@@ -24,13 +24,6 @@ before the spare is marked ready (a database comment). A spare that was not
 finished (a crash while it was made) is never claimed and is dropped by
 the next refill. When none is ready a create takes the slow path; it never
 fails for want of a spare.
-
-Creates come first: while one is in flight, a refill makes spares only if
-fewer than a quarter of the target are ready (`_yield_to_creates`). Making a
-spare costs several times what claiming one does, so a refill running
-through a burst of creates slowed that burst down (31 spares made during
-200 creates in bench/provision.py); the pool is topped up when the burst
-ends, or as soon as it runs low.
 """
 
 from __future__ import annotations
@@ -230,33 +223,12 @@ def refill_spares(
             for _ in range(target - ready_count(conn)):
                 if until is not None and time.monotonic() >= until:
                     break
-                if _yield_to_creates(p, conn, target):
-                    break
                 prepare_spare(p, server, conn)
                 made += 1
                 p.metrics.spares_made.labels(server.region).inc()
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (_SPARE_LOCK,))
     return made
-
-
-# A create counts as in flight for this long at most (one stuck waiting for
-# its region must not stop the refills for good).
-_CREATE_WINDOW_S = 30
-
-
-def _yield_to_creates(p: Platform, conn: psycopg.Connection[Any], target: int) -> bool:
-    """True when a create is in flight and at least a quarter of `target`
-    spares are ready: the refill then stops for this pass."""
-    if ready_count(conn) < max(1, target // 4):
-        return False
-    with p.db.connection() as pconn:
-        row = pconn.execute(
-            "SELECT EXISTS (SELECT 1 FROM operations WHERE status IN ('scheduled', 'running') "
-            "AND type = 'provision' AND created_at > now() - make_interval(secs => %s))",
-            (_CREATE_WINDOW_S,),
-        ).fetchone()
-    return bool(row and row[0])
 
 
 def drop_spares(p: Platform, server: ServerRecord) -> int:
