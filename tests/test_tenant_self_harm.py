@@ -144,8 +144,8 @@ def test_a_rotation_ends_the_sessions_of_the_old_password(api: Api, fleet: Fleet
     assert ended(rw_session) and ended(ro_session)
     with connect(r.json()["connection"]) as c:
         assert c.execute("SELECT current_user").fetchone() == (body["connection"]["user"],)
-    # Rotating only `ro` leaves the rw sessions on the server alone (through a
-    # router, PgBouncer 1.18 ends the whole database's clients there: README).
+    # Rotating only `ro` leaves the rw sessions on the server alone (through
+    # the routers too: test_router's rotation test).
     direct = {"direct": "true"}
     rw_session = connect(api.get(f"/v1/projects/{pid}/connection", params=direct).json())
     ro_session = connect(
