@@ -30,7 +30,10 @@ Targets (issue 13, 2-core machine): at concurrency 4 p50 <= 50 ms, p99 <=
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -158,6 +161,21 @@ def provision_op(http: httpx.Client, i: int) -> str:
     return str(r.json()["operation"]["id"])
 
 
+def start_profile(bf: BenchFleet, out: str) -> subprocess.Popen[bytes]:
+    """py-spy recording the API process and its children (the embedded worker)."""
+    spy = shutil.which("py-spy")
+    if spy is None:
+        sys.exit("--profile needs py-spy on PATH (pip install py-spy)")
+    api = json.loads((bf.home / "api.pid").read_text())["pid"]
+    proc = subprocess.Popen(
+        [spy, "record", "--subprocesses", "--rate", "250", "--gil", "-p", str(api), "-o", out]
+        + ([] if out.endswith(".svg") else ["--format", "raw"]),
+        stdout=subprocess.DEVNULL,
+    )
+    time.sleep(1.0)  # attached before the phase starts
+    return proc
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=200, help="projects to create (default 200)")
@@ -168,6 +186,12 @@ def main() -> None:
     ap.add_argument("--n1", type=int, default=50, help="creates one at a time (default 50)")
     ap.add_argument("--no-spares", action="store_true", help="measure the slow path")
     ap.add_argument("--no-queue", action="store_true", help="skip the queue-latency runs")
+    ap.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="record the API processes with py-spy (on PATH) during the c>1 phase: "
+        "a flame graph if FILE ends in .svg, else collapsed stacks",
+    )
     args = ap.parse_args()
     spares = 0 if args.no_spares else args.n + args.n1 + 20
     with bench_fleet(regions=REGION, extra_env={"PGFLEET_SPARE_DATABASES": str(spares)}) as bf:
@@ -185,11 +209,15 @@ def main() -> None:
             alone = [t for t, _, _ in timed1]
             ops1 = [http.get(f"/v1/operations/{op_id}").json() for _, _, op_id in timed1]
             ready0 = spares_ready(bf)
+            spy = start_profile(bf, args.profile) if args.profile else None
             cpu0, own0 = fleet_cpu(bf.home), os.times()
             t0 = time.perf_counter()
             with ThreadPoolExecutor(args.concurrency) as ex:
                 timed = list(ex.map(lambda i: provision_timed(http, i), range(args.n)))
             wall = time.perf_counter() - t0
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+                spy.wait(timeout=60)
             cpu1, own1 = fleet_cpu(bf.home), os.times()
             # Spares the worker made meanwhile (each create claimed one).
             refilled = spares_ready(bf) - ready0 + args.n

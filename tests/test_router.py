@@ -20,6 +20,7 @@ from pgfleet.fleet.binaries import find_binaries
 from pgfleet.fleet.router import ROUTER_ADMIN
 from pgfleet.platform.core import Platform
 from pgfleet.tenants import routing
+from pgfleet.tenants.naming import tenant_db_name
 from tests.helpers import Api, FleetUnderTest, create_ok, error_of, run_psql
 
 
@@ -593,3 +594,92 @@ def test_the_auth_file_reads_back_what_was_written() -> None:
     pairs = [_unquote_pair(line) for line in text.splitlines()]
     assert pairs == [("tenant_x_rw", verifier), ('we"ird', verifier)]
     assert _unquote_pair('"alone"') is None and _unquote_pair("") is None
+
+
+def test_edits_in_place_make_the_files_a_whole_rewrite_would(tmp_path: Any) -> None:
+    """A publish for a few projects edits their lines in place (Routers.edit);
+    the result must be byte for byte what writing every line would give, or
+    the periodic sync would see a difference and reload every router."""
+    import random
+
+    from pgfleet.fleet.router import Login, Route, Routers
+
+    def make() -> Routers:
+        return Routers(
+            tmp_path,
+            [],
+            host="127.0.0.1",
+            ca_file=tmp_path / "ca.pem",
+            admin_password_file=tmp_path / "router.password",
+            owner=None,
+            run=None,
+        )
+
+    def verifier(i: int) -> str:
+        salt = f"{i:016d}".encode().hex()[:22] + "=="
+        return f"SCRAM-SHA-256${i + 1}:{salt}$" + "a" * 43 + "=:" + "b" * 43 + "="
+
+    rng = random.Random(7)
+    routes: dict[str, Route] = {}
+    logins: dict[str, str] = {}
+    routers = make()
+    routers.write([], [])
+    for step in range(300):
+        db = f"tenant_{rng.randrange(40):032x}"
+        roles = [db + "_rw", db + "_ro"]
+        if rng.random() < 0.3:  # deleted or paused: no route, no logins
+            routes.pop(db, None)
+            for r in roles:
+                logins.pop(r, None)
+            change_r: dict[str, Route | None] = {db: None}
+            change_l: dict[str, str | None] = dict.fromkeys(roles)
+        else:
+            route = Route(db, "127.0.0.1", 5432 + rng.randrange(3), 3, rng.choice([100, 500]))
+            routes[db] = route
+            change_r, change_l = {db: route}, {}
+            for r in roles:
+                v = verifier(step) if rng.random() < 0.9 else "not a verifier"
+                change_l[r] = v
+                if v.startswith("SCRAM"):
+                    logins[r] = v
+                else:
+                    logins.pop(r, None)  # left out, as a whole write leaves it out
+        assert routers.edit(change_r, change_l) is not None
+    before = (routers.paths.routes.read_text(), routers.paths.auth.read_text())
+    whole = make()
+    changed = whole.write(list(routes.values()), [Login(u, v) for u, v in logins.items()])
+    assert not changed
+    assert (whole.paths.routes.read_text(), whole.paths.auth.read_text()) == before
+    assert len(before[0].splitlines()) == len(routes) + 2
+    # Files from elsewhere (an older pgfleet's, none) are written whole instead.
+    routers.paths.routes.write_text("[databases]\n")
+    assert routers.edit({}, {}) is None
+
+
+def test_in_place_edits_leave_the_sync_nothing_to_repair(
+    api: Api, fleet: FleetUnderTest, platform: Platform
+) -> None:
+    """Every operation's route step edits only its project's lines: after
+    creates, a pause, a rotation and a delete, the files are exactly what
+    the periodic sync would write, and every router has every project."""
+    made = [create_ok(api, f"edited-{i}") for i in range(3)]
+    r = api.post(f"/v1/projects/{made[0]['id']}/pause", params={"wait": "true"})
+    assert r.status_code == 200, r.text
+    r = api.post(
+        f"/v1/projects/{made[1]['id']}/rotate-password",
+        params={"wait": "true"},
+        json={"role": "ro"},
+    )
+    assert r.status_code == 200, r.text
+    r = api.delete(f"/v1/projects/{made[2]['id']}", params={"wait": "true"})
+    assert r.status_code in (200, 202), r.text
+    routers = platform.routers
+    assert routers is not None
+    text = routers.paths.routes.read_text()
+    assert tenant_db_name(made[1]["id"]) + " = " in text
+    for gone in (made[0], made[2]):
+        assert tenant_db_name(gone["id"]) not in text
+    assert routing.drift(platform) == {}
+    assert routing.publish(platform, repair=True).changed is False
+    with connect(conn_of(api, made[1]["id"], mode="ro")) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)

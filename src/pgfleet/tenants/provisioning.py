@@ -283,8 +283,9 @@ def ensure_tenant_database_provisioned(
         finally:
             lconn.execute("SELECT pg_advisory_unlock(%s)", (resource_lock_key(tid),))
     if publish_routes:
-        # A convergence may have set passwords again (new salts).
-        routing.publish(p, reread=True)
+        # A convergence may have set passwords again (new salts): its
+        # verifiers are read afresh.
+        routing.publish(p, projects=[tid])
     return done
 
 

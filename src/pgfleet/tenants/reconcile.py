@@ -374,7 +374,7 @@ def reconcile(
                 f["action"] = f"converge failed: {e}"
     if repair and converge:
         # Passwords set again have new salts: the routers must hold them.
-        routing.publish(p, reread=True)
+        routing.publish(p, projects=converge)
     router_drift = routing.drift(p)
     for name, (missing, extra) in router_drift.items():
         parts = []

@@ -122,6 +122,53 @@ def desired(
     return routes, logins, down
 
 
+def desired_for(
+    platform: Platform, projects: Iterable[uuid.UUID]
+) -> tuple[dict[str, Route | None], dict[str, str | None], list[str]]:
+    """What the routers should know of `projects` alone, as changes to the
+    files (Routers.edit): an active project's route and its login roles'
+    verifiers, read afresh from its server; for any other (paused, deleted,
+    unfinished, gone) no route and no logins. A project whose server cannot
+    be reached keeps the logins the file has; its server is named."""
+    ids = sorted(set(projects))
+    with platform.db.connection() as conn:
+        rows = conn.execute(
+            "SELECT id, plan_type, (connection_info->>'server_id')::int FROM tenants "
+            "WHERE id = ANY(%s) AND status = 'active' AND connection_info ? 'server_id'",
+            (ids,),
+        ).fetchall()
+    active = {tid: (plan, server_id) for tid, plan, server_id in rows}
+    servers = {s.id: s for s in platform.servers.all()} if active else {}
+    routes: dict[str, Route | None] = {}
+    logins: dict[str, str | None] = {}
+    roles_by_server: dict[int, list[str]] = {}
+    for tid in ids:
+        db = tenant_db_name(tid)
+        found = active.get(tid)
+        server = None if found is None else servers.get(found[1])
+        if found is None or server is None:
+            routes[db] = None
+            logins.update(dict.fromkeys(login_role_names(db)))
+            continue
+        limits = get_plan(found[0] or "free")
+        routes[db] = Route(
+            db, server.host, server.port, limits.router_pool_size, limits.router_clients
+        )
+        roles_by_server.setdefault(server.id, []).extend(login_role_names(db))
+    down: list[str] = []
+    for server_id, roles in roles_by_server.items():
+        server = servers[server_id]
+        try:
+            with platform.servers.admin_connection(server) as conn:
+                verifiers = dict(conn.execute(_VERIFIERS_SQL, (roles,)).fetchall())
+        except (PgfleetError, psycopg.Error):
+            down.append(server.name)
+            continue
+        for role in roles:
+            logins[role] = verifiers.get(role)
+    return routes, logins, down
+
+
 @contextmanager
 def _exclusive(platform: Platform) -> Iterator[None]:
     """One publish at a time: first in this process (so waiting publishes
@@ -177,21 +224,54 @@ def _reloader(platform: Platform, routers: Routers) -> ThreadPoolExecutor:
     )
 
 
+class _Pending:
+    """Projects this process has asked to publish and no publish has taken
+    yet, with the clients to end: a publish takes them all, so creates that
+    wait for the lock together share one edit and one reload."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.ids: set[uuid.UUID] = set()
+        self.kill: list[tuple[str, set[str]]] = []
+
+    def add(self, ids: set[uuid.UUID], kill: list[tuple[str, set[str]]]) -> None:
+        with self._lock:
+            self.ids |= ids
+            self.kill += kill
+
+    def take(self, mine: set[uuid.UUID] | None = None) -> tuple[set[uuid.UUID], list[Any]] | None:
+        """Everything asked for; None if `mine` is no longer among it (a
+        publish that held the lock before took it and is done)."""
+        with self._lock:
+            if mine is not None and mine.isdisjoint(self.ids):
+                return None
+            out = (self.ids, self.kill)
+            self.ids, self.kill = set(), []
+            return out
+
+
 def publish(
     platform: Platform,
     *,
+    projects: Iterable[uuid.UUID] = (),
     end_clients_of: Iterable[tuple[uuid.UUID, Iterable[str]]] = (),
     repair: bool = False,
     reread: bool = False,
 ) -> Published:
-    """Write the routers' files from the platform DB and reload every router
-    (only those that differ, with `repair`). A router that cannot be reached
-    is reported, never an error: it is brought up to date when it runs again.
+    """Tell every router what changed, and reload them (with `repair`, only
+    those whose loaded databases differ). A router that cannot be reached
+    is reported, never an error: it is brought up to date when it runs
+    again.
 
-    Verifiers are read from the servers for the logins the auth file lacks
-    and for the roles in `end_clients_of`; `reread` (and `repair`) reads
-    them all, for changes made without a rotation (a convergence that set
-    passwords again, a verifier changed behind pgfleet's back).
+    With `projects` (or `end_clients_of`), only those projects changed: their
+    lines in the route table and the auth file are edited in place, from
+    their rows and their roles' verifiers read afresh from their servers
+    (`desired_for`), at a cost that does not grow with the fleet. Without,
+    both files are written whole from the platform DB (`desired`): verifiers
+    read for the logins the auth file lacks, or for all of them with
+    `reread` (and `repair`), for changes made without a rotation (a
+    convergence that set many passwords again, a verifier changed behind
+    pgfleet's back).
 
     `end_clients_of` is (project, roles) whose client connections through
     the routers must end: they logged in with a password that no longer
@@ -207,44 +287,78 @@ def publish(
     out = Published()
     if routers is None:
         return out
-    kill = [(tenant_db_name(t), set(roles)) for t, roles in end_clients_of]
-    # What the caller asks to publish is committed by now: a publish of this
-    # process that starts reading after this moment includes it, and when
-    # one did while this one waited for the lock, there is nothing left to do
-    # (concurrent creates share one rewrite and reload).
+    ends = [(t, set(roles)) for t, roles in end_clients_of]
+    ids = set(projects) | {t for t, _ in ends}
+    kill = [(tenant_db_name(t), roles) for t, roles in ends]
+    whole = repair or reread or not ids
+    pending = platform.component("routing_pending", _Pending)
+    if not whole:
+        pending.add(ids, kill)
+    # What the caller asks to publish is committed by now: a whole publish
+    # of this process that starts reading after this moment includes it.
     asked = time.monotonic()
     last = platform.component("routing_last_publish", lambda: [0.0])
     with _exclusive(platform):
-        full = repair or reread
-        if not full and not kill and last[0] > asked:
-            out.shared = True
-            return out
-        started = time.monotonic()
-        changed_roles = {r for _, roles in kill for r in roles}
-        routes, logins, out.servers_unreachable = desired(
-            platform, routers, routers.current_logins(), None if full else changed_roles
-        )
-        out.routes, out.logins = len(routes), len(logins)
-        out.changed = routers.write(routes, logins)
-        wanted = {r.database for r in routes}
+        if whole:
+            if not (repair or reread) and last[0] > asked:
+                out.shared = True
+                return out
+            taken = pending.take()  # a whole publish covers them too
+        else:
+            taken = pending.take(ids)
+            if taken is None:
+                out.shared = True
+                return out
+            kill = []
+        assert taken is not None
+        batch, batch_kill = taken
+        kill += batch_kill
+        try:
+            started = time.monotonic()
+            edited = None
+            wanted: set[str] = set()
+            if not whole:
+                routes_for, logins_for, out.servers_unreachable = desired_for(platform, batch)
+                out.routes = sum(1 for r in routes_for.values() if r is not None)
+                out.logins = sum(1 for v in logins_for.values() if v is not None)
+                edited = routers.edit(routes_for, logins_for)
+            if edited is None:
+                changed_roles = {r for _, roles in kill for r in roles}
+                routes, logins, out.servers_unreachable = desired(
+                    platform,
+                    routers,
+                    routers.current_logins(),
+                    None if whole and (repair or reread) else changed_roles,
+                )
+                out.routes, out.logins = len(routes), len(logins)
+                out.changed = routers.write(routes, logins)
+                wanted = {r.database for r in routes}
+            else:
+                out.changed = edited
 
-        def apply(spec: RouterSpec) -> None:
-            if repair:
-                loaded = routers.databases(spec)
-                # A database left paused (a KILL whose RESUME never came, a
-                # hold whose process died) is let go, unless held here.
-                for name, row in loaded.items():
-                    if row.get("paused") and name not in _HELD:
-                        routers.resume(spec, name)
-                if not out.changed and set(loaded) == wanted:
-                    return
-            routers.reload(spec)
-            for db, roles in kill:
-                routers.end_clients(spec, db, roles)
+            def apply(spec: RouterSpec) -> None:
+                if repair:
+                    loaded = routers.databases(spec)
+                    # A database left paused (a KILL whose RESUME never
+                    # came, a hold whose process died) is let go, unless
+                    # held here.
+                    for name, row in loaded.items():
+                        if row.get("paused") and name not in _HELD:
+                            routers.resume(spec, name)
+                    if not out.changed and set(loaded) == wanted:
+                        return
+                routers.reload(spec)
+                for db, roles in kill:
+                    routers.end_clients(spec, db, roles)
 
-        out.reloaded, out.unreachable = _each(routers, apply, _reloader(platform, routers))
-        # Only a publish that got through counts for those who wait on it.
-        last[0] = started
+            out.reloaded, out.unreachable = _each(routers, apply, _reloader(platform, routers))
+        except BaseException:
+            pending.add(batch, batch_kill)  # for the next publish
+            raise
+        if edited is None:
+            # Only a whole publish that got through counts for those who
+            # wait on one.
+            last[0] = started
     if out.unreachable:
         log.warning("routers not reached: %s", ", ".join(out.unreachable))
     return out

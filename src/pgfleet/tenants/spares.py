@@ -201,14 +201,28 @@ def spare_target(settings: Settings, server: ServerRecord) -> int:
 
 
 def refill_spares(
-    p: Platform, server: ServerRecord, target: int, *, until: float | None = None
+    p: Platform,
+    server: ServerRecord,
+    target: int,
+    *,
+    until: float | None = None,
+    reserve: int | None = None,
 ) -> int:
     """Bring `server`'s ready spares up to `target`, first dropping any a
     crash left unfinished; returns how many were made. One refiller per
     server at a time (advisory lock). With `until` (a time.monotonic()
     value) it stops making spares then, and the next pass goes on: a worker
-    asked to stop is never held up by a long refill."""
+    asked to stop is never held up by a long refill.
+
+    With `reserve`, the refill stands aside while creates are claiming this
+    server's spares (fewer are ready than at the end of the last pass, or
+    than a moment ago) and at least `reserve` are left: making a spare
+    costs the server and the worker several claims' worth of work, which a
+    burst of creates needs more (bench/provision.py: 42 spares made during
+    200 creates). The pool fills up again in the first quiet pass, and a
+    burst longer than the pool is served at the reserve's pace."""
     made = 0
+    seen: dict[int, int] = p.component("spares_seen", dict)
     with p.servers.admin_connection(server) as conn:
         got = conn.execute("SELECT pg_try_advisory_lock(%s)", (_SPARE_LOCK,)).fetchone()
         if not (got and got[0]):
@@ -220,15 +234,28 @@ def refill_spares(
             for role in _spare_roles(conn):
                 conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
             ensure_template(p, server, conn)
-            for _ in range(target - ready_count(conn)):
+            ready = ready_count(conn)
+            claimed = ready < seen.get(server.id, ready)
+            while ready < target:
                 if until is not None and time.monotonic() >= until:
+                    break
+                if reserve is not None and claimed and ready >= reserve:
                     break
                 prepare_spare(p, server, conn)
                 made += 1
                 p.metrics.spares_made.labels(server.region).inc()
+                now = ready_count(conn)
+                claimed = now <= ready
+                ready = now
+            seen[server.id] = ready
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (_SPARE_LOCK,))
     return made
+
+
+def spare_reserve(target: int) -> int:
+    """The ready spares a refill keeps even while creates claim them."""
+    return max(1, target // 4) if target else 0
 
 
 def drop_spares(p: Platform, server: ServerRecord) -> int:
@@ -253,7 +280,7 @@ def refill_all(platform: Platform) -> None:
         if not target:
             continue
         try:
-            refill_spares(platform, server, target, until=until)
+            refill_spares(platform, server, target, until=until, reserve=spare_reserve(target))
         except (RegionUnavailable, psycopg.OperationalError) as e:
             log.debug("spares for %s not refilled: %s", server.name, e)
         except psycopg.Error as e:  # not an outage: say it

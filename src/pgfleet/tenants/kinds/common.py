@@ -99,13 +99,13 @@ def reached(ctx: OpContext, position: int) -> bool:
 def route(ctx: OpContext) -> None:
     """A step: every router told what changed (tenants/routing.py). A router
     that is down is not an error; the periodic sync brings it up to date."""
-    ctx.state["routers"] = routing.publish(ctx.platform).reloaded
+    ctx.state["routers"] = routing.publish(ctx.platform, projects=[ctx.tenant_id]).reloaded
 
 
 def route_after_undo(ctx: OpContext) -> None:
     """What an undo put back, told to the routers at once (not at the next
     sync). Best effort: an undo must not fail on a router."""
     try:
-        routing.publish(ctx.platform)
+        routing.publish(ctx.platform, projects=[ctx.tenant_id])
     except Exception as e:  # the periodic sync follows up
         log.warning("routers not told of %s's undo: %s", ctx.tenant_id, e)
