@@ -231,14 +231,24 @@ class ServerRegistry:
         self.platform = platform
         self._pools: dict[int, tuple[ServerRecord, ConnectionPool]] = {}
         self._lock = threading.Lock()
+        self._plain: dict[str, str] = {}
+
+    def _decrypt(self, enc: str) -> str:
+        """Servers are read on every create, several times: each stored
+        password is decrypted once per process (by its ciphertext, so a
+        rotated one is decrypted afresh)."""
+        plain = self._plain.get(enc)
+        if plain is None:
+            plain = self._plain[enc] = self.box.decrypt(enc)
+        return plain
 
     def _row_to_record(self, row: dict[str, Any]) -> ServerRecord:
         enc = row.pop("admin_password_enc")
         probe = row.pop("probe_password_enc")
         return ServerRecord(
             **row,
-            admin_password=self.box.decrypt(enc),
-            probe_password=self.box.decrypt(probe) if probe else None,
+            admin_password=self._decrypt(enc),
+            probe_password=self._decrypt(probe) if probe else None,
         )
 
     def all(self, *, enabled_only: bool = False) -> list[ServerRecord]:

@@ -107,6 +107,29 @@ def execute_operation(
                 lconn.execute("RESET synchronous_commit")
 
 
+# A step may start: past the point of no return, or no cancel it must
+# honour and the deadline not passed (what _before_step checks).
+_ADVANCE = (
+    "WITH fin AS (UPDATE operation_steps SET status = 'finished', "
+    "finished_at = now() WHERE operation_id = %(id)s AND position = %(prev)s::int "
+    "RETURNING 1), "
+    "op AS (UPDATE operations SET result = CASE WHEN %(prev)s::int IS NULL THEN result "
+    "ELSE %(state)s END, "
+    "current_step = CASE WHEN %(committed)s OR ((NOT %(cancellable)s OR NOT cancel_requested) "
+    "AND deadline > now()) THEN %(name)s ELSE current_step END, "
+    "updated_at = now() WHERE id = %(id)s "
+    "RETURNING id, cancel_requested, extract(epoch FROM deadline - now())::float8 AS left_s, "
+    "%(committed)s OR ((NOT %(cancellable)s OR NOT cancel_requested) "
+    "AND deadline > now()) AS go), "
+    "ins AS (INSERT INTO operation_steps (operation_id, position, name, status) "
+    "SELECT id, %(pos)s, %(name)s, 'running' FROM op WHERE go "
+    "ON CONFLICT (operation_id, position) DO UPDATE "
+    "SET status = 'running', attempts = operation_steps.attempts + 1, "
+    "error = NULL, started_at = now(), finished_at = NULL RETURNING 1) "
+    "SELECT go, cancel_requested, left_s FROM op"
+)
+
+
 class _LostLocks(Exception):
     """The connection holding the operation's locks is gone: so are they."""
 
@@ -206,6 +229,32 @@ class _Execution:
             ).fetchone()
             assert row is not None
             return bool(row[0]), float(row[1])
+
+        return self._q(q)
+
+    def _advance(
+        self, position: int, name: str, state: dict[str, Any], *, cancellable: bool
+    ) -> tuple[bool, bool, float]:
+        """Between two steps, when the next is not the point of no return:
+        record the one that finished (with the state it left), read the
+        flags, and record the start of step `position` if it may start (no
+        cancel it must honour, deadline not passed, unless committed), all
+        in one statement: (started, cancel requested, seconds left)."""
+        prev, self.unrecorded = self.unrecorded, None
+        args = {
+            "id": self.op_id,
+            "prev": prev,
+            "state": Jsonb(state),
+            "pos": position,
+            "name": name,
+            "committed": self.committed,
+            "cancellable": cancellable,
+        }
+
+        def q(conn: psycopg.Connection[Any]) -> tuple[bool, bool, float]:
+            row = conn.execute(_ADVANCE, args).fetchone()
+            assert row is not None
+            return bool(row[0]), bool(row[1]), float(row[2])
 
         return self._q(q)
 
@@ -336,16 +385,26 @@ class _Execution:
             for position, step in enumerate(kind.steps):
                 if position in done:
                     continue
-                cancel, left = self._boundary(ctx.state)
                 if self.hand_off is not None and self.hand_off():
                     raise _HandOff
-                self._before_step(kind, position, cancel, left)
                 if step.final and not self.committed:
+                    cancel, left = self._boundary(ctx.state)
+                    self._before_step(kind, position, cancel, left)
                     if not self._step_started(position, step.name, final=True):
                         raise _Cancelled
                     self.committed = True
                 else:
-                    self._step_started(position, step.name)
+                    # The previous step's end and this one's start, in one
+                    # statement (two round trips fewer per step).
+                    began, cancel, left = self._advance(
+                        position,
+                        step.name,
+                        ctx.state,
+                        cancellable=kind.cancellable_before(position),
+                    )
+                    if not began:
+                        self._before_step(kind, position, cancel, left)
+                        self._step_started(position, step.name)  # the clocks disagreed
                 failpoint(f"{kind.name}.{step.name}.before")
                 self._run_step(kind, position, step, ctx)
                 failpoint(f"{kind.name}.{step.name}.after")

@@ -419,11 +419,14 @@ def connection_details(
     pooling: str = "session",
     direct: bool = False,
     via: str | None = None,
+    project: Tenant | None = None,
 ) -> ConnectionDetails:
     """Where a client connects: by default the router of the region that
     hosts the project (session pooling), `pooling="transaction"` its
     transaction-pooling port, `via` another region's router (the hop to the
-    project's own server is reported), `direct` the server itself."""
+    project's own server is reported), `direct` the server itself.
+    `project` is its row when the caller has just read it (as `get_project`
+    gives it to this owner)."""
     m = check_mode(mode)
     if owner.read_only and m == "rw":
         raise read_only_refusal("the read-write credentials are not for it: ask for mode=ro")
@@ -431,8 +434,16 @@ def connection_details(
         raise InvalidInput(f"unknown pooling {pooling!r}; valid values are: session, transaction")
     if via is not None:
         get_region(via)  # a clear 422 for a typo
-    project = get_project(platform, owner, project_id)
-    ep = DatabasePlatformClient.of(platform).endpoint(project.id)
+    if project is None or project.id != uuid.UUID(str(project_id)):
+        project = get_project(platform, owner, project_id)
+    ep = DatabasePlatformClient.of(platform).endpoint_from_row(
+        {
+            "id": project.id,
+            "region": project.region,
+            "status": project.status,
+            "connection_info": project.connection_info,
+        }
+    )
     server = ConnectionDetails(
         mode=m,
         host=ep.host,

@@ -98,7 +98,9 @@ def project_and_op(
     shown = None
     # Credentials are shown for an active project (a paused one's cannot log in).
     if credentials and op.status == "finished" and project.status == "active":
-        shown = conn_out(service.connection_details(platform, owner, project.id, "rw"))
+        shown = conn_out(
+            service.connection_details(platform, owner, project.id, "rw", project=project)
+        )
     body = ProjectWithOperation(
         project=ProjectOut.from_row(project),
         operation=OperationOut.from_row(op),
