@@ -46,7 +46,7 @@ from pgfleet.errors import (
     PgfleetError,
     RegionUnavailable,
 )
-from pgfleet.pooling import ConnectionSource, mark_returned, swept_pool
+from pgfleet.pooling import ConnectionSource, swept_pool
 from pgfleet.regions import ServerLoad
 
 
@@ -310,7 +310,6 @@ class ServerRegistry:
                 num_workers=1,
                 timeout=self.settings.connect_timeout_s,
                 max_idle=300,
-                reset=mark_returned,
                 name=f"admin-{server.name}",
                 open=True,
             )

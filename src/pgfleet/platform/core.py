@@ -30,7 +30,7 @@ from pgfleet.fleet.router import Routers
 from pgfleet.platform import migrate
 from pgfleet.platform.db import Breaker, PlatformDB
 from pgfleet.platform.metrics import Metrics
-from pgfleet.pooling import mark_returned, swept_pool
+from pgfleet.pooling import swept_pool
 from pgfleet.regions import get_regional_host
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,6 @@ class Platform:
                 min_size=1,
                 max_size=16,
                 timeout=settings.connect_timeout_s,
-                reset=mark_returned,
                 name="platform",
                 open=True,
             )

@@ -113,10 +113,6 @@ async def _reset(conn: psycopg.AsyncConnection[Any]) -> None:
     mark_returned(conn)
 
 
-async def _mark_returned(conn: psycopg.AsyncConnection[Any]) -> None:
-    mark_returned(conn)
-
-
 @dataclass
 class Session:
     conn: psycopg.AsyncConnection[Any]
@@ -161,7 +157,6 @@ class SqlGateway:
                 min_size=1,
                 max_size=16,
                 timeout=s.connect_timeout_s,
-                reset=_mark_returned,
                 name="platform-sql",
             )
 
