@@ -115,7 +115,9 @@ def claim_prepared(
                 ).fetchone()
                 if not (got and got[0]):
                     continue  # another worker is claiming it
-                _rename(conn, spare, name)
+                # Everything else in one round trip (no parameters: the
+                # simple query protocol takes several statements at once).
+                stmts = _renames(spare, name)
                 for role, secret, chosen in (
                     (rw_role_name(name), password, password_chosen),
                     (ro_role_name(name), ro_password, False),
@@ -124,18 +126,17 @@ def claim_prepared(
                     attrs = login_role_attributes(
                         conn, role, secret, connection_limit=connection_limit, chosen=chosen
                     )
-                    conn.execute(sql.SQL("ALTER ROLE {} {}").format(ident, attrs))
-                    conn.execute(
+                    timeout = role_settings(role, statement_timeout_ms, name=name)[
+                        "statement_timeout"
+                    ]
+                    stmts.append(sql.SQL("ALTER ROLE {} {}").format(ident, attrs))
+                    stmts.append(
                         sql.SQL("ALTER ROLE {} SET statement_timeout = {}").format(
-                            ident,
-                            sql.Literal(
-                                role_settings(role, statement_timeout_ms, name=name)[
-                                    "statement_timeout"
-                                ]
-                            ),
+                            ident, sql.Literal(timeout)
                         )
                     )
-                conn.execute(sql.SQL("COMMENT ON DATABASE {} IS NULL").format(sql.Identifier(name)))
+                stmts.append(sql.SQL("COMMENT ON DATABASE {} IS NULL").format(sql.Identifier(name)))
+                conn.execute(sql.SQL("; ").join(stmts))
             return True
         except (psycopg.errors.InvalidCatalogName, psycopg.errors.UndefinedObject):
             continue  # claimed by another worker meanwhile
@@ -146,20 +147,22 @@ def claim_prepared(
     return False
 
 
-def _rename(conn: psycopg.Connection[Any], spare: str, name: str) -> None:
-    conn.execute(
+def _renames(spare: str, name: str) -> list[sql.Composable]:
+    """The statements that give a spare's database and roles `name`'s names."""
+    stmts: list[sql.Composable] = [
         sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
             sql.Identifier(spare), sql.Identifier(name)
         )
-    )
+    ]
     for old, new in (
         (spare, name),
         (rw_role_name(spare), rw_role_name(name)),
         (ro_role_name(spare), ro_role_name(name)),
     ):
-        conn.execute(
+        stmts.append(
             sql.SQL("ALTER ROLE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new))
         )
+    return stmts
 
 
 def prepare_spare(p: Platform, server: ServerRecord, conn: psycopg.Connection[Any]) -> str:
