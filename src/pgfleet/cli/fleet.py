@@ -49,7 +49,7 @@ from pgfleet.errors import FleetError, PgfleetError
 from pgfleet.fleet.embedded import ADMIN_USER, EmbeddedFleet, EmbeddedServer
 from pgfleet.fleet.health import ServerHealth, check_server
 from pgfleet.fleet.registry import ServerRecord
-from pgfleet.fleet.router import Routers
+from pgfleet.fleet.router import Routers, RouterSpec
 from pgfleet.operations.store import deadline_summary
 from pgfleet.platform.core import Platform, platform_conninfo, warn_weak_tls
 from pgfleet.platform.metrics import MULTIPROC_ENV
@@ -57,6 +57,15 @@ from pgfleet.tenants import routing
 from pgfleet.tenants import store as tenant_store
 
 # ---- fleet management ------------------------------------------------------
+
+
+def _print_router_lines(specs: list[RouterSpec], host: str, suffix: str = "") -> None:
+    for spec in specs:
+        out.print(
+            f"  [green]up[/] router {spec.name:<27} {spec.pool_mode} pooling, "
+            f"{host}:{spec.port}{suffix}",
+            highlight=False,
+        )
 
 
 @app.command()
@@ -84,12 +93,7 @@ def up(
             for srv in servers:
                 where = srv.region or "platform DB"
                 out.print(f"  [green]up[/] {srv.name:<18} {where:<16} 127.0.0.1:{srv.port}")
-            for spec in fleet.routers.specs:
-                out.print(
-                    f"  [green]up[/] router {spec.name:<27} {spec.pool_mode} pooling, "
-                    f"127.0.0.1:{spec.port}",
-                    highlight=False,
-                )
+            _print_router_lines(fleet.routers.specs, "127.0.0.1")
             out.print(
                 f"  TLS: servers verified with sslmode=verify-full against {fleet.ca.cert_path}",
                 soft_wrap=True,
@@ -101,12 +105,7 @@ def up(
                 fleet = EmbeddedFleet(s)
                 fleet.start_routers()
             listening = "" if s.router_listen == s.router_host else f" on {s.router_listen}"
-            for spec in fleet.routers.specs:
-                out.print(
-                    f"  [green]up[/] router {spec.name:<27} {spec.pool_mode} pooling, "
-                    f"{s.router_host}:{spec.port}{listening}",
-                    highlight=False,
-                )
+            _print_router_lines(fleet.routers.specs, s.router_host, listening)
             out.print(
                 f"  TLS: clients verify the routers against {fleet.ca.cert_path}",
                 soft_wrap=True,

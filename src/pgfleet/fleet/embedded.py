@@ -529,6 +529,15 @@ class EmbeddedFleet:
             "log_connections": "off",
             "log_disconnections": "off",
         }
+        if s.kind == "regional":
+            # The autovacuum launcher visits every database once per naptime,
+            # a worker process each: with 700 projects on a server the default
+            # (1 min) started one every 86 ms, about 100 ms of CPU a second per
+            # server with every project idle (bench/density.py at 2,000
+            # projects: 15% of the machine for three servers). At 5 min a busy
+            # project's tables are looked at every 5 minutes instead of every
+            # minute; the thresholds that decide a VACUUM stay PostgreSQL's.
+            settings["autovacuum_naptime"] = "'5min'"
         if s.kind == "regional" and self.bins.has_library(STATEMENTS):
             settings.update(
                 {
