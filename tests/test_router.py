@@ -683,33 +683,3 @@ def test_in_place_edits_leave_the_sync_nothing_to_repair(
     assert routing.publish(platform, repair=True).changed is False
     with connect(conn_of(api, made[1]["id"], mode="ro")) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
-
-
-def test_a_create_reloads_its_regions_routers_at_once_and_the_others_soon(
-    api: Api, fleet: FleetUnderTest, platform: Platform
-) -> None:
-    """A create's route step reloads its own region's routers before it
-    returns and leaves the other regions' to a moment later (one reload per
-    router for a burst of creates); what takes a project away (a pause)
-    reaches every router before its operation ends."""
-    routers = platform.routers
-    assert routers is not None
-    p = create_ok(api, "soon", region="ap-southeast-1")
-    stamp = routers.files_stamp()
-    own = [s for s in routers.specs if s.region == "ap-southeast-1"]
-    assert own and all(routers.loaded_stamp(s) == stamp for s in own)
-    with connect(conn_of(api, p["id"])) as conn:  # its own region's router, at once
-        assert conn.execute("SELECT 1").fetchone() == (1,)
-    deadline = time.monotonic() + 10
-    while any(routers.loaded_stamp(s) != routers.files_stamp() for s in routers.specs):
-        assert time.monotonic() < deadline, "the other regions' routers never caught up"
-        time.sleep(0.1)
-    db = tenant_db_name(p["id"])
-    for spec in routers.specs:
-        assert db in routers.databases(spec)
-    r = api.post(f"/v1/projects/{p['id']}/pause", params={"wait": "true"})
-    assert r.status_code == 200, r.text
-    stamp = routers.files_stamp()
-    for spec in routers.specs:  # every router, before the pause returned
-        assert routers.loaded_stamp(spec) == stamp
-        assert db not in routers.databases(spec)

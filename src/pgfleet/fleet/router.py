@@ -547,30 +547,6 @@ class Routers:
             changed = True
         return changed
 
-    def files_stamp(self) -> str:
-        """The identity on disk of the route table and the auth file as they
-        are now (every write is a rename: a new inode, size and time)."""
-        parts = []
-        for path in (self.paths.routes, self.paths.auth):
-            try:
-                st = path.stat()
-            except FileNotFoundError:
-                parts.append("-")
-                continue
-            parts.append(f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}")
-        return " ".join(parts)
-
-    def loaded_stamp(self, spec: RouterSpec) -> str | None:
-        """The files' stamp when this router last reloaded them (recorded by
-        whoever reloaded it, under the publishing lock), or None."""
-        try:
-            return (self.paths.dir(spec) / "loaded").read_text().strip()
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-
-    def mark_loaded(self, spec: RouterSpec, stamp: str) -> None:
-        write_private(self.paths.dir(spec) / "loaded", stamp + "\n", owner=self.owner)
-
     # ---- processes --------------------------------------------------------
     def _pid(self, spec: RouterSpec) -> int | None:
         """The router's process: its pid file's, or else any PgBouncer

@@ -6,23 +6,18 @@ verifiers (read from pg_authid as the admin, in the admin database). Paused,
 deleted and unfinished projects are absent: the routers refuse their logins.
 
 `publish` runs at the end of every operation that changes what a router
-must know (create, delete, pause, resume, rotate, expire, plan change),
-editing only that project's lines. What takes something away reaches every
-router before the operation returns; what only adds reaches the project's
-own region's routers before it returns and the others a moment later
-(`catch_up`: reloads cost each router time that grows with the fleet). A
-periodic `sync` rewrites both files whole and repairs what a crash or a
-restarted router left behind, comparing each router's loaded databases
-with the platform DB.
+must know (create, delete, pause, resume, rotate, expire, plan change), so
+the operation returns only once every router has the change; a periodic
+`sync` repairs what a crash or a restarted router left behind, comparing
+each router's loaded databases with the platform DB.
 
-One process at a time changes the files (an advisory lock on the platform
-DB), and each write is whole and atomic (a rename); each router's `loaded`
-file records which files it last reloaded.
+One process at a time rewrites the files (an advisory lock on the platform
+DB), and each write is whole and atomic: whichever process writes last
+writes everything committed so far.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -129,13 +124,12 @@ def desired(
 
 def desired_for(
     platform: Platform, projects: Iterable[uuid.UUID]
-) -> tuple[dict[str, Route | None], dict[str, str | None], list[str], set[str]]:
+) -> tuple[dict[str, Route | None], dict[str, str | None], list[str]]:
     """What the routers should know of `projects` alone, as changes to the
     files (Routers.edit): an active project's route and its login roles'
     verifiers, read afresh from its server; for any other (paused, deleted,
     unfinished, gone) no route and no logins. A project whose server cannot
-    be reached keeps the logins the file has; its server is named. Last,
-    the regions of the active projects' servers."""
+    be reached keeps the logins the file has; its server is named."""
     ids = sorted(set(projects))
     with platform.db.connection() as conn:
         rows = conn.execute(
@@ -148,7 +142,6 @@ def desired_for(
     routes: dict[str, Route | None] = {}
     logins: dict[str, str | None] = {}
     roles_by_server: dict[int, list[str]] = {}
-    regions: set[str] = set()
     for tid in ids:
         db = tenant_db_name(tid)
         found = active.get(tid)
@@ -161,7 +154,6 @@ def desired_for(
         routes[db] = Route(
             db, server.host, server.port, limits.router_pool_size, limits.router_clients
         )
-        regions.add(server.region)
         roles_by_server.setdefault(server.id, []).extend(login_role_names(db))
     down: list[str] = []
     for server_id, roles in roles_by_server.items():
@@ -174,7 +166,7 @@ def desired_for(
             continue
         for role in roles:
             logins[role] = verifiers.get(role)
-    return routes, logins, down, regions
+    return routes, logins, down
 
 
 @contextmanager
@@ -193,14 +185,11 @@ def _exclusive(platform: Platform) -> Iterator[None]:
 
 
 def _each(
-    routers: Routers,
-    fn: Any,
-    ex: ThreadPoolExecutor | None = None,
-    specs: list[RouterSpec] | None = None,
+    routers: Routers, fn: Any, ex: ThreadPoolExecutor | None = None
 ) -> tuple[list[str], list[str]]:
-    """`fn(spec)` on every router (or those of `specs`) at once (on `ex`, or
-    on threads of its own); (done, unreachable) by name."""
-    specs = routers.specs if specs is None else specs
+    """`fn(spec)` on every router at once (on `ex`, or on threads of its
+    own); (done, unreachable) by name."""
+    specs = routers.specs
     if not specs:
         return [], []
 
@@ -328,27 +317,12 @@ def publish(
             started = time.monotonic()
             edited = None
             wanted: set[str] = set()
-            now: list[RouterSpec] | None = None  # the routers to reload now (None: all)
             if not whole:
-                routes_for, logins_for, out.servers_unreachable, regions = desired_for(
-                    platform, batch
-                )
+                routes_for, logins_for, out.servers_unreachable = desired_for(platform, batch)
                 out.routes = sum(1 for r in routes_for.values() if r is not None)
                 out.logins = sum(1 for v in logins_for.values() if v is not None)
                 edited = routers.edit(routes_for, logins_for)
-                # Only projects added or changed, none taken away and no
-                # client to end: their own regions' routers now, the others
-                # in a moment (see catch_up). What is taken away (a pause, a
-                # delete, a rotation's old password) reaches every router
-                # before the operation ends.
-                if (
-                    not kill
-                    and all(r is not None for r in routes_for.values())
-                    and all(v is not None for v in logins_for.values())
-                ):
-                    now = [spec for spec in routers.specs if spec.region in regions]
             if edited is None:
-                now = None
                 changed_roles = {r for _, roles in kill for r in roles}
                 routes, logins, out.servers_unreachable = desired(
                     platform,
@@ -361,7 +335,6 @@ def publish(
                 wanted = {r.database for r in routes}
             else:
                 out.changed = edited
-            stamp = routers.files_stamp()
 
             def apply(spec: RouterSpec) -> None:
                 if repair:
@@ -372,20 +345,13 @@ def publish(
                     for name, row in loaded.items():
                         if row.get("paused") and name not in _HELD:
                             routers.resume(spec, name)
-                    if (
-                        not out.changed
-                        and set(loaded) == wanted
-                        and routers.loaded_stamp(spec) == stamp
-                    ):
+                    if not out.changed and set(loaded) == wanted:
                         return
                 routers.reload(spec)
-                routers.mark_loaded(spec, stamp)
                 for db, roles in kill:
                     routers.end_clients(spec, db, roles)
 
-            out.reloaded, out.unreachable = _each(routers, apply, _reloader(platform, routers), now)
-            if now is not None and len(now) < len(routers.specs):
-                _CatchUp.of(platform).soon()
+            out.reloaded, out.unreachable = _each(routers, apply, _reloader(platform, routers))
         except BaseException:
             pending.add(batch, batch_kill)  # for the next publish
             raise
@@ -398,87 +364,13 @@ def publish(
     return out
 
 
-def catch_up(platform: Platform, regions: Iterable[str] | None = None) -> list[str]:
-    """Reload the routers (of `regions`, or all) that have not loaded the
-    files as they are now: a create reloads its own region's routers before
-    it returns, the others here, a moment later (a background thread of the
-    process that published, the periodic sync, or whoever needs one of them
-    now, such as a connection string through another region's router).
-    Returns the routers reloaded."""
-    routers = platform.routers
-    if routers is None:
-        return []
-    wanted = set(regions) if regions is not None else None
-    specs = [s for s in routers.specs if wanted is None or s.region in wanted]
-
-    def stale() -> list[RouterSpec]:
-        stamp = routers.files_stamp()
-        return [s for s in specs if routers.loaded_stamp(s) != stamp]
-
-    if not stale():
-        return []
-    with _exclusive(platform):
-        todo = stale()
-        if not todo:
-            return []
-        stamp = routers.files_stamp()
-
-        def apply(spec: RouterSpec) -> None:
-            routers.reload(spec)
-            routers.mark_loaded(spec, stamp)
-
-        done, _ = _each(routers, apply, _reloader(platform, routers), todo)
-    return done
-
-
-class _CatchUp:
-    """A process's background catch-up of the routers a publish left for
-    later: started on first use, it waits `DELAY_S` after being asked (so a
-    burst of creates shares one reload per router) and then catches up."""
-
-    DELAY_S = 0.2
-
-    @classmethod
-    def of(cls, platform: Platform) -> _CatchUp:
-        return platform.component("routers_catch_up", lambda: cls(platform), close=cls.close)
-
-    def __init__(self, platform: Platform) -> None:
-        self.platform = platform
-        self._asked = threading.Event()
-        self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="routers-catch-up", daemon=True)
-        self._thread.start()
-
-    def soon(self) -> None:
-        self._asked.set()
-
-    def _run(self) -> None:
-        while not self._closed.is_set():
-            if not self._asked.wait(timeout=1.0):
-                continue
-            if self._closed.wait(self.DELAY_S):
-                return
-            self._asked.clear()
-            try:
-                catch_up(self.platform)
-            except Exception as e:  # the periodic sync follows up
-                log.warning("routers not caught up: %s", e)
-
-    def close(self) -> None:
-        self._closed.set()
-        self._thread.join(timeout=5)
-
-
 def drift(platform: Platform) -> dict[str, tuple[set[str], set[str]]]:
     """Routers whose loaded databases differ from the platform DB's active
     projects: name -> (missing, extra). A router that does not answer is
-    reported with both empty. Routers a create left for a moment later are
-    caught up first: they are behind, not adrift."""
+    reported with both empty."""
     routers = platform.routers
     if routers is None:
         return {}
-    with contextlib.suppress(PgfleetError, psycopg.Error, OSError):
-        catch_up(platform)
     with platform.db.connection() as conn:
         wanted = {
             tenant_db_name(r[0])

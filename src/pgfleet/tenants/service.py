@@ -43,7 +43,7 @@ from pgfleet.regions import (
     get_region,
     require_residency,
 )
-from pgfleet.tenants import kinds, routing, store
+from pgfleet.tenants import kinds, store
 from pgfleet.tenants.connections import DatabasePlatformClient, Mode, check_mode
 from pgfleet.tenants.naming import tenant_db_name
 from pgfleet.tenants.provisioning import ProvisionedDatabase
@@ -477,9 +477,6 @@ def connection_details(
         note = None
     else:
         note = f"through the {region} router to the project's server in {ep.hosted_region}"
-        # A create reloads its own region's routers before it returns and
-        # the others a moment later: this string works at once.
-        routing.catch_up(platform, [region])
     if pooling == "transaction":
         extra = (
             "transaction pooling: session state (SET, LISTEN, temporary tables, "
