@@ -683,3 +683,21 @@ def test_in_place_edits_leave_the_sync_nothing_to_repair(
     assert routing.publish(platform, repair=True).changed is False
     with connect(conn_of(api, made[1]["id"], mode="ro")) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_pending_publishes_are_taken_whole_and_withdrawn_when_their_publish_cannot_start() -> None:
+    """Concurrent publishes of one process share one edit: whoever holds the
+    lock takes everything asked for; a caller whose projects were taken finds
+    nothing of its own left (its publish was done by another); one whose
+    publish could not start withdraws its request, so no unrelated publish
+    ends its clients later."""
+    pending = routing._Pending()
+    a, b, c = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    pending.add({a}, [])
+    pending.add({b}, [("tenant_b", {"tenant_b_rw"})])
+    taken = pending.take({a})
+    assert taken == ({a, b}, [("tenant_b", {"tenant_b_rw"})])
+    assert pending.take({b}) is None  # done by the publish that took it
+    pending.add({c}, [("tenant_c", {"tenant_c_rw"})])
+    pending.drop({c}, [("tenant_c", {"tenant_c_rw"})])
+    assert pending.take() == (set(), [])

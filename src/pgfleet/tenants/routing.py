@@ -18,6 +18,7 @@ writes everything committed so far.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -239,6 +240,15 @@ class _Pending:
             self.ids |= ids
             self.kill += kill
 
+    def drop(self, ids: set[uuid.UUID], kill: list[tuple[str, set[str]]]) -> None:
+        """Withdraw what a caller asked for and no publish took (its publish
+        could not start)."""
+        with self._lock:
+            self.ids -= ids
+            for entry in kill:
+                if entry in self.kill:
+                    self.kill.remove(entry)
+
     def take(self, mine: set[uuid.UUID] | None = None) -> tuple[set[uuid.UUID], list[Any]] | None:
         """Everything asked for; None if `mine` is no longer among it (a
         publish that held the lock before took it and is done)."""
@@ -298,7 +308,13 @@ def publish(
     # of this process that starts reading after this moment includes it.
     asked = time.monotonic()
     last = platform.component("routing_last_publish", lambda: [0.0])
-    with _exclusive(platform):
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(_exclusive(platform))
+        except BaseException:
+            if not whole:  # not left for an unrelated publish to do later
+                pending.drop(ids, kill)
+            raise
         if whole:
             if not (repair or reread) and last[0] > asked:
                 out.shared = True
@@ -323,7 +339,12 @@ def publish(
                 out.logins = sum(1 for v in logins_for.values() if v is not None)
                 edited = routers.edit(routes_for, logins_for)
             if edited is None:
+                # The roles of the projects this publish took (a convergence
+                # sets passwords again, with new salts) and of those whose
+                # clients end are read afresh.
                 changed_roles = {r for _, roles in kill for r in roles}
+                for t in batch:
+                    changed_roles.update(login_role_names(tenant_db_name(t)))
                 routes, logins, out.servers_unreachable = desired(
                     platform,
                     routers,
@@ -345,7 +366,7 @@ def publish(
                     for name, row in loaded.items():
                         if row.get("paused") and name not in _HELD:
                             routers.resume(spec, name)
-                    if not out.changed and set(loaded) == wanted:
+                    if not kill and not out.changed and set(loaded) == wanted:
                         return
                 routers.reload(spec)
                 for db, roles in kill:

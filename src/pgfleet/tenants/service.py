@@ -434,7 +434,12 @@ def connection_details(
         raise InvalidInput(f"unknown pooling {pooling!r}; valid values are: session, transaction")
     if via is not None:
         get_region(via)  # a clear 422 for a typo
-    if project is None or project.id != uuid.UUID(str(project_id)):
+    if not (
+        project is not None
+        and str(project.id) == str(project_id)
+        and (owner.is_admin or project.owner_id == owner.id)
+        and project.status != "deleted"
+    ):
         project = get_project(platform, owner, project_id)
     ep = DatabasePlatformClient.of(platform).endpoint_from_row(
         {

@@ -239,7 +239,7 @@ def refill_spares(
             ensure_template(p, server, conn)
             ready = ready_count(conn)
             claimed = ready < seen.get(server.id, ready)
-            while ready < target:
+            while ready < target and made < target:  # a pass makes at most `target`
                 if until is not None and time.monotonic() >= until:
                     break
                 if reserve is not None and claimed and ready >= reserve:
