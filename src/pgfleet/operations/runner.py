@@ -109,8 +109,18 @@ def execute_operation(
 
 # A step may start: past the point of no return, or no cancel it must
 # honour and the deadline not passed (what _before_step checks).
-_ADVANCE = (
-    "WITH fin AS (UPDATE operation_steps SET status = 'finished', "
+# A step's row marked running, from the operation row `op` the statement
+# updated (no row when the step may not start).
+_START_STEP = (
+    "INSERT INTO operation_steps (operation_id, position, name, status) "
+    "SELECT id, %(pos)s, %(name)s, 'running' FROM op{where} "
+    "ON CONFLICT (operation_id, position) DO UPDATE "
+    "SET status = 'running', attempts = operation_steps.attempts + 1, "
+    "error = NULL, started_at = now(), finished_at = NULL RETURNING 1"
+)
+
+_ADVANCE = (  # constants only, hence the noqa
+    "WITH fin AS (UPDATE operation_steps SET status = 'finished', "  # noqa: S608
     "finished_at = now() WHERE operation_id = %(id)s AND position = %(prev)s::int "
     "RETURNING 1), "
     "op AS (UPDATE operations SET result = CASE WHEN %(prev)s::int IS NULL THEN result "
@@ -121,11 +131,7 @@ _ADVANCE = (
     "RETURNING id, cancel_requested, extract(epoch FROM deadline - now())::float8 AS left_s, "
     "%(committed)s OR ((NOT %(cancellable)s OR NOT cancel_requested) "
     "AND deadline > now()) AS go), "
-    "ins AS (INSERT INTO operation_steps (operation_id, position, name, status) "
-    "SELECT id, %(pos)s, %(name)s, 'running' FROM op WHERE go "
-    "ON CONFLICT (operation_id, position) DO UPDATE "
-    "SET status = 'running', attempts = operation_steps.attempts + 1, "
-    "error = NULL, started_at = now(), finished_at = NULL RETURNING 1) "
+    "ins AS (" + _START_STEP.format(where=" WHERE go") + ") "
     "SELECT go, cancel_requested, left_s FROM op"
 )
 
@@ -264,13 +270,9 @@ class _Execution:
         API takes the same lock), so a cancel never slips past it; its start
         is flushed, since from then on the operation only goes forward."""
         stmt = (
-            "WITH op AS (UPDATE operations SET current_step = %(name)s, updated_at = now() "
+            "WITH op AS (UPDATE operations SET current_step = %(name)s, updated_at = now() "  # noqa: S608 (constants)
             "WHERE id = %(id)s AND (NOT %(final)s OR NOT cancel_requested) RETURNING id) "
-            "INSERT INTO operation_steps (operation_id, position, name, status) "
-            "SELECT id, %(pos)s, %(name)s, 'running' FROM op "
-            "ON CONFLICT (operation_id, position) DO UPDATE "
-            "SET status = 'running', attempts = operation_steps.attempts + 1, "
-            "error = NULL, started_at = now(), finished_at = NULL RETURNING 1"
+            + _START_STEP.format(where="")
         )
         args = {"id": self.op_id, "pos": position, "name": name, "final": final}
 

@@ -11,9 +11,11 @@ the operation returns only once every router has the change; a periodic
 `sync` repairs what a crash or a restarted router left behind, comparing
 each router's loaded databases with the platform DB.
 
-One process at a time rewrites the files (an advisory lock on the platform
-DB), and each write is whole and atomic: whichever process writes last
-writes everything committed so far.
+One process at a time changes the files (an advisory lock on the platform
+DB), and each change is atomic (a new file renamed over the old). An
+operation's publish edits only its projects' lines, and publishes waiting
+in one process share one edit and one reload; the sync and repairs write
+both files whole from the platform DB.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
 import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,7 @@ from typing import Any
 import psycopg
 
 from pgfleet.errors import PgfleetError
+from pgfleet.fleet.registry import ServerRecord
 from pgfleet.fleet.router import Login, Route, Routers, RouterSpec
 from pgfleet.operations.registry import REGISTRY
 from pgfleet.platform.core import Platform
@@ -59,9 +61,28 @@ class Published:
     reloaded: list[str] = field(default_factory=list)
     unreachable: list[str] = field(default_factory=list)
     servers_unreachable: list[str] = field(default_factory=list)
-    # Done by another publish of this process that started after this one
-    # was asked for.
+    # Done by another publish of this process, which took this one's
+    # projects while it waited for the lock.
     shared: bool = False
+
+
+def _route(db: str, plan: str | None, server: ServerRecord) -> Route:
+    """A project's line in the route table: its server, and its plan's
+    server pool and client limit."""
+    limits = get_plan(plan or "free")
+    return Route(db, server.host, server.port, limits.router_pool_size, limits.router_clients)
+
+
+def _read_verifiers(
+    platform: Platform, server: ServerRecord, roles: list[str]
+) -> dict[str, str] | None:
+    """The server's own SCRAM verifiers of `roles` that may log in (read
+    from pg_authid as the admin); None if the server cannot be reached."""
+    try:
+        with platform.servers.admin_connection(server) as conn:
+            return dict(conn.execute(_VERIFIERS_SQL, (roles,)).fetchall())
+    except (PgfleetError, psycopg.Error):
+        return None
 
 
 def desired(
@@ -94,10 +115,7 @@ def desired(
         if server is None:
             continue
         db = tenant_db_name(tid)
-        limits = get_plan(plan or "free")
-        routes.append(
-            Route(db, server.host, server.port, limits.router_pool_size, limits.router_clients)
-        )
+        routes.append(_route(db, plan, server))
         roles_by_server.setdefault(server_id, []).extend(login_role_names(db))
     fresh = None if reread is None else set(reread)
     logins: list[Login] = []
@@ -107,12 +125,12 @@ def desired(
         wanted = roles if fresh is None else [r for r in roles if r not in current or r in fresh]
         found: dict[str, str] = {}
         if wanted:
-            try:
-                with platform.servers.admin_connection(server) as conn:
-                    found = dict(conn.execute(_VERIFIERS_SQL, (wanted,)).fetchall())
-            except (PgfleetError, psycopg.Error):
+            read = _read_verifiers(platform, server, wanted)
+            if read is None:
                 down.append(server.name)
                 wanted = []
+            else:
+                found = read
         asked = set(wanted)
         for r in roles:
             if r in asked:
@@ -151,19 +169,13 @@ def desired_for(
             routes[db] = None
             logins.update(dict.fromkeys(login_role_names(db)))
             continue
-        limits = get_plan(found[0] or "free")
-        routes[db] = Route(
-            db, server.host, server.port, limits.router_pool_size, limits.router_clients
-        )
+        routes[db] = _route(db, found[0], server)
         roles_by_server.setdefault(server.id, []).extend(login_role_names(db))
     down: list[str] = []
     for server_id, roles in roles_by_server.items():
-        server = servers[server_id]
-        try:
-            with platform.servers.admin_connection(server) as conn:
-                verifiers = dict(conn.execute(_VERIFIERS_SQL, (roles,)).fetchall())
-        except (PgfleetError, psycopg.Error):
-            down.append(server.name)
+        verifiers = _read_verifiers(platform, servers[server_id], roles)
+        if verifiers is None:
+            down.append(servers[server_id].name)
             continue
         for role in roles:
             logins[role] = verifiers.get(role)
@@ -249,7 +261,9 @@ class _Pending:
                 if entry in self.kill:
                     self.kill.remove(entry)
 
-    def take(self, mine: set[uuid.UUID] | None = None) -> tuple[set[uuid.UUID], list[Any]] | None:
+    def take(
+        self, mine: set[uuid.UUID] | None = None
+    ) -> tuple[set[uuid.UUID], list[tuple[str, set[str]]]] | None:
         """Everything asked for; None if `mine` is no longer among it (a
         publish that held the lock before took it and is done)."""
         with self._lock:
@@ -304,10 +318,6 @@ def publish(
     pending = platform.component("routing_pending", _Pending)
     if not whole:
         pending.add(ids, kill)
-    # What the caller asks to publish is committed by now: a whole publish
-    # of this process that starts reading after this moment includes it.
-    asked = time.monotonic()
-    last = platform.component("routing_last_publish", lambda: [0.0])
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(_exclusive(platform))
@@ -316,9 +326,6 @@ def publish(
                 pending.drop(ids, kill)
             raise
         if whole:
-            if not (repair or reread) and last[0] > asked:
-                out.shared = True
-                return out
             taken = pending.take()  # a whole publish covers them too
         else:
             taken = pending.take(ids)
@@ -330,7 +337,6 @@ def publish(
         batch, batch_kill = taken
         kill += batch_kill
         try:
-            started = time.monotonic()
             edited = None
             wanted: set[str] = set()
             if not whole:
@@ -376,10 +382,6 @@ def publish(
         except BaseException:
             pending.add(batch, batch_kill)  # for the next publish
             raise
-        if edited is None:
-            # Only a whole publish that got through counts for those who
-            # wait on one.
-            last[0] = started
     if out.unreachable:
         log.warning("routers not reached: %s", ", ".join(out.unreachable))
     return out

@@ -54,6 +54,16 @@ log = logging.getLogger(__name__)
 KINDS = kinds
 
 
+def _visible(owner: Owner, row: Tenant | None, *, include_deleted: bool = False) -> bool:
+    """Whether `owner` may see the project `row`: its own (an admin: any),
+    and not deleted unless asked for."""
+    return (
+        row is not None
+        and (owner.is_admin or row.owner_id == owner.id)
+        and (row.status != "deleted" or include_deleted)
+    )
+
+
 def get_project(
     platform: Platform, owner: Owner, project_id: str | uuid.UUID, *, include_deleted: bool = False
 ) -> Tenant:
@@ -64,11 +74,7 @@ def get_project(
         raise ProjectNotFound(f"project {project_id} not found") from None
     with platform.db.connection() as conn:
         row = store.get(conn, tid)
-    if (
-        row is None
-        or (not owner.is_admin and row.owner_id != owner.id)
-        or (row.status == "deleted" and not include_deleted)
-    ):
+    if row is None or not _visible(owner, row, include_deleted=include_deleted):
         raise ProjectNotFound(f"project {project_id} not found")
     return row
 
@@ -434,12 +440,7 @@ def connection_details(
         raise InvalidInput(f"unknown pooling {pooling!r}; valid values are: session, transaction")
     if via is not None:
         get_region(via)  # a clear 422 for a typo
-    if not (
-        project is not None
-        and str(project.id) == str(project_id)
-        and (owner.is_admin or project.owner_id == owner.id)
-        and project.status != "deleted"
-    ):
+    if project is None or str(project.id) != str(project_id) or not _visible(owner, project):
         project = get_project(platform, owner, project_id)
     ep = DatabasePlatformClient.of(platform).endpoint_from_row(
         {
