@@ -685,19 +685,155 @@ def test_in_place_edits_leave_the_sync_nothing_to_repair(
         assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
-def test_pending_publishes_are_taken_whole_and_withdrawn_when_their_publish_cannot_start() -> None:
-    """Concurrent publishes of one process share one edit: whoever holds the
-    lock takes everything asked for; a caller whose projects were taken finds
-    nothing of its own left (its publish was done by another); one whose
-    publish could not start withdraws its request, so no unrelated publish
-    ends its clients later."""
-    pending = routing._Pending()
-    a, b, c = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
-    pending.add({a}, [])
-    pending.add({b}, [("tenant_b", {"tenant_b_rw"})])
-    taken = pending.take({a})
-    assert taken == ({a, b}, [("tenant_b", {"tenant_b_rw"})])
-    assert pending.take({b}) is None  # done by the publish that took it
-    pending.add({c}, [("tenant_c", {"tenant_c_rw"})])
-    pending.drop({c}, [("tenant_c", {"tenant_c_rw"})])
-    assert pending.take() == (set(), [])
+def test_publishes_waiting_in_two_processes_share_one_and_each_returns_routed(
+    api: Api, platform: Platform
+) -> None:
+    """Route steps waiting for the lock in two API processes (two Platforms
+    here) are done by one publish: whoever gets the lock first takes all of
+    them; the others find theirs done. Each project is in every router when
+    its publish returns, and nothing is left asked for."""
+    from pgfleet.tenants.naming import login_role_names
+
+    made = [create_ok(api, f"shared-{i}") for i in range(6)]
+    ids = [uuid.UUID(m["id"]) for m in made]
+    other = Platform(platform.settings, platform.conninfo)  # a second process
+    routers = platform.routers
+    assert routers is not None
+    try:
+        # Out of the files again, as if their route steps had not run yet.
+        dbs = [tenant_db_name(t) for t in ids]
+        routers.edit(dict.fromkeys(dbs), {r: None for db in dbs for r in login_role_names(db)})
+        results: dict[int, tuple[bool, bool]] = {}
+
+        def one(i: int) -> None:
+            out = routing.publish((platform, other)[i % 2], projects=[ids[i]])
+            routed = all(dbs[i] in routers.databases(spec) for spec in routers.specs)
+            results[i] = (out.shared, routed)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+        with routers.exclusive():  # held until all six have asked
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + 10
+            while len(routing._Requests(routers).read()) < 6:
+                assert time.monotonic() < deadline, "the publishes never asked"
+                time.sleep(0.02)
+        for t in threads:
+            t.join(30)
+        assert sorted(results) == list(range(6))
+        assert all(routed for _, routed in results.values()), results
+        assert sorted(shared for shared, _ in results.values()) == [False] + [True] * 5
+        assert routing._Requests(routers).read() == []
+        assert routing.drift(platform) == {}
+    finally:
+        other.close()
+    with connect(conn_of(api, made[3]["id"])) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_publish_requests_are_shared_across_processes_and_survive_a_killed_holder(
+    tmp_path: Any,
+) -> None:
+    """Publishes asked for in any process on the host share one edit: the
+    lock holder takes every request, and removes only what it took once the
+    routers have it. A caller finds its request gone only when a publish
+    that read after it asked is done; a holder that dies leaves what it
+    took for the next; one whose publish could not start withdraws its own,
+    so no unrelated publish ends its clients later."""
+    from pgfleet.fleet.router import Routers
+
+    def process() -> routing._Requests:  # each process opens the files itself
+        return routing._Requests(
+            Routers(
+                tmp_path,
+                [],
+                host="127.0.0.1",
+                ca_file=tmp_path / "ca.pem",
+                admin_password_file=tmp_path / "router.password",
+                owner=None,
+                run=None,
+            )
+        )
+
+    a, b, c = sorted(uuid.uuid4() for _ in range(3))
+    one, two = process(), process()
+    mine_a = routing._lines({a}, [])
+    mine_b = routing._lines({b}, [("tenant_b", {"tenant_b_rw", "tenant_b_ro"})])
+    one.add(mine_a)
+    two.add(mine_b)
+    taken = two.read()  # `two` holds the lock
+    assert routing._parse(taken) == ({a, b}, [("tenant_b", {"tenant_b_rw", "tenant_b_ro"})])
+    # Killed before it was done: everything it took is still asked for.
+    assert one.read() == taken
+    # The next holder is done, but a request for `a` came after it read.
+    one.add(mine_a)
+    one.remove(taken)
+    assert one.read() == mine_a  # asked for again: not counted as done
+    assert set(mine_b).isdisjoint(two.read())  # b's caller: done by another
+    one.remove(mine_a)
+    # A caller whose publish could not start withdraws its own request.
+    mine_c = routing._lines({c}, [("tenant_c", {"tenant_c_rw"})])
+    two.add(mine_c)
+    two.remove(mine_c)
+    assert one.read() == []
+    # A torn line (a writer killed mid-write) is skipped, not an error.
+    one.add(["p not-a-uuid", "k", *mine_a])
+    assert routing._parse(one.read()) == ({a}, [])
+
+
+def test_one_writer_at_a_time_across_processes_and_a_killed_holder_lets_go(
+    tmp_path: Any,
+) -> None:
+    """Publishes in different processes change the files one at a time
+    (Routers.exclusive): a process holding the lock keeps another out, and
+    one killed while holding it (SIGKILL: no cleanup runs) lets go at once."""
+    import sys
+
+    from pgfleet.fleet.router import Routers
+
+    routers = Routers(
+        tmp_path,
+        [],
+        host="127.0.0.1",
+        ca_file=tmp_path / "ca.pem",
+        admin_password_file=tmp_path / "router.password",
+        owner=None,
+        run=None,
+    )
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from pathlib import Path\n"
+            "from pgfleet.fleet.router import Routers\n"
+            "r = Routers(Path(sys.argv[1]), [], host='x', ca_file=Path('ca'),"
+            " admin_password_file=Path('pw'), owner=None, run=None)\n"
+            "with r.exclusive():\n"
+            "    print('held', flush=True)\n"
+            "    time.sleep(60)\n",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        got = threading.Event()
+
+        def take() -> None:
+            with routers.exclusive():
+                got.set()
+
+        t = threading.Thread(target=take, daemon=True)
+        t.start()
+        assert not got.wait(1.0), "a second writer got in while another process held the lock"
+        holder.send_signal(signal.SIGKILL)
+        assert got.wait(10), "the lock outlived the process that held it"
+        t.join(5)
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()

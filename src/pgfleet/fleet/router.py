@@ -38,6 +38,7 @@ scripts/bootstrap.sh installs it.
 from __future__ import annotations
 
 import bisect
+import fcntl
 import os
 import re
 import resource
@@ -507,13 +508,28 @@ class Routers:
         changed = self._write(self.paths.routes, render_routes(routes))
         if self._write(self.paths.auth, auth):
             # What was just written, remembered instead of parsed again
-            # (publishes write one at a time, under the platform's lock).
+            # (publishes write one at a time, under `exclusive`).
             written = {x.user: x.secret for x in logins if usable_verifier(x.secret)}
             if admin_secret is not None:
                 written[ROUTER_ADMIN] = admin_secret
                 self._auth_seen = (self._auth_identity(), written)
             changed = True
         return changed
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """The files for one writer at a time, across processes: an flock
+        on a lock file beside them. Every process that writes them runs on
+        this host (they are local files), and the kernel lets go of the
+        lock when its holder exits, however it exits. (A lock held on a
+        platform DB session was dropped with a broken connection while its
+        holder went on writing.)"""
+        fd = os.open(self.paths.root / ".publish.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # and with it the lock
 
     def edit(self, routes: dict[str, Route | None], logins: dict[str, str | None]) -> bool | None:
         """Change only the given databases' routes and roles' logins (None:

@@ -11,17 +11,19 @@ the operation returns only once every router has the change; a periodic
 `sync` repairs what a crash or a restarted router left behind, comparing
 each router's loaded databases with the platform DB.
 
-One process at a time changes the files (an advisory lock on the platform
-DB), and each change is atomic (a new file renamed over the old). An
+One process at a time changes the files (an flock beside them, see
+Routers.exclusive), and each change is atomic (a new file renamed over the old). An
 operation's publish edits only its projects' lines, and publishes waiting
-in one process share one edit and one reload; the sync and repairs write
-both files whole from the platform DB.
+in any process on the host share one edit and one reload (`_Requests`); the
+sync and repairs write both files whole from the platform DB.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
+import os
 import threading
 import uuid
 from collections.abc import Iterable, Iterator
@@ -32,6 +34,7 @@ from typing import Any
 
 import psycopg
 
+from pgfleet.crypto import write_private
 from pgfleet.errors import PgfleetError
 from pgfleet.fleet.registry import ServerRecord
 from pgfleet.fleet.router import Login, Route, Routers, RouterSpec
@@ -41,7 +44,6 @@ from pgfleet.regions import get_plan
 from pgfleet.tenants.naming import login_role_names, tenant_db_name
 
 log = logging.getLogger(__name__)
-_LOCK_KEY = 0x7067727274  # "pgrrt"
 
 _VERIFIERS_SQL = """
 SELECT rolname, rolpassword FROM pg_catalog.pg_authid
@@ -61,8 +63,8 @@ class Published:
     reloaded: list[str] = field(default_factory=list)
     unreachable: list[str] = field(default_factory=list)
     servers_unreachable: list[str] = field(default_factory=list)
-    # Done by another publish of this process, which took this one's
-    # projects while it waited for the lock.
+    # Done by another publish (of any process on this host), which took
+    # this one's projects while it waited for the lock.
     shared: bool = False
 
 
@@ -183,18 +185,12 @@ def desired_for(
 
 
 @contextmanager
-def _exclusive(platform: Platform) -> Iterator[None]:
+def _exclusive(platform: Platform, routers: Routers) -> Iterator[None]:
     """One publish at a time: first in this process (so waiting publishes
-    do not each hold a platform DB connection), then across processes."""
+    queue on a thread lock), then across processes (Routers.exclusive)."""
     local = platform.component("routing_lock", threading.Lock)
-    with local, platform.db.connection() as conn:
-        conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
-        conn.commit()
-        try:
-            yield
-        finally:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
-            conn.commit()
+    with local, routers.exclusive():
+        yield
 
 
 def _each(
@@ -237,41 +233,80 @@ def _reloader(platform: Platform, routers: Routers) -> ThreadPoolExecutor:
     )
 
 
-class _Pending:
-    """Projects this process has asked to publish and no publish has taken
-    yet, with the clients to end: a publish takes them all, so creates that
-    wait for the lock together share one edit and one reload."""
+class _Requests:
+    """Publishes asked for and not yet done, by every process on this host:
+    lines in a file beside the routers' files (`p <project>` for a project
+    to publish, `k <database> <role>,...` for clients to end). Whoever holds
+    the routers' lock takes every line and removes those it took only once
+    every router has them, so creates waiting in any API process share one
+    edit and one reload, and a holder killed mid-way leaves its lines for
+    the next. A caller that finds none of its lines left when it gets the
+    lock was done by another. (In one process, a thread lock queues the
+    callers; the file is read and changed under a lock of its own.)"""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.ids: set[uuid.UUID] = set()
-        self.kill: list[tuple[str, set[str]]] = []
+    def __init__(self, routers: Routers) -> None:
+        self.path = routers.paths.root / "publish.requests"
+        self._lock_path = routers.paths.root / ".requests.lock"
 
-    def add(self, ids: set[uuid.UUID], kill: list[tuple[str, set[str]]]) -> None:
-        with self._lock:
-            self.ids |= ids
-            self.kill += kill
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
-    def drop(self, ids: set[uuid.UUID], kill: list[tuple[str, set[str]]]) -> None:
-        """Withdraw what a caller asked for and no publish took (its publish
-        could not start)."""
-        with self._lock:
-            self.ids -= ids
-            for entry in kill:
-                if entry in self.kill:
-                    self.kill.remove(entry)
+    def _read(self) -> list[str]:
+        try:
+            return self.path.read_text().splitlines()
+        except FileNotFoundError:
+            return []
 
-    def take(
-        self, mine: set[uuid.UUID] | None = None
-    ) -> tuple[set[uuid.UUID], list[tuple[str, set[str]]]] | None:
-        """Everything asked for; None if `mine` is no longer among it (a
-        publish that held the lock before took it and is done)."""
-        with self._lock:
-            if mine is not None and mine.isdisjoint(self.ids):
-                return None
-            out = (self.ids, self.kill)
-            self.ids, self.kill = set(), []
-            return out
+    def add(self, lines: list[str]) -> None:
+        if not lines:
+            return
+        with self._locked(), open(self.path, "a") as f:
+            f.write("".join(x + "\n" for x in lines))
+
+    def read(self) -> list[str]:
+        with self._locked():
+            return self._read()
+
+    def remove(self, lines: list[str]) -> None:
+        """Those lines done (each once: a line asked for again after they
+        were read stays)."""
+        if not lines:
+            return
+        with self._locked():
+            left = self._read()
+            for x in lines:
+                with contextlib.suppress(ValueError):
+                    left.remove(x)
+            write_private(self.path, "".join(x + "\n" for x in left))
+
+
+def _lines(ids: set[uuid.UUID], kill: list[tuple[str, set[str]]]) -> list[str]:
+    return [f"p {t}" for t in sorted(ids)] + [f"k {db} {','.join(sorted(r))}" for db, r in kill]
+
+
+def _parse(lines: list[str]) -> tuple[set[uuid.UUID], list[tuple[str, set[str]]]]:
+    """The projects and client ends of request lines; a line that is not
+    one (a torn write) is skipped."""
+    ids: set[uuid.UUID] = set()
+    kill: list[tuple[str, set[str]]] = []
+    for line in lines:
+        parts = line.split(" ")
+        try:
+            if parts[0] == "p" and len(parts) == 2:
+                ids.add(uuid.UUID(parts[1]))
+            elif parts[0] == "k" and len(parts) == 3:
+                entry = (parts[1], set(parts[2].split(",")))
+                if entry not in kill:
+                    kill.append(entry)
+        except ValueError:
+            continue
+    return ids, kill
 
 
 def publish(
@@ -315,73 +350,67 @@ def publish(
     ids = set(projects) | {t for t, _ in ends}
     kill = [(tenant_db_name(t), roles) for t, roles in ends]
     whole = repair or reread or not ids
-    pending = platform.component("routing_pending", _Pending)
-    if not whole:
-        pending.add(ids, kill)
+    requests = _Requests(routers)
+    mine = [] if whole else _lines(ids, kill)
+    requests.add(mine)
     with contextlib.ExitStack() as stack:
         try:
-            stack.enter_context(_exclusive(platform))
+            stack.enter_context(_exclusive(platform, routers))
         except BaseException:
-            if not whole:  # not left for an unrelated publish to do later
-                pending.drop(ids, kill)
+            requests.remove(mine)  # not left for an unrelated publish to do later
             raise
+        taken = requests.read()  # a whole publish covers them too
+        if not whole and set(mine).isdisjoint(taken):
+            out.shared = True  # done by a publish that held the lock before
+            return out
+        batch, kill = _parse(taken)
         if whole:
-            taken = pending.take()  # a whole publish covers them too
+            kill = [(tenant_db_name(t), roles) for t, roles in ends] + kill
+        edited = None
+        wanted: set[str] = set()
+        if not whole:
+            routes_for, logins_for, out.servers_unreachable = desired_for(platform, batch)
+            out.routes = sum(1 for r in routes_for.values() if r is not None)
+            out.logins = sum(1 for v in logins_for.values() if v is not None)
+            edited = routers.edit(routes_for, logins_for)
+        if edited is None:
+            # The roles of the projects this publish took (a convergence
+            # sets passwords again, with new salts) and of those whose
+            # clients end are read afresh.
+            changed_roles = {r for _, roles in kill for r in roles}
+            for t in batch:
+                changed_roles.update(login_role_names(tenant_db_name(t)))
+            routes, logins, out.servers_unreachable = desired(
+                platform,
+                routers,
+                routers.current_logins(),
+                None if whole and (repair or reread) else changed_roles,
+            )
+            out.routes, out.logins = len(routes), len(logins)
+            out.changed = routers.write(routes, logins)
+            wanted = {r.database for r in routes}
         else:
-            taken = pending.take(ids)
-            if taken is None:
-                out.shared = True
-                return out
-            kill = []
-        assert taken is not None
-        batch, batch_kill = taken
-        kill += batch_kill
-        try:
-            edited = None
-            wanted: set[str] = set()
-            if not whole:
-                routes_for, logins_for, out.servers_unreachable = desired_for(platform, batch)
-                out.routes = sum(1 for r in routes_for.values() if r is not None)
-                out.logins = sum(1 for v in logins_for.values() if v is not None)
-                edited = routers.edit(routes_for, logins_for)
-            if edited is None:
-                # The roles of the projects this publish took (a convergence
-                # sets passwords again, with new salts) and of those whose
-                # clients end are read afresh.
-                changed_roles = {r for _, roles in kill for r in roles}
-                for t in batch:
-                    changed_roles.update(login_role_names(tenant_db_name(t)))
-                routes, logins, out.servers_unreachable = desired(
-                    platform,
-                    routers,
-                    routers.current_logins(),
-                    None if whole and (repair or reread) else changed_roles,
-                )
-                out.routes, out.logins = len(routes), len(logins)
-                out.changed = routers.write(routes, logins)
-                wanted = {r.database for r in routes}
-            else:
-                out.changed = edited
+            out.changed = edited
 
-            def apply(spec: RouterSpec) -> None:
-                if repair:
-                    loaded = routers.databases(spec)
-                    # A database left paused (a KILL whose RESUME never
-                    # came, a hold whose process died) is let go, unless
-                    # held here.
-                    for name, row in loaded.items():
-                        if row.get("paused") and name not in _HELD:
-                            routers.resume(spec, name)
-                    if not kill and not out.changed and set(loaded) == wanted:
-                        return
-                routers.reload(spec)
-                for db, roles in kill:
-                    routers.end_clients(spec, db, roles)
+        def apply(spec: RouterSpec) -> None:
+            if repair:
+                loaded = routers.databases(spec)
+                # A database left paused (a KILL whose RESUME never
+                # came, a hold whose process died) is let go, unless
+                # held here.
+                for name, row in loaded.items():
+                    if row.get("paused") and name not in _HELD:
+                        routers.resume(spec, name)
+                if not kill and not out.changed and set(loaded) == wanted:
+                    return
+            routers.reload(spec)
+            for db, roles in kill:
+                routers.end_clients(spec, db, roles)
 
-            out.reloaded, out.unreachable = _each(routers, apply, _reloader(platform, routers))
-        except BaseException:
-            pending.add(batch, batch_kill)  # for the next publish
-            raise
+        out.reloaded, out.unreachable = _each(routers, apply, _reloader(platform, routers))
+        # Done: what it took is no longer asked for. (On an exception it
+        # stays asked for, and the next publish does it.)
+        requests.remove(taken)
     if out.unreachable:
         log.warning("routers not reached: %s", ", ".join(out.unreachable))
     return out
