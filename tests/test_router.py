@@ -765,20 +765,57 @@ def test_publish_requests_are_shared_across_processes_and_survive_a_killed_holde
     assert routing._parse(taken) == ({a, b}, [("tenant_b", {"tenant_b_rw", "tenant_b_ro"})])
     # Killed before it was done: everything it took is still asked for.
     assert one.read() == taken
-    # The next holder is done, but a request for `a` came after it read.
-    one.add(mine_a)
+    # The next holder is done, but `a` was asked for again after it read.
+    again = routing._lines({a}, [])
+    one.add(again)
     one.remove(taken)
-    assert one.read() == mine_a  # asked for again: not counted as done
+    assert one.read() == again  # not counted as done
     assert set(mine_b).isdisjoint(two.read())  # b's caller: done by another
-    one.remove(mine_a)
-    # A caller whose publish could not start withdraws its own request.
-    mine_c = routing._lines({c}, [("tenant_c", {"tenant_c_rw"})])
+    one.remove(again)
+    # A caller whose publish could not start withdraws its own request, and
+    # only its own: another's request for the same project stays.
+    mine_c, other_c = (routing._lines({c}, [("tenant_c", {"tenant_c_rw"})]) for _ in range(2))
     two.add(mine_c)
+    one.add(other_c)
     two.remove(mine_c)
-    assert one.read() == []
-    # A torn line (a writer killed mid-write) is skipped, not an error.
-    one.add(["p not-a-uuid", "k", *mine_a])
+    assert one.read() == other_c
+    one.remove(other_c)
+    # A write cut short (no newline) is skipped, and what is added after it
+    # does not run on from it.
+    with open(one.path, "a") as f:
+        f.write(mine_a[0][:20])
+    one.add(mine_a)
     assert routing._parse(one.read()) == ({a}, [])
+    assert mine_a[0] in one.read()
+
+
+def test_a_repair_that_takes_requests_reloads_even_when_the_files_already_agree(
+    api: Api, platform: Platform
+) -> None:
+    """A publish killed after its edit and before its reload leaves files
+    that already say what it was asked for, and its request. The periodic
+    sync that takes that request must reload the routers, even though the
+    files need no change and every router has the same databases (a plan
+    change moves only a pool size)."""
+    project = create_ok(api, "halfway")
+    tid = uuid.UUID(project["id"])
+    db = tenant_db_name(tid)
+    routers = platform.routers
+    assert routers is not None
+    before = {spec.name: routers.databases(spec)[db]["pool_size"] for spec in routers.specs}
+    with platform.db.connection() as conn:
+        conn.execute("UPDATE tenants SET plan_type = 'pro' WHERE id = %s", (tid,))
+    # The killed publish: asked, edited, never reloaded.
+    routing._Requests(routers).add(routing._lines({tid}, []))
+    routes, logins, _ = routing.desired_for(platform, [tid])
+    assert routers.edit(routes, logins) is True
+    out = routing.publish(platform, repair=True)
+    assert out.changed is False  # the files already agreed
+    pro = routes[db]
+    assert pro is not None and pro.pool_size not in before.values()
+    for spec in routers.specs:
+        assert routers.databases(spec)[db]["pool_size"] == pro.pool_size, spec.name
+    assert routing._Requests(routers).read() == []
 
 
 def test_one_writer_at_a_time_across_processes_and_a_killed_holder_lets_go(

@@ -478,13 +478,14 @@ class Routers:
                 spec, self.paths, ca_file=self.ca_file, listen=self.listen, servers=self.server_tls
             )
             self._write(self.paths.ini(spec), ini)
-        if not self.paths.routes.exists():
-            self._write(self.paths.routes, render_routes([]))
-        current = self._auth_entries().get(ROUTER_ADMIN)
-        if current is None or not self._admin_matches(current):
-            # A new admin line; the projects' lines stay as they are.
-            kept = [Login(u, v) for u, v in self.current_logins().items()]
-            self._write(self.paths.auth, render_auth(kept, admin=self._admin_line(None)))
+        with self.exclusive():  # a publish may be editing them
+            if not self.paths.routes.exists():
+                self._write(self.paths.routes, render_routes([]))
+            current = self._auth_entries().get(ROUTER_ADMIN)
+            if current is None or not self._admin_matches(current):
+                # A new admin line; the projects' lines stay as they are.
+                kept = [Login(u, v) for u, v in self.current_logins().items()]
+                self._write(self.paths.auth, render_auth(kept, admin=self._admin_line(None)))
 
     def _admin_matches(self, secret: str) -> bool:
         """A verifier of the admin password file's password, cheap as it should be."""
@@ -524,12 +525,26 @@ class Routers:
         lock when its holder exits, however it exits. (A lock held on a
         platform DB session was dropped with a broken connection while its
         holder went on writing.)"""
-        fd = os.open(self.paths.root / ".publish.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fd = self.open_private(".publish.lock", os.O_RDWR)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)  # and with it the lock
+
+    def open_private(self, name: str, flags: int) -> int:
+        """A file of pgfleet's own beside the routers' files (a lock, the
+        publish requests), created 0600 for the routers' owner like the
+        rest, and never through a link: the directory belongs to the
+        servers' OS user, and pgfleet may run as root."""
+        root = self.paths.root
+        if not root.is_dir():  # prepare() has not run (no router yet)
+            root.mkdir(parents=True, exist_ok=True)
+            self._own(root, 0o700)
+        fd = os.open(root / name, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        if self.owner is not None:
+            os.fchown(fd, *self.owner)
+        return fd
 
     def edit(self, routes: dict[str, Route | None], logins: dict[str, str | None]) -> bool | None:
         """Change only the given databases' routes and roles' logins (None:

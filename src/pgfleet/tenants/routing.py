@@ -245,12 +245,12 @@ class _Requests:
     callers; the file is read and changed under a lock of its own.)"""
 
     def __init__(self, routers: Routers) -> None:
+        self.routers = routers
         self.path = routers.paths.root / "publish.requests"
-        self._lock_path = routers.paths.root / ".requests.lock"
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = self.routers.open_private(".requests.lock", os.O_RDWR)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -266,28 +266,40 @@ class _Requests:
     def add(self, lines: list[str]) -> None:
         if not lines:
             return
-        with self._locked(), open(self.path, "a") as f:
-            f.write("".join(x + "\n" for x in lines))
+        with self._locked():
+            fd = self.routers.open_private(self.path.name, os.O_RDWR | os.O_APPEND)
+            try:
+                # A write cut short (a full disk, a kill) left no newline:
+                # the lines added now must not run on from it.
+                size = os.fstat(fd).st_size
+                torn = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+                os.write(fd, (("\n" if torn else "") + "".join(x + "\n" for x in lines)).encode())
+            finally:
+                os.close(fd)
 
     def read(self) -> list[str]:
         with self._locked():
             return self._read()
 
     def remove(self, lines: list[str]) -> None:
-        """Those lines done (each once: a line asked for again after they
-        were read stays)."""
+        """Those lines done. Every caller's lines carry its own token, so
+        this never takes another caller's request."""
         if not lines:
             return
+        gone = set(lines)
         with self._locked():
-            left = self._read()
-            for x in lines:
-                with contextlib.suppress(ValueError):
-                    left.remove(x)
-            write_private(self.path, "".join(x + "\n" for x in left))
+            left = [x for x in self._read() if x not in gone]
+            write_private(self.path, "".join(x + "\n" for x in left), owner=self.routers.owner)
 
 
 def _lines(ids: set[uuid.UUID], kill: list[tuple[str, set[str]]]) -> list[str]:
-    return [f"p {t}" for t in sorted(ids)] + [f"k {db} {','.join(sorted(r))}" for db, r in kill]
+    """One caller's request, each line ending in the caller's own token: two
+    requests for the same project stay two, and a withdrawal or a holder's
+    removal takes exactly the lines meant."""
+    token = uuid.uuid4().hex
+    return [f"p {t} {token}" for t in sorted(ids)] + [
+        f"k {db} {','.join(sorted(r))} {token}" for db, r in kill
+    ]
 
 
 def _parse(lines: list[str]) -> tuple[set[uuid.UUID], list[tuple[str, set[str]]]]:
@@ -298,9 +310,9 @@ def _parse(lines: list[str]) -> tuple[set[uuid.UUID], list[tuple[str, set[str]]]
     for line in lines:
         parts = line.split(" ")
         try:
-            if parts[0] == "p" and len(parts) == 2:
+            if parts[0] == "p" and len(parts) == 3:
                 ids.add(uuid.UUID(parts[1]))
-            elif parts[0] == "k" and len(parts) == 3:
+            elif parts[0] == "k" and len(parts) == 4:
                 entry = (parts[1], set(parts[2].split(",")))
                 if entry not in kill:
                     kill.append(entry)
@@ -401,7 +413,10 @@ def publish(
                 for name, row in loaded.items():
                     if row.get("paused") and name not in _HELD:
                         routers.resume(spec, name)
-                if not kill and not out.changed and set(loaded) == wanted:
+                # A repair that took requests reloads: a publish killed
+                # after its edit and before its reload left files that
+                # already say what they ask for.
+                if not kill and not taken and not out.changed and set(loaded) == wanted:
                     return
             routers.reload(spec)
             for db, roles in kill:
@@ -409,8 +424,13 @@ def publish(
 
         out.reloaded, out.unreachable = _each(routers, apply, _reloader(platform, routers))
         # Done: what it took is no longer asked for. (On an exception it
-        # stays asked for, and the next publish does it.)
-        requests.remove(taken)
+        # stays asked for, and the next publish does it; if only this
+        # removal fails, the next publish does it again, which is harmless
+        # but for clients of a rotated role ended twice.)
+        try:
+            requests.remove(taken)
+        except OSError as e:
+            log.warning("publish requests done but not cleared: %s", e)
     if out.unreachable:
         log.warning("routers not reached: %s", ", ".join(out.unreachable))
     return out
