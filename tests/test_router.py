@@ -11,17 +11,31 @@ import subprocess
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
 from pgfleet.fleet.binaries import find_binaries
-from pgfleet.fleet.router import ROUTER_ADMIN
+from pgfleet.fleet.router import ROUTER_ADMIN, Routers
 from pgfleet.platform.core import Platform
 from pgfleet.tenants import routing
 from pgfleet.tenants.naming import tenant_db_name
 from tests.helpers import Api, FleetUnderTest, create_ok, error_of, run_psql
+
+
+def files_only_routers(root: Path) -> Routers:
+    """Routers with no process: their files under `root`, nothing else."""
+    return Routers(
+        root,
+        [],
+        host="127.0.0.1",
+        ca_file=root / "ca.pem",
+        admin_password_file=root / "router.password",
+        owner=None,
+        run=None,
+    )
 
 
 def conn_of(api: Api, pid: str, **params: Any) -> dict[str, Any]:
@@ -602,18 +616,10 @@ def test_edits_in_place_make_the_files_a_whole_rewrite_would(tmp_path: Any) -> N
     the periodic sync would see a difference and reload every router."""
     import random
 
-    from pgfleet.fleet.router import Login, Route, Routers
+    from pgfleet.fleet.router import Login, Route
 
     def make() -> Routers:
-        return Routers(
-            tmp_path,
-            [],
-            host="127.0.0.1",
-            ca_file=tmp_path / "ca.pem",
-            admin_password_file=tmp_path / "router.password",
-            owner=None,
-            run=None,
-        )
+        return files_only_routers(tmp_path)
 
     def verifier(i: int) -> str:
         salt = f"{i:016d}".encode().hex()[:22] + "=="
@@ -740,20 +746,9 @@ def test_publish_requests_are_shared_across_processes_and_survive_a_killed_holde
     that read after it asked is done; a holder that dies leaves what it
     took for the next; one whose publish could not start withdraws its own,
     so no unrelated publish ends its clients later."""
-    from pgfleet.fleet.router import Routers
 
     def process() -> routing._Requests:  # each process opens the files itself
-        return routing._Requests(
-            Routers(
-                tmp_path,
-                [],
-                host="127.0.0.1",
-                ca_file=tmp_path / "ca.pem",
-                admin_password_file=tmp_path / "router.password",
-                owner=None,
-                run=None,
-            )
-        )
+        return routing._Requests(files_only_routers(tmp_path))
 
     a, b, c = sorted(uuid.uuid4() for _ in range(3))
     one, two = process(), process()
@@ -826,17 +821,7 @@ def test_one_writer_at_a_time_across_processes_and_a_killed_holder_lets_go(
     one killed while holding it (SIGKILL: no cleanup runs) lets go at once."""
     import sys
 
-    from pgfleet.fleet.router import Routers
-
-    routers = Routers(
-        tmp_path,
-        [],
-        host="127.0.0.1",
-        ca_file=tmp_path / "ca.pem",
-        admin_password_file=tmp_path / "router.password",
-        owner=None,
-        run=None,
-    )
+    routers = files_only_routers(tmp_path)
     holder = subprocess.Popen(
         [
             sys.executable,
