@@ -235,8 +235,9 @@ def _reloader(platform: Platform, routers: Routers) -> ThreadPoolExecutor:
 
 class _Requests:
     """Publishes asked for and not yet done, by every process on this host:
-    lines in a file beside the routers' files (`p <project>` for a project
-    to publish, `k <database> <role>,...` for clients to end). Whoever holds
+    lines in a file beside the routers' files (`p <project> <token>` for a
+    project to publish, `k <database> <role>,... <token>` for clients to
+    end; the token is the caller's, see `_lines`). Whoever holds
     the routers' lock takes every line and removes those it took only once
     every router has them, so creates waiting in any API process share one
     edit and one reload, and a holder killed mid-way leaves its lines for
