@@ -525,7 +525,14 @@ class Routers:
         lock when its holder exits, however it exits. (A lock held on a
         platform DB session was dropped with a broken connection while its
         holder went on writing.)"""
-        fd = self.open_private(".publish.lock", os.O_RDWR)
+        with self.locked(".publish.lock"):
+            yield
+
+    @contextmanager
+    def locked(self, name: str) -> Iterator[None]:
+        """An flock on the file `name` beside the routers' files, held until
+        the block ends (or the process does)."""
+        fd = self.open_private(name, os.O_RDWR)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

@@ -21,7 +21,6 @@ sync and repairs write both files whole from the platform DB.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import threading
@@ -249,14 +248,8 @@ class _Requests:
         self.routers = routers
         self.path = routers.paths.root / "publish.requests"
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        fd = self.routers.open_private(".requests.lock", os.O_RDWR)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
+        return self.routers.locked(".requests.lock")
 
     def _read(self) -> list[str]:
         try:
@@ -361,10 +354,10 @@ def publish(
         return out
     ends = [(t, set(roles)) for t, roles in end_clients_of]
     ids = set(projects) | {t for t, _ in ends}
-    kill = [(tenant_db_name(t), roles) for t, roles in ends]
+    asked_kill = [(tenant_db_name(t), roles) for t, roles in ends]
     whole = repair or reread or not ids
     requests = _Requests(routers)
-    mine = [] if whole else _lines(ids, kill)
+    mine = [] if whole else _lines(ids, asked_kill)
     requests.add(mine)
     with contextlib.ExitStack() as stack:
         try:
@@ -376,9 +369,9 @@ def publish(
         if not whole and set(mine).isdisjoint(taken):
             out.shared = True  # done by a publish that held the lock before
             return out
-        batch, kill = _parse(taken)
+        batch, kill = _parse(taken)  # a delta publish's own ends are among them
         if whole:
-            kill = [(tenant_db_name(t), roles) for t, roles in ends] + kill
+            kill = asked_kill + kill
         edited = None
         wanted: set[str] = set()
         if not whole:

@@ -54,13 +54,11 @@ log = logging.getLogger(__name__)
 KINDS = kinds
 
 
-def _visible(owner: Owner, row: Tenant | None, *, include_deleted: bool = False) -> bool:
+def _visible(owner: Owner, row: Tenant, *, include_deleted: bool = False) -> bool:
     """Whether `owner` may see the project `row`: its own (an admin: any),
     and not deleted unless asked for."""
-    return (
-        row is not None
-        and (owner.is_admin or row.owner_id == owner.id)
-        and (row.status != "deleted" or include_deleted)
+    return (owner.is_admin or row.owner_id == owner.id) and (
+        row.status != "deleted" or include_deleted
     )
 
 
