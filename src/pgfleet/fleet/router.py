@@ -413,6 +413,7 @@ class Routers:
         self._run = run
         self._binary = binary
         self._sessions: dict[str, psycopg.Connection[Any]] = {}
+        self._closed = False
         # The auth file as last parsed or written here, by its identity on
         # disk (inode, size, mtime): every write is a rename, so a file
         # another process wrote is never mistaken for it.
@@ -690,9 +691,11 @@ class Routers:
                 yield conn
                 ok = True
             finally:
-                if ok and not conn.broken:
-                    self._sessions[spec.name] = conn
-                else:
+                with self._guard:  # kept, unless closed meanwhile (see close)
+                    keep = ok and not conn.broken and not self._closed
+                    if keep:
+                        self._sessions[spec.name] = conn
+                if not keep:
                     conn.close()
 
     def _lock_of(self, spec: RouterSpec) -> threading.Lock:
@@ -700,8 +703,10 @@ class Routers:
             return self._locks.setdefault(spec.name, threading.Lock())
 
     def close(self) -> None:
-        """Close the kept admin sessions."""
+        """Close the kept admin sessions; one in use now is closed after its
+        use (a publish of a worker still running as its platform closes)."""
         with self._guard:
+            self._closed = True
             sessions, self._sessions = self._sessions, {}
         for conn in sessions.values():
             conn.close()

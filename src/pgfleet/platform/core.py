@@ -23,7 +23,7 @@ from psycopg_pool import ConnectionPool
 
 from pgfleet.config import ServerSpec, Settings, get_settings
 from pgfleet.crypto import SecretBox
-from pgfleet.errors import ConfigError
+from pgfleet.errors import ConfigError, PlatformUnavailable
 from pgfleet.fleet.embedded import ADMIN_USER, LOOPBACK, EmbeddedFleet
 from pgfleet.fleet.registry import ServerRegistry, sync_servers
 from pgfleet.fleet.router import Routers
@@ -124,6 +124,7 @@ class Platform:
         self._components: dict[str, Any] = {}
         self._closers: list[Callable[[], None]] = []
         self._lock = threading.RLock()
+        self._closed = False
 
     def component(
         self, key: str, make: Callable[[], T], *, close: Callable[[T], None] | None = None
@@ -135,6 +136,11 @@ class Platform:
             with self._lock:
                 found = self._components.get(key)
                 if found is None:
+                    if self._closed:
+                        # A straggler (a worker's periodic task still running
+                        # as its platform closed) makes nothing that no one
+                        # would close.
+                        raise PlatformUnavailable("this platform is closed")
                     made = make()
                     self._components[key] = made
                     if close is not None:
@@ -203,6 +209,7 @@ class Platform:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             closers, self._closers = self._closers, []
             self._components.clear()
         for close in reversed(closers):
