@@ -196,3 +196,27 @@ def cpu_report(before: dict[str, float], after: dict[str, float], per: int, what
         lines.append(f"  {part:<28} {used:8.1f}")
     lines.append(f"  {'fleet in all':<28} {total:8.1f}")
     return "\n".join(lines)
+
+
+def spares_ready(home: Path, regions: Sequence[str]) -> dict[str, int]:
+    """Prepared spares a create may take now (made, and known to every
+    router), per region, as the platform DB records them."""
+    from pgfleet.config import Settings
+    from pgfleet.fleet.embedded import EmbeddedFleet
+
+    fleet = EmbeddedFleet(Settings(home=home, embedded_regions=list(regions)))
+    with psycopg.connect(**fleet.platform_conninfo(), autocommit=True) as conn:
+        got = dict(
+            conn.execute(
+                "SELECT v.region, count(s.id) FROM servers v LEFT JOIN spares s "
+                "ON s.server_id = v.id AND s.state = 'ready' GROUP BY v.region"
+            ).fetchall()
+        )
+    return {r: int(got.get(r, 0)) for r in regions}
+
+
+def wait_for_spares(home: Path, regions: Sequence[str], count: int, timeout: float = 300) -> None:
+    """Until every region's server has `count` spares a create may take."""
+    end = time.monotonic() + timeout
+    while min(spares_ready(home, regions).values()) < count and time.monotonic() < end:
+        time.sleep(0.5)

@@ -40,11 +40,10 @@ import httpx
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BenchFleet, bench_fleet, connect_with, elapsed_ms, pct
+from _common import BenchFleet, bench_fleet, connect_with, elapsed_ms, pct, wait_for_spares
 
 from pgfleet.config import Settings
 from pgfleet.fleet.embedded import EmbeddedFleet
-from pgfleet.tenants.spares import ready_count
 
 REGIONS = ("us-east-1", "eu-central-1", "ap-southeast-1")
 SPARES = 10  # per server, as a steady deployment might keep
@@ -142,12 +141,7 @@ def sql_p50(http: httpx.Client, ids: list[str], n: int) -> float:
 def settle(bf: BenchFleet, timeout: float = 300) -> None:
     """Wait until every server has its spares back (the refill after a burst
     of creates competes for the same two cores as what is measured)."""
-    fleet = EmbeddedFleet(Settings(home=bf.home, embedded_regions=list(REGIONS)))
-    end = time.monotonic() + timeout
-    for srv in fleet.regional_servers():
-        with psycopg.connect(**fleet.conninfo(srv), autocommit=True) as conn:
-            while ready_count(conn) < SPARES and time.monotonic() < end:
-                time.sleep(0.5)
+    wait_for_spares(bf.home, REGIONS, SPARES, timeout)
 
 
 def measure(

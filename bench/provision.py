@@ -56,6 +56,7 @@ from _common import (
     fleet_cpu,
     pct,
     summary,
+    wait_for_spares,
 )
 
 from pgfleet.config import Settings
@@ -100,16 +101,6 @@ def provision_timed(http: httpx.Client, i: int) -> tuple[float, float, str]:
     with connect_with(c) as conn:
         conn.execute("select 1")
     return elapsed_ms(t0), answered, str(r.json()["operation"]["id"])
-
-
-def wait_for_spares(bf: BenchFleet, count: int) -> None:
-    fleet = EmbeddedFleet(Settings(home=bf.home, embedded_regions=[REGION]))
-    srv = next(s for s in fleet.regional_servers() if s.region == REGION)
-    with psycopg.connect(**fleet.conninfo(srv), autocommit=True) as conn:
-        while True:
-            if ready_count(conn) >= count:
-                return
-            time.sleep(0.5)
 
 
 def spares_ready(bf: BenchFleet) -> int:
@@ -197,7 +188,7 @@ def main() -> None:
     with bench_fleet(regions=REGION, extra_env={"PGFLEET_SPARE_DATABASES": str(spares)}) as bf:
         print(f"embedded fleet in {bf.home} (fsync on); API {bf.url}")
         t_fill = time.perf_counter()
-        wait_for_spares(bf, spares)
+        wait_for_spares(bf.home, [REGION], spares)
         took = time.perf_counter() - t_fill
         print(f"{spares} prepared spares made by the worker in {took:.1f} s")
         base = baseline(bf, min(args.n, 100))

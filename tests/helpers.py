@@ -62,6 +62,10 @@ def make_settings(home: Path, port_base: int, **overrides: Any) -> Settings:
         "rate_limit_auth_failures_per_min": 100_000,
         # Base backups and snapshots only when a test asks for them.
         "backup_schedule": False,
+        # Prepared spares too: they are named like the projects they will
+        # be, and a refill in the background would race the tests that
+        # count a server's projects or the routers' databases.
+        "spare_databases": 0,
     }
     return Settings(
         home=home,

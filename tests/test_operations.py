@@ -20,7 +20,8 @@ from pgfleet.api.app import create_app
 from pgfleet.auth import create_owner
 from pgfleet.operations.runtime import OperationsRuntime
 from pgfleet.platform.core import Platform
-from pgfleet.tenants.spares import CLAIMED, READY, drop_spares
+from pgfleet.tenants.naming import tenant_db_name
+from pgfleet.tenants.spares import CLAIMED, drop_spares
 from tests.helpers import (
     Api,
     FleetUnderTest,
@@ -271,15 +272,16 @@ def test_reconciler_reports_and_repairs_without_losing_data(
     assert api.post("/v1/admin/reconcile").status_code == 403
 
 
-def spares(fleet: FleetUnderTest, region: str) -> set[str]:
-    """The prepared spares ready on `region`'s server."""
-    with fleet.admin_conn(region) as c:
+def spares(p: Platform, region: str) -> set[str]:
+    """The prepared spares ready on `region`'s server: made, routed, and
+    free for a create to take."""
+    with p.db.connection() as c:
         return {
-            r[0]
+            tenant_db_name(r[0])
             for r in c.execute(
-                "SELECT d.datname FROM pg_database d JOIN pg_shdescription s ON s.objoid = d.oid "
-                "WHERE d.datname LIKE 'pgfleet\\_spare\\_%%' AND s.description = %s",
-                (READY,),
+                "SELECT s.id FROM spares s JOIN servers v ON v.id = s.server_id "
+                "WHERE s.state = 'ready' AND v.region = %s",
+                (region,),
             )
         }
 
@@ -291,16 +293,20 @@ def test_provision_claims_a_prepared_spare_and_it_is_refilled(
     _, token = create_owner(p, "fred")
     OperationsRuntime.of(p).start_workers(1)
     end = time.monotonic() + 30
-    while len(spares(fleet, "eu-central-1")) < 2:
+    while len(spares(p, "eu-central-1")) < 2:
         assert time.monotonic() < end, "spares were not made"
         time.sleep(0.1)
-    before = spares(fleet, "eu-central-1")
+    before = spares(p, "eu-central-1")
     with TestClient(create_app(p)) as c:
         api = Api(c, token)
         body = create_ok(api, "quick", region="eu-central-1")
         db = body["connection"]["database"]
         assert body["operation"]["result"]["actions"] == [CLAIMED]
-        assert len(before - spares(fleet, "eu-central-1")) == 1  # one was renamed
+        # The spare it took, made under its name ahead: routed with it, so
+        # the route step had nothing to publish.
+        assert before - spares(p, "eu-central-1") == {db}
+        result = body["operation"]["result"]
+        assert result["routed_ahead"] is True and result["routers"] == []
         # It is an ordinary project database: owned by _rw, closed to PUBLIC,
         # reachable with the project's credentials only.
         with fleet.admin_conn("eu-central-1") as a:
@@ -319,7 +325,7 @@ def test_provision_claims_a_prepared_spare_and_it_is_refilled(
         assert "pg_hba.conf rejects connection" in login(foreign)
         # The workers make new spares.
         end = time.monotonic() + 30
-        while len(spares(fleet, "eu-central-1")) < 2:
+        while len(spares(p, "eu-central-1")) < 2:
             assert time.monotonic() < end, "spares were not refilled"
             time.sleep(0.1)
         metrics = p.metrics.render().decode()  # what /metrics serves

@@ -43,7 +43,7 @@ class Workers:
         self.folder = folder
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def env(self, failpoints: str = "", spares: int = 0) -> dict[str, str]:
+    def env(self, failpoints: str = "") -> dict[str, str]:
         """What a pgfleet process on this test's platform DB runs with."""
         s = self.fleet.settings
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PGFLEET_", "PG"))}
@@ -57,18 +57,19 @@ class Workers:
             PGFLEET_WORKER_STALLED_S=str(FAST["worker_stalled_s"]),
             PGFLEET_OPERATION_DEADLINE_S=str(self.platform.settings.operation_deadline_s),
             PGFLEET_FAILPOINTS=failpoints,
-            # No prepared spares unless asked: the slow path's steps are what
-            # most of these tests kill.
-            PGFLEET_SPARE_DATABASES=str(spares),
+            # No refill of prepared spares: a create takes a spare only if
+            # the test made one (a spare is taken when the project is
+            # recorded, not by the worker).
+            PGFLEET_SPARE_DATABASES="0",
             PGFLEET_FAILPOINT_DIR=str(self.folder),
         )
         return env
 
-    def start(self, failpoints: str = "", spares: int = 0) -> subprocess.Popen[bytes]:
+    def start(self, failpoints: str = "") -> subprocess.Popen[bytes]:
         with (self.folder / f"worker-{len(self.procs)}.log").open("wb") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "pgfleet", "worker", "--concurrency", "2"],
-                env=self.env(failpoints, spares),
+                env=self.env(failpoints),
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -247,10 +248,10 @@ def test_provision_from_a_prepared_spare_survives_sigkill(
     project, op_id = service.start_create_project(
         quiet_platform, someone, name="crash", region="eu-central-1", plan_type="free"
     )
-    first = workers.start(point, spares=1)
+    first = workers.start(point)
     workers.reached(point)
     workers.kill(first)
-    workers.start(spares=1)
+    workers.start()
     op = wait_op(quiet_platform, op_id, workers)
     assert op.status == "finished", (op, workers.logs())
     assert op.attempts == 2
@@ -624,7 +625,7 @@ def test_a_create_the_api_ran_itself_survives_the_api_killed_mid_way(
     server = next(s for s in quiet_platform.servers.all() if s.region == "eu-central-1")
     refill_spares(quiet_platform, server, 1)
     port = free_port_block(1)
-    env = workers.env(point, spares=1)
+    env = workers.env(point)
     env.update(
         PGFLEET_API_PORT=str(port),
         PGFLEET_API_WORKERS="1",
@@ -662,7 +663,7 @@ def test_a_create_the_api_ran_itself_survives_the_api_killed_mid_way(
     assert row is not None and str(row[0]).endswith("-inline"), row  # run by the API itself
     assert row[1] is None  # never queued
     workers.kill(api)
-    workers.start(spares=1)
+    workers.start()
     op = wait_op(quiet_platform, op_id, workers)
     assert op.status == "finished", (op, workers.logs())
     assert op.attempts == 2

@@ -7,19 +7,23 @@ import time
 import uuid
 from typing import Any
 
+import psycopg
+
 from pgfleet import domains
 from pgfleet.auth import create_owner
-from pgfleet.fleet.health import check_all
+from pgfleet.fleet.health import check_all, check_server
 from pgfleet.fleet.registry import ServerRecord
 from pgfleet.monitoring.health import record
+from pgfleet.operations.service import cancel_operation
 from pgfleet.platform.core import Platform
+from pgfleet.tenants import routing
 from pgfleet.tenants.naming import project_roles, tenant_db_name
 from pgfleet.tenants.provisioning import ProvisionedDatabase
-from pgfleet.tenants.service import create_project
+from pgfleet.tenants.reconcile import reconcile
+from pgfleet.tenants.service import create_project, start_create_project
 from pgfleet.tenants.spares import (
     CLAIMED,
     READY,
-    SPARE_PREFIX,
     claim_prepared,
     drop_spares,
     ready_count,
@@ -129,64 +133,160 @@ def test_a_claimed_spare_is_the_same_as_a_project_made_the_slow_way(
             assert r.execute("SELECT x FROM public.t").fetchall() == [(1,)]
 
 
-def test_ready_spares_are_unusable(platform_factory: Any, fleet: FleetUnderTest) -> None:
+def ready_spares(p: Platform, server: ServerRecord) -> list[tuple[str, str, str]]:
+    """(name, rw password, ro password) of `server`'s ready spares."""
+    with p.db.connection() as conn:
+        rows = conn.execute(
+            "SELECT id, password_enc, ro_password_enc FROM spares "
+            "WHERE server_id = %s AND state = 'ready'",
+            (server.id,),
+        ).fetchall()
+    return [(tenant_db_name(i), p.secrets.decrypt(a), p.secrets.decrypt(b)) for i, a, b in rows]
+
+
+def login_error(host: str, port: int, db: str, user: str, password: str, **tls: Any) -> str:
+    try:
+        with psycopg.connect(
+            host=host, port=port, dbname=db, user=user, password=password, connect_timeout=5, **tls
+        ):
+            return "logged in"
+    except psycopg.OperationalError as e:
+        return str(e)
+
+
+def test_ready_spares_are_routed_and_unusable_even_with_their_passwords(
+    platform_factory: Any, fleet: FleetUnderTest
+) -> None:
+    """A ready spare is in every router, with its login roles' verifiers, so
+    a create has nothing to publish; but its roles are NOLOGIN, so its own
+    passwords log in nowhere, through a router or straight to the server."""
     p: Platform = platform_factory(spare_databases=0)
     server = server_in(p, REGION)
     refill_spares(p, server, 2)
+    spares = ready_spares(p, server)
+    assert len(spares) == 2
+    assert p.routers is not None
+    logins = p.routers.current_logins()
+    eu = next(s for s in p.routers.specs if s.region == REGION)
+    tls = {"sslmode": "verify-ca", "sslrootcert": str(p.routers.ca_file)}
     with fleet.admin_conn(REGION) as a:
-        spares = [
-            r[0]
-            for r in a.execute(
-                "SELECT datname FROM pg_database d JOIN pg_shdescription s ON s.objoid = d.oid "
-                "WHERE s.description = %s",
-                (READY,),
-            )
-        ]
-        assert len(spares) >= 2
-        for spare in spares:
-            assert spare.startswith(SPARE_PREFIX)
+        for name, rw_password, ro_password in spares:
+            assert name.startswith("tenant_")
             rows = a.execute(
-                "SELECT rolname, rolcanlogin, rolpassword IS NULL, rolsuper, rolcreaterole, "
-                "rolcreatedb, rolreplication, rolbypassrls FROM pg_authid WHERE rolname = ANY(%s)",
-                (project_roles(spare),),
+                "SELECT rolname, rolcanlogin, rolsuper, rolcreaterole, rolcreatedb, "
+                "rolreplication, rolbypassrls, rolpassword IS NULL FROM pg_authid "
+                "WHERE rolname = ANY(%s) ORDER BY rolname",
+                (project_roles(name),),
             ).fetchall()
-            assert len(rows) == 3, rows  # the gate, _rw and _ro
-            assert all(r[1:] == (False, True, False, False, False, False, False) for r in rows)
+            assert [r[0] for r in rows] == [name, f"{name}_ro", f"{name}_rw"], rows
+            assert all(r[1:7] == (False,) * 6 for r in rows), rows
+            assert [r[7] for r in rows] == [True, False, False]  # the gate has no password
             public = a.execute(
-                "SELECT has_database_privilege('public', %s, 'CONNECT')", (spare,)
+                "SELECT has_database_privilege('public', %s, 'CONNECT')", (name,)
             ).fetchone()
             assert public == (False,)
+            assert a.execute(
+                "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s",
+                (name,),
+            ).fetchone() == (READY,)
+            for spec in p.routers.specs:
+                assert name in p.routers.databases(spec), spec.name
+            assert {f"{name}_rw", f"{name}_ro"} <= set(logins)
+            for user, password in ((f"{name}_rw", rw_password), (f"{name}_ro", ro_password)):
+                direct = login_error(server.host, server.port, name, user, password, **server.tls())
+                assert "is not permitted to log in" in direct, direct
+                routed = login_error(p.routers.host, eu.port, name, user, password, **tls)
+                assert "is not permitted to log in" in routed, routed
+    # The periodic sync keeps them: nothing to repair, no drift.
+    assert routing.drift(p) == {}
+    assert routing.publish(p, repair=True).changed is False
+    # The reconciler knows them for spares, not orphans.
+    report = reconcile(p, record=False)
+    assert not [f for f in report["findings"] if f["object"] in {s[0] for s in spares}], report
 
 
-def test_an_unfinished_spare_is_never_claimed_and_the_next_refill_drops_it(
+def test_an_unfinished_spare_is_never_claimed_and_a_refill_drops_it_once_stale(
     platform_factory: Any, fleet: FleetUnderTest
 ) -> None:
-    p: Platform = platform_factory(spare_databases=0)
+    """A spare a refill was killed while making stays `making`: it is never
+    taken by a create, nor routed; a refill drops it (on the server and its
+    row) once it is stale, and leaves alone one another refill is making
+    now. Spares of earlier versions (placeholder names) are dropped too. A
+    spare left `made` (a refill killed before it told the routers) is
+    published and made ready by the next."""
+    p: Platform = platform_factory(spare_databases=0)  # no refill but the test's
     server = server_in(p, REGION)
     drop_spares(p, server)
-    dead = SPARE_PREFIX + "dead" + uuid.uuid4().hex[:8]
-    name = tenant_db_name(uuid.uuid4())
+    dead, busy = uuid.uuid4(), uuid.uuid4()
+    with p.db.connection() as conn:
+        for sid, age in ((dead, "11 minutes"), (busy, "0 seconds")):
+            conn.execute(
+                "INSERT INTO spares (id, server_id, password_enc, ro_password_enc, created_at) "
+                "VALUES (%s, %s, %s, %s, now() - %s::interval)",
+                (sid, server.id, p.secrets.encrypt("x" * 32), p.secrets.encrypt("y" * 32), age),
+            )
+    legacy = "pgfleet_spare_" + uuid.uuid4().hex
+    names = [tenant_db_name(dead), tenant_db_name(busy), legacy]
     with p.servers.admin_connection(server) as a:
-        a.execute(f'CREATE ROLE "{dead}_rw" NOLOGIN')
-        a.execute(f'CREATE DATABASE "{dead}" OWNER "{dead}_rw"')
-        a.execute(f'CREATE ROLE "{SPARE_PREFIX}orphan_rw" NOLOGIN')  # its database never made
-        assert not claim_prepared(
-            a,
-            name,
-            password="x" * 32,
-            ro_password="y" * 32,
-            connection_limit=5,
-            statement_timeout_ms=1000,
-        )
-    assert name not in fleet.databases(REGION)
+        for name in names:
+            a.execute(f'CREATE ROLE "{name}_rw" NOLOGIN')
+            a.execute(f'CREATE DATABASE "{name}" OWNER "{name}_rw"')
+        # Not marked ready on the server either: no claim takes it.
+        assert not claim_prepared(a, names[0], connection_limit=5, statement_timeout_ms=1000)
+    routing.publish(p, repair=True)
+    assert p.routers is not None
+    assert all(not set(names) & set(p.routers.databases(spec)) for spec in p.routers.specs)
+    _, slow = create_project(
+        p, create_owner(p, "someone")[0], name="not it", region=REGION, plan_type="free"
+    )
+    assert slow.database not in names and CLAIMED not in slow.actions
     assert refill_spares(p, server, 1) == 1
     with fleet.admin_conn(REGION) as a:
-        left = a.execute(
-            "SELECT datname FROM pg_database WHERE datname = %s "
-            "UNION ALL SELECT rolname FROM pg_roles WHERE rolname IN (%s, %s)",
-            (dead, f"{dead}_rw", f"{SPARE_PREFIX}orphan_rw"),
-        ).fetchall()
-    assert left == []
+        left = {
+            r[0]
+            for r in a.execute(
+                "SELECT datname FROM pg_database WHERE datname = ANY(%s) "
+                "UNION ALL SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)",
+                (names, [f"{n}_rw" for n in names]),
+            )
+        }
+    assert left == {names[1], f"{names[1]}_rw"}  # only the one being made now
+    with p.db.connection() as conn:
+        states = dict(conn.execute("SELECT id, state FROM spares").fetchall())
+    assert dead not in states and states[busy] == "making"
+    (made,) = [sid for sid, state in states.items() if state == "ready"]
+    # Killed after it was made and before the routers were told: the next
+    # refill tells them, and only then is it ready.
+    with p.db.connection() as conn:
+        conn.execute("UPDATE spares SET state = 'made' WHERE id = %s", (made,))
+    p.routers.write([], [])  # as if they never learned it
+    assert refill_spares(p, server, 1) == 0
+    with p.db.connection() as conn:
+        assert conn.execute("SELECT state FROM spares WHERE id = %s", (made,)).fetchone() == (
+            "ready",
+        )
+    assert all(tenant_db_name(made) in p.routers.databases(spec) for spec in p.routers.specs)
+    drop_spares(p, server)
+    assert names[1] not in fleet.databases(REGION)
+
+
+def test_a_create_cancelled_before_it_started_gives_its_spare_back_to_be_dropped(
+    platform_factory: Any, fleet: FleetUnderTest
+) -> None:
+    p: Platform = platform_factory(spare_databases=1, embedded_workers=0)
+    server = server_in(p, REGION)
+    drop_spares(p, server)
+    refill_spares(p, server, 1)
+    ((name, _, _),) = ready_spares(p, server)
+    owner = create_owner(p, "quitter")[0]
+    project, op_id = start_create_project(p, owner, name="quitter", region=REGION, plan_type="free")
+    assert tenant_db_name(project.id) == name  # the spare's id is the project's
+    assert cancel_operation(p, owner, str(op_id)).status == "cancelled"
+    assert refill_spares(p, server, 1) == 1  # a new one, and the given-back one dropped
+    assert name not in fleet.databases(REGION)
+    assert p.routers is not None
+    assert all(name not in p.routers.databases(spec) for spec in p.routers.specs)
+    assert [s[0] for s in ready_spares(p, server)] != [name]
 
 
 def test_each_server_keeps_its_own_number_of_spares_and_metrics_show_it(
@@ -202,8 +302,8 @@ def test_each_server_keeps_its_own_number_of_spares_and_metrics_show_it(
     for s in [server, *others]:
         drop_spares(p, s)
     p = platform_factory(spare_databases=0, spare_databases_by_server={server.name: 2})
-    assert spare_target(p.settings, server) == 2
-    assert all(spare_target(p.settings, s) == 0 for s in others)
+    assert spare_target(p.settings, server.name) == 2
+    assert all(spare_target(p.settings, s.name) == 0 for s in others)
     domains.attach(p)
     refill_all(p)
     with fleet.admin_conn(REGION) as a:
@@ -221,3 +321,29 @@ def test_each_server_keeps_its_own_number_of_spares_and_metrics_show_it(
     for s in others:
         assert f'pgfleet_spares_ready{{region="{s.region}",server="{s.name}"}} 0.0' in text
     assert 'pgfleet_spares_made_total{region="' + REGION + '"} 2.0' in text
+
+
+def test_a_tenant_cannot_pass_its_database_off_as_a_spare(
+    platform_factory: Any, fleet: FleetUnderTest
+) -> None:
+    """A database owner may comment its own database, even with the spares'
+    mark: the server still counts it as a project, not a spare (a spare's
+    owner cannot log in). And a project made from a spare does not take its
+    subdomain from its id, which tenants can see ahead in pg_database."""
+    p: Platform = platform_factory(spare_databases=0)
+    server = server_in(p, REGION)
+    drop_spares(p, server)
+    refill_spares(p, server, 1)
+    ((spare, _, _),) = ready_spares(p, server)
+    before = check_server(server)
+    project, prov = create_project(
+        p, create_owner(p, "faker")[0], name="faker", region=REGION, plan_type="free"
+    )
+    assert prov.database == spare and prov.actions == (CLAIMED,)
+    assert not project.subdomain.endswith(project.id.hex[:6]), project.subdomain
+    with in_tenant_db(prov) as t:
+        t.execute(f"COMMENT ON DATABASE {prov.database} IS '{READY}'")
+        t.commit()
+    after = check_server(server)
+    assert after.spares_ready == (before.spares_ready or 0) - 1
+    assert after.tenant_databases == (before.tenant_databases or 0) + 1

@@ -193,8 +193,8 @@ def restorable_window(
 
 def _opened_at(p: Platform, project: Tenant) -> datetime | None:
     """When the project's database first held what its owner could see:
-    the end of the operation that made it (its database may be a spare
-    renamed then), else its creation."""
+    the end of the operation that made it (its database may be older: a
+    prepared spare, made ahead), else its creation."""
     with p.db.connection() as conn:
         row = conn.execute(
             "SELECT min(finished_at) FROM operations WHERE tenant_id = %s "

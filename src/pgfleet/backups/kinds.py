@@ -247,7 +247,7 @@ def _fetch_pitr(ctx: OpContext) -> None:
     base = before[-1]
     ctx.state["base_backup"] = base.label
     # Only the project's database comes back with its files: found by its
-    # oid (it may have had another name then: a prepared spare), or, made
+    # oid (a spare of an earlier version had another name then), or, made
     # after the base backup, from the WAL with every other database left out.
     held = archive.backup_databases(stanza, base.label)
     oid = _source_oid(ctx, server, db)

@@ -51,14 +51,20 @@ def check_server(server: ServerRecord, timeout_s: float = 2.0) -> ServerHealth:
                         WHERE backend_type = 'client backend'),
                        current_setting('max_connections')::int,
                        (SELECT count(*) FROM pg_database WHERE NOT datistemplate),
-                       (SELECT count(*) FROM pg_database WHERE datname LIKE 'tenant\\_%'),
+                       -- prepared spares are named like projects (tenants/spares.py)
+                       (SELECT count(*) FROM pg_database d WHERE datname LIKE 'tenant\\_%'
+                          AND NOT (shobj_description(d.oid, 'pg_database') IS NOT DISTINCT FROM
+                                  'pgfleet: prepared spare, ready'
+                                AND NOT (SELECT rolcanlogin FROM pg_roles WHERE oid = d.datdba))),
                        (SELECT sum(pg_database_size(oid)) FROM pg_database
                         WHERE datconnlimit <> -2)::bigint,
-                       -- prepared spares, as tenants/spares.py marks them ready
-                       (SELECT count(*) FROM pg_database
-                        WHERE datname LIKE 'pgfleet\\_spare\\_%'
-                          AND shobj_description(oid, 'pg_database')
-                              = 'pgfleet: prepared spare, ready'),
+                       -- prepared spares: marked so, owned by a role that cannot
+                       -- log in (a tenant may comment its own database, but not
+                       -- take LOGIN from its own role)
+                       (SELECT count(*) FROM pg_database d
+                        WHERE shobj_description(d.oid, 'pg_database') IS NOT DISTINCT FROM
+                                  'pgfleet: prepared spare, ready'
+                          AND NOT (SELECT rolcanlogin FROM pg_roles WHERE oid = d.datdba)),
                        current_setting('archive_mode'),
                        a.last_archived_time,
                        coalesce(a.last_failed_time > coalesce(a.last_archived_time, '-infinity'),

@@ -55,16 +55,17 @@ def start_operation(
     action: str,
     params: dict[str, Any] | None = None,
     details: dict[str, Any] | None = None,
-    prepare: Callable[[psycopg.Connection[Any]], None] | None = None,
+    prepare: Callable[[psycopg.Connection[Any]], uuid.UUID | None] | None = None,
     deadline_s: float | None = None,
 ) -> uuid.UUID:
     """Record intent (optional `prepare`, the operation, an audit row) in one
-    transaction, then queue the operation."""
+    transaction, then queue the operation. A `prepare` that returns an id
+    names the operation's subject (one it chose in that transaction)."""
     if type not in REGISTRY.kinds:
         raise ValueError(f"unknown operation type {type!r}")
     with platform.db.connection() as conn, conn.transaction():
         if prepare is not None:
-            prepare(conn)
+            tenant_id = prepare(conn) or tenant_id
         op_id = insert_operation(
             conn,
             type=type,

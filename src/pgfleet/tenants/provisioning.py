@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from pgfleet.crypto import generate_password
 from pgfleet.errors import Conflict, ProjectNotFound
@@ -25,7 +26,7 @@ from pgfleet.regions import PlacementPolicy, Plan, choose_server, get_plan, get_
 from pgfleet.tenants import routing, store
 from pgfleet.tenants.naming import project_roles, ro_role_name, rw_role_name, tenant_db_name
 from pgfleet.tenants.server import converge_database, converge_privileges, converge_roles
-from pgfleet.tenants.spares import CLAIMED, claim_prepared, spare_target
+from pgfleet.tenants.spares import CLAIMED, claim_prepared
 from pgfleet.tenants.template import ensure_template
 
 
@@ -65,6 +66,9 @@ class ProvisionTarget:
     # A person chose the rw password (the seed's desired_password): its
     # verifier keeps PostgreSQL's 4,096 iterations.
     password_chosen: bool = False
+    # Made from a prepared spare (tenants/spares.py): its roles and database
+    # exist under its names, with its passwords, and the routers know it.
+    spare: bool = False
 
     @property
     def login(self) -> bool:
@@ -131,6 +135,7 @@ def prepare_provision(
         if desired_password is not None:
             info["password_enc"] = p.secrets.encrypt(desired_password)
             info["password_chosen"] = True
+            info.pop("spare", None)  # not the spare's password: the slow path sets it
             changed = True
         for key in ("password_enc", "ro_password_enc"):
             if not info.get(key):
@@ -155,6 +160,7 @@ def _target(p: Platform, row: store.Tenant, info: dict[str, Any]) -> ProvisionTa
         rw_user=info.get("user") or rw_role_name(tenant_db_name(row.id)),
         ro_user=info.get("ro_user") or ro_role_name(tenant_db_name(row.id)),
         password_chosen=bool(info.get("password_chosen")),
+        spare=bool(info.get("spare")),
     )
 
 
@@ -196,25 +202,28 @@ def converge_target_on_server(p: Platform, t: ProvisionTarget, part: str) -> lis
             if ensure_template(p, t.server, aconn):
                 actions.append("template1: large objects made by the database owner only")
             converge_database(aconn, t.name, actions)
+            if t.spare:  # made from a spare, converged the slow way: no longer one
+                aconn.execute(
+                    sql.SQL("COMMENT ON DATABASE {} IS NULL").format(sql.Identifier(t.name))
+                )
         else:
             raise ValueError(f"unknown part {part!r}")
     return actions
 
 
 def _claim(p: Platform, t: ProvisionTarget, aconn: psycopg.Connection[Any]) -> bool:
-    """A new project takes a prepared spare when its server has one ready:
-    roles, database and privileges in one transaction (see spares.py)."""
+    """A project made from a prepared spare claims it: roles, database and
+    privileges are in place, and one transaction lets it log in (see
+    spares.py). False sends it down the slow path, which converges what is
+    there (and sets its passwords again)."""
     fresh = t.login and (t.rw_user, t.ro_user) == (rw_role_name(t.name), ro_role_name(t.name))
-    if not (spare_target(p.settings, t.server) and fresh):
+    if not (t.spare and fresh and not t.password_chosen):
         return False
     if not claim_prepared(
         aconn,
         t.name,
-        password=t.password,
-        ro_password=t.ro_password,
         connection_limit=t.plan.connection_limit,
         statement_timeout_ms=t.plan.statement_timeout_ms,
-        password_chosen=t.password_chosen,
     ):
         return False
     p.metrics.spares_claimed.labels(t.server.region).inc()

@@ -2,7 +2,8 @@
 
 It reports, and with `repair=True` fixes:
 - `orphan_database`: a tenant database with no live project (no row, the
-  row deleted, or the project placed on another server) — dropped, unless it
+  row deleted, or the project placed on another server) and no prepared
+  spare of its server (tenants/spares.py) — dropped, unless it
   holds data (any table, view, sequence...), which needs `force=True`;
 - `orphan_roles`: a project's roles with no database and no live project —
   dropped;
@@ -207,12 +208,22 @@ def reconcile(
         except RegionUnavailable as e:
             unreachable.append(server.name)
             add("server_unreachable", server, server.name, e.message)
-    with p.db.connection() as conn:
+    with p.db.connection() as conn, conn.transaction():
+        # One snapshot for both: a create takes a spare (its row gone, the
+        # project's row there) in one transaction, so its database is always
+        # one or the other's here, never an orphan.
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         tenants = {r["id"]: r for r in store.all_for_reconcile(conn, EXPIRE_TASK)}
+        # Prepared spares are named like the projects they will be; those a
+        # create gave back or a crash left are the refill's to drop
+        # (tenants/spares.py).
+        spare_of = dict(conn.execute("SELECT id, server_id FROM spares").fetchall())
     expire: dict[uuid.UUID, list[str]] = {}
     for server, dbs, states, passwords in listings:
 
         def live_here(tid: uuid.UUID | None, server: ServerRecord = server) -> bool:
+            if tid is not None and spare_of.get(tid) == server.id:
+                return True  # a prepared spare of this server
             t = tenants.get(tid) if tid else None
             return t is not None and t["status"] in LIVE and t["server_id"] == server.id
 
@@ -379,9 +390,11 @@ def reconcile(
     for name, (missing, extra) in router_drift.items():
         parts = []
         if missing:
-            parts.append(f"{len(missing)} active project(s) missing (e.g. {sorted(missing)[0]})")
+            parts.append(
+                f"{len(missing)} active project(s) or spare(s) missing (e.g. {sorted(missing)[0]})"
+            )
         if extra:
-            parts.append(f"{len(extra)} database(s) that are not active projects")
+            parts.append(f"{len(extra)} database(s) that are neither active projects nor spares")
         f = add("router_drift", None, f"router {name}", "; ".join(parts) or "not reachable")
         f["region"] = name.rsplit("-", 1)[0]
     if repair and router_drift:

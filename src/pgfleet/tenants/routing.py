@@ -2,8 +2,10 @@
 
 Every router knows every active project: its database on its own server,
 with the plan's server pool, and its login roles with the servers' own SCRAM
-verifiers (read from pg_authid as the admin, in the admin database). Paused,
-deleted and unfinished projects are absent: the routers refuse their logins.
+verifiers (read from pg_authid as the admin, in the admin database). It also
+knows every prepared spare, routed ahead of the create that takes it (see
+_ROUTED_SQL and tenants/spares.py). Paused, deleted and other unfinished
+projects are absent: the routers refuse their logins.
 
 `publish` runs at the end of every operation that changes what a router
 must know (create, delete, pause, resume, rotate, expire, plan change), so
@@ -11,6 +13,7 @@ the operation returns only once every router has the change; a periodic
 `sync` repairs what a crash or a restarted router left behind, comparing
 each router's loaded databases with the platform DB.
 
+A create that took a prepared spare publishes nothing: its refill did.
 One process at a time changes the files (an flock beside them, see
 Routers.exclusive), and each change is atomic (a new file renamed over the old). An
 operation's publish edits only its projects' lines, and publishes waiting
@@ -46,10 +49,46 @@ log = logging.getLogger(__name__)
 
 _VERIFIERS_SQL = """
 SELECT rolname, rolpassword FROM pg_catalog.pg_authid
-WHERE rolname = ANY(%s) AND rolname LIKE 'tenant\\_%%' AND rolcanlogin
+WHERE rolname = ANY(%s) AND rolname LIKE 'tenant\\_%%'
+  AND (rolcanlogin OR rolname = ANY(%s))
   AND rolpassword LIKE 'SCRAM-SHA-256$%%'
   AND (rolvaliduntil IS NULL OR rolvaliduntil > pg_catalog.now())
 """
+
+# What the routers know: every active project, and every prepared spare
+# once it is whole on its server (`made` or `ready`, tenants/spares.py),
+# with the project made from it until it is active (routed ahead, so a
+# create has nothing to publish). A spare's login roles
+# are NOLOGIN until it is claimed: their verifiers are routed all the same
+# (the server refuses the login; no session of them ever went through a
+# router, so no pooled server connection of them exists). Any other role
+# that cannot log in (a paused project's, an expired alternate) is left out.
+# Columns: id, plan, server id, routed ahead.
+_ROUTED_SQL = """
+SELECT id, plan_type, (connection_info->>'server_id')::int, false FROM tenants
+WHERE status = 'active' AND connection_info ? 'server_id' {and_ids}
+UNION ALL
+SELECT id, plan_type, server_id, true FROM tenants
+WHERE status = 'provisioning' AND connection_info @> '{{"spare": true}}' {and_ids}
+UNION ALL
+SELECT id, NULL, server_id, true FROM spares WHERE state IN ('made', 'ready') {and_ids}
+"""
+
+
+def _routed(conn: psycopg.Connection[Any], ids: list[uuid.UUID] | None) -> list[Any]:
+    if ids is None:
+        return conn.execute(_ROUTED_SQL.format(and_ids="")).fetchall()
+    return conn.execute(
+        _ROUTED_SQL.format(and_ids="AND id = ANY(%(ids)s)"), {"ids": ids}
+    ).fetchall()
+
+
+def spare_route_fits(plan: str | None) -> bool:
+    """Is a project on `plan` routed as a spare is (the free plan's server
+    pool and client limit)? Then a project made from a spare has nothing to
+    publish."""
+    a, b = get_plan(plan or "free"), get_plan("free")
+    return (a.router_pool_size, a.router_clients) == (b.router_pool_size, b.router_clients)
 
 
 @dataclass
@@ -75,13 +114,15 @@ def _route(db: str, plan: str | None, server: ServerRecord) -> Route:
 
 
 def _read_verifiers(
-    platform: Platform, server: ServerRecord, roles: list[str]
+    platform: Platform, server: ServerRecord, roles: list[str], ahead: set[str]
 ) -> dict[str, str] | None:
-    """The server's own SCRAM verifiers of `roles` that may log in (read
-    from pg_authid as the admin); None if the server cannot be reached."""
+    """The server's own SCRAM verifiers of `roles` that may log in, or are
+    routed ahead (`ahead`, see _ROUTED_SQL), read from pg_authid as the
+    admin; None if the server cannot be reached."""
     try:
         with platform.servers.admin_connection(server) as conn:
-            return dict(conn.execute(_VERIFIERS_SQL, (roles,)).fetchall())
+            wanted = [r for r in roles if r in ahead]
+            return dict(conn.execute(_VERIFIERS_SQL, (roles, wanted)).fetchall())
     except (PgfleetError, psycopg.Error):
         return None
 
@@ -104,20 +145,20 @@ def desired(
     be reached, its projects' logins stay what the auth file has, so an
     outage changes nothing for the routers."""
     with platform.db.connection() as conn:
-        rows = conn.execute(
-            "SELECT id, plan_type, (connection_info->>'server_id')::int FROM tenants "
-            "WHERE status = 'active' AND connection_info ? 'server_id'"
-        ).fetchall()
+        rows = _routed(conn, None)
     servers = {s.id: s for s in platform.servers.all()}
     routes: list[Route] = []
     roles_by_server: dict[int, list[str]] = {}
-    for tid, plan, server_id in rows:
+    ahead: set[str] = set()
+    for tid, plan, server_id, early in rows:
         server = servers.get(server_id)
         if server is None:
             continue
         db = tenant_db_name(tid)
         routes.append(_route(db, plan, server))
         roles_by_server.setdefault(server_id, []).extend(login_role_names(db))
+        if early:
+            ahead.update(login_role_names(db))
     fresh = None if reread is None else set(reread)
     logins: list[Login] = []
     down: list[str] = []
@@ -126,7 +167,7 @@ def desired(
         wanted = roles if fresh is None else [r for r in roles if r not in current or r in fresh]
         found: dict[str, str] = {}
         if wanted:
-            read = _read_verifiers(platform, server, wanted)
+            read = _read_verifiers(platform, server, wanted, ahead)
             if read is None:
                 down.append(server.name)
                 wanted = []
@@ -152,12 +193,9 @@ def desired_for(
     be reached keeps the logins the file has; its server is named."""
     ids = sorted(set(projects))
     with platform.db.connection() as conn:
-        rows = conn.execute(
-            "SELECT id, plan_type, (connection_info->>'server_id')::int FROM tenants "
-            "WHERE id = ANY(%s) AND status = 'active' AND connection_info ? 'server_id'",
-            (ids,),
-        ).fetchall()
-    active = {tid: (plan, server_id) for tid, plan, server_id in rows}
+        rows = _routed(conn, ids)
+    active = {tid: (plan, server_id) for tid, plan, server_id, _ in rows}
+    ahead = {r for tid, _, _, early in rows if early for r in login_role_names(tenant_db_name(tid))}
     servers = {s.id: s for s in platform.servers.all()} if active else {}
     routes: dict[str, Route | None] = {}
     logins: dict[str, str | None] = {}
@@ -174,7 +212,7 @@ def desired_for(
         roles_by_server.setdefault(server.id, []).extend(login_role_names(db))
     down: list[str] = []
     for server_id, roles in roles_by_server.items():
-        verifiers = _read_verifiers(platform, servers[server_id], roles)
+        verifiers = _read_verifiers(platform, servers[server_id], roles, ahead)
         if verifiers is None:
             down.append(servers[server_id].name)
             continue
@@ -431,19 +469,15 @@ def publish(
 
 
 def drift(platform: Platform) -> dict[str, tuple[set[str], set[str]]]:
-    """Routers whose loaded databases differ from the platform DB's active
-    projects: name -> (missing, extra). A router that does not answer is
-    reported with both empty."""
+    """Routers whose loaded databases differ from what the platform DB says
+    they should know (_ROUTED_SQL: active projects, spares): name ->
+    (missing, extra). A router that does not answer is reported with both
+    empty."""
     routers = platform.routers
     if routers is None:
         return {}
     with platform.db.connection() as conn:
-        wanted = {
-            tenant_db_name(r[0])
-            for r in conn.execute(
-                "SELECT id FROM tenants WHERE status = 'active' AND connection_info ? 'server_id'"
-            )
-        }
+        wanted = {tenant_db_name(r[0]) for r in _routed(conn, None)}
     out: dict[str, tuple[set[str], set[str]]] = {}
     for spec in routers.specs:
         try:

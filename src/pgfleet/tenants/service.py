@@ -43,7 +43,7 @@ from pgfleet.regions import (
     get_region,
     require_residency,
 )
-from pgfleet.tenants import kinds, store
+from pgfleet.tenants import kinds, spares, store
 from pgfleet.tenants.connections import DatabasePlatformClient, Mode, check_mode
 from pgfleet.tenants.naming import tenant_db_name
 from pgfleet.tenants.provisioning import ProvisionedDatabase
@@ -110,7 +110,9 @@ def start_create_project(
 ) -> tuple[Tenant, uuid.UUID]:
     """Validate, place, record the tenant row and its provision operation in
     one transaction, and queue the operation. Returns (project, operation id).
-    Nothing here touches a regional server: the operation does. A server the
+    Nothing here touches a regional server: the operation does. When its
+    server has a prepared spare ready, the project takes it in that
+    transaction: its id and passwords are the spare's (tenants/spares.py). A server the
     health checks know to be down is refused at once (503), unless
     `wait_for_region`: then the operation retries until it is back (or its
     deadline passes).
@@ -121,8 +123,8 @@ def start_create_project(
     region = get_region(region).id
     plan = get_plan(plan_type)
     residency = check_residency_rule(residency)
-    tid = uuid.uuid4()
-    sub = validate_subdomain(subdomain) if subdomain else derive_subdomain(name, tid)
+    if subdomain:
+        subdomain = validate_subdomain(subdomain)
     placement = choose_server(
         policy=PlacementPolicy(platform.settings.placement),
         region=region,
@@ -148,7 +150,10 @@ def start_create_project(
             server=placement.server_name,
         )
 
-    def insert_tenant(conn: psycopg.Connection[Any]) -> None:
+    chosen: list[uuid.UUID] = []
+
+    def insert_tenant(conn: psycopg.Connection[Any]) -> uuid.UUID:
+        chosen.clear()
         if check is not None:
             check(conn)
         quota = platform.settings.max_projects_per_owner
@@ -162,32 +167,49 @@ def start_create_project(
                     projects=have,
                     quota=quota,
                 )
+        # A prepared spare of its server, when one is ready: the project takes
+        # its id and passwords, and its server side and routes are made.
+        spare = spares.take(conn, placement.server_id)
+        tid = spare.id if spare else uuid.uuid4()
+        info: dict[str, Any] = (
+            {
+                "password_enc": spare.password_enc,
+                "ro_password_enc": spare.ro_password_enc,
+                "spare": True,
+            }
+            if spare
+            else {
+                # Its passwords, encrypted, before any server sees them: the
+                # provision operation's first step then only reads.
+                key: platform.secrets.encrypt(generate_password())
+                for key in ("password_enc", "ro_password_enc")
+            }
+        )
         store.insert(
             conn,
             tenant_id=tid,
             name=name,
-            subdomain=sub,
+            # Not from the id: a spare's id may be seen ahead (pg_database
+            # lists every database), and its subdomain squatted.
+            subdomain=subdomain or derive_subdomain(name, uuid.uuid4()),
             region=region,
             plan=plan.id,
             owner_id=owner.id,
             server_id=placement.server_id,
             hosted_region=placement.hosted_region,
             placement_reason=placement.reason,
-            # Its passwords, encrypted, before any server sees them: the
-            # provision operation's first step then only reads.
-            connection_info={
-                key: platform.secrets.encrypt(generate_password())
-                for key in ("password_enc", "ro_password_enc")
-            },
+            connection_info=info,
             residency=residency,
             restored_from=restored_from,
         )
+        chosen.append(tid)
+        return tid
 
     op_id = start_operation(
         platform,
         owner,
         type=op_type,
-        tenant_id=tid,
+        tenant_id=None,
         tenant_owner=owner.id,
         action=action,
         params={"region": region, "plan": plan.id, **(op_params or {})},
@@ -195,7 +217,7 @@ def start_create_project(
         prepare=insert_tenant,
         deadline_s=deadline_s,
     )
-    return get_project(platform, owner, tid), op_id
+    return get_project(platform, owner, chosen[0]), op_id
 
 
 def provisioned(platform: Platform, project: Tenant, op: Operation) -> ProvisionedDatabase:

@@ -1,29 +1,45 @@
-"""Prepared spares: whole projects-to-be, made ahead on every server.
+"""Prepared spares: whole projects-to-be, made and routed ahead on every server.
 
-A spare is everything a new project's server side is, under an opaque
-placeholder name `pgfleet_spare_<hex>`: the gate role, the `_rw` role that
-owns the database and the `_ro` role (both NOLOGIN, no password), the
-database with CONNECT revoked from PUBLIC, and inside it the default
-privileges that let `_ro` read what `_rw` makes. Nobody can use one: no
-role of it can log in, and pg_hba admits a role only to the database named
+A spare is everything a new project's server side is, made under the
+names of the project it will become: its id is chosen when it is made,
+and its passwords too (stored encrypted in the platform DB's `spares`
+table). On the server: the gate role, the `_rw` role that owns the
+database and the `_ro` role, the database with CONNECT revoked from PUBLIC,
+and inside it the default privileges that let `_ro` read what `_rw` makes.
+In every router: its route, and its login roles' verifiers.
+
+Nobody can use one. Its login roles are NOLOGIN: PostgreSQL refuses them
+whatever password is offered, and the routers can only forward a login to
+the server. The roles keep their verifiers because the routers must hold
+them before the claim (so a create has nothing to publish); the passwords
+exist only encrypted in the platform DB, and no session of a spare's role
+was ever opened through a router, so no pooled server connection of it
+exists to be handed out. pg_hba admits a role only to the database named
 like its gate.
 
-Claiming one for a project is one short transaction on the server, in the
-admin database (`claim_prepared`): rename the database and the three roles
-to the project's names, give the login roles their passwords and the
-plan's limits, allow login. Role OIDs do not change with a rename, so the
-ownership, grants and default privileges made ahead are the project's.
-The result is the same catalog state provisioning makes the slow way
-(tests compare the two), so nothing downstream knows the difference.
+A create takes a ready spare of the server it is placed on in the
+transaction that inserts its project (`take`): the project's id and
+passwords are the spare's. Its provision operation then claims it on the
+server in one short transaction (`claim_prepared`): allow login, and the
+plan's limits. Nothing is renamed and no password is set, so the routers
+already have everything, and the route step publishes nothing (unless the
+plan's route differs from a spare's). The result is the same catalog
+state provisioning makes the slow way (tests compare the two), so nothing
+downstream knows the difference.
 
 The workers keep PGFLEET_SPARE_DATABASES ready per server (`refill_all`,
-off the request path). Making one runs the slow path's own steps: its
-in-database part in a session logged in as the spare's own `_rw` role,
-with a one-time password that is never stored and is removed, with LOGIN,
-before the spare is marked ready (a database comment). A spare that was not
-finished (a crash while it was made) is never claimed and is dropped by
-the next refill. When none is ready a create takes the slow path; it never
-fails for want of a spare.
+off the request path). Making one runs the slow path's own steps, its
+in-database part in a session logged in as the spare's own `_rw` role
+(straight to the server) before its login roles are made NOLOGIN and it is
+marked on the server (a database comment). A spare's row goes `making` ->
+`made` (whole: the routers may learn it from then on) -> `ready`: the
+spares a pass made are published to the routers at once (one edit and one
+reload for the batch), and only then are they ready, once their verifiers
+were read. A spare a crash left `making` is dropped by a refill of its
+server once it is stale; one left `made` is published and made ready by
+the next. One a create gave back (cancelled before it started) is `drop`,
+and the next refill drops it, on the server and in the routers. When none
+is ready a create takes the slow path; it never fails for want of a spare.
 """
 
 from __future__ import annotations
@@ -32,6 +48,7 @@ import logging
 import random
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -39,11 +56,12 @@ from psycopg import sql
 
 from pgfleet.config import Settings
 from pgfleet.crypto import generate_password
-from pgfleet.errors import RegionUnavailable
+from pgfleet.errors import PgfleetError, RegionUnavailable
 from pgfleet.fleet.registry import ServerRecord
 from pgfleet.operations.registry import REGISTRY
 from pgfleet.platform.core import Platform
-from pgfleet.tenants.naming import ro_role_name, rw_role_name
+from pgfleet.tenants import routing
+from pgfleet.tenants.naming import ro_role_name, rw_role_name, tenant_db_name
 from pgfleet.tenants.roles import role_settings
 from pgfleet.tenants.server import (
     converge_database,
@@ -56,151 +74,197 @@ from pgfleet.tenants.template import ensure_template
 
 log = logging.getLogger(__name__)
 
-SPARE_PREFIX = "pgfleet_spare_"
 READY = "pgfleet: prepared spare, ready"
 CLAIMED = "claim prepared spare"
 
 _SPARE_LOCK = 0x7370617265  # "spare": one refiller per server at a time
-_LIKE = SPARE_PREFIX.replace("_", "\\_") + "%"
+# A spare `making` for this long was left by a crash (making one takes a
+# second or so): a refill drops it.
+_STALE = "10 minutes"
+# Spares of earlier versions, made under placeholder names and renamed
+# when claimed: never claimed now, dropped by the next refill.
+_LEGACY_LIKE = "pgfleet\\_spare\\_%"
 
 
-def _spares(conn: psycopg.Connection[Any], *, ready: bool | None, limit: int = 1000) -> list[str]:
-    """The server's spares: the ready ones, the unfinished ones, or (None) all."""
-    rows = conn.execute(
-        "SELECT d.datname FROM pg_catalog.pg_database d "
-        "LEFT JOIN pg_catalog.pg_shdescription c ON c.objoid = d.oid "
-        "AND c.classoid = 'pg_catalog.pg_database'::pg_catalog.regclass "
-        "WHERE d.datname LIKE %s "
-        "AND (%s::bool IS NULL OR (c.description IS NOT DISTINCT FROM %s) = %s) "
-        "ORDER BY d.datname LIMIT %s",
-        (_LIKE, ready, READY, ready, limit),
-    ).fetchall()
-    return [r[0] for r in rows]
+@dataclass(frozen=True)
+class Spare:
+    """A spare a create took: the project's id and passwords (encrypted)."""
+
+    id: uuid.UUID
+    password_enc: str = field(repr=False)
+    ro_password_enc: str = field(repr=False)
 
 
-def _spare_roles(conn: psycopg.Connection[Any]) -> list[str]:
-    """Roles of spares whose database is gone (a crash between the two)."""
-    rows = conn.execute(
-        "SELECT rolname FROM pg_catalog.pg_roles WHERE rolname LIKE %s "
-        "AND pg_catalog.regexp_replace(rolname, '_(rw|ro)$', '') NOT IN "
-        "(SELECT datname FROM pg_catalog.pg_database)",
-        (_LIKE,),
-    ).fetchall()
-    return [r[0] for r in rows]
+def take(conn: psycopg.Connection[Any], server_id: int) -> Spare | None:
+    """A ready spare of `server_id`, taken for a project that `conn`'s
+    transaction inserts (its id is the spare's); None if none is ready. If
+    the transaction rolls back, the spare is ready again."""
+    row = conn.execute(
+        "DELETE FROM spares WHERE id = (SELECT id FROM spares WHERE server_id = %s "
+        "AND state = 'ready' "
+        "ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED) "
+        "RETURNING id, password_enc, ro_password_enc",
+        (server_id,),
+    ).fetchone()
+    return Spare(*row) if row else None
+
+
+def give_back(
+    conn: psycopg.Connection[Any], tenant_id: uuid.UUID, server_id: int, info: dict[str, Any]
+) -> None:
+    """A spare a create took and never started on: back in the table, to
+    drop (its id is a project's now, deleted, so it is never taken again);
+    the next refill of its server drops it."""
+    conn.execute(
+        "INSERT INTO spares (id, server_id, password_enc, ro_password_enc, state) "
+        "VALUES (%s, %s, %s, %s, 'drop') ON CONFLICT (id) DO UPDATE SET state = 'drop'",
+        (tenant_id, server_id, info["password_enc"], info["ro_password_enc"]),
+    )
 
 
 def ready_count(conn: psycopg.Connection[Any]) -> int:
-    return len(_spares(conn, ready=True))
+    """The spares marked ready on the server `conn` is an admin session of."""
+    row = conn.execute(
+        "SELECT count(*) FROM pg_catalog.pg_database d "
+        "JOIN pg_catalog.pg_shdescription c ON c.objoid = d.oid "
+        "AND c.classoid = 'pg_catalog.pg_database'::pg_catalog.regclass "
+        "WHERE c.description = %s",
+        (READY,),
+    ).fetchone()
+    return int(row[0]) if row else 0
 
 
 def claim_prepared(
     conn: psycopg.Connection[Any],
     name: str,
     *,
-    password: str,
-    ro_password: str,
     connection_limit: int,
     statement_timeout_ms: int,
-    password_chosen: bool = False,
 ) -> bool:
-    """Make a ready spare project `name`, in one transaction. False if the
-    server has none ready, or if anything of `name` exists already (then the
-    slow path converges what is there)."""
-    for spare in _spares(conn, ready=True, limit=8):
-        try:
-            with conn.transaction():
-                got = conn.execute(
-                    "SELECT pg_catalog.pg_try_advisory_xact_lock(pg_catalog.hashtext(%s))",
-                    (spare,),
-                ).fetchone()
-                if not (got and got[0]):
-                    continue  # another worker is claiming it
-                # Everything else in one round trip (no parameters: the
-                # simple query protocol takes several statements at once).
-                stmts = _renames(spare, name)
-                for role, secret, chosen in (
-                    (rw_role_name(name), password, password_chosen),
-                    (ro_role_name(name), ro_password, False),
-                ):
-                    ident = sql.Identifier(role)
-                    attrs = login_role_attributes(
-                        conn, role, secret, connection_limit=connection_limit, chosen=chosen
-                    )
-                    timeout = role_settings(role, statement_timeout_ms, name=name)[
-                        "statement_timeout"
-                    ]
-                    stmts.append(sql.SQL("ALTER ROLE {} {}").format(ident, attrs))
-                    stmts.append(
-                        sql.SQL("ALTER ROLE {} SET statement_timeout = {}").format(
-                            ident, sql.Literal(timeout)
-                        )
-                    )
-                stmts.append(sql.SQL("COMMENT ON DATABASE {} IS NULL").format(sql.Identifier(name)))
-                conn.execute(sql.SQL("; ").join(stmts))
-            return True
-        except (psycopg.errors.InvalidCatalogName, psycopg.errors.UndefinedObject):
-            continue  # claimed by another worker meanwhile
-        except psycopg.errors.ObjectInUse:
-            continue  # a refiller is still in it
-        except (psycopg.errors.DuplicateDatabase, psycopg.errors.DuplicateObject):
-            return False  # `name` exists in part: the slow path converges it
-    return False
+    """Make the spare `name` (made under the project's own names) the
+    project, in one transaction and one round trip: its login roles may log
+    in, with the plan's limits. False if `name` is not a ready spare on
+    this server, or no longer one: a crash after a claim committed sends
+    the retry down the slow path, which converges what is there."""
+    with conn.transaction():
+        row = conn.execute(
+            "SELECT c.description IS NOT DISTINCT FROM %s FROM pg_catalog.pg_database d "
+            "LEFT JOIN pg_catalog.pg_shdescription c ON c.objoid = d.oid "
+            "AND c.classoid = 'pg_catalog.pg_database'::pg_catalog.regclass "
+            "WHERE d.datname = %s",
+            (READY, name),
+        ).fetchone()
+        if not (row and row[0]):
+            return False
+        # Everything else in one round trip (no parameters: the simple
+        # query protocol takes several statements at once).
+        stmts: list[sql.Composable] = []
+        for role in (rw_role_name(name), ro_role_name(name)):
+            ident = sql.Identifier(role)
+            attrs = login_role_attributes(conn, role, None, connection_limit=connection_limit)
+            timeout = role_settings(role, statement_timeout_ms, name=name)["statement_timeout"]
+            stmts.append(sql.SQL("ALTER ROLE {} {}").format(ident, attrs))
+            stmts.append(
+                sql.SQL("ALTER ROLE {} SET statement_timeout = {}").format(
+                    ident, sql.Literal(timeout)
+                )
+            )
+        stmts.append(sql.SQL("COMMENT ON DATABASE {} IS NULL").format(sql.Identifier(name)))
+        conn.execute(sql.SQL("; ").join(stmts))
+    return True
 
 
-def _renames(spare: str, name: str) -> list[sql.Composable]:
-    """The statements that give a spare's database and roles `name`'s names."""
-    stmts: list[sql.Composable] = [
-        sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
-            sql.Identifier(spare), sql.Identifier(name)
-        )
-    ]
-    for old, new in (
-        (spare, name),
-        (rw_role_name(spare), rw_role_name(name)),
-        (ro_role_name(spare), ro_role_name(name)),
-    ):
-        stmts.append(
-            sql.SQL("ALTER ROLE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new))
-        )
-    return stmts
-
-
-def prepare_spare(p: Platform, server: ServerRecord, conn: psycopg.Connection[Any]) -> str:
+def prepare_spare(p: Platform, server: ServerRecord, conn: psycopg.Connection[Any]) -> uuid.UUID:
     """Make one spare on `server` with the slow path's own steps (`conn` is
-    an admin session in the admin database); returns its name."""
-    spare = SPARE_PREFIX + uuid.uuid4().hex
-    password = generate_password()  # for the in-database step only; never stored
+    an admin session in the admin database); returns its id. Its row is
+    recorded first (`making`), so a crash leaves something to drop, and is
+    `made` once the spare is whole."""
+    sid = uuid.uuid4()
+    name = tenant_db_name(sid)
+    password, ro_password = generate_password(), generate_password()
+    with p.db.connection() as pconn:
+        pconn.execute(
+            "INSERT INTO spares (id, server_id, password_enc, ro_password_enc) "
+            "VALUES (%s, %s, %s, %s)",
+            (sid, server.id, p.secrets.encrypt(password), p.secrets.encrypt(ro_password)),
+        )
     actions: list[str] = []
     converge_roles(
         conn,
-        spare,
+        name,
         password=password,
-        ro_password=generate_password(),
+        ro_password=ro_password,
         connection_limit=2,
         statement_timeout_ms=60_000,
         actions=actions,
     )
-    converge_database(conn, spare, actions)
-    rw = rw_role_name(spare)
-    with p.servers.tenant_session(server, spare, rw, password, act_as=rw) as tconn:
-        converge_privileges(tconn, spare)
-    with conn.transaction():  # unusable from here on, then ready
-        for role in (rw, ro_role_name(spare)):
-            conn.execute(
-                sql.SQL("ALTER ROLE {} NOLOGIN PASSWORD NULL").format(sql.Identifier(role))
-            )
+    converge_database(conn, name, actions)
+    rw = rw_role_name(name)
+    with p.servers.tenant_session(server, name, rw, password, act_as=rw) as tconn:
+        converge_privileges(tconn, name)
+    with conn.transaction():  # unusable from here on, then ready on the server
         conn.execute(
-            sql.SQL("COMMENT ON DATABASE {} IS {}").format(
-                sql.Identifier(spare), sql.Literal(READY)
+            sql.SQL(
+                "ALTER ROLE {} NOLOGIN; ALTER ROLE {} NOLOGIN; COMMENT ON DATABASE {} IS {}"
+            ).format(
+                sql.Identifier(rw),
+                sql.Identifier(ro_role_name(name)),
+                sql.Identifier(name),
+                sql.Literal(READY),
             )
         )
-    return spare
+    with p.db.connection() as pconn:
+        pconn.execute("UPDATE spares SET state = 'made' WHERE id = %s", (sid,))
+    return sid
 
 
-def spare_target(settings: Settings, server: ServerRecord) -> int:
-    """How many ready spares `server` keeps: its own size if configured
-    (PGFLEET_SPARE_DATABASES_BY_SERVER), else PGFLEET_SPARE_DATABASES."""
-    return settings.spare_databases_by_server.get(server.name, settings.spare_databases)
+def _unwanted(p: Platform, server: ServerRecord) -> list[uuid.UUID]:
+    """The server's spares a create gave back, and those a crash left
+    `making` (stale)."""
+    with p.db.connection() as pconn:
+        return [
+            r[0]
+            for r in pconn.execute(
+                "SELECT id FROM spares WHERE server_id = %s AND (state = 'drop' "
+                "OR (state = 'making' AND created_at < now() - %s::interval))",
+                (server.id, _STALE),
+            )
+        ]
+
+
+def _drop_unwanted(
+    p: Platform, server: ServerRecord, conn: psycopg.Connection[Any]
+) -> list[uuid.UUID]:
+    """Drop the server's spares a create gave back, those a crash left
+    `making` (stale), and earlier versions' spares: on the server, then
+    their rows, then in the routers."""
+    ids = _unwanted(p, server)
+    for sid in ids:
+        drop_on_server(conn, name=tenant_db_name(sid))
+        log.info("dropped spare %s on %s (given back, or left unfinished)", sid, server.name)
+    if ids:
+        with p.db.connection() as pconn:
+            pconn.execute("DELETE FROM spares WHERE id = ANY(%s)", (ids,))
+        routing.publish(p, projects=ids)  # out of the routers too
+    legacy = [
+        r[0]
+        for r in conn.execute(
+            "SELECT datname FROM pg_catalog.pg_database WHERE datname LIKE %s "
+            "UNION SELECT pg_catalog.regexp_replace(rolname, '_(rw|ro)$', '') "
+            "FROM pg_catalog.pg_roles WHERE rolname LIKE %s",
+            (_LEGACY_LIKE, _LEGACY_LIKE),
+        )
+    ]
+    for name in legacy:
+        drop_on_server(conn, name=name)
+    return ids
+
+
+def spare_target(settings: Settings, server: str) -> int:
+    """How many ready spares the server named `server` keeps: its own size
+    if configured (PGFLEET_SPARE_DATABASES_BY_SERVER), else
+    PGFLEET_SPARE_DATABASES."""
+    return settings.spare_databases_by_server.get(server, settings.spare_databases)
 
 
 def refill_spares(
@@ -231,15 +295,13 @@ def refill_spares(
         if not (got and got[0]):
             return 0
         try:
-            for spare in _spares(conn, ready=False):
-                drop_on_server(conn, name=spare)
-                log.info("dropped unfinished spare %s on %s", spare, server.name)
-            for role in _spare_roles(conn):
-                conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
-            ensure_template(p, server, conn)
-            ready = ready_count(conn)
+            _drop_unwanted(p, server, conn)
+            if target:
+                ensure_template(p, server, conn)
+            ready = _ready(p, server)
             claimed = ready < seen.get(server.id, ready)
-            while ready < target and made < target:  # a pass makes at most `target`
+            # A pass makes at most `target`.
+            while ready < target and made < target:
                 if until is not None and time.monotonic() >= until:
                     break
                 if reserve is not None and claimed and ready >= reserve:
@@ -247,13 +309,51 @@ def refill_spares(
                 prepare_spare(p, server, conn)
                 made += 1
                 p.metrics.spares_made.labels(server.region).inc()
-                now = ready_count(conn)
-                claimed = now <= ready
+                now = _ready(p, server)
+                claimed = now <= ready  # this one made, and one taken meanwhile
                 ready = now
             seen[server.id] = ready
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (_SPARE_LOCK,))
+    # With the admin session given back: reading the verifiers takes one.
+    _finish(p, server)
     return made
+
+
+def _ready(p: Platform, server: ServerRecord) -> int:
+    """The server's spares ready, or whole and ready once this pass has told
+    the routers."""
+    with p.db.connection() as pconn:
+        row = pconn.execute(
+            "SELECT count(*) FROM spares WHERE server_id = %s AND state IN ('made', 'ready')",
+            (server.id,),
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _finish(p: Platform, server: ServerRecord) -> None:
+    """The server's `made` spares (this pass's, and any a crash left)
+    published to the routers (one edit and one reload for them all), then
+    ready: a create may take a spare only once the routers have its route
+    and its verifiers. If its server's verifiers could not be read, they
+    stay `made` for the next pass. A router that could not be reached is
+    brought up to date by the periodic sync, as after any publish."""
+    with p.db.connection() as pconn:
+        made = [
+            r[0]
+            for r in pconn.execute(
+                "SELECT id FROM spares WHERE server_id = %s AND state = 'made'", (server.id,)
+            )
+        ]
+    if not made:
+        return
+    out = routing.publish(p, projects=made)
+    if out.servers_unreachable:
+        return
+    with p.db.connection() as pconn:
+        pconn.execute(
+            "UPDATE spares SET state = 'ready' WHERE id = ANY(%s) AND state = 'made'", (made,)
+        )
 
 
 def spare_reserve(target: int) -> int:
@@ -262,12 +362,29 @@ def spare_reserve(target: int) -> int:
 
 
 def drop_spares(p: Platform, server: ServerRecord) -> int:
-    """Drop every spare on `server` (a server leaving service)."""
+    """Drop every spare on `server` (a server leaving service), once no
+    refill is making one there: on the server, then their rows, then in
+    the routers."""
     with p.servers.admin_connection(server) as conn:
-        spares = _spares(conn, ready=None)
-        for spare in spares:
-            drop_on_server(conn, name=spare)
-    return len(spares)
+        conn.execute("SELECT pg_advisory_lock(%s)", (_SPARE_LOCK,))
+        try:
+            with p.db.connection() as pconn:
+                ids = [
+                    r[0]
+                    for r in pconn.execute(
+                        "SELECT id FROM spares WHERE server_id = %s", (server.id,)
+                    )
+                ]
+            for sid in ids:
+                drop_on_server(conn, name=tenant_db_name(sid))
+            with p.db.connection() as pconn:
+                pconn.execute("DELETE FROM spares WHERE id = ANY(%s)", (ids,))
+            _drop_unwanted(p, server, conn)  # earlier versions' spares
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (_SPARE_LOCK,))
+    if ids:
+        routing.publish(p, projects=ids)
+    return len(ids)
 
 
 @REGISTRY.every("refill_spares", lambda s: s.worker_heartbeat_s)
@@ -277,16 +394,17 @@ def refill_all(platform: Platform) -> None:
     random order, so no server always waits behind another."""
     s = platform.settings
     until = time.monotonic() + max(1.0, s.worker_heartbeat_s)
-    servers = [(spare_target(s, srv), srv) for srv in platform.servers.all(enabled_only=True)]
+    servers = [(spare_target(s, srv.name), srv) for srv in platform.servers.all(enabled_only=True)]
     random.shuffle(servers)
     for target, server in servers:
-        if not target:
-            continue
         try:
+            # A server keeping none still has its given-back spares dropped.
+            if not target and not _unwanted(platform, server):
+                continue
             refill_spares(platform, server, target, until=until, reserve=spare_reserve(target))
         except (RegionUnavailable, psycopg.OperationalError) as e:
             log.debug("spares for %s not refilled: %s", server.name, e)
-        except psycopg.Error as e:  # not an outage: say it
+        except (PgfleetError, psycopg.Error, OSError) as e:  # not an outage: say it
             log.warning("spares for %s not refilled: %s", server.name, e)
 
 
@@ -300,7 +418,7 @@ def install_gauges(platform: Platform) -> None:
             "pgfleet_spares_target": [
                 (
                     {"server": srv.name, "region": srv.region},
-                    float(spare_target(platform.settings, srv)),
+                    float(spare_target(platform.settings, srv.name)),
                 )
                 for srv in platform.servers.all(enabled_only=True)
             ]

@@ -10,8 +10,15 @@ from typing import Any
 import psycopg
 
 from pgfleet.operations.registry import OpContext, OperationKind, Step, register
-from pgfleet.tenants import store
-from pgfleet.tenants.kinds.common import project_admin, route, server_of, set_status, tenant
+from pgfleet.tenants import routing, spares, store
+from pgfleet.tenants.kinds.common import (
+    project_admin,
+    route,
+    route_after_undo,
+    server_of,
+    set_status,
+    tenant,
+)
 from pgfleet.tenants.naming import tenant_db_name
 from pgfleet.tenants.provisioning import (
     ProvisionTarget,
@@ -20,7 +27,6 @@ from pgfleet.tenants.provisioning import (
     prepare_provision,
 )
 from pgfleet.tenants.server import drop_on_server
-from pgfleet.tenants.spares import CLAIMED
 
 
 def _target(ctx: OpContext) -> ProvisionTarget:
@@ -40,7 +46,7 @@ def _place(ctx: OpContext) -> None:
 
 def _part(part: str) -> Callable[[OpContext], None]:
     def run(ctx: OpContext) -> None:
-        if CLAIMED in ctx.state.get("actions", ()):
+        if spares.CLAIMED in ctx.state.get("actions", ()):
             return  # the roles step claimed a prepared spare: all is in place
         t = _target(ctx)
         ctx.state.setdefault("actions", []).extend(converge_target_on_server(ctx.platform, t, part))
@@ -58,6 +64,17 @@ def _activate(ctx: OpContext) -> None:
     p.metrics.provision_duration.labels(t.server.region).observe(took.total_seconds())
 
 
+def _route(ctx: OpContext) -> None:
+    """A project made from a prepared spare was routed with it: nothing to
+    publish, unless its plan's route is not a spare's. Any other is
+    published (`route`)."""
+    t = _target(ctx)
+    if spares.CLAIMED in ctx.state.get("actions", ()) and routing.spare_route_fits(t.plan.id):
+        ctx.state.update(routers=[], routed_ahead=True)
+        return
+    route(ctx)
+
+
 def _undo(ctx: OpContext, reason: str = "cancelled") -> None:
     """Drop whatever the steps made; the tenant row keeps the story. If the
     server cannot be reached to clean up, the project stays `failed` for the
@@ -73,13 +90,20 @@ def _undo(ctx: OpContext, reason: str = "cancelled") -> None:
         set_status(p, ctx.tenant_id, "failed", error=reason[:500])
         raise
     set_status(p, ctx.tenant_id, "deleted", error=reason[:500], deleted=True)
+    if row.info.get("spare"):
+        route_after_undo(ctx)  # it was routed ahead with its spare
     hosted = server.region if server is not None else row.hosted_region or ""
     p.metrics.provisions.labels(hosted, "failed").inc()
 
 
 def _cancelled_unstarted(conn: psycopg.Connection[Any], tenant_id: uuid.UUID) -> None:
-    """A provision cancelled before it started: nothing exists on a server,
-    the project is deleted at once."""
+    """A provision cancelled before it started: the project is deleted at
+    once. Nothing of it exists on a server, unless it took a prepared spare:
+    that goes back to be dropped by the next refill of its server (and then
+    leaves the routers)."""
+    row = store.get(conn, tenant_id)
+    if row is not None and row.server_id is not None and row.info.get("spare"):
+        spares.give_back(conn, tenant_id, row.server_id, row.info)
     store.transition(
         conn,
         tenant_id,
@@ -100,7 +124,7 @@ PROVISION = register(
             Step("privileges", _part("privileges")),
             # Once credentials are handed out the database is never undone.
             Step("activate", _activate, final=True),
-            Step("route", route),
+            Step("route", _route),
         ),
         on_failure=lambda ctx, reason: _undo(ctx, f"provisioning failed: {reason}"),
         on_cancel=lambda ctx: _undo(ctx, "provisioning was cancelled"),
