@@ -41,6 +41,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -108,6 +109,14 @@ def spares_ready(bf: BenchFleet) -> int:
     srv = next(s for s in fleet.regional_servers() if s.region == REGION)
     with psycopg.connect(**fleet.conninfo(srv), autocommit=True) as conn:
         return ready_count(conn)
+
+
+def operation(http: httpx.Client, op_id: str) -> dict[str, Any]:
+    r = http.get(f"/v1/operations/{op_id}")
+    if r.status_code != 200:
+        raise SystemExit(f"GET /v1/operations/{op_id}: {r.status_code} {r.text}")
+    body: dict[str, Any] = r.json()
+    return body
 
 
 def _ts(v: str) -> datetime:
@@ -198,7 +207,7 @@ def main() -> None:
                 provision_one(http, -i)
             timed1 = [provision_timed(http, -10 - i) for i in range(args.n1)]
             alone = [t for t, _, _ in timed1]
-            ops1 = [http.get(f"/v1/operations/{op_id}").json() for _, _, op_id in timed1]
+            ops1 = [operation(http, op_id) for _, _, op_id in timed1]
             ready0 = spares_ready(bf)
             spy = start_profile(bf, args.profile) if args.profile else None
             cpu0, own0 = fleet_cpu(bf.home), os.times()
@@ -213,7 +222,7 @@ def main() -> None:
             # Spares the worker made meanwhile (each create claimed one).
             refilled = spares_ready(bf) - ready0 + args.n
             times = [t for t, _, _ in timed]
-            ops = [http.get(f"/v1/operations/{op_id}").json() for _, _, op_id in timed[-100:]]
+            ops = [operation(http, op_id) for _, _, op_id in timed[-100:]]
             answers = [a for _, a, _ in timed[-100:]]
     print(summary("baseline: CREATE ROLE+DATABASE+REVOKE", base))
     print(summary("API create -> connect (c=1)", alone))
