@@ -20,7 +20,7 @@ from pgfleet.tenants import routing
 from pgfleet.tenants.naming import project_roles, tenant_db_name
 from pgfleet.tenants.provisioning import ProvisionedDatabase
 from pgfleet.tenants.reconcile import reconcile
-from pgfleet.tenants.service import create_project, start_create_project
+from pgfleet.tenants.service import create_project, delete_project, start_create_project
 from pgfleet.tenants.spares import (
     CLAIMED,
     READY,
@@ -347,3 +347,55 @@ def test_a_tenant_cannot_pass_its_database_off_as_a_spare(
     after = check_server(server)
     assert after.spares_ready == (before.spares_ready or 0) - 1
     assert after.tenant_databases == (before.tenant_databases or 0) + 1
+
+
+def gone_roles(fleet: FleetUnderTest) -> list[tuple[Any, ...]]:
+    with fleet.admin_conn(REGION) as a:
+        return a.execute(
+            "SELECT rolname, rolcanlogin, rolpassword IS NULL, rolconnlimit FROM pg_authid "
+            "WHERE rolname LIKE 'pgfleet\\_gone\\_%'"
+        ).fetchall()
+
+
+def test_another_tenants_grant_to_a_spare_fails_no_delete_and_no_refill(
+    platform_factory: Any, fleet: FleetUnderTest
+) -> None:
+    """A tenant may GRANT on its own objects to any role it sees in pg_roles,
+    a spare's too (its name is the next project's), and PostgreSQL then
+    refuses to drop that role. The victim's delete and the refill still
+    finish: such a role is made inert and renamed out of the projects'
+    names, and dropped by a refill once nothing depends on it."""
+    p: Platform = platform_factory(spare_databases=0)
+    server = server_in(p, REGION)
+    drop_spares(p, server)
+    _, mallory = create_project(
+        p, create_owner(p, "mallory")[0], name="mallory", region=REGION, plan_type="free"
+    )
+    refill_spares(p, server, 2)
+    spares = [s[0] for s in ready_spares(p, server)]
+    with in_tenant_db(mallory) as t:
+        t.execute("CREATE TABLE public.bait (x int)")
+        for name in spares:
+            t.execute(f'GRANT ALL ON public.bait TO "{name}", "{name}_rw", "{name}_ro"')
+        t.commit()
+    victim_owner = create_owner(p, "victim")[0]
+    victim, prov = create_project(p, victim_owner, name="victim", region=REGION, plan_type="free")
+    assert prov.database in spares and prov.actions == (CLAIMED,)
+    assert delete_project(p, victim_owner, victim.id).status == "deleted"
+    # A spare leaving with the grant on it: no error either.
+    assert drop_spares(p, server) == 1
+    with fleet.admin_conn(REGION) as a:
+        left = a.execute(
+            "SELECT rolname FROM pg_roles WHERE rolname LIKE ANY(%s)",
+            ([f"{n}%" for n in spares],),
+        ).fetchall()
+    assert left == [] and not set(spares) & fleet.databases(REGION)
+    gone = gone_roles(fleet)
+    assert len(gone) == 6, gone  # three roles of each, kept under other names
+    assert all(g[1:] == (False, True, 0) for g in gone), gone
+    # Nothing depends on them once the grant is gone: a refill drops them.
+    with in_tenant_db(mallory) as t:
+        t.execute("DROP TABLE public.bait")
+        t.commit()
+    refill_spares(p, server, 0)
+    assert gone_roles(fleet) == []

@@ -67,7 +67,7 @@ from pgfleet.tenants.roles import (
     role_findings,
     wanted_roles,
 )
-from pgfleet.tenants.server import drop_database, scram_verifier
+from pgfleet.tenants.server import drop_database, drop_role, scram_verifier
 
 log = logging.getLogger(__name__)
 
@@ -282,9 +282,7 @@ def reconcile(
                 try:
                     with p.servers.admin_connection(server, evict=members) as aconn:
                         for role in sorted(members, key=len, reverse=True):
-                            aconn.execute(
-                                sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role))
-                            )
+                            drop_role(aconn, role)
                     f.update(repaired=True, action="dropped")
                 except psycopg.Error as e:
                     f["action"] = f"not dropped: {str(e).strip().splitlines()[0]}"

@@ -17,6 +17,7 @@ Three roles per project:
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import psycopg
@@ -422,13 +423,66 @@ def converge_privileges(tconn: psycopg.Connection[Any], name: str) -> None:
         tconn.execute(sql.SQL("; ").join(stmts))
 
 
+# A project's role that could not be dropped, made inert and renamed out of
+# every project's names (see drop_role); a refill drops it once it can.
+GONE_PREFIX = "pgfleet_gone_"
+
+
+def drop_role(conn: psycopg.Connection[Any], role: str) -> str | None:
+    """Drop a project's role (`conn`: an admin session, not in a
+    transaction); what was done, or None if it was not there.
+
+    Any tenant may GRANT privileges on its own objects to any role it can
+    see in pg_roles, another project's or a prepared spare's among them,
+    and PostgreSQL then refuses to drop that role while the grant stands,
+    in a database pgfleet's admin does not enter. Such a grant must not
+    fail another project's delete, an undo or a refill: the role is made
+    unable to log in (NOLOGIN, no password, no connections) and renamed
+    out of every project's names instead, and a later refill drops it once
+    nothing depends on it (the granting database dropped, or the grant
+    revoked). What it was granted stays in the granter's own database."""
+    if not role_exists(conn, role):
+        return None
+    ident = sql.Identifier(role)
+    try:
+        with conn.transaction():
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(ident))
+        return f"drop role {role}"
+    except psycopg.errors.DependentObjectsStillExist:
+        gone = GONE_PREFIX + uuid.uuid4().hex
+        with conn.transaction():
+            conn.execute(
+                sql.SQL(
+                    "ALTER ROLE {} NOLOGIN PASSWORD NULL CONNECTION LIMIT 0; "
+                    "ALTER ROLE {} RESET ALL; ALTER ROLE {} RENAME TO {}"
+                ).format(ident, ident, ident, sql.Identifier(gone))
+            )
+        return f"role {role} kept as {gone} (another database grants it privileges)"
+
+
+def drop_gone_roles(conn: psycopg.Connection[Any]) -> list[str]:
+    """Drop the roles drop_role could not, those that nothing depends on now."""
+    dropped = []
+    for (role,) in conn.execute(
+        "SELECT rolname FROM pg_catalog.pg_roles WHERE rolname LIKE %s",
+        (GONE_PREFIX.replace("_", "\\_") + "%",),
+    ).fetchall():
+        try:
+            with conn.transaction():
+                conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+            dropped.append(role)
+        except psycopg.errors.DependentObjectsStillExist:
+            continue
+    return dropped
+
+
 def drop_on_server(conn: psycopg.Connection[Any], *, name: str) -> list[str]:
     """Drop the project's database and roles; harmless if any is already gone."""
     actions: list[str] = []
     if drop_database(conn, name):
         actions.append("drop database")
     for role in (*login_role_names(name), name):
-        if role_exists(conn, role):
-            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
-            actions.append(f"drop role {role}")
+        done = drop_role(conn, role)
+        if done:
+            actions.append(done)
     return actions

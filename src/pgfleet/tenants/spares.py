@@ -67,6 +67,7 @@ from pgfleet.tenants.server import (
     converge_database,
     converge_privileges,
     converge_roles,
+    drop_gone_roles,
     drop_on_server,
     login_role_attributes,
 )
@@ -257,6 +258,8 @@ def _drop_unwanted(
     ]
     for name in legacy:
         drop_on_server(conn, name=name)
+    for role in drop_gone_roles(conn):
+        log.info("dropped role %s on %s: nothing depends on it any more", role, server.name)
     return ids
 
 

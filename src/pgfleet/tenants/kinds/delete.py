@@ -26,7 +26,7 @@ from pgfleet.tenants.kinds.common import (
     tenant,
 )
 from pgfleet.tenants.naming import login_role_names, tenant_db_name
-from pgfleet.tenants.server import drop_database, role_exists
+from pgfleet.tenants.server import drop_database, drop_role
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +84,9 @@ def _drop_roles(ctx: OpContext) -> None:
     name = tenant_db_name(ctx.tenant_id)
     with project_admin(p, server, ctx.tenant_id) as conn:
         for i, role in enumerate((*login_role_names(name), name)):
-            if role_exists(conn, role):
-                conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
-                ctx.state.setdefault("actions", []).append(f"drop role {role}")
+            done = drop_role(conn, role)  # never fails on another tenant's grant
+            if done:
+                ctx.state.setdefault("actions", []).append(done)
             if i == 0:
                 failpoint("delete.drop_roles.mid")
 
