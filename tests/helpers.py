@@ -183,14 +183,18 @@ def wait_healthy(url: str, seconds: float, alive: Callable[[], str | None] | Non
         time.sleep(0.05)
 
 
-# How a router (PgBouncer) refuses a wrong password, an unknown role, or a
-# project it no longer routes: the same SCRAM failure for all.
+# How a router (PgBouncer) refuses a login: a wrong password or an unknown
+# role, the same SCRAM failure for all; or a database it does not route to
+# those credentials (a project it no longer routes, another project's), which
+# its HBA matches to no line, before any password.
 ROUTER_REFUSED = "SASL authentication failed"
+ROUTER_NO_ENTRY = "no authentication method is found"
+ROUTER_REFUSALS = (ROUTER_REFUSED, ROUTER_NO_ENTRY)
 
 
 def refused(message: str, server_reason: str = "password authentication failed") -> bool:
     """A login was refused, by the server (`server_reason`) or by a router."""
-    return server_reason in message or ROUTER_REFUSED in message
+    return server_reason in message or any(r in message for r in ROUTER_REFUSALS)
 
 
 def create(api: Api, name: str = "shop", **kw: Any) -> Any:

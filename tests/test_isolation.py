@@ -20,7 +20,7 @@ from pgfleet.platform.owners import Owner
 from pgfleet.tenants.provisioning import ProvisionedDatabase
 from pgfleet.tenants.service import create_project, delete_project
 from pgfleet.tenants.spares import CLAIMED, refill_spares
-from tests.helpers import ROUTER_REFUSED, Api, FleetUnderTest, run_psql
+from tests.helpers import ROUTER_REFUSALS, Api, FleetUnderTest, run_psql
 
 # What a login refused for lack of access may say; anything else (server
 # down, timeout, bad password) is not the isolation being tested.
@@ -34,7 +34,7 @@ BAD_PASSWORD = "password authentication failed"
 HBA_REJECTS = ("pg_hba.conf rejects connection",)
 # A deleted project's roles are gone: pg_hba finds no membership, or (for a
 # role that somehow survived) the password is refused.
-GONE = (BAD_PASSWORD, *HBA_REJECTS, ROUTER_REFUSED)
+GONE = (BAD_PASSWORD, *HBA_REJECTS, *ROUTER_REFUSALS)
 
 
 def gate_of(prov: ProvisionedDatabase) -> str:

@@ -23,6 +23,7 @@ from pgfleet.platform.core import Platform
 from pgfleet.tenants.naming import tenant_db_name
 from pgfleet.tenants.spares import CLAIMED, drop_spares
 from tests.helpers import (
+    ROUTER_NO_ENTRY,
     Api,
     FleetUnderTest,
     create,
@@ -322,7 +323,8 @@ def test_provision_claims_a_prepared_spare_and_it_is_refilled(
         # The neighbour's own credentials, aimed at this database: refused.
         foreign = other["uri"].replace(f"/{other['database']}?", f"/{db}?")
         assert other["user"] in foreign and f"/{db}?" in foreign
-        assert "pg_hba.conf rejects connection" in login(foreign)
+        # The router admits only this project's own roles to it (its HBA).
+        assert ROUTER_NO_ENTRY in login(foreign)
         # The workers make new spares.
         end = time.monotonic() + 30
         while len(spares(p, "eu-central-1")) < 2:

@@ -22,7 +22,7 @@ from pgfleet.fleet.router import ROUTER_ADMIN, Routers
 from pgfleet.platform.core import Platform
 from pgfleet.tenants import routing
 from pgfleet.tenants.naming import tenant_db_name
-from tests.helpers import Api, FleetUnderTest, create_ok, error_of, run_psql
+from tests.helpers import ROUTER_NO_ENTRY, Api, FleetUnderTest, create_ok, error_of, run_psql
 
 
 def files_only_routers(root: Path) -> Routers:
@@ -186,12 +186,20 @@ def test_the_router_refuses_plaintext_other_projects_and_its_console(
     b = conn_of(api, create_ok(api, "b")["id"])
     with pytest.raises(psycopg.OperationalError, match="SSL required"):
         connect(a, sslmode="disable")
-    # A's credentials, B's database: the server refuses the router's login.
-    with pytest.raises(psycopg.OperationalError):
-        connect(a, dbname=b["database"])
-    # B's user with A's password, and a superuser's name: unknown to the router.
-    with pytest.raises(psycopg.OperationalError, match="authentication failed"):
+    # A's credentials, B's database: the router's HBA admits only B's own
+    # roles to it, so it refuses before any password, and never holds one
+    # of B's client slots (B's plan admits 100): a tenant cannot fill them.
+    for _ in range(120):
+        with pytest.raises(psycopg.OperationalError, match=ROUTER_NO_ENTRY):
+            connect(a, dbname=b["database"])
+    with connect(b) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == (b["user"],)
+    # B's user with A's password: not admitted to A's database at all, and
+    # on B's own the password fails. A superuser's name: unknown to the router.
+    with pytest.raises(psycopg.OperationalError, match=ROUTER_NO_ENTRY):
         connect(a, user=b["user"])
+    with pytest.raises(psycopg.OperationalError, match="authentication failed"):
+        connect(a, user=b["user"], dbname=b["database"])
     with pytest.raises(psycopg.OperationalError):
         connect(a, user="pgfleet_admin")
     # The admin console: not for tenants, not even with a valid password.
@@ -640,7 +648,9 @@ def test_edits_in_place_make_the_files_a_whole_rewrite_would(tmp_path: Any) -> N
             change_r: dict[str, Route | None] = {db: None}
             change_l: dict[str, str | None] = dict.fromkeys(roles)
         else:
-            route = Route(db, "127.0.0.1", 5432 + rng.randrange(3), 3, rng.choice([100, 500]))
+            route = Route(
+                db, "127.0.0.1", 5432 + rng.randrange(3), 3, rng.choice([100, 500]), tuple(roles)
+            )
             routes[db] = route
             change_r, change_l = {db: route}, {}
             for r in roles:
@@ -651,12 +661,17 @@ def test_edits_in_place_make_the_files_a_whole_rewrite_would(tmp_path: Any) -> N
                 else:
                     logins.pop(r, None)  # left out, as a whole write leaves it out
         assert routers.edit(change_r, change_l) is not None
-    before = (routers.paths.routes.read_text(), routers.paths.auth.read_text())
+    paths = routers.paths
+    before = (paths.routes.read_text(), paths.auth.read_text(), paths.hba.read_text())
     whole = make()
     changed = whole.write(list(routes.values()), [Login(u, v) for u, v in logins.items()])
     assert not changed
-    assert (whole.paths.routes.read_text(), whole.paths.auth.read_text()) == before
+    assert (paths.routes.read_text(), paths.auth.read_text(), paths.hba.read_text()) == before
     assert len(before[0].splitlines()) == len(routes) + 2
+    # The HBA admits each routed database's own roles, and nobody else.
+    rules = [x.split() for x in before[2].splitlines() if x.startswith("hostssl")]
+    assert sorted(r[1] for r in rules) == sorted(routes)
+    assert all(r[2] == f"{r[1]}_rw,{r[1]}_ro" and r[3:] == ["all", "scram-sha-256"] for r in rules)
     # Files from elsewhere (an older pgfleet's, none) are written whole instead.
     routers.paths.routes.write_text("[databases]\n")
     assert routers.edit({}, {}) is None

@@ -107,10 +107,17 @@ class Published:
 
 
 def _route(db: str, plan: str | None, server: ServerRecord) -> Route:
-    """A project's line in the route table: its server, and its plan's
-    server pool and client limit."""
+    """A project's line in the route table: its server, its plan's server
+    pool and client limit, and the only roles the routers admit to it."""
     limits = get_plan(plan or "free")
-    return Route(db, server.host, server.port, limits.router_pool_size, limits.router_clients)
+    return Route(
+        db,
+        server.host,
+        server.port,
+        limits.router_pool_size,
+        limits.router_clients,
+        tuple(login_role_names(db)),
+    )
 
 
 def _read_verifiers(
