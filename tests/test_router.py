@@ -874,3 +874,18 @@ def test_one_writer_at_a_time_across_processes_and_a_killed_holder_lets_go(
         holder.wait()
         if holder.stdout is not None:
             holder.stdout.close()
+
+
+def test_an_earlier_versions_hba_loses_its_line_for_all_databases(tmp_path: Any) -> None:
+    """A fleet upgraded from a version whose HBA admitted everyone to every
+    database: preparing the routers keeps the databases' own lines and drops
+    that one, before any publish."""
+    routers = files_only_routers(tmp_path)
+    routers.paths.hba.parent.mkdir(parents=True, exist_ok=True)
+    routers.paths.hba.write_text(
+        "# old\nhostssl all        all  all        scram-sha-256\n"
+        "hostssl tenant_x tenant_x_rw,tenant_x_ro all scram-sha-256\n"
+    )
+    routers.prepare(lambda *_: None)
+    rules = [x for x in routers.paths.hba.read_text().splitlines() if x.startswith("hostssl")]
+    assert rules == ["hostssl tenant_x tenant_x_rw,tenant_x_ro all scram-sha-256"]

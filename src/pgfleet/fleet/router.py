@@ -511,12 +511,16 @@ class Routers:
             if not self.paths.routes.exists():
                 self._write(self.paths.routes, render_routes([]))
             # The HBA's header as this version writes it, the databases'
-            # lines kept (the next sync rewrites them from the platform DB).
+            # lines kept (the next sync rewrites them from the platform DB);
+            # never an earlier version's one line for all databases.
             try:
                 lines = self.paths.hba.read_text().splitlines()
             except FileNotFoundError:
                 lines = []
-            rules = sorted((x for x in lines if x.startswith("hostssl ")), key=_hba_key)
+            rules = sorted(
+                (x for x in lines if x.startswith("hostssl ") and _hba_key(x) != "all"),
+                key=_hba_key,
+            )
             self._write(self.paths.hba, "\n".join([*_HBA_HEADER, *rules]) + "\n")
             current = self._auth_entries().get(ROUTER_ADMIN)
             if current is None or not self._admin_matches(current):
