@@ -306,13 +306,13 @@ def hba_line(r: Route) -> str | None:
     return f"hostssl {_safe(r.database)} {users} all scram-sha-256"
 
 
+def _hba_text(rules: Iterable[str]) -> str:
+    return "\n".join([*_HBA_HEADER, *rules]) + "\n"
+
+
 def render_hba(routes: Iterable[Route]) -> str:
-    lines = list(_HBA_HEADER)
-    for r in sorted(routes, key=lambda r: r.database):
-        line = hba_line(r)
-        if line is not None:
-            lines.append(line)
-    return "\n".join(lines) + "\n"
+    lines = (hba_line(r) for r in sorted(routes, key=lambda r: r.database))
+    return _hba_text(x for x in lines if x is not None)
 
 
 def _hba_key(line: str) -> str:
@@ -521,7 +521,7 @@ class Routers:
                 (x for x in lines if x.startswith("hostssl ") and _hba_key(x) != "all"),
                 key=_hba_key,
             )
-            self._write(self.paths.hba, "\n".join([*_HBA_HEADER, *rules]) + "\n")
+            self._write(self.paths.hba, _hba_text(rules))
             current = self._auth_entries().get(ROUTER_ADMIN)
             if current is None or not self._admin_matches(current):
                 # A new admin line; the projects' lines stay as they are.
@@ -621,18 +621,17 @@ class Routers:
             user: None if secret is None else auth_line(Login(user, secret))
             for user, secret in logins.items()
         }
-        changed = False
-        if _splice(auth_lines, start, _auth_key, auth_changes):
-            write_private(self.paths.auth, "\n".join(auth_lines) + "\n", owner=self.owner)
-            changed = True
         route_changes = {db: None if r is None else route_line(r) for db, r in routes.items()}
-        if _splice(route_lines, len(_ROUTES_HEADER), _route_key, route_changes):
-            write_private(self.paths.routes, "\n".join(route_lines) + "\n", owner=self.owner)
-            changed = True
         hba_changes = {db: None if r is None else hba_line(r) for db, r in routes.items()}
-        if _splice(hba_lines, len(_HBA_HEADER), _hba_key, hba_changes):
-            write_private(self.paths.hba, "\n".join(hba_lines) + "\n", owner=self.owner)
-            changed = True
+        changed = False
+        for path, lines, first, key, changes in (
+            (self.paths.auth, auth_lines, start, _auth_key, auth_changes),
+            (self.paths.routes, route_lines, len(_ROUTES_HEADER), _route_key, route_changes),
+            (self.paths.hba, hba_lines, len(_HBA_HEADER), _hba_key, hba_changes),
+        ):
+            if _splice(lines, first, key, changes):
+                write_private(path, "\n".join(lines) + "\n", owner=self.owner)
+                changed = True
         return changed
 
     # ---- processes --------------------------------------------------------
