@@ -14,7 +14,9 @@ from pgfleet.auth import create_owner
 from pgfleet.fleet.health import check_all, check_server
 from pgfleet.fleet.registry import ServerRecord
 from pgfleet.monitoring.health import record
+from pgfleet.operations.runner import execute_operation
 from pgfleet.operations.service import cancel_operation
+from pgfleet.operations.store import get_operation
 from pgfleet.platform.core import Platform
 from pgfleet.tenants import routing
 from pgfleet.tenants.naming import project_roles, tenant_db_name
@@ -214,7 +216,9 @@ def test_an_unfinished_spare_is_never_claimed_and_a_refill_drops_it_once_stale(
     now. Spares of earlier versions (placeholder names) are dropped too. A
     spare left `made` (a refill killed before it told the routers) is
     published and made ready by the next."""
-    p: Platform = platform_factory(spare_databases=0)  # no refill but the test's
+    # No refill but the test's: no worker, whose periodic pass would drop the
+    # stale spare too, holding the server's refill lock when the test asks.
+    p: Platform = platform_factory(spare_databases=0, embedded_workers=0)
     server = server_in(p, REGION)
     drop_spares(p, server)
     dead, busy = uuid.uuid4(), uuid.uuid4()
@@ -236,10 +240,13 @@ def test_an_unfinished_spare_is_never_claimed_and_a_refill_drops_it_once_stale(
     routing.publish(p, repair=True)
     assert p.routers is not None
     assert all(not set(names) & set(p.routers.databases(spec)) for spec in p.routers.specs)
-    _, slow = create_project(
+    slow, op_id = start_create_project(
         p, create_owner(p, "someone")[0], name="not it", region=REGION, plan_type="free"
     )
-    assert slow.database not in names and CLAIMED not in slow.actions
+    assert execute_operation(p, op_id, worker="test") == "finished"
+    with p.db.connection() as conn:
+        actions = get_operation(conn, op_id).result["actions"]
+    assert tenant_db_name(slow.id) not in names and CLAIMED not in actions
     assert refill_spares(p, server, 1) == 1
     with fleet.admin_conn(REGION) as a:
         left = {
