@@ -18,6 +18,8 @@ from psycopg import sql
 
 from pgfleet.api.app import create_app
 from pgfleet.auth import create_owner
+from pgfleet.operations.locks import op_lock_key, resource_lock_key, resource_lock_key_sql
+from pgfleet.operations.runner import _DURABLE
 from pgfleet.operations.runtime import OperationsRuntime
 from pgfleet.platform.core import Platform
 from pgfleet.tenants.naming import tenant_db_name
@@ -60,6 +62,55 @@ def test_create_returns_its_finished_operation_with_steps(api: Api) -> None:
     mine = api.get("/v1/operations").json()["operations"]
     assert [o["id"] for o in mine] == [op["id"]]
     assert api.get("/v1/operations", params={"status": "failed"}).json()["operations"] == []
+
+
+def test_an_execution_leaves_no_lock_and_no_setting_behind(api: Api, platform: Platform) -> None:
+    """The executor takes its two advisory locks and its session setting in
+    one statement and gives them back in one: a project's lock key computed
+    in SQL must be resource_lock_key's, or the lock would outlive the run on
+    a pooled connection and hold every later operation of the project."""
+    made = [create_ok(api, f"locks {i}", region="eu-central-1") for i in range(3)]
+    keys = [resource_lock_key(uuid.UUID(p["id"])) for p in made]
+    keys += [op_lock_key(uuid.UUID(p["operation"]["id"])) for p in made]
+    with platform.db.connection() as conn:
+        held = conn.execute(
+            "SELECT (classid::int8 << 32) | objid::int8 FROM pg_locks "
+            "WHERE locktype = 'advisory' AND objsubid = 1"
+        ).fetchall()
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+        ids = [uuid.UUID(int=0), uuid.UUID(int=(1 << 128) - 1), *(uuid.uuid4() for _ in range(200))]
+        computed = conn.execute(
+            f"SELECT {resource_lock_key_sql('t')} FROM unnest(%s::uuid[]) t",  # noqa: S608 (constant)
+            (ids,),
+        ).fetchall()
+    assert not {k & 0xFFFFFFFFFFFFFFFF for k in keys} & {h for (h,) in held}
+    assert [k for (k,) in computed] == [resource_lock_key(t) for t in ids]
+
+
+def test_a_record_that_must_flush_does_on_a_session_that_does_not(platform: Platform) -> None:
+    """The lock connection commits progress records without a WAL flush; a
+    final step's start and an operation's end name `_DURABLE` instead of
+    wrapping themselves in BEGIN, SET LOCAL and COMMIT. Their commit must
+    still have flushed its WAL when the statement returns (what any
+    statement reads as the WAL's end inside the transaction is before
+    its commit record), and the session must stay as it was."""
+    with platform.db.connection() as conn:
+        conn.execute("CREATE TABLE flushed (v int)")
+        conn.execute("SET synchronous_commit TO off")
+        try:
+            for _ in range(20):
+                row = conn.execute(
+                    f"WITH {_DURABLE}, ins AS (INSERT INTO flushed SELECT 1 FROM durable) "  # noqa: S608 (constant)
+                    "SELECT pg_current_wal_insert_lsn()::text"
+                ).fetchone()
+                assert row is not None
+                done = conn.execute(
+                    "SELECT pg_current_wal_flush_lsn() >= %s::pg_lsn", (row[0],)
+                ).fetchone()
+                assert done == (True,)
+                assert conn.execute("SHOW synchronous_commit").fetchone() == ("off",)
+        finally:
+            conn.execute("RESET synchronous_commit")
 
 
 def test_wait_false_answers_202_with_the_operation(api: Api) -> None:

@@ -17,6 +17,12 @@ def resource_lock_key(resource_id: uuid.UUID) -> int:
     return int.from_bytes(resource_id.bytes[:8], "big", signed=True)
 
 
+def resource_lock_key_sql(uuid_sql: str) -> str:
+    """resource_lock_key, computed by the platform DB from a uuid expression
+    (the text form's first 16 hex digits, as a signed 64-bit integer)."""
+    return f"('x' || translate(left(({uuid_sql})::text, 18), '-', ''))::bit(64)::bigint"
+
+
 def op_lock_key(op_id: uuid.UUID) -> int:
     # Distinct from the resource locks (which use the first 8 bytes).
     return int.from_bytes(op_id.bytes[8:], "big", signed=True)

@@ -47,7 +47,7 @@ from pgfleet.errors import (
     RegionUnavailable,
 )
 from pgfleet.operations.failpoints import failpoint
-from pgfleet.operations.locks import op_lock_key, resource_lock_key
+from pgfleet.operations.locks import op_lock_key, resource_lock_key, resource_lock_key_sql
 from pgfleet.operations.registry import REGISTRY, Interrupted, OpContext, OperationKind, Step
 from pgfleet.operations.store import NOTIFY_CHANNEL, OPERATION_COLUMNS, Operation
 from pgfleet.platform.core import Platform
@@ -82,29 +82,46 @@ def execute_operation(
     for a worker to finish (see _Execution)."""
     oid = uuid.UUID(str(op_id))
     with platform.db.connection() as lconn:
-        got = lconn.execute(
-            "SELECT pg_try_advisory_lock(%s), (SELECT tenant_id FROM operations WHERE id = %s)",
-            (op_lock_key(oid), oid),
-        ).fetchone()
+        # One round trip: the operation's lock; if taken, its resource's lock
+        # too, which domain code that changes the resource outside an
+        # operation takes, so the two never interleave (the key is
+        # locks.resource_lock_key's, the id's first 8 bytes); and the
+        # session's commits made without a WAL flush, for progress records
+        # (see _Execution; the records that must flush say so).
+        got = lconn.execute(_TAKE_LOCKS, {"op": op_lock_key(oid), "id": oid}).fetchone()
         if not (got and got[0]):
             return "busy"
         locks = [op_lock_key(oid)]
+        if got[1] is not None:
+            locks.append(resource_lock_key(got[1]))
         try:
-            # Also its resource's lock, which domain code that changes the
-            # resource outside an operation takes: the two never interleave.
-            if got[1] is not None:
-                lconn.execute("SELECT pg_advisory_lock(%s)", (resource_lock_key(got[1]),))
-                locks.append(resource_lock_key(got[1]))
-            # Progress records need no WAL flush (see _Execution); the
-            # records that do flush say so.
-            lconn.execute("SET synchronous_commit TO off")
             return _Execution(platform, oid, worker, lock_conn=lconn, hand_off=hand_off).run()
         finally:
             # If the connection is gone, the locks went with it.
             with contextlib.suppress(psycopg.Error):
-                for key in reversed(locks):
-                    lconn.execute("SELECT pg_advisory_unlock(%s)", (key,))
-                lconn.execute("RESET synchronous_commit")
+                lconn.execute(
+                    "SELECT pg_catalog.set_config('synchronous_commit', %s, false), "
+                    "(SELECT count(pg_catalog.pg_advisory_unlock(k)) FROM unnest(%s::bigint[]) k)",
+                    (got[2], locks[::-1]),
+                )
+
+
+_TAKE_LOCKS = (
+    "SELECT got, tenant_id, sync, "  # noqa: S608 (constants)
+    "CASE WHEN got THEN pg_catalog.set_config('synchronous_commit', 'off', false) END, "
+    "CASE WHEN got AND tenant_id IS NOT NULL THEN pg_catalog.pg_advisory_lock("
+    + resource_lock_key_sql("tenant_id")
+    + ") END "
+    "FROM (SELECT pg_catalog.pg_try_advisory_lock(%(op)s) AS got, "
+    "(SELECT tenant_id FROM operations WHERE id = %(id)s) AS tenant_id, "
+    "pg_catalog.current_setting('synchronous_commit') AS sync OFFSET 0) s"
+)
+
+# Makes the statement that names it commit with a WAL flush: the setting
+# holds until the end of the statement's own transaction, and a commit
+# reads it before it is undone. One round trip instead of BEGIN, SET LOCAL,
+# the statement and COMMIT.
+_DURABLE = "durable AS (SELECT pg_catalog.set_config('synchronous_commit', 'on', true) AS v)"
 
 
 # A step may start: past the point of no return, or no cancel it must
@@ -270,18 +287,15 @@ class _Execution:
         API takes the same lock), so a cancel never slips past it; its start
         is flushed, since from then on the operation only goes forward."""
         stmt = (
-            "WITH op AS (UPDATE operations SET current_step = %(name)s, updated_at = now() "  # noqa: S608 (constants)
-            "WHERE id = %(id)s AND (NOT %(final)s OR NOT cancel_requested) RETURNING id) "
+            "WITH {durable}op AS (UPDATE operations SET current_step = %(name)s, "  # noqa: S608 (constants)
+            "updated_at = now() {flushed}WHERE id = %(id)s "
+            "AND (NOT %(final)s OR NOT cancel_requested) RETURNING operations.id) "
             + _START_STEP.format(where="")
-        )
+        ).format(durable=f"{_DURABLE}, " if final else "", flushed="FROM durable " if final else "")
         args = {"id": self.op_id, "pos": position, "name": name, "final": final}
 
         def q(conn: psycopg.Connection[Any]) -> bool:
-            if not final:
-                return conn.execute(stmt, args).fetchone() is not None
-            with conn.transaction():
-                _durable(conn)
-                return conn.execute(stmt, args).fetchone() is not None
+            return conn.execute(stmt, args).fetchone() is not None
 
         return self._q(q)
 
@@ -319,26 +333,25 @@ class _Execution:
         prev, self.unrecorded = self.unrecorded, None
 
         def q(conn: psycopg.Connection[Any]) -> None:
-            with conn.transaction():
-                _durable(conn)
-                conn.execute(
-                    "WITH fin AS (UPDATE operation_steps SET status = 'finished', "
-                    "finished_at = now() WHERE operation_id = %(id)s "
-                    "AND position = %(prev)s::int RETURNING 1) "
-                    "UPDATE operations SET status = %(status)s, error = %(error)s, "
-                    "result = %(state)s, current_step = NULL, finished_at = now(), "
-                    "updated_at = now(), deadline_missed = deadline_missed OR deadline < now() "
-                    "WHERE id = %(id)s AND status = 'running' "
-                    "RETURNING pg_notify(%(channel)s, %(id)s::text)",
-                    {
-                        "id": self.op_id,
-                        "prev": prev,
-                        "status": status,
-                        "error": error,
-                        "state": Jsonb(state),
-                        "channel": NOTIFY_CHANNEL,
-                    },
-                )
+            conn.execute(
+                "WITH " + _DURABLE + ", "  # noqa: S608 (constants)
+                "fin AS (UPDATE operation_steps SET status = 'finished', "
+                "finished_at = now() FROM durable WHERE operation_id = %(id)s "
+                "AND position = %(prev)s::int RETURNING 1) "
+                "UPDATE operations SET status = %(status)s, error = %(error)s, "
+                "result = %(state)s, current_step = NULL, finished_at = now(), "
+                "updated_at = now(), deadline_missed = deadline_missed OR deadline < now() "
+                "FROM durable WHERE id = %(id)s AND status = 'running' "
+                "RETURNING pg_notify(%(channel)s, %(id)s::text)",
+                {
+                    "id": self.op_id,
+                    "prev": prev,
+                    "status": status,
+                    "error": error,
+                    "state": Jsonb(state),
+                    "channel": NOTIFY_CHANNEL,
+                },
+            )
 
         self._q(q)
 
@@ -376,7 +389,8 @@ class _Execution:
             return str((row or ("missing",))[0])
         kind = REGISTRY.kinds[op.type]
         ctx = OpContext(self.p, op, dict(op.result or {}), stop_reason=self._stop_reason)
-        done, started = self._step_positions()
+        # A first attempt has recorded no step yet: no need to ask.
+        done, started = self._step_positions() if op.attempts > 1 else (set(), set())
         # Past the point of no return (a final step has started, in this run
         # or before a crash) an operation only goes forward: no cancel, and
         # its deadline is reported (deadline_missed) but no longer fails it,
@@ -529,12 +543,6 @@ class _Execution:
         self._end("failed", error=msg, state=ctx.state)
         log.info("operation %s (%s) failed: %s", self.op_id, kind.name, msg)
         return "failed"
-
-
-def _durable(conn: psycopg.Connection[Any]) -> None:
-    """This transaction's commit waits for its WAL flush (the lock
-    connection's session commits without, for progress records)."""
-    conn.execute("SET LOCAL synchronous_commit TO on")
 
 
 def _describe(e: BaseException) -> str:

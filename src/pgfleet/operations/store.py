@@ -95,22 +95,23 @@ def insert_operation(
     processes cannot both start one).
     """
     op_id = uuid.uuid4()
-    try:
-        with conn.transaction():
-            conn.execute(
-                "INSERT INTO operations (id, tenant_id, owner_id, type, params, actor, deadline) "
-                "VALUES (%s, %s, %s, %s, %s, %s, now() + %s)",
-                (
-                    op_id,
-                    tenant_id,
-                    owner_id,
-                    type,
-                    Jsonb(params),
-                    actor,
-                    timedelta(seconds=deadline_s),
-                ),
-            )
-    except psycopg.errors.UniqueViolation:
+    # ON CONFLICT rather than a savepoint to catch the unique violation in
+    # (two round trips fewer on every operation's start); the only unique
+    # index it can meet is the one-running-operation-per-project one.
+    inserted = conn.execute(
+        "INSERT INTO operations (id, tenant_id, owner_id, type, params, actor, deadline) "
+        "VALUES (%s, %s, %s, %s, %s, %s, now() + %s) ON CONFLICT DO NOTHING RETURNING id",
+        (
+            op_id,
+            tenant_id,
+            owner_id,
+            type,
+            Jsonb(params),
+            actor,
+            timedelta(seconds=deadline_s),
+        ),
+    ).fetchone()
+    if inserted is None:
         running = conn.execute(
             "SELECT id, type, status FROM operations WHERE tenant_id = %s "
             "AND status IN ('scheduled', 'running')",
@@ -132,7 +133,7 @@ def insert_operation(
             operation_id=str(running[0]),
             operation_type=running[1],
             operation_status=running[2],
-        ) from None
+        )
     return op_id
 
 

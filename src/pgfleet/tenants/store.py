@@ -159,31 +159,32 @@ def insert(
     residency: str | None = None,
     restored_from: dict[str, Any] | None = None,
 ) -> None:
-    """A new project's row, `provisioning`; a taken subdomain is 409."""
+    """A new project's row, `provisioning`; a taken subdomain is 409.
+    Inside the caller's transaction, which the 409 ends: no savepoint (two
+    round trips) around it."""
     try:
-        with conn.transaction():
-            conn.execute(
-                """
-                INSERT INTO tenants (id, name, subdomain, region, plan_type, status, owner_id,
-                                     server_id, hosted_region, placement_reason, connection_info,
-                                     residency, restored_from)
-                VALUES (%s, %s, %s, %s, %s, 'provisioning', %s, %s, %s, %s, %s, %s, %s)
-                """,
-                (
-                    tenant_id,
-                    name,
-                    subdomain,
-                    region,
-                    plan,
-                    owner_id,
-                    server_id,
-                    hosted_region,
-                    placement_reason,
-                    Jsonb(connection_info or {}),
-                    residency,
-                    Jsonb(restored_from) if restored_from is not None else None,
-                ),
-            )
+        conn.execute(
+            """
+            INSERT INTO tenants (id, name, subdomain, region, plan_type, status, owner_id,
+                                 server_id, hosted_region, placement_reason, connection_info,
+                                 residency, restored_from)
+            VALUES (%s, %s, %s, %s, %s, 'provisioning', %s, %s, %s, %s, %s, %s, %s)
+            """,
+            (
+                tenant_id,
+                name,
+                subdomain,
+                region,
+                plan,
+                owner_id,
+                server_id,
+                hosted_region,
+                placement_reason,
+                Jsonb(connection_info or {}),
+                residency,
+                Jsonb(restored_from) if restored_from is not None else None,
+            ),
+        )
     except psycopg.errors.UniqueViolation:
         raise Conflict(f"subdomain {subdomain!r} is already taken", field="subdomain") from None
 
