@@ -6,6 +6,7 @@ and the CLI's ops commands. Real servers throughout."""
 from __future__ import annotations
 
 import re
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,10 +20,11 @@ from psycopg import sql
 from pgfleet.api.app import create_app
 from pgfleet.auth import create_owner
 from pgfleet.operations.locks import op_lock_key, resource_lock_key, resource_lock_key_sql
-from pgfleet.operations.runner import _DURABLE
+from pgfleet.operations.runner import _DURABLE, execute_operation
 from pgfleet.operations.runtime import OperationsRuntime
 from pgfleet.platform.core import Platform
 from pgfleet.tenants.naming import tenant_db_name
+from pgfleet.tenants.service import start_create_project
 from pgfleet.tenants.spares import CLAIMED, drop_spares
 from tests.helpers import (
     ROUTER_NO_ENTRY,
@@ -34,6 +36,7 @@ from tests.helpers import (
     login,
     poll,
     repaired,
+    until,
 )
 
 STEPS = ["place", "roles", "database", "privileges", "activate", "route"]
@@ -85,6 +88,43 @@ def test_an_execution_leaves_no_lock_and_no_setting_behind(api: Api, platform: P
         ).fetchall()
     assert not {k & 0xFFFFFFFFFFFFFFFF for k in keys} & {h for (h,) in held}
     assert [k for (k,) in computed] == [resource_lock_key(t) for t in ids]
+
+
+def test_an_executor_whose_lock_wait_fails_keeps_no_lock(platform_factory: Any) -> None:
+    """The executor takes the operation's lock and waits for its project's
+    in one statement. If that wait fails (cancelled here; a deadlock would
+    do the same), the operation's lock, which outlives the failed
+    statement, must not stay with the pooled connection."""
+    p: Platform = platform_factory(embedded_workers=0)  # the test runs it
+    owner = create_owner(p, "waiter")[0]
+    project, op_id = start_create_project(
+        p, owner, name="held", region="eu-central-1", plan_type="free"
+    )
+    outcome: list[BaseException | str] = []
+
+    def run() -> None:
+        try:
+            outcome.append(execute_operation(p, op_id, worker="test"))
+        except BaseException as e:
+            outcome.append(e)
+
+    with p.db.connection() as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (resource_lock_key(project.id),))
+        t = threading.Thread(target=run)
+        t.start()
+        waiter = until(
+            lambda: holder.execute(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            ).fetchone(),
+            seconds=10,
+        )
+        holder.execute("SELECT pg_cancel_backend(%s)", (waiter[0],))
+        t.join(10)
+        assert len(outcome) == 1 and isinstance(outcome[0], psycopg.errors.QueryCanceled)
+        free = holder.execute("SELECT pg_try_advisory_lock(%s)", (op_lock_key(op_id),)).fetchone()
+        assert free == (True,)
+        holder.execute("SELECT pg_advisory_unlock_all()")
+    assert execute_operation(p, op_id, worker="test") == "finished"
 
 
 def test_a_record_that_must_flush_does_on_a_session_that_does_not(platform: Platform) -> None:

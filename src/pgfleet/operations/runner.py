@@ -88,7 +88,15 @@ def execute_operation(
         # locks.resource_lock_key's, the id's first 8 bytes); and the
         # session's commits made without a WAL flush, for progress records
         # (see _Execution; the records that must flush say so).
-        got = lconn.execute(_TAKE_LOCKS, {"op": op_lock_key(oid), "id": oid}).fetchone()
+        try:
+            got = lconn.execute(_TAKE_LOCKS, {"op": op_lock_key(oid), "id": oid}).fetchone()
+        except psycopg.Error:
+            # A session lock outlives its statement's failure (the resource
+            # lock's wait cancelled, or a deadlock): the operation's would
+            # stay with this pooled connection. Give back whatever it took.
+            with contextlib.suppress(psycopg.Error):
+                lconn.execute("SELECT pg_catalog.pg_advisory_unlock_all()")
+            raise
         if not (got and got[0]):
             return "busy"
         locks = [op_lock_key(oid)]
