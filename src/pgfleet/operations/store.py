@@ -78,6 +78,11 @@ class Operation:
         return round((self.finished_at - self.started_at).total_seconds() * 1000, 1)
 
 
+# The row columns, in the dataclass's order (`steps` is not a column).
+_OP_FIELDS = [f for f in dataclasses.fields(Operation) if f.name != "steps"]
+_OP_NAMES = [f.name for f in _OP_FIELDS]
+
+
 def insert_operation(
     conn: psycopg.Connection[Any],
     *,
@@ -155,23 +160,27 @@ def audit(
     )
 
 
+_GET_OPERATION = sql.SQL(
+    "SELECT {}, s.position, s.name, s.status, s.attempts, s.error, s.started_at, "
+    "s.finished_at, "
+    "round(extract(epoch FROM s.finished_at - s.started_at) * 1000, 1)::float8 "
+    "FROM operations o LEFT JOIN operation_steps s ON s.operation_id = o.id "
+    "WHERE o.id = %s ORDER BY s.position"
+).format(sql.SQL(", ").join(sql.SQL("o.") + sql.Identifier(f.name) for f in _OP_FIELDS))
+
+
 def get_operation(conn: psycopg.Connection[Any], op_id: uuid.UUID | str) -> Operation:
+    """One operation with its steps, in one round trip (a row per step)."""
     try:
         oid = uuid.UUID(str(op_id))
     except ValueError:
         raise OperationNotFound(f"operation {op_id} not found") from None
-    with conn.cursor(row_factory=class_row(Operation)) as cur:
-        op = cur.execute(sql.SQL("{} WHERE id = %s").format(_SELECT_OPS), (oid,)).fetchone()
-    if op is None:
+    rows = conn.execute(_GET_OPERATION, (oid,)).fetchall()
+    if not rows:
         raise OperationNotFound(f"operation {op_id} not found")
-    with conn.cursor(row_factory=class_row(Step)) as steps:
-        steps.execute(
-            "SELECT position, name, status, attempts, error, started_at, finished_at, "
-            "round(extract(epoch FROM finished_at - started_at) * 1000, 1)::float8 AS duration_ms "
-            "FROM operation_steps WHERE operation_id = %s ORDER BY position",
-            (oid,),
-        )
-        return dataclasses.replace(op, steps=tuple(steps.fetchall()))
+    n = len(_OP_FIELDS)
+    steps = tuple(Step(*r[n:]) for r in rows if r[n] is not None)
+    return Operation(**dict(zip(_OP_NAMES, rows[0][:n], strict=True)), steps=steps)
 
 
 def list_operations(
