@@ -46,25 +46,27 @@ def check_server(server: ServerRecord, timeout_s: float = 2.0) -> ServerHealth:
             latency = round((time.perf_counter() - start) * 1000, 2)
             row = conn.execute(
                 """
+                WITH dbs AS (
+                  -- prepared spares (tenants/spares.py): marked so, owned by a
+                  -- role that cannot log in (a tenant may comment its own
+                  -- database, but not take LOGIN from its own role); they are
+                  -- named like projects
+                  SELECT d.datname,
+                         shobj_description(d.oid, 'pg_database') IS NOT DISTINCT FROM
+                             'pgfleet: prepared spare, ready'
+                           AND NOT (SELECT rolcanlogin FROM pg_roles WHERE oid = d.datdba)
+                           AS spare
+                  FROM pg_database d
+                )
                 SELECT current_setting('server_version'),
                        (SELECT count(*) FROM pg_stat_activity
                         WHERE backend_type = 'client backend'),
                        current_setting('max_connections')::int,
                        (SELECT count(*) FROM pg_database WHERE NOT datistemplate),
-                       -- prepared spares are named like projects (tenants/spares.py)
-                       (SELECT count(*) FROM pg_database d WHERE datname LIKE 'tenant\\_%'
-                          AND NOT (shobj_description(d.oid, 'pg_database') IS NOT DISTINCT FROM
-                                  'pgfleet: prepared spare, ready'
-                                AND NOT (SELECT rolcanlogin FROM pg_roles WHERE oid = d.datdba))),
+                       (SELECT count(*) FROM dbs WHERE datname LIKE 'tenant\\_%' AND NOT spare),
                        (SELECT sum(pg_database_size(oid)) FROM pg_database
                         WHERE datconnlimit <> -2)::bigint,
-                       -- prepared spares: marked so, owned by a role that cannot
-                       -- log in (a tenant may comment its own database, but not
-                       -- take LOGIN from its own role)
-                       (SELECT count(*) FROM pg_database d
-                        WHERE shobj_description(d.oid, 'pg_database') IS NOT DISTINCT FROM
-                                  'pgfleet: prepared spare, ready'
-                          AND NOT (SELECT rolcanlogin FROM pg_roles WHERE oid = d.datdba)),
+                       (SELECT count(*) FROM dbs WHERE spare),
                        current_setting('archive_mode'),
                        a.last_archived_time,
                        coalesce(a.last_failed_time > coalesce(a.last_archived_time, '-infinity'),
