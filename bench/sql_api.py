@@ -15,8 +15,12 @@ CPU by default); requests come from a lean keep-alive HTTP client
 (bench/_http.py) in this process, sharing the machine's cores with the API
 and the servers.
 
-Targets (2-core machine): overhead p50 <= 2 ms, >= 1,000 req/s; the HTTP
+Targets (2-core machine): overhead p50 <= 1 ms and >= 2,000 req/s at
+concurrency 16 on one project; 1,000 projects round-robin at concurrency 16
+>= 500 req/s with the server's tenant backends within the bound; the HTTP
 driver path within 10% of the SQL API (p50 and req/s at concurrency 16).
+The round-robin starts once the worker has made the prepared spares the
+creates took, so its CPU figures are the requests' own.
 """
 
 from __future__ import annotations
@@ -35,13 +39,25 @@ import httpx
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BenchFleet, bench_fleet, cpu_report, elapsed_ms, fleet_cpu, pct, summary
+from _common import (
+    BenchFleet,
+    bench_fleet,
+    cpu_report,
+    elapsed_ms,
+    fleet_cpu,
+    pct,
+    summary,
+    wait_for_spares,
+)
 from _http import Conn, post_driver, post_json, run_load
 
 from pgfleet.config import Settings
 from pgfleet.fleet.embedded import EmbeddedFleet
 
 LOOKUP = "select id, name from items where id = $1"
+
+
+SPARES = 10  # the worker keeps this many prepared spares
 
 
 def direct(conn_info: dict[str, Any], n: int) -> tuple[list[float], list[float]]:
@@ -159,7 +175,11 @@ def main() -> None:
     workers = args.workers or Settings().api_workers
     # Throughput, not the rate limiter (2,000 SQL calls a second per
     # credential by default), is measured here.
-    env = {"PGFLEET_API_WORKERS": str(workers), "PGFLEET_RATE_LIMIT_SQL_PER_S": "1000000"}
+    env = {
+        "PGFLEET_API_WORKERS": str(workers),
+        "PGFLEET_RATE_LIMIT_SQL_PER_S": "1000000",
+        "PGFLEET_SPARE_DATABASES": str(SPARES),
+    }
     settings = Settings()
     bound = settings.tenant_pool_cap // workers * workers * settings.tenant_pool_size
     print(f"API processes: {workers}; CPUs: {os.cpu_count()}")
@@ -256,6 +276,8 @@ def main() -> None:
             with ThreadPoolExecutor(4) as ex:
                 pids += list(ex.map(make, range(args.projects - 1)))
             print(f"created {len(pids)} projects in {time.perf_counter() - t0:.1f} s")
+        # The worker refills the spares the creates took: not during the timing.
+        wait_for_spares(bf.home, [region], SPARES)
         peak = 0
         stop = threading.Event()
 
@@ -282,8 +304,9 @@ def main() -> None:
             f"= {bound})"
         )
         verdict = [
-            ("overhead p50 <= 2 ms", overhead <= 2.0),
-            (">= 1,000 req/s", best >= 1000),
+            ("overhead p50 <= 1 ms", overhead <= 1.0),
+            (">= 2,000 req/s at c=16, one project", a16 >= 2000),
+            (f"{len(pids)} projects round-robin >= 500 req/s", rate >= 500),
             ("server connections bounded", peak <= bound),
             ("HTTP driver within 10% of the SQL API", driver_ratio <= 1.1 and n16 >= 0.9 * a16),
         ]
