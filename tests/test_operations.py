@@ -72,7 +72,10 @@ def test_an_execution_leaves_no_lock_and_no_setting_behind(api: Api, platform: P
     one statement and gives them back in one: a project's lock key computed
     in SQL must be resource_lock_key's, or the lock would outlive the run on
     a pooled connection and hold every later operation of the project."""
+    bad = platform.db._pool.get_stats().get("returns_bad", 0)
     made = [create_ok(api, f"locks {i}", region="eu-central-1") for i in range(3)]
+    # Given back with a statement that worked: no connection closed for it.
+    assert platform.db._pool.get_stats().get("returns_bad", 0) == bad
     keys = [resource_lock_key(uuid.UUID(p["id"])) for p in made]
     keys += [op_lock_key(uuid.UUID(p["operation"]["id"])) for p in made]
     with platform.db.connection() as conn:
@@ -139,9 +142,10 @@ def test_a_record_that_must_flush_does_on_a_session_that_does_not(platform: Plat
         conn.execute("SET synchronous_commit TO off")
         try:
             for _ in range(20):
+                # Read after the row's WAL record, before the commit's.
                 row = conn.execute(
-                    f"WITH {_DURABLE}, ins AS (INSERT INTO flushed SELECT 1 FROM durable) "  # noqa: S608 (constant)
-                    "SELECT pg_current_wal_insert_lsn()::text"
+                    f"WITH {_DURABLE}, ins AS (INSERT INTO flushed SELECT 1 FROM durable "  # noqa: S608 (constant)
+                    "RETURNING pg_current_wal_insert_lsn()::text) SELECT * FROM ins"
                 ).fetchone()
                 assert row is not None
                 done = conn.execute(

@@ -90,12 +90,12 @@ def execute_operation(
         # (see _Execution; the records that must flush say so).
         try:
             got = lconn.execute(_TAKE_LOCKS, {"op": op_lock_key(oid), "id": oid}).fetchone()
-        except psycopg.Error:
+        except BaseException:
             # A session lock outlives its statement's failure (the resource
-            # lock's wait cancelled, or a deadlock): the operation's would
-            # stay with this pooled connection. Give back whatever it took.
-            with contextlib.suppress(psycopg.Error):
-                lconn.execute("SELECT pg_catalog.pg_advisory_unlock_all()")
+            # lock's wait cancelled, a deadlock, an interrupt): the
+            # operation's would stay with this pooled connection. Closed,
+            # the connection takes whatever it held, and the pool drops it.
+            _close(lconn)
             raise
         if not (got and got[0]):
             return "busy"
@@ -105,24 +105,38 @@ def execute_operation(
         try:
             return _Execution(platform, oid, worker, lock_conn=lconn, hand_off=hand_off).run()
         finally:
-            # If the connection is gone, the locks went with it.
-            with contextlib.suppress(psycopg.Error):
+            # One round trip (several statements in one simple query): RESET,
+            # not the value read before, so the connection is back on the
+            # server's own setting whatever happened to it since.
+            try:
                 lconn.execute(
-                    "SELECT pg_catalog.set_config('synchronous_commit', %s, false), "
-                    "(SELECT count(pg_catalog.pg_advisory_unlock(k)) FROM unnest(%s::bigint[]) k)",
-                    (got[2], locks[::-1]),
+                    sql.SQL("RESET synchronous_commit; SELECT {}").format(
+                        sql.SQL(", ").join(
+                            sql.SQL("pg_catalog.pg_advisory_unlock({})").format(sql.Literal(k))
+                            for k in reversed(locks)
+                        )
+                    ),
+                    prepare=False,
                 )
+            except BaseException as e:
+                _close(lconn)  # gone already, or its locks go with it now
+                if not isinstance(e, psycopg.Error):
+                    raise
+
+
+def _close(conn: psycopg.Connection[Any]) -> None:
+    with contextlib.suppress(Exception):
+        conn.close()
 
 
 _TAKE_LOCKS = (
-    "SELECT got, tenant_id, sync, "  # noqa: S608 (constants)
+    "SELECT got, tenant_id, "  # noqa: S608 (constants)
     "CASE WHEN got THEN pg_catalog.set_config('synchronous_commit', 'off', false) END, "
     "CASE WHEN got AND tenant_id IS NOT NULL THEN pg_catalog.pg_advisory_lock("
     + resource_lock_key_sql("tenant_id")
     + ") END "
     "FROM (SELECT pg_catalog.pg_try_advisory_lock(%(op)s) AS got, "
-    "(SELECT tenant_id FROM operations WHERE id = %(id)s) AS tenant_id, "
-    "pg_catalog.current_setting('synchronous_commit') AS sync OFFSET 0) s"
+    "(SELECT tenant_id FROM operations WHERE id = %(id)s) AS tenant_id OFFSET 0) s"
 )
 
 # Makes the statement that names it commit with a WAL flush: the setting

@@ -101,11 +101,14 @@ def insert_operation(
     """
     op_id = uuid.uuid4()
     # ON CONFLICT rather than a savepoint to catch the unique violation in
-    # (two round trips fewer on every operation's start); the only unique
-    # index it can meet is the one-running-operation-per-project one.
+    # (two round trips fewer on every operation's start), aimed at the
+    # one-unfinished-operation-per-project index only: any other conflict
+    # still raises.
     inserted = conn.execute(
         "INSERT INTO operations (id, tenant_id, owner_id, type, params, actor, deadline) "
-        "VALUES (%s, %s, %s, %s, %s, %s, now() + %s) ON CONFLICT DO NOTHING RETURNING id",
+        "VALUES (%s, %s, %s, %s, %s, %s, now() + %s) "
+        "ON CONFLICT (tenant_id) WHERE status IN ('scheduled', 'running') DO NOTHING "
+        "RETURNING id",
         (
             op_id,
             tenant_id,
