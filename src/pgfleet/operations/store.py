@@ -79,8 +79,7 @@ class Operation:
 
 
 # The row columns, in the dataclass's order (`steps` is not a column).
-_OP_FIELDS = [f for f in dataclasses.fields(Operation) if f.name != "steps"]
-_OP_NAMES = [f.name for f in _OP_FIELDS]
+_OP_NAMES = [f.name for f in dataclasses.fields(Operation) if f.name != "steps"]
 
 
 def insert_operation(
@@ -169,7 +168,7 @@ _GET_OPERATION = sql.SQL(
     "round(extract(epoch FROM s.finished_at - s.started_at) * 1000, 1)::float8 "
     "FROM operations o LEFT JOIN operation_steps s ON s.operation_id = o.id "
     "WHERE o.id = %s ORDER BY s.position"
-).format(sql.SQL(", ").join(sql.SQL("o.") + sql.Identifier(f.name) for f in _OP_FIELDS))
+).format(sql.SQL(", ").join(sql.SQL("o.") + sql.Identifier(name) for name in _OP_NAMES))
 
 
 def get_operation(conn: psycopg.Connection[Any], op_id: uuid.UUID | str) -> Operation:
@@ -181,7 +180,7 @@ def get_operation(conn: psycopg.Connection[Any], op_id: uuid.UUID | str) -> Oper
     rows = conn.execute(_GET_OPERATION, (oid,)).fetchall()
     if not rows:
         raise OperationNotFound(f"operation {op_id} not found")
-    n = len(_OP_FIELDS)
+    n = len(_OP_NAMES)
     steps = tuple(Step(*r[n:]) for r in rows if r[n] is not None)
     return Operation(**dict(zip(_OP_NAMES, rows[0][:n], strict=True)), steps=steps)
 

@@ -443,37 +443,37 @@ def drop_role(conn: psycopg.Connection[Any], role: str) -> str | None:
     revoked). What it was granted stays in the granter's own database."""
     if not role_exists(conn, role):
         return None
+    if _drop_if_free(conn, role):
+        return f"drop role {role}"
     ident = sql.Identifier(role)
+    gone = GONE_PREFIX + uuid.uuid4().hex
+    with conn.transaction():
+        conn.execute(
+            sql.SQL(
+                "ALTER ROLE {} NOLOGIN PASSWORD NULL CONNECTION LIMIT 0; "
+                "ALTER ROLE {} RESET ALL; ALTER ROLE {} RENAME TO {}"
+            ).format(ident, ident, ident, sql.Identifier(gone))
+        )
+    return f"role {role} kept as {gone} (another database grants it privileges)"
+
+
+def _drop_if_free(conn: psycopg.Connection[Any], role: str) -> bool:
+    """Drop the role unless another database still depends on it."""
     try:
         with conn.transaction():
-            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(ident))
-        return f"drop role {role}"
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
     except psycopg.errors.DependentObjectsStillExist:
-        gone = GONE_PREFIX + uuid.uuid4().hex
-        with conn.transaction():
-            conn.execute(
-                sql.SQL(
-                    "ALTER ROLE {} NOLOGIN PASSWORD NULL CONNECTION LIMIT 0; "
-                    "ALTER ROLE {} RESET ALL; ALTER ROLE {} RENAME TO {}"
-                ).format(ident, ident, ident, sql.Identifier(gone))
-            )
-        return f"role {role} kept as {gone} (another database grants it privileges)"
+        return False
+    return True
 
 
 def drop_gone_roles(conn: psycopg.Connection[Any]) -> list[str]:
     """Drop the roles drop_role could not, those that nothing depends on now."""
-    dropped = []
-    for (role,) in conn.execute(
+    roles = conn.execute(
         "SELECT rolname FROM pg_catalog.pg_roles WHERE rolname LIKE %s",
         (GONE_PREFIX.replace("_", "\\_") + "%",),
-    ).fetchall():
-        try:
-            with conn.transaction():
-                conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
-            dropped.append(role)
-        except psycopg.errors.DependentObjectsStillExist:
-            continue
-    return dropped
+    ).fetchall()
+    return [role for (role,) in roles if _drop_if_free(conn, role)]
 
 
 def drop_on_server(conn: psycopg.Connection[Any], *, name: str) -> list[str]:
