@@ -3,6 +3,10 @@
 # everything they need first.
 .PHONY: up down status test lint bootstrap bench
 
+# The suite's processes (pytest-xdist): each starts its own embedded fleet
+# and takes whole test files, so a module's fixtures are made once.
+TEST_WORKERS ?= 2
+
 bootstrap:
 	@scripts/bootstrap.sh
 
@@ -23,7 +27,7 @@ lint: bootstrap
 
 test: lint
 	@scripts/bootstrap.sh --with-browser
-	.venv/bin/pytest
+	.venv/bin/pytest -n $(TEST_WORKERS) --dist loadfile
 
 bench: bootstrap
 	.venv/bin/python bench/provision.py

@@ -92,9 +92,13 @@ def _plain(cell: object) -> str:
 class _Out(Console):
     """stdout. A table on a terminal never cuts an id (ids are what every
     command takes); anywhere else (a pipe, a file, `grep`) it is printed as
-    tab-separated lines without colours or box drawing, a header first."""
+    tab-separated lines without colours or box drawing, a header first, and
+    a message is never folded at an assumed width: a line a script reads is
+    the line the command printed."""
 
     def print(self, *objects: Any, **kw: Any) -> None:
+        if not self.is_terminal:
+            kw.setdefault("soft_wrap", True)
         if len(objects) == 1 and isinstance(objects[0], Table):
             table = objects[0]
             cols = table.columns
