@@ -213,6 +213,10 @@ def test_restore_refuses_what_it_cannot_do(
 
     p = create_ok(api, "guarded", region="us-east-1")
     base_backup(admin_api, "us-east-1", fleet)
+    # The window opens the whole second after the backup's stop (pgBackRest
+    # records whole seconds); until then the answer is "nothing is
+    # restorable yet", whatever the target.
+    time.sleep(1.1)
     # Outside the window: 422 naming it.
     err = error_of(
         api.post(
