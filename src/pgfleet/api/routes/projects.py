@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
-from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 
 from pgfleet.api.deps import OwnerDep, PlatformDep
-from pgfleet.api.idempotency import run_idempotent
+from pgfleet.api.idempotency import encoded, run_idempotent
 from pgfleet.api.routes.common import (
     ERRORS,
     OPERATION_ERRORS,
@@ -143,7 +142,7 @@ def delete_project(
     without connection info. Deleting again is harmless."""
     op_id = service.start_delete_project(platform, owner, project_id)
     status, out = project_and_op(platform, owner, op_id, wait=wait)
-    return JSONResponse(jsonable_encoder(out), status_code=status)
+    return JSONResponse(encoded(out), status_code=status)
 
 
 @router.post(
