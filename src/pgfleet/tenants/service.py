@@ -150,7 +150,7 @@ def start_create_project(
             server=placement.server_name,
         )
 
-    chosen: list[uuid.UUID] = []
+    chosen: list[Tenant] = []  # the row as inserted, by the last attempt
 
     def insert_tenant(conn: psycopg.Connection[Any]) -> uuid.UUID:
         chosen.clear()
@@ -185,7 +185,7 @@ def start_create_project(
                 for key in ("password_enc", "ro_password_enc")
             }
         )
-        store.insert(
+        row = store.insert(
             conn,
             tenant_id=tid,
             name=name,
@@ -202,7 +202,7 @@ def start_create_project(
             residency=residency,
             restored_from=restored_from,
         )
-        chosen.append(tid)
+        chosen.append(row)
         return tid
 
     op_id = start_operation(
@@ -217,7 +217,7 @@ def start_create_project(
         prepare=insert_tenant,
         deadline_s=deadline_s,
     )
-    return get_project(platform, owner, chosen[0]), op_id
+    return chosen[0], op_id
 
 
 def provisioned(platform: Platform, project: Tenant, op: Operation) -> ProvisionedDatabase:

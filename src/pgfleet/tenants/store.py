@@ -77,13 +77,29 @@ class Tenant:
         return self.connection_info or {}
 
 
-_SELECT = sql.SQL(
-    "SELECT t.id, t.name, t.subdomain, t.region, t.plan_type, t.status, t.owner_id, "
+# A Tenant's columns, from `t` (a tenants row) and `s` (its server).
+_COLUMNS = sql.SQL(
+    "t.id, t.name, t.subdomain, t.region, t.plan_type, t.status, t.owner_id, "
     "t.server_id, s.name AS server, t.hosted_region, t.placement_reason, t.error, "
     "t.connection_info, t.created_at, t.updated_at, t.deleted_at, t.paused_at, "
-    "t.residency, t.restored_from "
-    "FROM tenants t LEFT JOIN servers s ON s.id = t.server_id"
+    "t.residency, t.restored_from"
 )
+_SELECT = sql.SQL("SELECT {} FROM tenants t LEFT JOIN servers s ON s.id = t.server_id").format(
+    _COLUMNS
+)
+# A new row, read back with its server's name in the same statement.
+_INSERT = sql.SQL(
+    """
+    WITH t AS (
+        INSERT INTO tenants (id, name, subdomain, region, plan_type, status, owner_id,
+                             server_id, hosted_region, placement_reason, connection_info,
+                             residency, restored_from)
+        VALUES (%s, %s, %s, %s, %s, 'provisioning', %s, %s, %s, %s, %s, %s, %s)
+        RETURNING *
+    )
+    SELECT {} FROM t LEFT JOIN servers s ON s.id = t.server_id
+    """
+).format(_COLUMNS)
 
 
 def get(
@@ -158,35 +174,33 @@ def insert(
     connection_info: dict[str, Any] | None = None,
     residency: str | None = None,
     restored_from: dict[str, Any] | None = None,
-) -> None:
-    """A new project's row, `provisioning`; a taken subdomain is 409.
-    Inside the caller's transaction, which the 409 ends: no savepoint (two
-    round trips) around it."""
+) -> Tenant:
+    """A new project's row, `provisioning`, as inserted (read in the same
+    statement); a taken subdomain is 409. Inside the caller's transaction,
+    which the 409 ends: no savepoint (two round trips) around it."""
     try:
-        conn.execute(
-            """
-            INSERT INTO tenants (id, name, subdomain, region, plan_type, status, owner_id,
-                                 server_id, hosted_region, placement_reason, connection_info,
-                                 residency, restored_from)
-            VALUES (%s, %s, %s, %s, %s, 'provisioning', %s, %s, %s, %s, %s, %s, %s)
-            """,
-            (
-                tenant_id,
-                name,
-                subdomain,
-                region,
-                plan,
-                owner_id,
-                server_id,
-                hosted_region,
-                placement_reason,
-                Jsonb(connection_info or {}),
-                residency,
-                Jsonb(restored_from) if restored_from is not None else None,
-            ),
-        )
+        with conn.cursor(row_factory=class_row(Tenant)) as cur:
+            row = cur.execute(
+                _INSERT,
+                (
+                    tenant_id,
+                    name,
+                    subdomain,
+                    region,
+                    plan,
+                    owner_id,
+                    server_id,
+                    hosted_region,
+                    placement_reason,
+                    Jsonb(connection_info or {}),
+                    residency,
+                    Jsonb(restored_from) if restored_from is not None else None,
+                ),
+            ).fetchone()
     except psycopg.errors.UniqueViolation:
         raise Conflict(f"subdomain {subdomain!r} is already taken", field="subdomain") from None
+    assert row is not None, "an INSERT without a conflict clause returns its row"
+    return row
 
 
 _OWNER_LOCK_CLASS = 0x6F776E72  # "ownr"
