@@ -7,6 +7,7 @@ import gc
 import itertools
 import os
 import shutil
+import sys
 import tempfile
 import time
 import traceback
@@ -60,6 +61,43 @@ def _name_where_leaked_sessions_were_opened() -> None:
 
 
 _name_where_leaked_sessions_were_opened()
+
+# The fuzz test's coverage. Schemathesis reports each operation as a
+# subtest of one pytest test, and pytest-xdist spreads those over the
+# processes, so pytest's count cannot show that every operation was fuzzed
+# (under --dist loadfile the test passed having run 10 of its 1,573 cases).
+# Each process reports the operations it called; the session fails if the
+# fuzz test ran and one of the document's operations was never called.
+_fuzzed_by_workers: set[str] = set()
+
+
+def _fuzzed_here() -> set[str]:
+    return set(getattr(sys.modules.get("tests.test_fuzz"), "FUZZED", ()))
+
+
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """An xdist worker ended (called in the controller)."""
+    _fuzzed_by_workers.update(getattr(node, "workeroutput", {}).get("fuzzed", ()))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    fuzzed = _fuzzed_here() | _fuzzed_by_workers
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: the controller checks
+        workeroutput["fuzzed"] = sorted(fuzzed)
+        return
+    if not fuzzed:
+        return  # the fuzz test was not run
+    from tests.test_fuzz import all_operations
+
+    missing = sorted(all_operations() - fuzzed)
+    if missing:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = f"the fuzz test never called {len(missing)} operation(s): {', '.join(missing)}"
+        if reporter is not None:
+            reporter.write_line(message, red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
 
 TEMPLATE_DB = "pgfleet_template"
 _db_counter = itertools.count()
