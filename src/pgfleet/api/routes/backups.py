@@ -7,11 +7,10 @@ from dataclasses import asdict
 from typing import Any
 
 from fastapi import APIRouter
-from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 
 from pgfleet.api.deps import OwnerDep, PlatformDep
-from pgfleet.api.idempotency import run_idempotent
+from pgfleet.api.idempotency import encoded, run_idempotent
 from pgfleet.api.routes.common import (
     ERRORS,
     OPERATION_ERRORS,
@@ -250,4 +249,4 @@ def take_base_backup(body: BaseBackupIn, platform: PlatformDep, owner: OwnerDep)
     """A full, differential or incremental base backup of one server, now
     (the workers also take them on schedule); answers when it is done."""
     b = service.take_base_backup(platform, owner, body.server, body.type)
-    return JSONResponse(jsonable_encoder(BaseBackupOut(**_base(b))), status_code=201)
+    return JSONResponse(encoded(BaseBackupOut(**_base(b))), status_code=201)
