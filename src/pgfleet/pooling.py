@@ -8,6 +8,7 @@ import select
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -103,11 +104,26 @@ class _AsyncMarkingPool(AsyncConnectionPool):
         await super().putconn(conn)
 
 
+def _fresh(configure: Callable[[Any], None] | None) -> Callable[[Any], None]:
+    """The pool's `configure`, preceded by marking the connection as just
+    returned: a login that has just succeeded needs no ping before its first
+    use (unmarked, it counted as idle since forever: one more round trip, and
+    one more statement on the server, for every new connection)."""
+
+    def conf(conn: Any) -> None:
+        mark_returned(conn)
+        if configure is not None:
+            configure(conn)
+
+    return conf
+
+
 def swept_pool(*, open: bool = True, **kwargs: Any) -> ConnectionPool:
     """A ConnectionPool checked by check_pooled that sweeps out all its dead
     connections as soon as it meets one (see _Sweep), and marks each
-    connection's return (no `reset` needed for that)."""
+    connection's login and return (no `reset` needed for that)."""
     sweep = _Sweep()
+    kwargs["configure"] = _fresh(kwargs.get("configure"))
     pool: ConnectionPool = _MarkingPool(check=sweep, open=False, **kwargs)
     sweep.pool = pool
     if open:
@@ -143,6 +159,14 @@ class _AsyncSweep:
 def swept_async_pool(**kwargs: Any) -> AsyncConnectionPool:
     """The async twin of swept_pool; the pool is returned unopened."""
     sweep = _AsyncSweep()
+    configure = kwargs.get("configure")
+
+    async def conf(conn: psycopg.AsyncConnection[Any]) -> None:
+        mark_returned(conn)  # see _fresh
+        if configure is not None:
+            await configure(conn)
+
+    kwargs["configure"] = conf
     pool: AsyncConnectionPool = _AsyncMarkingPool(check=sweep, open=False, **kwargs)
     sweep.pool = pool
     return pool
