@@ -322,7 +322,9 @@ def test_metrics(api: Api, admin_api: Api, client: TestClient, platform: Platfor
 
     up = {s.labels["region"]: s.value for s in fams["pgfleet_server_up"].samples}
     assert up == {r: 1.0 for r in ACTIVE_REGIONS}
-    assert _sample(fams["pgfleet_tenant_pools"], "") >= 3  # eu rw, eu ro, us-west rw
+    # eu rw and eu ro came back, so they have pools; us-west's one statement
+    # ran on a connection of its own.
+    assert _sample(fams["pgfleet_tenant_pools"], "") >= 2
 
 
 @pytest.mark.usefixtures("cli_env")

@@ -267,6 +267,42 @@ def test_sql_api_connections_stay_bounded_across_many_projects(
             time.sleep(0.05)
 
 
+def test_only_a_project_that_comes_back_gets_a_pool(
+    platform_factory: Any, fleet: FleetUnderTest
+) -> None:
+    """A statement logs in, runs and logs out, unless its project's previous
+    one came within the last 2 x PGFLEET_TENANT_POOL_CAP (per process)
+    others': then the project gets a pool, and its backend is reused."""
+    platform: Platform = platform_factory(api_workers=1, tenant_pool_cap=2, tenant_pool_size=1)
+    _, token = create_owner(platform, "back")
+    with TestClient(create_app(platform)) as client:
+        api = Api(client, token)
+        pids = [create_ok(api, f"b{i}")["id"] for i in range(6)]
+        users = [api.get(f"/v1/projects/{p}/connection").json()["user"] for p in pids]
+        pools = client.app.state.sql._pools  # type: ignore[attr-defined]
+
+        def pid_of(project: str) -> int:
+            return int(scalar(api, project, "select pg_backend_pid()"))
+
+        first = pid_of(pids[0])
+        assert len(pools) == 0
+        assert until(lambda: backends(fleet, users[:1]) == 0), "the backend was kept"
+        # It came back at once: a pool, and the same backend from then on.
+        second = pid_of(pids[0])
+        assert second != first and len(pools) == 1
+        assert pid_of(pids[0]) == second and backends(fleet, users[:1]) == 1
+        # Round-robin over five projects, past the window of four: none comes
+        # back in time, so none gets a pool and no backend is held for them.
+        for _ in range(2):
+            for p in pids[1:]:
+                pid_of(p)
+        assert len(pools) == 1
+        assert until(lambda: backends(fleet, users[1:]) == 0)
+        # Connections of their own count toward a project's most statements
+        # at once, as a pool's do (tested with a slow one in
+        # test_busy_project_is_429_not_a_down_region).
+
+
 def backends(fleet: FleetUnderTest, users: list[str]) -> int:
     with fleet.admin_conn("us-east-1") as a:
         row = a.execute(

@@ -197,6 +197,11 @@ class PoolCache(Generic[P]):
                         stale.append(self._pools.pop(k).pool)
         return entry, stale
 
+    def holds(self, tenant_id: uuid.UUID, mode: Mode) -> bool:
+        """Whether a pool of (project, mode) is kept."""
+        with self._lock:
+            return (tenant_id, mode) in self._pools
+
     def give_back(self, entry: PoolEntry[P]) -> None:
         with self._lock:
             entry.in_use -= 1

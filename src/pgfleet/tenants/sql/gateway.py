@@ -19,6 +19,15 @@ one process per core.
   read-only by the role's own default).
 - Results are capped by rows and by bytes and say when they were truncated:
   a read stops at the caps, a write runs to its end.
+- Pools only for projects that come back: a (project, mode) gets a pool
+  when its previous statement came within the last 2 x
+  PGFLEET_TENANT_POOL_CAP (per process) others', about when its pool would
+  still be there for the next one. Any other statement logs in, runs and
+  logs out. Keeping
+  its backend idle until the least recently used pool made way would only
+  cost: with 1,000 projects round-robin, no pool is ever used twice, and
+  64 idle backends held that way cost the server 23% more CPU per login
+  than closing each at once (measured; see README, Tests and benchmarks).
 """
 
 from __future__ import annotations
@@ -30,7 +39,8 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,6 +116,10 @@ def visible_project(owner: Owner, project_id: str, row: dict[str, Any] | None) -
     return row
 
 
+async def _close(conn: psycopg.AsyncConnection[Any]) -> None:
+    await conn.close()
+
+
 async def _reset(conn: psycopg.AsyncConnection[Any]) -> None:
     """Whatever the last statement SET (timeouts, temp tables, advisory
     locks, LISTEN), the next one starts clean."""
@@ -117,6 +131,13 @@ async def _reset(conn: psycopg.AsyncConnection[Any]) -> None:
 class Session:
     conn: psycopg.AsyncConnection[Any]
     reusable: bool = False
+
+
+@dataclass(frozen=True)
+class Unpooled:
+    """Where a connection without a pool came from: (project, mode)."""
+
+    key: tuple[uuid.UUID, Mode]
 
 
 class SqlGateway:
@@ -143,6 +164,12 @@ class SqlGateway:
         self.driver_cache = AuthCache()
         self._listener: asyncio.Task[None] | None = None
         self.listen_retry_s = 1.0
+        # The (project, mode)s of the last statements, the most recent last,
+        # twice as many as pools are kept: one seen here gets a pool (_admit).
+        self._seen: OrderedDict[tuple[uuid.UUID, Mode], None] = OrderedDict()
+        # Connections without a pool in use, per (project, mode): they count
+        # toward the project's most statements at once, as a pool's do.
+        self._unpooled: dict[tuple[uuid.UUID, Mode], int] = {}
 
     async def open(self) -> None:
         s = self.platform.settings
@@ -455,14 +482,37 @@ class SqlGateway:
             await writer.wait_closed()
         return True
 
+    def _admit(self, key: tuple[uuid.UUID, Mode]) -> bool:
+        """Whether (project, mode) gets a pool: it has one, or its last
+        statement was among the last 2 x cap (see the module's docstring)."""
+        if self._pools.holds(*key):
+            return True
+        seen = key in self._seen
+        self._seen[key] = None
+        self._seen.move_to_end(key)
+        # Twice the pools kept: a pool in use is never evicted, so the cache
+        # runs past its cap under load, and a project that would still
+        # find its pool must not be refused one.
+        window = 2 * self.platform.settings.tenant_pool_cap_per_process
+        while len(self._seen) > window:
+            self._seen.popitem(last=False)
+        return seen
+
     async def _connect(
         self, endpoint: TenantEndpoint, mode: Mode, plan_type: str | None
-    ) -> tuple[PoolEntry[AsyncConnectionPool], psycopg.AsyncConnection[Any]]:
+    ) -> tuple[PoolEntry[AsyncConnectionPool] | Unpooled, psycopg.AsyncConnection[Any]]:
+        """A connection of the project's `mode` role, and the pool entry it
+        came from (or Unpooled: a connection of its own, closed after use)."""
         if endpoint.server_id in self._unreachable:
             if not await self._knock(endpoint):
                 raise self._unreachable_error(endpoint)
             self._unreachable.discard(endpoint.server_id)
         size = self.pool_size(plan_type)
+        key = (endpoint.tenant_id, mode)
+        unpooled = self._unpooled.get(key, 0)
+        if not self._admit(key):
+            conn = await self._connect_unpooled(endpoint, mode, plan_type, key, size)
+            return Unpooled(key), conn
         entry, stale = self._pools.take(
             endpoint, mode, lambda: self._make_pool(endpoint, mode, size), size
         )
@@ -487,8 +537,12 @@ class SqlGateway:
                 wait = 2 * self.platform.settings.connect_timeout_s + 1.5
                 # Opened on first use, on this loop; open() is idempotent.
                 await entry.pool.open(wait=False)
+            if unpooled and entry.checked_out + unpooled >= size:
+                raise PoolTimeout()  # its most at once (said below)
             if recent:
-                conn = await self._first_login(endpoint, entry.pool, wait)
+                conn = await self._first_login(
+                    endpoint, entry.pool.getconn(timeout=wait), entry.pool.putconn
+                )
             else:
                 conn = await entry.pool.getconn(timeout=wait)
             if fresh:
@@ -497,33 +551,108 @@ class SqlGateway:
             return entry, conn
         except (PoolTimeout, psycopg.OperationalError) as e:
             self._pools.give_back(entry)
-            if isinstance(e, PoolTimeout) and entry.checked_out > 0:
-                # The server is there: this project's connections are all busy.
-                raise TooManyStatements(
-                    f"project {endpoint.tenant_id} already runs {entry.pool.max_size} "
-                    f"{mode} statements through the SQL API in this API process, its most "
-                    "at once; retry when one has finished",
-                    limit=entry.pool.max_size,
-                ) from None
+            if isinstance(e, PoolTimeout) and entry.checked_out + unpooled > 0:
+                raise self._busy(endpoint, mode, size) from None
             # Retry afresh next time, without the pool's reconnection backoff.
             self._pools.discard(entry)
             self._spawn(entry.pool.close(timeout=5))
-            why = await asyncio.to_thread(refusal, self.platform, endpoint, mode, plan_type)
-            if isinstance(why, RegionUnavailable):
-                self._unreachable.add(endpoint.server_id)
-                self._reached.pop(endpoint.server_id, None)
-            raise why from e
+            raise await self._refused(endpoint, mode, plan_type) from e
         except BaseException:
             self._pools.give_back(entry)
             raise
 
-    async def _first_login(
-        self, endpoint: TenantEndpoint, pool: AsyncConnectionPool, wait: float | None
+    @staticmethod
+    def _busy(endpoint: TenantEndpoint, mode: Mode, size: int) -> TooManyStatements:
+        # The server is there: this project's connections are all busy.
+        return TooManyStatements(
+            f"project {endpoint.tenant_id} already runs {size} "
+            f"{mode} statements through the SQL API in this API process, its most "
+            "at once; retry when one has finished",
+            limit=size,
+        )
+
+    async def _refused(
+        self, endpoint: TenantEndpoint, mode: Mode, plan_type: str | None
+    ) -> PgfleetError:
+        """Why a login failed, in words (see connections.refusal)."""
+        why = await asyncio.to_thread(refusal, self.platform, endpoint, mode, plan_type)
+        if isinstance(why, RegionUnavailable):
+            self._unreachable.add(endpoint.server_id)
+            self._reached.pop(endpoint.server_id, None)
+        return why
+
+    async def _connect_unpooled(
+        self,
+        endpoint: TenantEndpoint,
+        mode: Mode,
+        plan_type: str | None,
+        key: tuple[uuid.UUID, Mode],
+        size: int,
     ) -> psycopg.AsyncConnection[Any]:
-        """A new pool's first connection, on a server a login just reached:
-        no knock first, but one if the login takes longer than PROBE_S, so a
-        server that went down since is still said at once."""
-        getting = asyncio.ensure_future(pool.getconn(timeout=wait))
+        """A connection of its own (see _admit), with what a new pool's first
+        login has: a knock unless a login there just succeeded, and a second
+        attempt after one that timed out."""
+        if self._unpooled.get(key, 0) >= size:
+            raise self._busy(endpoint, mode, size)
+        self._unpooled[key] = self._unpooled.get(key, 0) + 1
+        try:
+            reached = self._reached.get(endpoint.server_id)
+            recent = reached is not None and time.monotonic() - reached < REACHED_S
+            if not recent and not await self._knock(endpoint):
+                self._unreachable.add(endpoint.server_id)
+                raise self._unreachable_error(endpoint)
+            s = self.platform.settings
+            kwargs = {
+                **endpoint.conninfo(mode, s.connect_timeout_s),
+                "host": self._host(endpoint),
+                "autocommit": True,
+                "prepare_threshold": None,
+            }
+            try:
+                try:
+                    conn = await self._first_login(
+                        endpoint, psycopg.AsyncConnection.connect(**kwargs), _close
+                    )
+                except psycopg.OperationalError as e:
+                    if "timeout expired" not in str(e):
+                        raise
+                    conn = await psycopg.AsyncConnection.connect(**kwargs)
+            except psycopg.OperationalError as e:
+                # A server that is not there is said at once; otherwise why
+                # it refused the login, in words.
+                if not await self._knock(endpoint):
+                    self._unreachable.add(endpoint.server_id)
+                    self._reached.pop(endpoint.server_id, None)
+                    raise self._unreachable_error(endpoint) from e
+                raise await self._refused(endpoint, mode, plan_type) from e
+            try:
+                await configure_loaders(conn)
+            except BaseException:
+                await conn.close()
+                raise
+            self._reached[endpoint.server_id] = time.monotonic()
+            return conn
+        except BaseException:
+            self._release_unpooled(key)
+            raise
+
+    def _release_unpooled(self, key: tuple[uuid.UUID, Mode]) -> None:
+        left = self._unpooled.get(key, 0) - 1
+        if left > 0:
+            self._unpooled[key] = left
+        else:
+            self._unpooled.pop(key, None)
+
+    async def _first_login(
+        self,
+        endpoint: TenantEndpoint,
+        login: Coroutine[Any, Any, psycopg.AsyncConnection[Any]],
+        undo: Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]],
+    ) -> psycopg.AsyncConnection[Any]:
+        """A first connection (a new pool's, or one of its own) on a server a
+        login just reached: no knock first, but one if the login takes longer
+        than PROBE_S, so a server that went down since is still said at once."""
+        getting = asyncio.ensure_future(login)
         try:
             await asyncio.wait({getting}, timeout=PROBE_S)
             if not getting.done() and not await self._knock(endpoint):
@@ -535,15 +664,22 @@ class SqlGateway:
             if not getting.done():
                 getting.cancel()
             elif not getting.cancelled() and getting.exception() is None:
-                await pool.putconn(getting.result())
+                await undo(getting.result())  # back to its pool, or closed
             raise
 
     async def _give_back(
         self,
-        entry: PoolEntry[AsyncConnectionPool],
+        entry: PoolEntry[AsyncConnectionPool] | Unpooled,
         conn: psycopg.AsyncConnection[Any],
         reusable: bool,
     ) -> None:
+        if isinstance(entry, Unpooled):
+            # Its own connection: closed (no reset needed), nothing held idle.
+            try:
+                await conn.close()
+            finally:
+                self._release_unpooled(entry.key)
+            return
         try:
             if not reusable:
                 # A cancel may still be on its way to it: never reuse it.
