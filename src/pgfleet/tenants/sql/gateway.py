@@ -3,7 +3,8 @@ statement per call, with timeouts and result caps enforced by pgfleet.
 
 The SQL API's whole path runs on the API's event loop (`SqlGateway`): the
 token and project in one platform round trip (or none: see auth.AuthCache),
-the statement on a pooled connection of the project's role, no thread hops.
+the statement on a connection of the project's role (pooled once the
+project comes back; see below), no thread hops.
 One process serves about 800 `select 1` a second on one core; the API runs
 one process per core.
 
