@@ -156,6 +156,7 @@ class PoolEntry(Generic[P]):
     size: int = 0  # what the pool was made for (0: the client's fixed size)
     in_use: int = 0  # requests holding or waiting for one of its connections
     checked_out: int = 0  # connections handed out (kept by the async gateway)
+    pending: int = 0  # requests waiting in the pool for a connection (the same)
 
 
 class PoolCache(Generic[P]):

@@ -117,6 +117,15 @@ def visible_project(owner: Owner, project_id: str, row: dict[str, Any] | None) -
     return row
 
 
+def _only_waited(pool: AsyncConnectionPool) -> bool:
+    """Whether a wait for one of the pool's connections that ran out met only
+    busy connections: the pool holds some and none of its logins failed.
+    (The last running statement may hand its connection back just as the
+    wait ends: nothing then is checked out, and yet no login was refused.)"""
+    stats = pool.get_stats()
+    return stats.get("connections_errors", 0) == 0 and stats.get("pool_size", 0) > 0
+
+
 async def _close(conn: psycopg.AsyncConnection[Any]) -> None:
     await conn.close()
 
@@ -171,6 +180,10 @@ class SqlGateway:
         # Connections without a pool in use, per (project, mode): they count
         # toward the project's most statements at once, as a pool's do.
         self._unpooled: dict[tuple[uuid.UUID, Mode], int] = {}
+        # Set (and replaced) when a connection goes back while statements
+        # wait for room beside a connection of its own (_room_for).
+        self._room = asyncio.Event()
+        self._room_waiters = 0
 
     async def open(self) -> None:
         s = self.platform.settings
@@ -538,21 +551,27 @@ class SqlGateway:
                 wait = 2 * self.platform.settings.connect_timeout_s + 1.5
                 # Opened on first use, on this loop; open() is idempotent.
                 await entry.pool.open(wait=False)
-            if unpooled and entry.checked_out + unpooled >= size:
-                raise PoolTimeout()  # its most at once (said below)
-            if recent:
-                conn = await self._first_login(
-                    endpoint, entry.pool.getconn(timeout=wait), entry.pool.putconn
-                )
-            else:
-                conn = await entry.pool.getconn(timeout=wait)
+            if unpooled:
+                await self._room_for(key, entry, size)
+            entry.pending += 1
+            try:
+                if recent:
+                    conn = await self._first_login(
+                        endpoint, entry.pool.getconn(timeout=wait), entry.pool.putconn
+                    )
+                else:
+                    conn = await entry.pool.getconn(timeout=wait)
+            finally:
+                entry.pending -= 1
             if fresh:
                 self._reached[endpoint.server_id] = time.monotonic()
             entry.checked_out += 1
             return entry, conn
         except (PoolTimeout, psycopg.OperationalError) as e:
             self._pools.give_back(entry)
-            if isinstance(e, PoolTimeout) and entry.checked_out + unpooled > 0:
+            if isinstance(e, PoolTimeout) and (
+                entry.checked_out + unpooled > 0 or _only_waited(entry.pool)
+            ):
                 raise self._busy(endpoint, mode, size) from None
             # Retry afresh next time, without the pool's reconnection backoff.
             self._pools.discard(entry)
@@ -561,6 +580,35 @@ class SqlGateway:
         except BaseException:
             self._pools.give_back(entry)
             raise
+
+    async def _room_for(
+        self, key: tuple[uuid.UUID, Mode], entry: PoolEntry[AsyncConnectionPool], size: int
+    ) -> None:
+        """While statements of the project run on connections of their own,
+        more of its statements wait here until those and the pool's together
+        are fewer than its most at once, as they would wait for one of the
+        pool's connections (and PoolTimeout after the same wait)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.platform.settings.connect_timeout_s
+        while (
+            own := self._unpooled.get(key, 0)
+        ) and entry.pending + entry.checked_out + own >= size:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise PoolTimeout()
+            self._room_waiters += 1
+            try:
+                await asyncio.wait_for(self._room.wait(), left)
+            except TimeoutError:
+                raise PoolTimeout() from None
+            finally:
+                self._room_waiters -= 1
+
+    def _room_made(self) -> None:
+        """A connection went back: wake the statements waiting for room."""
+        if self._room_waiters:
+            room, self._room = self._room, asyncio.Event()
+            room.set()
 
     @staticmethod
     def _busy(endpoint: TenantEndpoint, mode: Mode, size: int) -> TooManyStatements:
@@ -643,6 +691,7 @@ class SqlGateway:
             self._unpooled[key] = left
         else:
             self._unpooled.pop(key, None)
+        self._room_made()
 
     async def _first_login(
         self,
@@ -691,6 +740,7 @@ class SqlGateway:
         finally:
             entry.checked_out -= 1
             self._pools.give_back(entry)
+            self._room_made()
 
     async def terminate(self, endpoint: TenantEndpoint, backend_pid: int) -> None:
         """End a session that ignores cancel requests (PL/pgSQL can catch
