@@ -4,6 +4,8 @@ connection bound across many projects."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -106,6 +108,30 @@ def test_a_server_that_just_went_down_is_said_at_once(api: Api, fleet: FleetUnde
         assert err["code"] == "region_unavailable", err
         assert time.monotonic() - t0 < 3.0
     assert scalar(api, fresh, "select 1") == 1
+
+
+def test_a_frozen_server_is_503_not_refused_credentials(
+    platform_factory: Any, fleet: FleetUnderTest
+) -> None:
+    """A postmaster that accepts connections and serves none (SIGSTOP: the
+    knock gets in, every login times out) is an unavailable region, not
+    credentials the server refused (found by an attack: it answered 409)."""
+    platform: Platform = platform_factory(api_workers=1, connect_timeout_s=1)
+    _, token = create_owner(platform, "frozen")
+    server = fleet.server("us-east-1")
+    postmaster = int((fleet.fleet.data_dir(server.name) / "postmaster.pid").read_text().split()[0])
+    with TestClient(create_app(platform)) as client:
+        api = Api(client, token)
+        pid = create_ok(api, "cold", region="us-east-1")["id"]
+        os.kill(postmaster, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            err = error_of(run(api, pid, "select 1"), 503)
+            assert err["code"] == "region_unavailable", err
+            assert time.monotonic() - t0 < 6.0
+        finally:
+            os.kill(postmaster, signal.SIGCONT)
+        assert until(lambda: run(api, pid, "select 1").status_code == 200, 10)
 
 
 def test_down_server_after_use_is_503(api: Api, fleet: FleetUnderTest) -> None:

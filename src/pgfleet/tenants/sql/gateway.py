@@ -667,9 +667,13 @@ class SqlGateway:
                         raise
                     conn = await psycopg.AsyncConnection.connect(**kwargs)
             except psycopg.OperationalError as e:
-                # A server that is not there is said at once; otherwise why
-                # it refused the login, in words.
-                if not await self._knock(endpoint):
+                # A server that is not there is said at once, and so is one
+                # that took both attempts' whole time to answer a login (it
+                # accepts connections and does not serve them: frozen or
+                # overwhelmed; the catalog, read over the admin's standing
+                # session, would not say why). Otherwise why it refused the
+                # login, in words.
+                if "timeout expired" in str(e) or not await self._knock(endpoint):
                     self._unreachable.add(endpoint.server_id)
                     self._reached.pop(endpoint.server_id, None)
                     raise self._unreachable_error(endpoint) from e
