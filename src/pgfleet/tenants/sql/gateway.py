@@ -496,6 +496,19 @@ class SqlGateway:
             await writer.wait_closed()
         return True
 
+    def _recently_reached(self, endpoint: TenantEndpoint) -> bool:
+        """Whether a login on the project's server succeeded in the last
+        REACHED_S (then a first login does not knock first)."""
+        reached = self._reached.get(endpoint.server_id)
+        return reached is not None and time.monotonic() - reached < REACHED_S
+
+    def _gone(self, endpoint: TenantEndpoint) -> RegionUnavailable:
+        """The project's server is unreachable: the next request knocks
+        before it logs in there. The error that says so."""
+        self._unreachable.add(endpoint.server_id)
+        self._reached.pop(endpoint.server_id, None)
+        return self._unreachable_error(endpoint)
+
     def _admit(self, key: tuple[uuid.UUID, Mode]) -> bool:
         """Whether (project, mode) gets a pool: it has one, or its last
         statement was among the last 2 x cap (see the module's docstring)."""
@@ -543,11 +556,9 @@ class SqlGateway:
                 # that refuses connections is one, and is said at once: a
                 # knock asks first, unless a login there just succeeded; then
                 # only a first login that takes longer than PROBE_S knocks.
-                reached = self._reached.get(endpoint.server_id)
-                recent = reached is not None and time.monotonic() - reached < REACHED_S
+                recent = self._recently_reached(endpoint)
                 if not recent and not await self._knock(endpoint):
-                    self._unreachable.add(endpoint.server_id)
-                    raise self._unreachable_error(endpoint)
+                    raise self._gone(endpoint)
                 wait = 2 * self.platform.settings.connect_timeout_s + 1.5
                 # Opened on first use, on this loop; open() is idempotent.
                 await entry.pool.open(wait=False)
@@ -626,8 +637,7 @@ class SqlGateway:
         """Why a login failed, in words (see connections.refusal)."""
         why = await asyncio.to_thread(refusal, self.platform, endpoint, mode, plan_type)
         if isinstance(why, RegionUnavailable):
-            self._unreachable.add(endpoint.server_id)
-            self._reached.pop(endpoint.server_id, None)
+            self._gone(endpoint)
         return why
 
     async def _connect_unpooled(
@@ -645,11 +655,8 @@ class SqlGateway:
             raise self._busy(endpoint, mode, size)
         self._unpooled[key] = self._unpooled.get(key, 0) + 1
         try:
-            reached = self._reached.get(endpoint.server_id)
-            recent = reached is not None and time.monotonic() - reached < REACHED_S
-            if not recent and not await self._knock(endpoint):
-                self._unreachable.add(endpoint.server_id)
-                raise self._unreachable_error(endpoint)
+            if not self._recently_reached(endpoint) and not await self._knock(endpoint):
+                raise self._gone(endpoint)
             s = self.platform.settings
             kwargs = {
                 **endpoint.conninfo(mode, s.connect_timeout_s),
@@ -674,9 +681,7 @@ class SqlGateway:
                 # session, would not say why). Otherwise why it refused the
                 # login, in words.
                 if "timeout expired" in str(e) or not await self._knock(endpoint):
-                    self._unreachable.add(endpoint.server_id)
-                    self._reached.pop(endpoint.server_id, None)
-                    raise self._unreachable_error(endpoint) from e
+                    raise self._gone(endpoint) from e
                 raise await self._refused(endpoint, mode, plan_type) from e
             try:
                 await configure_loaders(conn)
@@ -710,9 +715,7 @@ class SqlGateway:
         try:
             await asyncio.wait({getting}, timeout=PROBE_S)
             if not getting.done() and not await self._knock(endpoint):
-                self._unreachable.add(endpoint.server_id)
-                self._reached.pop(endpoint.server_id, None)
-                raise self._unreachable_error(endpoint)
+                raise self._gone(endpoint)
             return await getting
         except BaseException:
             if not getting.done():
