@@ -115,23 +115,31 @@ def test_a_frozen_server_is_503_not_refused_credentials(
 ) -> None:
     """A postmaster that accepts connections and serves none (SIGSTOP: the
     knock gets in, every login times out) is an unavailable region, not
-    credentials the server refused (found by an attack: it answered 409)."""
+    credentials the server refused (found by an attack: it answered 409).
+    Both for a project's first statement (a connection of its own) and for
+    one that comes back (its new pool's logins time out inside the pool)."""
     platform: Platform = platform_factory(api_workers=1, connect_timeout_s=1)
     _, token = create_owner(platform, "frozen")
     server = fleet.server("us-east-1")
     postmaster = int((fleet.fleet.data_dir(server.name) / "postmaster.pid").read_text().split()[0])
     with TestClient(create_app(platform)) as client:
         api = Api(client, token)
-        pid = create_ok(api, "cold", region="us-east-1")["id"]
+        cold = create_ok(api, "cold", region="us-east-1")["id"]
+        warm = create_ok(api, "warm", region="us-east-1")["id"]
+        assert scalar(api, warm, "select 1") == 1  # the next one gets a pool
         os.kill(postmaster, signal.SIGSTOP)
         try:
-            t0 = time.monotonic()
-            err = error_of(run(api, pid, "select 1"), 503)
-            assert err["code"] == "region_unavailable", err
-            assert time.monotonic() - t0 < 6.0
+            for pid in (warm, cold):
+                t0 = time.monotonic()
+                err = error_of(run(api, pid, "select 1"), 503)
+                assert err["code"] == "region_unavailable", (pid == warm, err)
+                assert time.monotonic() - t0 < 6.0
+            pools = client.app.state.sql._pools  # type: ignore[attr-defined]
+            assert len(pools) == 0  # the failed pool is not kept
         finally:
             os.kill(postmaster, signal.SIGCONT)
-        assert until(lambda: run(api, pid, "select 1").status_code == 200, 10)
+        for pid in (warm, cold):
+            assert until(lambda p=pid: run(api, p, "select 1").status_code == 200, 10)
 
 
 def test_down_server_after_use_is_503(api: Api, fleet: FleetUnderTest) -> None:

@@ -97,7 +97,12 @@ class _MarkingPool(ConnectionPool):
 
 
 class _AsyncMarkingPool(AsyncConnectionPool):
-    """_MarkingPool for an AsyncConnectionPool."""
+    """_MarkingPool for an AsyncConnectionPool. It also keeps why its last
+    login failed (`last_login_error`, None once one succeeds): a caller whose
+    wait ran out can tell a server that answers no login in time from one
+    that refuses it."""
+
+    last_login_error: psycopg.OperationalError | None = None
 
     async def putconn(self, conn: psycopg.AsyncConnection[Any]) -> None:
         mark_returned(conn)
@@ -160,6 +165,23 @@ def swept_async_pool(**kwargs: Any) -> AsyncConnectionPool:
     """The async twin of swept_pool; the pool is returned unopened."""
     sweep = _AsyncSweep()
     configure = kwargs.get("configure")
+    base: type[psycopg.AsyncConnection[Any]] = kwargs.get(
+        "connection_class", psycopg.AsyncConnection
+    )
+
+    class Noted(base):  # type: ignore[valid-type,misc]
+        """Its pool's logins, each failure noted on the pool (the pool's
+        connect retries keep only a count)."""
+
+        @classmethod
+        async def connect(cls, *args: Any, **kw: Any) -> Any:
+            try:
+                conn = await super().connect(*args, **kw)
+            except psycopg.OperationalError as e:
+                pool.last_login_error = e
+                raise
+            pool.last_login_error = None
+            return conn
 
     async def conf(conn: psycopg.AsyncConnection[Any]) -> None:
         mark_returned(conn)  # see _fresh
@@ -167,9 +189,22 @@ def swept_async_pool(**kwargs: Any) -> AsyncConnectionPool:
             await configure(conn)
 
     kwargs["configure"] = conf
-    pool: AsyncConnectionPool = _AsyncMarkingPool(check=sweep, open=False, **kwargs)
+    kwargs["connection_class"] = Noted
+    pool = _AsyncMarkingPool(check=sweep, open=False, **kwargs)
     sweep.pool = pool
     return pool
+
+
+def login_timed_out(error: BaseException | None) -> bool:
+    """Whether a failed login got no answer in time (libpq's connect_timeout):
+    the server accepts connections and serves none (frozen, or overwhelmed)."""
+    return isinstance(error, psycopg.OperationalError) and "timeout expired" in str(error)
+
+
+def last_login_error(pool: AsyncConnectionPool) -> psycopg.OperationalError | None:
+    """Why a swept_async_pool's last login failed (None: it succeeded, or
+    none was tried)."""
+    return getattr(pool, "last_login_error", None)
 
 
 class ConnectionSource(Protocol):

@@ -65,7 +65,7 @@ from pgfleet.monitoring.querylog import QueryLogWriter
 from pgfleet.platform.core import Platform
 from pgfleet.platform.db import AsyncPlatformDB
 from pgfleet.platform.owners import Owner
-from pgfleet.pooling import mark_returned, swept_async_pool
+from pgfleet.pooling import last_login_error, login_timed_out, mark_returned, swept_async_pool
 from pgfleet.regions import get_plan
 from pgfleet.tenants.connections import (
     DatabasePlatformClient,
@@ -587,6 +587,9 @@ class SqlGateway:
             # Retry afresh next time, without the pool's reconnection backoff.
             self._pools.discard(entry)
             self._spawn(entry.pool.close(timeout=5))
+            if login_timed_out(last_login_error(entry.pool)):
+                # Its logins got no answer in time (see _connect_unpooled).
+                raise self._gone(endpoint) from e
             raise await self._refused(endpoint, mode, plan_type) from e
         except BaseException:
             self._pools.give_back(entry)
@@ -670,7 +673,7 @@ class SqlGateway:
                         endpoint, psycopg.AsyncConnection.connect(**kwargs), _close
                     )
                 except psycopg.OperationalError as e:
-                    if "timeout expired" not in str(e):
+                    if not login_timed_out(e):
                         raise
                     conn = await psycopg.AsyncConnection.connect(**kwargs)
             except psycopg.OperationalError as e:
@@ -680,7 +683,7 @@ class SqlGateway:
                 # overwhelmed; the catalog, read over the admin's standing
                 # session, would not say why). Otherwise why it refused the
                 # login, in words.
-                if "timeout expired" in str(e) or not await self._knock(endpoint):
+                if login_timed_out(e) or not await self._knock(endpoint):
                     raise self._gone(endpoint) from e
                 raise await self._refused(endpoint, mode, plan_type) from e
             try:
