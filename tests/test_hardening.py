@@ -1,12 +1,14 @@
 """What an attack on a fresh fleet found besides the superuser hole: security
 headers and secrets kept out of pages, a sign-in CSRF token the server
-signed, rate limits, a role's connection limit named as such, tenants'
-passwords kept out of every log, and one error envelope for every error."""
+signed, rate limits, a role's connection limit named as such, a connection
+that never logs in ended, tenants' passwords kept out of every log, and one
+error envelope for every error."""
 
 from __future__ import annotations
 
 import json
 import re
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -216,6 +218,18 @@ def test_a_full_connection_limit_is_429_naming_it(api: Api) -> None:
 
 
 # ---- passwords never in a log ------------------------------------------------------
+
+
+def test_a_connection_that_never_logs_in_is_ended(fleet: FleetUnderTest) -> None:
+    """A client that opens a connection and sends nothing holds a server
+    process until authentication_timeout: 10 s on pgfleet's servers, not
+    PostgreSQL's 60."""
+    port = fleet.server("us-east-1").port
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
+        t0 = time.monotonic()
+        assert raw.recv(1) == b"", "the server sent something to a silent client"
+        waited = time.monotonic() - t0
+    assert 5 < waited < 20, waited
 
 
 def test_a_password_a_tenant_types_reaches_no_log(

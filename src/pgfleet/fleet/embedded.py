@@ -496,6 +496,12 @@ class EmbeddedFleet:
             "password_encryption": "'scram-sha-256'",
             "wal_level": "logical",
             "max_connections": "300",
+            # A connection that has not logged in within 10 s is ended (60 s
+            # by default): a client that opens connections and never finishes
+            # a login holds a server process that long. A login that timed
+            # out on our side while the server was frozen leaves one too,
+            # open until Python collects it (seen: 60 s of four such).
+            "authentication_timeout": "'10s'",
             "max_wal_senders": "10",
             "max_replication_slots": "10",
             "shared_buffers": "64MB",
