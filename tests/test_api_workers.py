@@ -3,12 +3,14 @@ subprocess on the suite's fleet."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +21,18 @@ from psycopg.conninfo import make_conninfo
 
 from pgfleet.auth import create_owner
 from pgfleet.platform.core import Platform
-from tests.helpers import FleetUnderTest, wait_healthy
+from tests.helpers import FleetUnderTest, until, wait_healthy
+
+
+@dataclass
+class Served:
+    url: str
+    port: int
+    proc: subprocess.Popen[bytes]
 
 
 @pytest.fixture
-def two_workers(platform: Platform, fleet: FleetUnderTest, tmp_path: Path) -> Iterator[str]:
+def two_workers(platform: Platform, fleet: FleetUnderTest, tmp_path: Path) -> Iterator[Served]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -51,14 +60,54 @@ def two_workers(platform: Platform, fleet: FleetUnderTest, tmp_path: Path) -> It
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, 60, lambda: None if proc.poll() is None else log.read_text())
-        yield url
+        yield Served(url, port, proc)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):  # a test may have ended it
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def api_processes(parent: int) -> list[int]:
+    """The API processes under `pgfleet serve`'s process."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) != parent:
+                continue
+            # Not multiprocessing's resource tracker, also a child.
+            with contextlib.suppress(OSError):
+                if b"spawn_main" in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+    return found
+
+
+def established_on(port: int, pids: list[int]) -> dict[int, int]:
+    """How many established connections to `port` each process holds."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                f = line.split()
+                if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "01":
+                    inodes.add(f[9])
+    held = {}
+    for pid in pids:
+        fds = Path(f"/proc/{pid}/fd")
+        n = 0
+        for fd in fds.iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd).removeprefix("socket:[").removesuffix("]") in inodes:
+                    n += 1
+        held[pid] = n
+    return held
 
 
 def _sql_requests(url: str, token: str) -> float:
@@ -76,18 +125,62 @@ def _sql_requests(url: str, token: str) -> float:
     raise AssertionError("no pgfleet_http_requests in /metrics")
 
 
-def test_metrics_count_every_process(two_workers: str, platform: Platform) -> None:
+def test_metrics_count_every_process(two_workers: Served, platform: Platform) -> None:
     """Each request on its own connection lands on either process; every
     scrape, whichever process answers, counts them all."""
+    url = two_workers.url
     _, token = create_owner(platform, "admin", is_admin=True)
     headers: dict[str, Any] = {"Authorization": f"Bearer {token}"}
-    r = httpx.post(f"{two_workers}/v1/projects", json={"name": "mp"}, headers=headers, timeout=60)
+    r = httpx.post(f"{url}/v1/projects", json={"name": "mp"}, headers=headers, timeout=60)
     assert r.status_code == 201, r.text
     pid = r.json()["id"]
     n = 30
     for _ in range(n):
-        with httpx.Client(base_url=two_workers, headers=headers, timeout=30) as http:
+        with httpx.Client(base_url=url, headers=headers, timeout=30) as http:
             r = http.post(f"/v1/projects/{pid}/sql", json={"query": "select 1"})
             assert r.status_code == 200, r.text
     for _ in range(6):
-        assert _sql_requests(two_workers, token) == n
+        assert _sql_requests(url, token) == n
+
+
+def test_a_burst_of_connections_spreads_over_the_processes(two_workers: Served) -> None:
+    """32 connections opened at once (as a client's keep-alive pool does):
+    both API processes take some. On one socket shared by both, whichever
+    woke first accepted the whole burst."""
+    processes = api_processes(two_workers.proc.pid)
+    assert len(processes) == 2, processes
+    burst = []
+    try:
+        for _ in range(32):
+            burst.append(socket.create_connection(("127.0.0.1", two_workers.port), timeout=10))
+        assert until(lambda: sum(established_on(two_workers.port, processes).values()) == 32, 10)
+        held = established_on(two_workers.port, processes)
+        assert min(held.values()) >= 4, held
+    finally:
+        for sock in burst:
+            sock.close()
+
+
+def test_a_process_that_dies_is_replaced_and_sigterm_stops_them_all(two_workers: Served) -> None:
+    first = api_processes(two_workers.proc.pid)
+    assert len(first) == 2, first
+    os.kill(first[0], signal.SIGKILL)
+    assert until(lambda: len(set(api_processes(two_workers.proc.pid)) - {first[0]}) == 2, 30)
+    wait_healthy(two_workers.url, 30, lambda: None)
+    now = api_processes(two_workers.proc.pid)
+    for _ in range(10):  # whichever process answers
+        assert httpx.get(f"{two_workers.url}/health", timeout=10).status_code == 200
+    os.kill(two_workers.proc.pid, signal.SIGTERM)  # what `pgfleet down` sends
+    assert two_workers.proc.wait(timeout=20) == 0
+    assert not [p for p in now if Path(f"/proc/{p}").exists()], "an API process outlived its parent"
+
+
+def test_an_orphaned_process_ends(two_workers: Served) -> None:
+    """If the parent is killed outright, its API processes end too: an orphan
+    would keep the port, and a new API there would find it taken."""
+    processes = api_processes(two_workers.proc.pid)
+    os.kill(two_workers.proc.pid, signal.SIGKILL)
+    two_workers.proc.wait(timeout=10)
+    assert until(lambda: not [p for p in processes if Path(f"/proc/{p}").exists()], 20)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", two_workers.port))  # the port is free again

@@ -20,7 +20,7 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import httpx
 import psycopg
@@ -276,6 +276,7 @@ def _run_uvicorn(s: Settings) -> None:
     # commands that serve, so client commands and --help start fast.
     import uvicorn
 
+    from pgfleet.api import processes
     from pgfleet.api.app import create_app, proxy_options
 
     warn_weak_tls(s)
@@ -287,17 +288,24 @@ def _run_uvicorn(s: Settings) -> None:
         shutil.rmtree(metrics_dir, ignore_errors=True)
         metrics_dir.mkdir(parents=True)
         os.environ[MULTIPROC_ENV] = str(metrics_dir)
-        uvicorn.run(
-            "pgfleet.api.app:create_app",
-            factory=True,
-            host=s.api_host,
-            port=s.api_port,
-            workers=s.api_workers,
-            log_level="warning",
-            access_log=False,
-            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        options: dict[str, Any] = {
+            "factory": True,
+            "host": s.api_host,
+            "port": s.api_port,
+            "log_level": "warning",
+            "access_log": False,
+            "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
             **proxy_options(s),
-        )
+        }
+        if processes.spreads_connections():
+            # Each process on a socket of its own (see api/processes.py).
+            config = uvicorn.Config("pgfleet.api.app:create_app", **options)
+            try:
+                processes.serve(config, s.api_workers)
+            except OSError as e:
+                fail(f"cannot listen on {s.api_host}:{s.api_port}: {e.strerror or e}")
+            return
+        uvicorn.run("pgfleet.api.app:create_app", workers=s.api_workers, **options)
         return
     uvicorn.run(
         create_app(settings=s),
