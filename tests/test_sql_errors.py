@@ -332,6 +332,21 @@ def test_only_a_project_that_comes_back_gets_a_pool(
                 pid_of(p)
         assert len(pools) == 1
         assert until(lambda: backends(fleet, users[1:]) == 0)
+        # The project with a pool keeps coming back while others pass...
+        a = uuid.UUID(pids[0])
+        for p in pids[1:5]:
+            pid_of(p)
+            pid_of(pids[0])
+        assert pools.holds(a, "rw")
+        # ...until two others come back and their pools push its pool out.
+        for p in pids[1:3]:
+            pid_of(p)
+            pid_of(p)
+        assert not pools.holds(a, "rw") and len(pools) == 2
+        # Its next statement gets a pool again at once: it was among the
+        # last few, though its pool was what it used.
+        pid_of(pids[0])
+        assert pools.holds(a, "rw")
         # Connections of their own count toward a project's most statements
         # at once, as a pool's do (tested with a slow one in
         # test_busy_project_is_429_not_a_down_region).

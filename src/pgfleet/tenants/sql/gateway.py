@@ -512,9 +512,9 @@ class SqlGateway:
     def _admit(self, key: tuple[uuid.UUID, Mode]) -> bool:
         """Whether (project, mode) gets a pool: it has one, or its last
         statement was among the last 2 x cap (see the module's docstring)."""
-        if self._pools.holds(*key):
-            return True
-        seen = key in self._seen
+        seen = key in self._seen or self._pools.holds(*key)
+        # Kept in the window while it has a pool too: once the pool is
+        # evicted, a project that keeps coming back gets a new one at once.
         self._seen[key] = None
         self._seen.move_to_end(key)
         # Twice the pools kept: a pool in use is never evicted, so the cache
