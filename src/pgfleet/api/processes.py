@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from multiprocessing.process import BaseProcess
@@ -85,7 +86,13 @@ def _process_main(config: uvicorn.Config) -> None:
     """One API process (run in a spawned child: `config` came pickled)."""
     threading.Thread(target=_orphaned, args=(os.getppid(),), daemon=True).start()
     config.configure_logging()
-    sock = listener(config.host, config.port, config.backlog)
+    try:
+        sock = listener(config.host, config.port, config.backlog)
+    except OSError as e:
+        # As uvicorn does: a process that cannot listen fails to start, and
+        # the parent stops rather than start another every half second.
+        log.error("cannot listen on %s:%s: %s", config.host, config.port, e)
+        sys.exit(STARTUP_FAILURE)
     uvicorn.Server(config).run(sockets=[sock])
 
 
