@@ -9,6 +9,7 @@ import signal
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -126,6 +127,7 @@ def test_a_frozen_server_is_503_not_refused_credentials(
         api = Api(client, token)
         cold = create_ok(api, "cold", region="us-east-1")["id"]
         warm = create_ok(api, "warm", region="us-east-1")["id"]
+        burst = create_ok(api, "burst", region="us-east-1")["id"]
         assert scalar(api, warm, "select 1") == 1  # the next one gets a pool
         os.kill(postmaster, signal.SIGSTOP)
         try:
@@ -134,11 +136,16 @@ def test_a_frozen_server_is_503_not_refused_credentials(
                 err = error_of(run(api, pid, "select 1"), 503)
                 assert err["code"] == "region_unavailable", (pid == warm, err)
                 assert time.monotonic() - t0 < 6.0
+            # Four first statements at once (the first on a connection of its
+            # own, the others waiting on a new pool): all 503, none 429.
+            with ThreadPoolExecutor(4) as pool:
+                answers = list(pool.map(lambda _: run(api, burst, "select 1"), range(4)))
+            assert [r.status_code for r in answers] == [503] * 4, [r.text for r in answers]
             pools = client.app.state.sql._pools  # type: ignore[attr-defined]
             assert len(pools) == 0  # the failed pool is not kept
         finally:
             os.kill(postmaster, signal.SIGCONT)
-        for pid in (warm, cold):
+        for pid in (warm, cold, burst):
             assert until(lambda p=pid: run(api, p, "select 1").status_code == 200, 10)
 
 

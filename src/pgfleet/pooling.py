@@ -103,6 +103,7 @@ class _AsyncMarkingPool(AsyncConnectionPool):
     that refuses it."""
 
     last_login_error: psycopg.OperationalError | None = None
+    last_login_failed_at = 0.0  # time.monotonic() of that failure
 
     async def putconn(self, conn: psycopg.AsyncConnection[Any]) -> None:
         mark_returned(conn)
@@ -179,6 +180,7 @@ def swept_async_pool(**kwargs: Any) -> AsyncConnectionPool:
                 conn = await super().connect(*args, **kw)
             except psycopg.OperationalError as e:
                 pool.last_login_error = e
+                pool.last_login_failed_at = time.monotonic()
                 raise
             pool.last_login_error = None
             return conn
@@ -201,9 +203,13 @@ def login_timed_out(error: BaseException | None) -> bool:
     return isinstance(error, psycopg.OperationalError) and "timeout expired" in str(error)
 
 
-def last_login_error(pool: AsyncConnectionPool) -> psycopg.OperationalError | None:
-    """Why a swept_async_pool's last login failed (None: it succeeded, or
-    none was tried)."""
+def last_login_error(
+    pool: AsyncConnectionPool, since: float = 0.0
+) -> psycopg.OperationalError | None:
+    """Why a swept_async_pool's last login failed, if it failed after
+    `since` (a time.monotonic()); None if it succeeded, or none was tried."""
+    if getattr(pool, "last_login_failed_at", 0.0) < since:
+        return None
     return getattr(pool, "last_login_error", None)
 
 

@@ -537,6 +537,7 @@ class SqlGateway:
         size = self.pool_size(plan_type)
         key = (endpoint.tenant_id, mode)
         unpooled = self._unpooled.get(key, 0)
+        asked = time.monotonic()
         if not self._admit(key):
             conn = await self._connect_unpooled(endpoint, mode, plan_type, key, size)
             return Unpooled(key), conn
@@ -580,16 +581,22 @@ class SqlGateway:
             return entry, conn
         except (PoolTimeout, psycopg.OperationalError) as e:
             self._pools.give_back(entry)
+            if login_timed_out(last_login_error(entry.pool, since=asked)):
+                # Logins there got no answer in time while this waited (see
+                # _connect_unpooled), however busy the project also is. A
+                # pool with sessions in use keeps them: they may still work.
+                if not entry.checked_out:
+                    self._pools.discard(entry)
+                    self._spawn(entry.pool.close(timeout=5))
+                raise self._gone(endpoint) from e
+            own = self._unpooled.get(key, 0)  # now, not when this one came
             if isinstance(e, PoolTimeout) and (
-                entry.checked_out + unpooled > 0 or _only_waited(entry.pool)
+                entry.checked_out + own > 0 or _only_waited(entry.pool)
             ):
                 raise self._busy(endpoint, mode, size) from None
             # Retry afresh next time, without the pool's reconnection backoff.
             self._pools.discard(entry)
             self._spawn(entry.pool.close(timeout=5))
-            if login_timed_out(last_login_error(entry.pool)):
-                # Its logins got no answer in time (see _connect_unpooled).
-                raise self._gone(endpoint) from e
             raise await self._refused(endpoint, mode, plan_type) from e
         except BaseException:
             self._pools.give_back(entry)
