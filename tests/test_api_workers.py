@@ -29,6 +29,7 @@ class Served:
     url: str
     port: int
     proc: subprocess.Popen[bytes]
+    log: Path
 
 
 @pytest.fixture
@@ -60,7 +61,7 @@ def two_workers(platform: Platform, fleet: FleetUnderTest, tmp_path: Path) -> It
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, 60, lambda: None if proc.poll() is None else log.read_text())
-        yield Served(url, port, proc)
+        yield Served(url, port, proc, log)
     finally:
         with contextlib.suppress(ProcessLookupError):  # a test may have ended it
             os.killpg(proc.pid, signal.SIGTERM)
@@ -89,14 +90,15 @@ def api_processes(parent: int) -> list[int]:
     return found
 
 
-def established_on(port: int, pids: list[int]) -> dict[int, int]:
-    """How many established connections to `port` each process holds."""
+def established_on(port: int, pids: list[int], state: str = "01") -> dict[int, int]:
+    """How many established connections to `port` each process holds (with
+    state "0A": how many sockets listening on it)."""
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(OSError):
             for line in Path(table).read_text().splitlines()[1:]:
                 f = line.split()
-                if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "01":
+                if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == state:
                     inodes.add(f[9])
     held = {}
     for pid in pids:
@@ -149,6 +151,9 @@ def test_a_burst_of_connections_spreads_over_the_processes(two_workers: Served) 
     woke first accepted the whole burst."""
     processes = api_processes(two_workers.proc.pid)
     assert len(processes) == 2, processes
+    # Each listens once its app has started (until then the kernel sends it
+    # nothing); /health answered by one says nothing of the other.
+    assert until(lambda: min(established_on(two_workers.port, processes, "0A").values()), 30)
     burst = []
     try:
         for _ in range(32):
@@ -166,6 +171,11 @@ def test_a_process_that_dies_is_replaced_and_sigterm_stops_them_all(two_workers:
     assert len(first) == 2, first
     os.kill(first[0], signal.SIGKILL)
     assert until(lambda: len(set(api_processes(two_workers.proc.pid)) - {first[0]}) == 2, 30)
+    # Its replacement dies young too: the next waits (no busy restart loop).
+    (young,) = set(api_processes(two_workers.proc.pid)) - set(first)
+    os.kill(young, signal.SIGKILL)
+    assert until(lambda: "another starts in 1 s" in two_workers.log.read_text(), 10)
+    assert until(lambda: len(set(api_processes(two_workers.proc.pid)) - {young}) == 2, 30)
     wait_healthy(two_workers.url, 30, lambda: None)
     now = api_processes(two_workers.proc.pid)
     for _ in range(10):  # whichever process answers

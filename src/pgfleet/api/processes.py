@@ -57,16 +57,17 @@ def port_is_free(host: str, port: int) -> None:
         probe.bind(address)
 
 
-def listener(host: str, port: int, backlog: int) -> socket.socket:
-    """A listening socket on host:port that shares the port with the other
-    processes' (same user only: Linux refuses another user's)."""
+def bound(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port that shares the port with the other
+    processes' (same user only: Linux refuses another user's). Not yet
+    listening: the server listens once its app has started, and until then
+    the kernel sends it no connections."""
     family, address = _address(host, port)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
-        sock.listen(backlog)
     except BaseException:
         sock.close()
         raise
@@ -82,14 +83,14 @@ def _orphaned(parent: int) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _process_main(config: uvicorn.Config) -> None:
+def _process_main(config: uvicorn.Config, parent: int) -> None:
     """One API process (run in a spawned child: `config` came pickled)."""
-    threading.Thread(target=_orphaned, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=_orphaned, args=(parent,), daemon=True).start()
     config.configure_logging()
     try:
-        sock = listener(config.host, config.port, config.backlog)
+        sock = bound(config.host, config.port)
     except OSError as e:
-        # As uvicorn does: a process that cannot listen fails to start, and
+        # As uvicorn does: a process that cannot bind fails to start, and
         # the parent stops rather than start another every half second.
         log.error("cannot listen on %s:%s: %s", config.host, config.port, e)
         sys.exit(STARTUP_FAILURE)
@@ -110,34 +111,54 @@ def serve(config: uvicorn.Config, processes: int) -> None:
         signal.signal(sig, stop)
 
     def start() -> BaseProcess:
-        p = ctx.Process(target=_process_main, args=(config,), name="pgfleet-api")
+        p = ctx.Process(target=_process_main, args=(config, os.getpid()), name="pgfleet-api")
         p.start()
         return p
 
-    running = [start() for _ in range(processes)]
+    slots: list[BaseProcess | None] = [start() for _ in range(processes)]
+    since = [time.monotonic()] * processes  # when each slot's process started
+    due = [0.0] * processes  # when an empty slot gets its next process
+    deaths = [0] * processes  # each slot's processes in a row that died young
+    failed = False
     log.info("started %d API processes (parent %d)", processes, os.getpid())
     try:
         while not stopping.wait(0.5):
-            for i, p in enumerate(running):
+            now = time.monotonic()
+            for i, p in enumerate(slots):
+                if p is None:
+                    if now >= due[i]:
+                        slots[i], since[i] = start(), now
+                    continue
                 if p.is_alive():
                     continue
                 if p.exitcode == STARTUP_FAILURE:
                     # It failed before serving: every new one would too.
                     log.error("API process %s failed to start; stopping", p.pid)
+                    failed = True
                     stopping.set()
                     break
+                # Replaced at once; one that keeps dying within a minute of
+                # its start waits 1, 2, 4... up to 30 s: no busy loop.
+                deaths[i] = deaths[i] + 1 if now - since[i] < 60 else 1
+                delay = min(30.0, 2.0 ** (deaths[i] - 2)) if deaths[i] > 1 else 0.0
                 log.warning(
-                    "API process %s ended (exit code %s); starting another", p.pid, p.exitcode
+                    "API process %s ended (exit code %s); another starts in %.0f s",
+                    p.pid,
+                    p.exitcode,
+                    delay,
                 )
-                running[i] = start()
+                slots[i], due[i] = None, now + delay
     finally:
-        for p in running:
+        alive = [p for p in slots if p is not None]
+        for p in alive:
             if p.is_alive() and p.pid is not None:
                 os.kill(p.pid, signal.SIGTERM)
-        for p in running:
-            p.join(STOP_WAIT_S)
+        deadline = time.monotonic() + STOP_WAIT_S  # one wait for them all
+        for p in alive:
+            p.join(max(0.0, deadline - time.monotonic()))
+        for p in alive:
             if p.is_alive():
                 p.kill()
                 p.join()
-    if any(p.exitcode == STARTUP_FAILURE for p in running):
+    if failed:
         raise SystemExit(STARTUP_FAILURE)

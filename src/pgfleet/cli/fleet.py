@@ -223,9 +223,8 @@ def _start_detached(s: Settings, url: str) -> None:
             held = _listeners(s.api_port)
             who = f" by pid {', '.join(map(str, held))}" if held else ""
             fail(
-                f"port {s.api_port} is in use{who}, so the API cannot start: an API of this "
-                "fleet whose supervisor was killed leaves its workers behind (stop them, "
-                "then `pgfleet up --detach`), or set PGFLEET_API_PORT"
+                f"port {s.api_port} is in use{who}, so the API cannot start: stop what "
+                "holds it, or set PGFLEET_API_PORT"
             )
     log = (s.home_abs / "api.log").open("ab")
     proc = subprocess.Popen(
