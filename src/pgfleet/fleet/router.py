@@ -339,6 +339,10 @@ def render_ini(
         "auth_file": str(paths.auth),
         "admin_users": ROUTER_ADMIN,
         "max_client_conn": str(MAX_CLIENTS),
+        # A client that has not logged in within 10 s is dropped (PgBouncer's
+        # default is 60 s): silent connections hold no slot of the
+        # max_client_conn for long, as on the servers (authentication_timeout).
+        "client_login_timeout": "10",
         "default_pool_size": "2",
         # Clients: TLS or nothing, with a certificate from the fleet CA for
         # the names connection strings use.
