@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi.testclient import TestClient
@@ -147,6 +148,50 @@ def test_a_frozen_server_is_503_not_refused_credentials(
             os.kill(postmaster, signal.SIGCONT)
         for pid in (warm, cold, burst):
             assert until(lambda p=pid: run(api, p, "select 1").status_code == 200, 10)
+
+
+def test_a_wholly_frozen_server_ends_the_call_with_503(
+    platform_factory: Any, fleet: FleetUnderTest
+) -> None:
+    """The server and every backend of it stopped (its host paused, say): a
+    statement on a pooled session gets no answer, its cancel none, the end
+    of its session none. The call still ends, with 503, soon after its
+    timeout (found by an attack: it hung past 90 s)."""
+    platform: Platform = platform_factory(api_workers=1, connect_timeout_s=1)
+    _, token = create_owner(platform, "paused")
+    server = fleet.server("us-east-1")
+    postmaster = int((fleet.fleet.data_dir(server.name) / "postmaster.pid").read_text().split()[0])
+    with TestClient(create_app(platform)) as client:
+        api = Api(client, token)
+        pid = create_ok(api, "paused", region="us-east-1")["id"]
+        for _ in range(2):  # the second leaves an idle pooled session
+            assert scalar(api, pid, "select 1") == 1
+        frozen = [postmaster, *children_of(postmaster)]
+        for p in frozen:
+            os.kill(p, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            err = error_of(run(api, pid, "select 1", timeout_ms=500), 503)
+            waited = time.monotonic() - t0
+            assert err["code"] == "region_unavailable", err
+            assert waited < 25, waited
+        finally:
+            for p in frozen:
+                os.kill(p, signal.SIGCONT)
+        assert until(lambda: run(api, pid, "select 1").status_code == 200, 15)
+
+
+def children_of(parent: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+                found.append(int(entry.name))
+    return found
 
 
 def test_down_server_after_use_is_503(api: Api, fleet: FleetUnderTest) -> None:

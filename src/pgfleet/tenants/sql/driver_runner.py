@@ -31,7 +31,7 @@ from pgfleet.tenants.sql.driver import (
     result_body,
     row_count,
 )
-from pgfleet.tenants.sql.execute import TimedOut, execute
+from pgfleet.tenants.sql.execute import TimedOut, Unanswered, execute
 from pgfleet.tenants.sql.gateway import Session, SqlGateway
 from pgfleet.tenants.sql.limits import (
     DEFAULT_TIMEOUT_MS,
@@ -152,6 +152,13 @@ class _Call:
             )
             count = result.row_count
             outcome = "ok" if not result.truncated else "too_large"
+        except Unanswered:
+            outcome = "08006"
+            raise RegionUnavailable(
+                f"region {self.endpoint.hosted_region} is unavailable: the project's server "
+                "answered neither the statement nor its cancel",
+                region=self.endpoint.hosted_region,
+            ) from None
         except TimedOut:
             outcome = "57014"
             raise DriverError(

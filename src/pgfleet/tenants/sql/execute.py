@@ -29,6 +29,11 @@ class TimedOut(Exception):
     """The statement ignored its cancel and its session had to be ended."""
 
 
+class Unanswered(Exception):
+    """The server answered neither the statement, nor its cancel, nor the
+    end of its session (it is frozen, or its host is): the call gave up."""
+
+
 # Statements that only read: when their rows pass the caps, the rest are not
 # read (the statement is cancelled). Anything else (INSERT ... RETURNING, a
 # data-modifying WITH) is read to its end, so a truncated answer never hides
@@ -40,6 +45,10 @@ _WRITES = re.compile(r"\b(insert|update|delete|merge)\b")
 
 
 TERMINATE_GRACE_S = 1.0
+# After the session's end was asked for: how long before the call gives up
+# on a server that answers nothing (psycopg then tries its own cancel, for
+# up to 10 s, before it closes the connection).
+UNANSWERED_S = 4.0
 
 
 _INLINE_ROWS = 500  # rows converted on the event loop; beyond, in a thread
@@ -79,7 +88,54 @@ async def execute(
 ) -> tuple[SqlResult, bool]:
     """The statement's result, and whether its connection may be reused.
     With `text`, values are PostgreSQL's text and `columns` the HTTP
-    driver's field descriptions."""
+    driver's field descriptions. Raises TimedOut, or Unanswered if the
+    server answers nothing at all past the timeout (the connection is then
+    not to be reused)."""
+    task = asyncio.current_task()
+    gave_up = False
+
+    def give_up() -> None:
+        nonlocal gave_up
+        gave_up = True
+        if task is not None:
+            task.cancel()
+
+    handle = asyncio.get_running_loop().call_later(
+        timeout_ms / 1000 + TERMINATE_GRACE_S + UNANSWERED_S, give_up
+    )
+    try:
+        return await _execute(
+            conn,
+            tenant_id,
+            req,
+            shape,
+            mode,
+            timeout_ms,
+            max_rows,
+            max_bytes,
+            terminate,
+            text,
+        )
+    except asyncio.CancelledError:
+        if gave_up and task is not None and task.uncancel() == 0:
+            raise Unanswered() from None
+        raise
+    finally:
+        handle.cancel()
+
+
+async def _execute(
+    conn: psycopg.AsyncConnection[Any],
+    tenant_id: uuid.UUID,
+    req: SqlRequest,
+    shape: str,
+    mode: str,
+    timeout_ms: int,
+    max_rows: int,
+    max_bytes: int,
+    terminate: Callable[[int], Coroutine[Any, Any, None]],
+    text: bool,
+) -> tuple[SqlResult, bool]:
     loop = asyncio.get_running_loop()
     pending: list[asyncio.Task[None]] = []
     terminated = False

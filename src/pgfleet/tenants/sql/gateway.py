@@ -77,7 +77,7 @@ from pgfleet.tenants.connections import (
     refusal,
 )
 from pgfleet.tenants.sql.auth import AUTH_CHANNEL, AuthCache, authenticate_with_project_async
-from pgfleet.tenants.sql.execute import TimedOut, execute
+from pgfleet.tenants.sql.execute import TimedOut, Unanswered, execute
 from pgfleet.tenants.sql.limits import (
     SqlRequest,
     SqlResult,
@@ -93,6 +93,8 @@ PROBE_S = 0.5
 # A server this process logged in to this recently is not knocked at before
 # a new pool's first login (a knock costs the server a fork).
 REACHED_S = 5.0
+# How long ending a session that ignored its cancel may take.
+TERMINATE_WAIT_S = 3.0
 
 
 def visible_project(owner: Owner, project_id: str, row: dict[str, Any] | None) -> dict[str, Any]:
@@ -333,6 +335,13 @@ class SqlGateway:
                 await self._give_back(entry, conn, reusable)
             row_count = result.row_count
             outcome = "ok"
+        except Unanswered:
+            outcome = "08006"
+            raise RegionUnavailable(
+                f"region {endpoint.hosted_region} is unavailable: the project's server "
+                f"answered neither the statement nor its cancel (timeout_ms={timeout_ms})",
+                region=endpoint.hosted_region,
+            ) from None
         except TimedOut:
             outcome = "57014"
             raise SqlError(
@@ -774,7 +783,9 @@ class SqlGateway:
                     (backend_pid, endpoint.database),
                 )
 
-        await asyncio.to_thread(kill)
+        # Bounded: on a server that answers nothing (frozen) the admin
+        # session hangs too, and the statement's call must still end.
+        await asyncio.wait_for(asyncio.to_thread(kill), TERMINATE_WAIT_S)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
