@@ -157,6 +157,7 @@ class PoolEntry(Generic[P]):
     in_use: int = 0  # requests holding or waiting for one of its connections
     checked_out: int = 0  # connections handed out (kept by the async gateway)
     pending: int = 0  # requests waiting in the pool for a connection (the same)
+    served: bool = False  # whether the pool has handed out a connection yet (the same)
 
 
 class PoolCache(Generic[P]):

@@ -569,9 +569,14 @@ class SqlGateway:
                 recent = self._recently_reached(endpoint)
                 if not recent and not await self._knock(endpoint):
                     raise self._gone(endpoint)
-                wait = 2 * self.platform.settings.connect_timeout_s + 1.5
                 # Opened on first use, on this loop; open() is idempotent.
                 await entry.pool.open(wait=False)
+            if not entry.served:
+                # Whoever waits on a pool's first login waits as long as it
+                # may take, not only the statement that opened the pool: a
+                # shorter wait would run out before the login's outcome
+                # (then taken for a busy project, on a frozen server).
+                wait = 2 * self.platform.settings.connect_timeout_s + 1.5
             if unpooled:
                 await self._room_for(key, entry, size)
             entry.pending += 1
@@ -586,6 +591,7 @@ class SqlGateway:
                 entry.pending -= 1
             if fresh:
                 self._reached[endpoint.server_id] = time.monotonic()
+            entry.served = True
             entry.checked_out += 1
             return entry, conn
         except (PoolTimeout, psycopg.OperationalError) as e:
