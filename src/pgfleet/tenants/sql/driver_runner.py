@@ -137,6 +137,9 @@ class _Call:
         t0 = time.perf_counter()
         outcome = "error"
         count: int | None = None
+        # Not reused if this statement fails its session (an earlier one of
+        # the batch may have left it reusable).
+        held.reusable = False
         try:
             result, held.reusable = await execute(
                 held.conn,
