@@ -383,3 +383,23 @@ def serve(platform: Platform) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=15)
         sock.close()
+
+
+def children_of(parent: int) -> list[int]:
+    """The pids of `parent`'s child processes."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+                found.append(int(entry.name))
+    return found
+
+
+def postmaster_pid(fleet: FleetUnderTest, region: str) -> int:
+    """The pid of the region's embedded server."""
+    data = fleet.fleet.data_dir(fleet.server(region).name)
+    return int((data / "postmaster.pid").read_text().split()[0])

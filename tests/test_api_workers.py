@@ -21,7 +21,7 @@ from psycopg.conninfo import make_conninfo
 
 from pgfleet.auth import create_owner
 from pgfleet.platform.core import Platform
-from tests.helpers import FleetUnderTest, until, wait_healthy
+from tests.helpers import FleetUnderTest, children_of, until, wait_healthy
 
 
 @dataclass
@@ -73,20 +73,13 @@ def two_workers(platform: Platform, fleet: FleetUnderTest, tmp_path: Path) -> It
 
 
 def api_processes(parent: int) -> list[int]:
-    """The API processes under `pgfleet serve`'s process."""
+    """The API processes under `pgfleet serve`'s process (not
+    multiprocessing's resource tracker, also a child)."""
     found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) != parent:
-                continue
-            # Not multiprocessing's resource tracker, also a child.
-            with contextlib.suppress(OSError):
-                if b"spawn_main" in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
+    for pid in children_of(parent):
+        with contextlib.suppress(OSError):
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
     return found
 
 

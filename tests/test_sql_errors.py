@@ -11,7 +11,6 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from fastapi.testclient import TestClient
@@ -23,9 +22,11 @@ from pgfleet.platform.core import Platform
 from tests.helpers import (
     Api,
     FleetUnderTest,
+    children_of,
     connect,
     create_ok,
     error_of,
+    postmaster_pid,
     restart,
     run,
     run_ok,
@@ -122,8 +123,7 @@ def test_a_frozen_server_is_503_not_refused_credentials(
     one that comes back (its new pool's logins time out inside the pool)."""
     platform: Platform = platform_factory(api_workers=1, connect_timeout_s=1)
     _, token = create_owner(platform, "frozen")
-    server = fleet.server("us-east-1")
-    postmaster = int((fleet.fleet.data_dir(server.name) / "postmaster.pid").read_text().split()[0])
+    postmaster = postmaster_pid(fleet, "us-east-1")
     with TestClient(create_app(platform)) as client:
         api = Api(client, token)
         cold = create_ok(api, "cold", region="us-east-1")["id"]
@@ -159,8 +159,7 @@ def test_a_wholly_frozen_server_ends_the_call_with_503(
     timeout (found by an attack: it hung past 90 s)."""
     platform: Platform = platform_factory(api_workers=1, connect_timeout_s=1)
     _, token = create_owner(platform, "paused")
-    server = fleet.server("us-east-1")
-    postmaster = int((fleet.fleet.data_dir(server.name) / "postmaster.pid").read_text().split()[0])
+    postmaster = postmaster_pid(fleet, "us-east-1")
     with TestClient(create_app(platform)) as client:
         api = Api(client, token)
         pid = create_ok(api, "paused", region="us-east-1")["id"]
@@ -179,19 +178,6 @@ def test_a_wholly_frozen_server_ends_the_call_with_503(
             for p in frozen:
                 os.kill(p, signal.SIGCONT)
         assert until(lambda: run(api, pid, "select 1").status_code == 200, 15)
-
-
-def children_of(parent: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
-                found.append(int(entry.name))
-    return found
 
 
 def test_down_server_after_use_is_503(api: Api, fleet: FleetUnderTest) -> None:

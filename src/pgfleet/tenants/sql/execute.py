@@ -91,168 +91,145 @@ async def execute(
     driver's field descriptions. Raises TimedOut, or Unanswered if the
     server answers nothing at all past the timeout (the connection is then
     not to be reused)."""
-    task = asyncio.current_task()
+    caller = asyncio.current_task()
     gave_up = False
 
     def give_up() -> None:
         nonlocal gave_up
         gave_up = True
-        if task is not None:
-            task.cancel()
+        if caller is not None:
+            caller.cancel()
+
+    async def statement() -> tuple[SqlResult, bool]:
+        loop = asyncio.get_running_loop()
+        pending: list[asyncio.Task[None]] = []
+        terminated = False
+
+        def overdue() -> None:
+            # From outside the session, so nothing the statement SET can stop it.
+            pending.append(loop.create_task(conn.cancel_safe(timeout=2)))
+
+        def stuck() -> None:
+            nonlocal terminated
+            terminated = True
+            pending.append(loop.create_task(terminate(conn.info.backend_pid)))
+
+        timers = [
+            loop.call_later(timeout_ms / 1000, overdue),
+            loop.call_later(timeout_ms / 1000 + TERMINATE_GRACE_S, stuck),
+        ]
+        reads = is_read(shape)
+        convert = _text_rows if text else _to_rows
+        clean = False
+        try:
+            async with StatementCursor(conn) as cur:
+                rows: list[list[Any]] = []
+                truncated = False
+                size = seen = 0
+                batch: list[Any] = []
+
+                def take(converted: list[tuple[list[Any], int]]) -> None:
+                    nonlocal truncated, size
+                    for row, n in converted:
+                        if truncated:
+                            return
+                        if len(rows) >= max_rows or size + n > max_bytes:
+                            truncated = True
+                            return
+                        size += n
+                        rows.append(row)
+
+                # rows() always uses the extended protocol, which runs exactly one
+                # statement, and lets us stop reading at the caps. A row whose raw
+                # text is over twice the byte cap is not even loaded: its JSON
+                # (at least half its raw size, a bytea's base64 being the
+                # smallest) cannot fit.
+                stream = cast(
+                    AsyncGenerator[Any, None],
+                    cur.rows(
+                        req.query,
+                        list(req.params),
+                        size=min(max_rows + 1, 1000),
+                        max_raw_row=2 * max_bytes,
+                        text=text,
+                    ),
+                )
+                try:
+                    async with contextlib.aclosing(stream):
+                        async for raw in stream:
+                            seen += 1
+                            if truncated:
+                                continue  # a write: read to its end, keep nothing
+                            if isinstance(raw, Oversized):
+                                if batch:
+                                    take(await asyncio.to_thread(convert, batch))
+                                    batch = []
+                                truncated = True
+                            elif seen <= _INLINE_ROWS:
+                                take(convert([raw]))
+                            else:
+                                # A large result: convert in a thread, so other
+                                # requests on this loop are not held up.
+                                batch.append(raw)
+                                if len(batch) >= _INLINE_ROWS:
+                                    take(await asyncio.to_thread(convert, batch))
+                                    batch = []
+                            if truncated and reads:
+                                break
+                        if batch and not truncated:
+                            take(await asyncio.to_thread(convert, batch))
+                except psycopg.Error:
+                    if terminated:
+                        raise TimedOut() from None
+                    raise
+                for t in timers:
+                    t.cancel()
+                # Wait out a cancel sent as the statement ended before the next
+                # query, so it cannot land on that one; the statement stands.
+                for task in pending:
+                    with contextlib.suppress(Exception):
+                        await task
+                if terminated:
+                    raise TimedOut()
+                if text:
+                    columns: list[dict[str, Any]] = fields_of(cur.pgresult)
+                elif cur.description is not None:
+                    columns = await type_names(conn, tenant_id, cur.description)
+                else:
+                    columns = []
+                final = cur.final
+                command = (final.command_status or b"").decode() if final is not None else ""
+                if not command:  # libpq leaves the tag empty after chunked rows
+                    command = first_word(shape).upper()
+                if cur.description is None:
+                    row_count = final.command_tuples or 0 if final is not None else 0
+                else:
+                    row_count = len(rows) if reads else seen
+            clean = True
+        finally:
+            for t in timers:
+                t.cancel()
+            settled = True
+            for task in pending:
+                try:
+                    await asyncio.shield(task)
+                except Exception:
+                    settled = False
+                except asyncio.CancelledError:
+                    settled = False
+                    raise
+        result = SqlResult(columns, rows, row_count, truncated, 0.0, command, mode)
+        result.approx_bytes = size
+        return result, clean and settled and not terminated and not conn.broken
 
     handle = asyncio.get_running_loop().call_later(
         timeout_ms / 1000 + TERMINATE_GRACE_S + UNANSWERED_S, give_up
     )
     try:
-        return await _execute(
-            conn,
-            tenant_id,
-            req,
-            shape,
-            mode,
-            timeout_ms,
-            max_rows,
-            max_bytes,
-            terminate,
-            text,
-        )
+        return await statement()
     except asyncio.CancelledError:
-        if gave_up and task is not None and task.uncancel() == 0:
+        if gave_up and caller is not None and caller.uncancel() == 0:
             raise Unanswered() from None
         raise
     finally:
         handle.cancel()
-
-
-async def _execute(
-    conn: psycopg.AsyncConnection[Any],
-    tenant_id: uuid.UUID,
-    req: SqlRequest,
-    shape: str,
-    mode: str,
-    timeout_ms: int,
-    max_rows: int,
-    max_bytes: int,
-    terminate: Callable[[int], Coroutine[Any, Any, None]],
-    text: bool,
-) -> tuple[SqlResult, bool]:
-    loop = asyncio.get_running_loop()
-    pending: list[asyncio.Task[None]] = []
-    terminated = False
-
-    def overdue() -> None:
-        # From outside the session, so nothing the statement SET can stop it.
-        pending.append(loop.create_task(conn.cancel_safe(timeout=2)))
-
-    def stuck() -> None:
-        nonlocal terminated
-        terminated = True
-        pending.append(loop.create_task(terminate(conn.info.backend_pid)))
-
-    timers = [
-        loop.call_later(timeout_ms / 1000, overdue),
-        loop.call_later(timeout_ms / 1000 + TERMINATE_GRACE_S, stuck),
-    ]
-    reads = is_read(shape)
-    convert = _text_rows if text else _to_rows
-    clean = False
-    try:
-        async with StatementCursor(conn) as cur:
-            rows: list[list[Any]] = []
-            truncated = False
-            size = seen = 0
-            batch: list[Any] = []
-
-            def take(converted: list[tuple[list[Any], int]]) -> None:
-                nonlocal truncated, size
-                for row, n in converted:
-                    if truncated:
-                        return
-                    if len(rows) >= max_rows or size + n > max_bytes:
-                        truncated = True
-                        return
-                    size += n
-                    rows.append(row)
-
-            # rows() always uses the extended protocol, which runs exactly one
-            # statement, and lets us stop reading at the caps. A row whose raw
-            # text is over twice the byte cap is not even loaded: its JSON
-            # (at least half its raw size, a bytea's base64 being the
-            # smallest) cannot fit.
-            stream = cast(
-                AsyncGenerator[Any, None],
-                cur.rows(
-                    req.query,
-                    list(req.params),
-                    size=min(max_rows + 1, 1000),
-                    max_raw_row=2 * max_bytes,
-                    text=text,
-                ),
-            )
-            try:
-                async with contextlib.aclosing(stream):
-                    async for raw in stream:
-                        seen += 1
-                        if truncated:
-                            continue  # a write: read to its end, keep nothing
-                        if isinstance(raw, Oversized):
-                            if batch:
-                                take(await asyncio.to_thread(convert, batch))
-                                batch = []
-                            truncated = True
-                        elif seen <= _INLINE_ROWS:
-                            take(convert([raw]))
-                        else:
-                            # A large result: convert in a thread, so other
-                            # requests on this loop are not held up.
-                            batch.append(raw)
-                            if len(batch) >= _INLINE_ROWS:
-                                take(await asyncio.to_thread(convert, batch))
-                                batch = []
-                        if truncated and reads:
-                            break
-                    if batch and not truncated:
-                        take(await asyncio.to_thread(convert, batch))
-            except psycopg.Error:
-                if terminated:
-                    raise TimedOut() from None
-                raise
-            for t in timers:
-                t.cancel()
-            # Wait out a cancel sent as the statement ended before the next
-            # query, so it cannot land on that one; the statement stands.
-            for task in pending:
-                with contextlib.suppress(Exception):
-                    await task
-            if terminated:
-                raise TimedOut()
-            if text:
-                columns: list[dict[str, Any]] = fields_of(cur.pgresult)
-            elif cur.description is not None:
-                columns = await type_names(conn, tenant_id, cur.description)
-            else:
-                columns = []
-            final = cur.final
-            command = (final.command_status or b"").decode() if final is not None else ""
-            if not command:  # libpq leaves the tag empty after chunked rows
-                command = first_word(shape).upper()
-            if cur.description is None:
-                row_count = final.command_tuples or 0 if final is not None else 0
-            else:
-                row_count = len(rows) if reads else seen
-        clean = True
-    finally:
-        for t in timers:
-            t.cancel()
-        settled = True
-        for task in pending:
-            try:
-                await asyncio.shield(task)
-            except Exception:
-                settled = False
-            except asyncio.CancelledError:
-                settled = False
-                raise
-    result = SqlResult(columns, rows, row_count, truncated, 0.0, command, mode)
-    result.approx_bytes = size
-    return result, clean and settled and not terminated and not conn.broken
