@@ -274,6 +274,18 @@ def test_malformed_and_oversized_bodies_are_4xx(api: Api) -> None:
     assert r.status_code == 413, (r.status_code, r.text[:200])
 
 
+def test_true_is_not_a_number_of_the_sql_api(api: Api) -> None:
+    """JSON true where a number goes is 422, not 1 ms or 1 row (pydantic's
+    lax mode would take it as 1)."""
+    pid = create_ok(api, plan_type="free")["id"]
+    for field in ("timeout_ms", "max_rows"):
+        err = error_of(run(api, pid, "select 1", **{field: True}), 422)
+        assert field in err["message"] and "true or false" in err["message"], err
+    project = create_ok(api, "rot")
+    r = api.post(f"/v1/projects/{project['id']}/rotate-password", json={"overlap_s": True})
+    assert r.status_code == 422, r.text
+
+
 @pytest.mark.parametrize("timeout_ms", [15001, 60000, 0, -5])
 def test_timeout_outside_the_plan_is_422(api: Api, timeout_ms: int) -> None:
     pid = create_ok(api, plan_type="free")["id"]
