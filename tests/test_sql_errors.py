@@ -113,6 +113,15 @@ def test_a_server_that_just_went_down_is_said_at_once(api: Api, fleet: FleetUnde
     assert scalar(api, fresh, "select 1") == 1
 
 
+@contextmanager
+def quick_logins(platform_factory: Any, owner: str) -> Iterator[tuple[Api, TestClient]]:
+    """One API process whose logins time out after 1 s, and an owner's Api."""
+    platform: Platform = platform_factory(api_workers=1, connect_timeout_s=1)
+    _, token = create_owner(platform, owner)
+    with TestClient(create_app(platform)) as client:
+        yield Api(client, token), client
+
+
 def test_a_frozen_server_is_503_not_refused_credentials(
     platform_factory: Any, fleet: FleetUnderTest
 ) -> None:
@@ -121,11 +130,8 @@ def test_a_frozen_server_is_503_not_refused_credentials(
     credentials the server refused (found by an attack: it answered 409).
     Both for a project's first statement (a connection of its own) and for
     one that comes back (its new pool's logins time out inside the pool)."""
-    platform: Platform = platform_factory(api_workers=1, connect_timeout_s=1)
-    _, token = create_owner(platform, "frozen")
     postmaster = postmaster_pid(fleet, "us-east-1")
-    with TestClient(create_app(platform)) as client:
-        api = Api(client, token)
+    with quick_logins(platform_factory, "frozen") as (api, client):
         cold = create_ok(api, "cold", region="us-east-1")["id"]
         warm = create_ok(api, "warm", region="us-east-1")["id"]
         burst = create_ok(api, "burst", region="us-east-1")["id"]
@@ -157,11 +163,8 @@ def test_a_wholly_frozen_server_ends_the_call_with_503(
     statement on a pooled session gets no answer, its cancel none, the end
     of its session none. The call still ends, with 503, soon after its
     timeout (found by an attack: it hung past 90 s)."""
-    platform: Platform = platform_factory(api_workers=1, connect_timeout_s=1)
-    _, token = create_owner(platform, "paused")
     postmaster = postmaster_pid(fleet, "us-east-1")
-    with TestClient(create_app(platform)) as client:
-        api = Api(client, token)
+    with quick_logins(platform_factory, "paused") as (api, _):
         pid = create_ok(api, "paused", region="us-east-1")["id"]
         for _ in range(2):  # the second leaves an idle pooled session
             assert scalar(api, pid, "select 1") == 1

@@ -16,6 +16,7 @@ a new one when one dies, and stops them all on SIGTERM or SIGINT.
 
 from __future__ import annotations
 
+import errno
 import logging
 import multiprocessing
 import os
@@ -30,6 +31,8 @@ from typing import Any
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 
+from pgfleet.net import passive_address, port_free
+
 log = logging.getLogger("uvicorn.error")
 
 STOP_WAIT_S = 10.0
@@ -40,29 +43,12 @@ def spreads_connections() -> bool:
     return hasattr(socket, "SO_REUSEPORT")
 
 
-def _address(host: str, port: int) -> tuple[socket.AddressFamily, Any]:
-    family, _, _, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    return family, address
-
-
-def port_is_free(host: str, port: int) -> None:
-    """Raises OSError if something listens on host:port already. Bound
-    without SO_REUSEPORT, so it fails against another pgfleet's processes
-    too (a socket without the option cannot join their group)."""
-    family, address = _address(host, port)
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind(address)
-
-
 def bound(host: str, port: int) -> socket.socket:
     """A socket bound to host:port that shares the port with the other
     processes' (same user only: Linux refuses another user's). Not yet
     listening: the server listens once its app has started, and until then
     the kernel sends it no connections."""
-    family, address = _address(host, port)
+    family, address = passive_address(host, port)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -99,8 +85,10 @@ def _process_main(config: uvicorn.Config, parent: int) -> None:
 
 def serve(config: uvicorn.Config, processes: int) -> None:
     """Run `processes` API processes until SIGTERM or SIGINT. `config.app`
-    must be an import string (each process builds its own app)."""
-    port_is_free(config.host, config.port)
+    must be an import string (each process builds its own app). Raises
+    OSError if something listens on the port already."""
+    if not port_free(config.host, config.port):
+        raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
     ctx = multiprocessing.get_context("spawn")
     stopping = threading.Event()
 

@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -50,6 +49,7 @@ from pgfleet.fleet.embedded import ADMIN_USER, EmbeddedFleet, EmbeddedServer
 from pgfleet.fleet.health import ServerHealth, check_server
 from pgfleet.fleet.registry import ServerRecord
 from pgfleet.fleet.router import Routers, RouterSpec
+from pgfleet.net import port_free
 from pgfleet.operations.store import deadline_summary
 from pgfleet.platform.core import Platform, platform_conninfo, warn_weak_tls
 from pgfleet.platform.metrics import MULTIPROC_ENV
@@ -215,17 +215,13 @@ def _start_detached(s: Settings, url: str) -> None:
     if _api_pid(s) is not None:
         out.print("  API already running")
         return
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((s.api_host, s.api_port))
-        except OSError:
-            held = _listeners(s.api_port)
-            who = f" by pid {', '.join(map(str, held))}" if held else ""
-            fail(
-                f"port {s.api_port} is in use{who}, so the API cannot start: stop what "
-                "holds it, or set PGFLEET_API_PORT"
-            )
+    if not port_free(s.api_host, s.api_port):
+        held = _listeners(s.api_port)
+        who = f" by pid {', '.join(map(str, held))}" if held else ""
+        fail(
+            f"port {s.api_port} is in use{who}, so the API cannot start: stop what "
+            "holds it, or set PGFLEET_API_PORT"
+        )
     log = (s.home_abs / "api.log").open("ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "pgfleet.cli", "serve"],

@@ -26,7 +26,6 @@ import json
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -44,6 +43,7 @@ from pgfleet.fleet.archive import Archive, Scratch, Stanza
 from pgfleet.fleet.binaries import PgBinaries, find_binaries
 from pgfleet.fleet.router import POOL_MODES, Routers, RouterSpec, ServerTLS
 from pgfleet.fleet.tls import FleetCA
+from pgfleet.net import port_free
 from pgfleet.regions import PLANS, REGION_IDS, backup_region_of
 
 ADMIN_USER = "pgfleet_admin"
@@ -597,7 +597,7 @@ class EmbeddedFleet:
         if self.is_running(s):
             return
         self._write_config(s)
-        if not _port_free(s.port):
+        if not port_free(LOOPBACK, s.port):
             raise FleetError(
                 f"port {s.port} for server {s.name} is in use by another program; "
                 "stop it or choose other ports with PGFLEET_PORT_BASE (the fleet's ports are "
@@ -830,11 +830,4 @@ def ephemeral_hint(port: int) -> str:
 
 
 def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        # As PostgreSQL does: a port in TIME_WAIT after our own stop is free.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((LOOPBACK, port))
-        except OSError:
-            return False
-    return True
+    return port_free(LOOPBACK, port)

@@ -66,6 +66,7 @@ from pgfleet.crypto import (
     write_private,
 )
 from pgfleet.errors import FleetError
+from pgfleet.net import port_free
 
 PoolMode = Literal["session", "transaction"]
 POOL_MODES: tuple[PoolMode, ...] = ("session", "transaction")
@@ -668,7 +669,7 @@ class Routers:
             return False
         first = self.listen.split(",")[0].strip()
         any_address = "0.0.0.0"  # noqa: S104 -- only to see whether the port is taken
-        if not _port_free(any_address if first == "*" else first, spec.port):
+        if not port_free(any_address if first == "*" else first, spec.port):
             raise FleetError(
                 f"port {spec.port} for router {spec.name} is in use by another program; "
                 "stop it (the fleet's ports are fixed in fleet.json once created)"
@@ -958,16 +959,6 @@ def find_pgbouncer() -> str:
         "(make up does), which installs Debian's pgbouncer or builds Debian 13's, "
         "or set PGFLEET_ROUTERS=false to run without routers"
     )
-
-
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def reachable(host: str, port: int, timeout: float = 1.0) -> bool:
