@@ -33,7 +33,9 @@ class Served:
 
 
 @pytest.fixture
-def two_workers(platform: Platform, fleet: FleetUnderTest, tmp_path: Path) -> Iterator[Served]:
+def two_workers(
+    platform: Platform, fleet: FleetUnderTest, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Served]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -49,6 +51,7 @@ def two_workers(platform: Platform, fleet: FleetUnderTest, tmp_path: Path) -> It
         PGFLEET_API_PORT=str(port),
         PGFLEET_API_WORKERS="2",
     )
+    env.update(getattr(request, "param", {}))  # a test's own settings
     log = tmp_path / "api.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -187,3 +190,28 @@ def test_an_orphaned_process_ends(two_workers: Served) -> None:
     assert until(lambda: not [p for p in processes if Path(f"/proc/{p}").exists()], 20)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", two_workers.port))  # the port is free again
+
+
+@pytest.mark.parametrize("two_workers", [{"PGFLEET_API_STALL_TIMEOUT_S": "3"}], indirect=True)
+def test_a_process_that_stops_running_is_replaced(two_workers: Served) -> None:
+    """A process stopped with SIGSTOP is alive to the kernel, which goes on
+    sending it its share of new connections; they would hang. The parent
+    sees its event loop no longer beats, kills it and starts another."""
+    processes = api_processes(two_workers.proc.pid)
+    assert len(processes) == 2, processes
+    assert until(lambda: min(established_on(two_workers.port, processes, "0A").values()), 30)
+    os.kill(processes[0], signal.SIGSTOP)
+    try:
+        assert until(lambda: not Path(f"/proc/{processes[0]}").exists(), 20)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(processes[0], signal.SIGCONT)
+    assert "has not run for" in two_workers.log.read_text()
+    assert until(lambda: len(api_processes(two_workers.proc.pid)) == 2, 10)
+    now = api_processes(two_workers.proc.pid)
+    assert processes[1] in now, now
+    assert until(lambda: min(established_on(two_workers.port, now, "0A").values()), 30)
+    # Every new connection is answered, whichever process the kernel picks.
+    for _ in range(20):
+        with httpx.Client(timeout=5) as http:
+            assert http.get(f"{two_workers.url}/health").status_code == 200

@@ -132,6 +132,10 @@ class Settings(BaseSettings):
     api_port: int = Field(default=8470, ge=1, le=65535)
     # API processes: one per CPU (at most 4), since one Python process uses one core.
     api_workers: int = Field(default_factory=lambda: _default_api_workers(), ge=1, le=64)
+    # With api_workers > 1: a process whose event loop has not run this long
+    # (stopped, or stuck in a blocking call) is killed and replaced, since
+    # the kernel goes on sending it its share of new connections.
+    api_stall_timeout_s: float = Field(default=30.0, ge=2, le=3600)
     # Addresses of reverse proxies whose X-Forwarded-For / X-Forwarded-Proto
     # are believed (comma separated; "*" for any). Empty: none, so no client
     # can choose the address its rate limits are counted by.

@@ -11,7 +11,16 @@ new connections over the processes' sockets (by a hash of the client's
 address and port), as nginx's `reuseport` does.
 
 The parent binds nothing and serves nothing: it starts the processes, starts
-a new one when one dies, and stops them all on SIGTERM or SIGINT.
+a new one when one dies or stops answering, and stops them all on SIGTERM or
+SIGINT.
+
+A process that is alive but no longer runs its event loop (stopped with
+SIGSTOP, or stuck in a call that blocks the loop) would keep its socket, and
+the kernel would go on sending it its share of new connections, which would
+hang. So each process's event loop beats once a second (uvicorn's
+`callback_notify`, the hook gunicorn's workers beat through), and the parent
+kills one whose beat is older than `stall_timeout_s`; the replacement takes
+its place as for a death.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -36,6 +46,7 @@ from pgfleet.net import passive_address, port_free
 log = logging.getLogger("uvicorn.error")
 
 STOP_WAIT_S = 10.0
+BEAT_EVERY_S = 1.0
 
 
 def spreads_connections() -> bool:
@@ -69,9 +80,21 @@ def _orphaned(parent: int) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _process_main(config: uvicorn.Config, parent: int) -> None:
+def _beating(beat: Any) -> Callable[[], Awaitable[None]]:
+    """uvicorn's `callback_notify`: run on the event loop, so it stops when
+    the loop does. `beat` is a shared double the parent reads."""
+
+    async def notify() -> None:
+        beat.value = time.monotonic()  # CLOCK_MONOTONIC: one clock for all processes
+
+    return notify
+
+
+def _process_main(config: uvicorn.Config, parent: int, beat: Any) -> None:
     """One API process (run in a spawned child: `config` came pickled)."""
     threading.Thread(target=_orphaned, args=(parent,), daemon=True).start()
+    config.callback_notify = _beating(beat)
+    config.timeout_notify = int(BEAT_EVERY_S)
     config.configure_logging()
     try:
         sock = bound(config.host, config.port)
@@ -83,10 +106,11 @@ def _process_main(config: uvicorn.Config, parent: int) -> None:
     uvicorn.Server(config).run(sockets=[sock])
 
 
-def serve(config: uvicorn.Config, processes: int) -> None:
+def serve(config: uvicorn.Config, processes: int, stall_timeout_s: float = 30.0) -> None:
     """Run `processes` API processes until SIGTERM or SIGINT. `config.app`
-    must be an import string (each process builds its own app). Raises
-    OSError if something listens on the port already."""
+    must be an import string (each process builds its own app). A process
+    whose event loop has not run for `stall_timeout_s` is killed and
+    replaced. Raises OSError if something listens on the port already."""
     if not port_free(config.host, config.port):
         raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
     ctx = multiprocessing.get_context("spawn")
@@ -98,12 +122,17 @@ def serve(config: uvicorn.Config, processes: int) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop)
 
-    def start() -> BaseProcess:
-        p = ctx.Process(target=_process_main, args=(config, os.getpid()), name="pgfleet-api")
+    beats = [ctx.Value("d", 0.0, lock=False) for _ in range(processes)]
+
+    def start(i: int) -> BaseProcess:
+        beats[i].value = 0.0  # no beat until its app has started
+        p = ctx.Process(
+            target=_process_main, args=(config, os.getpid(), beats[i]), name="pgfleet-api"
+        )
         p.start()
         return p
 
-    slots: list[BaseProcess | None] = [start() for _ in range(processes)]
+    slots: list[BaseProcess | None] = [start(i) for i in range(processes)]
     since = [time.monotonic()] * processes  # when each slot's process started
     due = [0.0] * processes  # when an empty slot gets its next process
     deaths = [0] * processes  # each slot's processes in a row that died young
@@ -115,10 +144,21 @@ def serve(config: uvicorn.Config, processes: int) -> None:
             for i, p in enumerate(slots):
                 if p is None:
                     if now >= due[i]:
-                        slots[i], since[i] = start(), now
+                        slots[i], since[i] = start(i), now
                     continue
                 if p.is_alive():
-                    continue
+                    last = beats[i].value
+                    if last and now - last > stall_timeout_s and p.pid is not None:
+                        # SIGKILL: a stopped process takes no other signal.
+                        log.warning(
+                            "API process %s has not run for %.0f s (stopped or stuck); killing it",
+                            p.pid,
+                            now - last,
+                        )
+                        os.kill(p.pid, signal.SIGKILL)
+                        p.join(5.0)
+                    if p.is_alive():
+                        continue
                 if p.exitcode == STARTUP_FAILURE:
                     # It failed before serving: every new one would too.
                     log.error("API process %s failed to start; stopping", p.pid)

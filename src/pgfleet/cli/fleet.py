@@ -296,7 +296,7 @@ def _run_uvicorn(s: Settings) -> None:
             # Each process on a socket of its own (see api/processes.py).
             config = uvicorn.Config("pgfleet.api.app:create_app", **options)
             try:
-                processes.serve(config, s.api_workers)
+                processes.serve(config, s.api_workers, s.api_stall_timeout_s)
             except OSError as e:
                 fail(f"cannot listen on {s.api_host}:{s.api_port}: {e.strerror or e}")
             return
