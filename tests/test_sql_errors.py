@@ -176,7 +176,10 @@ def test_a_wholly_frozen_server_ends_the_call_with_503(
             err = error_of(run(api, pid, "select 1", timeout_ms=500), 503)
             waited = time.monotonic() - t0
             assert err["code"] == "region_unavailable", err
-            assert waited < 25, waited
+            # timeout_ms, the session's end a second later, the give-up 4 s
+            # after: 5.5 s. Cancelling the task instead let psycopg send a
+            # cancel of its own and wait for it: about 15.5 s.
+            assert waited < 11, waited
         finally:
             for p in frozen:
                 os.kill(p, signal.SIGCONT)

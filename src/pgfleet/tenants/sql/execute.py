@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
+import socket
 import uuid
 from collections.abc import AsyncGenerator, Callable, Coroutine
 from typing import Any, cast
@@ -46,9 +48,25 @@ _WRITES = re.compile(r"\b(insert|update|delete|merge)\b")
 
 TERMINATE_GRACE_S = 1.0
 # After the session's end was asked for: how long before the call gives up
-# on a server that answers nothing (psycopg then tries its own cancel, for
-# up to 10 s, before it closes the connection).
+# on a server that answers nothing, and cuts its connection.
 UNANSWERED_S = 4.0
+
+
+def _sever(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """Shut the connection's socket down under libpq, so the read it waits
+    on ends at once (EOF) and psycopg fails the statement with the
+    connection broken. Whether that could be done.
+
+    Cancelling the call's task instead makes psycopg send a cancel of its
+    own first and wait for the answer: up to 10 s more on a server that
+    answers nothing."""
+    try:
+        fd = conn.pgconn.socket
+        with socket.socket(fileno=os.dup(fd)) as sock:  # a duplicate: libpq keeps its fd
+            sock.shutdown(socket.SHUT_RDWR)
+    except (OSError, psycopg.Error):
+        return False
+    return True
 
 
 _INLINE_ROWS = 500  # rows converted on the event loop; beyond, in a thread
@@ -97,7 +115,7 @@ async def execute(
     def give_up() -> None:
         nonlocal gave_up
         gave_up = True
-        if caller is not None:
+        if not _sever(conn) and caller is not None:
             caller.cancel()
 
     async def statement() -> tuple[SqlResult, bool]:
@@ -179,6 +197,8 @@ async def execute(
                         if batch and not truncated:
                             take(await asyncio.to_thread(convert, batch))
                 except psycopg.Error:
+                    if gave_up:
+                        raise Unanswered() from None
                     if terminated:
                         raise TimedOut() from None
                     raise
@@ -227,6 +247,10 @@ async def execute(
     )
     try:
         return await statement()
+    except psycopg.Error:
+        if gave_up:  # the cut connection, anywhere past the rows
+            raise Unanswered() from None
+        raise
     except asyncio.CancelledError:
         if gave_up and caller is not None and caller.uncancel() == 0:
             raise Unanswered() from None
