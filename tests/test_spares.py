@@ -296,6 +296,46 @@ def test_a_create_cancelled_before_it_started_gives_its_spare_back_to_be_dropped
     assert [s[0] for s in ready_spares(p, server)] != [name]
 
 
+def test_a_create_whose_server_just_went_down_gives_up_in_seconds_and_leaves_nothing(
+    platform_factory: Any, fleet: FleetUnderTest
+) -> None:
+    """The server stopped before a health check noticed: the create's
+    operation gives up on it after UNREACHABLE_GIVE_UP_S, not at its
+    deadline (21 attempts over 2 minutes, seen), with a 503 naming the
+    region. The project is deleted, not left `failed` for someone to clean
+    up: its spare goes back, and the refill drops it once the server is back."""
+    from tests.test_sql_errors import server_down
+
+    p: Platform = platform_factory(spare_databases=1, embedded_workers=0)
+    server = server_in(p, REGION)
+    drop_spares(p, server)
+    refill_spares(p, server, 1)
+    ((name, _, _),) = ready_spares(p, server)
+    owner = create_owner(p, "unlucky")[0]
+    with server_down(fleet, REGION):
+        project, op_id = start_create_project(
+            p, owner, name="unlucky", region=REGION, plan_type="free"
+        )
+        assert tenant_db_name(project.id) == name
+        t0 = time.monotonic()
+        assert execute_operation(p, op_id, worker="test") == "failed"
+        assert time.monotonic() - t0 < 30
+        with p.db.connection() as conn:
+            op = get_operation(conn, op_id)
+        assert op.error is not None and "could not be reached for 10 s" in op.error, op.error
+        assert "undoing its steps failed" not in op.error, op.error
+        assert (op.result or {}).get("error_status") == 503, op.result
+        with p.db.connection() as conn:
+            row = conn.execute("SELECT status FROM tenants WHERE id = %s", (project.id,)).fetchone()
+            assert row == ("deleted",)
+            given = conn.execute("SELECT state FROM spares WHERE id = %s", (project.id,)).fetchone()
+            assert given == ("drop",)
+    assert refill_spares(p, server, 1) == 1  # a new one, and the given-back one dropped
+    assert name not in fleet.databases(REGION)
+    assert p.routers is not None
+    assert all(name not in p.routers.databases(spec) for spec in p.routers.specs)
+
+
 def test_each_server_keeps_its_own_number_of_spares_and_metrics_show_it(
     platform_factory: Any, fleet: FleetUnderTest
 ) -> None:

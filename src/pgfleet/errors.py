@@ -106,6 +106,15 @@ class RegionUnavailable(PgfleetError):
     code = "region_unavailable"
 
 
+class RegionStayedDown(PgfleetError):
+    """The region's server could not be reached for as long as the work
+    waits for it: the work was given up (not retried, unlike
+    RegionUnavailable)."""
+
+    status_code = 503
+    code = "region_unavailable"
+
+
 class ConnectionLimitReached(PgfleetError):
     """The project's role has as many connections open as its plan allows."""
 

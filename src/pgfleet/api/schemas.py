@@ -15,6 +15,7 @@ from pydantic import (
     model_validator,
 )
 
+from pgfleet.operations.registry import REGISTRY
 from pgfleet.operations.store import Operation
 from pgfleet.regions import DEFAULT_REGION, PLAN_IDS, PLANS, REGION_IDS, REGIONS_BY_ID
 from pgfleet.tenants.store import Tenant
@@ -458,6 +459,11 @@ class OperationOut(BaseModel):
     steps: list[StepOut] = Field(
         default=[], description="Steps started so far, each with its duration and attempts."
     )
+    planned_steps: list[str] = Field(
+        default=[],
+        description="Every step of its kind, in order (those not started yet are not in "
+        "`steps`): the length of a progress bar.",
+    )
     attempts: int = Field(description="How many times a worker has picked it up.")
     error: str | None
     result: dict[str, Any] | None = Field(
@@ -483,6 +489,7 @@ class OperationOut(BaseModel):
             project_id=op.tenant_id,
             current_step=op.current_step,
             steps=[StepOut.model_validate(s, from_attributes=True) for s in op.steps],
+            planned_steps=[s.name for s in getattr(REGISTRY.kinds.get(op.type), "steps", ())],
             attempts=op.attempts,
             error=op.error,
             result=result or None,

@@ -168,7 +168,8 @@ def follow(client: Client, operation_id: str, *, timeout: float, interval: float
         end = time.monotonic() + timeout
         while True:
             finished = sum(1 for st in op["steps"] if st["status"] == "finished")
-            total = max(len(op["steps"]), finished) or None
+            planned = len(op.get("planned_steps") or ())
+            total = max(planned, len(op["steps"]), finished) or None
             if op["status"] == "finished":
                 total = finished
             step = op["current_step"] or "-"

@@ -212,7 +212,14 @@ def start_create_project(
         tenant_id=None,
         tenant_owner=owner.id,
         action=action,
-        params={"region": region, "plan": plan.id, **(op_params or {})},
+        params={
+            "region": region,
+            "plan": plan.id,
+            # The operation retries an unreachable server until its deadline
+            # only then (kinds/provision.py); else it gives up in seconds.
+            **({"wait_for_region": True} if wait_for_region else {}),
+            **(op_params or {}),
+        },
         details={"hosted_region": placement.hosted_region, "server": placement.server_name},
         prepare=insert_tenant,
         deadline_s=deadline_s,

@@ -118,7 +118,7 @@ def give_back(
     the next refill of its server drops it."""
     conn.execute(
         "INSERT INTO spares (id, server_id, password_enc, ro_password_enc, state) "
-        "VALUES (%s, %s, %s, %s, 'drop')",
+        "VALUES (%s, %s, %s, %s, 'drop') ON CONFLICT (id) DO NOTHING",  # an undo run again
         (tenant_id, server_id, info["password_enc"], info["ro_password_enc"]),
     )
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
+from psycopg_pool import PoolTimeout
 
+from pgfleet.errors import RegionStayedDown, RegionUnavailable
 from pgfleet.operations.registry import OpContext, OperationKind, Step, register
 from pgfleet.tenants import routing, spares, store
 from pgfleet.tenants.kinds.common import (
@@ -44,12 +47,50 @@ def _place(ctx: OpContext) -> None:
     ctx.state.update(server=t.server.name, hosted_region=t.server.region, actions=[])
 
 
+# A create not asked to wait for its region (wait_for_region) gives up on a
+# server it cannot reach after this long, and is undone: its caller gets a
+# 503 in seconds, not when the operation's deadline passes (2 minutes of
+# retries, seen). The health checks, which make a create refuse a down
+# region at once, may take one interval (30 s) to notice.
+UNREACHABLE_GIVE_UP_S = 10.0
+
+
+def _unreachable(e: Exception) -> bool:
+    """Whether `e` says the server could not be reached (not that a
+    statement failed there)."""
+    if isinstance(e, (RegionUnavailable, PoolTimeout)):
+        return True
+    if isinstance(e, psycopg.OperationalError):
+        # No SQLSTATE: libpq's own connection failure. 08: connection
+        # exceptions; 57P01-57P03: the server shutting down or starting.
+        state = e.sqlstate
+        return state is None or state.startswith("08") or state in ("57P01", "57P02", "57P03")
+    return False
+
+
 def _part(part: str) -> Callable[[OpContext], None]:
     def run(ctx: OpContext) -> None:
         if spares.CLAIMED in ctx.state.get("actions", ()):
             return  # the roles step claimed a prepared spare: all is in place
         t = _target(ctx)
-        ctx.state.setdefault("actions", []).extend(converge_target_on_server(ctx.platform, t, part))
+        try:
+            made = converge_target_on_server(ctx.platform, t, part)
+        except Exception as e:
+            if not _unreachable(e) or ctx.params.get("wait_for_region"):
+                raise
+            since = ctx.scratch.setdefault("unreachable_since", time.monotonic())
+            if time.monotonic() - since < UNREACHABLE_GIVE_UP_S:
+                raise  # retried: a restart takes a few seconds
+            raise RegionStayedDown(
+                f"region {t.server.region} is unavailable: server {t.server.name} could "
+                f"not be reached for {UNREACHABLE_GIVE_UP_S:.0f} s, so the create was "
+                "undone; try again later, or ask with wait_for_region=true to queue it "
+                "until the server is back",
+                region=t.server.region,
+                server=t.server.name,
+            ) from e
+        ctx.scratch.pop("unreachable_since", None)
+        ctx.state.setdefault("actions", []).extend(made)
 
     return run
 
@@ -77,8 +118,10 @@ def _route(ctx: OpContext) -> None:
 
 def _undo(ctx: OpContext, reason: str = "cancelled") -> None:
     """Drop whatever the steps made; the tenant row keeps the story. If the
-    server cannot be reached to clean up, the project stays `failed` for the
-    reconciler."""
+    server cannot be reached to clean up, a project made from a prepared
+    spare gives it back, and the next refill of that server drops whatever
+    the claim left there (a spare is made under the project's own names);
+    any other stays `failed` for the reconciler."""
     p = ctx.platform
     row = tenant(p, ctx.tenant_id)
     server = server_of(p, row)
@@ -87,8 +130,11 @@ def _undo(ctx: OpContext, reason: str = "cancelled") -> None:
             with project_admin(p, server, ctx.tenant_id) as conn:
                 drop_on_server(conn, name=tenant_db_name(ctx.tenant_id))
     except Exception:
-        set_status(p, ctx.tenant_id, "failed", error=reason[:500])
-        raise
+        if not (row.info.get("spare") and row.server_id is not None):
+            set_status(p, ctx.tenant_id, "failed", error=reason[:500])
+            raise
+        with p.db.connection() as conn:
+            spares.give_back(conn, ctx.tenant_id, row.server_id, row.info)
     set_status(p, ctx.tenant_id, "deleted", error=reason[:500], deleted=True)
     if row.info.get("spare"):
         route_after_undo(ctx)  # it was routed ahead with its spare
