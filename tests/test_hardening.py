@@ -276,6 +276,12 @@ def test_every_error_has_the_envelope(client: TestClient, api: Api) -> None:
     assert envelope(client.get("/no/such/path"), 404)["code"] == "not_found"
     assert envelope(api.get("/v1/nothing-here"), 404)["code"] == "not_found"
     assert envelope(client.delete("/health"), 405)["code"] == "method_not_allowed"
+    # Allow names what the path takes (found empty by a newcomer).
+    r = api.put("/v1/projects")
+    assert envelope(r, 405)["message"].endswith("allowed: GET, POST"), r.text
+    assert r.headers["allow"] == "GET, POST", r.headers
+    r = client.delete("/health")
+    assert r.headers["allow"] == "GET", r.headers
     pid = create_ok(api, "envelopes")["id"]
     bad_json = api.post(
         "/v1/projects", content=b'{"name": "x",', headers={"Content-Type": "application/json"}

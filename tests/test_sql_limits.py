@@ -284,6 +284,14 @@ def test_true_is_not_a_number_of_the_sql_api(api: Api) -> None:
     project = create_ok(api, "rot")
     r = api.post(f"/v1/projects/{project['id']}/rotate-password", json={"overlap_s": True})
     assert r.status_code == 422, r.text
+    # A text field says a string is expected, not a number (found by a
+    # newcomer: "plan: ... a number is expected here").
+    for field in ("name", "plan", "region", "residency", "subdomain"):
+        body: dict[str, Any] = {"name": "t", "region": "us-east-1", field: True}
+        err = error_of(api.post("/v1/projects", json=body), 422)
+        said = err["message"]
+        assert said.startswith(f"{field}: ") and "number" not in said, err
+        assert "valid string" in said or "'eu', 'us' or 'apac'" in said, err
 
 
 @pytest.mark.parametrize("timeout_ms", [15001, 60000, 0, -5])

@@ -72,9 +72,11 @@ class Input(BaseModel):
     @classmethod
     def _no_truth_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         # pydantic takes true as 1 for an int field; the schema says integer.
+        # (A text field refuses it by itself, saying a string is expected.)
         if isinstance(value, bool) and info.field_name is not None:
             annotation = cls.model_fields[info.field_name].annotation
-            if annotation is not bool and bool not in get_args(annotation):
+            kinds = get_args(annotation) or (annotation,)
+            if bool not in kinds and any(k in (int, float) for k in kinds):
                 raise ValueError("a number is expected here, not true or false")
         return value
 
