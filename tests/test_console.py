@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +183,22 @@ def test_reveal_copy_connect_run_sql_rotate_and_delete(
 
     # Rotate: a new password that works; the old one stops.
     page.goto(f"/projects/{pid}")
+    # It asks first, as the CLI does: dismissed, nothing changes.
+    asked: list[str] = []
+
+    def answer(accept: bool) -> Callable[[Any], None]:
+        def on(dialog: Any) -> None:
+            asked.append(dialog.message)
+            dialog.accept() if accept else dialog.dismiss()
+
+        return on
+
+    page.once("dialog", answer(False))
+    page.get_by_role("button", name="Rotate password").click()
+    expect(page.locator(".notice")).to_have_count(0)
+    assert asked and "current ones stop working" in asked[0], asked
+    assert run_psql(revealed, "select 1").returncode == 0
+    page.once("dialog", answer(True))
     page.get_by_role("button", name="Rotate password").click()
     expect(page.locator(".notice")).to_contain_text("the old ones stopped working")
     expect(page.locator("[data-progress]")).to_have_count(0)  # reloaded once done
@@ -611,6 +627,7 @@ def test_the_console_lists_owners_and_tokens_and_each_projects_owner(
     assert carol.startswith("pgf_")
     expect(page.get_by_test_id("owners").locator("tr", has_text="carol")).to_be_visible()
     page.get_by_test_id("owners").locator("tr", has_text="bob").get_by_role("link").click()
+    page.once("dialog", lambda dialog: dialog.accept())  # it asks first
     page.get_by_role("button", name="Revoke").click()
     expect(page.get_by_role("status")).to_contain_text("revoked")
     # Every user: their own tokens, made with a scope and an expiry.

@@ -22,6 +22,12 @@ async function fetchSecret(input) {
   return (await r.json()).uri;
 }
 
+// What cannot be undone asks first, as the CLI does (rotate, revoke).
+document.addEventListener("submit", (ev) => {
+  const ask = ev.target.dataset && ev.target.dataset.confirm;
+  if (ask && !window.confirm(ask)) ev.preventDefault();
+});
+
 document.addEventListener("click", async (ev) => {
   const btn = ev.target.closest("button.reveal, button.copy");
   if (!btn) return;
