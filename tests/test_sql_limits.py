@@ -294,6 +294,16 @@ def test_true_is_not_a_number_of_the_sql_api(api: Api) -> None:
         assert "valid string" in said or "'eu', 'us' or 'apac'" in said, err
 
 
+def test_max_rows_zero_gives_the_columns_and_the_same_command(api: Api) -> None:
+    """As the schema says (its minimum was 1, found by a newcomer), and with
+    the command as any other read's (it said `SELECT 1` here, `SELECT` else)."""
+    pid = create_ok(api, plan_type="free")["id"]
+    body = run(api, pid, "select 1 as a", max_rows=0).json()
+    assert body["columns"][0]["name"] == "a" and body["rows"] == [], body
+    assert body["truncated"] is True and body["command"] == "SELECT", body
+    assert run(api, pid, "select 1 as a").json()["command"] == "SELECT"
+
+
 @pytest.mark.parametrize("timeout_ms", [15001, 60000, 0, -5])
 def test_timeout_outside_the_plan_is_422(api: Api, timeout_ms: int) -> None:
     pid = create_ok(api, plan_type="free")["id"]

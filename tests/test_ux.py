@@ -124,6 +124,17 @@ def test_two_statements_in_pgfleet_sql_get_an_explanation(cli: Cli, api: Api) ->
     assert "prepared statement" not in msg
 
 
+def test_pgfleet_sql_shows_the_servers_detail_and_hint(cli: Cli, api: Api) -> None:
+    """As psql does (found missing by a newcomer: the API had the detail)."""
+    pid = create_ok(api, "dup")["id"]
+    cli.ok("sql", pid, "create table items (id int primary key)")
+    cli.ok("sql", pid, "insert into items values (1)")
+    msg = " ".join(cli.fails("sql", pid, "insert into items values (1)").split())
+    assert "(SQLSTATE 23505) detail: Key (id)=(1) already exists." in msg, msg
+    msg = " ".join(cli.fails("sql", pid, "select lower(1)").split())
+    assert "(SQLSTATE 42883, at character 8) hint: No function matches" in msg, msg
+
+
 def test_the_plan_is_called_plan_in_every_request(api: Api) -> None:
     r = api.post("/v1/projects", json={"name": "p", "plan": "pro"})
     assert r.status_code == 201, r.text

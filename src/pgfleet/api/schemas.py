@@ -413,8 +413,8 @@ class SqlIn(Input):
         default=None,
         description="Rows to return (default 1000), at most the plan's: "
         + ", ".join(f"{p.id} {p.max_result_rows:,}" for p in PLANS)
-        + ".",
-        json_schema_extra={"minimum": 1},
+        + ". 0 returns the columns only.",
+        json_schema_extra={"minimum": 0},
     )
 
 
@@ -432,7 +432,10 @@ class SqlOut(BaseModel):
     row_count: int = Field(description="Rows returned (SELECT) or affected (INSERT...).")
     truncated: bool = Field(description="True when max_rows or the plan's byte cap cut rows.")
     duration_ms: float
-    command: str = Field(description="The server's command tag, e.g. `INSERT 0 1`.")
+    command: str = Field(
+        description="The server's command tag, e.g. `INSERT 0 1`; for a statement that "
+        "returns rows, its words without the counts (`SELECT`), `row_count` counting the rows."
+    )
     mode: Literal["rw", "ro"]
     limits: dict[str, int]
 

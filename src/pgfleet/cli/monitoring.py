@@ -73,12 +73,13 @@ def sql_cmd(
             extra.append(f"SQLSTATE {e['sqlstate']}")
         if e.get("position"):
             extra.append(f"at character {e['position']}")
-        hint = f"; hint: {e['hint']}" if e.get("hint") else ""
+        # As psql: the server's detail and hint on lines of their own.
+        said = "".join(f"\n{k}: {e[k]}" for k in ("detail", "hint") if e.get(k))
         step = NEXT_STEP.get(e.get("code") or "")
         fail(
             msg
             + (f" ({', '.join(extra)})" if extra else f" (HTTP {r.status_code})")
-            + hint
+            + said
             + (f"\n{step}" if step else "")
         )
     if as_json:

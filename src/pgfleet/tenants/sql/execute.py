@@ -221,6 +221,10 @@ async def execute(
                 command = (final.command_status or b"").decode() if final is not None else ""
                 if not command:  # libpq leaves the tag empty after chunked rows
                     command = first_word(shape).upper()
+                if cur.description is not None:
+                    # Rows: the tag's words without its counts, whatever path
+                    # the rows took (row_count counts them).
+                    command = " ".join(w for w in command.split() if not w.isdigit())
                 if cur.description is None:
                     row_count = final.command_tuples or 0 if final is not None else 0
                 else:
