@@ -354,6 +354,25 @@ def test_openapi_describes_the_api(client: TestClient) -> None:
     out_props = set(schemas["ProjectOut"]["properties"])
     assert {"id", "name", "subdomain", "region", "plan_type", "status"} <= out_props
 
+    # Every 403 the API answers is in the document (found missing by a
+    # newcomer): a read-only token changing something, a non-admin on an
+    # admin route, a read-only token asking for the read-write credentials.
+    paths = doc["paths"]
+    for method, path in (
+        ("post", "/v1/projects"),
+        ("post", "/v1/tokens"),
+        ("post", "/v1/projects/{project_id}/sql"),
+        ("post", "/v1/projects/{project_id}/pause"),
+        ("delete", "/v1/projects/{project_id}"),
+        ("get", "/v1/projects/{project_id}/connection"),
+        ("get", "/v1/admin/owners"),
+        ("get", "/v1/admin/stats/regions"),
+        ("get", "/v1/admin/servers"),
+        ("get", "/v1/admin/advisor"),
+    ):
+        assert "403" in paths[path][method]["responses"], (method, path)
+    assert "403" not in paths["/v1/projects"]["get"]["responses"]
+
 
 def test_health_without_token(client: TestClient, platform: Platform) -> None:
     OperationsRuntime.of(

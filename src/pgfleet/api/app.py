@@ -189,6 +189,7 @@ def create_app(platform: Platform | None = None, settings: Settings | None = Non
         v1, responses={401: ERRORS[401], **COMMON}, dependencies=[Depends(known_query_parameters)]
     )
     install_console(app)
+    _document_refusals(app)
     # Middleware added later wraps what was added before: the metrics see the
     # SQL fast path's requests too.
     app.add_middleware(SqlFastPath)
@@ -257,6 +258,45 @@ class BodyLimit:
                 raise
         if too_large and not started:
             await self._refuse(send)
+
+
+# The 403s every route of a kind can answer, said once here rather than on
+# each route (found missing from the schema by a newcomer).
+_READ_ONLY_403 = (
+    "The token is read-only (scope read): it may list, show and run SQL in mode ro, "
+    "not change anything."
+)
+_ADMIN_403 = "The token is not an admin's (admins only)."
+_RW_CONNECTION_403 = "A read-only token (scope read) asked for the read-write credentials."
+
+
+def _document_refusals(app: FastAPI) -> None:
+    """The schema lists 403 where a token's scope or owner refuses: every
+    authenticated route that is not a read (a read-only token), every
+    /v1/admin route, and the read-write connection."""
+    plain = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = plain()
+        error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+        for path, methods in schema.get("paths", {}).items():
+            for method, op in methods.items():
+                if "401" not in op.get("responses", {}):
+                    continue  # no token asked for
+                said = []
+                if path.startswith("/v1/admin/"):
+                    said.append(_ADMIN_403)
+                if method not in ("get", "head", "options"):
+                    said.append(_READ_ONLY_403)
+                if path == "/v1/projects/{project_id}/connection":
+                    said.append(_RW_CONNECTION_403)
+                if said and "403" not in op["responses"]:
+                    op["responses"]["403"] = {"description": " Or: ".join(said), "content": error}
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 _METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")

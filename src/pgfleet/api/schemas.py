@@ -87,8 +87,22 @@ class Input(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    code: str
-    message: str
+    """Every error's body. Besides code and message, some errors carry more,
+    by code: a SQL error its `sqlstate`, `position`, `detail` and `hint`; a
+    503 its `region`; an operation's failure its `operation_id`; a limit
+    its `limit`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    code: str = Field(description="What kind of error, for programs: e.g. `unknown_region`.")
+    message: str = Field(description="What was wrong, and what is allowed.")
+    field: str | None = Field(
+        default=None, description="The one input at fault, when a check of pgfleet's found it."
+    )
+    fields: list[str] | None = Field(
+        default=None,
+        description="The inputs at fault, when the request did not validate (422 invalid_input).",
+    )
 
 
 class ErrorResponse(BaseModel):
@@ -420,7 +434,10 @@ class SqlIn(Input):
 
 class SqlColumn(BaseModel):
     name: str
-    type: str = Field(description="The PostgreSQL type, e.g. `integer`, `numeric(10,2)`.")
+    type: str = Field(
+        description="The PostgreSQL type as the server names it, e.g. `int4`, `text`, "
+        "`numeric(10,2)`."
+    )
 
 
 class SqlOut(BaseModel):
