@@ -135,6 +135,7 @@ def test_project_lifecycle(cli: Cli, fleet: FleetUnderTest) -> None:
     # Not a terminal and no --yes: refused, naming the project; nothing dropped.
     msg = cli.fails("projects", "delete", pid)
     assert "'shop'" in msg and "add --yes" in msg, msg
+    assert "only its backups can bring it back" in " ".join(msg.split()), msg
     assert cli.json("projects", "show", pid)["status"] == "active"
     out = cli.ok("projects", "delete", pid, "--yes")
     assert pid in out
@@ -143,8 +144,11 @@ def test_project_lifecycle(cli: Cli, fleet: FleetUnderTest) -> None:
         assert db not in fleet.databases(region)
         assert db not in fleet.roles(region)
     assert pid not in cli.ok("projects", "list")
+    # Asked for by name afterwards: what became of it, and how it comes back.
+    said = " ".join(cli.fails("projects", "show", "shop").split())
+    assert "project 'shop'" in said and "was deleted at" in said, said
+    assert f"pgfleet backups restore {pid}" in said, said
     assert run_psql(rw, "select 1").returncode != 0
-    assert "not found" in cli.fails("projects", "show", pid)
 
 
 def test_json_variants(cli: Cli, fleet: FleetUnderTest) -> None:

@@ -160,13 +160,14 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def confirm(question: str, yes: bool) -> None:
+def confirm(question: str, yes: bool, *, why: str = "this cannot be undone") -> None:
     """Ask before something that cannot be undone: `--yes` answers for
-    scripts; with nobody to ask (no terminal) and no `--yes`, refuse."""
+    scripts; with nobody to ask (no terminal) and no `--yes`, refuse,
+    saying `why` it asks."""
     if yes:
         return
     if not sys.stdin.isatty():
-        fail(f"{question.rstrip('?')}: this cannot be undone; add --yes to confirm")
+        fail(f"{question.rstrip('?')}: {why}; add --yes to confirm")
     typer.confirm(question, abort=True)
 
 
@@ -249,7 +250,7 @@ class Client:
                 fail(f"{ref!r} names {len(found)} projects: {listed}. Give its whole id")
         fail(
             f"no project is named {ref!r} or has an id starting with it; "
-            "`pgfleet projects list --all` shows them"
+            "`pgfleet projects list` shows yours (`--all` with the deleted ones)"
         )
 
     def _request(self, method: str, path: str, **kw: Any) -> Any:

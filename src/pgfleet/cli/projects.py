@@ -228,7 +228,11 @@ def projects_delete(
     the project (--yes for scripts; without a terminal, --yes is needed)."""
     client = Client(url, token)
     project = client.call("GET", f"/v1/projects/{project_id}")
-    confirm(f"Drop the database of project {project['name']!r} ({project['id']})?", yes)
+    confirm(
+        f"Drop the database of project {project['name']!r} ({project['id']})?",
+        yes,
+        why="only its backups can bring it back (`pgfleet backups restore`)",
+    )
     data = client.call(
         "DELETE", f"/v1/projects/{project['id']}", params={"wait": str(wait).lower()}
     )

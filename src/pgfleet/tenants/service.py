@@ -73,6 +73,14 @@ def get_project(
     with platform.db.connection() as conn:
         row = store.get(conn, tid)
     if row is None or not _visible(owner, row, include_deleted=include_deleted):
+        gone = row is not None and row.status == "deleted"
+        if row is not None and gone and _visible(owner, row, include_deleted=True):
+            # Its owner is told what became of it, and how it comes back.
+            when = f" at {row.deleted_at:%Y-%m-%d %H:%M} UTC" if row.deleted_at else ""
+            raise ProjectNotFound(
+                f"project {row.name!r} ({tid}) was deleted{when}; `pgfleet backups restore "
+                f"{tid}` brings it back from its backups, within its plan's restore window"
+            )
         raise ProjectNotFound(f"project {project_id} not found")
     return row
 
