@@ -203,10 +203,19 @@ def test_show_has_limits_size_and_connections_and_a_plan_change_prints_limits(
 
 
 def test_moments_carry_their_zone_and_durations_read_as_a_person_says_them(cli: Cli) -> None:
-    from pgfleet.display import duration, when
+    from pgfleet.display import duration, size, when
 
     assert when("2026-11-30T10:16:02.5+01:00") == "2026-11-30 09:16:02 UTC"
+    assert when("2026-11-30T10:16:02.5+01:00", round_up=True) == "2026-11-30 09:16:03 UTC"
+    assert when("2026-11-30T10:16:02+01:00", round_up=True) == "2026-11-30 09:16:02 UTC"
     assert when(None) == "-"
+    assert [size(x) for x in (None, 0, 812, 5530, 1_288_490_189)] == [
+        "-",
+        "0 B",
+        "812 B",
+        "5.4 kB",
+        "1.2 GB",
+    ]
     assert [duration(x) for x in (412, 3200, 65_000, 7_380_000, 300_000_000)] == [
         "412 ms",
         "3.2 s",

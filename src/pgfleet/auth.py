@@ -11,6 +11,7 @@ from typing import Any
 from psycopg.rows import dict_row
 
 from pgfleet.crypto import TOKEN_PREFIX, generate_api_token, hash_api_token
+from pgfleet.display import when
 from pgfleet.errors import Conflict, InvalidInput, NotAuthenticated, NotFound
 from pgfleet.names import validate_name
 from pgfleet.platform.core import Platform
@@ -113,7 +114,7 @@ def create_token(
         and datetime.now(UTC) + timedelta(days=expires_in_days) > limit
     ):
         raise InvalidInput(
-            f"the token making this one expires at {limit.isoformat()}: a token it makes "
+            f"the token making this one expires at {when(limit)}: a token it makes "
             "cannot outlive it; ask for fewer days, or omit expires_in_days to expire then",
             field="expires_in_days",
         )
@@ -231,7 +232,7 @@ def authenticate_token(platform: Platform, token: str | None) -> tuple[Owner, uu
 
 def expired(at: datetime) -> NotAuthenticated:
     return NotAuthenticated(
-        f"this token expired at {at.isoformat()}; create a new one (`pgfleet tokens create`)"
+        f"this token expired at {when(at)}; create a new one (`pgfleet tokens create`)"
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 
@@ -28,9 +28,11 @@ def display(value: Any, type_name: str = "") -> str:
     return str(value)
 
 
-def when(value: str | datetime | None) -> str:
+def when(value: str | datetime | None, *, round_up: bool = False) -> str:
     """A moment as a person reads it, always with its zone: the API's ISO
-    8601 (UTC) as `2026-11-30 09:16:02 UTC`; `-` for none."""
+    8601 (UTC) as `2026-11-30 09:16:02 UTC`; `-` for none. To the second,
+    down, or with `round_up` up: a window's start shown so is inside it, and
+    copied back in as a target it is taken."""
     if value is None or value == "":
         return "-"
     if isinstance(value, str):
@@ -42,6 +44,8 @@ def when(value: str | datetime | None) -> str:
         moment = value
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
+    if round_up and moment.microsecond:
+        moment = moment.replace(microsecond=0) + timedelta(seconds=1)
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
@@ -61,3 +65,16 @@ def duration(ms: float | None) -> str:
     if total < 86400:
         return f"{total // 3600} h {total % 3600 // 60:02d} min"
     return f"{total // 86400} d {total % 86400 // 3600} h"
+
+
+def size(n: int | None) -> str:
+    """A number of bytes as a person reads it: `812 B`, `5.4 kB`, `1.2 GB`;
+    `-` for none."""
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if value < 1024 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"

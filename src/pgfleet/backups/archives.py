@@ -15,6 +15,7 @@ from typing import Any
 import psycopg
 
 from pgfleet.backups import retention
+from pgfleet.display import when
 from pgfleet.errors import Conflict, FleetError, RegionUnavailable
 from pgfleet.fleet.archive import Archive, ArchiveInfo, BaseBackup, Stanza
 from pgfleet.fleet.embedded import EmbeddedFleet
@@ -186,7 +187,8 @@ def restorable_window(
         note = f"until it was deleted, for {plan.pitr_days} days ({plan.name} plan)"
     if latest < earliest:
         if earliest > now - timedelta(seconds=5):
-            return None, f"nothing is restorable yet: the window opens at {earliest.isoformat()}"
+            opens = when(earliest, round_up=True)
+            return None, f"nothing is restorable yet: the window opens at {opens}"
         return None, f"nothing restorable is left: {note}"
     return Window(earliest, latest), note
 

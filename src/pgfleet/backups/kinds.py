@@ -41,6 +41,7 @@ from pgfleet.backups.dump import (
     setup_session,
     sha256_of,
 )
+from pgfleet.display import when
 from pgfleet.errors import BackupUnusable, Conflict, FleetError, RegionUnavailable
 from pgfleet.fleet.binaries import find_binaries
 from pgfleet.fleet.embedded import ADMIN_USER
@@ -243,7 +244,7 @@ def _fetch_pitr(ctx: OpContext) -> None:
     info = archive.info(stanza)
     before = [b for b in info.backups if b.stopped_at < target]
     if not before:
-        raise Conflict(f"no base backup of {source_server} ends before {target.isoformat()}")
+        raise Conflict(f"no base backup of {source_server} ends before {when(target)}")
     base = before[-1]
     ctx.state["base_backup"] = base.label
     # Only the project's database comes back with its files: found by its
@@ -299,8 +300,7 @@ def _fetch_pitr(ctx: OpContext) -> None:
             ).fetchone()
             if found is None or not found[0] or not found[1]:
                 raise Conflict(
-                    f"the project's database did not exist at {target.isoformat()}; "
-                    "choose a later time",
+                    f"the project's database did not exist at {when(target)}; choose a later time",
                 )
             # Paused at that moment: its role may not log in; the copy is ours.
             conn.execute(sql.SQL("ALTER ROLE {} LOGIN").format(sql.Identifier(rw)))

@@ -16,6 +16,7 @@ import psycopg
 from pgfleet.backups import archives, kinds, retention
 from pgfleet.backups import store as bstore
 from pgfleet.backups.archives import Window
+from pgfleet.display import when
 from pgfleet.errors import BackupNotFound, Conflict, Forbidden, InvalidInput, PgfleetError
 from pgfleet.fleet.archive import BACKUP_TYPES, BaseBackup
 from pgfleet.fleet.health import check_server
@@ -198,8 +199,8 @@ def _in_window(target: datetime, window: Window | None, note: str) -> None:
         )
     if not window.earliest <= target <= window.latest:
         raise InvalidInput(
-            f"target_time {target.isoformat()} is outside the restorable window "
-            f"{window.earliest.isoformat()} .. {window.latest.isoformat()} ({note})",
+            f"target_time {when(target)} is outside the restorable window "
+            f"{when(window.earliest, round_up=True)} .. {when(window.latest)} ({note})",
             field="target_time",
             earliest=window.earliest.isoformat(),
             latest=window.latest.isoformat(),

@@ -21,18 +21,7 @@ from pgfleet.cli.common import (
     out,
     print_json,
 )
-from pgfleet.display import when
-
-
-def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "kB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
+from pgfleet.display import size, when
 
 
 @backups_app.command("create")
@@ -52,7 +41,7 @@ def backups_create(
     b, op = data["backup"], data["operation"]
     if b["status"] == "ok":
         out.print(
-            f"backup {b['id']}: {_size(b['size_bytes'])}, {b['tables']} tables, {b['rows']} rows, "
+            f"backup {b['id']}: {size(b['size_bytes'])}, {b['tables']} tables, {b['rows']} rows, "
             f"stored in {b['storage_region']} (sha256 {b['sha256'][:16]}...)"
         )
     else:
@@ -74,7 +63,8 @@ def backups_list(
         out.print(
             Text.assemble(
                 ("restorable: ", "bold"),
-                f"{w['earliest']} .. {w['latest']} ({data['window_note']})",
+                f"{when(w['earliest'], round_up=True)} .. {when(w['latest'])} "
+                f"({data['window_note']})",
             ),
             soft_wrap=True,
         )
@@ -90,7 +80,7 @@ def backups_list(
             b["id"],
             when(b["created_at"]),
             b["status"] + (f": {b['error']}" if b.get("error") else ""),
-            _size(b["size_bytes"]),
+            size(b["size_bytes"]),
             str(b["tables"] if b["tables"] is not None else "-"),
             str(b["rows"] if b["rows"] is not None else "-"),
             b["reason"],
@@ -221,6 +211,6 @@ def backups_base(
     if as_json:
         return print_json(data)
     out.print(
-        f"{data['type']} backup {data['label']} of {server}: {_size(data['repo_bytes'])} in the "
-        f"repository ({_size(data['size_bytes'])} of data)"
+        f"{data['type']} backup {data['label']} of {server}: {size(data['repo_bytes'])} in the "
+        f"repository ({size(data['size_bytes'])} of data)"
     )

@@ -310,17 +310,6 @@ def _iso(value: Any) -> str:
     raise TypeError(f"{type(value).__name__} is not JSON")
 
 
-def human_bytes(n: int | None) -> str:
-    if not n:
-        return "-"
-    size = float(n)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if size < 1024:
-            return f"{size:.0f} {unit}"
-        size /= 1024
-    return f"{size:.0f} PB"
-
-
 def print_audit(data: dict[str, Any], as_json: bool) -> None:
     if as_json:
         return print_json(data)

@@ -35,7 +35,6 @@ from pgfleet.cli.common import (
     app,
     err,
     fail,
-    human_bytes,
     load_settings,
     out,
     pid_file,
@@ -44,6 +43,7 @@ from pgfleet.cli.common import (
 )
 from pgfleet.config import Settings
 from pgfleet.crypto import write_private
+from pgfleet.display import size
 from pgfleet.errors import FleetError, PgfleetError
 from pgfleet.fleet.embedded import ADMIN_USER, EmbeddedFleet, EmbeddedServer
 from pgfleet.fleet.health import ServerHealth, check_server
@@ -393,7 +393,7 @@ def status(as_json: JsonOpt = False) -> None:
                     f"{h.latency_ms} ms",
                     f"{h.connections_used}/{h.connections_max}",
                     h.tenant_databases,
-                    human_bytes(h.bytes_used),
+                    size(h.bytes_used),
                     _archiving_cell(h.archive_mode, h.archive_failing, h.last_archived_at),
                 ]
             else:

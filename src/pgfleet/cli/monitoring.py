@@ -19,14 +19,13 @@ from pgfleet.cli.common import (
     add_row,
     app,
     fail,
-    human_bytes,
     out,
     print_json,
     printable,
     projects_app,
     stats_app,
 )
-from pgfleet.display import display, duration, when
+from pgfleet.display import display, duration, size, when
 
 # ---- SQL, stats, advisor, costs --------------------------------------------
 
@@ -126,7 +125,7 @@ def stats_regions(url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt =
             f"{r['share']:.0%}",
             r["hosted"],
             len(r["servers"]),
-            human_bytes(r["bytes"]),
+            size(r["bytes"]),
         )
     out.print(t)
     out.print(f"{data['requested_not_hosted']} project(s) picked a region that does not host them")

@@ -18,14 +18,13 @@ from pgfleet.cli.common import (
     add_row,
     confirm,
     fail,
-    human_bytes,
     out,
     print_audit,
     print_json,
     projects_app,
 )
 from pgfleet.cli.ops import DONE_STATES, follow
-from pgfleet.display import when
+from pgfleet.display import size, when
 
 # ---- projects --------------------------------------------------------------
 
@@ -193,7 +192,7 @@ def projects_show(
     if data["status"] in ("active", "paused"):
         usage = client.call("GET", f"/v1/projects/{data['id']}/usage")
         if usage["reachable"]:
-            add_row(t, "database size", human_bytes(usage["database_bytes"]))
+            add_row(t, "database size", size(usage["database_bytes"]))
             add_row(t, "connections", f"{usage['connections']} open")
         else:
             add_row(t, "usage", "the server does not answer now")

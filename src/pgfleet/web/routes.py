@@ -18,7 +18,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from pgfleet import auth
 from pgfleet.backups import service as backups_service
-from pgfleet.display import display, duration, when
+from pgfleet.display import display, duration, size, when
 from pgfleet.errors import (
     Conflict,
     InvalidInput,
@@ -49,6 +49,7 @@ templates = Environment(
 templates.filters["cell"] = display
 templates.filters["when"] = when
 templates.filters["duration"] = duration
+templates.filters["size"] = size
 router = APIRouter(include_in_schema=False)
 
 
