@@ -160,9 +160,15 @@ def test_backups_commands(cli: Cli, admin_cli: Cli, fleet: FleetUnderTest) -> No
     new = URI_RE.search(out)
     assert new is not None, out
     assert run_psql(new.group(0), "select count(*) from b").stdout.strip() == "2"
-    assert "outside the restorable window" in cli.fails(
-        "backups", "restore", pid, "--at", "2001-01-01T00:00:00Z"
-    )
+    said = cli.fails("backups", "restore", pid, "--at", "2001-01-01T00:00:00Z")
+    assert "outside the restorable window" in said and "UTC" in said, said
+    # An error about an option names the option typed, not the API's field.
+    said = cli.fails("backups", "restore", pid, "--at", "yesterday")
+    assert said.startswith("error: --at: ") and "target_time" not in said, said
+    said = cli.fails("ops", "list", "--status", "runing")
+    assert said.startswith("error: --status: ") and "query." not in said, said
+    said = cli.fails("projects", "rotate-password", pid, "--overlap", "-5", "--yes")
+    assert said.startswith("error: --overlap must be between"), said
     assert "residency" in cli.fails(
         "projects", "create", "--name", "x", "--region", "us-east-1", "--residency", "eu"
     )

@@ -94,7 +94,8 @@ def backups_restore(
     at: Annotated[
         str | None,
         typer.Option(
-            "--at", help="The moment to restore to (ISO 8601 with a zone); default: the latest"
+            "--at",
+            help="The moment to restore to (ISO 8601; without a zone, UTC); default: the latest",
         ),
     ] = None,
     backup: Annotated[
@@ -135,6 +136,12 @@ def backups_restore(
         f"/v1/projects/{project_id}/restore",
         json=body,
         params={"wait": str(wait).lower()},
+        flags={
+            "target_time": "--at",
+            "backup_id": "--backup",
+            "region": "--region",
+            "name": "--name",
+        },
     )
     if as_json:
         return print_json(data)

@@ -224,13 +224,17 @@ class Client:
         self.url = url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {token}"}
 
-    def call(self, method: str, path: str, **kw: Any) -> Any:
+    def call(
+        self, method: str, path: str, *, flags: dict[str, str] | None = None, **kw: Any
+    ) -> Any:
         """The API's answer (its error, if any, ends the command). A project
-        in the path may be named by its id, a unique id prefix or its name."""
+        in the path may be named by its id, a unique id prefix or its name.
+        `flags` names the command's options by the API fields they fill: an
+        error about a field then names the option the user typed."""
         m = _PROJECT_PATH.match(path)
         if m and not UUID_RE.fullmatch(m.group(1)):
             path = f"/v1/projects/{self.project_id(m.group(1))}{m.group(2)}"
-        return self._request(method, path, **kw)
+        return self._request(method, path, flags=flags, **kw)
 
     def project_id(self, ref: str) -> str:
         """The id of the one project `ref` names: its name (a live project's
@@ -253,7 +257,9 @@ class Client:
             "`pgfleet projects list` shows yours (`--all` with the deleted ones)"
         )
 
-    def _request(self, method: str, path: str, **kw: Any) -> Any:
+    def _request(
+        self, method: str, path: str, *, flags: dict[str, str] | None = None, **kw: Any
+    ) -> Any:
         try:
             with httpx.Client(base_url=self.url, timeout=60, headers=self.headers) as http:
                 r = http.request(method, path, **kw)
@@ -265,6 +271,12 @@ class Client:
                 msg, code = error["message"], error["code"]
             except (ValueError, KeyError, TypeError):
                 msg, code = r.text[:500], None
+            for field, flag in (flags or {}).items():
+                # "target_time: ..." or "query.status: ...", where a message
+                # or one of its parts starts: the option, as typed.
+                msg = re.sub(
+                    rf"(^|; )(?:query\.|body\.)?{re.escape(field)}\b", rf"\g<1>{flag}", msg
+                )
             hint = NEXT_STEP.get(code or "")
             fail(f"{msg} (HTTP {r.status_code})" + (f"\n{hint}" if hint else ""))
         return r.json() if r.content else None

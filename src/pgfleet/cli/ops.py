@@ -106,7 +106,9 @@ def ops_list(
     if status:
         params["status"] = status
     path = f"/v1/projects/{project}/operations" if project else "/v1/operations"
-    data = Client(url, token).call("GET", path, params=params)
+    data = Client(url, token).call(
+        "GET", path, params=params, flags={"status": "--status", "limit": "--limit"}
+    )
     if as_json:
         return print_json(data)
     t = Table(title="Operations")

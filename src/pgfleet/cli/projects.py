@@ -83,7 +83,7 @@ def projects_create(
         ),
     ] = False,
     timeout: Annotated[
-        float, typer.Option(help="How long to wait for the database, in seconds")
+        float, typer.Option(min=0.1, help="How long to wait for the database, in seconds")
     ] = 120,
     url: UrlOpt = None,
     token: TokenOpt = None,
@@ -254,10 +254,16 @@ def _print_started(op: dict[str, Any], project: dict[str, Any] | None = None) ->
 
 
 def _lifecycle(
-    path: str, url: str | None, token: str | None, wait: bool, as_json: bool, body: Any = None
+    path: str,
+    url: str | None,
+    token: str | None,
+    wait: bool,
+    as_json: bool,
+    body: Any = None,
+    flags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     data: dict[str, Any] = Client(url, token).call(
-        "POST", path, json=body, params={"wait": str(wait).lower()}
+        "POST", path, json=body, params={"wait": str(wait).lower()}, flags=flags
     )
     if as_json:
         print_json(data)
@@ -298,6 +304,7 @@ def projects_rotate(
         wait,
         as_json,
         {"role": role, "overlap_s": overlap},
+        {"overlap_s": "--overlap", "role": "--role"},
     )
     if not as_json and data.get("connection"):
         out.print(
