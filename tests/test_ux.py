@@ -135,6 +135,25 @@ def test_pgfleet_sql_shows_the_servers_detail_and_hint(cli: Cli, api: Api) -> No
     assert "(SQLSTATE 42883, at character 8) hint: No function matches" in msg, msg
 
 
+def test_projects_list_reads_on_an_80_column_terminal(
+    cli: Cli, api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whole ids left every other column a few letters wide there (found by a
+    newcomer: `now…`, `eu-…`); the ids are cut to 8 characters instead,
+    which every command takes, and a pipe still gets them whole."""
+    from pgfleet.cli.common import out
+
+    pid = create_ok(api, "narrow", region="eu-central-1")["id"]
+    assert pid in cli.ok("projects", "list")  # a pipe: whole
+    monkeypatch.setattr(out, "_force_terminal", True)
+    monkeypatch.setattr(out, "_width", 80)
+    shown = cli.ok("projects", "list")
+    assert pid not in shown and pid[:8] in shown, shown
+    assert "eu-central-1" in shown and "narrow" in shown and "active" in shown, shown
+    assert "UTC" in shown, shown
+    assert "narrow" in cli.ok("projects", "show", pid[:8])
+
+
 def test_the_plan_is_called_plan_in_every_request(api: Api) -> None:
     r = api.post("/v1/projects", json={"name": "p", "plan": "pro"})
     assert r.status_code == 201, r.text

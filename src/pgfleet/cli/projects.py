@@ -6,6 +6,7 @@ import sys
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.table import Table
 from rich.text import Text
 
@@ -160,16 +161,30 @@ def projects_list(
     data = Client(url, token).call("GET", "/v1/projects", params=params)
     if as_json:
         return print_json(data)
-    t = Table(title="Projects")
+    # A terminal too narrow for whole ids (36 characters) and the rest gets
+    # their first 8, which every command takes as a project's id, no flags,
+    # lighter lines, and values folded rather than cut: else every other
+    # column was cut to a few letters (`eu-…`). A pipe always gets it whole.
+    short = out.is_terminal and out.width < 120
+    t = (
+        Table(
+            title="Projects",
+            caption="ids cut to 8 characters, which every command takes; --json has them whole",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+        )
+        if short
+        else Table(title="Projects")
+    )
     for col in ("id", "name", "region", "hosted in", "plan", "status", "created"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold" if short else "ellipsis")
     for p in data["projects"]:
         hosted = p["hosted_region"] or "-"
         add_row(
             t,
-            p["id"],
+            p["id"][:8] if short else p["id"],
             p["name"],
-            f"{p['region_flag'] or ''} {p['region']}",
+            p["region"] if short else f"{p['region_flag'] or ''} {p['region']}",
             hosted,
             p["plan_type"] or "-",
             p["status"],
