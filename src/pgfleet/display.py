@@ -9,8 +9,25 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+# Control characters (C0, DEL, C1): a cell's text can be a tenant's (a
+# statement, a value), and an escape sequence in it would drive the reader's
+# terminal (clear it, retitle it, fake output); a tab or newline would break
+# the CLI's piped form's lines and columns. The console shows them the same
+# way (a browser would show a box, or nothing).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str, *, lines: bool = False) -> str:
+    """`text` with every control character shown as its escape (`\x1b`);
+    with `lines`, newlines are kept."""
+    return _CONTROL.sub(
+        lambda m: m.group() if lines and m.group() == "\n" else f"\\x{ord(m.group()):02x}",
+        text,
+    )
 
 
 def display(value: Any, type_name: str = "") -> str:

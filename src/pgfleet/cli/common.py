@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pgfleet.config import Settings, get_settings
-from pgfleet.display import when
+from pgfleet.display import printable, when
 
 app = typer.Typer(
     rich_markup_mode="markdown",
@@ -280,22 +280,6 @@ class Client:
             hint = NEXT_STEP.get(code or "")
             fail(f"{msg} (HTTP {r.status_code})" + (f"\n{hint}" if hint else ""))
         return r.json() if r.content else None
-
-
-# Control characters (C0, DEL, C1): a cell's text can be a tenant's (a
-# statement, a value), and an escape sequence in it would drive the reader's
-# terminal (clear it, retitle it, fake output); a tab or newline would break
-# the piped form's lines and columns.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def printable(text: str, *, lines: bool = False) -> str:
-    """`text` with every control character shown as its escape (`\x1b`);
-    with `lines`, newlines are kept."""
-    return _CONTROL.sub(
-        lambda m: m.group() if lines and m.group() == "\n" else f"\\x{ord(m.group()):02x}",
-        text,
-    )
 
 
 def add_row(table: Table, *cells: object) -> None:

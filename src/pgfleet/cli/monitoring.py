@@ -21,11 +21,10 @@ from pgfleet.cli.common import (
     fail,
     out,
     print_json,
-    printable,
     projects_app,
     stats_app,
 )
-from pgfleet.display import display, duration, size, when
+from pgfleet.display import display, duration, printable, size, when
 
 # ---- SQL, stats, advisor, costs --------------------------------------------
 

@@ -18,7 +18,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from pgfleet import auth
 from pgfleet.backups import service as backups_service
-from pgfleet.display import display, duration, size, when
+from pgfleet.display import display, duration, printable, size, when
 from pgfleet.errors import (
     Conflict,
     InvalidInput,
@@ -46,7 +46,9 @@ templates = Environment(
     lstrip_blocks=True,
 )
 # A SQL result's cell as a person reads it (JSON as JSON, bytea as \x...).
-templates.filters["cell"] = display
+templates.filters["cell"] = lambda value, type_name="": printable(
+    display(value, type_name), lines=True
+)
 templates.filters["when"] = when
 templates.filters["duration"] = duration
 templates.filters["size"] = size
