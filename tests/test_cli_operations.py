@@ -43,6 +43,16 @@ def test_lifecycle_commands(cli: Cli, fleet: FleetUnderTest) -> None:
     assert new is not None, out
     assert run_psql(new.group(0), "select 1").returncode == 0
     assert refused(run_psql(old, "select 1").stderr)
+    # Only the read-only role: its new string is printed, not the unchanged
+    # read-write one.
+    old_ro = cli.ok("projects", "connection", pid, "--mode", "ro").strip()
+    out = cli.ok("projects", "rotate-password", pid, "--role", "ro", "--yes")
+    assert "read-only connection: " in out and new.group(0) not in out, out
+    new_ro = URI_RE.search(out.split("read-only connection: ")[1])
+    assert new_ro is not None and new_ro.group(0) != old_ro, out
+    assert run_psql(new_ro.group(0), "select 1").returncode == 0
+    assert refused(run_psql(old_ro, "select 1").stderr)
+    assert run_psql(new.group(0), "select 1").returncode == 0
 
     out = cli.ok("projects", "pause", pid)
     assert f"project {pid} is paused" in out

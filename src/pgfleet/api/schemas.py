@@ -416,6 +416,22 @@ class SqlIn(Input):
     mode: Literal["rw", "ro"] = Field(
         default="rw", description="rw: the project's role; ro: its read-only role."
     )
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _scalars(cls, value: Any) -> Any:
+        # One sentence for a JSON object or list, where pydantic would list
+        # its four refusals (not a string; not an int; ...).
+        if isinstance(value, list):
+            for i, v in enumerate(value):
+                if isinstance(v, dict | list):
+                    kind = "an object" if isinstance(v, dict) else "a list"
+                    raise ValueError(
+                        f"${i + 1} is {kind}: a parameter is text, a number, true, false or "
+                        "null; send JSON as text and cast it ($1::jsonb)"
+                    )
+        return value
+
     timeout_ms: int | None = Field(
         default=None,
         description="Statement timeout (default 10 s), at most the plan's: "

@@ -11,6 +11,7 @@ from rich.text import Text
 from pgfleet.cli.common import (
     Client,
     JsonOpt,
+    ProjectArg,
     TokenOpt,
     UrlOpt,
     WaitOpt,
@@ -26,7 +27,7 @@ from pgfleet.display import size, when
 
 @backups_app.command("create")
 def backups_create(
-    project_id: str,
+    project_id: ProjectArg,
     wait: WaitOpt = True,
     url: UrlOpt = None,
     token: TokenOpt = None,
@@ -52,7 +53,7 @@ def backups_create(
 
 @backups_app.command("list")
 def backups_list(
-    project_id: str, url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
+    project_id: ProjectArg, url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
 ) -> None:
     """A project's snapshots and the window a point-in-time restore reaches."""
     data = Client(url, token).call("GET", f"/v1/projects/{project_id}/backups")
@@ -90,7 +91,7 @@ def backups_list(
 
 @backups_app.command("restore")
 def backups_restore(
-    project_id: str,
+    project_id: ProjectArg,
     at: Annotated[
         str | None,
         typer.Option(

@@ -141,6 +141,9 @@ TokenOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the raw JSON response.")]
+ProjectArg = Annotated[
+    str, typer.Argument(help="Project id, a unique id prefix or the project's name")
+]
 WaitOpt = Annotated[
     bool,
     typer.Option(

@@ -14,6 +14,7 @@ from pgfleet.cli.common import (
     UUID_RE,
     Client,
     JsonOpt,
+    ProjectArg,
     TokenOpt,
     UrlOpt,
     add_row,
@@ -31,9 +32,7 @@ from pgfleet.display import display, duration, printable, size, when
 
 @app.command("sql")
 def sql_cmd(
-    project_id: Annotated[
-        str, typer.Argument(help="Project id, a unique id prefix or the project's name")
-    ],
+    project_id: ProjectArg,
     query: Annotated[str, typer.Argument(help="One SQL statement; $1, $2... for --param")],
     param: Annotated[
         list[str] | None, typer.Option("--param", "-p", help="A value for $1, $2... (repeat)")
@@ -181,9 +180,7 @@ def stats_performance(
 
 @projects_app.command("stats")
 def project_stats(
-    project_id: Annotated[
-        str, typer.Argument(help="Project id, a unique id prefix or the project's name")
-    ],
+    project_id: ProjectArg,
     window: Annotated[str, typer.Option(help="SQL API figures: e.g. 30m, 24h, 7d")] = "24h",
     url: UrlOpt = None,
     token: TokenOpt = None,

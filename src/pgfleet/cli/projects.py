@@ -13,6 +13,7 @@ from rich.text import Text
 from pgfleet.cli.common import (
     Client,
     JsonOpt,
+    ProjectArg,
     TokenOpt,
     UrlOpt,
     WaitOpt,
@@ -195,7 +196,7 @@ def projects_list(
 
 @projects_app.command("show")
 def projects_show(
-    project_id: str, url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
+    project_id: ProjectArg, url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
 ) -> None:
     """One project: requested and hosting region, server, plan and its
     limits, status, database size and open connections."""
@@ -232,7 +233,7 @@ def _limits(client: Client, plan_id: str | None) -> list[tuple[str, str]]:
 
 @projects_app.command("delete")
 def projects_delete(
-    project_id: str,
+    project_id: ProjectArg,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation")] = False,
     wait: WaitOpt = True,
     url: UrlOpt = None,
@@ -289,7 +290,7 @@ def _lifecycle(
 
 @projects_app.command("rotate-password")
 def projects_rotate(
-    project_id: str,
+    project_id: ProjectArg,
     role: Annotated[str, typer.Option(help="all, rw or ro")] = "all",
     overlap: Annotated[
         int,
@@ -321,9 +322,23 @@ def projects_rotate(
         {"role": role, "overlap_s": overlap},
         {"overlap_s": "--overlap", "role": "--role"},
     )
-    if not as_json and data.get("connection"):
+    if as_json or data["operation"]["status"] != "finished":
+        return
+    # The strings with a new password: the read-write one when it changed,
+    # the read-only one when it did (found: --role ro printed the unchanged
+    # read-write string).
+    if role in ("all", "rw") and data.get("connection"):
         out.print(
             Text.assemble(("connection: ", "bold"), data["connection"]["uri"]),
+            soft_wrap=True,
+            highlight=False,
+        )
+    if role in ("all", "ro"):
+        ro = Client(url, token).call(
+            "GET", f"/v1/projects/{data['project']['id']}/connection", params={"mode": "ro"}
+        )
+        out.print(
+            Text.assemble(("read-only connection: ", "bold"), ro["uri"]),
             soft_wrap=True,
             highlight=False,
         )
@@ -331,7 +346,7 @@ def projects_rotate(
 
 @projects_app.command("pause")
 def projects_pause(
-    project_id: str,
+    project_id: ProjectArg,
     wait: WaitOpt = True,
     url: UrlOpt = None,
     token: TokenOpt = None,
@@ -343,7 +358,7 @@ def projects_pause(
 
 @projects_app.command("resume")
 def projects_resume(
-    project_id: str,
+    project_id: ProjectArg,
     wait: WaitOpt = True,
     url: UrlOpt = None,
     token: TokenOpt = None,
@@ -355,7 +370,7 @@ def projects_resume(
 
 @projects_app.command("plan")
 def projects_plan(
-    project_id: str,
+    project_id: ProjectArg,
     plan: Annotated[str, typer.Argument(help="free, pro or enterprise")],
     wait: WaitOpt = True,
     url: UrlOpt = None,
@@ -378,7 +393,7 @@ def projects_plan(
 
 @projects_app.command("audit")
 def projects_audit(
-    project_id: str,
+    project_id: ProjectArg,
     limit: Annotated[int, typer.Option(help="How many entries")] = 50,
     url: UrlOpt = None,
     token: TokenOpt = None,
@@ -393,7 +408,7 @@ def projects_audit(
 
 @projects_app.command("connection")
 def projects_connection(
-    project_id: str,
+    project_id: ProjectArg,
     mode: Annotated[str, typer.Option(help="rw or ro")] = "rw",
     pooling: Annotated[
         str,
