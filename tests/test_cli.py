@@ -323,6 +323,14 @@ def test_tokens_create_list_revoke(cli: Cli, admin_cli: Cli) -> None:
         # The token that did the revoking still works.
         assert c.json("projects", "list") == {"projects": []}
     assert "not found" in cli.fails("tokens", "revoke", "00000000-0000-4000-8000-000000000000")
+    # By a prefix of its id, or by its name, as projects are named.
+    out = cli.ok("tokens", "create", "--name", "phone")
+    tid = UUID_RE.findall(out)[0]
+    assert tid in cli.ok("tokens", "revoke", tid[:8])
+    out = cli.ok("tokens", "create", "--name", "tablet")
+    tid = UUID_RE.findall(out)[0]
+    assert tid in cli.ok("tokens", "revoke", "tablet")
+    assert "no token is named 'nothing'" in cli.fails("tokens", "revoke", "nothing")
 
 
 def test_owners_create_with_admin_token(

@@ -78,6 +78,7 @@ def test_lifecycle_commands(cli: Cli, fleet: FleetUnderTest) -> None:
     assert op_id is not None, listed
     shown = cli.ok("ops", "show", op_id.group(0))
     assert "change_plan" in shown and "finished" in shown
+    assert cli.ok("ops", "show", op_id.group(0)[:8]) == shown  # a prefix names it too
     assert "limits" in shown and "record" in shown  # the steps table
 
     out = cli.ok("projects", "delete", pid, "--yes")

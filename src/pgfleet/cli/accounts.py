@@ -100,16 +100,22 @@ def tokens_list(
 
 @tokens_app.command("revoke")
 def tokens_revoke(
-    token_id: str,
+    token_id: Annotated[
+        str, typer.Argument(help="Token id, a unique id prefix or the token's name")
+    ],
     any_owner: Annotated[
         bool, typer.Option("--any-owner", help="Admin: revoke another owner's token")
     ] = False,
     url: UrlOpt = None,
     token: TokenOpt = None,
 ) -> None:
-    """Revoke one of your tokens (an admin, with --any-owner, anyone's)."""
+    """Revoke one of your tokens, by its id, a unique id prefix or its name
+    (an admin, with --any-owner, anyone's, by its whole id)."""
+    client = Client(url, token)
+    if not any_owner:
+        token_id = client.resolve(token_id, "/v1/tokens", "tokens", "token")
     path = f"/v1/admin/tokens/{token_id}" if any_owner else f"/v1/tokens/{token_id}"
-    Client(url, token).call("DELETE", path)
+    client.call("DELETE", path)
     out.print(f"token {escape(token_id)} revoked")
 
 

@@ -260,6 +260,26 @@ class Client:
             "`pgfleet projects list` shows yours (`--all` with the deleted ones)"
         )
 
+    def resolve(
+        self, ref: str, listing: str, key: str, what: str, params: dict[str, Any] | None = None
+    ) -> str:
+        """The id of the one `what` among `listing`'s answer (its `key` list)
+        that `ref` names: a whole id as it is, else its name or a unique
+        prefix of its id, as projects are named."""
+        if UUID_RE.fullmatch(ref.lower()):
+            return ref
+        items = self._request("GET", listing, params=params)[key]
+        named = [x for x in items if x.get("name") == ref]
+        prefixed = [x for x in items if str(x["id"]).startswith(ref.lower())]
+        for found in (named, prefixed):
+            if len(found) == 1:
+                return str(found[0]["id"])
+            if len(found) > 1:
+                listed = "; ".join(str(x["id"]) for x in found[:10])
+                fail(f"{ref!r} names {len(found)} {what}s: {listed}. Give more of its id")
+        among = f" among the newest {params['limit']}" if params and "limit" in params else ""
+        fail(f"no {what}{among} is named {ref!r} or has an id starting with it")
+
     def _request(
         self, method: str, path: str, *, flags: dict[str, str] | None = None, **kw: Any
     ) -> Any:

@@ -77,12 +77,24 @@ def _steps_table(op: dict[str, Any]) -> Table:
     return t
 
 
+def _operation(client: Client, ref: str) -> str:
+    """An operation's id from its whole id or a unique prefix of it (among
+    your newest 500)."""
+    return client.resolve(ref, "/v1/operations", "operations", "operation", {"limit": 500})
+
+
+OperationArg = Annotated[
+    str, typer.Argument(help="Operation id, or a unique prefix of it (among your newest 500)")
+]
+
+
 @ops_app.command("show")
 def ops_show(
-    operation_id: str, url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
+    operation_id: OperationArg, url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
 ) -> None:
     """One operation: status, steps with their durations, attempts, error."""
-    data = Client(url, token).call("GET", f"/v1/operations/{operation_id}")
+    client = Client(url, token)
+    data = client.call("GET", f"/v1/operations/{_operation(client, operation_id)}")
     if as_json:
         return print_json(data)
     out.print(_op_table(data))
@@ -131,7 +143,7 @@ def ops_list(
 
 @ops_app.command("watch")
 def ops_watch(
-    operation_id: str,
+    operation_id: OperationArg,
     interval: Annotated[float, typer.Option(help="Seconds between polls")] = 0.3,
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds")] = 600,
     url: UrlOpt = None,
@@ -140,7 +152,7 @@ def ops_watch(
     """Follow one operation live, step by step, until it ends."""
 
     client = Client(url, token)
-    op = follow(client, operation_id, timeout=timeout, interval=interval)
+    op = follow(client, _operation(client, operation_id), timeout=timeout, interval=interval)
     out.print(_op_table(op))
     if op["steps"]:
         out.print(_steps_table(op))
@@ -190,10 +202,11 @@ def follow(client: Client, operation_id: str, *, timeout: float, interval: float
 
 @ops_app.command("cancel")
 def ops_cancel(
-    operation_id: str, url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
+    operation_id: OperationArg, url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
 ) -> None:
     """Cancel a scheduled or running operation (undone at its next step)."""
-    data = Client(url, token).call("POST", f"/v1/operations/{operation_id}/cancel")
+    client = Client(url, token)
+    data = client.call("POST", f"/v1/operations/{_operation(client, operation_id)}/cancel")
     if as_json:
         return print_json(data)
     note = " (cancel requested; it stops at its next step)" if data["status"] == "running" else ""
