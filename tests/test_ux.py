@@ -157,9 +157,13 @@ def test_projects_list_reads_on_an_80_column_terminal(
 def test_the_plan_is_called_plan_in_every_request(api: Api) -> None:
     r = api.post("/v1/projects", json={"name": "p", "plan": "pro"})
     assert r.status_code == 201, r.text
-    assert r.json()["plan_type"] == "pro"
-    r = api.post(f"/v1/projects/{r.json()['id']}/plan", json={"plan": "enterprise"})
+    # Answers name it plan too (they said only plan_type: found by a newcomer).
+    assert r.json()["plan"] == r.json()["plan_type"] == "pro"
+    pid = r.json()["id"]
+    r = api.post(f"/v1/projects/{pid}/plan", json={"plan": "enterprise"})
     assert r.status_code == 200, r.text
+    assert api.get(f"/v1/projects/{pid}").json()["plan"] == "enterprise"
+    assert {p["plan"] for p in api.get("/v1/projects").json()["projects"]} == {"enterprise"}
     # The former name still works, alone; both at once must agree.
     assert api.post("/v1/projects", json={"name": "q", "plan_type": "pro"}).status_code == 201
     err = error_of(api.post("/v1/projects", json={"name": "r", "plan": "pro", "plan_type": "free"}))

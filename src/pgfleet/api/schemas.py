@@ -258,7 +258,10 @@ class ProjectOut(BaseModel):
     hosted_region_flag: str | None
     server: str | None
     placement_reason: str | None
-    plan_type: str | None
+    plan: str | None = Field(
+        default=None, description="The project's plan (free, pro, enterprise), as requests name it."
+    )
+    plan_type: str | None = Field(description="The same as `plan`, under its former name.")
     status: str = Field(description="provisioning, active, paused, failed, deleting or deleted.")
     owner_id: uuid.UUID | None
     error: str | None
@@ -300,6 +303,7 @@ class ProjectOut(BaseModel):
                     "restored_from",
                 )
             },
+            plan=row.plan_type,
             region_name=region.name if region else None,
             region_flag=region.flag if region else None,
             hosted_region_flag=hosted.flag if hosted else None,
