@@ -45,7 +45,8 @@ def test_a_read_only_token_lists_shows_and_queries_but_changes_nothing(
     # Changes nothing, and says why.
     err = error_of(run(ro, pid, "insert into t values (3)"), 403)
     assert "read-only (scope read)" in err["message"] and "mode ro" in err["message"], err
-    error_of(ro.get(f"/v1/projects/{pid}/connection"), 403)  # the rw password
+    err = error_of(ro.get(f"/v1/projects/{pid}/connection"), 403)  # the rw password
+    assert "`--mode ro` in the CLI" in err["message"], err  # what to type there
     for method, path, body in (
         ("post", "/v1/projects", {"name": "nope"}),
         ("delete", f"/v1/projects/{pid}", None),

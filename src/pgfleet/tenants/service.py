@@ -470,7 +470,9 @@ def connection_details(
     gives it to this owner)."""
     m = check_mode(mode)
     if owner.read_only and m == "rw":
-        raise read_only_refusal("the read-write credentials are not for it: ask for mode=ro")
+        raise read_only_refusal(
+            "the read-write credentials are not for it: ask for mode=ro (`--mode ro` in the CLI)"
+        )
     if pooling not in POOLINGS:
         raise InvalidInput(f"unknown pooling {pooling!r}; valid values are: session, transaction")
     if via is not None:
