@@ -18,6 +18,7 @@ from urllib.parse import quote, urlencode
 import psycopg
 
 from pgfleet.crypto import generate_password
+from pgfleet.display import when
 from pgfleet.errors import (
     Conflict,
     FleetError,
@@ -76,9 +77,9 @@ def get_project(
         gone = row is not None and row.status == "deleted"
         if row is not None and gone and _visible(owner, row, include_deleted=True):
             # Its owner is told what became of it, and how it comes back.
-            when = f" at {row.deleted_at:%Y-%m-%d %H:%M} UTC" if row.deleted_at else ""
+            at = f" at {when(row.deleted_at)}" if row.deleted_at else ""
             raise ProjectNotFound(
-                f"project {row.name!r} ({tid}) was deleted{when}; `pgfleet backups restore "
+                f"project {row.name!r} ({tid}) was deleted{at}; `pgfleet backups restore "
                 f"{tid}` brings it back from its backups, within its plan's restore window"
             )
         raise ProjectNotFound(f"project {project_id} not found")
