@@ -277,23 +277,36 @@ def test_an_unfinished_spare_is_never_claimed_and_a_refill_drops_it_once_stale(
     assert names[1] not in fleet.databases(REGION)
 
 
-def test_a_create_cancelled_before_it_started_gives_its_spare_back_to_be_dropped(
-    platform_factory: Any, fleet: FleetUnderTest
-) -> None:
+def one_spare(platform_factory: Any) -> tuple[Platform, ServerRecord, str]:
+    """A platform with no worker, whose server in REGION has one ready spare
+    (its name returned)."""
     p: Platform = platform_factory(spare_databases=1, embedded_workers=0)
     server = server_in(p, REGION)
     drop_spares(p, server)
     refill_spares(p, server, 1)
     ((name, _, _),) = ready_spares(p, server)
-    owner = create_owner(p, "quitter")[0]
-    project, op_id = start_create_project(p, owner, name="quitter", region=REGION, plan_type="free")
-    assert tenant_db_name(project.id) == name  # the spare's id is the project's
-    assert cancel_operation(p, owner, str(op_id)).status == "cancelled"
-    assert refill_spares(p, server, 1) == 1  # a new one, and the given-back one dropped
+    return p, server, name
+
+
+def refilled_without(p: Platform, fleet: FleetUnderTest, server: ServerRecord, name: str) -> None:
+    """The next refill makes a new spare and drops the given-back `name`
+    from the server and the routers."""
+    assert refill_spares(p, server, 1) == 1
     assert name not in fleet.databases(REGION)
     assert p.routers is not None
     assert all(name not in p.routers.databases(spec) for spec in p.routers.specs)
     assert [s[0] for s in ready_spares(p, server)] != [name]
+
+
+def test_a_create_cancelled_before_it_started_gives_its_spare_back_to_be_dropped(
+    platform_factory: Any, fleet: FleetUnderTest
+) -> None:
+    p, server, name = one_spare(platform_factory)
+    owner = create_owner(p, "quitter")[0]
+    project, op_id = start_create_project(p, owner, name="quitter", region=REGION, plan_type="free")
+    assert tenant_db_name(project.id) == name  # the spare's id is the project's
+    assert cancel_operation(p, owner, str(op_id)).status == "cancelled"
+    refilled_without(p, fleet, server, name)
 
 
 def test_a_create_whose_server_just_went_down_gives_up_in_seconds_and_leaves_nothing(
@@ -306,11 +319,7 @@ def test_a_create_whose_server_just_went_down_gives_up_in_seconds_and_leaves_not
     up: its spare goes back, and the refill drops it once the server is back."""
     from tests.test_sql_errors import server_down
 
-    p: Platform = platform_factory(spare_databases=1, embedded_workers=0)
-    server = server_in(p, REGION)
-    drop_spares(p, server)
-    refill_spares(p, server, 1)
-    ((name, _, _),) = ready_spares(p, server)
+    p, server, name = one_spare(platform_factory)
     owner = create_owner(p, "unlucky")[0]
     with server_down(fleet, REGION):
         project, op_id = start_create_project(
@@ -330,10 +339,7 @@ def test_a_create_whose_server_just_went_down_gives_up_in_seconds_and_leaves_not
             assert row == ("deleted",)
             given = conn.execute("SELECT state FROM spares WHERE id = %s", (project.id,)).fetchone()
             assert given == ("drop",)
-    assert refill_spares(p, server, 1) == 1  # a new one, and the given-back one dropped
-    assert name not in fleet.databases(REGION)
-    assert p.routers is not None
-    assert all(name not in p.routers.databases(spec) for spec in p.routers.specs)
+    refilled_without(p, fleet, server, name)
 
 
 def test_each_server_keeps_its_own_number_of_spares_and_metrics_show_it(
