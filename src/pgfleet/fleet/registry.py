@@ -393,8 +393,21 @@ class ServerRegistry:
                     "WHERE r.rolname = %s",
                     (role,),
                 ).fetchone()
+                full = conn.execute(
+                    "SELECT count(*) >= current_setting('max_connections')::int "
+                    "- current_setting('superuser_reserved_connections')::int "
+                    "FROM pg_catalog.pg_stat_activity WHERE backend_type = 'client backend'"
+                ).fetchone()
         except RegionUnavailable as e:
             return e
+        if full and full[0]:
+            # Every slot taken: no login of anyone's gets in, whatever its role.
+            return RegionUnavailable(
+                f"region {server.region} is unavailable: server {server.name} has every "
+                "connection slot taken (max_connections)",
+                region=server.region,
+                server=server.name,
+            )
         if row is not None and row[0] and 0 <= row[1] <= row[2]:
             return ConnectionLimitReached(
                 f"role {role} already has {row[2]} connections open on server {server.name}, "
@@ -414,6 +427,16 @@ class ServerRegistry:
     def _connect(self, server: ServerRecord, conninfo: dict[str, Any]) -> psycopg.Connection[Any]:
         try:
             return psycopg.connect(**conninfo, autocommit=True)
+        except psycopg.errors.ConnectionTimeout as e:
+            # Nothing was refused: the server took no new login in time (its
+            # postmaster frozen, say), though a pooled session may still
+            # answer. Asking the catalog why would say "credentials refused".
+            raise RegionUnavailable(
+                f"region {server.region} is unavailable: server {server.name} took no new "
+                "login in time",
+                region=server.region,
+                server=server.name,
+            ) from e
         except psycopg.OperationalError as e:
             raise self.why_refused(server, str(conninfo["user"])) from e
 
