@@ -44,6 +44,7 @@ is ready a create takes the slow path; it never fails for want of a spare.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -175,20 +176,14 @@ def claim_prepared(
     return True
 
 
-def prepare_spare(p: Platform, server: ServerRecord, conn: psycopg.Connection[Any]) -> uuid.UUID:
-    """Make one spare on `server` with the slow path's own steps (`conn` is
-    an admin session in the admin database); returns its id. Its row is
-    recorded first (`making`), so a crash leaves something to drop, and is
-    `made` once the spare is whole."""
-    sid = uuid.uuid4()
-    name = tenant_db_name(sid)
-    password, ro_password = generate_password(), generate_password()
-    with p.db.connection() as pconn:
-        pconn.execute(
-            "INSERT INTO spares (id, server_id, password_enc, ro_password_enc) "
-            "VALUES (%s, %s, %s, %s)",
-            (sid, server.id, p.secrets.encrypt(password), p.secrets.encrypt(ro_password)),
-        )
+def _make(
+    p: Platform,
+    server: ServerRecord,
+    conn: psycopg.Connection[Any],
+    name: str,
+    password: str,
+    ro_password: str,
+) -> None:
     actions: list[str] = []
     converge_roles(
         conn,
@@ -214,6 +209,42 @@ def prepare_spare(p: Platform, server: ServerRecord, conn: psycopg.Connection[An
                 sql.Literal(READY),
             )
         )
+
+
+def _unmake(p: Platform, conn: psycopg.Connection[Any], sid: uuid.UUID, name: str) -> None:
+    """A spare that could not be finished is dropped at once, or marked to
+    drop at the next pass if even that fails. Left `making`, one more
+    stayed behind at every pass until it was stale (seen: 22 in two minutes
+    while new logins to the server failed and its admin session worked)."""
+    try:
+        drop_on_server(conn, name=name)
+        with p.db.connection() as pconn:
+            pconn.execute("DELETE FROM spares WHERE id = %s", (sid,))
+    except Exception as e:
+        log.warning("spare %s not dropped (%s); the next refill drops it", sid, e)
+        with contextlib.suppress(Exception), p.db.connection() as pconn:
+            pconn.execute("UPDATE spares SET state = 'drop' WHERE id = %s", (sid,))
+
+
+def prepare_spare(p: Platform, server: ServerRecord, conn: psycopg.Connection[Any]) -> uuid.UUID:
+    """Make one spare on `server` with the slow path's own steps (`conn` is
+    an admin session in the admin database); returns its id. Its row is
+    recorded first (`making`), so a crash leaves something to drop, and is
+    `made` once the spare is whole."""
+    sid = uuid.uuid4()
+    name = tenant_db_name(sid)
+    password, ro_password = generate_password(), generate_password()
+    with p.db.connection() as pconn:
+        pconn.execute(
+            "INSERT INTO spares (id, server_id, password_enc, ro_password_enc) "
+            "VALUES (%s, %s, %s, %s)",
+            (sid, server.id, p.secrets.encrypt(password), p.secrets.encrypt(ro_password)),
+        )
+    try:
+        _make(p, server, conn, name, password, ro_password)
+    except Exception:
+        _unmake(p, conn, sid, name)
+        raise
     with p.db.connection() as pconn:
         pconn.execute("UPDATE spares SET state = 'made' WHERE id = %s", (sid,))
     return sid
