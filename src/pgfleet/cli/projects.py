@@ -124,10 +124,11 @@ def projects_create(
             _print_started(started["operation"])
             return
         op = follow(client, op_id, timeout=timeout)
+        if op["status"] in DONE_STATES and op["status"] != "finished":
+            # An undone create leaves nothing to show: its error says why.
+            fail(f"operation {op_id} {op['status']}: {op['error'] or 'no error given'}")
         if op["status"] != "finished":
             out.print(_project_table(client.call("GET", f"/v1/projects/{op['project_id']}")))
-            if op["status"] in DONE_STATES:
-                fail(f"operation {op_id} {op['status']}: {op['error'] or 'no error given'}")
             fail(
                 f"the database is not ready after {timeout:g} s: operation {op_id} is "
                 f"{op['status']} at step {op['current_step'] or '-'}"

@@ -77,6 +77,8 @@ def get_project(
         gone = row is not None and row.status == "deleted"
         if row is not None and gone and _visible(owner, row, include_deleted=True):
             # Its owner is told what became of it, and how it comes back.
+            if (row.error or "").startswith("provisioning"):  # undone before it was made
+                raise ProjectNotFound(f"project {row.name!r} ({tid}) was never made: {row.error}")
             at = f" at {when(row.deleted_at)}" if row.deleted_at else ""
             raise ProjectNotFound(
                 f"project {row.name!r} ({tid}) was deleted{at}; `pgfleet backups restore "

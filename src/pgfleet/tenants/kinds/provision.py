@@ -79,13 +79,14 @@ def _part(part: str) -> Callable[[OpContext], None]:
             if not _unreachable(e) or ctx.params.get("wait_for_region"):
                 raise
             since = ctx.scratch.setdefault("unreachable_since", time.monotonic())
-            if time.monotonic() - since < UNREACHABLE_GIVE_UP_S:
+            waited = time.monotonic() - since
+            if waited < UNREACHABLE_GIVE_UP_S:
                 raise  # retried: a restart takes a few seconds
             raise RegionStayedDown(
                 f"region {t.server.region} is unavailable: server {t.server.name} could "
-                f"not be reached for {UNREACHABLE_GIVE_UP_S:.0f} s, so the create was "
-                "undone; try again later, or ask with wait_for_region=true to queue it "
-                "until the server is back",
+                f"not be reached for {waited:.0f} s, so the create was given up; try "
+                "again later, or ask with wait_for_region=true to queue it until the "
+                "server is back",
                 region=t.server.region,
                 server=t.server.name,
             ) from e
