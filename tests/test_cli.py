@@ -331,6 +331,19 @@ def test_tokens_create_list_revoke(cli: Cli, admin_cli: Cli) -> None:
     tid = UUID_RE.findall(out)[0]
     assert tid in cli.ok("tokens", "revoke", "tablet")
     assert "no token is named 'nothing'" in cli.fails("tokens", "revoke", "nothing")
+    # A revoked token's name does not make a live one's ambiguous (found by
+    # an attack); a name that is also another's id prefix is ambiguous.
+    out = cli.ok("tokens", "create", "--name", "dup")
+    gone = UUID_RE.findall(out)[0]
+    cli.ok("tokens", "revoke", gone)
+    out = cli.ok("tokens", "create", "--name", "dup")
+    tid = UUID_RE.findall(out)[0]
+    assert tid in cli.ok("tokens", "revoke", "dup")
+    kept = UUID_RE.findall(cli.ok("tokens", "create", "--name", "kept"))[0]
+    out = cli.ok("tokens", "create", "--name", kept[:8])
+    clash = UUID_RE.findall(out)[0]
+    assert "names 2 tokens" in cli.fails("tokens", "revoke", kept[:8])
+    assert clash in cli.ok("tokens", "revoke", clash)
 
 
 def test_owners_create_with_admin_token(

@@ -268,14 +268,25 @@ class Client:
         prefix of its id, as projects are named."""
         if UUID_RE.fullmatch(ref.lower()):
             return ref
+        if not ref.strip():
+            fail(f"give a {what}'s id, a prefix of it or its name")
         items = self._request("GET", listing, params=params)[key]
-        named = [x for x in items if x.get("name") == ref]
-        prefixed = [x for x in items if str(x["id"]).startswith(ref.lower())]
-        for found in (named, prefixed):
+        # Live ones first (a revoked token's name or prefix does not make a
+        # live one's ambiguous); a name and another's id prefix both matching
+        # is ambiguous, never a silent pick.
+        live = [x for x in items if not x.get("revoked_at")]
+        for pool in (live, items):
+            found = {
+                str(x["id"]): x
+                for x in pool
+                if x.get("name") == ref or str(x["id"]).startswith(ref.lower())
+            }
             if len(found) == 1:
-                return str(found[0]["id"])
+                return next(iter(found))
             if len(found) > 1:
-                listed = "; ".join(str(x["id"]) for x in found[:10])
+                listed = "; ".join(
+                    f"{i} ({x.get('name') or '-'})" for i, x in list(found.items())[:10]
+                )
                 fail(f"{ref!r} names {len(found)} {what}s: {listed}. Give more of its id")
         among = f" among the newest {params['limit']}" if params and "limit" in params else ""
         fail(f"no {what}{among} is named {ref!r} or has an id starting with it")
