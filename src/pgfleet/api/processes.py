@@ -46,7 +46,7 @@ from pgfleet.net import passive_address, port_free
 log = logging.getLogger("uvicorn.error")
 
 STOP_WAIT_S = 10.0
-BEAT_EVERY_S = 1.0
+BEAT_EVERY_S = 1  # uvicorn's timeout_notify is whole seconds
 
 
 def spreads_connections() -> bool:
@@ -94,7 +94,7 @@ def _process_main(config: uvicorn.Config, parent: int, beat: Any) -> None:
     """One API process (run in a spawned child: `config` came pickled)."""
     threading.Thread(target=_orphaned, args=(parent,), daemon=True).start()
     config.callback_notify = _beating(beat)
-    config.timeout_notify = int(BEAT_EVERY_S)
+    config.timeout_notify = BEAT_EVERY_S
     config.configure_logging()
     try:
         sock = bound(config.host, config.port)

@@ -386,21 +386,22 @@ class ServerRegistry:
         at its connection limit, or its credentials refused."""
         try:
             with self.admin_connection(server) as conn:
-                row = conn.execute(
-                    "SELECT r.rolcanlogin, r.rolconnlimit, "
-                    "(SELECT count(*) FROM pg_catalog.pg_stat_activity a "
-                    " WHERE a.usename = r.rolname) FROM pg_catalog.pg_roles r "
-                    "WHERE r.rolname = %s",
-                    (role,),
-                ).fetchone()
-                full = conn.execute(
-                    "SELECT count(*) >= current_setting('max_connections')::int "
+                # One round trip: whether every slot is taken, and the role
+                # (its columns null when it does not exist).
+                got = conn.execute(
+                    "SELECT (SELECT count(*) >= current_setting('max_connections')::int "
                     "- current_setting('superuser_reserved_connections')::int "
-                    "FROM pg_catalog.pg_stat_activity WHERE backend_type = 'client backend'"
+                    "FROM pg_catalog.pg_stat_activity WHERE backend_type = 'client backend'), "
+                    "r.rolcanlogin, r.rolconnlimit, (SELECT count(*) FROM "
+                    "pg_catalog.pg_stat_activity a WHERE a.usename = r.rolname) "
+                    "FROM (SELECT 1) one LEFT JOIN pg_catalog.pg_roles r ON r.rolname = %s",
+                    (role,),
                 ).fetchone()
         except RegionUnavailable as e:
             return e
-        if full and full[0]:
+        full = bool(got and got[0])
+        row = got[1:] if got and got[1] is not None else None
+        if full:
             # Every slot taken: no login of anyone's gets in, whatever its role.
             return RegionUnavailable(
                 f"region {server.region} is unavailable: server {server.name} has every "
