@@ -250,6 +250,48 @@ def test_restore_refuses_what_it_cannot_do(
     assert names == ["guarded"]
 
 
+@pytest.mark.usefixtures("cli_env")
+def test_a_restore_into_a_region_known_down_fails_fast_unless_asked_to_wait(
+    api: Api, platform: Platform, fleet: FleetUnderTest, api_url: str, owner: tuple[Any, str]
+) -> None:
+    """As a create: a region the health checks know to be down is refused at
+    once with nothing made, and wait_for_region queues the restore until
+    its server is back."""
+    from pgfleet.monitoring.background import run_once
+    from tests.helpers import poll
+    from tests.test_cli import Cli
+    from tests.test_sql_errors import server_down
+
+    cli = Cli(api_url, owner[1])
+    p = create_ok(api, "travels", region="us-east-1")
+    fill(api, p["id"], rows=100)
+    snap = snapshot(api, p["id"])
+    url = f"/v1/projects/{p['id']}/restore"
+    body = {"backup_id": snap["id"], "region": "ap-southeast-1", "name": "arrived"}
+    # Over the project itself it always waits for its server: asking is an error.
+    err = error_of(api.post(url, json={"into": "same"}, params={"wait_for_region": "true"}), 422)
+    assert err["field"] == "wait_for_region" and "into=new" in err["message"], err
+    said = cli.fails("backups", "restore", p["id"], "--into", "same", "--yes", "--wait-for-region")
+    assert "--wait-for-region is for into=new" in said, said
+    with server_down(fleet, "ap-southeast-1"):
+        run_once(platform)  # the health loop's round notices
+        t0 = time.monotonic()
+        err = error_of(api.post(url, json=body), 503)
+        assert time.monotonic() - t0 < 2, "not at once"
+        assert "failed its last health check" in err["message"], err
+        assert [x["name"] for x in api.get("/v1/projects").json()["projects"]] == ["travels"]
+        r = api.post(url, json=body, params={"wait": "false", "wait_for_region": "true"})
+        assert r.status_code == 202, r.text
+        op_id = r.json()["operation"]["id"]
+        time.sleep(1)
+        assert api.get(f"/v1/operations/{op_id}").json()["status"] in ("scheduled", "running")
+    assert poll(api, op_id, timeout=90)["status"] == "finished"
+    new_id = r.json()["id"]
+    assert api.get(f"/v1/projects/{new_id}").json()["status"] == "active"
+    assert tenant_db_name(uuid.UUID(new_id)) in fleet.databases("ap-southeast-1")
+    assert count(api, new_id) == 100
+
+
 def test_residency_keeps_a_project_in_its_jurisdiction(
     api: Api, admin_api: Api, fleet: FleetUnderTest
 ) -> None:

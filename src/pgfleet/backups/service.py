@@ -217,9 +217,13 @@ def start_restore(
     region: str | None = None,
     into: str = "new",
     name: str | None = None,
+    wait_for_region: bool = False,
 ) -> tuple[Tenant, uuid.UUID]:
     """Restore a project (a point in time of its archive, or one of its
-    snapshots) into a new project; returns (new project, operation id)."""
+    snapshots) into a new project; returns (new project, operation id).
+    `wait_for_region` is the create's (tenants.service.start_create_project)
+    for the new project's server; a restore over the project itself waits
+    for its server in any case (its data is there)."""
     if into not in RESTORE_INTO:
         raise InvalidInput(
             f"into must be 'new' (a new project beside the original) or 'same' (over the "
@@ -228,6 +232,12 @@ def start_restore(
         )
     if target_time is not None and backup_id is not None:
         raise InvalidInput("give target_time or backup_id, not both", field="target_time")
+    if into == "same" and wait_for_region:
+        raise InvalidInput(
+            "wait_for_region is for into=new; a restore over the project itself always "
+            "waits for the project's server, which holds its data",
+            field="wait_for_region",
+        )
     source = tenants.get_project(platform, owner, project_id, include_deleted=True)
     if source.status in ("provisioning", "failed") or source.server is None:
         raise Conflict(
@@ -300,6 +310,7 @@ def start_restore(
         action="project.restore",
         deadline_s=BACKUP_DEADLINE_S,
         check=lambda conn: _check_copies(conn, owner.id),
+        wait_for_region=wait_for_region,
     )
 
 

@@ -115,6 +115,13 @@ def backups_restore(
     ] = "new",
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation")] = False,
     wait: WaitOpt = True,
+    wait_for_region: Annotated[
+        bool,
+        typer.Option(
+            help="If the new project's server failed its last health check, queue the "
+            "restore until it is back instead of failing at once (--into new)"
+        ),
+    ] = False,
     url: UrlOpt = None,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
@@ -136,12 +143,13 @@ def backups_restore(
         "POST",
         f"/v1/projects/{project_id}/restore",
         json=body,
-        params={"wait": str(wait).lower()},
+        params={"wait": str(wait).lower(), "wait_for_region": str(wait_for_region).lower()},
         flags={
             "target_time": "--at",
             "backup_id": "--backup",
             "region": "--region",
             "name": "--name",
+            "wait_for_region": "--wait-for-region",
         },
     )
     if as_json:

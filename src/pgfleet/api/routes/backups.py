@@ -15,6 +15,7 @@ from pgfleet.api.routes.common import (
     ERRORS,
     OPERATION_ERRORS,
     IdemHeader,
+    WaitForRegionQuery,
     WaitQuery,
     created,
     project_and_op,
@@ -140,6 +141,11 @@ def list_backups(project_id: str, platform: PlatformDep, owner: OwnerDep) -> Bac
             "(the message and `earliest`/`latest` name the window).",
             **ERRORS[422],
         },
+        503: {
+            "model": ErrorResponse,
+            "description": "`into: new`: the new project's server failed its last health "
+            "check, or could not be reached for about 10 s (see `wait_for_region`).",
+        },
     },
 )
 def restore_project(
@@ -148,6 +154,7 @@ def restore_project(
     platform: PlatformDep,
     owner: OwnerDep,
     wait: WaitQuery = True,
+    wait_for_region: WaitForRegionQuery = False,
     idempotency_key: IdemHeader = None,
 ) -> JSONResponse:
     """`into: new` (the default) starts a `restore` operation that makes a
@@ -165,7 +172,11 @@ def restore_project(
     verified there, then swapped in by renaming (logins are blocked and
     sessions ended for that moment; credentials do not change). Until the
     swap the project is untouched. 200 with the project and the operation
-    when finished, 202 while it runs."""
+    when finished, 202 while it runs.
+
+    `wait_for_region` is for `into: new`, whose new project's server is
+    asked as a create's is; `into: same` always waits for the project's own
+    server, which holds its data."""
 
     def produce() -> tuple[int, Any]:
         _, op_id = service.start_restore(
@@ -177,6 +188,7 @@ def restore_project(
             region=body.region,
             into=body.into,
             name=body.name,
+            wait_for_region=wait_for_region,
         )
         status, out = project_and_op(platform, owner, op_id, wait=wait, credentials=True)
         if body.into == "same":
@@ -189,7 +201,7 @@ def restore_project(
         idempotency_key,
         method="POST",
         path=f"/v1/projects/{project_id}/restore",
-        body={"body": body, "wait": wait},
+        body={"body": body, "wait": wait, "wait_for_region": wait_for_region},
         produce=produce,
     )
 

@@ -63,6 +63,15 @@ WaitQuery = Annotated[
         "false answers 202 at once with the operation to poll."
     ),
 ]
+WaitForRegionQuery = Annotated[
+    bool,
+    Query(
+        description="When the region's server failed its last health check: false "
+        "(default) answers 503 at once; true queues the new project, and its operation "
+        "retries until the server is back (or its deadline passes). Without it, a "
+        "server that goes down under the operation is given up on after about 10 s."
+    ),
+]
 IdemHeader = Annotated[
     str | None,
     Header(

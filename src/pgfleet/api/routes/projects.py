@@ -13,6 +13,7 @@ from pgfleet.api.routes.common import (
     ERRORS,
     OPERATION_ERRORS,
     IdemHeader,
+    WaitForRegionQuery,
     WaitQuery,
     conn_out,
     created,
@@ -59,14 +60,7 @@ def create_project(
     platform: PlatformDep,
     owner: OwnerDep,
     wait: WaitQuery = True,
-    wait_for_region: Annotated[
-        bool,
-        Query(
-            description="When the placed region's server failed its last health check: "
-            "false (default) answers 503 at once; true queues the create, and its "
-            "operation retries until the server is back (or its deadline passes)"
-        ),
-    ] = False,
+    wait_for_region: WaitForRegionQuery = False,
     idempotency_key: IdemHeader = None,
 ) -> JSONResponse:
     """Records the project and its `provision` operation, which creates the
