@@ -20,6 +20,7 @@ from psycopg import sql
 from pgfleet.api.app import create_app
 from pgfleet.auth import create_owner
 from pgfleet.operations.locks import op_lock_key, resource_lock_key, resource_lock_key_sql
+from pgfleet.operations.registry import Step
 from pgfleet.operations.runner import _DURABLE, execute_operation
 from pgfleet.operations.runtime import OperationsRuntime
 from pgfleet.platform.core import Platform
@@ -155,6 +156,13 @@ def test_a_record_that_must_flush_does_on_a_session_that_does_not(platform: Plat
                 assert conn.execute("SHOW synchronous_commit").fetchone() == ("off",)
         finally:
             conn.execute("RESET synchronous_commit")
+
+
+def test_a_final_step_cannot_be_skipped() -> None:
+    """Past it an operation only goes forward: whether it ran must never be
+    left to a predicate."""
+    with pytest.raises(ValueError, match="a final step cannot be skipped"):
+        Step("drop", lambda ctx: None, final=True, skip=lambda ctx: True)
 
 
 def test_wait_false_answers_202_with_the_operation(api: Api) -> None:
@@ -401,8 +409,16 @@ def test_provision_claims_a_prepared_spare_and_it_is_refilled(
         # The spare it took, made under its name ahead: routed with it, so
         # the route step had nothing to publish.
         assert before - spares(p, "eu-central-1") == {db}
-        result = body["operation"]["result"]
-        assert result["routed_ahead"] is True and result["routers"] == []
+        # The steps the claim left nothing to do were skipped, and said so.
+        steps = {s["name"]: s["status"] for s in body["operation"]["steps"]}
+        assert steps == {
+            "place": "finished",
+            "roles": "finished",
+            "database": "skipped",
+            "privileges": "skipped",
+            "activate": "finished",
+            "route": "skipped",
+        }, steps
         # It is an ordinary project database: owned by _rw, closed to PUBLIC,
         # reachable with the project's credentials only.
         with fleet.admin_conn("eu-central-1") as a:

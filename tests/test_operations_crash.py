@@ -230,8 +230,10 @@ CLAIM_POINTS = [
     "provision.roles.before",
     "provision.roles.claimed",  # inside the step: the spare is the project's, unrecorded
     "provision.roles.after",
-    "provision.database.after",
-    "provision.privileges.after",
+    # The database and privileges steps are skipped after a claim, recorded
+    # with the activate step's start: killed before it, or after it.
+    "provision.activate.before",
+    "provision.activate.after",
 ]
 
 
@@ -255,13 +257,21 @@ def test_provision_from_a_prepared_spare_survives_sigkill(
     op = wait_op(quiet_platform, op_id, workers)
     assert op.status == "finished", (op, workers.logs())
     assert op.attempts == 2
-    assert all(s.status == "finished" for s in op.steps)
     # Killed after the claim committed but before the roles step was recorded
     # (`claimed`, `roles.after`), the retry finds the project's roles and
     # converges them the slow way; killed later, the retry skips what the
     # claim already did.
     claimed = CLAIMED in (op.result or {}).get("actions", [])
     assert claimed == (point not in ("provision.roles.claimed", "provision.roles.after")), op
+    then = "skipped" if claimed else "finished"
+    assert [(s.name, s.status) for s in op.steps] == [
+        ("place", "finished"),
+        ("roles", "finished"),
+        ("database", then),
+        ("privileges", then),
+        ("activate", "finished"),
+        ("route", then),
+    ], op.steps
     assert_provisioned_once(quiet_platform, fleet, someone, project.id, "eu-central-1")
 
 

@@ -480,12 +480,15 @@ class SqlOut(BaseModel):
 class StepOut(BaseModel):
     position: int
     name: str
-    status: Literal["running", "finished", "failed", "skipped"]
+    status: Literal["running", "finished", "failed", "skipped"] = Field(
+        description="`skipped`: the step had nothing to do and did not run (a create "
+        "that claimed a prepared spare skips `database`, `privileges` and `route`)."
+    )
     attempts: int
     error: str | None
     started_at: datetime
     finished_at: datetime | None
-    duration_ms: float | None
+    duration_ms: float | None = Field(description="Null while it runs, and for a skipped step.")
 
 
 class OperationOut(BaseModel):

@@ -181,7 +181,7 @@ def follow(client: Client, operation_id: str, *, timeout: float, interval: float
         task = progress.add_task(f"{op['type']} {op['status']}", total=None)
         end = time.monotonic() + timeout
         while True:
-            finished = sum(1 for st in op["steps"] if st["status"] == "finished")
+            finished = sum(1 for st in op["steps"] if st["status"] in ("finished", "skipped"))
             planned = len(op.get("planned_steps") or ())
             total = max(planned, len(op["steps"]), finished) or None
             if op["status"] == "finished":

@@ -67,6 +67,16 @@ class Step:
     run: Callable[[OpContext], None]
     # From the start of this step on, the operation can no longer be cancelled.
     final: bool = False
+    # Asked when the step's turn comes: true, and the step is not run but
+    # recorded `skipped`, in the same statement as the next record (a step
+    # with nothing to do costs no round trip). It must read only what the
+    # earlier steps left in the state, so that a resumed run, which asks
+    # again, decides the same. A final step is never skipped.
+    skip: Callable[[OpContext], bool] | None = None
+
+    def __post_init__(self) -> None:
+        if self.final and self.skip is not None:
+            raise ValueError(f"step {self.name}: a final step cannot be skipped")
 
 
 @dataclass(frozen=True)

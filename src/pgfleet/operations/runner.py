@@ -13,6 +13,10 @@ Rules:
   stops, leaving the operation to whoever takes them next.
 - Finished steps are skipped when an operation is resumed; the step that
   was running when a worker died runs again: steps look before they act.
+- A step with nothing to do (its `skip` says so) does not run and is
+  recorded `skipped`, with the next record: it costs no round trip.
+- Each record is one statement: the previous step's end (with the state
+  it left), the skipped steps, the flags and the next step's start.
 - Transient failures (a regional server or the platform DB unreachable)
   are retried with exponential backoff until the operation's deadline;
   anything else fails the operation at once. A failed or cancelled
@@ -158,21 +162,35 @@ _START_STEP = (
     "error = NULL, started_at = now(), finished_at = NULL RETURNING 1"
 )
 
+# The steps skipped since the last record (Step.skip), recorded with the
+# next one: a data-modifying WITH runs whether or not anything reads it.
+_SKIPPED = (
+    "skipped AS (INSERT INTO operation_steps "
+    "(operation_id, position, name, status, started_at, finished_at) "
+    "SELECT %(id)s, s.pos, s.name, 'skipped', now(), now() "
+    "FROM unnest(%(skip_pos)s::int[], %(skip_names)s::text[]) AS s(pos, name) "
+    "ON CONFLICT (operation_id, position) DO UPDATE SET status = 'skipped', "
+    "error = NULL, finished_at = now())"
+)
+
 _ADVANCE = (  # constants only, hence the noqa
-    "WITH fin AS (UPDATE operation_steps SET status = 'finished', "  # noqa: S608
+    "WITH {durable}fin AS (UPDATE operation_steps SET status = 'finished', "  # noqa: S608
     "finished_at = now() WHERE operation_id = %(id)s AND position = %(prev)s::int "
-    "RETURNING 1), "
+    "RETURNING 1), " + _SKIPPED + ", "
     "op AS (UPDATE operations SET result = CASE WHEN %(prev)s::int IS NULL THEN result "
     "ELSE %(state)s END, "
     "current_step = CASE WHEN %(committed)s OR ((NOT %(cancellable)s OR NOT cancel_requested) "
     "AND deadline > now()) THEN %(name)s ELSE current_step END, "
-    "updated_at = now() WHERE id = %(id)s "
+    "updated_at = now() {flushed}WHERE id = %(id)s "
     "RETURNING id, cancel_requested, extract(epoch FROM deadline - now())::float8 AS left_s, "
     "%(committed)s OR ((NOT %(cancellable)s OR NOT cancel_requested) "
     "AND deadline > now()) AS go), "
     "ins AS (" + _START_STEP.format(where=" WHERE go") + ") "
     "SELECT go, cancel_requested, left_s FROM op"
 )
+# The same, committed with a WAL flush: the start of a final step.
+_ADVANCE_DURABLE = _ADVANCE.format(durable=_DURABLE + ", ", flushed="FROM durable ")
+_ADVANCE = _ADVANCE.format(durable="", flushed="")
 
 
 class _LostLocks(Exception):
@@ -221,6 +239,21 @@ class _Execution:
         # A step that finished but whose end is recorded with the next
         # step's start (or the operation's end).
         self.unrecorded: int | None = None
+        # Steps skipped (Step.skip) since the last record, recorded with the
+        # next: (position, name).
+        self.skipped: list[tuple[int, str]] = []
+
+    def _recorded(self) -> dict[str, Any]:
+        """What the next record writes besides its own: the step that
+        finished unrecorded and the steps skipped since (all taken now)."""
+        prev, self.unrecorded = self.unrecorded, None
+        skipped, self.skipped = self.skipped, []
+        return {
+            "id": self.op_id,
+            "prev": prev,
+            "skip_pos": [pos for pos, _ in skipped],
+            "skip_names": [name for _, name in skipped],
+        }
 
     def _q(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
         """Run a record on the lock connection; if it broke, the locks are lost."""
@@ -258,19 +291,19 @@ class _Execution:
         return self._q(q)
 
     def _boundary(self, state: dict[str, Any]) -> tuple[bool, float]:
-        """Between two steps: record the one that finished (with the state it
-        left) and read the flags, in one statement."""
-        prev, self.unrecorded = self.unrecorded, None
+        """Record the step that finished (with the state it left) and those
+        skipped since, and read the flags, in one statement."""
+        args = {**self._recorded(), "state": Jsonb(state)}
 
         def q(conn: psycopg.Connection[Any]) -> tuple[bool, float]:
             row = conn.execute(
-                "WITH fin AS (UPDATE operation_steps SET status = 'finished', "
+                "WITH fin AS (UPDATE operation_steps SET status = 'finished', "  # noqa: S608
                 "finished_at = now() WHERE operation_id = %(id)s AND position = %(prev)s::int "
-                "RETURNING 1) "
+                "RETURNING 1), " + _SKIPPED + " "
                 "UPDATE operations SET result = CASE WHEN %(prev)s::int IS NULL THEN result "
                 "ELSE %(state)s END, updated_at = now() WHERE id = %(id)s "
                 "RETURNING cancel_requested, extract(epoch FROM deadline - now())::float8",
-                {"id": self.op_id, "prev": prev, "state": Jsonb(state)},
+                args,
             ).fetchone()
             assert row is not None
             return bool(row[0]), float(row[1])
@@ -278,26 +311,34 @@ class _Execution:
         return self._q(q)
 
     def _advance(
-        self, position: int, name: str, state: dict[str, Any], *, cancellable: bool
+        self,
+        position: int,
+        name: str,
+        state: dict[str, Any],
+        *,
+        cancellable: bool,
+        durable: bool = False,
     ) -> tuple[bool, bool, float]:
-        """Between two steps, when the next is not the point of no return:
-        record the one that finished (with the state it left), read the
-        flags, and record the start of step `position` if it may start (no
-        cancel it must honour, deadline not passed, unless committed), all
-        in one statement: (started, cancel requested, seconds left)."""
-        prev, self.unrecorded = self.unrecorded, None
+        """Between two steps: record the one that finished (with the state it
+        left) and those skipped since, read the flags, and record the start
+        of step `position` if it may start (no cancel it must honour,
+        deadline not passed, unless committed), all in one statement:
+        (started, cancel requested, seconds left). The operation's row is
+        updated first, under its row lock, which the cancel API takes too:
+        a cancel cannot slip past the decision. `durable` flushes the
+        commit (a final step's start: from then on it only goes forward)."""
         args = {
-            "id": self.op_id,
-            "prev": prev,
+            **self._recorded(),
             "state": Jsonb(state),
             "pos": position,
             "name": name,
             "committed": self.committed,
             "cancellable": cancellable,
         }
+        stmt = _ADVANCE_DURABLE if durable else _ADVANCE
 
         def q(conn: psycopg.Connection[Any]) -> tuple[bool, bool, float]:
-            row = conn.execute(_ADVANCE, args).fetchone()
+            row = conn.execute(stmt, args).fetchone()
             assert row is not None
             return bool(row[0]), bool(row[1]), float(row[2])
 
@@ -352,22 +393,21 @@ class _Execution:
 
     def _end(self, status: str, *, error: str | None, state: dict[str, Any]) -> None:
         """The operation's end (with its last step's), flushed, and notified."""
-        prev, self.unrecorded = self.unrecorded, None
+        recorded = self._recorded()
 
         def q(conn: psycopg.Connection[Any]) -> None:
             conn.execute(
                 "WITH " + _DURABLE + ", "  # noqa: S608 (constants)
                 "fin AS (UPDATE operation_steps SET status = 'finished', "
                 "finished_at = now() FROM durable WHERE operation_id = %(id)s "
-                "AND position = %(prev)s::int RETURNING 1) "
+                "AND position = %(prev)s::int RETURNING 1), " + _SKIPPED + " "
                 "UPDATE operations SET status = %(status)s, error = %(error)s, "
                 "result = %(state)s, current_step = NULL, finished_at = now(), "
                 "updated_at = now(), deadline_missed = deadline_missed OR deadline < now() "
                 "FROM durable WHERE id = %(id)s AND status = 'running' "
                 "RETURNING pg_notify(%(channel)s, %(id)s::text)",
                 {
-                    "id": self.op_id,
-                    "prev": prev,
+                    **recorded,
                     "status": status,
                     "error": error,
                     "state": Jsonb(state),
@@ -378,14 +418,15 @@ class _Execution:
         self._q(q)
 
     def _step_positions(self) -> tuple[set[int], set[int]]:
-        """(finished steps, started steps) of this operation so far."""
+        """(finished or skipped steps, started steps) of this operation so far."""
 
         def q(conn: psycopg.Connection[Any]) -> tuple[set[int], set[int]]:
             rows = conn.execute(
                 "SELECT position, status FROM operation_steps WHERE operation_id = %s",
                 (self.op_id,),
             ).fetchall()
-            return {p for p, st in rows if st == "finished"}, {p for p, _ in rows}
+            done = {p for p, st in rows if st in ("finished", "skipped")}
+            return done, {p for p, st in rows if st != "skipped"}
 
         return self._q(q)
 
@@ -425,24 +466,28 @@ class _Execution:
                     continue
                 if self.hand_off is not None and self.hand_off():
                     raise _HandOff
-                if step.final and not self.committed:
-                    cancel, left = self._boundary(ctx.state)
+                if step.skip is not None and step.skip(ctx):
+                    self.skipped.append((position, step.name))
+                    continue
+                final = step.final and not self.committed
+                # The previous step's end and this one's start, in one
+                # statement (two round trips fewer per step); a final step's
+                # start is flushed.
+                began, cancel, left = self._advance(
+                    position,
+                    step.name,
+                    ctx.state,
+                    cancellable=kind.cancellable_before(position),
+                    durable=final,
+                )
+                if not began:
                     self._before_step(kind, position, cancel, left)
-                    if not self._step_started(position, step.name, final=True):
+                    # The clocks disagreed; a final step still starts only
+                    # if no cancel came.
+                    if not self._step_started(position, step.name, final=final):
                         raise _Cancelled
+                if final:
                     self.committed = True
-                else:
-                    # The previous step's end and this one's start, in one
-                    # statement (two round trips fewer per step).
-                    began, cancel, left = self._advance(
-                        position,
-                        step.name,
-                        ctx.state,
-                        cancellable=kind.cancellable_before(position),
-                    )
-                    if not began:
-                        self._before_step(kind, position, cancel, left)
-                        self._step_started(position, step.name)  # the clocks disagreed
                 failpoint(f"{kind.name}.{step.name}.before")
                 self._run_step(kind, position, step, ctx)
                 failpoint(f"{kind.name}.{step.name}.after")
@@ -450,7 +495,7 @@ class _Execution:
         except _Cancelled:
             return self._cancel(kind, ctx)
         except _HandOff:
-            if self.unrecorded is not None:
+            if self.unrecorded is not None or self.skipped:
                 self._boundary(ctx.state)
             log.info("operation %s: handed to the workers", self.op_id)
             return "handed_off"

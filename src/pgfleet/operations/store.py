@@ -165,7 +165,8 @@ def audit(
 _GET_OPERATION = sql.SQL(
     "SELECT {}, s.position, s.name, s.status, s.attempts, s.error, s.started_at, "
     "s.finished_at, "
-    "round(extract(epoch FROM s.finished_at - s.started_at) * 1000, 1)::float8 "
+    "CASE WHEN s.status <> 'skipped' THEN "
+    "round(extract(epoch FROM s.finished_at - s.started_at) * 1000, 1)::float8 END "
     "FROM operations o LEFT JOIN operation_steps s ON s.operation_id = o.id "
     "WHERE o.id = %s ORDER BY s.position"
 ).format(sql.SQL(", ").join(sql.SQL("o.") + sql.Identifier(name) for name in _OP_NAMES))

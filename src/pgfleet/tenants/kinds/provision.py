@@ -68,10 +68,20 @@ def _unreachable(e: Exception) -> bool:
     return False
 
 
+def _claimed(ctx: OpContext) -> bool:
+    """Whether the roles step claimed a prepared spare: the database and its
+    privileges are then in place, and those steps are skipped."""
+    return spares.CLAIMED in ctx.state.get("actions", ())
+
+
+def _routed_ahead(ctx: OpContext) -> bool:
+    """Whether the project was routed with its spare: the route step is
+    then skipped, unless its plan's route is not a spare's."""
+    return _claimed(ctx) and routing.spare_route_fits(_target(ctx).plan.id)
+
+
 def _part(part: str) -> Callable[[OpContext], None]:
     def run(ctx: OpContext) -> None:
-        if spares.CLAIMED in ctx.state.get("actions", ()):
-            return  # the roles step claimed a prepared spare: all is in place
         t = _target(ctx)
         try:
             made = converge_target_on_server(ctx.platform, t, part)
@@ -104,17 +114,6 @@ def _activate(ctx: OpContext) -> None:
     # From the request (the operation's creation) to credentials that work.
     took = datetime.now(UTC) - ctx.op.created_at
     p.metrics.provision_duration.labels(t.server.region).observe(took.total_seconds())
-
-
-def _route(ctx: OpContext) -> None:
-    """A project made from a prepared spare was routed with it: nothing to
-    publish, unless its plan's route is not a spare's. Any other is
-    published (`route`)."""
-    t = _target(ctx)
-    if spares.CLAIMED in ctx.state.get("actions", ()) and routing.spare_route_fits(t.plan.id):
-        ctx.state.update(routers=[], routed_ahead=True)
-        return
-    route(ctx)
 
 
 def _undo(ctx: OpContext, reason: str = "cancelled") -> None:
@@ -167,11 +166,11 @@ PROVISION = register(
         steps=(
             Step("place", _place),
             Step("roles", _part("roles")),
-            Step("database", _part("database")),
-            Step("privileges", _part("privileges")),
+            Step("database", _part("database"), skip=_claimed),
+            Step("privileges", _part("privileges"), skip=_claimed),
             # Once credentials are handed out the database is never undone.
             Step("activate", _activate, final=True),
-            Step("route", _route),
+            Step("route", route, skip=_routed_ahead),
         ),
         on_failure=lambda ctx, reason: _undo(ctx, f"provisioning failed: {reason}"),
         on_cancel=lambda ctx: _undo(ctx, "provisioning was cancelled"),

@@ -75,7 +75,7 @@ if (progress) {
     const op = await r.json();
     progress.querySelector("[data-status]").textContent = op.status;
     progress.querySelector("[data-step]").textContent = op.current_step || "-";
-    const done = op.steps.filter((s) => s.status === "finished").length;
+    const done = op.steps.filter((s) => ["finished", "skipped"].includes(s.status)).length;
     const bar = progress.querySelector("[data-bar]");
     bar.max = Math.max(op.steps.length, 1);
     bar.value = done;
