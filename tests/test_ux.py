@@ -154,6 +154,30 @@ def test_projects_list_reads_on_an_80_column_terminal(
     assert "narrow" in cli.ok("projects", "show", pid[:8])
 
 
+def test_operations_and_tokens_lists_read_on_an_80_column_terminal(
+    cli: Cli, api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the projects list: ids cut to 8 characters there (two of them in
+    an operation's row), each taken back by the commands; whole in a pipe."""
+    from pgfleet.cli.common import out
+
+    pid = create_ok(api, "ops-narrow", region="eu-central-1")["id"]
+    op_id = api.get("/v1/operations").json()["operations"][0]["id"]
+    tok = api.post("/v1/tokens", json={"name": "ci"}).json()["id"]
+    piped_ops, piped_tokens = cli.ok("ops", "list"), cli.ok("tokens", "list")
+    assert op_id in piped_ops and pid in piped_ops and tok in piped_tokens
+    monkeypatch.setattr(out, "_force_terminal", True)
+    monkeypatch.setattr(out, "_width", 80)
+    ops = cli.ok("ops", "list")
+    assert op_id not in ops and op_id[:8] in ops and pid[:8] in ops, ops
+    assert "provision" in ops and "finished" in ops and "UTC" in ops, ops
+    tokens = cli.ok("tokens", "list")
+    assert tok not in tokens and tok[:8] in tokens and "ci" in tokens, tokens
+    assert "provision" in cli.ok("ops", "show", op_id[:8])
+    cli.ok("tokens", "revoke", tok[:8])
+    assert any(t["id"] == tok and t["revoked_at"] for t in api.get("/v1/tokens").json()["tokens"])
+
+
 def test_the_plan_is_called_plan_in_every_request(api: Api) -> None:
     r = api.post("/v1/projects", json={"name": "p", "plan": "pro"})
     assert r.status_code == 201, r.text

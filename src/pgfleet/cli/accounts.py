@@ -15,9 +15,12 @@ from pgfleet.cli.common import (
     UrlOpt,
     add_row,
     fail,
+    list_table,
+    narrow,
     out,
     owners_app,
     print_json,
+    shown_id,
     tokens_app,
 )
 from pgfleet.display import when
@@ -62,22 +65,30 @@ def tokens_create(
 
 
 def _tokens_table(rows: list[dict[str, Any]]) -> Table:
-    t = Table(title="Tokens")
-    for col in ("id", "name", "prefix", "scope", "created", "expires", "last used", "revoked"):
-        t.add_column(col)
+    # On a narrow terminal (see list_table) a token's creation is left out:
+    # eight columns do not fit in 80 (`--json` has it).
+    columns = ("id", "name", "prefix", "scope", "created", "expires", "last used", "revoked")
+    t, short = list_table(
+        "Tokens",
+        [c for c in columns if not (narrow() and c == "created")],
+        whole=("id", "prefix", "scope"),
+        moments=("created", "expires", "last used", "revoked"),
+    )
     for r in rows:
         expires = "never" if r["expires_at"] is None else when(r["expires_at"])
-        add_row(
-            t,
-            r["id"],
+        cells = [
+            shown_id(r["id"], short),
             r["name"],
-            f"{r['token_prefix']}...",
+            f"{r['token_prefix']}…" if short else f"{r['token_prefix']}...",
             r["scope"],
             when(r["created_at"]),
             expires + (" (expired)" if r["expired"] else ""),
             when(r["last_used_at"]),
             when(r["revoked_at"]),
-        )
+        ]
+        if short:
+            del cells[4]
+        add_row(t, *cells)
     return t
 
 

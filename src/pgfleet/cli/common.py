@@ -7,12 +7,14 @@ import json
 import re
 import sys
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import httpx
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -126,6 +128,61 @@ class _Out(Console):
 
 out = _Out()
 err = Console(stderr=True)
+
+# Under this many columns, a list's ids are cut to SHORT_ID characters.
+WIDE = 120
+SHORT_ID = 8
+
+
+def narrow() -> bool:
+    """Whether stdout is a terminal too narrow for a list's whole ids."""
+    return out.is_terminal and out.width < WIDE
+
+
+def list_table(
+    title: str,
+    columns: Sequence[str],
+    *,
+    whole: Sequence[str] = (),
+    moments: Sequence[str] = (),
+) -> tuple[Table, bool]:
+    """A list's table, and whether it is a short one. On a terminal too
+    narrow for whole ids (36 characters) and the rest, ids show their first
+    SHORT_ID characters, which every command takes as a prefix, with
+    lighter lines and values folded rather than cut: else every other
+    column was cut to a few letters (`eu-…`, found by a newcomer at 80
+    columns); the columns in `whole` (short values: a kind, a status) are
+    never folded there, and those in `moments` fold between the date and
+    the time. A pipe always gets whole ids (see _Out)."""
+    short = narrow()
+    t = (
+        Table(
+            title=title,
+            caption=f"ids cut to {SHORT_ID} characters, which every command takes; "
+            "--json has them whole",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+            collapse_padding=True,
+        )
+        if short
+        else Table(title=title)
+    )
+    for col in columns:
+        t.add_column(
+            col,
+            overflow="fold" if short else "ellipsis",
+            no_wrap=col in whole,
+            min_width=len("2026-12-01") if short and col in moments else None,
+        )
+    return t, short
+
+
+def shown_id(value: str | None, short: bool) -> str:
+    """An id as a list shows it (see list_table); '-' for none."""
+    if value is None:
+        return "-"
+    return value[:SHORT_ID] if short else value
+
 
 UrlOpt = Annotated[
     str | None,

@@ -18,12 +18,15 @@ from pgfleet.cli.common import (
     add_row,
     app,
     fail,
+    list_table,
+    narrow,
     ops_app,
     out,
     print_audit,
     print_json,
+    shown_id,
 )
-from pgfleet.display import duration, when
+from pgfleet.display import duration, printable, when
 
 # ---- operations ------------------------------------------------------------
 
@@ -123,10 +126,34 @@ def ops_list(
     )
     if as_json:
         return print_json(data)
-    t = Table(title="Operations")
-    for col in ("id", "type", "status", "project", "step", "created", "duration", "error"):
-        t.add_column(col)
+    # On a narrow terminal (see list_table) the step goes with the status
+    # and the errors follow the table, each under its short id.
+    columns = ("id", "type", "status", "project", "step", "created", "duration", "error")
+    t, short = list_table(
+        "Operations",
+        [c for c in columns if not (narrow() and c in ("step", "error"))],
+        whole=("id", "type", "project", "duration"),
+        moments=("created",),
+    )
+    errors: list[tuple[str, str]] = []
     for op in data["operations"]:
+        error = op["error"] or ""
+        if short:
+            shown = _op_status(op)
+            if op["current_step"]:
+                shown.append(f": {op['current_step']}")
+            add_row(
+                t,
+                shown_id(op["id"], short),
+                op["type"],
+                shown,
+                shown_id(op["project_id"], short),
+                when(op["created_at"]),
+                duration(op["duration_ms"]),
+            )
+            if error:
+                errors.append((shown_id(op["id"], short), error))
+            continue
         add_row(
             t,
             op["id"],
@@ -136,9 +163,11 @@ def ops_list(
             op["current_step"] or "-",
             when(op["created_at"]),
             duration(op["duration_ms"]),
-            (op["error"] or "")[:60],
+            error[:60],
         )
     out.print(t)
+    for op_id, error in errors:
+        out.print(f"{op_id}: {printable(error)}", highlight=False, markup=False)
 
 
 @ops_app.command("watch")

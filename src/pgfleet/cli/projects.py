@@ -6,7 +6,6 @@ import sys
 from typing import Annotated, Any
 
 import typer
-from rich import box
 from rich.table import Table
 from rich.text import Text
 
@@ -20,10 +19,12 @@ from pgfleet.cli.common import (
     add_row,
     confirm,
     fail,
+    list_table,
     out,
     print_audit,
     print_json,
     projects_app,
+    shown_id,
 )
 from pgfleet.cli.ops import DONE_STATES, follow
 from pgfleet.display import size, when
@@ -163,28 +164,14 @@ def projects_list(
     data = Client(url, token).call("GET", "/v1/projects", params=params)
     if as_json:
         return print_json(data)
-    # A terminal too narrow for whole ids (36 characters) and the rest gets
-    # their first 8, which every command takes as a project's id, no flags,
-    # lighter lines, and values folded rather than cut: else every other
-    # column was cut to a few letters (`eu-…`). A pipe always gets it whole.
-    short = out.is_terminal and out.width < 120
-    t = (
-        Table(
-            title="Projects",
-            caption="ids cut to 8 characters, which every command takes; --json has them whole",
-            box=box.SIMPLE_HEAD,
-            pad_edge=False,
-        )
-        if short
-        else Table(title="Projects")
+    t, short = list_table(
+        "Projects", ("id", "name", "region", "hosted in", "plan", "status", "created")
     )
-    for col in ("id", "name", "region", "hosted in", "plan", "status", "created"):
-        t.add_column(col, overflow="fold" if short else "ellipsis")
     for p in data["projects"]:
         hosted = p["hosted_region"] or "-"
         add_row(
             t,
-            p["id"][:8] if short else p["id"],
+            shown_id(p["id"], short),
             p["name"],
             p["region"] if short else f"{p['region_flag'] or ''} {p['region']}",
             hosted,
