@@ -215,3 +215,36 @@ def test_a_process_that_stops_running_is_replaced(two_workers: Served) -> None:
     for _ in range(20):
         with httpx.Client(timeout=5) as http:
             assert http.get(f"{two_workers.url}/health").status_code == 200
+
+
+@pytest.mark.parametrize("two_workers", [{"PGFLEET_API_STALL_TIMEOUT_S": "3"}], indirect=True)
+def test_a_process_stopped_before_it_served_is_replaced(two_workers: Served) -> None:
+    """One stopped while its app starts never beats: it is given the start's
+    allowance (2 x 3 + 10 s here), then killed and replaced as well. (It
+    takes no connections before it listens, but the API ran one short.)"""
+    from pgfleet.api.processes import start_timeout
+
+    first = api_processes(two_workers.proc.pid)
+    assert len(first) == 2, first
+    os.kill(first[0], signal.SIGKILL)
+    fresh: list[int] = []
+
+    def replaced() -> bool:
+        fresh[:] = [p for p in api_processes(two_workers.proc.pid) if p not in first]
+        return bool(fresh)
+
+    assert until(replaced, 10)  # polled every 10 ms
+    os.kill(fresh[0], signal.SIGSTOP)  # long before its app has started
+    try:
+        assert until(lambda: not Path(f"/proc/{fresh[0]}").exists(), start_timeout(3) + 10)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(fresh[0], signal.SIGCONT)
+    assert "has not started serving in" in two_workers.log.read_text()
+    assert until(lambda: len(api_processes(two_workers.proc.pid)) == 2, 30)
+    now = api_processes(two_workers.proc.pid)
+    assert first[1] in now and fresh[0] not in now, now
+    assert until(lambda: min(established_on(two_workers.port, now, "0A").values()), 30)
+    for _ in range(20):
+        with httpx.Client(timeout=5) as http:
+            assert http.get(f"{two_workers.url}/health").status_code == 200

@@ -134,7 +134,8 @@ class Settings(BaseSettings):
     api_workers: int = Field(default_factory=lambda: _default_api_workers(), ge=1, le=64)
     # With api_workers > 1: a process whose event loop has not run this long
     # (stopped, or stuck in a blocking call) is killed and replaced, since
-    # the kernel goes on sending it its share of new connections.
+    # the kernel goes on sending it its share of new connections; so is one
+    # that has not started serving within twice this plus 10 s.
     api_stall_timeout_s: float = Field(default=30.0, ge=2, le=3600)
     # Addresses of reverse proxies whose X-Forwarded-For / X-Forwarded-Proto
     # are believed (comma separated; "*" for any). Empty: none, so no client

@@ -20,7 +20,10 @@ the kernel would go on sending it its share of new connections, which would
 hang. So each process's event loop beats once a second (uvicorn's
 `callback_notify`, the hook gunicorn's workers beat through), and the parent
 kills one whose beat is older than `stall_timeout_s`; the replacement takes
-its place as for a death.
+its place as for a death. A process that has not beaten yet (its app is
+starting) gets `start_timeout()` instead: longer, so a slow start is never
+killed, but one stopped or stuck before it served is replaced too. Until it
+listens it takes no connections, but the API would run one process short.
 """
 
 from __future__ import annotations
@@ -47,6 +50,13 @@ log = logging.getLogger("uvicorn.error")
 
 STOP_WAIT_S = 10.0
 BEAT_EVERY_S = 1  # uvicorn's timeout_notify is whole seconds
+
+
+def start_timeout(stall_timeout_s: float) -> float:
+    """How long a process may take from its start to its first beat: an
+    app's start (imports, the platform DB's pool, the workers) takes a few
+    seconds, on a loaded host many more."""
+    return 2 * stall_timeout_s + 10
 
 
 def spreads_connections() -> bool:
@@ -109,7 +119,8 @@ def _process_main(config: uvicorn.Config, parent: int, beat: Any) -> None:
 def serve(config: uvicorn.Config, processes: int, stall_timeout_s: float = 30.0) -> None:
     """Run `processes` API processes until SIGTERM or SIGINT. `config.app`
     must be an import string (each process builds its own app). A process
-    whose event loop has not run for `stall_timeout_s` is killed and
+    whose event loop has not run for `stall_timeout_s` (or that has not
+    started serving within `start_timeout(stall_timeout_s)`) is killed and
     replaced. Raises OSError if something listens on the port already."""
     if not port_free(config.host, config.port):
         raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
@@ -132,6 +143,7 @@ def serve(config: uvicorn.Config, processes: int, stall_timeout_s: float = 30.0)
         p.start()
         return p
 
+    started_within = start_timeout(stall_timeout_s)
     slots: list[BaseProcess | None] = [start(i) for i in range(processes)]
     since = [time.monotonic()] * processes  # when each slot's process started
     due = [0.0] * processes  # when an empty slot gets its next process
@@ -148,12 +160,16 @@ def serve(config: uvicorn.Config, processes: int, stall_timeout_s: float = 30.0)
                     continue
                 if p.is_alive():
                     last = beats[i].value
-                    if last and now - last > stall_timeout_s and p.pid is not None:
+                    quiet = now - (last or since[i])
+                    if quiet > (stall_timeout_s if last else started_within) and p.pid:
                         # SIGKILL: a stopped process takes no other signal.
                         log.warning(
-                            "API process %s has not run for %.0f s (stopped or stuck); killing it",
+                            "API process %s has not run for %.0f s (stopped or stuck); killing it"
+                            if last
+                            else "API process %s has not started serving in %.0f s "
+                            "(stopped or stuck); killing it",
                             p.pid,
-                            now - last,
+                            quiet,
                         )
                         os.kill(p.pid, signal.SIGKILL)
                         p.join(5.0)
