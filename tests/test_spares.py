@@ -309,6 +309,40 @@ def refilled_without(p: Platform, fleet: FleetUnderTest, server: ServerRecord, n
     assert [s[0] for s in ready_spares(p, server)] != [name]
 
 
+def test_a_refill_stands_aside_while_creates_claim_and_when_it_cannot_tell(
+    platform_factory: Any, fleet: FleetUnderTest
+) -> None:
+    """Above its reserve a refill makes no spare while creates are taking
+    them (making one costs several claims' work); a pass that does not know
+    what the last one saw (another process made it, or too long ago) only
+    looks. It once took another process's old count for the truth and made
+    10 spares in a 200-create burst."""
+    p: Platform = platform_factory(spare_databases=4, embedded_workers=0)
+    server = server_in(p, REGION)
+    drop_spares(p, server)
+    owner = create_owner(p, "burst")[0]
+    memory: dict[int, Any] = p.component("spares_seen", dict)
+
+    def claim(*names: str) -> None:
+        for name in names:
+            project, op_id = start_create_project(
+                p, owner, name=name, region=REGION, plan_type="free"
+            )
+            assert execute_operation(p, op_id, worker="test") == "finished"
+            assert get_project(p, owner, project.id).status == "active"
+
+    assert refill_spares(p, server, 4, reserve=1) == 4  # under the reserve: it fills
+    claim("a", "b")
+    assert len(ready_spares(p, server)) == 2
+    assert refill_spares(p, server, 4, reserve=1) == 0  # creates claimed since its last pass
+    assert refill_spares(p, server, 4, reserve=1) == 2  # none since: it fills up
+    claim("c")
+    memory.clear()  # what the last pass saw is unknown here
+    assert refill_spares(p, server, 4, reserve=1) == 0
+    assert refill_spares(p, server, 4, reserve=1) == 1
+    assert len(ready_spares(p, server)) == 4
+
+
 def test_a_create_cancelled_before_it_started_gives_its_spare_back_to_be_dropped(
     platform_factory: Any, fleet: FleetUnderTest
 ) -> None:

@@ -321,9 +321,16 @@ def refill_spares(
     costs the server and the worker several claims' worth of work, which a
     burst of creates needs more (bench/provision.py: 42 spares made during
     200 creates). The pool fills up again in the first quiet pass, and a
-    burst longer than the pool is served at the reserve's pace."""
+    burst longer than the pool is served at the reserve's pace.
+
+    What the last pass saw is this process's own memory, and passes move
+    between processes (whichever takes the lock): one whose memory is
+    older than three heartbeats, or that has none, does not know whether creates
+    are claiming, and above the reserve it only looks (the next pass
+    decides). Taking its old count for the truth, a process whose last
+    pass was during the first fill made 10 spares in a 200-create burst."""
     made = 0
-    seen: dict[int, int] = p.component("spares_seen", dict)
+    seen: dict[int, tuple[int, float]] = p.component("spares_seen", dict)
     with p.servers.admin_connection(server) as conn:
         got = conn.execute("SELECT pg_try_advisory_lock(%s)", (_SPARE_LOCK,)).fetchone()
         if not (got and got[0]):
@@ -333,7 +340,11 @@ def refill_spares(
             if target:
                 ensure_template(p, server, conn)
             ready = _ready(p, server)
-            claimed = ready < seen.get(server.id, ready)
+            last = seen.get(server.id)
+            if last is None or time.monotonic() - last[1] > 3 * p.settings.worker_heartbeat_s:
+                claimed = True  # unknown: as if creates were claiming
+            else:
+                claimed = ready < last[0]
             # A pass makes at most `target`.
             while ready < target and made < target:
                 if until is not None and time.monotonic() >= until:
@@ -346,7 +357,7 @@ def refill_spares(
                 now = _ready(p, server)
                 claimed = now <= ready  # this one made, and one taken meanwhile
                 ready = now
-            seen[server.id] = ready
+            seen[server.id] = (ready, time.monotonic())
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (_SPARE_LOCK,))
     # With the admin session given back: reading the verifiers takes one.
