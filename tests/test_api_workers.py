@@ -192,6 +192,28 @@ def test_an_orphaned_process_ends(two_workers: Served) -> None:
         sock.bind(("127.0.0.1", two_workers.port))  # the port is free again
 
 
+def stopped_and_replaced(
+    served: Served, stopped: int, other: int, within: float, said: str
+) -> None:
+    """SIGSTOP `stopped`: it is killed within `within` seconds (the log
+    says `said`), another takes its place beside `other`, and every new
+    connection is answered, whichever process the kernel picks."""
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        assert until(lambda: not Path(f"/proc/{stopped}").exists(), within)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stopped, signal.SIGCONT)
+    assert said in served.log.read_text()
+    assert until(lambda: len(api_processes(served.proc.pid)) == 2, 30)
+    now = api_processes(served.proc.pid)
+    assert other in now and stopped not in now, now
+    assert until(lambda: min(established_on(served.port, now, "0A").values()), 30)
+    for _ in range(20):
+        with httpx.Client(timeout=5) as http:
+            assert http.get(f"{served.url}/health").status_code == 200
+
+
 @pytest.mark.parametrize("two_workers", [{"PGFLEET_API_STALL_TIMEOUT_S": "3"}], indirect=True)
 def test_a_process_that_stops_running_is_replaced(two_workers: Served) -> None:
     """A process stopped with SIGSTOP is alive to the kernel, which goes on
@@ -200,21 +222,7 @@ def test_a_process_that_stops_running_is_replaced(two_workers: Served) -> None:
     processes = api_processes(two_workers.proc.pid)
     assert len(processes) == 2, processes
     assert until(lambda: min(established_on(two_workers.port, processes, "0A").values()), 30)
-    os.kill(processes[0], signal.SIGSTOP)
-    try:
-        assert until(lambda: not Path(f"/proc/{processes[0]}").exists(), 20)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(processes[0], signal.SIGCONT)
-    assert "has not run for" in two_workers.log.read_text()
-    assert until(lambda: len(api_processes(two_workers.proc.pid)) == 2, 10)
-    now = api_processes(two_workers.proc.pid)
-    assert processes[1] in now, now
-    assert until(lambda: min(established_on(two_workers.port, now, "0A").values()), 30)
-    # Every new connection is answered, whichever process the kernel picks.
-    for _ in range(20):
-        with httpx.Client(timeout=5) as http:
-            assert http.get(f"{two_workers.url}/health").status_code == 200
+    stopped_and_replaced(two_workers, processes[0], processes[1], 20, "has not run for")
 
 
 @pytest.mark.parametrize("two_workers", [{"PGFLEET_API_STALL_TIMEOUT_S": "3"}], indirect=True)
@@ -234,17 +242,7 @@ def test_a_process_stopped_before_it_served_is_replaced(two_workers: Served) -> 
         return bool(fresh)
 
     assert until(replaced, 10)  # polled every 10 ms
-    os.kill(fresh[0], signal.SIGSTOP)  # long before its app has started
-    try:
-        assert until(lambda: not Path(f"/proc/{fresh[0]}").exists(), start_timeout(3) + 10)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(fresh[0], signal.SIGCONT)
-    assert "has not started serving in" in two_workers.log.read_text()
-    assert until(lambda: len(api_processes(two_workers.proc.pid)) == 2, 30)
-    now = api_processes(two_workers.proc.pid)
-    assert first[1] in now and fresh[0] not in now, now
-    assert until(lambda: min(established_on(two_workers.port, now, "0A").values()), 30)
-    for _ in range(20):
-        with httpx.Client(timeout=5) as http:
-            assert http.get(f"{two_workers.url}/health").status_code == 200
+    # Stopped long before its app has started.
+    stopped_and_replaced(
+        two_workers, fresh[0], first[1], start_timeout(3) + 10, "has not started serving in"
+    )
