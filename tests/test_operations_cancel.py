@@ -200,3 +200,33 @@ def test_cli_status_shows_operations_past_their_deadline(
     assert "operations: 1 scheduled, 0 running" in res.stdout, res.stdout
     assert "1 PAST THEIR DEADLINE" in res.stdout
     assert str(op_id) in res.stdout and "provision" in res.stdout
+
+
+def test_a_step_cancelled_while_it_was_retried_is_closed(api: Api, fleet: FleetUnderTest) -> None:
+    """Found by an attack: a create waiting for its region's server,
+    cancelled between two attempts of its roles step, ended `cancelled`
+    with that step still `running`. It is now closed, and says why."""
+    from tests.helpers import until
+    from tests.test_sql_errors import server_down
+
+    with server_down(fleet, "eu-central-1"):
+        r = create(
+            api,
+            "patient",
+            region="eu-central-1",
+            params={"wait": "false", "wait_for_region": "true"},
+        )
+        assert r.status_code == 202, r.text
+        op_id = r.json()["operation"]["id"]
+
+        def retrying() -> bool:
+            op = api.get(f"/v1/operations/{op_id}").json()
+            return any(s["name"] == "roles" and s["error"] for s in op["steps"])
+
+        assert until(retrying, 30)
+        assert api.post(f"/v1/operations/{op_id}/cancel").status_code == 202
+        op = poll(api, op_id, timeout=30)
+    assert op["status"] == "cancelled", op
+    steps = {s["name"]: (s["status"], s["error"]) for s in op["steps"]}
+    assert steps["roles"] == ("failed", "cancelled before it could finish"), steps
+    assert all(status != "running" for status, _ in steps.values()), steps

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
@@ -273,6 +274,82 @@ def test_provision_from_a_prepared_spare_survives_sigkill(
         ("route", then),
     ], op.steps
     assert_provisioned_once(quiet_platform, fleet, someone, project.id, "eu-central-1")
+
+
+class _Died(BaseException):
+    """An executor's sudden end, in process (as a SIGKILL at a failpoint)."""
+
+
+def _pro_create_died_at_route(
+    quiet_platform: Platform, someone: Owner, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Any, uuid.UUID]:
+    """A pro create from a spare (its route is not a spare's: the route step
+    runs) whose executor died as the route step started, past the point of
+    no return: (project, operation id)."""
+    from pgfleet.operations import runner
+
+    server = next(s for s in quiet_platform.servers.all() if s.region == "eu-central-1")
+    refill_spares(quiet_platform, server, 1)
+    project, op_id = service.start_create_project(
+        quiet_platform, someone, name="late", region="eu-central-1", plan_type="pro"
+    )
+
+    def died(name: str, **_: Any) -> None:
+        if name == "provision.route.before":
+            raise _Died
+
+    with monkeypatch.context() as m:
+        m.setattr(runner, "failpoint", died)
+        with pytest.raises(_Died):
+            execute_operation(quiet_platform, op_id, worker="first")
+    return project, op_id
+
+
+def test_a_skip_that_cannot_decide_runs_its_step(
+    quiet_platform: Platform, someone: Owner, fleet: FleetUnderTest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by an attack: a resumed create asked whether to skip its route
+    with a read of the platform DB, outside the retries; a blip there failed
+    the operation past its point of no return, and its undo dropped the
+    active project's database. A skip now reads only the state, and one
+    that fails runs the step (which looks before it acts)."""
+    from pgfleet.tenants import routing
+
+    project, op_id = _pro_create_died_at_route(quiet_platform, someone, monkeypatch)
+    blips: list[int] = []
+    fits = routing.spare_route_fits
+
+    def blip(plan: str | None) -> bool:
+        if not blips:
+            blips.append(1)
+            raise psycopg.OperationalError("simulated: the platform DB went away")
+        return fits(plan)
+
+    monkeypatch.setattr(routing, "spare_route_fits", blip)
+    assert execute_operation(quiet_platform, op_id, worker="second") == "finished"
+    assert blips == [1]
+    assert service.get_project(quiet_platform, someone, project.id).status == "active"
+    assert tenant_db_name(project.id) in fleet.databases("eu-central-1")
+
+
+def test_a_create_that_fails_after_its_project_became_active_undoes_nothing(
+    quiet_platform: Platform, someone: Owner, fleet: FleetUnderTest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past `activate` the credentials may be out: a later step that fails
+    for good (here the route) fails the operation, and the project stays
+    active with its database; the routers' sync repairs the route."""
+    from pgfleet.errors import Conflict
+    from pgfleet.tenants import routing
+
+    project, op_id = _pro_create_died_at_route(quiet_platform, someone, monkeypatch)
+
+    def refused(*_: Any, **__: Any) -> Any:
+        raise Conflict("simulated: the routers refused the change")
+
+    monkeypatch.setattr(routing, "publish", refused)
+    assert execute_operation(quiet_platform, op_id, worker="second") == "failed"
+    assert service.get_project(quiet_platform, someone, project.id).status == "active"
+    assert tenant_db_name(project.id) in fleet.databases("eu-central-1")
 
 
 # ---------------------------------------------------------------- delete

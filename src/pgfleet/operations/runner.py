@@ -242,18 +242,41 @@ class _Execution:
         # Steps skipped (Step.skip) since the last record, recorded with the
         # next: (position, name).
         self.skipped: list[tuple[int, str]] = []
+        # The step running now (started, not yet returned).
+        self.running: int | None = None
 
     def _recorded(self) -> dict[str, Any]:
         """What the next record writes besides its own: the step that
-        finished unrecorded and the steps skipped since (all taken now)."""
-        prev, self.unrecorded = self.unrecorded, None
-        skipped, self.skipped = self.skipped, []
+        finished unrecorded and the steps skipped since. They stay pending
+        until a record has written them (_written)."""
         return {
             "id": self.op_id,
-            "prev": prev,
-            "skip_pos": [pos for pos, _ in skipped],
-            "skip_names": [name for _, name in skipped],
+            "prev": self.unrecorded,
+            "skip_pos": [pos for pos, _ in self.skipped],
+            "skip_names": [name for _, name in self.skipped],
         }
+
+    def _written(self) -> None:
+        """A record wrote what was pending (see _recorded)."""
+        self.unrecorded = None
+        self.skipped = []
+
+    def _skips(self, step: Step, ctx: OpContext) -> bool:
+        """Whether `step` is skipped. A skip that cannot decide (it failed)
+        runs the step: a step looks before it acts, so running it is never
+        wrong, while skipping one that had work to do would be."""
+        if step.skip is None:
+            return False
+        try:
+            return step.skip(ctx)
+        except Exception as e:
+            log.warning(
+                "operation %s: whether to skip step %s is unknown (%s); running it",
+                self.op_id,
+                step.name,
+                _describe(e),
+            )
+            return False
 
     def _q(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
         """Run a record on the lock connection; if it broke, the locks are lost."""
@@ -308,7 +331,9 @@ class _Execution:
             assert row is not None
             return bool(row[0]), float(row[1])
 
-        return self._q(q)
+        out = self._q(q)
+        self._written()
+        return out
 
     def _advance(
         self,
@@ -342,7 +367,9 @@ class _Execution:
             assert row is not None
             return bool(row[0]), bool(row[1]), float(row[2])
 
-        return self._q(q)
+        out = self._q(q)
+        self._written()
+        return out
 
     def _step_started(self, position: int, name: str, *, final: bool = False) -> bool:
         """Record the start of a step. A final step starts only if no cancel
@@ -416,6 +443,7 @@ class _Execution:
             )
 
         self._q(q)
+        self._written()
 
     def _step_positions(self) -> tuple[set[int], set[int]]:
         """(finished or skipped steps, started steps) of this operation so far."""
@@ -466,7 +494,7 @@ class _Execution:
                     continue
                 if self.hand_off is not None and self.hand_off():
                     raise _HandOff
-                if step.skip is not None and step.skip(ctx):
+                if self._skips(step, ctx):
                     self.skipped.append((position, step.name))
                     continue
                 final = step.final and not self.committed
@@ -489,10 +517,15 @@ class _Execution:
                 if final:
                     self.committed = True
                 failpoint(f"{kind.name}.{step.name}.before")
+                self.running = position
                 self._run_step(kind, position, step, ctx)
+                self.running = None
                 failpoint(f"{kind.name}.{step.name}.after")
                 self.unrecorded = position
         except _Cancelled:
+            if self.running is not None:
+                # Cancelled while it was being retried: it did not finish.
+                self._step_error(self.running, "cancelled before it could finish", failed=True)
             return self._cancel(kind, ctx)
         except _HandOff:
             if self.unrecorded is not None or self.skipped:

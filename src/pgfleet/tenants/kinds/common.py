@@ -87,10 +87,11 @@ def end_sessions(p: Platform, tid: uuid.UUID, roles: list[str]) -> int:
 def reached(ctx: OpContext, position: int) -> bool:
     """Has step `position` of this operation started, in any attempt? (The
     state in `ctx` only has what finished steps recorded; a crash mid-step
-    leaves no trace there.)"""
+    leaves no trace there.) A skipped step never started."""
     with ctx.platform.db.connection() as conn:
         row = conn.execute(
-            "SELECT 1 FROM operation_steps WHERE operation_id = %s AND position >= %s LIMIT 1",
+            "SELECT 1 FROM operation_steps WHERE operation_id = %s AND position >= %s "
+            "AND status <> 'skipped' LIMIT 1",
             (ctx.op.id, position),
         ).fetchone()
     return row is not None

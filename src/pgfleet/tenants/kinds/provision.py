@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -30,6 +31,8 @@ from pgfleet.tenants.provisioning import (
     prepare_provision,
 )
 from pgfleet.tenants.server import drop_on_server
+
+log = logging.getLogger(__name__)
 
 
 def _target(ctx: OpContext) -> ProvisionTarget:
@@ -76,8 +79,10 @@ def _claimed(ctx: OpContext) -> bool:
 
 def _routed_ahead(ctx: OpContext) -> bool:
     """Whether the project was routed with its spare: the route step is
-    then skipped, unless its plan's route is not a spare's."""
-    return _claimed(ctx) and routing.spare_route_fits(_target(ctx).plan.id)
+    then skipped, unless its plan's route is not a spare's. (From the
+    state and the params only, as a skip must be: the plan is the one the
+    create asked for, and nothing changes it while the create runs.)"""
+    return _claimed(ctx) and routing.spare_route_fits(ctx.params.get("plan"))
 
 
 def _part(part: str) -> Callable[[OpContext], None]:
@@ -92,9 +97,10 @@ def _part(part: str) -> Callable[[OpContext], None]:
             waited = time.monotonic() - since
             if waited < UNREACHABLE_GIVE_UP_S:
                 raise  # retried: a restart takes a few seconds
+            what = "restore" if ctx.op.type == "restore" else "create"
             raise RegionStayedDown(
                 f"region {t.server.region} is unavailable: server {t.server.name} could "
-                f"not be reached for {waited:.0f} s, so the create was given up; try "
+                f"not be reached for {waited:.0f} s, so the {what} was given up; try "
                 "again later, or ask with wait_for_region=true to queue it until the "
                 "server is back",
                 region=t.server.region,
@@ -121,9 +127,18 @@ def _undo(ctx: OpContext, reason: str = "cancelled") -> None:
     server cannot be reached to clean up, a project made from a prepared
     spare gives it back, and the next refill of that server drops whatever
     the claim left there (a spare is made under the project's own names);
-    any other stays `failed` for the reconciler."""
+    any other stays `failed` for the reconciler.
+
+    A project that became active is never undone: its credentials may be
+    out (a step after `activate`, the route, failed for good; the routers'
+    sync brings them up to date)."""
     p = ctx.platform
     row = tenant(p, ctx.tenant_id)
+    if row.status == "active":
+        log.warning(
+            "operation %s failed after its project became active: nothing undone", ctx.op.id
+        )
+        return
     server = server_of(p, row)
     try:
         if server is not None:
