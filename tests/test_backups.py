@@ -273,6 +273,9 @@ def test_a_restore_into_a_region_known_down_fails_fast_unless_asked_to_wait(
     assert err["field"] == "wait_for_region" and "into=new" in err["message"], err
     said = cli.fails("backups", "restore", p["id"], "--into", "same", "--yes", "--wait-for-region")
     assert "--wait-for-region is for into=new" in said, said
+    # A project that does not exist is that first.
+    nowhere = f"/v1/projects/{uuid.uuid4()}/restore"
+    error_of(api.post(nowhere, json={"into": "same"}, params={"wait_for_region": "true"}), 404)
     with server_down(fleet, "ap-southeast-1"):
         run_once(platform)  # the health loop's round notices
         t0 = time.monotonic()
@@ -410,7 +413,8 @@ def test_the_schedule_takes_base_backups_and_snapshots(
     due = service.due_snapshots(p)
     assert free.id not in due
     if project.id in due:
-        assert len(service.scheduled_snapshots(p)) == 1
+        # This round starts it, unless the worker's own did in between.
+        assert len(service.scheduled_snapshots(p)) <= 1
     deadline = time.monotonic() + 60
     while True:
         snaps = service.list_backups(p, owner, project.id).snapshots

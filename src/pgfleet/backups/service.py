@@ -232,13 +232,13 @@ def start_restore(
         )
     if target_time is not None and backup_id is not None:
         raise InvalidInput("give target_time or backup_id, not both", field="target_time")
+    source = tenants.get_project(platform, owner, project_id, include_deleted=True)
     if into == "same" and wait_for_region:
         raise InvalidInput(
             "wait_for_region is for into=new; a restore over the project itself always "
             "waits for the project's server, which holds its data",
             field="wait_for_region",
         )
-    source = tenants.get_project(platform, owner, project_id, include_deleted=True)
     if source.status in ("provisioning", "failed") or source.server is None:
         raise Conflict(
             f"project {source.id} is {source.status}; it has nothing to restore",

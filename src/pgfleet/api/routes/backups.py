@@ -144,7 +144,9 @@ def list_backups(project_id: str, platform: PlatformDep, owner: OwnerDep) -> Bac
         503: {
             "model": ErrorResponse,
             "description": "`into: new`: the new project's server failed its last health "
-            "check, or could not be reached for about 10 s (see `wait_for_region`).",
+            "check, or could not be reached for about 10 s while the new project was made "
+            "(see `wait_for_region`; the copy's own steps retry until the restore's "
+            "deadline).",
         },
     },
 )
@@ -201,7 +203,8 @@ def restore_project(
         idempotency_key,
         method="POST",
         path=f"/v1/projects/{project_id}/restore",
-        body={"body": body, "wait": wait, "wait_for_region": wait_for_region},
+        # The flag only when set: a key recorded before it existed still replays.
+        body={"body": body, "wait": wait, **({"wait_for_region": True} if wait_for_region else {})},
         produce=produce,
     )
 

@@ -69,7 +69,8 @@ WaitForRegionQuery = Annotated[
         description="When the region's server failed its last health check: false "
         "(default) answers 503 at once; true queues the new project, and its operation "
         "retries until the server is back (or its deadline passes). Without it, a "
-        "server that goes down under the operation is given up on after about 10 s."
+        "server that goes down while the new project is being made is given up on "
+        "after about 10 s."
     ),
 ]
 IdemHeader = Annotated[
