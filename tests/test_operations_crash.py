@@ -332,24 +332,38 @@ def test_a_skip_that_cannot_decide_runs_its_step(
     assert tenant_db_name(project.id) in fleet.databases("eu-central-1")
 
 
-def test_a_create_that_fails_after_its_project_became_active_undoes_nothing(
-    quiet_platform: Platform, someone: Owner, fleet: FleetUnderTest, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("for_good", [True, False])
+def test_a_create_whose_route_fails_after_activate_finishes_or_undoes_nothing(
+    for_good: bool,
+    quiet_platform: Platform,
+    someone: Owner,
+    fleet: FleetUnderTest,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Past `activate` the credentials may be out: a later step that fails
-    for good (here the route) fails the operation, and the project stays
-    active with its database; the routers' sync repairs the route."""
+    """Past `activate` the project is its caller's. A route that fails for
+    good is kept in the result for the routers' sync to mend, and the create
+    finishes (its caller gets the credentials); anything else failing there
+    fails the operation, but nothing is undone: the project stays active
+    with its database (the undo once dropped it)."""
     from pgfleet.errors import Conflict
+    from pgfleet.operations.store import get_operation
     from pgfleet.tenants import routing
 
     project, op_id = _pro_create_died_at_route(quiet_platform, someone, monkeypatch)
+    failure = Conflict("simulated: routers refused") if for_good else RuntimeError("a bug")
 
     def refused(*_: Any, **__: Any) -> Any:
-        raise Conflict("simulated: the routers refused the change")
+        raise failure
 
     monkeypatch.setattr(routing, "publish", refused)
-    assert execute_operation(quiet_platform, op_id, worker="second") == "failed"
+    ended = execute_operation(quiet_platform, op_id, worker="second")
+    assert ended == ("finished" if for_good else "failed")
     assert service.get_project(quiet_platform, someone, project.id).status == "active"
     assert tenant_db_name(project.id) in fleet.databases("eu-central-1")
+    if for_good:
+        with quiet_platform.db.connection() as conn:
+            result = get_operation(conn, op_id).result or {}
+        assert "routers refused" in result["route_error"], result
 
 
 # ---------------------------------------------------------------- delete

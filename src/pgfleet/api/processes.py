@@ -54,9 +54,11 @@ BEAT_EVERY_S = 1  # uvicorn's timeout_notify is whole seconds
 
 def start_timeout(stall_timeout_s: float) -> float:
     """How long a process may take from its start to its first beat: an
-    app's start (imports, the platform DB's pool, the workers) takes a few
-    seconds, on a loaded host many more."""
-    return 2 * stall_timeout_s + 10
+    app's start (imports, the platform DB's pool, the embedded workers)
+    takes a few seconds, on a loaded host many more. A process killed at
+    it is replaced after a pause that grows while its starts keep failing
+    young (under a minute); at the default 70 s, once a minute at most."""
+    return max(30.0, 2 * stall_timeout_s + 10)
 
 
 def spreads_connections() -> bool:

@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import PoolTimeout
 
-from pgfleet.errors import RegionStayedDown, RegionUnavailable
+from pgfleet.errors import PgfleetError, PlatformUnavailable, RegionStayedDown, RegionUnavailable
 from pgfleet.operations.registry import OpContext, OperationKind, Step, register
 from pgfleet.tenants import routing, spares, store
 from pgfleet.tenants.kinds.common import (
@@ -122,6 +122,22 @@ def _activate(ctx: OpContext) -> None:
     p.metrics.provision_duration.labels(t.server.region).observe(took.total_seconds())
 
 
+def _route(ctx: OpContext) -> None:
+    """The routers told (kinds.common.route). Past `activate` the project is
+    its caller's: a failure here that no retry mends (the routers' files
+    cannot be written, say) is kept in the result, `route_error`, and left
+    to the routers' periodic sync (which /health reports while it lasts),
+    rather than failing a create whose project exists and works directly.
+    An outage is retried, as in any step."""
+    try:
+        route(ctx)
+    except (RegionUnavailable, PlatformUnavailable):
+        raise
+    except (PgfleetError, OSError) as e:
+        ctx.state["route_error"] = str(e)[:500]
+        log.warning("operation %s: routers not told (%s); the sync follows up", ctx.op.id, e)
+
+
 def _undo(ctx: OpContext, reason: str = "cancelled") -> None:
     """Drop whatever the steps made; the tenant row keeps the story. If the
     server cannot be reached to clean up, a project made from a prepared
@@ -185,7 +201,7 @@ PROVISION = register(
             Step("privileges", _part("privileges"), skip=_claimed),
             # Once credentials are handed out the database is never undone.
             Step("activate", _activate, final=True),
-            Step("route", route, skip=_routed_ahead),
+            Step("route", _route, skip=_routed_ahead),
         ),
         on_failure=lambda ctx, reason: _undo(ctx, f"provisioning failed: {reason}"),
         on_cancel=lambda ctx: _undo(ctx, "provisioning was cancelled"),
