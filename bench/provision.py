@@ -9,7 +9,8 @@ Baseline in the same run, on the same server: a bare
 CREATE ROLE + CREATE DATABASE + REVOKE over a warm admin connection.
 
 The measured creates find prepared spares ready (the API's worker makes
-n + 20 of them first, as it would keep them between bursts); `--no-spares`
+n + n1 + 20 of them first, as it would keep them between bursts, and
+the burst starts once the pool is full again); `--no-spares`
 measures the slow path (every create makes its roles and database). Then, on a
 second fleet without spares, the queue latency (operation created -> a
 worker started it, from the operations' own timestamps) and the whole
@@ -208,6 +209,10 @@ def main() -> None:
             timed1 = [provision_timed(http, -10 - i) for i in range(args.n1)]
             alone = [t for t, _, _ in timed1]
             ops1 = [operation(http, op_id) for _, _, op_id in timed1]
+            # The burst arrives at a full pool, as between bursts (the creates
+            # above took some): else it ran under the refill's reserve for its
+            # last quarter, and the refill made spares in the middle of it.
+            wait_for_spares(bf.home, [REGION], spares)
             ready0 = spares_ready(bf)
             spy = start_profile(bf, args.profile) if args.profile else None
             cpu0, own0 = fleet_cpu(bf.home), os.times()
