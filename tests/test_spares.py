@@ -34,6 +34,7 @@ from pgfleet.tenants.service import (
     get_project,
     start_create_project,
 )
+from pgfleet.tenants.spares import _SPARE_LOCK as SPARE_LOCK
 from pgfleet.tenants.spares import (
     CLAIMED,
     READY,
@@ -341,6 +342,23 @@ def test_a_refill_stands_aside_while_creates_claim_and_when_it_cannot_tell(
     assert refill_spares(p, server, 4, reserve=1) == 0
     assert refill_spares(p, server, 4, reserve=1) == 1
     assert len(ready_spares(p, server)) == 4
+    # Passes stretched (say by a server that does not answer, visited in
+    # the same pass): a look 20 s old, 15 s after the one before, still
+    # tells. Measured in heartbeats alone, this server never refilled.
+    claim("d")
+    count, _, _ = memory[server.id]
+    memory[server.id] = (count, time.monotonic() - 20, 15.0)
+    assert refill_spares(p, server, 4, reserve=1) == 0  # claimed since: stands aside
+    memory[server.id] = (memory[server.id][0], time.monotonic() - 20, 15.0)
+    assert refill_spares(p, server, 4, reserve=1) == 1
+    # Another process at work here: what this one saw is old, it forgets.
+    claim("e")
+    with fleet.admin_conn(REGION) as other:
+        other.execute("SELECT pg_advisory_lock(%s)", (SPARE_LOCK,))
+        assert refill_spares(p, server, 4, reserve=1) == 0
+    assert server.id not in memory
+    assert refill_spares(p, server, 4, reserve=1) == 0  # not known: it only looks
+    assert refill_spares(p, server, 4, reserve=1) == 1
 
 
 def test_a_create_cancelled_before_it_started_gives_its_spare_back_to_be_dropped(

@@ -324,16 +324,24 @@ def refill_spares(
     burst longer than the pool is served at the reserve's pace.
 
     What the last pass saw is this process's own memory, and passes move
-    between processes (whichever takes the lock): one whose memory is
-    older than three heartbeats, or that has none, does not know whether creates
-    are claiming, and above the reserve it only looks (the next pass
-    decides). Taking its old count for the truth, a process whose last
-    pass was during the first fill made 10 spares in a 200-create burst."""
+    between processes (whichever takes the lock). A process that has no
+    memory of this server, whose last attempt found another process at
+    work here, or whose memory is older than its own rhythm explains (three
+    heartbeats, or twice the time between its last two looks here: a pass
+    that also visits a server that does not answer takes its connect
+    timeout there) does not know whether creates are claiming, and above
+    the reserve it only looks; the next pass decides. Taking an old count
+    for the truth, a process whose last pass was during the first fill
+    made spares in the middle of a burst; measuring age in heartbeats
+    alone, a process whose passes were stretched by unreachable servers
+    never refilled the one that answered."""
     made = 0
-    seen: dict[int, tuple[int, float]] = p.component("spares_seen", dict)
+    # server id -> (ready count, when, time since this process's look before)
+    seen: dict[int, tuple[int, float, float]] = p.component("spares_seen", dict)
     with p.servers.admin_connection(server) as conn:
         got = conn.execute("SELECT pg_try_advisory_lock(%s)", (_SPARE_LOCK,)).fetchone()
         if not (got and got[0]):
+            seen.pop(server.id, None)  # another process works here: what we saw is old
             return 0
         try:
             _drop_unwanted(p, server, conn)
@@ -341,10 +349,11 @@ def refill_spares(
                 ensure_template(p, server, conn)
             ready = _ready(p, server)
             last = seen.get(server.id)
-            if last is None or time.monotonic() - last[1] > 3 * p.settings.worker_heartbeat_s:
-                claimed = True  # unknown: as if creates were claiming
-            else:
-                claimed = ready < last[0]
+            age = time.monotonic() - last[1] if last else 0.0
+            rhythm = 3 * p.settings.worker_heartbeat_s
+            fresh = last is not None and age <= max(rhythm, 2 * last[2])
+            # Not known: as if creates were claiming.
+            claimed = ready < last[0] if fresh and last is not None else True
             # A pass makes at most `target`.
             while ready < target and made < target:
                 if until is not None and time.monotonic() >= until:
@@ -357,7 +366,8 @@ def refill_spares(
                 now = _ready(p, server)
                 claimed = now <= ready  # this one made, and one taken meanwhile
                 ready = now
-            seen[server.id] = (ready, time.monotonic())
+            looked = time.monotonic()
+            seen[server.id] = (ready, looked, looked - last[1] if last else 0.0)
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (_SPARE_LOCK,))
     # With the admin session given back: reading the verifiers takes one.
