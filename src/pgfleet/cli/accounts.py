@@ -16,10 +16,10 @@ from pgfleet.cli.common import (
     add_row,
     fail,
     list_table,
-    narrow,
     out,
     owners_app,
     print_json,
+    row,
     shown_id,
     tokens_app,
 )
@@ -67,28 +67,28 @@ def tokens_create(
 def _tokens_table(rows: list[dict[str, Any]]) -> Table:
     # On a narrow terminal (see list_table) a token's creation is left out:
     # eight columns do not fit in 80 (`--json` has it).
-    columns = ("id", "name", "prefix", "scope", "created", "expires", "last used", "revoked")
     t, short = list_table(
         "Tokens",
-        [c for c in columns if not (narrow() and c == "created")],
+        ("id", "name", "prefix", "scope", "created", "expires", "last used", "revoked"),
         whole=("id", "prefix", "scope"),
         moments=("created", "expires", "last used", "revoked"),
+        leave_out=("created",),
     )
     for r in rows:
         expires = "never" if r["expires_at"] is None else when(r["expires_at"])
-        cells = [
-            shown_id(r["id"], short),
-            r["name"],
-            f"{r['token_prefix']}…" if short else f"{r['token_prefix']}...",
-            r["scope"],
-            when(r["created_at"]),
-            expires + (" (expired)" if r["expired"] else ""),
-            when(r["last_used_at"]),
-            when(r["revoked_at"]),
-        ]
-        if short:
-            del cells[4]
-        add_row(t, *cells)
+        row(
+            t,
+            {
+                "id": shown_id(r["id"], short),
+                "name": r["name"],
+                "prefix": f"{r['token_prefix']}" + ("…" if short else "..."),
+                "scope": r["scope"],
+                "created": when(r["created_at"]),
+                "expires": expires + (" (expired)" if r["expired"] else ""),
+                "last used": when(r["last_used_at"]),
+                "revoked": when(r["revoked_at"]),
+            },
+        )
     return t
 
 

@@ -145,6 +145,7 @@ def list_table(
     *,
     whole: Sequence[str] = (),
     moments: Sequence[str] = (),
+    leave_out: Sequence[str] = (),
 ) -> tuple[Table, bool]:
     """A list's table, and whether it is a short one. On a terminal too
     narrow for whole ids (36 characters) and the rest, ids show their first
@@ -152,8 +153,9 @@ def list_table(
     lighter lines and values folded rather than cut: else every other
     column was cut to a few letters (`eu-…`, found by a newcomer at 80
     columns); the columns in `whole` (short values: a kind, a status) are
-    never folded there, and those in `moments` fold between the date and
-    the time. A pipe always gets whole ids (see _Out)."""
+    never folded there, those in `moments` fold between the date and the
+    time, and those in `leave_out` are not shown (fill rows with row()).
+    A pipe always gets whole ids (see _Out)."""
     short = narrow()
     t = (
         Table(
@@ -168,6 +170,8 @@ def list_table(
         else Table(title=title)
     )
     for col in columns:
+        if short and col in leave_out:
+            continue
         t.add_column(
             col,
             overflow="fold" if short else "ellipsis",
@@ -175,6 +179,12 @@ def list_table(
             min_width=len("2026-12-01") if short and col in moments else None,
         )
     return t, short
+
+
+def row(table: Table, cells: dict[str, object]) -> None:
+    """A row of a list_table, from every column's cell by its name: those
+    the table left out are dropped."""
+    add_row(table, *(cells[str(c.header)] for c in table.columns))
 
 
 def shown_id(value: str | None, short: bool) -> str:

@@ -19,11 +19,11 @@ from pgfleet.cli.common import (
     app,
     fail,
     list_table,
-    narrow,
     ops_app,
     out,
     print_audit,
     print_json,
+    row,
     shown_id,
 )
 from pgfleet.display import duration, printable, when
@@ -128,42 +128,32 @@ def ops_list(
         return print_json(data)
     # On a narrow terminal (see list_table) the step goes with the status
     # and the errors follow the table, each under its short id.
-    columns = ("id", "type", "status", "project", "step", "created", "duration", "error")
     t, short = list_table(
         "Operations",
-        [c for c in columns if not (narrow() and c in ("step", "error"))],
+        ("id", "type", "status", "project", "step", "created", "duration", "error"),
         whole=("id", "type", "project", "duration"),
         moments=("created",),
+        leave_out=("step", "error"),
     )
     errors: list[tuple[str, str]] = []
     for op in data["operations"]:
-        error = op["error"] or ""
-        if short:
-            shown = _op_status(op)
-            if op["current_step"]:
-                shown.append(f": {op['current_step']}")
-            add_row(
-                t,
-                shown_id(op["id"], short),
-                op["type"],
-                shown,
-                shown_id(op["project_id"], short),
-                when(op["created_at"]),
-                duration(op["duration_ms"]),
-            )
-            if error:
-                errors.append((shown_id(op["id"], short), error))
-            continue
-        add_row(
+        shown = _op_status(op)
+        if short and op["current_step"]:
+            shown.append(f": {op['current_step']}")
+        if short and op["error"]:
+            errors.append((shown_id(op["id"], short), op["error"]))
+        row(
             t,
-            op["id"],
-            op["type"],
-            _op_status(op),
-            op["project_id"] or "-",
-            op["current_step"] or "-",
-            when(op["created_at"]),
-            duration(op["duration_ms"]),
-            error[:60],
+            {
+                "id": shown_id(op["id"], short),
+                "type": op["type"],
+                "status": shown,
+                "project": shown_id(op["project_id"], short),
+                "step": op["current_step"] or "-",
+                "created": when(op["created_at"]),
+                "duration": duration(op["duration_ms"]),
+                "error": (op["error"] or "")[:60],
+            },
         )
     out.print(t)
     for op_id, error in errors:
