@@ -186,6 +186,53 @@ def test_a_wholly_frozen_server_ends_the_call_with_503(
         assert until(lambda: run(api, pid, "select 1").status_code == 200, 15)
 
 
+def test_a_server_frozen_during_a_reset_is_503_not_a_busy_project(
+    platform_factory: Any, fleet: FleetUnderTest
+) -> None:
+    """The server stopped while the pool resets the session a statement gave
+    back (DISCARD ALL, after the answer went out): the next statement's wait
+    for a connection meets only that reset, which gets no answer. That is an
+    unavailable region, not a project with all its connections busy (it was
+    429 when test_a_wholly_frozen_server_ends_the_call_with_503's freeze came
+    before the reset's end, one CI run in five)."""
+    postmaster = postmaster_pid(fleet, "us-east-1")
+    with quick_logins(platform_factory, "resetting") as (api, _):
+        pid = create_ok(api, "resetting", region="us-east-1")["id"]
+        assert scalar(api, pid, "select 1") == 1  # the next one gets a pool
+        # Many temporary tables: their reset takes long enough to freeze
+        # the server in the middle of it.
+        run_ok(
+            api,
+            pid,
+            "do $$ begin for i in 1..1500 loop "
+            "execute format('create temp table t%s (x int)', i); end loop; end $$",
+            timeout_ms=15000,
+        )
+        with fleet.admin_conn("us-east-1") as admin:
+            resetting = until(
+                lambda: admin.execute(
+                    "select 1 from pg_stat_activity where query = 'DISCARD ALL' "
+                    "and state = 'active'"
+                ).fetchone(),
+                5,
+            )
+            frozen = [postmaster, *children_of(postmaster)]
+            for p in frozen:
+                os.kill(p, signal.SIGSTOP)
+        try:
+            assert resetting, "the reset was over before the freeze"
+            t0 = time.monotonic()
+            err = error_of(run(api, pid, "select 1", timeout_ms=500), 503)
+            waited = time.monotonic() - t0
+            assert err["code"] == "region_unavailable", err
+            assert "reset" in err["message"], err
+            assert waited < 5, waited  # the wait (1 s here), and RESET_S more
+        finally:
+            for p in frozen:
+                os.kill(p, signal.SIGCONT)
+        assert until(lambda: run(api, pid, "select 1").status_code == 200, 15)
+
+
 def test_down_server_after_use_is_503(api: Api, fleet: FleetUnderTest) -> None:
     """A project that already ran SQL (so its pool holds connections) also
     gets 503 naming the region when its server goes down, not a 400."""

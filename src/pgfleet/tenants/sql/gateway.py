@@ -93,6 +93,9 @@ PROBE_S = 0.5
 # A server this process logged in to this recently is not knocked at before
 # a new pool's first login (a knock costs the server a fork).
 REACHED_S = 5.0
+# How long a wait for a pooled connection may run on while only its reset
+# holds it (see SqlGateway._after_reset).
+RESET_S = 0.5
 # How long ending a session that ignored its cancel may take.
 TERMINATE_WAIT_S = 3.0
 
@@ -581,12 +584,17 @@ class SqlGateway:
                 await self._room_for(key, entry, size)
             entry.pending += 1
             try:
-                if recent:
-                    conn = await self._first_login(
-                        endpoint, entry.pool.getconn(timeout=wait), entry.pool.putconn
-                    )
-                else:
-                    conn = await entry.pool.getconn(timeout=wait)
+                try:
+                    if recent:
+                        conn = await self._first_login(
+                            endpoint, entry.pool.getconn(timeout=wait), entry.pool.putconn
+                        )
+                    else:
+                        conn = await entry.pool.getconn(timeout=wait)
+                except PoolTimeout:
+                    if not self._held_by_pool(entry, key, asked):
+                        raise
+                    conn = await self._after_reset(endpoint, entry)
             finally:
                 entry.pending -= 1
             if fresh:
@@ -616,6 +624,38 @@ class SqlGateway:
         except BaseException:
             self._pools.give_back(entry)
             raise
+
+    def _held_by_pool(
+        self, entry: PoolEntry[AsyncConnectionPool], key: tuple[uuid.UUID, Mode], asked: float
+    ) -> bool:
+        """Whether a wait for one of the pool's connections that ran out met
+        connections that no statement held: the pool held them itself,
+        resetting one a statement gave back (or logging in, without a
+        failure yet)."""
+        return (
+            not entry.checked_out
+            and not self._unpooled.get(key, 0)
+            and _only_waited(entry.pool)
+            and not login_timed_out(last_login_error(entry.pool, since=asked))
+        )
+
+    async def _after_reset(
+        self, endpoint: TenantEndpoint, entry: PoolEntry[AsyncConnectionPool]
+    ) -> psycopg.AsyncConnection[Any]:
+        """The connection a reset is about to hand back (see _held_by_pool).
+        A statement's return just as the wait ended is one; its reset
+        (DISCARD ALL) takes a round trip. A reset that takes longer than
+        RESET_S more met a server that answers nothing (its host paused, say),
+        which is not a project with all its connections busy (429): found
+        when a test froze a server while a reset was on its way."""
+        try:
+            return await entry.pool.getconn(timeout=RESET_S)
+        except PoolTimeout:
+            raise RegionUnavailable(
+                f"region {endpoint.hosted_region} is unavailable: the project's server "
+                f"answered no reset of a pooled session in {RESET_S} s",
+                region=endpoint.hosted_region,
+            ) from None
 
     async def _room_for(
         self, key: tuple[uuid.UUID, Mode], entry: PoolEntry[AsyncConnectionPool], size: int
