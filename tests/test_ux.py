@@ -329,3 +329,6 @@ def test_a_tenants_control_characters_never_reach_the_terminal(cli: Cli, api: Ap
     assert "\x1b" not in out and "\\x1b]0;PWNED\\x07\\x1b[2Jfake" in out, out
     res = cli("sql", pid, "do $$ begin raise exception E'bad\\x1b[31m'; end $$")
     assert res.exit_code != 0 and "\x1b" not in res.stderr and "\\x1b[31m" in res.stderr
+    # Text that reorders itself as it is shown (a bidirectional override).
+    out = cli.ok("sql", pid, "select E'report\\u202Egpj.exe' as v")
+    assert "\u202e" not in out and "report\\u202egpj.exe" in out, out

@@ -18,14 +18,24 @@ from typing import Any
 # terminal (clear it, retitle it, fake output); a tab or newline would break
 # the CLI's piped form's lines and columns. The console shows them the same
 # way (a browser would show a box, or nothing).
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# C0 and C1 controls, and the characters that reorder or hide text as it is
+# shown: bidirectional marks, embeddings, overrides and isolates (a tenant's
+# `\u202e` turns `exe.txt` into what reads as `txt.exe`), and the line and
+# paragraph separators some terminals break lines at.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
 
 
 def printable(text: str, *, lines: bool = False) -> str:
-    """`text` with every control character shown as its escape (`\x1b`);
-    with `lines`, newlines are kept."""
+    r"""`text` with every control character shown as its escape (`\x1b`,
+    `\u202e` for a bidirectional override); with `lines`, newlines are
+    kept."""
     return _CONTROL.sub(
-        lambda m: m.group() if lines and m.group() == "\n" else f"\\x{ord(m.group()):02x}",
+        lambda m: m.group() if lines and m.group() == "\n" else _escape(m.group()),
         text,
     )
 
