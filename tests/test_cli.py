@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import re
 import socket
+import subprocess
+import sys
 import warnings
 from typing import Any
 
@@ -375,3 +378,20 @@ def test_owners_create_with_admin_token(
     assert "admin" in msg
     _, other = create_owner(platform, "frank")
     assert "403" in cli.fails("owners", "list", token=other)
+
+
+def test_an_argument_that_is_not_utf8_is_refused_in_words() -> None:
+    """Bytes that are not UTF-8 on the command line (a file name from an
+    old system, a stray paste) are refused before any command runs, naming
+    the argument and the byte: no request could carry them (it was a
+    traceback from the HTTP client)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pgfleet.cli", "sql", "proj", b"select \xff"],
+        capture_output=True,
+        env={**os.environ, "PGFLEET_TOKEN": "x", "PGFLEET_URL": "http://127.0.0.1:9"},
+        timeout=60,
+    )
+    stderr = done.stderr.decode()
+    assert done.returncode == 2, (done.returncode, stderr)
+    assert "argument 3" in stderr and "0xff" in stderr and "UTF-8" in stderr, stderr
+    assert "Traceback" not in stderr and not done.stdout, (stderr, done.stdout)

@@ -230,6 +230,21 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
+def undecodable(args: list[str]) -> str | None:
+    """Why one of the command line's arguments cannot be taken, if one
+    cannot: bytes that are not UTF-8 (Python keeps them as lone surrogates,
+    which no request can carry)."""
+    for i, arg in enumerate(args, 1):
+        raw = [ord(c) - 0xDC00 for c in arg if 0xDC80 <= ord(c) <= 0xDCFF]
+        if raw:
+            shown = arg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            return (
+                f"argument {i} ({printable(shown)}) is not UTF-8 text (byte 0x{raw[0]:02x}); "
+                "pgfleet takes names, statements and values as UTF-8"
+            )
+    return None
+
+
 def confirm(question: str, yes: bool, *, why: str = "this cannot be undone") -> None:
     """Ask before something that cannot be undone: `--yes` answers for
     scripts; with nobody to ask (no terminal) and no `--yes`, refuse,
