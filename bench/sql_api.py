@@ -6,7 +6,9 @@ sends it), and over a direct psycopg connection to the same server as the
 same role, in the same run: p50/p99 latency, the overhead, req/s at concurrency 1, 16 and
 64 (direct: as many psycopg connections), and the same `select 1`
 round-robin across many projects while watching that the server's
-connections stay bounded.
+connections stay bounded, beside its baseline: a psycopg client logging in
+to the same databases in turn, without pgfleet (each round-robin request is
+a login: what the server's logins alone cost bounds what any path can do).
 
     .venv/bin/python bench/sql_api.py [--requests 2000] [--projects 1000] [--workers N]
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import sys
 import threading
@@ -152,6 +155,51 @@ def api_throughput(
     return n / elapsed, latencies
 
 
+def login_info(bf: BenchFleet, region: str, c: dict[str, Any]) -> dict[str, Any]:
+    """A project's credentials, to log in over its server's Unix socket."""
+    fleet = EmbeddedFleet(Settings(home=bf.home, embedded_regions=[region]))
+    srv = next(s for s in fleet.regional_servers() if s.region == region)
+    return {
+        "host": str(fleet.socket_dir(srv.name)),
+        "port": srv.port,  # the connection string's is a router's
+        "dbname": c["database"],
+        "user": c["user"],
+        "password": c["password"],
+    }
+
+
+def login_throughput(
+    bf: BenchFleet, logins: list[dict[str, Any]], concurrency: int, seconds: float
+) -> tuple[float, float, float]:
+    """Log in to each database in turn, `select 1`, log out, `concurrency`
+    at once: req/s, and the server's and this client's CPU ms per login."""
+
+    async def go() -> int:
+        turn = itertools.count()
+        stop = time.perf_counter() + seconds
+
+        async def worker() -> int:
+            n = 0
+            while time.perf_counter() < stop:
+                info = logins[next(turn) % len(logins)]
+                async with await psycopg.AsyncConnection.connect(**info, autocommit=True) as c:
+                    await (await c.execute("select 1")).fetchall()
+                n += 1
+            return n
+
+        return sum(await asyncio.gather(*(worker() for _ in range(concurrency))))
+
+    cpu0, own0, t0 = fleet_cpu(bf.home), os.times(), time.perf_counter()
+    n = asyncio.run(go())
+    elapsed = time.perf_counter() - t0
+    cpu1, own1 = fleet_cpu(bf.home), os.times()
+    servers = sum(v for k, v in cpu1.items() if k.startswith("server")) - sum(
+        v for k, v in cpu0.items() if k.startswith("server")
+    )
+    own = own1.user + own1.system - own0.user - own0.system
+    return n / elapsed, servers * 1000 / n, own * 1000 / n
+
+
 def server_backends(bf: BenchFleet, region: str) -> int:
     fleet = EmbeddedFleet(Settings(home=bf.home, embedded_regions=[region]))
     srv = next(s for s in fleet.regional_servers() if s.region == region)
@@ -261,19 +309,27 @@ def main() -> None:
 
         # Many projects, round-robin: connections on the server stay bounded.
         pids = [pid]
+        logins = [login_info(bf, region, c)]
         with httpx.Client(base_url=bf.url, headers=headers, timeout=60) as http:
 
-            def make(i: int) -> str:
+            def make(i: int) -> tuple[str, dict[str, Any]]:
                 r = http.post("/v1/projects", json={"name": f"rr {i}", "region": region})
                 r.raise_for_status()
-                return str(r.json()["id"])
+                return str(r.json()["id"]), r.json()["connection"]
 
             t0 = time.perf_counter()
             with ThreadPoolExecutor(4) as ex:
-                pids += list(ex.map(make, range(args.projects - 1)))
+                for made, conn in ex.map(make, range(args.projects - 1)):
+                    pids.append(made)
+                    logins.append(login_info(bf, region, conn))
             print(f"created {len(pids)} projects in {time.perf_counter() - t0:.1f} s")
         # The worker refills the spares the creates took: not during the timing.
         wait_for_spares(bf.home, [region], SPARES)
+        # The baseline: the same logins and `select 1` without pgfleet, a
+        # psycopg client logging in to each project's database in turn over
+        # the server's Unix socket (as the API does), 16 at once. Before and
+        # after the SQL API's run, so that the machine's drift shows.
+        base = [login_throughput(bf, logins, 16, args.seconds)]
         peak = 0
         stop = threading.Event()
 
@@ -285,6 +341,7 @@ def main() -> None:
 
         w = threading.Thread(target=watch)
         w.start()
+        print(f"round-robin: {args.seconds * 2:.0f} s from now", flush=True)
         cpu0, own0 = fleet_cpu(bf.home), os.times()
         rate, lat = api_throughput(bf, pids, 16, args.seconds * 2)
         cpu1, own1 = fleet_cpu(bf.home), os.times()
@@ -298,6 +355,21 @@ def main() -> None:
             f"(p50 {pct(lat, 50):.2f} ms, p99 {pct(lat, 99):.2f} ms); peak tenant backends on "
             f"the server: {peak} (bound: PGFLEET_TENANT_POOL_CAP x PGFLEET_TENANT_POOL_SIZE "
             f"= {bound})"
+        )
+        base.append(login_throughput(bf, logins, 16, args.seconds))
+        d_rate = sum(b[0] for b in base) / len(base)
+        d_server = sum(b[1] for b in base) / len(base)
+        d_own = sum(b[2] for b in base) / len(base)
+        cores = os.cpu_count() or 1
+        print(
+            f"baseline, direct logins round-robin (no pgfleet), concurrency 16: {d_rate:6.0f} "
+            f"req/s ({base[0][0]:.0f} before, {base[1][0]:.0f} after); the server's CPU per "
+            f"login {d_server:.1f} ms, the client's {d_own:.1f} ms; SQL API / direct "
+            f"{rate / d_rate:.2f}"
+        )
+        print(
+            f"  the server's logins alone allow at most {cores * 1000 / d_server:.0f} req/s on "
+            f"{cores} cores, with nothing else running"
         )
         verdict = [
             ("overhead p50 <= 1 ms", overhead <= 1.0),
