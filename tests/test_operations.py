@@ -39,6 +39,9 @@ from tests.helpers import (
     repaired,
     until,
 )
+from tests.helpers import (
+    finished as finished_op,
+)
 
 STEPS = ["place", "roles", "database", "privileges", "activate", "route"]
 
@@ -374,6 +377,47 @@ def test_reconciler_reports_and_repairs_without_losing_data(
     last = admin_api.get("/v1/admin/reconcile").json()
     assert last["findings"] == [] and last["actor"] == "admin admin"
     assert api.post("/v1/admin/reconcile").status_code == 403
+
+
+def test_a_stuck_create_is_marked_failed_when_its_operation_gave_up(
+    api: Api, admin_api: Api, platform: Platform
+) -> None:
+    """A project left `provisioning` by a create that failed or was
+    cancelled, whose undo could not finish (the platform DB lost as it
+    wrote): its caller was told it failed and never got its credentials,
+    so a repair marks it failed instead of activating it. A project left
+    `provisioning` whose create finished (a cancelled delete puts it back)
+    is still converged and activated."""
+    given_up = create_ok(api, "given up")["id"]
+    finished = create_ok(api, "finished")["id"]
+    with platform.db.connection() as conn:
+        conn.execute(
+            "UPDATE tenants SET status = 'provisioning' WHERE id = ANY(%s)",
+            ([uuid.UUID(given_up), uuid.UUID(finished)],),
+        )
+        conn.execute(
+            "UPDATE operations SET status = 'failed' WHERE tenant_id = %s AND type = 'provision'",
+            (uuid.UUID(given_up),),
+        )
+    report = admin_api.post("/v1/admin/reconcile").json()
+    stuck = {f["tenant_id"]: f for f in report["findings"] if f["kind"] == "stuck_provisioning"}
+    assert "was failed" in stuck[given_up]["detail"], stuck
+    assert "no operation is running" in stuck[finished]["detail"], stuck
+
+    report = repaired(admin_api, {"repair": True})
+    stuck = {f["tenant_id"]: f for f in report["findings"] if f["kind"] == "stuck_provisioning"}
+    assert stuck[given_up]["repaired"] is True and "marked failed" in stuck[given_up]["action"]
+    assert stuck[finished]["repaired"] is True
+    gone = api.get(f"/v1/projects/{given_up}").json()
+    assert gone["status"] == "failed", gone
+    assert api.get(f"/v1/projects/{finished}").json()["status"] == "active"
+    # What is left of it goes with a delete, as for any failed project.
+    report = admin_api.post("/v1/admin/reconcile").json()
+    assert {(f["kind"], f["tenant_id"]) for f in report["findings"]} == {
+        ("failed_project", given_up)
+    }, report
+    finished_op(api, api.delete(f"/v1/projects/{given_up}"))
+    assert admin_api.post("/v1/admin/reconcile").json()["findings"] == []
 
 
 def spares(p: Platform, region: str) -> set[str]:

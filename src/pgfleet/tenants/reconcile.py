@@ -20,7 +20,10 @@ It reports, and with `repair=True` fixes:
 - `password_changed`: a login role whose password is not the one pgfleet
   holds (a tenant may change its own) — converged again, which sets it back;
 - `stuck_provisioning`: a project `provisioning` with no operation running —
-  converged and activated;
+  converged and activated; but one whose create failed or was cancelled
+  (its undo could not finish: the platform DB lost mid-way, say) is marked
+  `failed` instead: its caller was told it failed and never got its
+  credentials, so it is not brought to life behind their back;
 - `failed_project`: a project left `failed` (reported; deleting it cleans up);
 - `stale_credential`: a login role of a live project that still has a
   password although no credential uses it and no expiry is pending (an
@@ -183,6 +186,8 @@ def reconcile(
         return f
 
     converge: dict[uuid.UUID, dict[str, Any]] = {}
+    # Projects whose create was given up but never undone: marked failed.
+    given_up: dict[uuid.UUID, dict[str, Any]] = {}
     unreachable: list[str] = []
     # The servers first, the platform DB after: a project's row is committed
     # before anything of it exists on a server, so whatever the listing shows
@@ -354,7 +359,16 @@ def reconcile(
     for tid, t in tenants.items():
         if t["busy"]:
             continue
-        if t["status"] == "provisioning":
+        if t["status"] == "provisioning" and t["made_by"] in ("failed", "cancelled"):
+            given_up[tid] = add(
+                "stuck_provisioning",
+                None,
+                tenant_db_name(tid),
+                f"project is provisioning but the operation that made it was {t['made_by']} "
+                "(its undo did not finish)",
+                tenant_id=str(tid),
+            )
+        elif t["status"] == "provisioning":
             converge[tid] = add(
                 "stuck_provisioning",
                 None,
@@ -371,6 +385,19 @@ def reconcile(
                 tenant_id=str(tid),
             )
     if repair:
+        for tid, f in given_up.items():
+            try:
+                with p.db.connection() as conn:
+                    marked = store.fail_given_up(
+                        conn, tid, "its create ended before what it made was undone"
+                    )
+            except Exception as e:
+                f["action"] = f"could not mark it failed: {e}"
+                continue
+            if marked:
+                f.update(repaired=True, action="marked failed: deleting it removes what is left")
+            else:
+                f["action"] = "left alone: an operation started on it since"
         for tid, f in converge.items():
             try:
                 ensure_tenant_database_provisioned(
