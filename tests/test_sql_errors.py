@@ -4,8 +4,10 @@ connection bound across many projects."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -13,12 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
 from pgfleet.api.app import create_app
 from pgfleet.auth import create_owner
 from pgfleet.fleet.embedded import EmbeddedServer
 from pgfleet.platform.core import Platform
+from pgfleet.tenants.sql import gateway
 from tests.helpers import (
     Api,
     FleetUnderTest,
@@ -186,8 +190,24 @@ def test_a_wholly_frozen_server_ends_the_call_with_503(
         assert until(lambda: run(api, pid, "select 1").status_code == 200, 15)
 
 
+@contextmanager
+def slow_resets(monkeypatch: pytest.MonkeyPatch, seconds: float) -> Iterator[threading.Event]:
+    """Every pooled session's reset (DISCARD ALL) starts `seconds` late: a
+    test can act while one is on its way. The event is set as one begins."""
+    began = threading.Event()
+    real = gateway._reset
+
+    async def late(conn: Any) -> None:
+        began.set()
+        await asyncio.sleep(seconds)
+        await real(conn)
+
+    monkeypatch.setattr(gateway, "_reset", late)
+    yield began
+
+
 def test_a_server_frozen_during_a_reset_is_503_not_a_busy_project(
-    platform_factory: Any, fleet: FleetUnderTest
+    platform_factory: Any, fleet: FleetUnderTest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The server stopped while the pool resets the session a statement gave
     back (DISCARD ALL, after the answer went out): the next statement's wait
@@ -198,39 +218,48 @@ def test_a_server_frozen_during_a_reset_is_503_not_a_busy_project(
     postmaster = postmaster_pid(fleet, "us-east-1")
     with quick_logins(platform_factory, "resetting") as (api, _):
         pid = create_ok(api, "resetting", region="us-east-1")["id"]
-        assert scalar(api, pid, "select 1") == 1  # the next one gets a pool
-        # Many temporary tables: their reset takes long enough to freeze
-        # the server in the middle of it.
-        run_ok(
-            api,
-            pid,
-            "do $$ begin for i in 1..1500 loop "
-            "execute format('create temp table t%s (x int)', i); end loop; end $$",
-            timeout_ms=15000,
-        )
-        with fleet.admin_conn("us-east-1") as admin:
-            resetting = until(
-                lambda: admin.execute(
-                    "select 1 from pg_stat_activity where query = 'DISCARD ALL' "
-                    "and state = 'active'"
-                ).fetchone(),
-                5,
-            )
+        with slow_resets(monkeypatch, 0.3) as began:
+            assert scalar(api, pid, "select 1") == 1  # the next one gets a pool
+            assert scalar(api, pid, "select 1") == 1
+            assert began.wait(5)
             frozen = [postmaster, *children_of(postmaster)]
-            for p in frozen:
+            for p in frozen:  # before the reset is sent
                 os.kill(p, signal.SIGSTOP)
-        try:
-            assert resetting, "the reset was over before the freeze"
-            t0 = time.monotonic()
-            err = error_of(run(api, pid, "select 1", timeout_ms=500), 503)
-            waited = time.monotonic() - t0
-            assert err["code"] == "region_unavailable", err
-            assert "reset" in err["message"], err
-            assert waited < 5, waited  # the wait (1 s here), and RESET_S more
-        finally:
-            for p in frozen:
-                os.kill(p, signal.SIGCONT)
+            try:
+                t0 = time.monotonic()
+                err = error_of(run(api, pid, "select 1", timeout_ms=500), 503)
+                waited = time.monotonic() - t0
+                assert err["code"] == "region_unavailable", err
+                assert "reset" in err["message"], err
+                assert waited < 5, waited  # the wait for a connection: 1 s here
+            finally:
+                for p in frozen:
+                    os.kill(p, signal.SIGCONT)
         assert until(lambda: run(api, pid, "select 1").status_code == 200, 15)
+
+
+def test_a_busy_projects_wait_that_meets_resets_is_429(
+    platform_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A statement that waited for a busy project's connection while they
+    ran, and whose wait ended as they were being reset, met resets that
+    began after it: the project is busy (429), its server is fine (found by
+    a review: a first mend of the test above answered 503 here)."""
+    platform: Platform = platform_factory(api_workers=1, tenant_pool_size=2, connect_timeout_s=1)
+    _, token = create_owner(platform, "resets")
+    with TestClient(create_app(platform)) as client:
+        api = Api(client, token)
+        pid = create_ok(api, "resets", plan_type="pro")["id"]
+        with slow_resets(monkeypatch, 1.0), ThreadPoolExecutor(3) as ex:
+            for _ in range(2):  # the second makes the pool the next ones wait on
+                assert scalar(api, pid, "select 1") == 1
+            time.sleep(1.5)  # its reset is over
+            # Two run 0.3 s, their resets begin then and end 1 s later; the
+            # third waits from the start, and its 1 s wait ends in between.
+            calls = [ex.submit(run, api, pid, "select pg_sleep(0.3)") for _ in range(3)]
+            codes = sorted(c.result().status_code for c in calls)
+        assert codes == [200, 200, 429], codes
+        assert until(lambda: run(api, pid, "select 1").status_code == 200, 5)
 
 
 def test_down_server_after_use_is_503(api: Api, fleet: FleetUnderTest) -> None:

@@ -40,6 +40,7 @@ import logging
 import os
 import time
 import uuid
+import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -93,9 +94,6 @@ PROBE_S = 0.5
 # A server this process logged in to this recently is not knocked at before
 # a new pool's first login (a knock costs the server a fork).
 REACHED_S = 5.0
-# How long a wait for a pooled connection may run on while only its reset
-# holds it (see SqlGateway._after_reset).
-RESET_S = 0.5
 # How long ending a session that ignored its cancel may take.
 TERMINATE_WAIT_S = 3.0
 
@@ -142,6 +140,26 @@ async def _reset(conn: psycopg.AsyncConnection[Any]) -> None:
     mark_returned(conn)
 
 
+class _Resets:
+    """A pool's `reset` callback (see _reset) that keeps when each of the
+    pool's sessions began a reset that has not ended yet."""
+
+    def __init__(self) -> None:
+        self._began: dict[int, float] = {}
+
+    async def __call__(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        key = id(conn)
+        self._began[key] = time.monotonic()
+        try:
+            await _reset(conn)
+        finally:
+            self._began.pop(key, None)
+
+    def before(self, moment: float) -> bool:
+        """Whether a reset still going began before `moment`."""
+        return any(began < moment for began in self._began.values())
+
+
 @dataclass
 class Session:
     conn: psycopg.AsyncConnection[Any]
@@ -166,6 +184,10 @@ class SqlGateway:
         self._db: AsyncPlatformDB | None = None
         self._pools: PoolCache[AsyncConnectionPool] = PoolCache(
             lambda: platform.settings.tenant_pool_cap_per_process
+        )
+        # Each pool's resets under way (see _Resets).
+        self._resets: weakref.WeakKeyDictionary[AsyncConnectionPool, _Resets] = (
+            weakref.WeakKeyDictionary()
         )
         self._background: set[asyncio.Task[Any]] = set()
         # Servers the last connection attempt found unreachable: the next
@@ -462,7 +484,8 @@ class SqlGateway:
 
     def _make_pool(self, endpoint: TenantEndpoint, mode: Mode, size: int) -> AsyncConnectionPool:
         s = self.platform.settings
-        return swept_async_pool(
+        resets = _Resets()
+        pool = swept_async_pool(
             kwargs={
                 **endpoint.conninfo(mode, s.connect_timeout_s),
                 "host": self._host(endpoint),
@@ -479,9 +502,11 @@ class SqlGateway:
             timeout=s.connect_timeout_s,
             max_idle=60,
             configure=configure_loaders,
-            reset=_reset,
+            reset=resets,
             name=f"{endpoint.database}-{mode}-sql",
         )
+        self._resets[pool] = resets
+        return pool
 
     @staticmethod
     def _unreachable_error(endpoint: TenantEndpoint) -> RegionUnavailable:
@@ -584,17 +609,12 @@ class SqlGateway:
                 await self._room_for(key, entry, size)
             entry.pending += 1
             try:
-                try:
-                    if recent:
-                        conn = await self._first_login(
-                            endpoint, entry.pool.getconn(timeout=wait), entry.pool.putconn
-                        )
-                    else:
-                        conn = await entry.pool.getconn(timeout=wait)
-                except PoolTimeout:
-                    if not self._held_by_pool(entry, key, asked):
-                        raise
-                    conn = await self._after_reset(endpoint, entry)
+                if recent:
+                    conn = await self._first_login(
+                        endpoint, entry.pool.getconn(timeout=wait), entry.pool.putconn
+                    )
+                else:
+                    conn = await entry.pool.getconn(timeout=wait)
             finally:
                 entry.pending -= 1
             if fresh:
@@ -612,6 +632,20 @@ class SqlGateway:
                     self._pools.discard(entry)
                     self._spawn(entry.pool.close(timeout=5))
                 raise self._gone(endpoint) from e
+            resets = self._resets.get(entry.pool)
+            if isinstance(e, PoolTimeout) and resets is not None and resets.before(asked):
+                # A session's reset (DISCARD ALL) that began before this
+                # wait, and is still on its way after all of it: the
+                # server answers nothing (its host paused, say). Not a
+                # project with all its connections busy: the waits of busy
+                # projects meet resets that began after them.
+                self._gone(endpoint)
+                raise RegionUnavailable(
+                    f"region {endpoint.hosted_region} is unavailable: the project's server "
+                    "has not answered a pooled session's reset (DISCARD ALL) for over "
+                    f"{time.monotonic() - asked:.1f} s",
+                    region=endpoint.hosted_region,
+                ) from e
             own = self._unpooled.get(key, 0)  # now, not when this one came
             if isinstance(e, PoolTimeout) and (
                 entry.checked_out + own > 0 or _only_waited(entry.pool)
@@ -624,38 +658,6 @@ class SqlGateway:
         except BaseException:
             self._pools.give_back(entry)
             raise
-
-    def _held_by_pool(
-        self, entry: PoolEntry[AsyncConnectionPool], key: tuple[uuid.UUID, Mode], asked: float
-    ) -> bool:
-        """Whether a wait for one of the pool's connections that ran out met
-        connections that no statement held: the pool held them itself,
-        resetting one a statement gave back (or logging in, without a
-        failure yet)."""
-        return (
-            not entry.checked_out
-            and not self._unpooled.get(key, 0)
-            and _only_waited(entry.pool)
-            and not login_timed_out(last_login_error(entry.pool, since=asked))
-        )
-
-    async def _after_reset(
-        self, endpoint: TenantEndpoint, entry: PoolEntry[AsyncConnectionPool]
-    ) -> psycopg.AsyncConnection[Any]:
-        """The connection a reset is about to hand back (see _held_by_pool).
-        A statement's return just as the wait ended is one; its reset
-        (DISCARD ALL) takes a round trip. A reset that takes longer than
-        RESET_S more met a server that answers nothing (its host paused, say),
-        which is not a project with all its connections busy (429): found
-        when a test froze a server while a reset was on its way."""
-        try:
-            return await entry.pool.getconn(timeout=RESET_S)
-        except PoolTimeout:
-            raise RegionUnavailable(
-                f"region {endpoint.hosted_region} is unavailable: the project's server "
-                f"answered no reset of a pooled session in {RESET_S} s",
-                region=endpoint.hosted_region,
-            ) from None
 
     async def _room_for(
         self, key: tuple[uuid.UUID, Mode], entry: PoolEntry[AsyncConnectionPool], size: int
