@@ -560,6 +560,19 @@ def test_the_sql_editor_shows_json_as_json_and_bytea_as_hex(
     page.get_by_role("button", name="Run").click()
     cells = page.get_by_test_id("sql-result").locator("tbody td").all_inner_texts()
     assert cells == ["\\x1b[31mred"], cells
+    # And text that would reorder the page after it (a bidirectional
+    # override), in a column's name and in an error's words.
+    page.get_by_label("Query").fill(
+        "select 1 as \"a\u202eb\", pg_catalog.concat('x', E'\\u202e', 'y') as v"
+    )
+    page.get_by_role("button", name="Run").click()
+    result = page.get_by_test_id("sql-result")
+    assert result.locator("tbody td").all_inner_texts() == ["1", "x\\u202ey"]
+    assert "a\\u202eb" in result.locator("thead").inner_text()
+    page.get_by_label("Query").fill("do $$ begin raise exception E'no\\u202eway'; end $$")
+    page.get_by_role("button", name="Run").click()
+    said = page.get_by_test_id("sql-error").inner_text()
+    assert "no\\u202eway" in said and "\u202e" not in said, said
 
 
 def test_the_console_changes_a_plan(page: Page, owner: tuple[Owner, str]) -> None:

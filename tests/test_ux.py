@@ -3,6 +3,7 @@ typed loosely, owners' names, list envelopes."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from typing import Any
@@ -332,3 +333,10 @@ def test_a_tenants_control_characters_never_reach_the_terminal(cli: Cli, api: Ap
     # Text that reorders itself as it is shown (a bidirectional override).
     out = cli.ok("sql", pid, "select E'report\\u202Egpj.exe' as v")
     assert "\u202e" not in out and "report\\u202egpj.exe" in out, out
+    # A zero-width space hides nothing either; and `--json` keeps the data
+    # while writing such characters (and C1 controls) as JSON escapes.
+    out = cli.ok("sql", pid, "select E'a\\u200Bb\\u202Ec' as v, E'\\u009b31m' as w")
+    assert "a\\u200bb\\u202ec" in out and "\u200b" not in out, out
+    out = cli.ok("sql", pid, "select E'a\\u200Bb\\u202Ec' as v, E'\\u009b31m' as w", "--json")
+    assert not {"\u200b", "\u202e", "\x9b"} & set(out), out
+    assert json.loads(out)["rows"] == [["a\u200bb\u202ec", "\x9b31m"]], out

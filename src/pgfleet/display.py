@@ -10,34 +10,68 @@ import base64
 import binascii
 import json
 import re
+import unicodedata
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-# Control characters (C0, DEL, C1): a cell's text can be a tenant's (a
-# statement, a value), and an escape sequence in it would drive the reader's
-# terminal (clear it, retitle it, fake output); a tab or newline would break
-# the CLI's piped form's lines and columns. The console shows them the same
-# way (a browser would show a box, or nothing).
-# C0 and C1 controls, and the characters that reorder or hide text as it is
-# shown: bidirectional marks, embeddings, overrides and isolates (a tenant's
-# `\u202e` turns `exe.txt` into what reads as `txt.exe`), and the line and
-# paragraph separators some terminals break lines at.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+# Text a tenant wrote (a value, a statement, an error's words) is shown
+# with every character that would act on the reader's terminal or page, or
+# hide or reorder what is shown, as its escape:
+# - control characters (C0, DEL, C1: category Cc): an escape sequence would
+#   drive the terminal (clear it, retitle it, fake output); a tab or newline
+#   would break the CLI's piped form's lines and columns;
+# - format characters (Cf): bidirectional overrides, embeddings, isolates
+#   and marks (`\u202e` makes `exe.txt` read as `txt.exe`), zero-width
+#   spaces, word joiners, soft hyphens, the byte order mark, tag characters
+#   (which can carry hidden ASCII); but not the zero-width joiner and
+#   non-joiner, which scripts and emoji need;
+# - line and paragraph separators (Zl, Zp), which some terminals break at;
+# - the Hangul fillers, letters that show as blank space;
+# - lone surrogates (Cs), which no terminal or page can show.
+# The console shows them the same way (a browser would act on them too).
+_SHOWN_AS_ESCAPES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+_JOINERS = frozenset("\u200c\u200d")
+_FILLERS = re.compile("[\u115f\u1160\u3164\uffa0]")
 
 
 def _escape(char: str) -> str:
     code = ord(char)
-    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
+def _hidden(char: str) -> bool:
+    return (
+        unicodedata.category(char) in _SHOWN_AS_ESCAPES and char not in _JOINERS
+    ) or _FILLERS.match(char) is not None
 
 
 def printable(text: str, *, lines: bool = False) -> str:
-    r"""`text` with every control character shown as its escape (`\x1b`,
-    `\u202e` for a bidirectional override); with `lines`, newlines are
-    kept."""
-    return _CONTROL.sub(
-        lambda m: m.group() if lines and m.group() == "\n" else _escape(m.group()),
-        text,
-    )
+    r"""`text` with every character that would act on the reader's terminal
+    or page, or hide or reorder what is shown, as its escape (`\x1b`,
+    `\u202e`); with `lines`, newlines are kept."""
+    if text.isprintable() and _FILLERS.search(text) is None:
+        return text  # most text: no character looked at in Python
+    return "".join(_escape(c) if _hidden(c) and not (lines and c == "\n") else c for c in text)
+
+
+def _json_escape(char: str) -> str:
+    code = ord(char)
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    code -= 0x10000  # as JSON writes it: a surrogate pair
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+
+
+def printable_json(document: str) -> str:
+    """A JSON document (not ASCII-escaped) with the characters printable()
+    escapes written as JSON escapes: the same data, that a terminal or page
+    shows as it is. They can only be in its strings; its newlines are its
+    layout (JSON escapes those in strings itself)."""
+    if document.isascii() or (document.isprintable() and _FILLERS.search(document) is None):
+        return document
+    return "".join(_json_escape(c) if c != "\n" and _hidden(c) else c for c in document)
 
 
 def display(value: Any, type_name: str = "") -> str:

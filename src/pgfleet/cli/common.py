@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pgfleet.config import Settings, get_settings
-from pgfleet.display import printable, when
+from pgfleet.display import printable, printable_json, when
 
 app = typer.Typer(
     rich_markup_mode="markdown",
@@ -410,8 +410,10 @@ def add_row(table: Table, *cells: object) -> None:
 
 
 def print_json(data: Any) -> None:
-    """JSON on stdout; timestamps in ISO 8601 with their zone."""
-    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False, default=_iso) + "\n")
+    """JSON on stdout; timestamps in ISO 8601 with their zone. Characters
+    that would act on a terminal (see printable) as JSON escapes."""
+    document = json.dumps(data, indent=2, ensure_ascii=False, default=_iso)
+    sys.stdout.write(printable_json(document) + "\n")
 
 
 def _iso(value: Any) -> str:

@@ -49,6 +49,9 @@ templates = Environment(
 templates.filters["cell"] = lambda value, type_name="": printable(
     display(value, type_name), lines=True
 )
+# Text a tenant may have written (a statement, an error's words, a column's
+# name) with what would reorder or hide the page's text escaped.
+templates.filters["shown"] = lambda value: printable(str(value), lines=True)
 templates.filters["when"] = when
 templates.filters["duration"] = duration
 templates.filters["size"] = size
