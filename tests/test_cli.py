@@ -395,3 +395,30 @@ def test_an_argument_that_is_not_utf8_is_refused_in_words() -> None:
     assert done.returncode == 2, (done.returncode, stderr)
     assert "argument 3" in stderr and "0xff" in stderr and "UTF-8" in stderr, stderr
     assert "Traceback" not in stderr and not done.stdout, (stderr, done.stdout)
+
+
+@pytest.mark.parametrize(
+    ("env", "said"),
+    [
+        ({"PGFLEET_TOKEN": "pgf_abc\u00a0"}, "not printable ASCII at position 8"),
+        ({"PGFLEET_TOKEN": "pgf_\u00e9"}, "not printable ASCII at position 5"),
+        ({"PGFLEET_URL": "http://[::1"}, "is not a URL"),
+        ({"PGFLEET_URL": "127.0.0.1:8470"}, "not an http:// or https:// URL"),
+    ],
+)
+def test_a_token_or_address_no_request_can_carry_is_refused_in_words(
+    env: dict[str, str], said: str
+) -> None:
+    """A token pasted with a non-breaking space, or an address that is not
+    a URL, is said to be so, naming where it came from (they were
+    tracebacks from the HTTP client)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pgfleet.cli", "projects", "list"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PGFLEET_TOKEN": "pgf_x", "PGFLEET_URL": "http://127.0.0.1:9", **env},
+        timeout=60,
+    )
+    stderr = " ".join(done.stderr.split())  # as one line, however it was folded
+    assert done.returncode == 1, (done.returncode, stderr)
+    assert said in stderr and "PGFLEET_" in stderr and "Traceback" not in stderr, stderr

@@ -6,20 +6,23 @@ each feature has one implementation. One module per command group; importing
 them adds their commands to `app`.
 """
 
+import io
 import sys
 
-from rich.text import Text
-
 from pgfleet.cli import accounts, backups, catalog, fleet, monitoring, ops, projects
-from pgfleet.cli.common import app, err, undecodable
+from pgfleet.cli.common import app, say_error, undecodable
 
 COMMANDS = (accounts, backups, catalog, fleet, monitoring, ops, projects)
 
 
 def main() -> None:
+    # A tenant's text on a terminal whose encoding cannot show it (LC_ALL=C
+    # without Python's UTF-8 mode): escaped, not a UnicodeEncodeError.
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="backslashreplace")
     why = undecodable(sys.argv[1:])
     if why is not None:  # before any command sees it (a request cannot carry it)
-        err.print(Text.assemble(("error:", "bold red"), " ", why), highlight=False)
+        say_error(why)
         sys.exit(2)
     app()
 

@@ -221,12 +221,17 @@ WaitOpt = Annotated[
 ]
 
 
-def fail(message: str, code: int = 1) -> NoReturn:
-    # The message can quote a tenant (a RAISE's text): no control characters.
+def say_error(message: str) -> None:
+    """`error: message` on stderr. The message can quote a tenant (a RAISE's
+    text): no control characters."""
     err.print(
         Text.assemble(("error:", "bold red"), " ", printable(message, lines=True)),
         highlight=False,
     )
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    say_error(message)
     raise typer.Exit(code)
 
 
@@ -238,8 +243,10 @@ def undecodable(args: list[str]) -> str | None:
         raw = [ord(c) - 0xDC00 for c in arg if 0xDC80 <= ord(c) <= 0xDCFF]
         if raw:
             shown = arg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            if len(shown) > 60:
+                shown = shown[:57] + "..."
             return (
-                f"argument {i} ({printable(shown)}) is not UTF-8 text (byte 0x{raw[0]:02x}); "
+                f"argument {i} ({shown}) is not UTF-8 text (byte 0x{raw[0]:02x}); "
                 "pgfleet takes names, statements and values as UTF-8"
             )
     return None
@@ -292,19 +299,45 @@ NEXT_STEP = {
 class Client:
     def __init__(self, url: str | None, token: str | None) -> None:
         s = load_settings()
+        url_where_from = "--url or PGFLEET_URL"
         if url is None:
             f = api_file(s)
-            url = (
-                json.loads(f.read_text())["url"]
-                if f.exists()
-                else f"http://{s.api_host}:{s.api_port}"
-            )
+            url_where_from = str(f)
+            try:
+                url = (
+                    str(json.loads(f.read_text())["url"])
+                    if f.exists()
+                    else f"http://{s.api_host}:{s.api_port}"
+                )
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                fail(f"cannot read the API's address from {f}: {e}; pass --url")
+        where_from = "--token or PGFLEET_TOKEN"
         if token is None and token_file(s).exists():
-            token = token_file(s).read_text().strip()
+            where_from = str(token_file(s))
+            try:
+                token = token_file(s).read_text().strip()
+            except (OSError, ValueError) as e:
+                fail(f"cannot read the API token from {where_from}: {e}; pass --token")
         if not token:
             fail(
                 "no API token: pass --token, set PGFLEET_TOKEN, or run `pgfleet up` "
                 "to create the admin token"
+            )
+        odd = next((i for i, c in enumerate(token) if not (c.isascii() and c.isprintable())), None)
+        if odd is not None:
+            fail(
+                f"the API token from {where_from} holds a character that is not printable "
+                f"ASCII at position {odd + 1} ({printable(repr(token[odd]))}); tokens are "
+                "printable ASCII (a space or a quote pasted with it?)"
+            )
+        try:
+            parsed = httpx.URL(url)
+        except (httpx.InvalidURL, UnicodeError) as e:
+            fail(f"the API address {url!r} from {url_where_from} is not a URL: {e}")
+        if parsed.scheme not in ("http", "https") or not parsed.host:
+            fail(
+                f"the API address {url!r} from {url_where_from} is not an http:// or https:// URL "
+                "with a host (like http://127.0.0.1:8470)"
             )
         self.url = url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {token}"}
@@ -381,6 +414,8 @@ class Client:
                 r = http.request(method, path, **kw)
         except httpx.TransportError:
             fail(f"cannot reach the pgfleet API at {self.url}; is it running (`pgfleet up`)?")
+        except (UnicodeError, httpx.InvalidURL) as e:  # text no request can carry
+            fail(f"the request could not be made: {e}")
         if r.status_code >= 400:
             try:
                 error = r.json()["error"]
