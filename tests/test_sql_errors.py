@@ -160,6 +160,29 @@ def test_a_frozen_server_is_503_not_refused_credentials(
             assert until(lambda p=pid: run(api, p, "select 1").status_code == 200, 10)
 
 
+@contextmanager
+def wholly_frozen(postmaster: int) -> Iterator[None]:
+    """The server and every backend of it stopped (SIGSTOP), as a paused
+    host would leave them; going on again after."""
+    frozen = [postmaster, *children_of(postmaster)]
+    for p in frozen:
+        os.kill(p, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            os.kill(p, signal.SIGCONT)
+
+
+def unavailable(api: Api, pid: str) -> tuple[dict[str, Any], float]:
+    """A `select 1` that must be 503 region_unavailable: its error, and how
+    long the call took."""
+    t0 = time.monotonic()
+    err = error_of(run(api, pid, "select 1", timeout_ms=500), 503)
+    assert err["code"] == "region_unavailable", err
+    return err, time.monotonic() - t0
+
+
 def test_a_wholly_frozen_server_ends_the_call_with_503(
     platform_factory: Any, fleet: FleetUnderTest
 ) -> None:
@@ -172,21 +195,12 @@ def test_a_wholly_frozen_server_ends_the_call_with_503(
         pid = create_ok(api, "paused", region="us-east-1")["id"]
         for _ in range(2):  # the second leaves an idle pooled session
             assert scalar(api, pid, "select 1") == 1
-        frozen = [postmaster, *children_of(postmaster)]
-        for p in frozen:
-            os.kill(p, signal.SIGSTOP)
-        try:
-            t0 = time.monotonic()
-            err = error_of(run(api, pid, "select 1", timeout_ms=500), 503)
-            waited = time.monotonic() - t0
-            assert err["code"] == "region_unavailable", err
+        with wholly_frozen(postmaster):
+            _, waited = unavailable(api, pid)
             # timeout_ms, the session's end a second later, the give-up 4 s
             # after: 5.5 s. Cancelling the task instead let psycopg send a
             # cancel of its own and wait for it: about 15.5 s.
             assert waited < 11, waited
-        finally:
-            for p in frozen:
-                os.kill(p, signal.SIGCONT)
         assert until(lambda: run(api, pid, "select 1").status_code == 200, 15)
 
 
@@ -222,19 +236,10 @@ def test_a_server_frozen_during_a_reset_is_503_not_a_busy_project(
             assert scalar(api, pid, "select 1") == 1  # the next one gets a pool
             assert scalar(api, pid, "select 1") == 1
             assert began.wait(5)
-            frozen = [postmaster, *children_of(postmaster)]
-            for p in frozen:  # before the reset is sent
-                os.kill(p, signal.SIGSTOP)
-            try:
-                t0 = time.monotonic()
-                err = error_of(run(api, pid, "select 1", timeout_ms=500), 503)
-                waited = time.monotonic() - t0
-                assert err["code"] == "region_unavailable", err
+            with wholly_frozen(postmaster):  # before the reset is sent
+                err, waited = unavailable(api, pid)
                 assert "reset" in err["message"], err
                 assert waited < 5, waited  # the wait for a connection: 1 s here
-            finally:
-                for p in frozen:
-                    os.kill(p, signal.SIGCONT)
         assert until(lambda: run(api, pid, "select 1").status_code == 200, 15)
 
 
