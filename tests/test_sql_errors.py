@@ -267,6 +267,35 @@ def test_a_busy_projects_wait_that_meets_resets_is_429(
         assert until(lambda: run(api, pid, "select 1").status_code == 200, 5)
 
 
+def test_a_reset_held_up_by_the_projects_own_lock_is_429_not_a_down_region(
+    platform_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pooled session's reset drops its temporary tables, and one that
+    inherits from a table waits while another session of the project holds
+    a lock on that table: the server is fine and answers a login, so the
+    next statement waiting for that connection is 429, not 503 (found by a
+    review: the reset alone was taken for a frozen server)."""
+    platform: Platform = platform_factory(api_workers=1, tenant_pool_size=1, connect_timeout_s=1)
+    _, token = create_owner(platform, "locked")
+    with TestClient(create_app(platform)) as client:
+        api = Api(client, token)
+        project = create_ok(api, "locked", plan_type="pro")
+        pid = project["id"]
+        with slow_resets(monkeypatch, 0.5) as began:
+            run_ok(api, pid, "create table p (id int)")  # the next one gets a pool
+            began.clear()
+            run_ok(api, pid, "create temp table tc () inherits (p)")
+            assert began.wait(5)
+            with connect(project["connection"]) as own:
+                own.execute("begin")
+                own.execute("lock table p in access exclusive mode")  # before the reset
+                err = error_of(run(api, pid, "select 1", timeout_ms=500), 429)
+                assert err["code"] == "too_many_statements", err
+                assert "reset" in err["message"] and "lock" in err["message"], err
+                own.execute("rollback")
+            assert until(lambda: run(api, pid, "select 1").status_code == 200, 5)
+
+
 def test_down_server_after_use_is_503(api: Api, fleet: FleetUnderTest) -> None:
     """A project that already ran SQL (so its pool holds connections) also
     gets 503 naming the region when its server goes down, not a 400."""

@@ -635,17 +635,30 @@ class SqlGateway:
             resets = self._resets.get(entry.pool)
             if isinstance(e, PoolTimeout) and resets is not None and resets.before(asked):
                 # A session's reset (DISCARD ALL) that began before this
-                # wait, and is still on its way after all of it: the
-                # server answers nothing (its host paused, say). Not a
-                # project with all its connections busy: the waits of busy
-                # projects meet resets that began after them.
-                self._gone(endpoint)
-                raise RegionUnavailable(
-                    f"region {endpoint.hosted_region} is unavailable: the project's server "
-                    "has not answered a pooled session's reset (DISCARD ALL) for over "
-                    f"{time.monotonic() - asked:.1f} s",
-                    region=endpoint.hosted_region,
-                ) from e
+                # wait, and is still on its way after all of it (the waits
+                # of a busy project meet resets that began after them): the
+                # server answers nothing (its host paused, say), or the
+                # reset waits on a lock the project's own session holds
+                # (it drops the session's temporary tables, and one that
+                # inherits from a table waits for that table's lock). The
+                # server says which, by answering a login or not.
+                waited = time.monotonic() - asked
+                if not await self._answers(endpoint, mode):
+                    self._gone(endpoint)
+                    raise RegionUnavailable(
+                        f"region {endpoint.hosted_region} is unavailable: the project's "
+                        "server has not answered a pooled session's reset (DISCARD ALL) for "
+                        f"over {waited:.1f} s, nor a login",
+                        region=endpoint.hosted_region,
+                    ) from e
+                raise TooManyStatements(
+                    f"project {endpoint.tenant_id} has all its {size} {mode} connections of "
+                    f"this API process in use, one of them in a reset (DISCARD ALL) for over "
+                    f"{waited:.1f} s: it drops the session's temporary tables, and one that "
+                    "inherits from a table waits while another session holds a lock on that "
+                    "table; retry when it is done",
+                    limit=size,
+                ) from None
             own = self._unpooled.get(key, 0)  # now, not when this one came
             if isinstance(e, PoolTimeout) and (
                 entry.checked_out + own > 0 or _only_waited(entry.pool)
@@ -658,6 +671,28 @@ class SqlGateway:
         except BaseException:
             self._pools.give_back(entry)
             raise
+
+    async def _answers(self, endpoint: TenantEndpoint, mode: Mode) -> bool:
+        """Whether the project's server answers a login now, within the
+        connect timeout: with a session, or a refusal (an answer too)."""
+        if not await self._knock(endpoint):
+            return False
+        s = self.platform.settings
+        kwargs = {
+            **endpoint.conninfo(mode, s.connect_timeout_s),
+            "host": self._host(endpoint),
+            "autocommit": True,
+        }
+        try:
+            conn = await asyncio.wait_for(
+                psycopg.AsyncConnection.connect(**kwargs), s.connect_timeout_s
+            )
+        except TimeoutError:
+            return False
+        except psycopg.OperationalError as e:
+            return not login_timed_out(e)
+        await conn.close()
+        return True
 
     async def _room_for(
         self, key: tuple[uuid.UUID, Mode], entry: PoolEntry[AsyncConnectionPool], size: int
