@@ -146,16 +146,20 @@ def listing(
 
 def all_for_reconcile(conn: psycopg.Connection[Any], expiry_job: str) -> list[dict[str, Any]]:
     """Every project with what the reconciler needs: whether an operation is
-    in flight, how the last operation that made it (a create, or a restore
-    into a new project) ended, and whether an expiry job waits for it."""
+    in flight, for a provisioning one how the operation that made it (a
+    create, or a restore into a new project) ended, and whether an expiry
+    job waits for it."""
     with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
         return cur.execute(
             "SELECT t.id, t.status, t.server_id, t.region, t.plan_type, t.connection_info, "
             "EXISTS (SELECT 1 FROM operations o WHERE o.tenant_id = t.id "
             "AND o.status IN ('scheduled', 'running')) AS busy, "
-            "(SELECT o.status FROM operations o WHERE o.tenant_id = t.id "
-            "AND o.type IN ('provision', 'restore') ORDER BY o.created_at DESC LIMIT 1) "
-            "AS made_by, "
+            # Only a provisioning project's: the others' would read through
+            # every operation they ever had (the one that made them is the
+            # oldest).
+            "CASE WHEN t.status = 'provisioning' THEN (SELECT o.status FROM operations o "
+            "WHERE o.tenant_id = t.id AND o.type IN ('provision', 'restore') "
+            "ORDER BY o.created_at DESC LIMIT 1) END AS made_by, "
             "EXISTS (SELECT 1 FROM procrastinate_jobs j WHERE j.task_name = %s "
             "AND j.status IN ('todo', 'doing') AND j.args->>'tenant_id' = t.id::text) "
             "AS expiry_pending FROM tenants t",
