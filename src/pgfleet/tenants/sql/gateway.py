@@ -38,6 +38,7 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import struct
 import time
 import uuid
 import weakref
@@ -94,6 +95,9 @@ PROBE_S = 0.5
 # A server this process logged in to this recently is not knocked at before
 # a new pool's first login (a knock costs the server a fork).
 REACHED_S = 5.0
+# The 8 bytes a client sends to ask a server for TLS: answered at once by
+# a server that works, before any login.
+SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 # How long ending a session that ignored its cancel may take.
 TERMINATE_WAIT_S = 3.0
 
@@ -159,6 +163,10 @@ class _Resets:
         """Whether a reset still going began before `moment`."""
         return any(began < moment for began in self._began.values())
 
+    def age(self) -> float:
+        """How long the oldest reset still going has run (0 if none)."""
+        return time.monotonic() - min(self._began.values(), default=time.monotonic())
+
 
 @dataclass
 class Session:
@@ -185,6 +193,8 @@ class SqlGateway:
         self._pools: PoolCache[AsyncConnectionPool] = PoolCache(
             lambda: platform.settings.tenant_pool_cap_per_process
         )
+        # Servers being asked whether they answer at all (see _answers).
+        self._asking: dict[int, asyncio.Future[bool]] = {}
         # Each pool's resets under way (see _Resets).
         self._resets: weakref.WeakKeyDictionary[AsyncConnectionPool, _Resets] = (
             weakref.WeakKeyDictionary()
@@ -642,19 +652,19 @@ class SqlGateway:
                 # (it drops the session's temporary tables, and one that
                 # inherits from a table waits for that table's lock). The
                 # server says which, by answering a login or not.
-                waited = time.monotonic() - asked
-                if not await self._answers(endpoint, mode):
+                age = resets.age()
+                if not await self._answers(endpoint):
                     self._gone(endpoint)
                     raise RegionUnavailable(
                         f"region {endpoint.hosted_region} is unavailable: the project's "
                         "server has not answered a pooled session's reset (DISCARD ALL) for "
-                        f"over {waited:.1f} s, nor a login",
+                        f"{age:.1f} s, nor a new connection",
                         region=endpoint.hosted_region,
                     ) from e
                 raise TooManyStatements(
                     f"project {endpoint.tenant_id} has all its {size} {mode} connections of "
-                    f"this API process in use, one of them in a reset (DISCARD ALL) for over "
-                    f"{waited:.1f} s: it drops the session's temporary tables, and one that "
+                    f"this API process in use, one of them in a reset (DISCARD ALL) for "
+                    f"{age:.1f} s: it drops the session's temporary tables, and one that "
                     "inherits from a table waits while another session holds a lock on that "
                     "table; retry when it is done",
                     limit=size,
@@ -672,27 +682,48 @@ class SqlGateway:
             self._pools.give_back(entry)
             raise
 
-    async def _answers(self, endpoint: TenantEndpoint, mode: Mode) -> bool:
-        """Whether the project's server answers a login now, within the
-        connect timeout: with a session, or a refusal (an answer too)."""
-        if not await self._knock(endpoint):
-            return False
-        s = self.platform.settings
-        kwargs = {
-            **endpoint.conninfo(mode, s.connect_timeout_s),
-            "host": self._host(endpoint),
-            "autocommit": True,
-        }
+    async def _answers(self, endpoint: TenantEndpoint) -> bool:
+        """Whether the project's server answers a new connection now, within
+        the connect timeout (see _ask); one question per server at a time,
+        which every statement that needs it waits for."""
+        asking = self._asking.get(endpoint.server_id)
+        if asking is None:
+            asking = asyncio.ensure_future(self._ask(endpoint))
+            self._asking[endpoint.server_id] = asking
+            server_id = endpoint.server_id
+            asking.add_done_callback(lambda _: self._asking.pop(server_id, None))
+        return await asyncio.shield(asking)
+
+    async def _ask(self, endpoint: TenantEndpoint) -> bool:
+        """Open a connection to the server and ask for TLS (an SSLRequest):
+        a server that works answers at once, before any login ('S', 'N', or
+        an error), and a paused one not at all. No credentials: a login as
+        the project's role could be made slow by the tenant (a verifier of
+        its own password with a huge iteration count is computed by libpq
+        here, on the event loop), and a refusal the client makes (a full
+        listen queue) would read as the server's answer."""
+        host = self._host(endpoint)
+        opening = (
+            asyncio.open_unix_connection(f"{host}/.s.PGSQL.{endpoint.port}")
+            if host.startswith("/")
+            else asyncio.open_connection(host, endpoint.port)
+        )
         try:
-            conn = await asyncio.wait_for(
-                psycopg.AsyncConnection.connect(**kwargs), s.connect_timeout_s
-            )
-        except TimeoutError:
+            reader, writer = await asyncio.wait_for(opening, PROBE_S)
+        except (OSError, TimeoutError):
             return False
-        except psycopg.OperationalError as e:
-            return not login_timed_out(e)
-        await conn.close()
-        return True
+        try:
+            writer.write(SSL_REQUEST)
+            answer = await asyncio.wait_for(
+                reader.read(1), self.platform.settings.connect_timeout_s
+            )
+            return answer != b""
+        except (OSError, TimeoutError):
+            return False
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
 
     async def _room_for(
         self, key: tuple[uuid.UUID, Mode], entry: PoolEntry[AsyncConnectionPool], size: int
