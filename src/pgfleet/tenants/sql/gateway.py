@@ -526,8 +526,12 @@ class SqlGateway:
             region=endpoint.hosted_region,
         )
 
-    async def _knock(self, endpoint: TenantEndpoint) -> bool:
-        """Does the project's server accept a connection at all?"""
+    @contextlib.asynccontextmanager
+    async def _opened(
+        self, endpoint: TenantEndpoint
+    ) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter] | None]:
+        """A connection to the project's server (its Unix socket, or its
+        address), opened within PROBE_S, or None; closed after."""
         host = self._host(endpoint)
         opening = (
             asyncio.open_unix_connection(f"{host}/.s.PGSQL.{endpoint.port}")
@@ -535,13 +539,21 @@ class SqlGateway:
             else asyncio.open_connection(host, endpoint.port)
         )
         try:
-            _, writer = await asyncio.wait_for(opening, timeout=PROBE_S)
+            reader, writer = await asyncio.wait_for(opening, timeout=PROBE_S)
         except (OSError, TimeoutError):
-            return False
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-        return True
+            yield None
+            return
+        try:
+            yield reader, writer
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    async def _knock(self, endpoint: TenantEndpoint) -> bool:
+        """Does the project's server accept a connection at all?"""
+        async with self._opened(endpoint) as opened:
+            return opened is not None
 
     def _recently_reached(self, endpoint: TenantEndpoint) -> bool:
         """Whether a login on the project's server succeeded in the last
@@ -702,28 +714,18 @@ class SqlGateway:
         its own password with a huge iteration count is computed by libpq
         here, on the event loop), and a refusal the client makes (a full
         listen queue) would read as the server's answer."""
-        host = self._host(endpoint)
-        opening = (
-            asyncio.open_unix_connection(f"{host}/.s.PGSQL.{endpoint.port}")
-            if host.startswith("/")
-            else asyncio.open_connection(host, endpoint.port)
-        )
-        try:
-            reader, writer = await asyncio.wait_for(opening, PROBE_S)
-        except (OSError, TimeoutError):
-            return False
-        try:
-            writer.write(SSL_REQUEST)
-            answer = await asyncio.wait_for(
-                reader.read(1), self.platform.settings.connect_timeout_s
-            )
+        async with self._opened(endpoint) as opened:
+            if opened is None:
+                return False
+            reader, writer = opened
+            try:
+                writer.write(SSL_REQUEST)
+                answer = await asyncio.wait_for(
+                    reader.read(1), self.platform.settings.connect_timeout_s
+                )
+            except (OSError, TimeoutError):
+                return False
             return answer != b""
-        except (OSError, TimeoutError):
-            return False
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
 
     async def _room_for(
         self, key: tuple[uuid.UUID, Mode], entry: PoolEntry[AsyncConnectionPool], size: int
