@@ -155,17 +155,17 @@ def api_throughput(
     return n / elapsed, latencies
 
 
-def login_info(bf: BenchFleet, region: str, c: dict[str, Any]) -> dict[str, Any]:
-    """A project's credentials, to log in over its server's Unix socket."""
+def socket_of(bf: BenchFleet, region: str) -> dict[str, Any]:
+    """Where the region's server listens on its Unix socket (the
+    connection strings name a router)."""
     fleet = EmbeddedFleet(Settings(home=bf.home, embedded_regions=[region]))
     srv = next(s for s in fleet.regional_servers() if s.region == region)
-    return {
-        "host": str(fleet.socket_dir(srv.name)),
-        "port": srv.port,  # the connection string's is a router's
-        "dbname": c["database"],
-        "user": c["user"],
-        "password": c["password"],
-    }
+    return {"host": str(fleet.socket_dir(srv.name)), "port": srv.port}
+
+
+def login_info(socket: dict[str, Any], c: dict[str, Any]) -> dict[str, Any]:
+    """A project's credentials, to log in over its server's Unix socket."""
+    return {**socket, "dbname": c["database"], "user": c["user"], "password": c["password"]}
 
 
 def login_throughput(
@@ -309,7 +309,8 @@ def main() -> None:
 
         # Many projects, round-robin: connections on the server stay bounded.
         pids = [pid]
-        logins = [login_info(bf, region, c)]
+        socket = socket_of(bf, region)
+        logins = [login_info(socket, c)]
         with httpx.Client(base_url=bf.url, headers=headers, timeout=60) as http:
 
             def make(i: int) -> tuple[str, dict[str, Any]]:
@@ -321,7 +322,7 @@ def main() -> None:
             with ThreadPoolExecutor(4) as ex:
                 for made, conn in ex.map(make, range(args.projects - 1)):
                     pids.append(made)
-                    logins.append(login_info(bf, region, conn))
+                    logins.append(login_info(socket, conn))
             print(f"created {len(pids)} projects in {time.perf_counter() - t0:.1f} s")
         # The worker refills the spares the creates took: not during the timing.
         wait_for_spares(bf.home, [region], SPARES)

@@ -47,12 +47,18 @@ def _hidden(char: str) -> bool:
     ) or _FILLERS.match(char) is not None
 
 
+def _plain(text: str) -> bool:
+    """Whether `text` holds nothing printable() escapes (most text: judged
+    without looking at a character in Python)."""
+    return text.isprintable() and _FILLERS.search(text) is None
+
+
 def printable(text: str, *, lines: bool = False) -> str:
     r"""`text` with every character that would act on the reader's terminal
     or page, or hide or reorder what is shown, as its escape (`\x1b`,
     `\u202e`); with `lines`, newlines are kept."""
-    if text.isprintable() and _FILLERS.search(text) is None:
-        return text  # most text: no character looked at in Python
+    if _plain(text):
+        return text
     return "".join(_escape(c) if _hidden(c) and not (lines and c == "\n") else c for c in text)
 
 
@@ -69,7 +75,7 @@ def printable_json(document: str) -> str:
     escapes written as JSON escapes: the same data, that a terminal or page
     shows as it is. They can only be in its strings; its newlines are its
     layout (JSON escapes those in strings itself)."""
-    if document.isascii() or (document.isprintable() and _FILLERS.search(document) is None):
+    if document.isascii() or _plain(document):
         return document
     return "".join(_json_escape(c) if c != "\n" and _hidden(c) else c for c in document)
 
